@@ -1,0 +1,276 @@
+//! Pool identities: a CA per pool (made with rcgen), the coordinator's server certificate,
+//! node certificates issued from CSRs, and the CA pin agents use to trust the coordinator.
+//!
+//! Private keys are generated where they are used and never travel: the CA and coordinator
+//! keys stay on the coordinator's disk (mode 0600), each node's key on its node.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::protocol::{is_valid_node_id, COORDINATOR_SERVER_NAME};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate error: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("malformed certificate signing request: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("certificate does not name a valid node id")]
+    NoNodeId,
+    #[error("cannot parse certificate")]
+    BadCertificate,
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Tolerance for clocks that disagree a little between coordinator and nodes.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+
+/// A private key with its certificate chain (leaf first), ready for rustls.
+pub struct CertifiedKey {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key_pkcs8_der: Vec<u8>,
+}
+
+impl CertifiedKey {
+    pub fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8_der.clone()))
+    }
+}
+
+/// The certificate authority of one pool.
+pub struct PoolCa {
+    cert_der: CertificateDer<'static>,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl PoolCa {
+    /// Makes a fresh CA named after the pool.
+    pub fn generate(pool: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(&format!("skyward pool {pool} CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let (not_before, _) = validity(Duration::ZERO);
+        params.not_before = not_before;
+        params.not_after = not_before + time::Duration::days(30);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(PoolCa {
+            cert_der: cert.der().clone(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// The pin an agent is given to recognise this pool's coordinator: hex SHA-256 of the CA.
+    pub fn pin(&self) -> String {
+        fingerprint(&self.cert_der)
+    }
+
+    /// Issues the coordinator's own server certificate (with a key made here).
+    pub fn issue_server_cert(&self) -> Result<CertifiedKey, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![COORDINATOR_SERVER_NAME.to_string()])?;
+        params.distinguished_name = common_name("skyward coordinator");
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let (not_before, _) = validity(Duration::ZERO);
+        params.not_before = not_before;
+        params.not_after = not_before + time::Duration::days(30);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            chain: vec![cert.der().clone(), self.cert_der.clone()],
+            key_pkcs8_der: key.serialize_der(),
+        })
+    }
+
+    /// Signs a node's CSR. Only the CSR's public key is used: the name is the node id the
+    /// coordinator bound the token to, and usage is client authentication only.
+    pub fn sign_node_csr(
+        &self,
+        csr_der: &[u8],
+        node_id: &str,
+        lifetime: Duration,
+    ) -> Result<(CertificateDer<'static>, SystemTime), IdentityError> {
+        let (not_before, not_after) = validity(lifetime);
+        self.sign_node_csr_between(csr_der, node_id, not_before, not_after)
+    }
+
+    /// Like [`sign_node_csr`](Self::sign_node_csr) with an explicit validity window (tests use
+    /// it to make expired certificates).
+    pub fn sign_node_csr_between(
+        &self,
+        csr_der: &[u8],
+        node_id: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Result<(CertificateDer<'static>, SystemTime), IdentityError> {
+        if !is_valid_node_id(node_id) {
+            return Err(IdentityError::NoNodeId);
+        }
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+        let mut request =
+            CertificateSigningRequestParams::from_der(&der).map_err(IdentityError::BadCsr)?;
+        let mut params = CertificateParams::new(vec![node_id.to_string()])?;
+        params.distinguished_name = common_name(node_id);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = not_before;
+        params.not_after = not_after;
+        request.params = params;
+        let cert = request.signed_by(&self.issuer)?;
+        Ok((cert.der().clone(), not_after.into()))
+    }
+
+    /// Writes the CA to `dir`: the key with mode 0600, the certificate beside it.
+    pub fn save(&self, dir: &Path) -> Result<(), IdentityError> {
+        write_private(&dir.join("ca.key"), self.key_pem.as_bytes())?;
+        write_file(&dir.join("ca.der"), &self.cert_der)
+    }
+}
+
+/// A node's freshly generated key and the CSR for it.
+pub struct NodeKey {
+    pub key: KeyPair,
+    pub csr_der: Vec<u8>,
+}
+
+impl NodeKey {
+    pub fn generate(node_id: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![node_id.to_string()])?;
+        params.distinguished_name = common_name(node_id);
+        let csr = params.serialize_request(&key)?;
+        Ok(NodeKey {
+            csr_der: csr.der().to_vec(),
+            key,
+        })
+    }
+}
+
+/// The node id a certificate names (its common name), if it is a valid one.
+pub fn node_id_from_cert(der: &[u8]) -> Result<String, IdentityError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::BadCertificate)?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(IdentityError::NoNodeId)?;
+    if !is_valid_node_id(cn) {
+        return Err(IdentityError::NoNodeId);
+    }
+    Ok(cn.to_string())
+}
+
+/// Hex SHA-256 of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+fn common_name(name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn
+}
+
+/// A validity window starting a little in the past (clock skew) and lasting `lifetime`.
+fn validity(lifetime: Duration) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    let not_before = now - CLOCK_SKEW;
+    (not_before, now + lifetime)
+}
+
+/// Writes a secret with owner-only permissions from the first byte on.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.write_all(bytes).map_err(io)
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
+    std::fs::write(path, bytes).map_err(|source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_certificate_names_the_bound_node_not_the_csr() {
+        let ca = PoolCa::generate("t").unwrap();
+        let node = NodeKey::generate("node-evil").unwrap();
+        let (cert, _) = ca
+            .sign_node_csr(&node.csr_der, "node-2", Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(node_id_from_cert(&cert).unwrap(), "node-2");
+    }
+
+    #[test]
+    fn garbage_csr_is_an_error() {
+        let ca = PoolCa::generate("t").unwrap();
+        assert!(matches!(
+            ca.sign_node_csr(b"not a csr", "node-1", Duration::from_secs(60)),
+            Err(IdentityError::BadCsr(_))
+        ));
+        assert!(node_id_from_cert(b"junk").is_err());
+    }
+
+    #[test]
+    fn pin_is_stable_and_distinct_per_pool() {
+        let a = PoolCa::generate("a").unwrap();
+        let b = PoolCa::generate("b").unwrap();
+        assert_eq!(a.pin(), a.pin());
+        assert_ne!(a.pin(), b.pin());
+        assert_eq!(a.pin().len(), 64);
+    }
+
+    #[test]
+    fn saved_ca_key_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempdir();
+        let ca = PoolCa::generate("t").unwrap();
+        ca.save(&dir).unwrap();
+        let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn tempdir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("skyward-id-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

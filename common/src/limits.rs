@@ -1,0 +1,39 @@
+//! Every bound on untrusted input, in one place.
+
+use std::time::Duration;
+
+/// Largest frame on an enrollment stream (a CSR and a token fit in a few KiB).
+pub const MAX_ENROLL_FRAME: usize = 16 * 1024;
+/// Largest frame on the control stream (the inventory of a large GPU node fits comfortably).
+pub const MAX_CONTROL_FRAME: usize = 256 * 1024;
+/// Largest frame on a task stream: a task spec with its argv and env, or one output chunk.
+pub const MAX_TASK_FRAME: usize = 1024 * 1024;
+/// Output is read from a task's pipes and sent in chunks of at most this many bytes.
+pub const OUTPUT_CHUNK: usize = 64 * 1024;
+/// Largest argv + env a task may carry, checked before the task is sent.
+pub const MAX_TASK_SPEC: usize = 512 * 1024;
+
+/// Task streams the coordinator may have open to one agent at once.
+pub const MAX_TASK_STREAMS_PER_AGENT: u32 = 512;
+/// Streams an agent may open towards the coordinator (the control stream, plus slack).
+pub const MAX_AGENT_OPENED_STREAMS: u32 = 4;
+
+/// How long an enrolling agent has to send its request once connected.
+pub const ENROLL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connected agent has to open its control stream and say hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime of a bootstrap token handed to a node.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(15 * 60);
+/// Lifetime of a node certificate issued at enrollment.
+pub const NODE_CERT_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);
+/// Longest node id accepted (ids are DNS-label-like: `node-1`).
+pub const MAX_NODE_ID_LEN: usize = 63;
+
+/// QUIC keep-alive, so idle connections stay open through NATs and a dead peer is noticed.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// A connection silent for this long is dead.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often an agent sends a health message on its control stream.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Grace between SIGTERM and SIGKILL when a task is cancelled or times out.
+pub const KILL_GRACE: Duration = Duration::from_secs(3);

@@ -1,0 +1,234 @@
+//! Messages exchanged between coordinator and agent.
+//!
+//! Connection layout (one QUIC connection per agent, protocol chosen by ALPN):
+//! - [`ALPN_ENROLL`]: the agent has no certificate yet. It opens one bidirectional stream,
+//!   sends an [`EnrollRequest`] (token + CSR) and reads an [`EnrollResponse`].
+//! - [`ALPN_NODE`]: mutual TLS. The agent opens the control stream and sends
+//!   [`AgentMessage::Hello`]; the coordinator answers [`CoordinatorMessage::Welcome`]. Each task
+//!   is a bidirectional stream opened by the coordinator: [`TaskRequest`]s flow to the agent,
+//!   [`TaskEvent`]s (output chunks with sequence numbers, then the outcome) flow back.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::Inventory;
+
+/// ALPN of an enrolled node's connection. The number is the protocol version.
+pub const ALPN_NODE: &[u8] = b"skyward/1";
+/// ALPN of an enrollment connection (no client certificate yet).
+pub const ALPN_ENROLL: &[u8] = b"skyward-enroll/1";
+/// The name in the coordinator's certificate; agents connect to any address under this name
+/// and trust it through the pinned pool CA, so a coordinator's IP may change freely.
+pub const COORDINATOR_SERVER_NAME: &str = "coordinator.skyward.invalid";
+
+/// Application error codes used when closing a connection, so the peer can tell why.
+pub mod close_code {
+    pub const NORMAL: u32 = 0;
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    pub const FRAME_TOO_LARGE: u32 = 2;
+    pub const MALFORMED_FRAME: u32 = 3;
+    pub const UNAUTHORIZED: u32 = 4;
+    pub const ENROLLMENT_REJECTED: u32 = 5;
+    pub const POOL_SHUTDOWN: u32 = 6;
+    pub const REPLACED: u32 = 7;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub node_id: String,
+    pub token: String,
+    /// DER-encoded PKCS#10 request for the key the agent generated; the key never leaves the node.
+    pub csr_der: Bytes,
+    pub agent_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Accepted {
+        cert_der: Bytes,
+        /// Seconds since the Unix epoch after which the certificate is no longer valid.
+        not_after_unix: i64,
+    },
+    Rejected {
+        reason: String,
+    },
+}
+
+/// Control-stream messages from agent to coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    Hello(Hello),
+    Health(Health),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub agent_version: String,
+    pub inventory: Inventory,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub running_tasks: u32,
+    pub load_avg_1m: f32,
+    pub memory_available_bytes: u64,
+}
+
+/// Control-stream messages from coordinator to agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    Welcome {
+        pool: String,
+        health_interval_ms: u32,
+    },
+    /// The pool is going away: stop every task and exit.
+    Shutdown { reason: String },
+}
+
+/// A task's identity: retries and duplicate dispatches are told apart by `attempt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TaskId {
+    pub id: u64,
+    pub attempt: u32,
+}
+
+impl std::fmt::Display for TaskId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "task-{}.{}", self.id, self.attempt)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskKind {
+    /// Runs a program (never through a shell unless argv asks for one).
+    Command {
+        argv: Vec<String>,
+        /// Relative paths resolve against the agent's work dir; `None` is the work dir itself.
+        cwd: Option<String>,
+        /// Whether [`TaskRequest::Stdin`] frames follow; otherwise stdin is /dev/null.
+        stdin: bool,
+    },
+    /// Does nothing and succeeds: measures the dispatch path itself.
+    Noop,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub task: TaskId,
+    pub kind: TaskKind,
+    /// Added to the agent's environment.
+    pub env: Vec<(String, String)>,
+    /// Killed (TERM, then KILL) and reported as timed out past this.
+    pub timeout_ms: Option<u64>,
+}
+
+impl TaskSpec {
+    pub fn command(
+        id: u64,
+        attempt: u32,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        timeout_ms: Option<u64>,
+        stdin: bool,
+    ) -> Self {
+        TaskSpec {
+            task: TaskId { id, attempt },
+            kind: TaskKind::Command {
+                argv,
+                cwd: None,
+                stdin,
+            },
+            env,
+            timeout_ms,
+        }
+    }
+
+    pub fn noop(id: u64) -> Self {
+        TaskSpec {
+            task: TaskId { id, attempt: 0 },
+            kind: TaskKind::Noop,
+            env: Vec::new(),
+            timeout_ms: None,
+        }
+    }
+}
+
+/// Task-stream frames from coordinator to agent. The first is always `Start`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskRequest {
+    Start(TaskSpec),
+    Stdin(Bytes),
+    StdinEof,
+    /// Stop the task: TERM to its process group, KILL after a grace period.
+    Cancel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// Task-stream frames from agent to coordinator. `Finished` is always the last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskEvent {
+    Started {
+        pid: u32,
+    },
+    /// One chunk of output. `seq` counts chunks of this task from 0, across both streams,
+    /// so a resumed stream can continue after the last acknowledged chunk.
+    Output {
+        seq: u64,
+        stream: OutputStream,
+        data: Bytes,
+    },
+    Finished(TaskOutcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskOutcome {
+    Exited { code: i32 },
+    Signaled { signal: i32 },
+    TimedOut,
+    Cancelled,
+    FailedToStart { error: String },
+}
+
+impl TaskOutcome {
+    pub fn success(&self) -> bool {
+        matches!(self, TaskOutcome::Exited { code: 0 })
+    }
+
+    /// The exit code a shell would report for this outcome.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            TaskOutcome::Exited { code } => *code,
+            TaskOutcome::Signaled { signal } => 128 + signal,
+            TaskOutcome::TimedOut => 124,
+            TaskOutcome::Cancelled => 130,
+            TaskOutcome::FailedToStart { .. } => 127,
+        }
+    }
+}
+
+impl std::fmt::Display for TaskOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TaskOutcome::Exited { code } => write!(f, "exit code {code}"),
+            TaskOutcome::Signaled { signal } => write!(f, "killed by signal {signal}"),
+            TaskOutcome::TimedOut => write!(f, "timed out"),
+            TaskOutcome::Cancelled => write!(f, "cancelled"),
+            TaskOutcome::FailedToStart { error } => write!(f, "failed to start: {error}"),
+        }
+    }
+}
+
+/// True for ids the coordinator hands out (`node-1`, `pool-a-node-12`): short, DNS-label-like.
+pub fn is_valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= crate::limits::MAX_NODE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+}

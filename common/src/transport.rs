@@ -1,0 +1,224 @@
+//! QUIC and TLS configuration for both ends, and the UDP sockets they run on.
+//!
+//! The coordinator accepts two ALPNs: [`ALPN_NODE`] (client certificate required, checked
+//! after the handshake because rustls cannot make it depend on the ALPN) and [`ALPN_ENROLL`]
+//! (no client certificate). Agents trust the coordinator through the pool CA they were given
+//! the pin of, whatever address they reach it at.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::identity::{fingerprint, CertifiedKey};
+use crate::limits;
+use crate::protocol::{ALPN_ENROLL, ALPN_NODE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("QUIC crypto configuration: {0}")]
+    NoInitialCipherSuite(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("bad CA pin {0:?}: expected 64 hex characters (the SHA-256 of the pool CA)")]
+    BadPin(String),
+    #[error("cannot bind UDP socket on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// UDP socket buffer size: the kernel default (~208 KiB) drops packets under load and stalls
+/// handshakes; the kernel caps this at net.core.{r,w}mem_max unless raised there.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Coordinator side: quinn server config for a pool.
+pub fn server_config(
+    ca: &CertificateDer<'static>,
+    identity: &CertifiedKey,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier)
+        .with_single_cert(identity.chain.clone(), identity.private_key())?;
+    tls.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_ENROLL.to_vec()];
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let mut transport = base_transport();
+    transport.max_concurrent_bidi_streams(limits::MAX_AGENT_OPENED_STREAMS.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Agent side: config for an enrollment connection (no client certificate).
+pub fn enroll_client_config(ca_pin: &str) -> Result<quinn::ClientConfig, TransportError> {
+    client_config(ca_pin, None, ALPN_ENROLL)
+}
+
+/// Agent side: config for an enrolled node's mTLS connection.
+pub fn node_client_config(
+    ca_pin: &str,
+    identity: &CertifiedKey,
+) -> Result<quinn::ClientConfig, TransportError> {
+    client_config(ca_pin, Some(identity), ALPN_NODE)
+}
+
+/// A client config with full control over what is presented; the security tests use it to
+/// attempt what a real agent never would (no certificate, a foreign CA, another ALPN).
+pub fn client_config(
+    ca_pin: &str,
+    identity: Option<&CertifiedKey>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = provider();
+    let pin = parse_pin(ca_pin)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin, provider }));
+    let mut tls = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.private_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut transport = base_transport();
+    transport.max_concurrent_bidi_streams(limits::MAX_TASK_STREAMS_PER_AGENT.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+fn base_transport() -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(limits::KEEP_ALIVE));
+    transport.max_idle_timeout(Some(
+        limits::IDLE_TIMEOUT
+            .try_into()
+            .expect("idle timeout fits a QUIC varint"),
+    ));
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport
+}
+
+fn parse_pin(pin: &str) -> Result<[u8; 32], TransportError> {
+    let bytes = hex::decode(pin.trim()).map_err(|_| TransportError::BadPin(pin.to_string()))?;
+    bytes
+        .try_into()
+        .map_err(|_| TransportError::BadPin(pin.to_string()))
+}
+
+/// Binds a UDP socket with enlarged buffers and wraps it in a quinn endpoint.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, TransportError> {
+    let bind = |source| TransportError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind)?;
+    // Best effort: a smaller buffer than asked for still works, only slower under load.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into()).map_err(bind)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind)
+}
+
+/// Trusts a server whose chain contains the CA with the pinned SHA-256 and whose leaf that CA
+/// signed for the expected name. The pin is all an agent needs to carry in its user-data.
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let pin = hex::encode(self.pin);
+        let ca = intermediates
+            .iter()
+            .find(|cert| fingerprint(cert) == pin)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the coordinator's certificate chain does not contain the pinned pool CA"
+                        .into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
