@@ -1,1 +1,69 @@
-fn main(){}
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use skyward_agent::AgentConfig;
+
+/// Skyward node agent: dials its coordinator over mutually authenticated QUIC and runs tasks.
+#[derive(Parser, Debug)]
+#[command(name = "skyward-agent", version)]
+struct Args {
+    /// Coordinator address, host:port.
+    #[arg(long, env = "SKYWARD_COORDINATOR")]
+    coordinator: String,
+    /// SHA-256 (hex) of the pool CA certificate.
+    #[arg(long, env = "SKYWARD_CA_PIN")]
+    ca_pin: String,
+    /// Single-use enrollment token (prefer the environment: argv is visible to other users).
+    #[arg(long, env = "SKYWARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// This node's id, as the coordinator named it.
+    #[arg(long, env = "SKYWARD_NODE_ID")]
+    node_id: String,
+    /// Directory for the node's key, certificate and task working directories.
+    #[arg(long, env = "SKYWARD_WORK_DIR")]
+    work_dir: PathBuf,
+    /// Exit after the coordinator has been unreachable this long (e.g. 10m, 30s).
+    #[arg(long, env = "SKYWARD_LEASE", default_value = "10m", value_parser = humantime::parse_duration)]
+    lease: Duration,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    skyward_common::install_crypto_provider();
+    let config = AgentConfig {
+        coordinator: args.coordinator,
+        ca_pin: args.ca_pin,
+        token: args.token,
+        node_id: args.node_id,
+        work_dir: args.work_dir,
+        lease: args.lease,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("skyward-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(skyward_agent::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("skyward-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,19 @@
+//! The Skyward coordinator: pools, providers, the QUIC endpoint agents dial, scheduling,
+//! and the `skyward` CLI built on them.
+//!
+//! The pure parts ([`lifecycle`], [`schedule`], [`task`], [`tokens`]) hold every rule and
+//! do no I/O; [`server`], [`pool`] and [`run`] are the async shell that moves bytes and timers.
 
+pub mod cli;
+pub mod lifecycle;
+pub mod output;
+pub mod pool;
+pub mod provider;
+pub mod run;
+pub mod schedule;
+pub mod server;
+pub mod task;
+pub mod tokens;
+
+pub use pool::{Pool, PoolSpec};
+pub use server::{Coordinator, CoordinatorConfig, CoordinatorEvent, NodeHandle, Rejection};

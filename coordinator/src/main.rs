@@ -1,1 +1,26 @@
-fn main(){}
+use clap::Parser;
+
+fn main() {
+    let cli = skyward_coordinator::cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    skyward_common::install_crypto_provider();
+    let code = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(skyward_coordinator::cli::main(cli)),
+        Err(e) => {
+            eprintln!("skyward: cannot start the async runtime: {e}");
+            255
+        }
+    };
+    // Exit without waiting on a stdin reader blocked in a background thread.
+    std::process::exit(code);
+}

@@ -1,0 +1,184 @@
+//! The agent's life: enroll once, then stay connected, reconnecting with backoff and jitter,
+//! until the coordinator says shut down, a signal arrives, or the lease runs out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use skyward_common::frame::{read_frame, write_frame};
+use skyward_common::identity::CertifiedKey;
+use skyward_common::limits::{HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME};
+use skyward_common::protocol::{
+    close_code, AgentMessage, CoordinatorMessage, Hello, COORDINATOR_SERVER_NAME,
+};
+use skyward_common::transport;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::time::Instant;
+
+use crate::runner::{self, Tasks};
+use crate::{inventory, AgentConfig};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Runs the agent until it is told to stop. Every running task is stopped before it returns.
+pub async fn run(config: AgentConfig) -> Result<()> {
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating work dir {}", config.work_dir.display()))?;
+    let coordinator = resolve(&config.coordinator).await?;
+    let bind: SocketAddr = if coordinator.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let endpoint = transport::endpoint(bind, None)?;
+    let tasks = Tasks::new(config.node_id.clone(), config.work_dir.clone());
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let result = tokio::select! {
+        r = stay_connected(&config, &endpoint, coordinator, &tasks) => r,
+        _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
+        _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
+    };
+    tasks.stop_all().await;
+    endpoint.close(close_code::NORMAL.into(), b"agent exiting");
+    // Let the close reach the coordinator rather than leaving it to time out.
+    let _ = tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
+    result
+}
+
+async fn resolve(addr: &str) -> Result<SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving coordinator address {addr:?} (expected host:port)"))?
+        .next()
+        .with_context(|| format!("coordinator address {addr:?} resolved to nothing"))
+}
+
+async fn stay_connected(
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
+    coordinator: SocketAddr,
+    tasks: &Arc<Tasks>,
+) -> Result<()> {
+    let identity = crate::enroll::load_or_enroll(config, endpoint, coordinator).await?;
+    let client = transport::node_client_config(&config.ca_pin, &identity)?;
+    let mut last_contact = Instant::now();
+    let mut failures = 0u32;
+    loop {
+        match serve_connection(config, endpoint, &client, coordinator, &identity, tasks).await {
+            Ok(Session::Shutdown(reason)) => {
+                tracing::info!("coordinator asked us to shut down: {reason}");
+                return Ok(());
+            }
+            Ok(Session::Lost { was_connected, reason }) => {
+                tracing::warn!("connection to coordinator lost: {reason}");
+                if was_connected {
+                    last_contact = Instant::now();
+                    failures = 0;
+                }
+            }
+            Err(e) => tracing::warn!("cannot reach coordinator {coordinator}: {e:#}"),
+        }
+        if last_contact.elapsed() >= config.lease {
+            bail!(
+                "coordinator {coordinator} unreachable for {} (the pool's lease); exiting",
+                humantime::format_duration(config.lease)
+            );
+        }
+        failures += 1;
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+/// Exponential backoff with "equal jitter": half fixed, half random, so that a pool's agents
+/// do not all come back at the same instant after a coordinator restart.
+fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.min(16)).min(BACKOFF_MAX);
+    let half = exp / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+enum Session {
+    Shutdown(String),
+    Lost { was_connected: bool, reason: String },
+}
+
+async fn serve_connection(
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
+    client: &quinn::ClientConfig,
+    coordinator: SocketAddr,
+    _identity: &CertifiedKey,
+    tasks: &Arc<Tasks>,
+) -> Result<Session> {
+    let conn = endpoint
+        .connect_with(client.clone(), coordinator, COORDINATOR_SERVER_NAME)?
+        .await?;
+    let (mut control_send, mut control_recv) = conn.open_bi().await?;
+    let hello = AgentMessage::Hello(Hello {
+        agent_version: skyward_common::VERSION.to_string(),
+        inventory: inventory::collect(&config.work_dir),
+    });
+    write_frame(&mut control_send, &hello).await?;
+    let welcome = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        read_frame::<_, CoordinatorMessage>(&mut control_recv, MAX_CONTROL_FRAME),
+    )
+    .await
+    .context("no welcome from the coordinator")??;
+    let health_interval = match welcome {
+        Some(CoordinatorMessage::Welcome {
+            pool,
+            health_interval_ms,
+        }) => {
+            tracing::info!(%pool, node = %config.node_id, "connected to coordinator {coordinator}");
+            Duration::from_millis(health_interval_ms.max(100) as u64)
+        }
+        Some(CoordinatorMessage::Shutdown { reason }) => return Ok(Session::Shutdown(reason)),
+        None => bail!("the coordinator closed the control stream before welcoming us"),
+    };
+
+    // The control stream is read in its own task: a frame read is not cancel-safe.
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(8);
+    let control_reader = tokio::spawn(async move {
+        loop {
+            let msg = read_frame::<_, CoordinatorMessage>(&mut control_recv, MAX_CONTROL_FRAME).await;
+            let end = !matches!(msg, Ok(Some(_)));
+            if control_tx.send(msg).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    let mut health = tokio::time::interval(health_interval.min(HEALTH_INTERVAL * 12));
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let session = loop {
+        tokio::select! {
+            _ = health.tick() => {
+                let msg = AgentMessage::Health(inventory::health(tasks.running()));
+                if let Err(e) = write_frame(&mut control_send, &msg).await {
+                    break Session::Lost { was_connected: true, reason: e.to_string() };
+                }
+            }
+            msg = control_rx.recv() => match msg {
+                Some(Ok(Some(CoordinatorMessage::Shutdown { reason }))) => break Session::Shutdown(reason),
+                Some(Ok(Some(CoordinatorMessage::Welcome { .. }))) => {
+                    tracing::warn!("unexpected second welcome ignored");
+                }
+                Some(Ok(None)) | None => break Session::Lost { was_connected: true, reason: "control stream closed".into() },
+                Some(Err(e)) => break Session::Lost { was_connected: true, reason: e.to_string() },
+            },
+            stream = conn.accept_bi() => match stream {
+                Ok((send, recv)) => { tokio::spawn(runner::serve(send, recv, tasks.clone())); }
+                Err(e) => break Session::Lost { was_connected: true, reason: e.to_string() },
+            },
+        }
+    };
+    control_reader.abort();
+    if let Session::Shutdown(_) = session {
+        conn.close(close_code::NORMAL.into(), b"shutting down");
+    }
+    Ok(session)
+}

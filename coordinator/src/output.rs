@@ -1,0 +1,244 @@
+//! How a job's events reach the user: raw bytes for one node, `[node-N] ` prefixed lines for
+//! several, or one JSON object per event for scripts.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use skyward_common::protocol::OutputStream;
+
+use crate::run::{RunEvent, TaskReport};
+use crate::server::NodeHandle;
+
+/// A partial line longer than this is written out rather than buffered further.
+const MAX_PENDING_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputMode {
+    /// Bytes exactly as the task wrote them.
+    Raw,
+    /// Each line prefixed with its node.
+    Prefixed,
+    Json,
+}
+
+pub struct Renderer<O: Write, E: Write> {
+    mode: OutputMode,
+    stdout: O,
+    stderr: E,
+    pending: HashMap<(usize, OutputStream), (String, Vec<u8>)>,
+}
+
+impl Renderer<std::io::Stdout, std::io::Stderr> {
+    pub fn terminal(mode: OutputMode) -> Self {
+        Renderer::new(mode, std::io::stdout(), std::io::stderr())
+    }
+}
+
+impl<O: Write, E: Write> Renderer<O, E> {
+    pub fn new(mode: OutputMode, stdout: O, stderr: E) -> Self {
+        Renderer {
+            mode,
+            stdout,
+            stderr,
+            pending: HashMap::new(),
+        }
+    }
+
+    pub fn node_ready(&mut self, node: &NodeHandle) {
+        if self.mode == OutputMode::Json {
+            let event = serde_json::json!({
+                "event": "node_ready",
+                "node": node.node_id,
+                "address": node.address.to_string(),
+                "inventory": &*node.inventory,
+            });
+            self.json(event);
+        }
+    }
+
+    pub fn pool_down(&mut self, pool: &str) {
+        if self.mode == OutputMode::Json {
+            self.json(serde_json::json!({"event": "pool_down", "pool": pool}));
+        }
+    }
+
+    pub fn event(&mut self, event: &RunEvent) {
+        match (self.mode, event) {
+            (OutputMode::Json, RunEvent::Started { task, node }) => {
+                self.json(serde_json::json!({"event": "task_started", "task": task, "node": node}))
+            }
+            (OutputMode::Json, RunEvent::Output { task, node, stream, data }) => self.json(serde_json::json!({
+                "event": "output",
+                "task": task,
+                "node": node,
+                "stream": stream_name(*stream),
+                "data": String::from_utf8_lossy(data),
+            })),
+            (OutputMode::Json, RunEvent::Finished { task, report }) => {
+                let mut event = serde_json::json!({
+                    "event": "task_exit",
+                    "task": task,
+                    "node": report.node,
+                    "exit_code": report.exit_code(),
+                });
+                match &report.outcome {
+                    Ok(outcome) => event["outcome"] = outcome.to_string().into(),
+                    Err(error) => event["error"] = error.clone().into(),
+                }
+                self.json(event)
+            }
+            (OutputMode::Raw, RunEvent::Output { stream, data, .. }) => {
+                let _ = self.writer(*stream).write_all(data);
+                let _ = self.writer(*stream).flush();
+            }
+            (OutputMode::Prefixed, RunEvent::Output { task, node, stream, data }) => {
+                self.prefixed(*task, node, *stream, data)
+            }
+            (OutputMode::Prefixed, RunEvent::Finished { task, .. }) => {
+                for stream in [OutputStream::Stdout, OutputStream::Stderr] {
+                    self.flush_pending(*task, stream);
+                }
+            }
+            (OutputMode::Raw | OutputMode::Prefixed, _) => {}
+        }
+    }
+
+    /// One line to stderr about the run itself (not task output); silent in JSON mode.
+    pub fn note(&mut self, message: &str) {
+        if self.mode != OutputMode::Json {
+            let _ = writeln!(self.stderr, "skyward: {message}");
+        }
+    }
+
+    /// Says how failed tasks ended, in input order.
+    pub fn summary(&mut self, reports: &[TaskReport], labels: &[String]) {
+        let failed: Vec<usize> = (0..reports.len()).filter(|&i| !reports[i].success()).collect();
+        if failed.is_empty() || self.mode == OutputMode::Json {
+            return;
+        }
+        if reports.len() == 1 {
+            // A plain non-zero exit speaks for itself through the exit code, as with ssh.
+            if let Ok(skyward_common::protocol::TaskOutcome::Exited { .. }) = &reports[0].outcome {
+                return;
+            }
+        }
+        let _ = writeln!(
+            self.stderr,
+            "skyward: {} of {} tasks failed:",
+            failed.len(),
+            reports.len()
+        );
+        for i in failed {
+            let report = &reports[i];
+            let how = match &report.outcome {
+                Ok(outcome) => outcome.to_string(),
+                Err(error) => error.clone(),
+            };
+            let _ = writeln!(
+                self.stderr,
+                "  task {i} on {} ({}): {how}",
+                report.node,
+                labels.get(i).map(String::as_str).unwrap_or("")
+            );
+        }
+    }
+
+    fn prefixed(&mut self, task: usize, node: &str, stream: OutputStream, data: &[u8]) {
+        let (_, pending) = self
+            .pending
+            .entry((task, stream))
+            .or_insert_with(|| (node.to_string(), Vec::new()));
+        pending.extend_from_slice(data);
+        let Some(last_newline) = pending.iter().rposition(|&b| b == b'\n') else {
+            if pending.len() > MAX_PENDING_LINE {
+                self.flush_pending(task, stream);
+            }
+            return;
+        };
+        let complete: Vec<u8> = pending.drain(..=last_newline).collect();
+        let mut out = Vec::with_capacity(complete.len() + 16);
+        for line in complete.split_inclusive(|&b| b == b'\n') {
+            out.extend_from_slice(format!("[{node}] ").as_bytes());
+            out.extend_from_slice(line);
+        }
+        let w = self.writer(stream);
+        let _ = w.write_all(&out);
+        let _ = w.flush();
+    }
+
+    fn flush_pending(&mut self, task: usize, stream: OutputStream) {
+        if let Some((node, rest)) = self.pending.remove(&(task, stream)) {
+            if !rest.is_empty() {
+                let mut out = format!("[{node}] ").into_bytes();
+                out.extend_from_slice(&rest);
+                out.push(b'\n');
+                let w = self.writer(stream);
+                let _ = w.write_all(&out);
+                let _ = w.flush();
+            }
+        }
+    }
+
+    fn writer(&mut self, stream: OutputStream) -> &mut dyn Write {
+        match stream {
+            OutputStream::Stdout => &mut self.stdout,
+            OutputStream::Stderr => &mut self.stderr,
+        }
+    }
+
+    fn json(&mut self, value: serde_json::Value) {
+        let _ = writeln!(self.stdout, "{value}");
+        let _ = self.stdout.flush();
+    }
+}
+
+fn stream_name(stream: OutputStream) -> &'static str {
+    match stream {
+        OutputStream::Stdout => "stdout",
+        OutputStream::Stderr => "stderr",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn output(task: usize, node: &str, data: &'static [u8]) -> RunEvent {
+        RunEvent::Output {
+            task,
+            node: node.into(),
+            stream: OutputStream::Stdout,
+            data: Bytes::from_static(data),
+        }
+    }
+
+    #[test]
+    fn prefixes_whole_lines_and_flushes_the_tail_at_exit() {
+        let mut out = Vec::new();
+        {
+            let mut r = Renderer::new(OutputMode::Prefixed, &mut out, Vec::new());
+            r.event(&output(0, "node-1", b"hel"));
+            r.event(&output(1, "node-2", b"a\nb\n"));
+            r.event(&output(0, "node-1", b"lo\nwor"));
+            r.event(&RunEvent::Finished {
+                task: 0,
+                report: TaskReport {
+                    node: "node-1".into(),
+                    outcome: Ok(skyward_common::protocol::TaskOutcome::Exited { code: 0 }),
+                },
+            });
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[node-2] a\n[node-2] b\n[node-1] hello\n[node-1] wor\n"
+        );
+    }
+
+    #[test]
+    fn raw_mode_passes_bytes_through() {
+        let mut out = Vec::new();
+        Renderer::new(OutputMode::Raw, &mut out, Vec::new()).event(&output(0, "node-1", b"\x00\xffno newline"));
+        assert_eq!(out, b"\x00\xffno newline");
+    }
+}

@@ -1,0 +1,175 @@
+//! The local provider: each node is a real `skyward-agent` process on this machine, in a
+//! work dir of its own, dialing the coordinator on loopback exactly as a cloud node would.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::{Child, Command};
+
+use super::{Instance, NodeBootstrap, ProviderError, ProvisionRequest, Provider};
+
+/// How long an agent gets to stop its tasks and exit after SIGTERM before it is killed.
+const AGENT_EXIT_GRACE: Duration = Duration::from_secs(6);
+
+pub struct LocalProvider {
+    agent_bin: PathBuf,
+    root: PathBuf,
+    agents: Mutex<HashMap<String, Vec<(String, Child)>>>,
+}
+
+impl LocalProvider {
+    /// `root` holds one work dir per node (`root/<node id>`).
+    pub fn new(agent_bin: PathBuf, root: PathBuf) -> Self {
+        LocalProvider {
+            agent_bin,
+            root,
+            agents: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The `skyward-agent` beside the running executable, or `SKYWARD_AGENT_BIN`.
+    pub fn find_agent_binary() -> Result<PathBuf, String> {
+        if let Some(path) = std::env::var_os("SKYWARD_AGENT_BIN") {
+            let path = PathBuf::from(path);
+            return if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "SKYWARD_AGENT_BIN={} is not a file: point it at a built skyward-agent",
+                    path.display()
+                ))
+            };
+        }
+        let exe = std::env::current_exe().map_err(|e| format!("cannot locate skyward: {e}"))?;
+        let beside = exe.with_file_name("skyward-agent");
+        if beside.is_file() {
+            Ok(beside)
+        } else {
+            Err(format!(
+                "skyward-agent not found at {}: build it with `cargo build --release` (it is part of the workspace) or set SKYWARD_AGENT_BIN",
+                beside.display()
+            ))
+        }
+    }
+
+    pub fn work_dir(&self, node_id: &str) -> PathBuf {
+        self.root.join(node_id)
+    }
+
+    fn spawn(&self, request: &ProvisionRequest, node: &NodeBootstrap) -> Result<Child, ProviderError> {
+        let dir = self.work_dir(&node.node_id);
+        std::fs::create_dir_all(&dir).map_err(|e| self.error(format!("{}: {e}", dir.display())))?;
+        let log = std::fs::File::create(dir.join("agent.log"))
+            .map_err(|e| self.error(format!("{}/agent.log: {e}", dir.display())))?;
+        let mut command = Command::new(&self.agent_bin);
+        command
+            .arg("--coordinator")
+            .arg(&request.coordinator)
+            .arg("--ca-pin")
+            .arg(&request.ca_pin)
+            .arg("--node-id")
+            .arg(&node.node_id)
+            .arg("--work-dir")
+            .arg(&dir)
+            // The token goes in the environment: argv is readable by every user.
+            .env("SKYWARD_TOKEN", &node.token)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| self.error(e.to_string()))?)
+            .stderr(log)
+            // Its own group, so a Ctrl-C at the terminal reaches the CLI, which tears down in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no parent memory.
+        unsafe {
+            command.pre_exec(|| {
+                // Should the CLI die without tearing down (kill -9), its agents still go.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        command.spawn().map_err(|e| {
+            self.error(format!("cannot start {}: {e}", self.agent_bin.display()))
+        })
+    }
+
+    fn error(&self, message: String) -> ProviderError {
+        ProviderError {
+            provider: "local".into(),
+            message,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for LocalProvider {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn provision(&self, request: &ProvisionRequest) -> Result<Vec<Instance>, ProviderError> {
+        let mut instances = Vec::new();
+        for node in &request.nodes {
+            let child = self.spawn(request, node)?;
+            let pid = child.id().unwrap_or(0);
+            self.agents
+                .lock()
+                .expect("agents lock")
+                .entry(request.pool.clone())
+                .or_default()
+                .push((node.node_id.clone(), child));
+            instances.push(Instance {
+                node_id: node.node_id.clone(),
+                provider_id: format!("pid {pid}"),
+            });
+        }
+        Ok(instances)
+    }
+
+    async fn failed_nodes(&self, pool: &str) -> Vec<(String, String)> {
+        let mut failed = Vec::new();
+        let mut agents = self.agents.lock().expect("agents lock");
+        for (node_id, child) in agents.get_mut(pool).into_iter().flatten() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = self.work_dir(node_id).join("agent.log");
+                failed.push((
+                    node_id.clone(),
+                    format!("agent exited ({status}): {}", last_line(&log)),
+                ));
+            }
+        }
+        failed
+    }
+
+    async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
+        let agents = self.agents.lock().expect("agents lock").remove(pool).unwrap_or_default();
+        for (_, child) in &agents {
+            if let Some(pid) = child.id() {
+                // SAFETY: signalling a pid we spawned and have not reaped.
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGTERM);
+                }
+            }
+        }
+        for (node_id, mut child) in agents {
+            match tokio::time::timeout(AGENT_EXIT_GRACE, child.wait()).await {
+                Ok(_) => {}
+                Err(_) => {
+                    tracing::warn!(node = %node_id, "agent did not exit after SIGTERM; killing it");
+                    let _ = child.kill().await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn last_line(log: &Path) -> String {
+    std::fs::read_to_string(log)
+        .ok()
+        .and_then(|text| text.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .unwrap_or_else(|| format!("no output in {}", log.display()))
+}

@@ -1,0 +1,204 @@
+//! Runs a job (one task, a broadcast, or a map) on a pool's nodes and streams its events.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use skyward_common::limits::OUTPUT_CHUNK;
+use skyward_common::protocol::{OutputStream, TaskEvent, TaskOutcome, TaskSpec};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::lifecycle::Event;
+use crate::pool::Pool;
+use crate::schedule::Scheduler;
+use crate::server::{Coordinator, NodeHandle};
+
+/// One task of a job.
+#[derive(Debug, Clone)]
+pub struct TaskPlan {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// Index of the node the task must run on (broadcast), or any node.
+    pub node: Option<usize>,
+}
+
+pub struct Job {
+    pub tasks: Vec<TaskPlan>,
+    /// Tasks at once on one node.
+    pub per_node: usize,
+    pub timeout: Option<Duration>,
+    /// Fed to the first task's stdin.
+    pub stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+}
+
+impl Job {
+    /// One task on every node, each told its rank, the world size and every node's address.
+    pub fn broadcast(pool: &Pool, argv: Vec<String>, env: Vec<(String, String)>) -> Vec<TaskPlan> {
+        let ips: Vec<String> = pool.nodes().iter().map(|n| n.address.to_string()).collect();
+        (0..pool.nodes().len())
+            .map(|rank| {
+                let mut env = env.clone();
+                env.push(("SKYWARD_NODE_RANK".into(), rank.to_string()));
+                env.push(("SKYWARD_NUM_NODES".into(), pool.nodes().len().to_string()));
+                env.push(("SKYWARD_NODE_IPS".into(), ips.join(",")));
+                TaskPlan {
+                    argv: argv.clone(),
+                    env,
+                    node: Some(rank),
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum RunEvent {
+    Started { task: usize, node: String },
+    Output { task: usize, node: String, stream: OutputStream, data: Bytes },
+    Finished { task: usize, report: TaskReport },
+}
+
+/// How a task ended: its outcome on the node, or why the coordinator lost track of it.
+#[derive(Debug, Clone)]
+pub struct TaskReport {
+    pub node: String,
+    pub outcome: Result<TaskOutcome, String>,
+}
+
+impl TaskReport {
+    pub fn success(&self) -> bool {
+        matches!(&self.outcome, Ok(o) if o.success())
+    }
+
+    /// The exit code the CLI reports: the task's own, or 255 (as ssh does) when the
+    /// coordinator lost the task.
+    pub fn exit_code(&self) -> i32 {
+        match &self.outcome {
+            Ok(outcome) => outcome.exit_code(),
+            Err(_) => 255,
+        }
+    }
+}
+
+/// Runs every task of `job` on `pool`, sending events as they happen; returns one report per
+/// task, in input order. Dropping the future cancels every task still running.
+pub async fn run_job(pool: &mut Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
+    let _ = pool.lifecycle().handle(Event::RunStarted);
+    let nodes = pool.nodes().to_vec();
+    let loads = nodes.iter().map(|n| n.running() as usize).collect();
+    let pins = job.tasks.iter().map(|t| t.node).collect();
+    let mut scheduler = Scheduler::new(nodes.len(), job.per_node, pins).with_running(loads);
+    let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
+    let mut running = JoinSet::new();
+    let timeout_ms = job.timeout.map(|t| t.as_millis() as u64);
+    loop {
+        for (task, node) in scheduler.assign() {
+            let plan = job.tasks[task].clone();
+            let stdin = if task == 0 { job.stdin.take() } else { None };
+            let spec = TaskSpec::command(0, 0, plan.argv, plan.env, timeout_ms, stdin.is_some());
+            let coordinator = pool.shared_coordinator();
+            let handle = nodes[node].clone();
+            let events = events.clone();
+            running.spawn(async move {
+                let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
+                (task, node, report)
+            });
+        }
+        if scheduler.done() {
+            break;
+        }
+        let Some(Ok((task, node, report))) = running.join_next().await else {
+            break;
+        };
+        scheduler.finished(node);
+        let _ = events
+            .send(RunEvent::Finished {
+                task,
+                report: report.clone(),
+            })
+            .await;
+        reports[task] = Some(report);
+    }
+    running.shutdown().await;
+    let _ = pool.lifecycle().handle(Event::RunFinished);
+    reports
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| TaskReport {
+                node: String::new(),
+                outcome: Err("never ran".into()),
+            })
+        })
+        .collect()
+}
+
+async fn drive_task(
+    coordinator: &Coordinator,
+    node: &NodeHandle,
+    task: usize,
+    spec: TaskSpec,
+    stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    events: &mpsc::Sender<RunEvent>,
+) -> TaskReport {
+    let report = |outcome| TaskReport {
+        node: node.node_id.clone(),
+        outcome,
+    };
+    let remote = match coordinator.start_task(node, spec).await {
+        Ok(remote) => remote,
+        Err(e) => return report(Err(e.to_string())),
+    };
+    let (mut input, mut output) = (remote.input, remote.output);
+    let node_id = node.node_id.clone();
+    // Stdin flows while output is read; the input half stays alive until the task ends.
+    let feeding = async move {
+        if let Some(mut stdin) = stdin {
+            let mut buf = vec![0u8; OUTPUT_CHUNK];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if input.stdin(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = input.close_stdin().await;
+        }
+        std::future::pending::<()>().await;
+        drop(input);
+    };
+    let reading = async {
+        loop {
+            match output.next().await {
+                Ok(Some(TaskEvent::Started { .. })) => {
+                    let _ = events
+                        .send(RunEvent::Started {
+                            task,
+                            node: node_id.clone(),
+                        })
+                        .await;
+                }
+                Ok(Some(TaskEvent::Output { stream, data, .. })) => {
+                    let _ = events
+                        .send(RunEvent::Output {
+                            task,
+                            node: node_id.clone(),
+                            stream,
+                            data,
+                        })
+                        .await;
+                }
+                Ok(Some(TaskEvent::Finished(outcome))) => return report(Ok(outcome)),
+                Ok(None) => return report(Err("task stream ended without an outcome".into())),
+                Err(e) => return report(Err(e.to_string())),
+            }
+        }
+    };
+    tokio::select! {
+        r = reading => r,
+        _ = feeding => report(Err("stdin forwarding stopped unexpectedly".into())),
+    }
+}

@@ -1,0 +1,118 @@
+//! Placement of tasks onto nodes: pure, so every rule is tested without a network.
+//!
+//! Each task is either pinned to a node (broadcast) or free; a free task goes to the
+//! least-loaded node with room (ties to the earliest node), at most `per_node` at once.
+
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    per_node: usize,
+    running: Vec<usize>,
+    queue: VecDeque<(usize, Option<usize>)>,
+    finished: usize,
+    total: usize,
+}
+
+impl Scheduler {
+    /// `pins[i]` is the node index task `i` must run on, if any.
+    pub fn new(node_count: usize, per_node: usize, pins: Vec<Option<usize>>) -> Self {
+        Scheduler {
+            per_node: per_node.max(1),
+            running: vec![0; node_count],
+            total: pins.len(),
+            queue: pins.into_iter().enumerate().collect(),
+            finished: 0,
+        }
+    }
+
+    /// Counts tasks already running on each node (from earlier work) towards its load.
+    pub fn with_running(mut self, running: Vec<usize>) -> Self {
+        assert_eq!(running.len(), self.running.len(), "one load per node");
+        self.running = running;
+        self
+    }
+
+    /// Takes every task that can start now, in input order, with the node for each.
+    pub fn assign(&mut self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        let mut waiting = VecDeque::new();
+        while let Some((task, pin)) = self.queue.pop_front() {
+            let node = match pin {
+                Some(node) if self.running[node] < self.per_node => Some(node),
+                Some(_) => None,
+                None => self.least_loaded(),
+            };
+            match node {
+                Some(node) => {
+                    self.running[node] += 1;
+                    out.push((task, node));
+                }
+                None => waiting.push_back((task, pin)),
+            }
+        }
+        self.queue = waiting;
+        out
+    }
+
+    pub fn finished(&mut self, node: usize) {
+        self.running[node] = self.running[node].saturating_sub(1);
+        self.finished += 1;
+    }
+
+    pub fn done(&self) -> bool {
+        self.finished >= self.total
+    }
+
+    fn least_loaded(&self) -> Option<usize> {
+        self.running
+            .iter()
+            .enumerate()
+            .filter(|(_, &load)| load < self.per_node)
+            .min_by_key(|(i, &load)| (load, *i))
+            .map(|(i, _)| i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_fills_nodes_evenly_then_waits_for_room() {
+        let mut s = Scheduler::new(4, 1, vec![None; 8]);
+        assert_eq!(s.assign(), vec![(0, 0), (1, 1), (2, 2), (3, 3)]);
+        assert_eq!(s.assign(), vec![]);
+        s.finished(2);
+        assert_eq!(s.assign(), vec![(4, 2)]);
+        for node in [0, 1, 3, 2] {
+            s.finished(node);
+        }
+        assert_eq!(s.assign(), vec![(5, 0), (6, 1), (7, 2)]);
+        assert!(!s.done());
+        for node in [0, 1, 2] {
+            s.finished(node);
+        }
+        assert!(s.done());
+    }
+
+    #[test]
+    fn per_node_allows_several_at_once() {
+        let mut s = Scheduler::new(2, 2, vec![None; 5]);
+        assert_eq!(s.assign(), vec![(0, 0), (1, 1), (2, 0), (3, 1)]);
+        s.finished(1);
+        assert_eq!(s.assign(), vec![(4, 1)]);
+    }
+
+    #[test]
+    fn broadcast_pins_one_task_per_node() {
+        let mut s = Scheduler::new(3, 1, vec![Some(0), Some(1), Some(2)]);
+        assert_eq!(s.assign(), vec![(0, 0), (1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn one_task_goes_to_the_least_loaded_node() {
+        let mut s = Scheduler::new(3, usize::MAX, vec![None]).with_running(vec![2, 0, 1]);
+        assert_eq!(s.assign(), vec![(0, 1)]);
+    }
+}

@@ -1,0 +1,583 @@
+//! The coordinator's QUIC endpoint: enrollment, node connections, task streams.
+//!
+//! Every connection is either an enrollment (token + CSR in, certificate out, then closed) or
+//! an enrolled node's mTLS connection. Anything else is rejected with a log line and a
+//! [`CoordinatorEvent::Rejected`], and changes nothing in the pool.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream};
+use skyward_common::frame::{read_frame, write_frame, FrameError};
+use skyward_common::identity::{node_id_from_cert, write_private, PoolCa};
+use skyward_common::inventory::Inventory;
+use skyward_common::limits::{
+    DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT, HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME,
+    MAX_ENROLL_FRAME, MAX_TASK_FRAME, MAX_TASK_SPEC, NODE_CERT_VALIDITY,
+};
+use skyward_common::protocol::{
+    close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest,
+    EnrollResponse, Health, TaskEvent, TaskRequest, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+};
+use skyward_common::transport;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::task::{Delivery, TaskProgress, TaskProtocolError};
+use crate::tokens::{TokenRejection, TokenStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Identity(#[from] skyward_common::identity::IdentityError),
+    #[error(transparent)]
+    Transport(#[from] skyward_common::transport::TransportError),
+    #[error("creating state dir {path}: {source}")]
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// Why a connection or message was turned away.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    #[error("unknown protocol {0:?} (expected skyward/1 or skyward-enroll/1)")]
+    UnknownAlpn(String),
+    #[error("no client certificate on a node connection")]
+    NoClientCertificate,
+    #[error("client certificate does not name a node: {0}")]
+    BadCertificate(String),
+    #[error("enrollment for {node_id}: {reason}")]
+    Token {
+        node_id: String,
+        reason: TokenRejection,
+    },
+    #[error("enrollment: {0}")]
+    BadEnrollment(String),
+    #[error("{node}: {error}")]
+    Frame { node: String, error: String },
+}
+
+#[derive(Debug, Clone)]
+pub enum CoordinatorEvent {
+    NodeConnected(NodeHandle),
+    NodeDisconnected { node_id: String, reason: String },
+    Rejected { peer: SocketAddr, rejection: Rejection },
+}
+
+pub struct CoordinatorConfig {
+    pub pool: String,
+    pub bind: SocketAddr,
+    /// Where the CA and coordinator keys are written (mode 0600); `None` keeps them in memory.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A connected node, cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    pub node_id: String,
+    /// The address the node's connection comes from.
+    pub address: IpAddr,
+    pub inventory: Arc<Inventory>,
+    connection: Connection,
+    running: Arc<AtomicU32>,
+    health: Arc<Mutex<Option<Health>>>,
+    control: mpsc::Sender<CoordinatorMessage>,
+}
+
+impl NodeHandle {
+    /// Tasks this coordinator has running on the node now.
+    pub fn running(&self) -> u32 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// The node's last health report, if one has arrived.
+    pub fn health(&self) -> Option<Health> {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.close_reason().is_none()
+    }
+}
+
+struct Inner {
+    pool: String,
+    ca: PoolCa,
+    tokens: Mutex<TokenStore>,
+    nodes: Mutex<HashMap<String, NodeHandle>>,
+    events: broadcast::Sender<CoordinatorEvent>,
+}
+
+/// One pool's coordinator endpoint.
+pub struct Coordinator {
+    inner: Arc<Inner>,
+    endpoint: quinn::Endpoint,
+    next_task: AtomicU64,
+}
+
+impl Coordinator {
+    pub fn start(config: CoordinatorConfig) -> Result<Self, StartError> {
+        let ca = PoolCa::generate(&config.pool)?;
+        let server_identity = ca.issue_server_cert()?;
+        if let Some(dir) = &config.state_dir {
+            create_private_dir(dir)?;
+            ca.save(dir)?;
+            write_private(&dir.join("coordinator.key"), &server_identity.key_pkcs8_der)?;
+        }
+        let server = transport::server_config(ca.cert_der(), &server_identity)?;
+        let endpoint = transport::endpoint(config.bind, Some(server))?;
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(Inner {
+            pool: config.pool,
+            ca,
+            tokens: Mutex::new(TokenStore::default()),
+            nodes: Mutex::new(HashMap::new()),
+            events,
+        });
+        tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
+        Ok(Coordinator {
+            inner,
+            endpoint,
+            next_task: AtomicU64::new(1),
+        })
+    }
+
+    pub fn pool(&self) -> &str {
+        &self.inner.pool
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound endpoint has an address")
+    }
+
+    /// The pin agents need: hex SHA-256 of this pool's CA.
+    pub fn ca_pin(&self) -> String {
+        self.inner.ca.pin()
+    }
+
+    /// The pool CA, for tests that must forge what an attacker could not.
+    pub fn ca(&self) -> &PoolCa {
+        &self.inner.ca
+    }
+
+    pub fn issue_token(&self, node_id: &str) -> String {
+        self.issue_token_with_ttl(node_id, DEFAULT_TOKEN_TTL)
+    }
+
+    pub fn issue_token_with_ttl(&self, node_id: &str, ttl: Duration) -> String {
+        self.inner
+            .tokens
+            .lock()
+            .expect("token lock")
+            .issue(node_id, ttl, Instant::now())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<CoordinatorEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub fn node(&self, node_id: &str) -> Option<NodeHandle> {
+        self.inner.nodes.lock().expect("nodes lock").get(node_id).cloned()
+    }
+
+    /// Opens a task stream on `node` and sends the task.
+    pub async fn start_task(&self, node: &NodeHandle, mut spec: TaskSpec) -> Result<RemoteTask, TaskError> {
+        if spec.task.id == 0 {
+            spec.task.id = self.next_task.fetch_add(1, Ordering::Relaxed);
+        }
+        let size = spec_size(&spec);
+        if size > MAX_TASK_SPEC {
+            return Err(TaskError::TooLarge(size));
+        }
+        let running = RunningGuard::new(node.running.clone());
+        let (mut send, recv) = node
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| TaskError::Lost(format!("{}: {e}", node.node_id)))?;
+        write_frame(&mut send, &TaskRequest::Start(spec.clone()))
+            .await
+            .map_err(|e| TaskError::Lost(format!("{}: {e}", node.node_id)))?;
+        Ok(RemoteTask {
+            input: TaskInput { send },
+            output: TaskOutput {
+                node_id: node.node_id.clone(),
+                recv,
+                progress: TaskProgress::default(),
+                _running: running,
+            },
+        })
+    }
+
+    /// Tells every connected agent to stop its tasks and exit.
+    pub async fn shutdown_nodes(&self, reason: &str) {
+        let nodes: Vec<NodeHandle> = self.inner.nodes.lock().expect("nodes lock").values().cloned().collect();
+        for node in nodes {
+            let _ = node
+                .control
+                .send(CoordinatorMessage::Shutdown {
+                    reason: reason.to_string(),
+                })
+                .await;
+        }
+    }
+
+    /// Closes the endpoint, giving peers a moment to hear about it.
+    pub async fn close(&self) {
+        self.endpoint.close(close_code::POOL_SHUTDOWN.into(), b"pool down");
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn spec_size(spec: &TaskSpec) -> usize {
+    let argv = match &spec.kind {
+        skyward_common::protocol::TaskKind::Command { argv, .. } => argv.iter().map(String::len).sum(),
+        skyward_common::protocol::TaskKind::Noop => 0,
+    };
+    argv + spec.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| StartError::StateDir {
+            path: dir.display().to_string(),
+            source,
+        })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("task spec is {0} bytes of argv and env; the limit is {MAX_TASK_SPEC}")]
+    TooLarge(usize),
+    #[error("connection to {0}")]
+    Lost(String),
+    #[error("{node}: {error}")]
+    Protocol { node: String, error: String },
+}
+
+/// A task running on a node.
+pub struct RemoteTask {
+    pub input: TaskInput,
+    pub output: TaskOutput,
+}
+
+/// The coordinator's side of a task's input: stdin and cancellation.
+pub struct TaskInput {
+    send: SendStream,
+}
+
+impl TaskInput {
+    pub async fn stdin(&mut self, data: Bytes) -> Result<(), FrameError> {
+        write_frame(&mut self.send, &TaskRequest::Stdin(data)).await
+    }
+
+    pub async fn close_stdin(&mut self) -> Result<(), FrameError> {
+        write_frame(&mut self.send, &TaskRequest::StdinEof).await
+    }
+
+    pub async fn cancel(&mut self) -> Result<(), FrameError> {
+        write_frame(&mut self.send, &TaskRequest::Cancel).await
+    }
+}
+
+/// The coordinator's side of a task's output.
+pub struct TaskOutput {
+    node_id: String,
+    recv: RecvStream,
+    progress: TaskProgress,
+    _running: RunningGuard,
+}
+
+impl TaskOutput {
+    /// The next event, each output chunk exactly once; `None` after `Finished`.
+    pub async fn next(&mut self) -> Result<Option<TaskEvent>, TaskError> {
+        loop {
+            if self.progress.outcome().is_some() {
+                return Ok(None);
+            }
+            let event = read_frame::<_, TaskEvent>(&mut self.recv, MAX_TASK_FRAME)
+                .await
+                .map_err(|e| self.error(e.to_string()))?
+                .ok_or_else(|| {
+                    TaskError::Lost(format!("{} ended the task stream before the task finished", self.node_id))
+                })?;
+            match self.progress.observe(&event) {
+                Ok(Delivery::Deliver) => return Ok(Some(event)),
+                Ok(Delivery::Duplicate) => continue,
+                Err(e @ (TaskProtocolError::Gap { .. } | TaskProtocolError::AfterFinish)) => {
+                    return Err(self.error(e.to_string()))
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: String) -> TaskError {
+        TaskError::Protocol {
+            node: self.node_id.clone(),
+            error,
+        }
+    }
+}
+
+struct RunningGuard(Arc<AtomicU32>);
+
+impl RunningGuard {
+    fn new(counter: Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        RunningGuard(counter)
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let peer = incoming.remote_address();
+            if let Err(rejection) = handle_connection(incoming, &inner).await {
+                reject(&inner, peer, rejection);
+            }
+        });
+    }
+}
+
+fn reject(inner: &Inner, peer: SocketAddr, rejection: Rejection) {
+    tracing::warn!(%peer, "rejected: {rejection}");
+    let _ = inner.events.send(CoordinatorEvent::Rejected { peer, rejection });
+}
+
+async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Result<(), Rejection> {
+    let conn = incoming
+        .await
+        .map_err(|e| Rejection::Handshake(e.to_string()))?;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .unwrap_or_default();
+    match alpn.as_slice() {
+        a if a == ALPN_ENROLL => enroll(conn, inner).await,
+        a if a == ALPN_NODE => serve_node(conn, inner).await,
+        other => {
+            conn.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown protocol");
+            Err(Rejection::UnknownAlpn(String::from_utf8_lossy(other).into_owned()))
+        }
+    }
+}
+
+async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .accept_bi()
+            .await
+            .map_err(|e| Rejection::BadEnrollment(format!("no request stream: {e}")))?;
+        let request = read_frame::<_, EnrollRequest>(&mut recv, MAX_ENROLL_FRAME)
+            .await
+            .map_err(|e| Rejection::BadEnrollment(e.to_string()))?
+            .ok_or_else(|| Rejection::BadEnrollment("empty request".into()))?;
+        let outcome = sign_enrollment(inner, &request);
+        let response = match &outcome {
+            Ok(response) => response.clone(),
+            Err(rejection) => EnrollResponse::Rejected {
+                reason: rejection.to_string(),
+            },
+        };
+        let _ = write_frame(&mut send, &response).await;
+        let _ = send.finish();
+        outcome.map(|_| request.node_id)
+    };
+    let result = tokio::time::timeout(ENROLL_REQUEST_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| Err(Rejection::BadEnrollment("no request in time".into())));
+    match &result {
+        Ok(node_id) => {
+            tracing::info!(node = %node_id, "enrolled");
+            // The agent closes once it has read the certificate; wait for that (bounded).
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        }
+        Err(_) => conn.close(close_code::ENROLLMENT_REJECTED.into(), b"enrollment rejected"),
+    }
+    result.map(|_| ())
+}
+
+fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollResponse, Rejection> {
+    if !is_valid_node_id(&request.node_id) {
+        return Err(Rejection::BadEnrollment(format!(
+            "invalid node id {:?}",
+            request.node_id.chars().take(80).collect::<String>()
+        )));
+    }
+    let token_error = |reason| Rejection::Token {
+        node_id: request.node_id.clone(),
+        reason,
+    };
+    let now = Instant::now();
+    // Check first, sign, and only then spend the token: a bad CSR must not burn it.
+    inner
+        .tokens
+        .lock()
+        .expect("token lock")
+        .check(&request.token, &request.node_id, now)
+        .map_err(token_error)?;
+    let (cert, not_after) = inner
+        .ca
+        .sign_node_csr(&request.csr_der, &request.node_id, NODE_CERT_VALIDITY)
+        .map_err(|e| Rejection::BadEnrollment(e.to_string()))?;
+    inner
+        .tokens
+        .lock()
+        .expect("token lock")
+        .redeem(&request.token, &request.node_id, now)
+        .map_err(token_error)?;
+    Ok(EnrollResponse::Accepted {
+        cert_der: cert.to_vec().into(),
+        not_after_unix: not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0),
+    })
+}
+
+fn frame_rejection(conn: &Connection, node: &str, error: FrameError) -> Rejection {
+    let code = match error {
+        FrameError::TooLarge { .. } => close_code::FRAME_TOO_LARGE,
+        _ => close_code::MALFORMED_FRAME,
+    };
+    conn.close(code.into(), b"bad frame");
+    Rejection::Frame {
+        node: node.to_string(),
+        error: error.to_string(),
+    }
+}
+
+async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
+    let cert = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().cloned());
+    let Some(cert) = cert else {
+        conn.close(close_code::UNAUTHORIZED.into(), b"client certificate required");
+        return Err(Rejection::NoClientCertificate);
+    };
+    let node_id = node_id_from_cert(&cert).map_err(|e| {
+        conn.close(close_code::UNAUTHORIZED.into(), b"bad client certificate");
+        Rejection::BadCertificate(e.to_string())
+    })?;
+
+    let (mut control_send, mut control_recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| Rejection::Frame {
+            node: node_id.clone(),
+            error: "no control stream in time".into(),
+        })?
+        .map_err(|e| Rejection::Frame {
+            node: node_id.clone(),
+            error: format!("connection ended before hello: {e}"),
+        })?;
+    let hello = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME),
+    )
+    .await
+    {
+        Ok(Ok(Some(AgentMessage::Hello(hello)))) => hello,
+        Ok(Ok(Some(_))) | Ok(Ok(None)) | Err(_) => {
+            conn.close(close_code::PROTOCOL_VIOLATION.into(), b"expected hello");
+            return Err(Rejection::Frame {
+                node: node_id,
+                error: "the control stream did not start with a hello".into(),
+            });
+        }
+        Ok(Err(e)) => return Err(frame_rejection(&conn, &node_id, e)),
+    };
+    let welcome = CoordinatorMessage::Welcome {
+        pool: inner.pool.clone(),
+        health_interval_ms: HEALTH_INTERVAL.as_millis() as u32,
+    };
+    write_frame(&mut control_send, &welcome)
+        .await
+        .map_err(|e| Rejection::Frame {
+            node: node_id.clone(),
+            error: e.to_string(),
+        })?;
+
+    let (control_tx, mut control_rx) = mpsc::channel::<CoordinatorMessage>(8);
+    let handle = NodeHandle {
+        node_id: node_id.clone(),
+        address: conn.remote_address().ip(),
+        inventory: Arc::new(hello.inventory),
+        connection: conn.clone(),
+        running: Arc::new(AtomicU32::new(0)),
+        health: Arc::new(Mutex::new(None)),
+        control: control_tx,
+    };
+    if let Some(old) = inner
+        .nodes
+        .lock()
+        .expect("nodes lock")
+        .insert(node_id.clone(), handle.clone())
+    {
+        old.connection.close(close_code::REPLACED.into(), b"replaced by a newer connection");
+    }
+    tracing::info!(node = %node_id, address = %handle.address, "node connected");
+    let _ = inner.events.send(CoordinatorEvent::NodeConnected(handle.clone()));
+
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = control_rx.recv().await {
+            if write_frame(&mut control_send, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = loop {
+        match read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await {
+            Ok(Some(AgentMessage::Health(health))) => {
+                *handle.health.lock().expect("health lock") = Some(health);
+            }
+            Ok(Some(AgentMessage::Hello(_))) => {
+                conn.close(close_code::PROTOCOL_VIOLATION.into(), b"second hello");
+                break Err(Rejection::Frame {
+                    node: node_id.clone(),
+                    error: "second hello on the control stream".into(),
+                });
+            }
+            Ok(None) => break Ok("control stream closed".to_string()),
+            Err(FrameError::Io(e)) => break Ok(e.to_string()),
+            Err(e) => break Err(frame_rejection(&conn, &node_id, e)),
+        }
+    };
+    writer.abort();
+    let reason = match &result {
+        Ok(reason) => reason.clone(),
+        Err(rejection) => rejection.to_string(),
+    };
+    {
+        let mut nodes = inner.nodes.lock().expect("nodes lock");
+        if nodes
+            .get(&node_id)
+            .is_some_and(|current| current.connection.stable_id() == conn.stable_id())
+        {
+            nodes.remove(&node_id);
+        }
+    }
+    tracing::info!(node = %node_id, "node disconnected: {reason}");
+    let _ = inner.events.send(CoordinatorEvent::NodeDisconnected { node_id, reason });
+    result.map(|_| ())
+}
