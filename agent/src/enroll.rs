@@ -24,7 +24,10 @@ pub async fn load_or_enroll(
     coordinator: std::net::SocketAddr,
 ) -> Result<CertifiedKey> {
     if let Some(identity) = load(&config.work_dir)? {
-        tracing::info!("using the certificate already in {}", config.work_dir.display());
+        tracing::info!(
+            "using the certificate already in {}",
+            config.work_dir.display()
+        );
         return Ok(identity);
     }
     let Some(token) = config.token.as_deref() else {

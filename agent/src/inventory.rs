@@ -89,16 +89,16 @@ fn disk_space(path: &Path) -> Option<(u64, u64)> {
         return None;
     }
     let block = stat.f_frsize as u64;
-    Some((
-        stat.f_blocks as u64 * block,
-        stat.f_bavail as u64 * block,
-    ))
+    Some((stat.f_blocks as u64 * block, stat.f_bavail as u64 * block))
 }
 
 fn interfaces() -> Vec<NetworkInterface> {
     let mut by_name: BTreeMap<String, Vec<std::net::IpAddr>> = BTreeMap::new();
     for iface in if_addrs::get_if_addrs().unwrap_or_default() {
-        by_name.entry(iface.name.clone()).or_default().push(iface.ip());
+        by_name
+            .entry(iface.name.clone())
+            .or_default()
+            .push(iface.ip());
     }
     by_name
         .into_iter()

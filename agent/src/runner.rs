@@ -11,7 +11,9 @@ use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use skyward_common::frame::{read_frame, write_frame, FrameError};
 use skyward_common::limits::{KILL_GRACE, MAX_TASK_FRAME, OUTPUT_CHUNK};
-use skyward_common::protocol::{OutputStream, TaskEvent, TaskKind, TaskOutcome, TaskRequest, TaskSpec};
+use skyward_common::protocol::{
+    OutputStream, TaskEvent, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -44,7 +46,13 @@ impl Tasks {
 
     /// Stops every running task: TERM to each group, KILL to what is left after the grace.
     pub async fn stop_all(&self) {
-        let groups: Vec<i32> = self.groups.lock().expect("task table poisoned").iter().copied().collect();
+        let groups: Vec<i32> = self
+            .groups
+            .lock()
+            .expect("task table poisoned")
+            .iter()
+            .copied()
+            .collect();
         if groups.is_empty() {
             return;
         }
@@ -71,22 +79,23 @@ fn signal_group(pgid: i32, signal: i32) {
 
 /// Serves one task stream opened by the coordinator.
 pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>) {
-    let spec = match tokio::time::timeout(START_TIMEOUT, read_frame(&mut recv, MAX_TASK_FRAME)).await {
-        Ok(Ok(Some(TaskRequest::Start(spec)))) => spec,
-        Ok(Ok(Some(other))) => {
-            tracing::warn!("task stream began with {other:?} instead of Start; dropping it");
-            return;
-        }
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => {
-            tracing::warn!("bad task stream: {e}");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!("task stream opened but no task arrived within {START_TIMEOUT:?}");
-            return;
-        }
-    };
+    let spec =
+        match tokio::time::timeout(START_TIMEOUT, read_frame(&mut recv, MAX_TASK_FRAME)).await {
+            Ok(Ok(Some(TaskRequest::Start(spec)))) => spec,
+            Ok(Ok(Some(other))) => {
+                tracing::warn!("task stream began with {other:?} instead of Start; dropping it");
+                return;
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::warn!("bad task stream: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("task stream opened but no task arrived within {START_TIMEOUT:?}");
+                return;
+            }
+        };
     let outcome = match &spec.kind {
         TaskKind::Noop => Some(TaskOutcome::Exited { code: 0 }),
         TaskKind::Command { argv, cwd, stdin } => {
@@ -95,7 +104,10 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
     };
     if let Some(outcome) = outcome {
         tracing::debug!(task = %spec.task, %outcome, "task finished");
-        if write_frame(&mut send, &TaskEvent::Finished(outcome)).await.is_ok() {
+        if write_frame(&mut send, &TaskEvent::Finished(outcome))
+            .await
+            .is_ok()
+        {
             let _ = send.finish();
         }
     }
@@ -131,7 +143,11 @@ async fn run_command(
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("SKYWARD_NODE_ID", &tasks.node_id)
         .env("SKYWARD_TASK_ID", spec.task.id.to_string())
-        .stdin(if wants_stdin { Stdio::piped() } else { Stdio::null() })
+        .stdin(if wants_stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
@@ -152,15 +168,25 @@ async fn run_command(
         }
     };
     let pid = child.id().unwrap_or(0) as i32;
-    tasks.groups.lock().expect("task table poisoned").insert(pid);
+    tasks
+        .groups
+        .lock()
+        .expect("task table poisoned")
+        .insert(pid);
     let _registered = scopeguard(|| {
-        tasks.groups.lock().expect("task table poisoned").remove(&pid);
+        tasks
+            .groups
+            .lock()
+            .expect("task table poisoned")
+            .remove(&pid);
     });
 
     let (cancel_tx, mut cancel_rx) = watch::channel(false);
     let requests = tokio::spawn(forward_requests(recv, child.stdin.take(), cancel_tx));
 
-    let mut listening = write_frame(send, &TaskEvent::Started { pid: pid as u32 }).await.is_ok();
+    let mut listening = write_frame(send, &TaskEvent::Started { pid: pid as u32 })
+        .await
+        .is_ok();
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let (mut out_buf, mut err_buf) = (vec![0u8; OUTPUT_CHUNK], vec![0u8; OUTPUT_CHUNK]);

@@ -73,7 +73,10 @@ async fn stay_connected(
                 tracing::info!("coordinator asked us to shut down: {reason}");
                 return Ok(());
             }
-            Ok(Session::Lost { was_connected, reason }) => {
+            Ok(Session::Lost {
+                was_connected,
+                reason,
+            }) => {
                 tracing::warn!("connection to coordinator lost: {reason}");
                 if was_connected {
                     last_contact = Instant::now();
@@ -96,7 +99,9 @@ async fn stay_connected(
 /// Exponential backoff with "equal jitter": half fixed, half random, so that a pool's agents
 /// do not all come back at the same instant after a coordinator restart.
 fn backoff(failures: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.min(16)).min(BACKOFF_MAX);
+    let exp = BACKOFF_MIN
+        .saturating_mul(1u32 << failures.min(16))
+        .min(BACKOFF_MAX);
     let half = exp / 2;
     half + half.mul_f64(rand::random::<f64>())
 }
@@ -145,7 +150,8 @@ async fn serve_connection(
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(8);
     let control_reader = tokio::spawn(async move {
         loop {
-            let msg = read_frame::<_, CoordinatorMessage>(&mut control_recv, MAX_CONTROL_FRAME).await;
+            let msg =
+                read_frame::<_, CoordinatorMessage>(&mut control_recv, MAX_CONTROL_FRAME).await;
             let end = !matches!(msg, Ok(Some(_)));
             if control_tx.send(msg).await.is_err() || end {
                 return;

@@ -63,7 +63,10 @@ pub fn split_frame(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, Fra
 }
 
 /// Decodes every complete frame in `buf` (a whole byte sequence, as a fuzzer would feed it).
-pub fn decode_frames<T: DeserializeOwned>(mut buf: &[u8], max: usize) -> Result<Vec<T>, FrameError> {
+pub fn decode_frames<T: DeserializeOwned>(
+    mut buf: &[u8],
+    max: usize,
+) -> Result<Vec<T>, FrameError> {
     let mut out = Vec::new();
     while !buf.is_empty() {
         let Some((payload, consumed)) = split_frame(buf, max)? else {
@@ -109,10 +112,12 @@ where
         return Err(FrameError::TooLarge { declared, max });
     }
     let mut payload = vec![0u8; declared];
-    r.read_exact(&mut payload).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(e),
-    })?;
+    r.read_exact(&mut payload)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+            _ => FrameError::Io(e),
+        })?;
     Ok(Some(codec::decode(&payload)?))
 }
 
@@ -213,14 +218,21 @@ mod tests {
     #[tokio::test]
     async fn async_reader_rejects_oversized_and_truncated_frames() {
         let mut oversized: &[u8] = &[0, 0x10, 0, 0, 0];
-        let err = read_frame::<_, TaskEvent>(&mut oversized, 1024).await.unwrap_err();
+        let err = read_frame::<_, TaskEvent>(&mut oversized, 1024)
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
 
         let mut truncated: &[u8] = &[0, 0, 0, 9, 1, 2];
-        let err = read_frame::<_, TaskEvent>(&mut truncated, 1024).await.unwrap_err();
+        let err = read_frame::<_, TaskEvent>(&mut truncated, 1024)
+            .await
+            .unwrap_err();
         assert!(matches!(err, FrameError::Truncated), "{err}");
 
         let mut empty: &[u8] = &[];
-        assert!(read_frame::<_, TaskEvent>(&mut empty, 1024).await.unwrap().is_none());
+        assert!(read_frame::<_, TaskEvent>(&mut empty, 1024)
+            .await
+            .unwrap()
+            .is_none());
     }
 }

@@ -42,6 +42,23 @@ pub struct CertifiedKey {
     pub key_pkcs8_der: Vec<u8>,
 }
 
+/// Shows the certificates' fingerprints, never the key.
+impl std::fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedKey")
+            .field(
+                "chain",
+                &self
+                    .chain
+                    .iter()
+                    .map(|c| fingerprint(c))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
 impl CertifiedKey {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_pkcs8_der.clone()))
@@ -263,7 +280,10 @@ mod tests {
         let dir = tempdir();
         let ca = PoolCa::generate("t").unwrap();
         ca.save(&dir).unwrap();
-        let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(dir).unwrap();
     }

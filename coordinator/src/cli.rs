@@ -23,7 +23,11 @@ const USAGE: i32 = 2;
 const FAILURE: i32 = 255;
 
 #[derive(Parser, Debug)]
-#[command(name = "skyward", version, about = "Ephemeral compute pools: provision, run, tear down.")]
+#[command(
+    name = "skyward",
+    version,
+    about = "Ephemeral compute pools: provision, run, tear down."
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,9 @@ enum On {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Examples:\n  skyward run -- python3 -c 'print(6*7)'\n  skyward run --nodes 3 --on all -- hostname\n  skyward run --nodes 4 --map 'sh -c \"echo {}\"' 1 2 3 4 5 6 7 8")]
+#[command(
+    after_help = "Examples:\n  skyward run -- python3 -c 'print(6*7)'\n  skyward run --nodes 3 --on all -- hostname\n  skyward run --nodes 4 --map 'sh -c \"echo {}\"' 1 2 3 4 5 6 7 8"
+)]
 struct RunArgs {
     /// Number of nodes in the pool.
     #[arg(long, default_value_t = 1)]
@@ -121,12 +127,16 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         .iter()
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(format!("--env {kv:?} is not KEY=VALUE: write e.g. --env FOO=bar")),
+            _ => Err(format!(
+                "--env {kv:?} is not KEY=VALUE: write e.g. --env FOO=bar"
+            )),
         })
         .collect::<Result<Vec<_>, _>>()?;
     let argvs = if let Some(template) = &args.map {
         if !args.command.is_empty() {
-            return Err("give either --map TEMPLATE INPUTS... or a command after `--`, not both".into());
+            return Err(
+                "give either --map TEMPLATE INPUTS... or a command after `--`, not both".into(),
+            );
         }
         if args.inputs.is_empty() {
             return Err("--map needs inputs after the template, e.g. --map 'echo {}' a b c".into());
@@ -141,7 +151,9 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             args.inputs
         ));
     } else if args.command.is_empty() {
-        return Err("nothing to run: put the command after `--`, e.g. skyward run -- hostname".into());
+        return Err(
+            "nothing to run: put the command after `--`, e.g. skyward run -- hostname".into(),
+        );
     } else {
         vec![args.command.clone()]
     };
@@ -205,14 +217,18 @@ async fn run(args: RunArgs) -> i32 {
             return USAGE;
         }
     };
-    let (agent_bin, home) = match LocalProvider::find_agent_binary().and_then(|bin| Ok((bin, skyward_home()?))) {
-        Ok(found) => found,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
-    let (mut sigint, mut sigterm) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    let (agent_bin, home) =
+        match LocalProvider::find_agent_binary().and_then(|bin| Ok((bin, skyward_home()?))) {
+            Ok(found) => found,
+            Err(message) => {
+                eprintln!("skyward: {message}");
+                return USAGE;
+            }
+        };
+    let (mut sigint, mut sigterm) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(i), Ok(t)) => (i, t),
         _ => {
             eprintln!("skyward: cannot install signal handlers");
@@ -233,9 +249,16 @@ async fn run(args: RunArgs) -> i32 {
             return FAILURE;
         }
     };
-    let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(agent_bin, pool_dir.join("nodes")));
+    let provider: Arc<dyn Provider> =
+        Arc::new(LocalProvider::new(agent_bin, pool_dir.join("nodes")));
     let mut renderer = Renderer::terminal(plan.mode);
-    let labels: Vec<String> = plan.argvs.iter().map(|argv| shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))).collect();
+    let labels: Vec<String> = plan
+        .argvs
+        .iter()
+        .map(|argv| {
+            shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
+        })
+        .collect();
 
     let work = execute(&plan, coordinator.clone(), provider.clone(), &mut renderer);
     let ended = tokio::select! {
@@ -244,7 +267,9 @@ async fn run(args: RunArgs) -> i32 {
         _ = sigterm.recv() => Ended::Signal("SIGTERM", 143),
     };
     if let Ended::Signal(name, _) = &ended {
-        renderer.note(&format!("{name}: stopping tasks and tearing down pool {pool_name}"));
+        renderer.note(&format!(
+            "{name}: stopping tasks and tearing down pool {pool_name}"
+        ));
     }
     // A second Ctrl-C does not abandon the teardown: it says what is still going on.
     let teardown = pool::teardown(&coordinator, provider.as_ref());
@@ -341,7 +366,11 @@ async fn execute(
     };
     let job = Job {
         tasks,
-        per_node: if plan.argvs.len() == 1 { usize::MAX } else { plan.per_node },
+        per_node: if plan.argvs.len() == 1 {
+            usize::MAX
+        } else {
+            plan.per_node
+        },
         timeout: plan.timeout,
         stdin: plan
             .forward_stdin
@@ -366,7 +395,10 @@ mod tests {
     fn args(argv: &[&str]) -> Result<Plan, String> {
         let mut full = vec!["skyward", "run"];
         full.extend_from_slice(argv);
-        match Cli::try_parse_from(full).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(full)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Run(a) => plan(a),
         }
     }
@@ -386,7 +418,10 @@ mod tests {
     #[test]
     fn bad_command_lines_say_how_to_fix_them() {
         for (argv, hint) in [
-            (&["--nodes", "0", "--", "true"][..], "--nodes must be at least 1"),
+            (
+                &["--nodes", "0", "--", "true"][..],
+                "--nodes must be at least 1",
+            ),
             (&[][..], "put the command after `--`"),
             (&["hostname"][..], "put the command after `--`"),
             (&["--map", "echo {}"][..], "--map needs inputs"),
@@ -395,7 +430,9 @@ mod tests {
             (&["--provider", "aws", "--", "true"][..], "drop --provider"),
             (&["--on", "all", "--map", "echo", "a"][..], "drop --on all"),
         ] {
-            let err = args(argv).err().unwrap_or_else(|| panic!("{argv:?} accepted"));
+            let err = args(argv)
+                .err()
+                .unwrap_or_else(|| panic!("{argv:?} accepted"));
             assert!(err.contains(hint), "{argv:?}: {err}");
         }
     }

@@ -36,7 +36,9 @@ pub enum Action {
     /// Every expected agent is connected.
     AnnounceReady,
     /// Tear down whatever was created, then report `error`.
-    Fail { error: String },
+    Fail {
+        error: String,
+    },
     Teardown,
     AnnounceDown,
 }
@@ -172,8 +174,14 @@ mod tests {
     #[test]
     fn ready_once_every_node_has_connected() {
         let mut pool = Lifecycle::new(nodes(2));
-        assert_eq!(pool.handle(Event::Provisioned).unwrap(), vec![Action::AwaitAgents]);
-        assert_eq!(pool.handle(Event::AgentReady("node-2".into())).unwrap(), vec![]);
+        assert_eq!(
+            pool.handle(Event::Provisioned).unwrap(),
+            vec![Action::AwaitAgents]
+        );
+        assert_eq!(
+            pool.handle(Event::AgentReady("node-2".into())).unwrap(),
+            vec![]
+        );
         assert_eq!(pool.missing(), vec!["node-1".to_string()]);
         assert_eq!(
             pool.handle(Event::AgentReady("node-1".into())).unwrap(),
@@ -207,7 +215,10 @@ mod tests {
                 Action::Teardown
             ]
         );
-        assert_eq!(pool.handle(Event::TeardownFinished).unwrap(), vec![Action::AnnounceDown]);
+        assert_eq!(
+            pool.handle(Event::TeardownFinished).unwrap(),
+            vec![Action::AnnounceDown]
+        );
         assert_eq!(pool.phase(), &Phase::Down);
     }
 
@@ -228,7 +239,10 @@ mod tests {
         pool.handle(Event::RunStarted).unwrap();
         assert!(pool.handle(Event::RunStarted).is_err());
         pool.handle(Event::RunFinished).unwrap();
-        assert_eq!(pool.handle(Event::TeardownRequested).unwrap(), vec![Action::Teardown]);
+        assert_eq!(
+            pool.handle(Event::TeardownRequested).unwrap(),
+            vec![Action::Teardown]
+        );
         assert_eq!(pool.handle(Event::TeardownRequested).unwrap(), vec![]);
         pool.handle(Event::TeardownFinished).unwrap();
         assert_eq!(pool.handle(Event::TeardownRequested).unwrap(), vec![]);
@@ -240,7 +254,12 @@ mod tests {
         let actions = pool.handle(Event::ProvisionFailed("quota".into())).unwrap();
         assert_eq!(
             actions,
-            vec![Action::Fail { error: "quota".into() }, Action::Teardown]
+            vec![
+                Action::Fail {
+                    error: "quota".into()
+                },
+                Action::Teardown
+            ]
         );
     }
 }

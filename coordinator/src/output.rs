@@ -67,7 +67,15 @@ impl<O: Write, E: Write> Renderer<O, E> {
             (OutputMode::Json, RunEvent::Started { task, node }) => {
                 self.json(serde_json::json!({"event": "task_started", "task": task, "node": node}))
             }
-            (OutputMode::Json, RunEvent::Output { task, node, stream, data }) => self.json(serde_json::json!({
+            (
+                OutputMode::Json,
+                RunEvent::Output {
+                    task,
+                    node,
+                    stream,
+                    data,
+                },
+            ) => self.json(serde_json::json!({
                 "event": "output",
                 "task": task,
                 "node": node,
@@ -91,9 +99,15 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 let _ = self.writer(*stream).write_all(data);
                 let _ = self.writer(*stream).flush();
             }
-            (OutputMode::Prefixed, RunEvent::Output { task, node, stream, data }) => {
-                self.prefixed(*task, node, *stream, data)
-            }
+            (
+                OutputMode::Prefixed,
+                RunEvent::Output {
+                    task,
+                    node,
+                    stream,
+                    data,
+                },
+            ) => self.prefixed(*task, node, *stream, data),
             (OutputMode::Prefixed, RunEvent::Finished { task, .. }) => {
                 for stream in [OutputStream::Stdout, OutputStream::Stderr] {
                     self.flush_pending(*task, stream);
@@ -112,15 +126,24 @@ impl<O: Write, E: Write> Renderer<O, E> {
 
     /// Says how failed tasks ended, in input order.
     pub fn summary(&mut self, reports: &[TaskReport], labels: &[String]) {
-        let failed: Vec<usize> = (0..reports.len()).filter(|&i| !reports[i].success()).collect();
+        let failed: Vec<usize> = (0..reports.len())
+            .filter(|&i| !reports[i].success())
+            .collect();
         if failed.is_empty() || self.mode == OutputMode::Json {
             return;
         }
-        if reports.len() == 1 {
+        if let [report] = reports {
             // A plain non-zero exit speaks for itself through the exit code, as with ssh.
-            if let Ok(skyward_common::protocol::TaskOutcome::Exited { .. }) = &reports[0].outcome {
-                return;
+            match &report.outcome {
+                Ok(skyward_common::protocol::TaskOutcome::Exited { .. }) => {}
+                Ok(outcome) => {
+                    let _ = writeln!(self.stderr, "skyward: {}: {outcome}", report.node);
+                }
+                Err(error) => {
+                    let _ = writeln!(self.stderr, "skyward: {}: {error}", report.node);
+                }
             }
+            return;
         }
         let _ = writeln!(
             self.stderr,
@@ -238,7 +261,11 @@ mod tests {
     #[test]
     fn raw_mode_passes_bytes_through() {
         let mut out = Vec::new();
-        Renderer::new(OutputMode::Raw, &mut out, Vec::new()).event(&output(0, "node-1", b"\x00\xffno newline"));
+        Renderer::new(OutputMode::Raw, &mut out, Vec::new()).event(&output(
+            0,
+            "node-1",
+            b"\x00\xffno newline",
+        ));
         assert_eq!(out, b"\x00\xffno newline");
     }
 }

@@ -8,7 +8,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
 use crate::lifecycle::{Action, Event, Lifecycle};
-use crate::provider::{NodeBootstrap, ProvisionRequest, Provider};
+use crate::provider::{NodeBootstrap, Provider, ProvisionRequest};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
 
 #[derive(Debug, Clone)]
@@ -20,8 +20,15 @@ pub struct PoolSpec {
 
 /// Progress reports while a pool comes up.
 pub enum PoolProgress<'a> {
-    Provisioning { nodes: usize, provider: &'a str },
-    NodeReady { node: &'a NodeHandle, ready: usize, total: usize },
+    Provisioning {
+        nodes: usize,
+        provider: &'a str,
+    },
+    NodeReady {
+        node: &'a NodeHandle,
+        ready: usize,
+        total: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +88,10 @@ impl Pool {
                     _ => None,
                 })
                 .unwrap_or_else(|| "failed".into());
-            PoolError { pool: pool.clone(), message }
+            PoolError {
+                pool: pool.clone(),
+                message,
+            }
         };
         let result: Result<(), PoolError> = async {
             if let Err(e) = provider.provision(&request).await {

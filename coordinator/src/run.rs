@@ -54,9 +54,20 @@ impl Job {
 
 #[derive(Debug, Clone)]
 pub enum RunEvent {
-    Started { task: usize, node: String },
-    Output { task: usize, node: String, stream: OutputStream, data: Bytes },
-    Finished { task: usize, report: TaskReport },
+    Started {
+        task: usize,
+        node: String,
+    },
+    Output {
+        task: usize,
+        node: String,
+        stream: OutputStream,
+        data: Bytes,
+    },
+    Finished {
+        task: usize,
+        report: TaskReport,
+    },
 }
 
 /// How a task ended: its outcome on the node, or why the coordinator lost track of it.
@@ -83,7 +94,11 @@ impl TaskReport {
 
 /// Runs every task of `job` on `pool`, sending events as they happen; returns one report per
 /// task, in input order. Dropping the future cancels every task still running.
-pub async fn run_job(pool: &mut Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
+pub async fn run_job(
+    pool: &mut Pool,
+    mut job: Job,
+    events: mpsc::Sender<RunEvent>,
+) -> Vec<TaskReport> {
     let _ = pool.lifecycle().handle(Event::RunStarted);
     let nodes = pool.nodes().to_vec();
     let loads = nodes.iter().map(|n| n.running() as usize).collect();
@@ -159,7 +174,11 @@ async fn drive_task(
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if input.stdin(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        if input
+                            .stdin(Bytes::copy_from_slice(&buf[..n]))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }

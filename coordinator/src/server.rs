@@ -21,8 +21,8 @@ use skyward_common::limits::{
     MAX_ENROLL_FRAME, MAX_TASK_FRAME, MAX_TASK_SPEC, NODE_CERT_VALIDITY,
 };
 use skyward_common::protocol::{
-    close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest,
-    EnrollResponse, Health, TaskEvent, TaskRequest, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+    close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
+    Health, TaskEvent, TaskRequest, TaskSpec, ALPN_ENROLL, ALPN_NODE,
 };
 use skyward_common::transport;
 use tokio::sync::{broadcast, mpsc};
@@ -68,8 +68,14 @@ pub enum Rejection {
 #[derive(Debug, Clone)]
 pub enum CoordinatorEvent {
     NodeConnected(NodeHandle),
-    NodeDisconnected { node_id: String, reason: String },
-    Rejected { peer: SocketAddr, rejection: Rejection },
+    NodeDisconnected {
+        node_id: String,
+        reason: String,
+    },
+    Rejected {
+        peer: SocketAddr,
+        rejection: Rejection,
+    },
 }
 
 pub struct CoordinatorConfig {
@@ -155,7 +161,9 @@ impl Coordinator {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.endpoint.local_addr().expect("bound endpoint has an address")
+        self.endpoint
+            .local_addr()
+            .expect("bound endpoint has an address")
     }
 
     /// The pin agents need: hex SHA-256 of this pool's CA.
@@ -185,11 +193,20 @@ impl Coordinator {
     }
 
     pub fn node(&self, node_id: &str) -> Option<NodeHandle> {
-        self.inner.nodes.lock().expect("nodes lock").get(node_id).cloned()
+        self.inner
+            .nodes
+            .lock()
+            .expect("nodes lock")
+            .get(node_id)
+            .cloned()
     }
 
     /// Opens a task stream on `node` and sends the task.
-    pub async fn start_task(&self, node: &NodeHandle, mut spec: TaskSpec) -> Result<RemoteTask, TaskError> {
+    pub async fn start_task(
+        &self,
+        node: &NodeHandle,
+        mut spec: TaskSpec,
+    ) -> Result<RemoteTask, TaskError> {
         if spec.task.id == 0 {
             spec.task.id = self.next_task.fetch_add(1, Ordering::Relaxed);
         }
@@ -219,7 +236,14 @@ impl Coordinator {
 
     /// Tells every connected agent to stop its tasks and exit.
     pub async fn shutdown_nodes(&self, reason: &str) {
-        let nodes: Vec<NodeHandle> = self.inner.nodes.lock().expect("nodes lock").values().cloned().collect();
+        let nodes: Vec<NodeHandle> = self
+            .inner
+            .nodes
+            .lock()
+            .expect("nodes lock")
+            .values()
+            .cloned()
+            .collect();
         for node in nodes {
             let _ = node
                 .control
@@ -232,17 +256,24 @@ impl Coordinator {
 
     /// Closes the endpoint, giving peers a moment to hear about it.
     pub async fn close(&self) {
-        self.endpoint.close(close_code::POOL_SHUTDOWN.into(), b"pool down");
+        self.endpoint
+            .close(close_code::POOL_SHUTDOWN.into(), b"pool down");
         let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
     }
 }
 
 fn spec_size(spec: &TaskSpec) -> usize {
     let argv = match &spec.kind {
-        skyward_common::protocol::TaskKind::Command { argv, .. } => argv.iter().map(String::len).sum(),
+        skyward_common::protocol::TaskKind::Command { argv, .. } => {
+            argv.iter().map(String::len).sum()
+        }
         skyward_common::protocol::TaskKind::Noop => 0,
     };
-    argv + spec.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+    argv + spec
+        .env
+        .iter()
+        .map(|(k, v)| k.len() + v.len())
+        .sum::<usize>()
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {
@@ -311,7 +342,10 @@ impl TaskOutput {
                 .await
                 .map_err(|e| self.error(e.to_string()))?
                 .ok_or_else(|| {
-                    TaskError::Lost(format!("{} ended the task stream before the task finished", self.node_id))
+                    TaskError::Lost(format!(
+                        "{} ended the task stream before the task finished",
+                        self.node_id
+                    ))
                 })?;
             match self.progress.observe(&event) {
                 Ok(Delivery::Deliver) => return Ok(Some(event)),
@@ -360,7 +394,9 @@ async fn accept_loop(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
 
 fn reject(inner: &Inner, peer: SocketAddr, rejection: Rejection) {
     tracing::warn!(%peer, "rejected: {rejection}");
-    let _ = inner.events.send(CoordinatorEvent::Rejected { peer, rejection });
+    let _ = inner
+        .events
+        .send(CoordinatorEvent::Rejected { peer, rejection });
 }
 
 async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Result<(), Rejection> {
@@ -377,7 +413,9 @@ async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Res
         a if a == ALPN_NODE => serve_node(conn, inner).await,
         other => {
             conn.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown protocol");
-            Err(Rejection::UnknownAlpn(String::from_utf8_lossy(other).into_owned()))
+            Err(Rejection::UnknownAlpn(
+                String::from_utf8_lossy(other).into_owned(),
+            ))
         }
     }
 }
@@ -406,13 +444,16 @@ async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
     let result = tokio::time::timeout(ENROLL_REQUEST_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| Err(Rejection::BadEnrollment("no request in time".into())));
-    match &result {
-        Ok(node_id) => {
-            tracing::info!(node = %node_id, "enrolled");
-            // The agent closes once it has read the certificate; wait for that (bounded).
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-        }
-        Err(_) => conn.close(close_code::ENROLLMENT_REJECTED.into(), b"enrollment rejected"),
+    if let Ok(node_id) = &result {
+        tracing::info!(node = %node_id, "enrolled");
+    }
+    // The agent closes once it has read the answer; closing first could discard the answer.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    if result.is_err() {
+        conn.close(
+            close_code::ENROLLMENT_REJECTED.into(),
+            b"enrollment rejected",
+        );
     }
     result.map(|_| ())
 }
@@ -470,10 +511,16 @@ fn frame_rejection(conn: &Connection, node: &str, error: FrameError) -> Rejectio
 async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
     let cert = conn
         .peer_identity()
-        .and_then(|id| id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
         .and_then(|chain| chain.first().cloned());
     let Some(cert) = cert else {
-        conn.close(close_code::UNAUTHORIZED.into(), b"client certificate required");
+        conn.close(
+            close_code::UNAUTHORIZED.into(),
+            b"client certificate required",
+        );
         return Err(Rejection::NoClientCertificate);
     };
     let node_id = node_id_from_cert(&cert).map_err(|e| {
@@ -481,16 +528,17 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         Rejection::BadCertificate(e.to_string())
     })?;
 
-    let (mut control_send, mut control_recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-        .await
-        .map_err(|_| Rejection::Frame {
-            node: node_id.clone(),
-            error: "no control stream in time".into(),
-        })?
-        .map_err(|e| Rejection::Frame {
-            node: node_id.clone(),
-            error: format!("connection ended before hello: {e}"),
-        })?;
+    let (mut control_send, mut control_recv) =
+        tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| Rejection::Frame {
+                node: node_id.clone(),
+                error: "no control stream in time".into(),
+            })?
+            .map_err(|e| Rejection::Frame {
+                node: node_id.clone(),
+                error: format!("connection ended before hello: {e}"),
+            })?;
     let hello = match tokio::time::timeout(
         HELLO_TIMEOUT,
         read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME),
@@ -534,10 +582,15 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         .expect("nodes lock")
         .insert(node_id.clone(), handle.clone())
     {
-        old.connection.close(close_code::REPLACED.into(), b"replaced by a newer connection");
+        old.connection.close(
+            close_code::REPLACED.into(),
+            b"replaced by a newer connection",
+        );
     }
     tracing::info!(node = %node_id, address = %handle.address, "node connected");
-    let _ = inner.events.send(CoordinatorEvent::NodeConnected(handle.clone()));
+    let _ = inner
+        .events
+        .send(CoordinatorEvent::NodeConnected(handle.clone()));
 
     let writer = tokio::spawn(async move {
         while let Some(msg) = control_rx.recv().await {
@@ -578,6 +631,8 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         }
     }
     tracing::info!(node = %node_id, "node disconnected: {reason}");
-    let _ = inner.events.send(CoordinatorEvent::NodeDisconnected { node_id, reason });
+    let _ = inner
+        .events
+        .send(CoordinatorEvent::NodeDisconnected { node_id, reason });
     result.map(|_| ())
 }

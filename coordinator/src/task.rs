@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(p.observe(&out(0)), Ok(Delivery::Duplicate));
         assert_eq!(
             p.observe(&out(5)),
-            Err(TaskProtocolError::Gap { expected: 2, got: 5 })
+            Err(TaskProtocolError::Gap {
+                expected: 2,
+                got: 5
+            })
         );
         assert_eq!(p.next_seq(), 2);
         let fin = TaskEvent::Finished(TaskOutcome::Exited { code: 3 });

@@ -66,7 +66,12 @@ impl TokenStore {
     }
 
     /// Checks and spends `token`: it can never be used again.
-    pub fn redeem(&mut self, token: &str, node_id: &str, now: Instant) -> Result<(), TokenRejection> {
+    pub fn redeem(
+        &mut self,
+        token: &str,
+        node_id: &str,
+        now: Instant,
+    ) -> Result<(), TokenRejection> {
         self.check(token, node_id, now)?;
         if let Some(entry) = self.entries.get_mut(&digest(token)) {
             entry.used = true;
@@ -106,6 +111,9 @@ mod tests {
             store.redeem(&late, "node-3", t0 + Duration::from_secs(61)),
             Err(TokenRejection::Expired)
         );
-        assert_eq!(store.redeem("nope", "node-1", t0), Err(TokenRejection::Unknown));
+        assert_eq!(
+            store.redeem("nope", "node-1", t0),
+            Err(TokenRejection::Unknown)
+        );
     }
 }

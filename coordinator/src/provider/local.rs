@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 
-use super::{Instance, NodeBootstrap, ProviderError, ProvisionRequest, Provider};
+use super::{Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest};
 
 /// How long an agent gets to stop its tasks and exit after SIGTERM before it is killed.
 const AGENT_EXIT_GRACE: Duration = Duration::from_secs(6);
@@ -60,7 +60,11 @@ impl LocalProvider {
         self.root.join(node_id)
     }
 
-    fn spawn(&self, request: &ProvisionRequest, node: &NodeBootstrap) -> Result<Child, ProviderError> {
+    fn spawn(
+        &self,
+        request: &ProvisionRequest,
+        node: &NodeBootstrap,
+    ) -> Result<Child, ProviderError> {
         let dir = self.work_dir(&node.node_id);
         std::fs::create_dir_all(&dir).map_err(|e| self.error(format!("{}: {e}", dir.display())))?;
         let log = std::fs::File::create(dir.join("agent.log"))
@@ -91,9 +95,9 @@ impl LocalProvider {
                 Ok(())
             });
         }
-        command.spawn().map_err(|e| {
-            self.error(format!("cannot start {}: {e}", self.agent_bin.display()))
-        })
+        command
+            .spawn()
+            .map_err(|e| self.error(format!("cannot start {}: {e}", self.agent_bin.display())))
     }
 
     fn error(&self, message: String) -> ProviderError {
@@ -145,7 +149,12 @@ impl Provider for LocalProvider {
     }
 
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
-        let agents = self.agents.lock().expect("agents lock").remove(pool).unwrap_or_default();
+        let agents = self
+            .agents
+            .lock()
+            .expect("agents lock")
+            .remove(pool)
+            .unwrap_or_default();
         for (_, child) in &agents {
             if let Some(pid) = child.id() {
                 // SAFETY: signalling a pid we spawned and have not reaped.
@@ -170,6 +179,11 @@ impl Provider for LocalProvider {
 fn last_line(log: &Path) -> String {
     std::fs::read_to_string(log)
         .ok()
-        .and_then(|text| text.lines().rev().find(|l| !l.trim().is_empty()).map(str::to_string))
+        .and_then(|text| {
+            text.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| format!("no output in {}", log.display()))
 }

@@ -1,0 +1,491 @@
+//! `skyward run` as a user runs it.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+
+use skyward_tests::{run, Sandbox};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+#[test]
+fn one_node_prints_raw_output_and_exits_zero() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox
+            .skyward()
+            .args(["run", "--", "python3", "-c", "print(6*7)"]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout, "42\n");
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}
+
+#[test]
+fn the_remote_exit_code_is_the_cli_exit_code() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox.skyward().args(["run", "--", "sh", "-c", "exit 7"]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(7), "{out:?}");
+}
+
+#[test]
+fn broadcast_runs_on_every_node_with_rank_and_world() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox.skyward().args([
+            "run",
+            "--nodes",
+            "3",
+            "--on",
+            "all",
+            "--",
+            "sh",
+            "-c",
+            "echo rank=$SKYWARD_NODE_RANK of=$SKYWARD_NUM_NODES ips=$SKYWARD_NODE_IPS id=$SKYWARD_NODE_ID; hostname",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    for rank in 0..3 {
+        let node = format!("node-{}", rank + 1);
+        let line = format!("[{node}] rank={rank} of=3 ips=127.0.0.1,127.0.0.1,127.0.0.1 id={node}");
+        assert!(
+            out.stdout.lines().any(|l| l == line),
+            "missing {line:?} in {}",
+            out.stdout
+        );
+        let host_line = format!("[{node}] {}", hostname.trim());
+        assert!(
+            out.stdout.lines().any(|l| l == host_line),
+            "missing {host_line:?}"
+        );
+    }
+    assert_eq!(out.stdout.lines().count(), 6);
+}
+
+#[test]
+fn map_fans_tasks_out_over_all_nodes() {
+    let sandbox = Sandbox::new();
+    let mut cmd = sandbox.skyward();
+    cmd.args([
+        "run",
+        "--nodes",
+        "4",
+        "--json",
+        "--map",
+        "sh -c \"echo item-{}\"",
+    ]);
+    cmd.args((1..=8).map(|i| i.to_string()));
+    let out = run(&mut cmd, LIMIT);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let events = json_lines(&out.stdout);
+    let mut seen = std::collections::BTreeMap::new();
+    let mut nodes = std::collections::BTreeSet::new();
+    for e in events.iter().filter(|e| e["event"] == "output") {
+        seen.insert(
+            e["task"].as_u64().unwrap(),
+            e["data"].as_str().unwrap().to_string(),
+        );
+        nodes.insert(e["node"].as_str().unwrap().to_string());
+    }
+    for task in 0..8u64 {
+        assert_eq!(seen[&task], format!("item-{}\n", task + 1));
+    }
+    assert_eq!(nodes.len(), 4, "every node ran something: {nodes:?}");
+    let ready = events.iter().filter(|e| e["event"] == "node_ready").count();
+    assert_eq!(ready, 4);
+    let ready_event = events.iter().find(|e| e["event"] == "node_ready").unwrap();
+    assert!(ready_event["inventory"]["cpu_count"].as_u64().unwrap() >= 1);
+    assert!(ready_event["inventory"]["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(!ready_event["inventory"]["interfaces"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let exits = events.iter().filter(|e| e["event"] == "task_exit").count();
+    assert_eq!(exits, 8);
+    assert_eq!(events.last().unwrap()["event"], "pool_down");
+}
+
+#[test]
+fn map_exit_code_is_the_first_failure_with_a_summary() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox.skyward().args([
+            "run",
+            "--nodes",
+            "2",
+            "--map",
+            "sh -c \"exit {}\"",
+            "0",
+            "3",
+            "0",
+            "5",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(3), "{out:?}");
+    assert!(out.stderr.contains("2 of 4 tasks failed"), "{}", out.stderr);
+    assert!(out.stderr.contains("task 1 on node-"), "{}", out.stderr);
+    assert!(out.stderr.contains("task 3 on node-"), "{}", out.stderr);
+}
+
+#[test]
+fn per_node_limits_concurrency() {
+    let sandbox = Sandbox::new();
+    // Each task records how many tasks run at once on its node, through a lock-free count of
+    // marker files in the node's work dir.
+    let script = "touch run.$SKYWARD_TASK_ID; sleep 0.3; ls run.* | wc -l; rm run.$SKYWARD_TASK_ID";
+    let out = run(
+        sandbox.skyward().args([
+            "run",
+            "--nodes",
+            "1",
+            "--per-node",
+            "2",
+            "--map",
+            &format!("sh -c '{script}' {{}}"),
+            "a",
+            "b",
+            "c",
+            "d",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let counts: Vec<u32> = out
+        .stdout
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 4);
+    assert!(
+        counts.iter().all(|&c| c <= 2),
+        "more than 2 at once: {counts:?}"
+    );
+    assert!(counts.contains(&2), "never ran 2 at once: {counts:?}");
+}
+
+#[test]
+fn signals_and_failures_map_to_shell_exit_codes() {
+    let sandbox = Sandbox::new();
+    let killed = run(
+        sandbox
+            .skyward()
+            .args(["run", "--", "sh", "-c", "kill -TERM $$"]),
+        LIMIT,
+    );
+    assert_eq!(killed.code, Some(143), "{killed:?}");
+    assert!(
+        killed.stderr.contains("killed by signal 15"),
+        "{}",
+        killed.stderr
+    );
+    let missing = run(
+        sandbox.skyward().args(["run", "--", "no-such-program-xyz"]),
+        LIMIT,
+    );
+    assert_eq!(missing.code, Some(127), "{missing:?}");
+    assert!(
+        missing.stderr.contains("no-such-program-xyz"),
+        "{}",
+        missing.stderr
+    );
+}
+
+#[test]
+fn timeout_kills_the_task_and_exits_124() {
+    let sandbox = Sandbox::new();
+    let started = std::time::Instant::now();
+    // The task ignores SIGTERM, so only the KILL after the grace period stops it.
+    let out = run(
+        sandbox.skyward().args([
+            "run",
+            "--timeout",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; sleep 60",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(124), "{out:?}");
+    assert!(out.stderr.contains("timed out"), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}
+
+#[test]
+fn stdin_is_forwarded_to_a_single_task() {
+    let sandbox = Sandbox::new();
+    let mut child = sandbox
+        .skyward()
+        .args(["run", "--", "sh", "-c", "wc -c; echo done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let payload = vec![b'x'; 3 * 1024 * 1024 + 17];
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&payload));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}\ndone\n", 3 * 1024 * 1024 + 17)
+    );
+}
+
+#[test]
+fn env_flags_reach_the_task() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox.skyward().args([
+            "run",
+            "--env",
+            "GREETING=hello world",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\"",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.stdout, "hello world\n", "{out:?}");
+}
+
+#[test]
+fn bad_command_lines_fail_in_one_line_and_start_nothing() {
+    let sandbox = Sandbox::new();
+    for args in [
+        &["run", "--nodes", "0", "--", "true"][..],
+        &["run", "hostname"][..],
+        &["run", "--provider", "nimbus", "--", "true"][..],
+        &["run", "--env", "oops", "--", "true"][..],
+    ] {
+        let out = run(sandbox.skyward().args(args), LIMIT);
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert!(out.stderr.starts_with("skyward: "), "{}", out.stderr);
+    }
+    assert!(
+        !sandbox.path().join("home/pools").exists(),
+        "a pool was created"
+    );
+    assert!(sandbox.processes().is_empty());
+}
+
+#[test]
+fn a_missing_agent_binary_is_named_with_the_fix() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox
+            .skyward()
+            .env("SKYWARD_AGENT_BIN", sandbox.path().join("nope"))
+            .args(["run", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.contains("SKYWARD_AGENT_BIN"), "{}", out.stderr);
+}
+
+#[test]
+fn agents_that_never_connect_fail_the_pool_naming_the_nodes() {
+    let sandbox = Sandbox::new();
+    // An "agent" that starts but never dials: the wait must time out and name every node.
+    let fake = sandbox.path().join("silent-agent");
+    std::fs::write(&fake, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run(
+        sandbox.skyward().env("SKYWARD_AGENT_BIN", &fake).args([
+            "run",
+            "--nodes",
+            "2",
+            "--connect-timeout",
+            "1s",
+            "--",
+            "true",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(255), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("2 of 2 nodes never connected: node-1, node-2"),
+        "{}",
+        out.stderr
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
+}
+
+#[test]
+fn an_agent_that_dies_early_is_reported_with_its_last_words() {
+    let sandbox = Sandbox::new();
+    let fake = sandbox.path().join("broken-agent");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'cannot open GPU device' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run(
+        sandbox
+            .skyward()
+            .env("SKYWARD_AGENT_BIN", &fake)
+            .args(["run", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(255), "{out:?}");
+    assert!(
+        out.stderr.contains("node-1: agent exited"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("cannot open GPU device"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Starts `skyward --json` and returns once `started` tasks have reported task_started.
+fn start_and_wait_for_tasks(
+    sandbox: &Sandbox,
+    args: &[&str],
+    started: usize,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    use std::io::BufRead;
+    let mut child = sandbox
+        .skyward()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("\"task_started\"") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    for _ in 0..started {
+        rx.recv_timeout(LIMIT).expect("tasks did not start");
+    }
+    (child, reader)
+}
+
+fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "CLI did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn ctrl_c_tears_down_every_agent_and_task() {
+    let sandbox = Sandbox::new();
+    let (mut child, reader) = start_and_wait_for_tasks(
+        &sandbox,
+        &[
+            "run",
+            "--json",
+            "--nodes",
+            "2",
+            "--on",
+            "all",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; sleep 600",
+        ],
+        2,
+    );
+    let before = sandbox.processes();
+    assert!(
+        before.len() >= 4,
+        "expected 2 agents and 2 tasks, saw {before:?}"
+    );
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    assert_eq!(wait_exit(&mut child), Some(130));
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(5));
+    assert!(left.is_empty(), "left behind after Ctrl-C: {left:?}");
+    let stdout = reader.join().unwrap();
+    let last = stdout.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("\"pool_down\""),
+        "last event should be pool_down: {stdout}"
+    );
+    assert!(
+        !std::fs::read_dir(sandbox.path().join("home/pools"))
+            .unwrap()
+            .any(|_| true),
+        "pool dir not removed"
+    );
+}
+
+#[test]
+fn sigterm_to_the_cli_also_tears_down() {
+    let sandbox = Sandbox::new();
+    let (mut child, _reader) =
+        start_and_wait_for_tasks(&sandbox, &["run", "--json", "--", "sleep", "600"], 1);
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert_eq!(wait_exit(&mut child), Some(143));
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(5));
+    assert!(left.is_empty(), "left behind after SIGTERM: {left:?}");
+}
+
+#[test]
+fn a_killed_cli_still_leaves_no_agent_behind() {
+    let sandbox = Sandbox::new();
+    let (mut child, _reader) = start_and_wait_for_tasks(
+        &sandbox,
+        &[
+            "run", "--json", "--nodes", "2", "--on", "all", "--", "sleep", "600",
+        ],
+        2,
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(15));
+    assert!(
+        left.is_empty(),
+        "left behind after kill -9 of the CLI: {left:?}"
+    );
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the real `skyward` CLI, real `skyward-agent` processes, real QUIC with
+//! real certificates, on loopback.
+
+mod cli;
+mod output;
+mod security;

@@ -1,0 +1,367 @@
+//! Every rejection the coordinator promises, attempted for real by a test client against a
+//! live pool with a real agent, which must not notice any of it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use skyward_common::frame::{read_frame, write_frame};
+use skyward_common::identity::{CertifiedKey, NodeKey, PoolCa};
+use skyward_common::limits::MAX_ENROLL_FRAME;
+use skyward_common::protocol::{
+    close_code, EnrollRequest, EnrollResponse, TaskEvent, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+    COORDINATOR_SERVER_NAME,
+};
+use skyward_common::transport;
+use skyward_coordinator::tokens::TokenRejection;
+use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, Rejection};
+use skyward_tests::{bin, Sandbox};
+use tokio::sync::broadcast;
+
+/// Everything the coordinator logs in this test process, to check the log lines themselves.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer_buf = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_writer(move || LogWriter(writer_buf.clone()))
+            .with_ansi(false)
+            .with_env_filter("skyward_coordinator=info")
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Attacker {
+    endpoint: quinn::Endpoint,
+    coordinator: SocketAddr,
+    pin: String,
+}
+
+impl Attacker {
+    async fn connect(
+        &self,
+        identity: Option<&CertifiedKey>,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        let config = transport::client_config(&self.pin, identity, alpn).unwrap();
+        self.endpoint
+            .connect_with(config, self.coordinator, COORDINATOR_SERVER_NAME)
+            .unwrap()
+            .await
+    }
+
+    /// Enrolls exactly as an agent does; returns the identity or the coordinator's reason.
+    async fn enroll(&self, node_id: &str, token: &str) -> Result<CertifiedKey, String> {
+        let key = NodeKey::generate(node_id).unwrap();
+        let conn = self
+            .connect(None, ALPN_ENROLL)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let request = EnrollRequest {
+            node_id: node_id.into(),
+            token: token.into(),
+            csr_der: key.csr_der.clone().into(),
+            agent_version: "test".into(),
+        };
+        write_frame(&mut send, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let response = read_frame::<_, EnrollResponse>(&mut recv, MAX_ENROLL_FRAME)
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .ok_or("no response")?;
+        conn.close(0u32.into(), b"");
+        match response {
+            EnrollResponse::Accepted { cert_der, .. } => Ok(CertifiedKey {
+                chain: vec![cert_der.to_vec().into()],
+                key_pkcs8_der: key.key.serialize_der(),
+            }),
+            EnrollResponse::Rejected { reason } => Err(reason),
+        }
+    }
+}
+
+async fn expect_rejection(
+    events: &mut broadcast::Receiver<CoordinatorEvent>,
+    what: &str,
+    matches: impl Fn(&Rejection) -> bool,
+) -> Rejection {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(CoordinatorEvent::Rejected { rejection, .. }) if matches(&rejection) => {
+                    return rejection
+                }
+                Ok(_) => continue,
+                Err(e) => panic!("event stream: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no rejection for {what}"))
+}
+
+fn node_identity_from(
+    ca: &PoolCa,
+    node_id: &str,
+    valid: (time::OffsetDateTime, time::OffsetDateTime),
+) -> CertifiedKey {
+    let key = NodeKey::generate(node_id).unwrap();
+    let (cert, _) = ca
+        .sign_node_csr_between(&key.csr_der, node_id, valid.0, valid.1)
+        .unwrap();
+    CertifiedKey {
+        chain: vec![cert],
+        key_pkcs8_der: key.key.serialize_der(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rejection_is_logged_and_leaves_the_pool_untouched() {
+    let log = captured_log();
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "sec".into(),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: Some(sandbox.path().join("identity")),
+    })
+    .unwrap();
+    let mut events = coordinator.subscribe();
+
+    // A real agent joins the pool first.
+    let mut agent = std::process::Command::new(bin("skyward-agent"))
+        .args(["--coordinator", &coordinator.local_addr().to_string()])
+        .args([
+            "--ca-pin",
+            &coordinator.ca_pin(),
+            "--node-id",
+            "node-1",
+            "--work-dir",
+        ])
+        .arg(sandbox.path().join("node-1"))
+        .env("SKYWARD_TOKEN", coordinator.issue_token("node-1"))
+        .stderr(std::fs::File::create(sandbox.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while coordinator.node("node-1").is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the real agent did not connect");
+
+    let attacker = Attacker {
+        endpoint: transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap(),
+        coordinator: coordinator.local_addr(),
+        pin: coordinator.ca_pin(),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+
+    // No client certificate on a node connection.
+    if let Ok(conn) = attacker.connect(None, ALPN_NODE).await {
+        let _ = conn.open_bi().await;
+    }
+    expect_rejection(&mut events, "no client certificate", |r| {
+        *r == Rejection::NoClientCertificate
+    })
+    .await;
+
+    // A certificate from another pool's CA.
+    let foreign = node_identity_from(
+        &PoolCa::generate("other").unwrap(),
+        "node-1",
+        (now - hour, now + hour),
+    );
+    // In TLS 1.3 the client may finish its side before the server has judged its
+    // certificate, so the verdict is read from the coordinator, not from connect().
+    let _ = attacker.connect(Some(&foreign), ALPN_NODE).await;
+    let r = expect_rejection(&mut events, "foreign CA", |r| {
+        matches!(r, Rejection::Handshake(_))
+    })
+    .await;
+    assert!(r.to_string().contains("UnknownIssuer"), "{r}");
+
+    // An expired certificate from the right CA.
+    let expired = node_identity_from(coordinator.ca(), "node-1", (now - 2 * hour, now - hour));
+    let _ = attacker.connect(Some(&expired), ALPN_NODE).await;
+    let r = expect_rejection(&mut events, "expired certificate", |r| {
+        matches!(r, Rejection::Handshake(_))
+    })
+    .await;
+    assert!(r.to_string().contains("certificate expired"), "{r}");
+
+    // An unknown ALPN.
+    assert!(attacker.connect(None, b"h3").await.is_err());
+    let r = expect_rejection(&mut events, "unknown ALPN", |r| {
+        matches!(r, Rejection::Handshake(_))
+    })
+    .await;
+    assert!(
+        r.to_string().to_lowercase().contains("known protocol"),
+        "{r}"
+    );
+
+    // A reused token.
+    let token = coordinator.issue_token("node-5");
+    attacker
+        .enroll("node-5", &token)
+        .await
+        .expect("first use of a token works");
+    let reason = attacker.enroll("node-5", &token).await.unwrap_err();
+    assert!(reason.contains("already used"), "{reason}");
+    expect_rejection(&mut events, "reused token", |r| {
+        matches!(
+            r,
+            Rejection::Token {
+                reason: TokenRejection::AlreadyUsed,
+                ..
+            }
+        )
+    })
+    .await;
+
+    // An expired token.
+    let token = coordinator.issue_token_with_ttl("node-6", Duration::from_millis(1));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(attacker
+        .enroll("node-6", &token)
+        .await
+        .unwrap_err()
+        .contains("expired"));
+    expect_rejection(&mut events, "expired token", |r| {
+        matches!(
+            r,
+            Rejection::Token {
+                reason: TokenRejection::Expired,
+                ..
+            }
+        )
+    })
+    .await;
+
+    // A token for another node; the rightful node can still use it afterwards.
+    let token = coordinator.issue_token("node-7");
+    assert!(attacker
+        .enroll("node-8", &token)
+        .await
+        .unwrap_err()
+        .contains("bound to node-7"));
+    expect_rejection(&mut events, "token for another node", |r| {
+        matches!(
+            r,
+            Rejection::Token {
+                reason: TokenRejection::WrongNode { .. },
+                ..
+            }
+        )
+    })
+    .await;
+    attacker
+        .enroll("node-7", &token)
+        .await
+        .expect("the rejected attempt spent nothing");
+
+    // An oversized frame, from a properly enrolled node.
+    let id = attacker
+        .enroll("node-9", &coordinator.issue_token("node-9"))
+        .await
+        .unwrap();
+    let conn = attacker.connect(Some(&id), ALPN_NODE).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0xff, 0xff, 0xff, 0xff, 0]).await.unwrap();
+    let r = expect_rejection(&mut events, "oversized frame", |r| {
+        matches!(r, Rejection::Frame { .. })
+    })
+    .await;
+    assert!(r.to_string().contains("exceeds the limit"), "{r}");
+    assert_eq!(
+        conn.closed().await,
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: close_code::FRAME_TOO_LARGE.into(),
+            reason: "bad frame".into()
+        })
+    );
+
+    // A malformed frame.
+    let id = attacker
+        .enroll("node-10", &coordinator.issue_token("node-10"))
+        .await
+        .unwrap();
+    let conn = attacker.connect(Some(&id), ALPN_NODE).await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
+    let r = expect_rejection(&mut events, "malformed frame", |r| {
+        matches!(r, Rejection::Frame { .. })
+    })
+    .await;
+    assert!(r.to_string().contains("malformed"), "{r}");
+
+    // Each rejection has its log line.
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    for needle in [
+        "rejected: no client certificate",
+        "rejected: TLS handshake failed",
+        "UnknownIssuer",
+        "certificate expired",
+        "token already used",
+        "token expired",
+        "token is bound to node-7, not node-8",
+        "exceeds the limit",
+        "malformed",
+    ] {
+        assert!(
+            text.contains(needle),
+            "no log line with {needle:?} in:\n{text}"
+        );
+    }
+
+    // The pool did not notice: node-1 is still connected and runs work.
+    let node = coordinator.node("node-1").expect("node-1 still connected");
+    let mut task = coordinator
+        .start_task(
+            &node,
+            TaskSpec::command(
+                0,
+                0,
+                vec!["echo".into(), "still here".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    while let Some(event) = task.output.next().await.unwrap() {
+        if let TaskEvent::Output { data, .. } = event {
+            output.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(output, b"still here\n");
+
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
+}
