@@ -123,10 +123,10 @@ async fn serve_connection(
         .connect_with(client.clone(), coordinator, COORDINATOR_SERVER_NAME)?
         .await?;
     let (mut control_send, mut control_recv) = conn.open_bi().await?;
-    let hello = AgentMessage::Hello(Hello {
+    let hello = AgentMessage::Hello(Box::new(Hello {
         agent_version: skyward_common::VERSION.to_string(),
         inventory: inventory::collect(&config.work_dir),
-    });
+    }));
     write_frame(&mut control_send, &hello).await?;
     let welcome = tokio::time::timeout(
         HELLO_TIMEOUT,

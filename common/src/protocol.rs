@@ -57,7 +57,7 @@ pub enum EnrollResponse {
 /// Control-stream messages from agent to coordinator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
-    Hello(Hello),
+    Hello(Box<Hello>),
     Health(Health),
 }
 
