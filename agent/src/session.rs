@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use skyward_common::frame::{read_frame, write_frame};
-use skyward_common::identity::CertifiedKey;
 use skyward_common::limits::{HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME};
 use skyward_common::protocol::{
     close_code, AgentMessage, CoordinatorMessage, Hello, COORDINATOR_SERVER_NAME,
@@ -21,6 +20,8 @@ use crate::{inventory, AgentConfig};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How long one attempt to reach the coordinator (QUIC + TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the agent until it is told to stop. Every running task is stopped before it returns.
 pub async fn run(config: AgentConfig) -> Result<()> {
@@ -68,7 +69,11 @@ async fn stay_connected(
     let mut last_contact = Instant::now();
     let mut failures = 0u32;
     loop {
-        match serve_connection(config, endpoint, &client, coordinator, &identity, tasks).await {
+        // A connection attempt never outlasts the lease: a silent coordinator must not keep
+        // the agent (and its node's bill) alive past it.
+        let remaining = config.lease.saturating_sub(last_contact.elapsed());
+        let attempt_limit = remaining.min(CONNECT_TIMEOUT);
+        match serve_connection(config, endpoint, &client, coordinator, attempt_limit, tasks).await {
             Ok(Session::Shutdown(reason)) => {
                 tracing::info!("coordinator asked us to shut down: {reason}");
                 return Ok(());
@@ -92,7 +97,8 @@ async fn stay_connected(
             );
         }
         failures += 1;
-        tokio::time::sleep(backoff(failures)).await;
+        let remaining = config.lease.saturating_sub(last_contact.elapsed());
+        tokio::time::sleep(backoff(failures).min(remaining)).await;
     }
 }
 
@@ -116,12 +122,13 @@ async fn serve_connection(
     endpoint: &quinn::Endpoint,
     client: &quinn::ClientConfig,
     coordinator: SocketAddr,
-    _identity: &CertifiedKey,
+    connect_timeout: Duration,
     tasks: &Arc<Tasks>,
 ) -> Result<Session> {
-    let conn = endpoint
-        .connect_with(client.clone(), coordinator, COORDINATOR_SERVER_NAME)?
-        .await?;
+    let connecting = endpoint.connect_with(client.clone(), coordinator, COORDINATOR_SERVER_NAME)?;
+    let conn = tokio::time::timeout(connect_timeout, connecting)
+        .await
+        .context("no answer")??;
     let (mut control_send, mut control_recv) = conn.open_bi().await?;
     let hello = AgentMessage::Hello(Box::new(Hello {
         agent_version: skyward_common::VERSION.to_string(),

@@ -234,6 +234,18 @@ impl Coordinator {
         })
     }
 
+    /// Drops a node's connection (its agent reconnects by itself); false if it was not connected.
+    pub fn disconnect(&self, node_id: &str, reason: &str) -> bool {
+        match self.node(node_id) {
+            Some(node) => {
+                node.connection
+                    .close(close_code::NORMAL.into(), reason.as_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Tells every connected agent to stop its tasks and exit.
     pub async fn shutdown_nodes(&self, reason: &str) {
         let nodes: Vec<NodeHandle> = self

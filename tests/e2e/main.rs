@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `skyward` CLI, real `skyward-agent` processes, real QUIC with
 //! real certificates, on loopback.
 
+mod agent;
 mod cli;
 mod output;
 mod security;

@@ -1,0 +1,258 @@
+//! The agent's own behaviour against an in-process coordinator: cancel, reconnect, lease,
+//! shutdown. Real agent processes, real QUIC, real certificates.
+
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use skyward_common::protocol::{TaskEvent, TaskOutcome, TaskSpec};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, NodeHandle};
+use skyward_tests::{bin, Sandbox};
+
+fn coordinator() -> Coordinator {
+    skyward_common::install_crypto_provider();
+    Coordinator::start(CoordinatorConfig {
+        pool: "agent-test".into(),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: None,
+    })
+    .unwrap()
+}
+
+fn spawn_agent(sandbox: &Sandbox, coordinator: &Coordinator, node_id: &str, lease: &str) -> Child {
+    Command::new(bin("skyward-agent"))
+        .args(["--coordinator", &coordinator.local_addr().to_string()])
+        .args([
+            "--ca-pin",
+            &coordinator.ca_pin(),
+            "--node-id",
+            node_id,
+            "--lease",
+            lease,
+        ])
+        .arg("--work-dir")
+        .arg(sandbox.path().join(node_id))
+        .env("SKYWARD_TOKEN", coordinator.issue_token(node_id))
+        .stderr(std::fs::File::create(sandbox.path().join(format!("{node_id}.log"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_connected(coordinator: &Coordinator, node_id: &str) -> NodeHandle {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(node) = coordinator.node(node_id) {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{node_id} did not connect"))
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn command(argv: &[&str]) -> TaskSpec {
+    TaskSpec::command(
+        0,
+        0,
+        argv.iter().map(|s| s.to_string()).collect(),
+        vec![],
+        None,
+        false,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_the_whole_process_group() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    // A task whose children ignore SIGTERM: only the KILL after the grace period ends them.
+    let mut task = coordinator
+        .start_task(
+            &node,
+            command(&[
+                "sh",
+                "-c",
+                "trap '' TERM; sleep 600 & sleep 600 & echo up; wait",
+            ]),
+        )
+        .await
+        .unwrap();
+    loop {
+        match task.output.next().await.unwrap() {
+            Some(TaskEvent::Output { data, .. }) if data.as_ref() == b"up\n" => break,
+            Some(_) => continue,
+            None => panic!("task ended early"),
+        }
+    }
+    assert!(
+        sandbox
+            .processes()
+            .iter()
+            .filter(|(_, cmd)| cmd.contains("sleep 600"))
+            .count()
+            >= 2
+    );
+    task.input.cancel().await.unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Some(TaskEvent::Finished(outcome)) = task.output.next().await.unwrap() {
+                return outcome;
+            }
+        }
+    })
+    .await
+    .expect("no outcome after cancel");
+    assert_eq!(outcome, TaskOutcome::Cancelled);
+    let sleepers: Vec<_> = sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("sleep"))
+        .collect();
+    assert!(sleepers.is_empty(), "survived cancel: {sleepers:?}");
+    drop(task);
+    assert_eq!(node.running(), 0);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_is_re_established_with_the_same_certificate() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut events = coordinator.subscribe();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    wait_connected(&coordinator, "node-1").await;
+    assert!(coordinator.disconnect("node-1", "test"));
+    // The token is spent: reconnecting must use the certificate in the work dir.
+    let reconnected = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut seen_disconnect = false;
+        loop {
+            match events.recv().await.unwrap() {
+                CoordinatorEvent::NodeDisconnected { node_id, .. } if node_id == "node-1" => {
+                    seen_disconnect = true
+                }
+                CoordinatorEvent::NodeConnected(node)
+                    if seen_disconnect && node.node_id == "node-1" =>
+                {
+                    return node
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the agent did not reconnect");
+    let mut task = coordinator
+        .start_task(&reconnected, command(&["echo", "back"]))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Some(event) = task.output.next().await.unwrap() {
+        if let TaskEvent::Output { data, .. } = event {
+            out.extend_from_slice(&data);
+        }
+    }
+    assert_eq!(out, b"back\n");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gives_up_when_its_lease_runs_out() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "2s");
+    wait_connected(&coordinator, "node-1").await;
+    coordinator.close().await;
+    drop(coordinator);
+    let status = wait_exit(&mut agent, Duration::from_secs(30));
+    assert!(!status.success());
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(log.contains("unreachable for 2s"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_tasks_and_the_agent_exits_cleanly() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(&node, command(&["sleep", "600"]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        task.output.next().await.unwrap(),
+        Some(TaskEvent::Started { .. })
+    ));
+    coordinator.shutdown_nodes("test over").await;
+    let status = wait_exit(&mut agent, Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}
+
+#[test]
+fn an_agent_without_a_token_or_certificate_says_what_to_pass() {
+    let sandbox = Sandbox::new();
+    let out = Command::new(bin("skyward-agent"))
+        .args([
+            "--coordinator",
+            "127.0.0.1:9",
+            "--ca-pin",
+            &"ab".repeat(32),
+            "--node-id",
+            "node-1",
+        ])
+        .arg("--work-dir")
+        .arg(sandbox.path().join("w"))
+        .env_remove("SKYWARD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pass --token or set SKYWARD_TOKEN"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_malformed_pin_is_refused_at_start() {
+    let sandbox = Sandbox::new();
+    let out = Command::new(bin("skyward-agent"))
+        .args([
+            "--coordinator",
+            "127.0.0.1:9",
+            "--ca-pin",
+            "xyz",
+            "--node-id",
+            "node-1",
+            "--token",
+            "t",
+        ])
+        .arg("--work-dir")
+        .arg(sandbox.path().join("w"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("64 hex characters"), "{stderr}");
+}
