@@ -193,41 +193,25 @@ async fn run_command(
     let (mut out_open, mut err_open) = (true, true);
     let mut seq = 0u64;
     let mut status: Option<std::io::Result<ExitStatus>> = None;
-    let mut killed: Option<KillReason> = None;
     let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
     let deadline = spec
         .timeout_ms
         .map(|ms| Instant::now() + Duration::from_millis(ms))
         .unwrap_or(far);
-    let mut kill_at = far;
+    let mut killer = Killer {
+        pgid: pid,
+        reason: None,
+        kill_at: far,
+    };
     let mut drain_until = far;
 
     while status.is_none() || out_open || err_open {
-        let kill = |reason: KillReason, killed: &mut Option<KillReason>, kill_at: &mut Instant| {
-            if killed.is_none() {
-                signal_group(pid, libc::SIGTERM);
-                *kill_at = Instant::now() + KILL_GRACE;
-                *killed = Some(reason);
-            }
-        };
         tokio::select! {
-            chunk = read_chunk(&mut stdout, &mut out_buf), if out_open => match chunk {
-                Some(data) => {
-                    if listening && send_output(send, &mut seq, OutputStream::Stdout, data).await.is_err() {
-                        listening = false;
-                        kill(KillReason::Abandoned, &mut killed, &mut kill_at);
-                    }
-                }
-                None => out_open = false,
+            chunk = read_chunk(&mut stdout, &mut out_buf), if out_open => {
+                out_open = relay(chunk, OutputStream::Stdout, send, &mut seq, &mut listening, &mut killer).await;
             },
-            chunk = read_chunk(&mut stderr, &mut err_buf), if err_open => match chunk {
-                Some(data) => {
-                    if listening && send_output(send, &mut seq, OutputStream::Stderr, data).await.is_err() {
-                        listening = false;
-                        kill(KillReason::Abandoned, &mut killed, &mut kill_at);
-                    }
-                }
-                None => err_open = false,
+            chunk = read_chunk(&mut stderr, &mut err_buf), if err_open => {
+                err_open = relay(chunk, OutputStream::Stderr, send, &mut seq, &mut listening, &mut killer).await;
             },
             exit = child.wait(), if status.is_none() => {
                 status = Some(exit);
@@ -235,17 +219,20 @@ async fn run_command(
                 signal_group(pid, libc::SIGKILL);
                 drain_until = Instant::now() + DRAIN_AFTER_EXIT;
             },
-            changed = cancel_rx.changed(), if killed.is_none() && status.is_none() => {
-                let reason = if changed.is_ok() && *cancel_rx.borrow() { KillReason::Cancelled } else { KillReason::Abandoned };
-                if matches!(reason, KillReason::Abandoned) { listening = false; }
-                kill(reason, &mut killed, &mut kill_at);
+            changed = cancel_rx.changed(), if killer.reason.is_none() && status.is_none() => {
+                if changed.is_ok() && *cancel_rx.borrow() {
+                    killer.kill(KillReason::Cancelled);
+                } else {
+                    listening = false;
+                    killer.kill(KillReason::Abandoned);
+                }
             },
-            _ = tokio::time::sleep_until(deadline), if killed.is_none() && status.is_none() => {
-                kill(KillReason::TimedOut, &mut killed, &mut kill_at);
+            _ = tokio::time::sleep_until(deadline), if killer.reason.is_none() && status.is_none() => {
+                killer.kill(KillReason::TimedOut);
             },
-            _ = tokio::time::sleep_until(kill_at), if status.is_none() => {
+            _ = tokio::time::sleep_until(killer.kill_at), if status.is_none() => {
                 signal_group(pid, libc::SIGKILL);
-                kill_at = far;
+                killer.kill_at = far;
             },
             _ = tokio::time::sleep_until(drain_until) => {
                 tracing::warn!(task = %spec.task, "output pipes still held open after the task exited; not waiting for them");
@@ -257,7 +244,7 @@ async fn run_command(
     if !listening {
         return None;
     }
-    Some(match (killed, status) {
+    Some(match (killer.reason, status) {
         (Some(KillReason::TimedOut), _) => TaskOutcome::TimedOut,
         (Some(KillReason::Cancelled), _) => TaskOutcome::Cancelled,
         (_, Some(Ok(status))) => outcome_of(status),
@@ -266,6 +253,43 @@ async fn run_command(
         },
         (_, None) => TaskOutcome::Cancelled,
     })
+}
+
+/// TERM now, KILL at `kill_at` unless the group is gone by then; the first reason sticks.
+struct Killer {
+    pgid: i32,
+    reason: Option<KillReason>,
+    kill_at: Instant,
+}
+
+impl Killer {
+    fn kill(&mut self, reason: KillReason) {
+        if self.reason.is_none() {
+            signal_group(self.pgid, libc::SIGTERM);
+            self.kill_at = Instant::now() + KILL_GRACE;
+            self.reason = Some(reason);
+        }
+    }
+}
+
+/// Sends one chunk of output if anyone is listening; returns whether the pipe is still open.
+/// A failed send means the coordinator dropped the task, which then has no reason to run.
+async fn relay(
+    chunk: Option<Bytes>,
+    stream: OutputStream,
+    send: &mut SendStream,
+    seq: &mut u64,
+    listening: &mut bool,
+    killer: &mut Killer,
+) -> bool {
+    let Some(data) = chunk else {
+        return false;
+    };
+    if *listening && send_output(send, seq, stream, data).await.is_err() {
+        *listening = false;
+        killer.kill(KillReason::Abandoned);
+    }
+    true
 }
 
 fn outcome_of(status: ExitStatus) -> TaskOutcome {

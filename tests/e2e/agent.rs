@@ -5,8 +5,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use skyward_common::protocol::{TaskEvent, TaskOutcome, TaskSpec};
-use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, NodeHandle};
-use skyward_tests::{bin, Sandbox};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent};
+use skyward_tests::{bin, spawn_agent, task_output, wait_connected, Sandbox};
 
 fn coordinator() -> Coordinator {
     skyward_common::install_crypto_provider();
@@ -16,38 +16,6 @@ fn coordinator() -> Coordinator {
         state_dir: None,
     })
     .unwrap()
-}
-
-fn spawn_agent(sandbox: &Sandbox, coordinator: &Coordinator, node_id: &str, lease: &str) -> Child {
-    Command::new(bin("skyward-agent"))
-        .args(["--coordinator", &coordinator.local_addr().to_string()])
-        .args([
-            "--ca-pin",
-            &coordinator.ca_pin(),
-            "--node-id",
-            node_id,
-            "--lease",
-            lease,
-        ])
-        .arg("--work-dir")
-        .arg(sandbox.path().join(node_id))
-        .env("SKYWARD_TOKEN", coordinator.issue_token(node_id))
-        .stderr(std::fs::File::create(sandbox.path().join(format!("{node_id}.log"))).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_connected(coordinator: &Coordinator, node_id: &str) -> NodeHandle {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Some(node) = coordinator.node(node_id) {
-                return node;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{node_id} did not connect"))
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -162,13 +130,7 @@ async fn a_dropped_connection_is_re_established_with_the_same_certificate() {
         .start_task(&reconnected, command(&["echo", "back"]))
         .await
         .unwrap();
-    let mut out = Vec::new();
-    while let Some(event) = task.output.next().await.unwrap() {
-        if let TaskEvent::Output { data, .. } = event {
-            out.extend_from_slice(&data);
-        }
-    }
-    assert_eq!(out, b"back\n");
+    assert_eq!(task_output(&mut task).await, b"back\n");
     let _ = agent.kill();
     let _ = agent.wait();
 }

@@ -9,13 +9,13 @@ use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::identity::{CertifiedKey, NodeKey, PoolCa};
 use skyward_common::limits::MAX_ENROLL_FRAME;
 use skyward_common::protocol::{
-    close_code, EnrollRequest, EnrollResponse, TaskEvent, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+    close_code, EnrollRequest, EnrollResponse, TaskSpec, ALPN_ENROLL, ALPN_NODE,
     COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
 use skyward_coordinator::tokens::TokenRejection;
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, Rejection};
-use skyward_tests::{bin, Sandbox};
+use skyward_tests::{spawn_agent, task_output, wait_connected, Sandbox};
 use tokio::sync::broadcast;
 
 /// Everything the coordinator logs in this test process, to check the log lines themselves.
@@ -147,27 +147,8 @@ async fn every_rejection_is_logged_and_leaves_the_pool_untouched() {
     let mut events = coordinator.subscribe();
 
     // A real agent joins the pool first.
-    let mut agent = std::process::Command::new(bin("skyward-agent"))
-        .args(["--coordinator", &coordinator.local_addr().to_string()])
-        .args([
-            "--ca-pin",
-            &coordinator.ca_pin(),
-            "--node-id",
-            "node-1",
-            "--work-dir",
-        ])
-        .arg(sandbox.path().join("node-1"))
-        .env("SKYWARD_TOKEN", coordinator.issue_token("node-1"))
-        .stderr(std::fs::File::create(sandbox.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while coordinator.node("node-1").is_none() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .expect("the real agent did not connect");
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    wait_connected(&coordinator, "node-1").await;
 
     let attacker = Attacker {
         endpoint: transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap(),
@@ -353,13 +334,7 @@ async fn every_rejection_is_logged_and_leaves_the_pool_untouched() {
         )
         .await
         .unwrap();
-    let mut output = Vec::new();
-    while let Some(event) = task.output.next().await.unwrap() {
-        if let TaskEvent::Output { data, .. } = event {
-            output.extend_from_slice(&data);
-        }
-    }
-    assert_eq!(output, b"still here\n");
+    assert_eq!(task_output(&mut task).await, b"still here\n");
 
     let _ = agent.kill();
     let _ = agent.wait();

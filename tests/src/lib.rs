@@ -166,3 +166,59 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
         stderr: String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned(),
     }
 }
+
+/// Starts a real `skyward-agent` for `node_id` against an in-process coordinator, logging to
+/// `<sandbox>/<node_id>.log`.
+pub fn spawn_agent(
+    sandbox: &Sandbox,
+    coordinator: &skyward_coordinator::Coordinator,
+    node_id: &str,
+    lease: &str,
+) -> std::process::Child {
+    let log =
+        std::fs::File::create(sandbox.path().join(format!("{node_id}.log"))).expect("agent log");
+    Command::new(bin("skyward-agent"))
+        .args(["--coordinator", &coordinator.local_addr().to_string()])
+        .args([
+            "--ca-pin",
+            &coordinator.ca_pin(),
+            "--node-id",
+            node_id,
+            "--lease",
+            lease,
+        ])
+        .arg("--work-dir")
+        .arg(sandbox.path().join(node_id))
+        .env("SKYWARD_TOKEN", coordinator.issue_token(node_id))
+        .stderr(log)
+        .spawn()
+        .expect("spawn skyward-agent")
+}
+
+/// Waits (at most 20 s) until `node_id` is connected to `coordinator`.
+pub async fn wait_connected(
+    coordinator: &skyward_coordinator::Coordinator,
+    node_id: &str,
+) -> skyward_coordinator::NodeHandle {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(node) = coordinator.node(node_id) {
+                return node;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{node_id} did not connect"))
+}
+
+/// Reads a task to its end; returns its stdout and stderr together, in arrival order.
+pub async fn task_output(task: &mut skyward_coordinator::server::RemoteTask) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(event) = task.output.next().await.expect("task stream") {
+        if let skyward_common::protocol::TaskEvent::Output { data, .. } = event {
+            out.extend_from_slice(&data);
+        }
+    }
+    out
+}
