@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Everything an agent needs to know, from flags or the environment.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentConfig {
     /// `host:port` of the coordinator's QUIC endpoint.
     pub coordinator: String,
@@ -28,4 +28,36 @@ pub struct AgentConfig {
     pub lease: Duration,
 }
 
+/// Everything but the token, which must never reach a log.
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("coordinator", &self.coordinator)
+            .field("ca_pin", &self.ca_pin)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("node_id", &self.node_id)
+            .field("work_dir", &self.work_dir)
+            .field("lease", &self.lease)
+            .finish()
+    }
+}
+
 pub use session::run;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        let config = super::AgentConfig {
+            coordinator: "127.0.0.1:1".into(),
+            ca_pin: "00".into(),
+            token: Some("s3cret-token".into()),
+            node_id: "node-1".into(),
+            work_dir: "/tmp".into(),
+            lease: std::time::Duration::from_secs(1),
+        };
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}

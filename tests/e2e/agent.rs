@@ -218,3 +218,28 @@ fn a_malformed_pin_is_refused_at_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("64 hex characters"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_report_health_with_their_load() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    // The first health report follows the hello at once; later ones every few seconds.
+    let health = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(health) = node.health() {
+                return health;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("no health report");
+    assert!(health.memory_available_bytes > 0);
+    assert!(health.load_avg_1m >= 0.0);
+    assert_eq!(health.running_tasks, 0);
+    assert!(node.inventory.memory_bytes >= health.memory_available_bytes);
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
