@@ -146,9 +146,12 @@ fn map_exit_code_is_the_first_failure_with_a_summary() {
 #[test]
 fn per_node_limits_concurrency() {
     let sandbox = Sandbox::new();
-    // Each task records how many tasks run at once on its node, through a lock-free count of
-    // marker files in the node's work dir.
-    let script = "touch run.$SKYWARD_TASK_ID; sleep 0.3; ls run.* | wc -l; rm run.$SKYWARD_TASK_ID";
+    // Each task marks itself running in the node's work dir, waits (bounded) until it sees a
+    // second task running beside it, and prints how many it saw. Without the limit some
+    // would see 3 or 4; without concurrency the first would see only itself.
+    let script = "touch run.$SKYWARD_TASK_ID; i=0; \
+        while [ $(ls run.* | wc -l) -lt 2 ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; \
+        ls run.* | wc -l; sleep 0.2; rm run.$SKYWARD_TASK_ID";
     let out = run(
         sandbox.skyward().args([
             "run",
@@ -176,7 +179,10 @@ fn per_node_limits_concurrency() {
         counts.iter().all(|&c| c <= 2),
         "more than 2 at once: {counts:?}"
     );
-    assert!(counts.contains(&2), "never ran 2 at once: {counts:?}");
+    assert_eq!(
+        counts[0], 2,
+        "the first two tasks did not run together: {counts:?}"
+    );
 }
 
 #[test]
