@@ -1,1 +1,269 @@
-fn main() {}
+//! `skyward-bench`: measures Skyward's dispatch path on loopback against bare quinn with the
+//! same TLS setup, prints one table and writes `BENCHMARKS.md`.
+//!
+//! Run `cargo build --release` first (it builds `skyward` and `skyward-agent` next to this
+//! binary), then `cargo run --release -p skyward-bench`. Every loop is bounded in count and
+//! time, and all traffic stays on 127.0.0.1.
+
+mod bare;
+mod report;
+mod skyward;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::report::Results;
+use crate::stats::Latency;
+
+/// Untimed no-op tasks before the sequential measurement.
+const WARMUP: usize = 500;
+/// Timed sequential round trips.
+const SEQUENTIAL: usize = 5_000;
+/// Tasks (requests) per pipelined measurement.
+const PIPELINED: usize = 20_000;
+/// Tasks (requests) outstanding at once in a pipelined measurement.
+const IN_FLIGHT: usize = 256;
+/// Repetitions of each throughput measurement; the median is reported.
+const REPEATS: usize = 3;
+/// Cold `skyward run` invocations; the first is a warm-up and not counted.
+const COLD_RUNS: usize = 10;
+/// Nodes in the multi-agent measurements and the cold run.
+const MANY: usize = 4;
+
+/// Time bounds shared by the measurements.
+pub struct Limits {
+    /// Longest one measurement phase may take before the benchmark fails.
+    pub phase: Duration,
+}
+
+const LIMITS: Limits = Limits {
+    phase: Duration::from_secs(180),
+};
+
+struct Options {
+    /// Where the report goes; `None` prints only.
+    out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("echo-peer") {
+        skyward_common::install_crypto_provider();
+        return match bare::echo_peer_main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("skyward-bench echo-peer: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let options = match parse_options(&args) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("skyward-bench: {e:#}");
+            eprintln!("usage: skyward-bench [--out PATH | --no-write]");
+            return ExitCode::from(2);
+        }
+    };
+    skyward_common::install_crypto_provider();
+    // The same runtime shape as the `skyward` CLI, which hosts the coordinator.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("skyward-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skyward-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn parse_options(args: &[String]) -> Result<Options> {
+    let default_out = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|root| root.join("BENCHMARKS.md"));
+    let mut options = Options { out: default_out };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => {
+                options.out = Some(PathBuf::from(args.next().context("--out needs a path")?))
+            }
+            "--no-write" => options.out = None,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    Ok(options)
+}
+
+/// `skyward` and `skyward-agent` beside this executable (target/release/).
+fn binaries() -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let skyward = exe.with_file_name("skyward");
+    let agent = exe.with_file_name("skyward-agent");
+    for bin in [&skyward, &agent] {
+        if !bin.is_file() {
+            bail!(
+                "{} not found: run `cargo build --release` first, then `cargo run --release -p skyward-bench`",
+                bin.display()
+            );
+        }
+    }
+    Ok((exe, skyward, agent))
+}
+
+fn progress(message: &str) {
+    eprintln!("skyward-bench: {message}");
+}
+
+async fn run(options: Options) -> Result<()> {
+    let (exe, skyward_bin, agent_bin) = binaries()?;
+    let mut machine = report::Machine::probe();
+    progress(&format!("load average at start: {}", machine.load_before));
+    let scratch = tempfile::Builder::new()
+        .prefix("skyward-bench-")
+        .tempdir()
+        .context("creating a temp dir")?;
+    let results = measure(&exe, &skyward_bin, &agent_bin, scratch.path()).await;
+    // Remove the agents' work dirs and the cold runs' SKYWARD_HOME whatever happened.
+    let removed = scratch.close();
+    let results = results?;
+    removed.context("removing the benchmark's temp dir")?;
+
+    machine.finish();
+    let table = report::table(&results);
+    println!("{table}");
+    println!("{}", report::verdicts(&results).join("\n"));
+    if let Some(out) = options.out {
+        let markdown = report::markdown(&results, &machine, &table);
+        std::fs::write(&out, markdown).with_context(|| format!("writing {}", out.display()))?;
+        progress(&format!("wrote {}", out.display()));
+    }
+    Ok(())
+}
+
+async fn measure(
+    exe: &Path,
+    skyward_bin: &Path,
+    agent_bin: &Path,
+    scratch: &Path,
+) -> Result<Results> {
+    let peers_dir = scratch.join("bare");
+    std::fs::create_dir_all(&peers_dir)?;
+    progress(&format!(
+        "starting the bare quinn baseline with {MANY} echo peers"
+    ));
+    let baseline = bare::Baseline::start(exe, &peers_dir, MANY).await?;
+    let outcome = measure_with_baseline(&baseline, agent_bin, scratch).await;
+    baseline.stop().await;
+    let (sky_latency, bare_latency, sky_one, bare_one, sky_many, bare_many) = outcome?;
+
+    let home = scratch.join("home");
+    std::fs::create_dir_all(&home)?;
+    let mut cold = Vec::with_capacity(COLD_RUNS - 1);
+    let mut cold_warmup = Duration::ZERO;
+    for i in 0..COLD_RUNS {
+        let elapsed = skyward::cold_run(skyward_bin, &home, MANY).await?;
+        progress(&format!(
+            "cold run {}/{COLD_RUNS}{}: {:.3} s",
+            i + 1,
+            if i == 0 { " (warm-up)" } else { "" },
+            elapsed.as_secs_f64()
+        ));
+        if i == 0 {
+            cold_warmup = elapsed;
+        } else {
+            cold.push(elapsed);
+        }
+    }
+    Ok(Results {
+        sky_latency,
+        bare_latency,
+        sky_one,
+        bare_one,
+        sky_many,
+        bare_many,
+        cold,
+        cold_warmup,
+    })
+}
+
+type Measured = (Latency, Latency, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+/// Skyward and bare quinn, alternating so that both see the same machine state.
+async fn measure_with_baseline(
+    baseline: &bare::Baseline,
+    agent_bin: &Path,
+    scratch: &Path,
+) -> Result<Measured> {
+    progress("bringing up a local pool of 1 agent");
+    let pool = skyward::pool_up(agent_bin, scratch, 1).await?;
+    let one = async {
+        progress(&format!(
+            "sequential no-op round trips: {WARMUP} warm-up + {SEQUENTIAL} timed"
+        ));
+        let sky_latency = skyward::round_trips(&pool, WARMUP, SEQUENTIAL, &LIMITS).await?;
+        let bare_latency = baseline.round_trips(WARMUP, SEQUENTIAL, &LIMITS).await?;
+        progress(&format!(
+            "  skyward p50 {:.0} us p99 {:.0} us; bare quinn p50 {:.0} us p99 {:.0} us",
+            stats::micros(sky_latency.p50),
+            stats::micros(sky_latency.p99),
+            stats::micros(bare_latency.p50),
+            stats::micros(bare_latency.p99)
+        ));
+        let (sky_one, bare_one) = throughputs(&pool, baseline, 1).await?;
+        anyhow::Ok((sky_latency, bare_latency, sky_one, bare_one))
+    }
+    .await;
+    pool.down().await;
+    let (sky_latency, bare_latency, sky_one, bare_one) = one?;
+
+    progress(&format!("bringing up a local pool of {MANY} agents"));
+    let pool = skyward::pool_up(agent_bin, scratch, MANY).await?;
+    let many = throughputs(&pool, baseline, MANY).await;
+    pool.down().await;
+    let (sky_many, bare_many) = many?;
+    Ok((
+        sky_latency,
+        bare_latency,
+        sky_one,
+        bare_one,
+        sky_many,
+        bare_many,
+    ))
+}
+
+async fn throughputs(
+    pool: &skyward_coordinator::Pool,
+    baseline: &bare::Baseline,
+    nodes: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut sky, mut bare) = (Vec::with_capacity(REPEATS), Vec::with_capacity(REPEATS));
+    for rep in 1..=REPEATS {
+        let s = skyward::throughput(pool, PIPELINED, IN_FLIGHT, &LIMITS).await?;
+        let b = baseline
+            .throughput(nodes, PIPELINED, IN_FLIGHT, &LIMITS)
+            .await?;
+        progress(&format!(
+            "pipelined x{nodes} run {rep}/{REPEATS}: skyward {} tasks/s, bare quinn {} req/s",
+            stats::thousands(s),
+            stats::thousands(b)
+        ));
+        sky.push(s);
+        bare.push(b);
+    }
+    Ok((sky, bare))
+}

@@ -1,0 +1,481 @@
+//! The table, the verdicts and BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::stats::{median, median_duration, micros, thousands, Latency};
+use crate::{COLD_RUNS, IN_FLIGHT, MANY, PIPELINED, REPEATS, SEQUENTIAL, WARMUP};
+
+/// Targets from the issue.
+const TARGET_P50_US: f64 = 250.0;
+const TARGET_TASKS_PER_S: f64 = 30_000.0;
+const TARGET_COLD: Duration = Duration::from_secs(1);
+const TARGET_RATIO: f64 = 2.0;
+
+pub struct Results {
+    pub sky_latency: Latency,
+    pub bare_latency: Latency,
+    /// Tasks (requests) per second, one value per repetition.
+    pub sky_one: Vec<f64>,
+    pub bare_one: Vec<f64>,
+    pub sky_many: Vec<f64>,
+    pub bare_many: Vec<f64>,
+    /// Counted cold runs (the warm-up excluded).
+    pub cold: Vec<Duration>,
+    pub cold_warmup: Duration,
+}
+
+impl Results {
+    fn cold_median(&self) -> Duration {
+        median_duration(&self.cold)
+    }
+
+    fn cold_max(&self) -> Duration {
+        self.cold.iter().copied().max().unwrap_or_default()
+    }
+
+    /// How many times slower Skyward is than bare quinn, per compared row.
+    fn ratios(&self) -> [(&'static str, f64); 4] {
+        [
+            (
+                "p50 round trip",
+                latency_ratio(self.sky_latency.p50, self.bare_latency.p50),
+            ),
+            (
+                "p99 round trip",
+                latency_ratio(self.sky_latency.p99, self.bare_latency.p99),
+            ),
+            (
+                "1-agent throughput",
+                median(&self.bare_one) / median(&self.sky_one),
+            ),
+            (
+                "4-agent throughput",
+                median(&self.bare_many) / median(&self.sky_many),
+            ),
+        ]
+    }
+}
+
+fn latency_ratio(sky: Duration, bare: Duration) -> f64 {
+    sky.as_secs_f64() / bare.as_secs_f64().max(f64::MIN_POSITIVE)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", micros(d))
+}
+
+fn per_s(v: f64) -> String {
+    format!("{}/s", thousands(v))
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.3} s", d.as_secs_f64())
+}
+
+/// The table, as Markdown (which also reads fine in a terminal).
+pub fn table(r: &Results) -> String {
+    let ratios = r.ratios();
+    let rows: Vec<[String; 5]> = vec![
+        [
+            "no-op round trip p50, 1 agent".into(),
+            us(r.sky_latency.p50),
+            us(r.bare_latency.p50),
+            format!("{:.2}x", ratios[0].1),
+            format!("≤ {TARGET_P50_US:.0} µs; ≤ {TARGET_RATIO:.0}x bare"),
+        ],
+        [
+            "no-op round trip p99, 1 agent".into(),
+            us(r.sky_latency.p99),
+            us(r.bare_latency.p99),
+            format!("{:.2}x", ratios[1].1),
+            format!("≤ {TARGET_RATIO:.0}x bare"),
+        ],
+        [
+            format!("pipelined no-op, 1 agent, {IN_FLIGHT} in flight"),
+            per_s(median(&r.sky_one)),
+            per_s(median(&r.bare_one)),
+            format!("{:.2}x", ratios[2].1),
+            format!(
+                "≥ {}/s; ≤ {TARGET_RATIO:.0}x bare",
+                thousands(TARGET_TASKS_PER_S)
+            ),
+        ],
+        [
+            format!("pipelined no-op, {MANY} agents, {IN_FLIGHT} in flight"),
+            per_s(median(&r.sky_many)),
+            per_s(median(&r.bare_many)),
+            format!("{:.2}x", ratios[3].1),
+            format!(
+                "≥ {}/s; ≤ {TARGET_RATIO:.0}x bare",
+                thousands(TARGET_TASKS_PER_S)
+            ),
+        ],
+        [
+            format!("cold `skyward run --nodes {MANY} --on all -- true`, median"),
+            secs(r.cold_median()),
+            "—".into(),
+            "—".into(),
+            format!("≤ {} s", TARGET_COLD.as_secs()),
+        ],
+        [
+            format!("cold `skyward run --nodes {MANY} --on all -- true`, max"),
+            secs(r.cold_max()),
+            "—".into(),
+            "—".into(),
+            "—".into(),
+        ],
+    ];
+    let header = ["measurement", "skyward", "bare quinn", "ratio", "target"];
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        format!("| {} |", padded.join(" | "))
+    };
+    let mut out = String::new();
+    out.push_str(&line(&header.map(String::from)));
+    out.push('\n');
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    out.push_str(&format!("|-{}-|", rule.join("-|-")));
+    for row in &rows {
+        out.push('\n');
+        out.push_str(&line(row));
+    }
+    out
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
+/// One line per target.
+pub fn verdicts(r: &Results) -> Vec<String> {
+    let p50 = micros(r.sky_latency.p50);
+    let (one, many) = (median(&r.sky_one), median(&r.sky_many));
+    let throughput = match (one >= TARGET_TASKS_PER_S, many >= TARGET_TASKS_PER_S) {
+        (true, true) => "met",
+        (false, false) => "not met",
+        _ => "partly met",
+    };
+    let ratios = r.ratios();
+    let within = ratios.iter().all(|(_, ratio)| *ratio <= TARGET_RATIO);
+    let ratio_detail: Vec<String> = ratios
+        .iter()
+        .map(|(what, ratio)| format!("{what} {ratio:.2}x"))
+        .collect();
+    vec![
+        format!(
+            "- p50 no-op round trip ≤ {TARGET_P50_US:.0} µs: **{}** ({p50:.0} µs).",
+            met(p50 <= TARGET_P50_US)
+        ),
+        format!(
+            "- ≥ {} no-op tasks/s pipelined: **{throughput}** ({} tasks/s with 1 agent, {} tasks/s with {MANY} agents).",
+            thousands(TARGET_TASKS_PER_S),
+            thousands(one),
+            thousands(many)
+        ),
+        format!(
+            "- {MANY}-node cold run ≤ {} s: **{}** (median {}, max {} over {} runs).",
+            TARGET_COLD.as_secs(),
+            met(r.cold_median() <= TARGET_COLD),
+            secs(r.cold_median()),
+            secs(r.cold_max()),
+            r.cold.len()
+        ),
+        format!(
+            "- within {TARGET_RATIO:.0}x of bare quinn: **{}** ({}).",
+            met(within),
+            ratio_detail.join(", ")
+        ),
+    ]
+}
+
+/// What the numbers were measured on.
+pub struct Machine {
+    pub cpus: String,
+    pub model: String,
+    pub memory: String,
+    pub kernel: String,
+    pub date: String,
+    /// The commit the binaries were built from, and whether the tree had other changes.
+    pub source: String,
+    /// `/proc/loadavg`'s 1, 5 and 15 minute averages when the run began and ended.
+    pub load_before: String,
+    pub load_after: String,
+}
+
+impl Machine {
+    pub fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |text: &str, name: &str| {
+            text.lines()
+                .find(|l| l.split(':').next().is_some_and(|k| k.trim() == name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        let cpus = command_output("nproc", &[]).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.to_string())
+                .unwrap_or_else(|_| "unknown".into())
+        });
+        let kernel = command_output("uname", &["-r"]).unwrap_or_else(|| "unknown".into());
+        Machine {
+            cpus,
+            model: field(&cpuinfo, "model name"),
+            memory: field(&meminfo, "MemTotal"),
+            kernel,
+            date: utc_now(),
+            source: source(),
+            load_before: load_average(),
+            load_after: String::new(),
+        }
+    }
+
+    /// Records the load average at the end of the run.
+    pub fn finish(&mut self) {
+        self.load_after = load_average();
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `commit abc1234`, noting uncommitted changes outside the benchmark's own files.
+fn source() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root.to_string_lossy();
+    let Some(commit) = command_output("git", &["-C", &root, "rev-parse", "--short", "HEAD"]) else {
+        return "unknown (not a git checkout)".into();
+    };
+    let dirty = command_output(
+        "git",
+        &[
+            "-C",
+            &root,
+            "status",
+            "--porcelain",
+            "--",
+            ".",
+            ":(exclude)bench",
+            ":(exclude)BENCHMARKS.md",
+        ],
+    );
+    match dirty {
+        Some(changes) => format!(
+            "commit {commit} plus uncommitted changes to {} file(s) outside `bench/`",
+            changes.lines().count()
+        ),
+        None => format!("commit {commit}"),
+    }
+}
+
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let output = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// `YYYY-MM-DD HH:MM UTC`, from the system clock.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn list(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| thousands(*v))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The whole BENCHMARKS.md.
+pub fn markdown(r: &Results, machine: &Machine, table: &str) -> String {
+    let mut md = String::new();
+    let cold: Vec<String> = r
+        .cold
+        .iter()
+        .map(|d| format!("{:.3}", d.as_secs_f64()))
+        .collect();
+    let _ = write!(
+        md,
+        "# Benchmarks
+
+Generated by `skyward-bench` (`bench/`); every number below was measured by one run of it.
+
+## How to run
+
+```sh
+cargo build --release                  # builds target/release/skyward and skyward-agent
+cargo run --release -p skyward-bench   # prints the table and rewrites this file
+```
+
+`--no-write` prints the table without touching this file; `--out PATH` writes elsewhere.
+Everything runs on 127.0.0.1. The run took under a minute on the machine below.
+
+## Results
+
+{table}
+
+Ratio = how many times slower Skyward is than bare quinn (latency: skyward / bare;
+throughput: bare / skyward), so ≤ 2.00x means \"within 2x of bare quinn\".
+
+### Verdicts
+
+{verdicts}
+
+## Machine
+
+- CPUs (`nproc`): {cpus}
+- CPU model: {model}
+- Memory (MemTotal): {memory}
+- Kernel (`uname -r`): {kernel}
+- Date: {date}
+- Source: {source}
+- Load average (1/5/15 min) when the run began: {load_before}; when it ended: {load_after}.
+  Other work on the machine during the run moves these numbers; compare runs only with
+  similar load.
+
+## What is measured
+
+- **No-op round trip**: a local pool of 1 real `skyward-agent` process (`Pool::up` with
+  `LocalProvider`), the coordinator in the bench process. One task = `start_task` with
+  `TaskSpec::noop(0)` (a new QUIC stream, the `Start` frame), then `TaskOutput::next` until
+  `None` (the `Finished` frame, checked to be exit code 0). {WARMUP} warm-up tasks, then
+  {SEQUENTIAL} timed sequential tasks; nearest-rank p50 / p99.
+- **Pipelined no-op**: {PIPELINED} no-op tasks with {IN_FLIGHT} in flight (a tokio `JoinSet`),
+  round-robin over the pool's nodes, with 1 and with {MANY} agents; tasks/s over the whole
+  batch, median of {REPEATS} runs (runs: 1 agent {sky_one}; {MANY} agents {sky_many}).
+- **Cold end-to-end**: `target/release/skyward run --nodes {MANY} --on all -- true` from process
+  spawn to exit (exit status 0 asserted), `SKYWARD_HOME` in a fresh temp dir. {COLD_RUNS} runs,
+  the first a warm-up ({warmup:.3} s, not counted); counted runs in seconds: {cold}.
+- **Bare quinn baseline** (same run, alternating with the Skyward measurements): a server
+  endpoint with `transport::server_config` and a certificate from `PoolCa::issue_server_cert`,
+  and echo peers in separate processes (this binary run as `echo-peer`, 2 tokio workers like
+  the agent) connecting with `transport::client_config(pin, Some(node cert signed by the same
+  CA), ALPN_NODE)` through `transport::endpoint`. As in Skyward, the server side opens one
+  bidirectional stream per request (the coordinator opens task streams towards the agent):
+  32 bytes out, stream finished, 32 bytes echoed back. Same counts: {WARMUP} + {SEQUENTIAL}
+  sequential; {PIPELINED} with {IN_FLIGHT} in flight over 1 and over {MANY} peer connections,
+  median of {REPEATS} (runs: 1 peer {bare_one}; {MANY} peers {bare_many}).
+- The bench process uses a 2-worker tokio runtime, as the `skyward` CLI does. While one
+  side is measured the other side's processes sit idle (the 4 echo peers stay connected
+  throughout; the Skyward pools are brought up one at a time).
+- With few CPUs the coordinator, the agents and the peers share cores, so the multi-agent
+  rows measure contention between processes as much as fan-out across nodes.
+",
+        verdicts = verdicts(r).join("\n"),
+        WARMUP = thousands(WARMUP as f64),
+        SEQUENTIAL = thousands(SEQUENTIAL as f64),
+        PIPELINED = thousands(PIPELINED as f64),
+        cpus = machine.cpus,
+        model = machine.model,
+        memory = machine.memory,
+        kernel = machine.kernel,
+        date = machine.date,
+        source = machine.source,
+        load_before = machine.load_before,
+        load_after = machine.load_after,
+        sky_one = list(&r.sky_one),
+        sky_many = list(&r.sky_many),
+        bare_one = list(&r.bare_one),
+        bare_many = list(&r.bare_many),
+        warmup = r.cold_warmup.as_secs_f64(),
+        cold = cold.join(", "),
+    );
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(20_454), (2026, 1, 1));
+    }
+
+    #[test]
+    fn table_and_verdicts_render() {
+        let lat = |p50, p99| Latency {
+            p50: Duration::from_micros(p50),
+            p99: Duration::from_micros(p99),
+        };
+        let r = Results {
+            sky_latency: lat(200, 400),
+            bare_latency: lat(80, 300),
+            sky_one: vec![20_000.0, 25_000.0, 22_000.0],
+            bare_one: vec![40_000.0; 3],
+            sky_many: vec![35_000.0; 3],
+            bare_many: vec![50_000.0; 3],
+            cold: vec![
+                Duration::from_millis(800),
+                Duration::from_millis(1200),
+                Duration::from_millis(900),
+            ],
+            cold_warmup: Duration::from_millis(1500),
+        };
+        let t = table(&r);
+        assert!(t.contains("| 200 µs"), "{t}");
+        assert!(t.contains("22,000/s"), "{t}");
+        let v = verdicts(&r).join("\n");
+        assert!(v.contains("≤ 250 µs: **met** (200 µs)"), "{v}");
+        assert!(v.contains("**partly met**"), "{v}");
+        assert!(v.contains("**met** (median 0.900 s, max 1.200 s"), "{v}");
+        assert!(v.contains("within 2x of bare quinn: **not met**"), "{v}");
+        let md = markdown(&r, &Machine::probe(), &t);
+        assert!(md.contains("## Machine"));
+    }
+}

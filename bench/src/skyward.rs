@@ -1,0 +1,181 @@
+//! Skyward itself: no-op tasks through a real coordinator to real `skyward-agent` processes,
+//! and the cold `skyward run` command line.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use skyward_common::protocol::{TaskEvent, TaskSpec};
+use skyward_coordinator::pool::PoolProgress;
+use skyward_coordinator::provider::{LocalProvider, Provider};
+use skyward_coordinator::server::RemoteTask;
+use skyward_coordinator::{Coordinator, CoordinatorConfig, NodeHandle, Pool, PoolSpec};
+use tokio::task::JoinSet;
+
+use crate::stats::Latency;
+use crate::Limits;
+
+/// How long the agents of a benchmark pool get to enroll and connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A no-op task produces `Finished` and nothing else; more events than this is a bug.
+const MAX_EVENTS_PER_NOOP: usize = 16;
+/// Bound on one cold `skyward run`.
+const COLD_RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A local pool of real agent processes under `root`.
+pub async fn pool_up(agent_bin: &Path, root: &Path, nodes: usize) -> Result<Pool> {
+    let coordinator = Arc::new(Coordinator::start(CoordinatorConfig {
+        pool: format!("bench-{nodes}"),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: None,
+    })?);
+    let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(
+        agent_bin.to_path_buf(),
+        root.join(format!("pool-{nodes}")),
+    ));
+    let spec = PoolSpec {
+        nodes,
+        connect_timeout: CONNECT_TIMEOUT,
+    };
+    let mut ignore = |_: PoolProgress<'_>| {};
+    let pool = Pool::up(coordinator, provider, &spec, &mut ignore)
+        .await
+        .with_context(|| format!("bringing up a local pool of {nodes} agents"))?;
+    ensure!(
+        pool.nodes().len() == nodes,
+        "pool came up with {} nodes, expected {nodes}",
+        pool.nodes().len()
+    );
+    Ok(pool)
+}
+
+/// One no-op task, start to `None`: checks it finished with exit code 0.
+async fn noop(coordinator: &Coordinator, node: &NodeHandle) -> Result<()> {
+    let RemoteTask { input, mut output } = coordinator.start_task(node, TaskSpec::noop(0)).await?;
+    let mut finished = false;
+    let mut events = 0;
+    while let Some(event) = output.next().await? {
+        events += 1;
+        ensure!(
+            events <= MAX_EVENTS_PER_NOOP,
+            "no-op task sent more than {MAX_EVENTS_PER_NOOP} events"
+        );
+        if let TaskEvent::Finished(outcome) = event {
+            ensure!(outcome.success(), "no-op task ended with {outcome}");
+            finished = true;
+        }
+    }
+    // The input half stays open until the task ends, as `skyward run` keeps it.
+    drop(input);
+    ensure!(finished, "no-op task stream ended without Finished");
+    Ok(())
+}
+
+/// Sequential no-op round trips on the pool's first node: `warmup` untimed, then `count` timed.
+pub async fn round_trips(
+    pool: &Pool,
+    warmup: usize,
+    count: usize,
+    limits: &Limits,
+) -> Result<Latency> {
+    let coordinator = pool.coordinator();
+    let node = pool.nodes().first().context("empty pool")?;
+    let work = async {
+        for _ in 0..warmup {
+            noop(coordinator, node).await?;
+        }
+        let mut samples = Vec::with_capacity(count);
+        for _ in 0..count {
+            let start = Instant::now();
+            noop(coordinator, node).await?;
+            samples.push(start.elapsed());
+        }
+        anyhow::Ok(samples)
+    };
+    let samples = tokio::time::timeout(limits.phase, work)
+        .await
+        .with_context(|| format!("sequential no-op tasks took longer than {:?}", limits.phase))??;
+    Ok(Latency::from_samples(samples))
+}
+
+/// `total` no-op tasks with at most `in_flight` running, round-robin over the pool's nodes;
+/// returns tasks per second.
+pub async fn throughput(
+    pool: &Pool,
+    total: usize,
+    in_flight: usize,
+    limits: &Limits,
+) -> Result<f64> {
+    let coordinator = pool.shared_coordinator();
+    let nodes = pool.nodes().to_vec();
+    ensure!(!nodes.is_empty(), "empty pool");
+    let start = Instant::now();
+    let work = async {
+        let mut running = JoinSet::new();
+        let (mut started, mut done) = (0usize, 0usize);
+        while done < total {
+            while started < total && running.len() < in_flight {
+                let coordinator = coordinator.clone();
+                let node = nodes[started % nodes.len()].clone();
+                running.spawn(async move { noop(&coordinator, &node).await });
+                started += 1;
+            }
+            match running.join_next().await {
+                Some(result) => {
+                    result.context("no-op task panicked")??;
+                    done += 1;
+                }
+                None => bail!("ran out of tasks after {done} of {total}"),
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(limits.phase, work)
+        .await
+        .with_context(|| {
+            format!(
+                "{total} pipelined no-op tasks took longer than {:?}",
+                limits.phase
+            )
+        })??;
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `skyward run --nodes 4 --on all -- true`, from spawning the process to its exit.
+pub async fn cold_run(skyward_bin: &Path, home: &Path, nodes: usize) -> Result<Duration> {
+    let mut command = tokio::process::Command::new(skyward_bin);
+    command
+        .args([
+            "run",
+            "--nodes",
+            &nodes.to_string(),
+            "--on",
+            "all",
+            "--",
+            "true",
+        ])
+        .env("SKYWARD_HOME", home)
+        .env_remove("SKYWARD_AGENT_BIN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let child = command
+        .spawn()
+        .with_context(|| format!("starting {}", skyward_bin.display()))?;
+    let output = tokio::time::timeout(COLD_RUN_TIMEOUT, child.wait_with_output())
+        .await
+        .with_context(|| format!("skyward run took longer than {COLD_RUN_TIMEOUT:?}"))??;
+    let elapsed = start.elapsed();
+    if !output.status.success() {
+        bail!(
+            "skyward run --nodes {nodes} --on all -- true exited with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(elapsed)
+}
