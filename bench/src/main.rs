@@ -1,11 +1,13 @@
 //! `skyward-bench`: measures Skyward's dispatch path on loopback against bare quinn with the
-//! same TLS setup, prints one table and writes `BENCHMARKS.md`.
+//! same TLS setup, and the agent's and the CLI's footprint; prints the tables and writes
+//! `BENCHMARKS.md`.
 //!
 //! Run `cargo build --release` first (it builds `skyward` and `skyward-agent` next to this
 //! binary), then `cargo run --release -p skyward-bench`. Every loop is bounded in count and
 //! time, and all traffic stays on 127.0.0.1.
 
 mod bare;
+mod footprint;
 mod report;
 mod skyward;
 mod stats;
@@ -145,10 +147,17 @@ async fn run(options: Options) -> Result<()> {
 
     machine.finish();
     let table = report::table(&results);
+    let footprint_table = report::footprint_table(&results.footprint);
     println!("{table}");
     println!("{}", report::verdicts(&results).join("\n"));
+    println!();
+    println!("{footprint_table}");
+    println!(
+        "{}",
+        report::footprint_verdicts(&results.footprint).join("\n")
+    );
     if let Some(out) = options.out {
-        let markdown = report::markdown(&results, &machine, &table);
+        let markdown = report::markdown(&results, &machine, &table, &footprint_table);
         std::fs::write(&out, markdown).with_context(|| format!("writing {}", out.display()))?;
         progress(&format!("wrote {}", out.display()));
     }
@@ -189,6 +198,9 @@ async fn measure(
             cold.push(elapsed);
         }
     }
+
+    // Last, with nothing else of the bench's running, so that the idle agent is really idle.
+    let footprint = footprint::measure(skyward_bin, agent_bin, scratch).await?;
     Ok(Results {
         sky_latency,
         bare_latency,
@@ -198,6 +210,7 @@ async fn measure(
         bare_many,
         cold,
         cold_warmup,
+        footprint,
     })
 }
 

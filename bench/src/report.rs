@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::footprint::{self, mb, Footprint, CLI_NODES, CLI_SAMPLE_AT, CLI_SLEEP_S};
 use crate::stats::{median, median_duration, micros, thousands, Latency};
 use crate::{COLD_RUNS, IN_FLIGHT, MANY, PIPELINED, REPEATS, SEQUENTIAL, WARMUP};
 
@@ -12,6 +13,10 @@ const TARGET_P50_US: f64 = 250.0;
 const TARGET_TASKS_PER_S: f64 = 30_000.0;
 const TARGET_COLD: Duration = Duration::from_secs(1);
 const TARGET_RATIO: f64 = 2.0;
+const TARGET_AGENT_BINARY_MB: f64 = 10.0;
+const TARGET_AGENT_RSS_MB: f64 = 20.0;
+/// Percent of one core; informational in this issue.
+const TARGET_AGENT_CPU_PERCENT: f64 = 0.5;
 
 pub struct Results {
     pub sky_latency: Latency,
@@ -24,6 +29,7 @@ pub struct Results {
     /// Counted cold runs (the warm-up excluded).
     pub cold: Vec<Duration>,
     pub cold_warmup: Duration,
+    pub footprint: Footprint,
 }
 
 impl Results {
@@ -127,9 +133,16 @@ pub fn table(r: &Results) -> String {
             "—".into(),
         ],
     ];
-    let header = ["measurement", "skyward", "bare quinn", "ratio", "target"];
+    render(
+        ["measurement", "skyward", "bare quinn", "ratio", "target"],
+        &rows,
+    )
+}
+
+/// A Markdown table with padded columns.
+fn render<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -147,11 +160,89 @@ pub fn table(r: &Results) -> String {
     out.push('\n');
     let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
     out.push_str(&format!("|-{}-|", rule.join("-|-")));
-    for row in &rows {
+    for row in rows {
         out.push('\n');
         out.push_str(&line(row));
     }
     out
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.2} MB", mb(bytes))
+}
+
+fn percent(value: f64) -> String {
+    format!("{value:.2}%")
+}
+
+/// The footprint table.
+pub fn footprint_table(f: &Footprint) -> String {
+    let rows: Vec<[String; 3]> = vec![
+        [
+            "`skyward-agent` binary, stripped release".into(),
+            megabytes(f.agent_binary_bytes),
+            format!("≤ {TARGET_AGENT_BINARY_MB:.0} MB"),
+        ],
+        [
+            format!(
+                "agent idle RSS (VmRSS), 1-agent pool, {} s after connecting",
+                footprint::SETTLE.as_secs()
+            ),
+            megabytes(f.agent_rss_bytes),
+            format!("≤ {TARGET_AGENT_RSS_MB:.0} MB"),
+        ],
+        [
+            format!(
+                "agent idle CPU (utime+stime) over {} s, % of one core",
+                footprint::CPU_WINDOW.as_secs()
+            ),
+            percent(f.agent_cpu_percent()),
+            format!("< {TARGET_AGENT_CPU_PERCENT}% (informational)"),
+        ],
+        [
+            format!("`skyward` CLI RSS (VmRSS), {CLI_NODES} local nodes up and idle"),
+            megabytes(f.cli_rss_bytes),
+            "— (informational)".into(),
+        ],
+        [
+            String::from("`skyward` CLI peak RSS (VmHWM), read at the same moment"),
+            megabytes(f.cli_hwm_bytes),
+            "— (informational)".into(),
+        ],
+    ];
+    render(["footprint", "measured", "target"], &rows)
+}
+
+/// One line per footprint row.
+pub fn footprint_verdicts(f: &Footprint) -> Vec<String> {
+    let binary = mb(f.agent_binary_bytes);
+    let rss = mb(f.agent_rss_bytes);
+    let cpu = f.agent_cpu_percent();
+    vec![
+        format!(
+            "- `skyward-agent` binary ≤ {TARGET_AGENT_BINARY_MB:.0} MB: **{}** ({binary:.2} MB, {} bytes).",
+            met(binary <= TARGET_AGENT_BINARY_MB),
+            thousands(f.agent_binary_bytes as f64)
+        ),
+        format!(
+            "- idle agent RSS ≤ {TARGET_AGENT_RSS_MB:.0} MB: **{}** ({rss:.2} MB VmRSS; peak VmHWM {:.2} MB).",
+            met(rss <= TARGET_AGENT_RSS_MB),
+            mb(f.agent_hwm_bytes)
+        ),
+        format!(
+            "- idle agent CPU < {TARGET_AGENT_CPU_PERCENT}% of one core (informational): **{}** ({cpu:.2}%: {} clock ticks in {:.2} s; one tick = {:.2}%).",
+            met(cpu < TARGET_AGENT_CPU_PERCENT),
+            f.agent_cpu_ticks,
+            f.agent_cpu_wall.as_secs_f64(),
+            f.agent_cpu_resolution()
+        ),
+        format!(
+            "- `skyward` CLI with {CLI_NODES} local nodes up: {:.2} MB VmRSS, {:.2} MB VmHWM, read {:.2} s after spawn (no target).",
+            mb(f.cli_rss_bytes),
+            mb(f.cli_hwm_bytes),
+            f.cli_sampled_at.as_secs_f64()
+        ),
+    ]
 }
 
 fn met(ok: bool) -> &'static str {
@@ -340,7 +431,7 @@ fn list(values: &[f64]) -> String {
 }
 
 /// The whole BENCHMARKS.md.
-pub fn markdown(r: &Results, machine: &Machine, table: &str) -> String {
+pub fn markdown(r: &Results, machine: &Machine, table: &str, footprint_table: &str) -> String {
     let mut md = String::new();
     let cold: Vec<String> = r
         .cold
@@ -373,6 +464,16 @@ throughput: bare / skyward), so ≤ 2.00x means \"within 2x of bare quinn\".
 ### Verdicts
 
 {verdicts}
+
+## Footprint
+
+{footprint_table}
+
+MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
+
+### Verdicts
+
+{footprint_verdicts}
 
 ## Machine
 
@@ -413,6 +514,21 @@ throughput: bare / skyward), so ≤ 2.00x means \"within 2x of bare quinn\".
   throughout; the Skyward pools are brought up one at a time).
 - With few CPUs the coordinator, the agents and the peers share cores, so the multi-agent
   rows measure contention between processes as much as fan-out across nodes.
+- **Binary size**: the file size of `target/release/skyward-agent` (the release profile strips
+  symbols).
+- **Idle agent**: a fresh local pool of 1 agent (`Pool::up` with `LocalProvider`, as above),
+  the agent's pid found by scanning `/proc/*/cmdline` for an `argv[0]` ending in
+  `skyward-agent` with the pool's work-dir root in its arguments. Once `Pool::up` has returned
+  (agent connected) and {settle} s more of idleness, `VmRSS` (and `VmHWM`) from
+  `/proc/<pid>/status`; then utime + stime from `/proc/<pid>/stat` before and after
+  {window} s of idleness, divided by the wall time between the two reads, in percent of one
+  core. `/proc` counts CPU time in clock ticks ({ticks}/s here), so the resolution is one tick
+  over the window.
+- **CLI memory**: `target/release/skyward run --nodes {CLI_NODES} --on one -- sleep {CLI_SLEEP_S}`
+  with `SKYWARD_HOME` in the temp dir; once `/proc` shows its {CLI_NODES} agents (under that
+  `SKYWARD_HOME`) and at least {sample_at:.1} s after spawn, `VmRSS` and `VmHWM` of the CLI
+  process (which hosts the coordinator); the run is then awaited and must exit with 0 and
+  leave no agent behind.
 ",
         verdicts = verdicts(r).join("\n"),
         WARMUP = thousands(WARMUP as f64),
@@ -432,6 +548,11 @@ throughput: bare / skyward), so ≤ 2.00x means \"within 2x of bare quinn\".
         bare_many = list(&r.bare_many),
         warmup = r.cold_warmup.as_secs_f64(),
         cold = cold.join(", "),
+        footprint_verdicts = footprint_verdicts(&r.footprint).join("\n"),
+        settle = footprint::SETTLE.as_secs(),
+        window = footprint::CPU_WINDOW.as_secs(),
+        ticks = r.footprint.clock_ticks,
+        sample_at = CLI_SAMPLE_AT.as_secs_f64(),
     );
     md
 }
@@ -466,6 +587,17 @@ mod tests {
                 Duration::from_millis(900),
             ],
             cold_warmup: Duration::from_millis(1500),
+            footprint: Footprint {
+                agent_binary_bytes: 5_010_368,
+                agent_rss_bytes: 8_192 * 1024,
+                agent_hwm_bytes: 9_000 * 1024,
+                agent_cpu_ticks: 1,
+                clock_ticks: 100,
+                agent_cpu_wall: Duration::from_secs(5),
+                cli_rss_bytes: 30_000 * 1024,
+                cli_hwm_bytes: 31_000 * 1024,
+                cli_sampled_at: Duration::from_millis(2_500),
+            },
         };
         let t = table(&r);
         assert!(t.contains("| 200 µs"), "{t}");
@@ -475,7 +607,23 @@ mod tests {
         assert!(v.contains("**partly met**"), "{v}");
         assert!(v.contains("**met** (median 0.900 s, max 1.200 s"), "{v}");
         assert!(v.contains("within 2x of bare quinn: **not met**"), "{v}");
-        let md = markdown(&r, &Machine::probe(), &t);
+        let ft = footprint_table(&r.footprint);
+        assert!(ft.contains("| 5.01 MB"), "{ft}");
+        assert!(ft.contains("| 0.20%"), "{ft}");
+        let fv = footprint_verdicts(&r.footprint).join("\n");
+        assert!(
+            fv.contains("≤ 10 MB: **met** (5.01 MB, 5,010,368 bytes)"),
+            "{fv}"
+        );
+        assert!(fv.contains("≤ 20 MB: **met** (8.39 MB VmRSS"), "{fv}");
+        assert!(
+            fv.contains("**met** (0.20%: 1 clock ticks in 5.00 s"),
+            "{fv}"
+        );
+        assert!(fv.contains("30.72 MB VmRSS"), "{fv}");
+        let md = markdown(&r, &Machine::probe(), &t, &ft);
         assert!(md.contains("## Machine"));
+        assert!(md.contains("## Footprint"));
+        assert!(md.contains(&ft));
     }
 }
