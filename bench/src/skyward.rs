@@ -11,7 +11,7 @@ use skyward_common::protocol::{TaskEvent, TaskSpec};
 use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::provider::{LocalProvider, Provider};
 use skyward_coordinator::server::RemoteTask;
-use skyward_coordinator::{Coordinator, CoordinatorConfig, NodeHandle, Pool, PoolSpec};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, NodeHandle, Pool, PoolSpec, Selection};
 use tokio::task::JoinSet;
 
 use crate::stats::Latency;
@@ -32,17 +32,21 @@ pub async fn pool_up(agent_bin: &Path, root: &Path, nodes: usize) -> Result<Pool
         state_dir: None,
     })?);
     let provider: Arc<dyn Provider> = Arc::new(LocalProvider::new(
-        agent_bin.to_path_buf(),
+        Ok(agent_bin.to_path_buf()),
         root.join(format!("pool-{nodes}")),
     ));
-    let spec = PoolSpec {
-        nodes,
-        connect_timeout: CONNECT_TIMEOUT,
-    };
+    let mut spec = PoolSpec::new(nodes);
+    spec.connect_timeout = CONNECT_TIMEOUT;
     let mut ignore = |_: PoolProgress<'_>| {};
-    let pool = Pool::up(coordinator, provider, &spec, &mut ignore)
-        .await
-        .with_context(|| format!("bringing up a local pool of {nodes} agents"))?;
+    let pool = Pool::up(
+        coordinator,
+        &[provider],
+        &Selection::First,
+        &spec,
+        &mut ignore,
+    )
+    .await
+    .with_context(|| format!("bringing up a local pool of {nodes} agents"))?;
     ensure!(
         pool.nodes().len() == nodes,
         "pool came up with {} nodes, expected {nodes}",

@@ -12,10 +12,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::output::{OutputMode, Renderer};
-use crate::pool::{self, Pool, PoolProgress, PoolSpec};
-use crate::provider::{LocalProvider, Provider};
+use crate::pool::{self, Pool, PoolProgress};
+use crate::provider::{self, LocalProvider, Provider, ProviderContext};
 use crate::run::{run_job, Job, TaskPlan, TaskReport};
+use crate::selection::Selection;
 use crate::server::{Coordinator, CoordinatorConfig};
+use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
 
 /// Exit code for a command line that was wrong (nothing was started).
 const USAGE: i32 = 2;
@@ -37,6 +39,83 @@ pub struct Cli {
 enum Command {
     /// Bring up a pool, run a command on it, stream its output, tear the pool down.
     Run(RunArgs),
+    /// List what the providers offer for a spec, cheapest first.
+    Offers(OffersArgs),
+    /// Which providers are configured here, and whether their credentials work.
+    Providers(ProvidersArgs),
+}
+
+/// What the nodes are and where they come from (shared by `run` and `offers`).
+#[derive(Args, Debug)]
+struct SpecArgs {
+    /// Providers to choose from, comma-separated, in order of preference.
+    #[arg(long, default_value = "local")]
+    provider: String,
+    /// How to choose among the providers' offers: first, cheapest or available.
+    #[arg(long, default_value = "first", value_parser = str::parse::<Selection>)]
+    selection: Selection,
+    /// Accelerators per node: H100, H100:8, "RTX 4090", A100-80GB:2...
+    #[arg(long, value_parser = str::parse::<AcceleratorRequest>)]
+    accelerator: Option<AcceleratorRequest>,
+    /// Least vCPUs per node.
+    #[arg(long)]
+    cpu: Option<u32>,
+    /// Least memory per node (8GB, 512MB).
+    #[arg(long, value_parser = parse_memory_gb)]
+    memory: Option<f64>,
+    /// spot, on-demand, or spot-if-available (spot, then on-demand when there is no spot capacity).
+    #[arg(long, default_value = "on-demand", value_parser = str::parse::<Allocation>)]
+    allocation: Allocation,
+    /// Only offers in this region.
+    #[arg(long)]
+    region: Option<String>,
+    /// Highest price per node-hour, USD.
+    #[arg(long, value_name = "USD")]
+    max_price: Option<f64>,
+    /// Boot disk per node, GB.
+    #[arg(long, value_name = "GB")]
+    disk: Option<u32>,
+    /// Image overriding the provider's default (AMI id, image slug, docker image).
+    #[arg(long)]
+    image: Option<String>,
+}
+
+impl SpecArgs {
+    fn spec(&self, nodes: usize, connect_timeout: Duration) -> Result<PoolSpec, String> {
+        if self.cpu == Some(0) {
+            return Err("--cpu must be at least 1".into());
+        }
+        if self.max_price.is_some_and(|p| p.is_nan() || p <= 0.0) {
+            return Err("--max-price must be a positive price per node-hour, e.g. 2.5".into());
+        }
+        let mut spec = PoolSpec::new(nodes);
+        spec.accelerator = self.accelerator;
+        spec.vcpus = self.cpu;
+        spec.memory_gb = self.memory;
+        spec.allocation = self.allocation;
+        spec.region = self.region.clone();
+        spec.max_price_per_hour = self.max_price;
+        spec.disk_gb = self.disk;
+        spec.image = self.image.clone();
+        spec.connect_timeout = connect_timeout;
+        Ok(spec)
+    }
+}
+
+#[derive(Args, Debug)]
+struct OffersArgs {
+    #[command(flatten)]
+    spec: SpecArgs,
+    /// One JSON array on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ProvidersArgs {
+    /// One JSON array on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -70,9 +149,8 @@ struct RunArgs {
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Where nodes come from.
-    #[arg(long, default_value = "local")]
-    provider: String,
+    #[command(flatten)]
+    spec: SpecArgs,
     /// How long nodes get to come up and connect.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
@@ -93,12 +171,16 @@ struct RunArgs {
 pub async fn main(cli: Cli) -> i32 {
     match cli.command {
         Command::Run(args) => run(args).await,
+        Command::Offers(args) => offers(args).await,
+        Command::Providers(args) => providers(args).await,
     }
 }
 
 /// What `skyward run` will do, checked before anything is created.
 struct Plan {
     spec: PoolSpec,
+    selection: Selection,
+    providers: String,
     on: On,
     /// argv per task for a map, or the one argv otherwise.
     argvs: Vec<Vec<String>>,
@@ -115,12 +197,6 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     }
     if args.per_node == 0 {
         return Err("--per-node must be at least 1".into());
-    }
-    if args.provider != "local" {
-        return Err(format!(
-            "unknown provider {:?}: this build has `local` only; drop --provider to run on local agents",
-            args.provider
-        ));
     }
     let env = args
         .env
@@ -165,10 +241,9 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     };
     let single = args.map.is_none() && args.on == On::One;
     Ok(Plan {
-        spec: PoolSpec {
-            nodes: args.nodes,
-            connect_timeout: args.connect_timeout,
-        },
+        spec: args.spec.spec(args.nodes, args.connect_timeout)?,
+        selection: args.spec.selection.clone(),
+        providers: args.spec.provider.clone(),
         on: args.on,
         argvs,
         env,
@@ -217,14 +292,22 @@ async fn run(args: RunArgs) -> i32 {
             return USAGE;
         }
     };
-    let (agent_bin, home) =
-        match LocalProvider::find_agent_binary().and_then(|bin| Ok((bin, skyward_home()?))) {
-            Ok(found) => found,
-            Err(message) => {
-                eprintln!("skyward: {message}");
-                return USAGE;
-            }
-        };
+    let home = match skyward_home() {
+        Ok(home) => home,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
+    let pool_name = format!("sky-{:08x}", rand::random::<u32>());
+    let pool_dir = home.join("pools").join(&pool_name);
+    let providers = match make_providers(&plan.providers, pool_dir.join("nodes"), true) {
+        Ok(providers) => providers,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
     let (mut sigint, mut sigterm) = match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
@@ -235,8 +318,6 @@ async fn run(args: RunArgs) -> i32 {
             return FAILURE;
         }
     };
-    let pool_name = format!("sky-{:08x}", rand::random::<u32>());
-    let pool_dir = home.join("pools").join(&pool_name);
     let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
     let coordinator = match Coordinator::start(CoordinatorConfig {
         pool: pool_name.clone(),
@@ -249,8 +330,6 @@ async fn run(args: RunArgs) -> i32 {
             return FAILURE;
         }
     };
-    let provider: Arc<dyn Provider> =
-        Arc::new(LocalProvider::new(agent_bin, pool_dir.join("nodes")));
     let mut renderer = Renderer::terminal(plan.mode);
     let labels: Vec<String> = plan
         .argvs
@@ -260,7 +339,7 @@ async fn run(args: RunArgs) -> i32 {
         })
         .collect();
 
-    let work = execute(&plan, coordinator.clone(), provider.clone(), &mut renderer);
+    let work = execute(&plan, coordinator.clone(), &providers, &mut renderer);
     let ended = tokio::select! {
         result = work => Ended::Finished(result),
         _ = sigint.recv() => Ended::Signal("SIGINT", 130),
@@ -272,7 +351,7 @@ async fn run(args: RunArgs) -> i32 {
         ));
     }
     // A second Ctrl-C does not abandon the teardown: it says what is still going on.
-    let teardown = pool::teardown(&coordinator, provider.as_ref());
+    let teardown = pool::teardown(&coordinator, &providers);
     tokio::pin!(teardown);
     loop {
         tokio::select! {
@@ -294,6 +373,141 @@ async fn run(args: RunArgs) -> i32 {
             exit_code(&reports)
         }
     }
+}
+
+/// The providers named on the command line. `need_agent`: refuse up front when the local
+/// provider is asked to start nodes without an agent binary to run.
+fn make_providers(
+    names: &str,
+    local_root: PathBuf,
+    need_agent: bool,
+) -> Result<Vec<Arc<dyn Provider>>, String> {
+    let agent_bin = LocalProvider::find_agent_binary();
+    if need_agent && names.split(',').any(|n| n.trim() == "local") {
+        if let Err(message) = &agent_bin {
+            return Err(message.clone());
+        }
+    }
+    provider::from_names(
+        names,
+        &ProviderContext {
+            agent_bin,
+            local_root,
+        },
+    )
+}
+
+async fn offers(args: OffersArgs) -> i32 {
+    let spec = match args.spec.spec(1, Duration::from_secs(60)) {
+        Ok(spec) => spec,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
+    let providers = match make_providers(&args.spec.provider, std::env::temp_dir(), false) {
+        Ok(providers) => providers,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
+    let candidates = pool::candidates(&providers, &spec).await;
+    let mut rows: Vec<&crate::offer::Offer> = candidates
+        .iter()
+        .filter_map(|c| c.offers.as_ref().ok())
+        .flatten()
+        .collect();
+    let sort_market = spec.allocation.markets()[0];
+    rows.sort_by(|a, b| {
+        let price = |o: &crate::offer::Offer| o.price(sort_market).unwrap_or(f64::INFINITY);
+        price(a).total_cmp(&price(b))
+    });
+    let errors: Vec<&String> = candidates
+        .iter()
+        .filter_map(|c| c.offers.as_ref().err())
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into())
+        );
+    } else {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+        table.set_header([
+            "provider",
+            "region",
+            "instance",
+            "accelerator",
+            "vCPU",
+            "RAM GB",
+            "$/h on-demand",
+            "$/h spot",
+            "capacity",
+        ]);
+        let price = |p: Option<f64>| p.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into());
+        for offer in &rows {
+            table.add_row([
+                offer.provider.clone(),
+                offer.region.clone(),
+                offer.instance_type.clone(),
+                offer.accelerator_label(),
+                offer.vcpus.to_string(),
+                format!("{:.1}", offer.memory_gb),
+                price(offer.on_demand_per_hour),
+                price(offer.spot_per_hour),
+                if offer.available { "yes" } else { "no" }.to_string(),
+            ]);
+        }
+        println!("{table}");
+    }
+    for error in &errors {
+        eprintln!("skyward: {error}");
+    }
+    match (rows.is_empty(), errors.is_empty()) {
+        (false, _) => 0,
+        (true, true) => {
+            eprintln!("skyward: no offers for {}", spec.describe());
+            1
+        }
+        (true, false) => FAILURE,
+    }
+}
+
+async fn providers(args: ProvidersArgs) -> i32 {
+    let providers = match make_providers(&provider::KNOWN.join(","), std::env::temp_dir(), false) {
+        Ok(providers) => providers,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
+    let mut statuses = Vec::new();
+    for provider in &providers {
+        statuses.push(provider.status().await);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&statuses).unwrap_or_else(|_| "[]".into())
+        );
+    } else {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+        table.set_header(["provider", "configured", "working", "detail"]);
+        let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+        for status in &statuses {
+            table.add_row([
+                status.provider.clone(),
+                yes(status.configured),
+                yes(status.working),
+                status.detail.clone(),
+            ]);
+        }
+        println!("{table}");
+    }
+    0
 }
 
 enum Ended {
@@ -320,7 +534,7 @@ fn exit_code(reports: &[TaskReport]) -> i32 {
 async fn execute(
     plan: &Plan,
     coordinator: Arc<Coordinator>,
-    provider: Arc<dyn Provider>,
+    providers: &[Arc<dyn Provider>],
     renderer: &mut Renderer<std::io::Stdout, std::io::Stderr>,
 ) -> Result<Vec<TaskReport>, String> {
     let progress = (plan.mode != OutputMode::Json && std::io::stderr().is_terminal()).then(|| {
@@ -334,10 +548,21 @@ async fn execute(
     });
     let mut pool = {
         let mut on_progress = |event: PoolProgress<'_>| match event {
-            PoolProgress::Provisioning { nodes, provider } => {
+            PoolProgress::Searching { providers } => {
                 if let Some(bar) = &progress {
-                    bar.set_message(format!("starting {nodes} nodes on {provider}:"));
+                    bar.set_message(format!("asking {providers} provider(s) for offers:"));
                 }
+            }
+            PoolProgress::Provisioning { attempt, nodes } => {
+                if let Some(bar) = &progress {
+                    bar.set_message(format!(
+                        "starting {nodes} x {} on {} ({}):",
+                        attempt.offer.instance_type, attempt.offer.provider, attempt.market
+                    ));
+                }
+            }
+            PoolProgress::AttemptFailed { attempt, error } => {
+                renderer.attempt_failed(attempt, error);
             }
             PoolProgress::NodeReady { node, .. } => {
                 if let Some(bar) = &progress {
@@ -346,7 +571,14 @@ async fn execute(
                 renderer.node_ready(node);
             }
         };
-        let up = Pool::up(coordinator, provider, &plan.spec, &mut on_progress).await;
+        let up = Pool::up(
+            coordinator,
+            providers,
+            &plan.selection,
+            &plan.spec,
+            &mut on_progress,
+        )
+        .await;
         if let Some(bar) = &progress {
             bar.finish_and_clear();
         }
@@ -400,6 +632,7 @@ mod tests {
             .command
         {
             Command::Run(a) => plan(a),
+            other => panic!("parsed as {other:?}"),
         }
     }
 
@@ -427,7 +660,20 @@ mod tests {
             (&["--map", "echo {}"][..], "--map needs inputs"),
             (&["--map", "echo", "a", "--", "true"][..], "not both"),
             (&["--env", "NOEQUALS", "--", "true"][..], "KEY=VALUE"),
-            (&["--provider", "aws", "--", "true"][..], "drop --provider"),
+            (
+                &["--accelerator", "H1000", "--", "true"][..],
+                "unknown accelerator",
+            ),
+            (
+                &["--allocation", "cheap", "--", "true"][..],
+                "spot-if-available",
+            ),
+            (
+                &["--selection", "best", "--", "true"][..],
+                "first, cheapest or available",
+            ),
+            (&["--memory", "lots", "--", "true"][..], "8GB"),
+            (&["--max-price", "0", "--", "true"][..], "positive price"),
             (&["--on", "all", "--map", "echo", "a"][..], "drop --on all"),
         ] {
             let err = args(argv)

@@ -4,16 +4,22 @@
 //! The pure parts ([`lifecycle`], [`schedule`], [`task`], [`tokens`]) hold every rule and
 //! do no I/O; [`server`], [`pool`] and [`run`] are the async shell that moves bytes and timers.
 
+pub mod catalog;
 pub mod cli;
 pub mod lifecycle;
+pub mod offer;
 pub mod output;
 pub mod pool;
 pub mod provider;
 pub mod run;
 pub mod schedule;
+pub mod selection;
 pub mod server;
+pub mod spec;
 pub mod task;
 pub mod tokens;
 
-pub use pool::{Pool, PoolSpec};
+pub use pool::Pool;
+pub use selection::Selection;
 pub use server::{Coordinator, CoordinatorConfig, CoordinatorEvent, NodeHandle, Rejection};
+pub use spec::{Allocation, PoolSpec};

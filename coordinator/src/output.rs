@@ -56,6 +56,31 @@ impl<O: Write, E: Write> Renderer<O, E> {
         }
     }
 
+    /// One provisioning attempt failed; the next offer is tried.
+    pub fn attempt_failed(
+        &mut self,
+        attempt: &crate::selection::Attempt,
+        error: &crate::provider::ProviderError,
+    ) {
+        let offer = &attempt.offer;
+        if self.mode == OutputMode::Json {
+            self.json(serde_json::json!({
+                "event": "attempt_failed",
+                "provider": offer.provider,
+                "region": offer.region,
+                "instance_type": offer.instance_type,
+                "market": attempt.market,
+                "error": error.to_string(),
+            }));
+        } else {
+            let _ = writeln!(
+                self.stderr,
+                "skyward: {} {} in {} ({}) failed: {error}; trying the next offer",
+                offer.provider, offer.instance_type, offer.region, attempt.market
+            );
+        }
+    }
+
     pub fn pool_down(&mut self, pool: &str) {
         if self.mode == OutputMode::Json {
             self.json(serde_json::json!({"event": "pool_down", "pool": pool}));

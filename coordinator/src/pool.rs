@@ -1,28 +1,35 @@
-//! A pool's async shell around the pure [`Lifecycle`]: provision through a provider, wait for
-//! every agent to enroll and connect, hand out the nodes, tear everything down.
+//! A pool's async shell around the pure [`Lifecycle`] and [`selection`](crate::selection):
+//! ask every provider for offers, try them in the selection's order (tearing down each
+//! failed attempt), wait for every agent to enroll and connect, hand out the nodes, and tear
+//! everything down at the end.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::lifecycle::{Action, Event, Lifecycle};
-use crate::provider::{NodeBootstrap, Provider, ProvisionRequest};
+use crate::lifecycle::{Action, Event, Lifecycle, Phase};
+use crate::offer::{Market, Offer};
+use crate::provider::{NodeBootstrap, Provider, ProviderError, ProvisionRequest};
+use crate::selection::{self, Attempt, Candidate, Selection};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
-
-#[derive(Debug, Clone)]
-pub struct PoolSpec {
-    pub nodes: usize,
-    /// How long agents get to enroll and connect after provisioning.
-    pub connect_timeout: Duration,
-}
+pub use crate::spec::PoolSpec;
 
 /// Progress reports while a pool comes up.
 pub enum PoolProgress<'a> {
+    /// Providers are being asked for offers.
+    Searching {
+        providers: usize,
+    },
     Provisioning {
+        attempt: &'a Attempt,
         nodes: usize,
-        provider: &'a str,
+    },
+    AttemptFailed {
+        attempt: &'a Attempt,
+        error: &'a ProviderError,
     },
     NodeReady {
         node: &'a NodeHandle,
@@ -45,113 +52,145 @@ const POLL: Duration = Duration::from_millis(100);
 pub struct Pool {
     coordinator: Arc<Coordinator>,
     provider: Arc<dyn Provider>,
+    offer: Offer,
+    market: Market,
     nodes: Vec<NodeHandle>,
     lifecycle: Lifecycle,
 }
 
+/// Asks every provider for offers at once; one provider's failure is its candidate's error.
+pub async fn candidates(providers: &[Arc<dyn Provider>], spec: &PoolSpec) -> Vec<Candidate> {
+    let mut queries = JoinSet::new();
+    for (index, provider) in providers.iter().enumerate() {
+        let (provider, spec) = (provider.clone(), spec.clone());
+        queries.spawn(async move { (index, provider.offers(&spec).await) });
+    }
+    let mut answers: Vec<Option<Result<Vec<Offer>, ProviderError>>> = vec![None; providers.len()];
+    while let Some(Ok((index, answer))) = queries.join_next().await {
+        answers[index] = Some(answer);
+    }
+    providers
+        .iter()
+        .zip(answers)
+        .map(|(provider, answer)| Candidate {
+            provider: provider.name().to_string(),
+            offers: match answer {
+                Some(Ok(offers)) => Ok(offers
+                    .into_iter()
+                    .filter(|o| spec.mismatch(o).is_none())
+                    .collect()),
+                Some(Err(e)) => Err(e.to_string()),
+                None => Err(format!("{}: offer query did not finish", provider.name())),
+            },
+        })
+        .collect()
+}
+
 impl Pool {
-    /// Provisions `spec.nodes` nodes and returns once every agent is connected. On failure,
+    /// Provisions `spec.nodes` nodes from the first offer that works and returns once every
+    /// agent is connected. Every failed attempt is torn down before the next; on failure,
     /// everything provisioned is torn down before the error is returned.
     pub async fn up(
         coordinator: Arc<Coordinator>,
-        provider: Arc<dyn Provider>,
+        providers: &[Arc<dyn Provider>],
+        selection: &Selection,
         spec: &PoolSpec,
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
     ) -> Result<Pool, PoolError> {
         let pool = coordinator.pool().to_string();
+        let error = |message: String| PoolError {
+            pool: pool.clone(),
+            message,
+        };
+        on_progress(PoolProgress::Searching {
+            providers: providers.len(),
+        });
+        let candidates = candidates(providers, spec).await;
+        let attempts = selection::plan(selection, &candidates, spec);
+        if attempts.is_empty() {
+            return Err(error(no_offers(spec, &candidates)));
+        }
+
         let node_ids: Vec<String> = (1..=spec.nodes).map(|i| format!("node-{i}")).collect();
         let mut lifecycle = Lifecycle::new(node_ids.clone());
         let mut events = coordinator.subscribe();
-        let request = ProvisionRequest {
-            pool: pool.clone(),
-            coordinator: coordinator.local_addr().to_string(),
-            ca_pin: coordinator.ca_pin(),
-            nodes: node_ids
-                .iter()
-                .map(|id| NodeBootstrap {
-                    node_id: id.clone(),
-                    token: coordinator.issue_token(id),
-                })
-                .collect(),
-        };
-        on_progress(PoolProgress::Provisioning {
-            nodes: spec.nodes,
-            provider: provider.name(),
-        });
-        let mut ready: Vec<Option<NodeHandle>> = vec![None; spec.nodes];
-        let fail = |lifecycle: &mut Lifecycle, event: Event| -> PoolError {
-            let actions = lifecycle.handle(event).unwrap_or_default();
-            let message = actions
-                .into_iter()
-                .find_map(|a| match a {
-                    Action::Fail { error } => Some(error),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "failed".into());
-            PoolError {
+        let mut failures = Vec::new();
+        let mut chosen = None;
+        for attempt in &attempts {
+            let provider = &providers[attempt.candidate];
+            // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
+            let request = ProvisionRequest {
                 pool: pool.clone(),
-                message,
-            }
-        };
-        let result: Result<(), PoolError> = async {
-            if let Err(e) = provider.provision(&request).await {
-                return Err(fail(&mut lifecycle, Event::ProvisionFailed(e.to_string())));
-            }
-            lifecycle.handle(Event::Provisioned).map_err(|e| PoolError {
-                pool: pool.clone(),
-                message: e.to_string(),
-            })?;
-            let deadline = Instant::now() + spec.connect_timeout;
-            while *lifecycle.phase() == crate::lifecycle::Phase::WaitingForAgents {
-                let connected = tokio::select! {
-                    event = events.recv() => match event {
-                        Ok(CoordinatorEvent::NodeConnected(node)) => Some(node),
-                        Ok(_) | Err(RecvError::Lagged(_)) => None,
-                        Err(RecvError::Closed) => return Err(PoolError { pool: pool.clone(), message: "coordinator stopped".into() }),
-                    },
-                    _ = tokio::time::sleep(POLL) => {
-                        let failed = provider.failed_nodes(&pool).await;
-                        if !failed.is_empty() {
-                            let detail: Vec<String> = failed.iter().map(|(node, why)| format!("{node}: {why}")).collect();
-                            let _ = lifecycle.handle(Event::TeardownRequested);
-                            return Err(PoolError { pool: pool.clone(), message: format!("nodes failed before connecting: {}", detail.join("; ")) });
-                        }
-                        // Catch connections whose events were missed.
-                        lifecycle.missing().iter().find_map(|id| coordinator.node(id))
-                    },
-                    _ = tokio::time::sleep_until(deadline) => {
-                        let waited = humantime::format_duration(spec.connect_timeout);
-                        let err = fail(&mut lifecycle, Event::WaitTimedOut);
-                        return Err(PoolError { message: format!("{} (waited {waited}; raise --connect-timeout or check the agent logs)", err.message), ..err });
+                coordinator: coordinator.local_addr().to_string(),
+                ca_pin: coordinator.ca_pin(),
+                nodes: node_ids
+                    .iter()
+                    .map(|id| NodeBootstrap {
+                        node_id: id.clone(),
+                        token: coordinator.issue_token(id),
+                    })
+                    .collect(),
+                spec: spec.clone(),
+            };
+            on_progress(PoolProgress::Provisioning {
+                attempt,
+                nodes: spec.nodes,
+            });
+            match provider
+                .provision(&request, &attempt.offer, attempt.market)
+                .await
+            {
+                Ok(_) => {
+                    chosen = Some(attempt.clone());
+                    break;
+                }
+                Err(e) => {
+                    on_progress(PoolProgress::AttemptFailed { attempt, error: &e });
+                    if let Err(cleanup) = provider.teardown(&pool).await {
+                        tracing::error!("cleaning up after a failed attempt: {cleanup}");
                     }
-                };
-                if let Some(node) = connected {
-                    if let Some(index) = node_ids.iter().position(|id| *id == node.node_id) {
-                        if ready[index].is_none() {
-                            let _ = lifecycle.handle(Event::AgentReady(node.node_id.clone()));
-                            ready[index] = Some(node.clone());
-                            on_progress(PoolProgress::NodeReady {
-                                node: &node,
-                                ready: lifecycle.ready_count(),
-                                total: spec.nodes,
-                            });
-                        }
-                    }
+                    failures.push(format!(
+                        "{} {} in {} ({}): {e}",
+                        attempt.offer.provider,
+                        attempt.offer.instance_type,
+                        attempt.offer.region,
+                        attempt.market
+                    ));
                 }
             }
-            Ok(())
         }
+        let Some(chosen) = chosen else {
+            let _ = lifecycle.handle(Event::ProvisionFailed(String::new()));
+            return Err(error(format!(
+                "every attempt failed:\n  {}",
+                failures.join("\n  ")
+            )));
+        };
+        let provider = providers[chosen.candidate].clone();
+        let wait = wait_for_agents(
+            &coordinator,
+            provider.as_ref(),
+            spec,
+            &node_ids,
+            &mut lifecycle,
+            &mut events,
+            on_progress,
+        )
         .await;
-        if let Err(e) = result {
-            teardown(&coordinator, provider.as_ref()).await;
-            return Err(e);
+        match wait {
+            Ok(nodes) => Ok(Pool {
+                coordinator,
+                provider,
+                offer: chosen.offer,
+                market: chosen.market,
+                nodes,
+                lifecycle,
+            }),
+            Err(message) => {
+                teardown(&coordinator, std::slice::from_ref(&provider)).await;
+                Err(error(message))
+            }
         }
-        Ok(Pool {
-            coordinator,
-            provider,
-            nodes: ready.into_iter().flatten().collect(),
-            lifecycle,
-        })
     }
 
     /// The nodes in order: `node-1` first.
@@ -171,6 +210,11 @@ impl Pool {
         self.coordinator.pool()
     }
 
+    /// The offer the pool runs on, and how it is paid for.
+    pub fn offer(&self) -> (&Offer, Market) {
+        (&self.offer, self.market)
+    }
+
     pub(crate) fn lifecycle(&mut self) -> &mut Lifecycle {
         &mut self.lifecycle
     }
@@ -178,18 +222,99 @@ impl Pool {
     /// Stops every task and removes every node.
     pub async fn down(mut self) {
         let _ = self.lifecycle.handle(Event::TeardownRequested);
-        teardown(&self.coordinator, self.provider.as_ref()).await;
+        teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
         let _ = self.lifecycle.handle(Event::TeardownFinished);
     }
 }
 
-/// Tells agents to stop, then has the provider remove every node of the pool. Safe to call
+/// Why nothing could be tried, with what each provider said.
+fn no_offers(spec: &PoolSpec, candidates: &[Candidate]) -> String {
+    let reasons: Vec<String> = candidates
+        .iter()
+        .map(|c| match &c.offers {
+            Err(e) => e.clone(),
+            Ok(offers) if offers.is_empty() => format!("{}: no offer fits", c.provider),
+            Ok(_) => format!(
+                "{}: offers fit but none within the price limit and allocation",
+                c.provider
+            ),
+        })
+        .collect();
+    format!(
+        "no offers for {}: {}; try another accelerator or size, another region, a higher --max-price, or another --allocation",
+        spec.describe(),
+        reasons.join("; ")
+    )
+}
+
+async fn wait_for_agents(
+    coordinator: &Coordinator,
+    provider: &dyn Provider,
+    spec: &PoolSpec,
+    node_ids: &[String],
+    lifecycle: &mut Lifecycle,
+    events: &mut tokio::sync::broadcast::Receiver<CoordinatorEvent>,
+    on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
+) -> Result<Vec<NodeHandle>, String> {
+    let pool = coordinator.pool();
+    lifecycle
+        .handle(Event::Provisioned)
+        .map_err(|e| e.to_string())?;
+    let mut ready: Vec<Option<NodeHandle>> = vec![None; node_ids.len()];
+    let deadline = Instant::now() + spec.connect_timeout;
+    while *lifecycle.phase() == Phase::WaitingForAgents {
+        let connected = tokio::select! {
+            event = events.recv() => match event {
+                Ok(CoordinatorEvent::NodeConnected(node)) => Some(node),
+                Ok(_) | Err(RecvError::Lagged(_)) => None,
+                Err(RecvError::Closed) => return Err("coordinator stopped".into()),
+            },
+            _ = tokio::time::sleep(POLL) => {
+                let failed = provider.failed_nodes(pool).await;
+                if !failed.is_empty() {
+                    let detail: Vec<String> = failed.iter().map(|(node, why)| format!("{node}: {why}")).collect();
+                    let _ = lifecycle.handle(Event::TeardownRequested);
+                    return Err(format!("nodes failed before connecting: {}", detail.join("; ")));
+                }
+                // Catch connections whose events were missed.
+                lifecycle.missing().iter().find_map(|id| coordinator.node(id))
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                let actions = lifecycle.handle(Event::WaitTimedOut).unwrap_or_default();
+                let message = actions.into_iter().find_map(|a| match a {
+                    Action::Fail { error } => Some(error),
+                    _ => None,
+                }).unwrap_or_else(|| "nodes never connected".into());
+                let waited = humantime::format_duration(spec.connect_timeout);
+                return Err(format!("{message} (waited {waited}; raise --connect-timeout or check the agent logs)"));
+            }
+        };
+        if let Some(node) = connected {
+            if let Some(index) = node_ids.iter().position(|id| *id == node.node_id) {
+                if ready[index].is_none() {
+                    let _ = lifecycle.handle(Event::AgentReady(node.node_id.clone()));
+                    ready[index] = Some(node.clone());
+                    on_progress(PoolProgress::NodeReady {
+                        node: &node,
+                        ready: lifecycle.ready_count(),
+                        total: node_ids.len(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(ready.into_iter().flatten().collect())
+}
+
+/// Tells agents to stop, then has each provider remove every node of the pool. Safe to call
 /// at any point, including when provisioning was interrupted halfway.
-pub async fn teardown(coordinator: &Coordinator, provider: &dyn Provider) {
+pub async fn teardown(coordinator: &Coordinator, providers: &[Arc<dyn Provider>]) {
     coordinator.shutdown_nodes("pool is being torn down").await;
-    if let Err(e) = provider.teardown(coordinator.pool()).await {
-        tracing::error!("teardown: {e}");
-        eprintln!("skyward: teardown: {e}");
+    for provider in providers {
+        if let Err(e) = provider.teardown(coordinator.pool()).await {
+            tracing::error!("teardown: {e}");
+            eprintln!("skyward: teardown: {e}");
+        }
     }
     coordinator.close().await;
 }

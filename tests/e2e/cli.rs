@@ -495,3 +495,63 @@ fn a_killed_cli_still_leaves_no_agent_behind() {
         "left behind after kill -9 of the CLI: {left:?}"
     );
 }
+
+#[test]
+fn offers_and_providers_answer_in_tables_and_json() {
+    let sandbox = Sandbox::new();
+    let offers = run(sandbox.skyward().args(["offers", "--json"]), LIMIT);
+    assert_eq!(offers.code, Some(0), "{offers:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&offers.stdout).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["provider"], "local");
+    assert!(list[0]["vcpus"].as_u64().unwrap() >= 1);
+    let table = run(sandbox.skyward().args(["offers"]), LIMIT);
+    assert!(
+        table.stdout.contains("$/h on-demand") && table.stdout.contains("local"),
+        "{}",
+        table.stdout
+    );
+
+    let providers = run(sandbox.skyward().args(["providers", "--json"]), LIMIT);
+    assert_eq!(providers.code, Some(0), "{providers:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&providers.stdout).unwrap();
+    assert_eq!(list[0]["provider"], "local");
+    assert_eq!(list[0]["working"], true);
+}
+
+#[test]
+fn a_spec_no_provider_can_meet_is_refused_with_what_to_try() {
+    let sandbox = Sandbox::new();
+    let gpu = run(
+        sandbox
+            .skyward()
+            .args(["run", "--accelerator", "H100:8", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(gpu.code, Some(255), "{gpu:?}");
+    assert!(
+        gpu.stderr.contains("no offers for 1 x H100:8"),
+        "{}",
+        gpu.stderr
+    );
+    assert!(
+        gpu.stderr.contains("local nodes have no H100"),
+        "{}",
+        gpu.stderr
+    );
+    let big = run(
+        sandbox
+            .skyward()
+            .args(["run", "--cpu", "100000", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(big.code, Some(255), "{big:?}");
+    assert!(
+        big.stderr.contains("local: no offer fits"),
+        "{}",
+        big.stderr
+    );
+    assert!(sandbox.processes().is_empty());
+    let pools = sandbox.path().join("home/pools");
+    assert!(!pools.exists() || std::fs::read_dir(pools).unwrap().next().is_none());
+}

@@ -5,3 +5,4 @@ mod agent;
 mod cli;
 mod output;
 mod security;
+mod selection;

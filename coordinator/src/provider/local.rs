@@ -10,20 +10,25 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::{Child, Command};
 
-use super::{Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest};
+use super::{
+    ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
+};
+use crate::offer::{Market, Offer};
+use crate::spec::PoolSpec;
 
 /// How long an agent gets to stop its tasks and exit after SIGTERM before it is killed.
 const AGENT_EXIT_GRACE: Duration = Duration::from_secs(6);
 
 pub struct LocalProvider {
-    agent_bin: PathBuf,
+    agent_bin: Result<PathBuf, String>,
     root: PathBuf,
     agents: Mutex<HashMap<String, Vec<(String, Child)>>>,
 }
 
 impl LocalProvider {
-    /// `root` holds one work dir per node (`root/<node id>`).
-    pub fn new(agent_bin: PathBuf, root: PathBuf) -> Self {
+    /// `root` holds one work dir per node (`root/<node id>`). Without an agent binary the
+    /// provider still lists its offer but cannot provision.
+    pub fn new(agent_bin: Result<PathBuf, String>, root: PathBuf) -> Self {
         LocalProvider {
             agent_bin,
             root,
@@ -65,11 +70,15 @@ impl LocalProvider {
         request: &ProvisionRequest,
         node: &NodeBootstrap,
     ) -> Result<Child, ProviderError> {
+        let agent_bin = self
+            .agent_bin
+            .as_ref()
+            .map_err(|why| ProviderError::new("local", ErrorKind::Invalid, why.clone()))?;
         let dir = self.work_dir(&node.node_id);
         std::fs::create_dir_all(&dir).map_err(|e| self.error(format!("{}: {e}", dir.display())))?;
         let log = std::fs::File::create(dir.join("agent.log"))
             .map_err(|e| self.error(format!("{}/agent.log: {e}", dir.display())))?;
-        let mut command = Command::new(&self.agent_bin);
+        let mut command = Command::new(agent_bin);
         command
             .arg("--coordinator")
             .arg(&request.coordinator)
@@ -97,13 +106,38 @@ impl LocalProvider {
         }
         command
             .spawn()
-            .map_err(|e| self.error(format!("cannot start {}: {e}", self.agent_bin.display())))
+            .map_err(|e| self.error(format!("cannot start {}: {e}", agent_bin.display())))
     }
 
     fn error(&self, message: String) -> ProviderError {
-        ProviderError {
+        ProviderError::new("local", ErrorKind::Api, message)
+    }
+
+    /// This machine, as the one offer the local provider has.
+    fn this_machine() -> Offer {
+        let vcpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let memory_gb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            })
+            .map(|kib| (kib / (1024.0 * 1024.0) * 10.0).round() / 10.0)
+            .unwrap_or(0.0);
+        Offer {
             provider: "local".into(),
-            message,
+            region: "local".into(),
+            instance_type: "process".into(),
+            accelerator: None,
+            vcpus,
+            memory_gb,
+            on_demand_per_hour: Some(0.0),
+            spot_per_hour: None,
+            available: true,
+            provider_ref: String::new(),
         }
     }
 }
@@ -114,7 +148,25 @@ impl Provider for LocalProvider {
         "local"
     }
 
-    async fn provision(&self, request: &ProvisionRequest) -> Result<Vec<Instance>, ProviderError> {
+    async fn offers(&self, spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
+        if let Some(wanted) = &spec.accelerator {
+            // Local GPUs come with the accelerators work; until then, say where GPUs are.
+            return Err(ProviderError::new(
+                "local",
+                ErrorKind::NoOffers,
+                format!("local nodes have no {}", wanted.accelerator.name),
+            )
+            .hint("use a cloud provider for accelerators"));
+        }
+        Ok(vec![Self::this_machine()])
+    }
+
+    async fn provision(
+        &self,
+        request: &ProvisionRequest,
+        _offer: &Offer,
+        _market: Market,
+    ) -> Result<Vec<Instance>, ProviderError> {
         let mut instances = Vec::new();
         for node in &request.nodes {
             let child = self.spawn(request, node)?;
@@ -146,6 +198,18 @@ impl Provider for LocalProvider {
             }
         }
         failed
+    }
+
+    async fn status(&self) -> ProviderStatus {
+        ProviderStatus {
+            provider: "local".into(),
+            configured: true,
+            working: self.agent_bin.is_ok(),
+            detail: match &self.agent_bin {
+                Ok(path) => format!("agent {}", path.display()),
+                Err(why) => why.clone(),
+            },
+        }
     }
 
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {

@@ -1,0 +1,236 @@
+//! Selection and fallback through a real pool: providers that fail on purpose in front of
+//! real local agents, so the attempts, the teardown of each failed one and the final choice
+//! are all observed for real.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use skyward_coordinator::offer::{Market, Offer};
+use skyward_coordinator::pool::PoolProgress;
+use skyward_coordinator::provider::{
+    ErrorKind, Instance, LocalProvider, Provider, ProviderError, ProviderStatus, ProvisionRequest,
+};
+use skyward_coordinator::selection::{Candidate, CustomSelection};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_tests::{bin, task_output, Sandbox};
+
+/// A provider with one offer at `price` that either fails with `failure` or starts real
+/// local agents.
+struct Scripted {
+    name: String,
+    price: f64,
+    failure: Option<ErrorKind>,
+    local: LocalProvider,
+    provisions: AtomicUsize,
+    teardowns: AtomicUsize,
+}
+
+impl Scripted {
+    fn new(sandbox: &Sandbox, name: &str, price: f64, failure: Option<ErrorKind>) -> Arc<Self> {
+        Arc::new(Scripted {
+            name: name.into(),
+            price,
+            failure,
+            local: LocalProvider::new(Ok(bin("skyward-agent")), sandbox.path().join(name)),
+            provisions: AtomicUsize::new(0),
+            teardowns: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl Provider for Scripted {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn offers(&self, _spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
+        Ok(vec![Offer {
+            provider: self.name.clone(),
+            region: "test-1".into(),
+            instance_type: format!("{}-type", self.name),
+            accelerator: None,
+            vcpus: 1,
+            memory_gb: 1.0,
+            on_demand_per_hour: Some(self.price),
+            spot_per_hour: None,
+            available: true,
+            provider_ref: String::new(),
+        }])
+    }
+
+    async fn provision(
+        &self,
+        request: &ProvisionRequest,
+        offer: &Offer,
+        market: Market,
+    ) -> Result<Vec<Instance>, ProviderError> {
+        self.provisions.fetch_add(1, Ordering::SeqCst);
+        match self.failure {
+            Some(kind) => Err(ProviderError::new(
+                &self.name,
+                kind,
+                "Not enough resources to deploy",
+            )),
+            None => self.local.provision(request, offer, market).await,
+        }
+    }
+
+    async fn failed_nodes(&self, pool: &str) -> Vec<(String, String)> {
+        self.local.failed_nodes(pool).await
+    }
+
+    async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
+        self.teardowns.fetch_add(1, Ordering::SeqCst);
+        self.local.teardown(pool).await
+    }
+
+    async fn status(&self) -> ProviderStatus {
+        self.local.status().await
+    }
+}
+
+fn coordinator() -> Arc<Coordinator> {
+    skyward_common::install_crypto_provider();
+    Arc::new(
+        Coordinator::start(CoordinatorConfig {
+            pool: "sel".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap(),
+    )
+}
+
+async fn up(
+    providers: &[Arc<Scripted>],
+    selection: Selection,
+    nodes: usize,
+) -> (Result<Pool, String>, Vec<String>) {
+    let dyn_providers: Vec<Arc<dyn Provider>> = providers
+        .iter()
+        .map(|p| p.clone() as Arc<dyn Provider>)
+        .collect();
+    let failed = Mutex::new(Vec::new());
+    let mut on_progress = |event: PoolProgress<'_>| {
+        if let PoolProgress::AttemptFailed { attempt, error } = event {
+            failed
+                .lock()
+                .unwrap()
+                .push(format!("{}: {}", attempt.offer.provider, error.message));
+        }
+    };
+    let result = Pool::up(
+        coordinator(),
+        &dyn_providers,
+        &selection,
+        &PoolSpec::new(nodes),
+        &mut on_progress,
+    )
+    .await
+    .map_err(|e| e.to_string());
+    (result, failed.into_inner().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cheapest_falls_back_after_a_capacity_error_and_cleans_up_the_attempt() {
+    let sandbox = Sandbox::new();
+    let cheap = Scripted::new(&sandbox, "cheap", 1.0, Some(ErrorKind::Capacity));
+    let dear = Scripted::new(&sandbox, "dear", 3.0, None);
+    let middle = Scripted::new(&sandbox, "middle", 2.0, None);
+    let (pool, failed) = up(
+        &[dear.clone(), cheap.clone(), middle.clone()],
+        Selection::Cheapest,
+        2,
+    )
+    .await;
+    let pool = pool.expect("the pool falls back to the next cheapest offer");
+    assert_eq!(failed, ["cheap: Not enough resources to deploy"]);
+    assert_eq!(pool.offer().0.provider, "middle");
+    assert_eq!(pool.nodes().len(), 2);
+    assert_eq!(
+        cheap.teardowns.load(Ordering::SeqCst),
+        1,
+        "the failed attempt was torn down"
+    );
+    assert_eq!(
+        dear.provisions.load(Ordering::SeqCst),
+        0,
+        "the dearest offer was never tried"
+    );
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &pool.nodes()[1],
+            skyward_common::protocol::TaskSpec::command(
+                0,
+                0,
+                vec!["echo".into(), "picked".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"picked\n");
+    drop(task);
+    pool.down().await;
+    assert!(sandbox
+        .wait_for_no_processes(std::time::Duration::from_secs(10))
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_keeps_list_order() {
+    let sandbox = Sandbox::new();
+    let dear = Scripted::new(&sandbox, "dear", 3.0, None);
+    let cheap = Scripted::new(&sandbox, "cheap", 1.0, None);
+    let (pool, failed) = up(&[dear.clone(), cheap.clone()], Selection::First, 1).await;
+    let pool = pool.unwrap();
+    assert!(failed.is_empty());
+    assert_eq!(pool.offer().0.provider, "dear");
+    assert_eq!(cheap.provisions.load(Ordering::SeqCst), 0);
+    pool.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_selection_decides() {
+    let sandbox = Sandbox::new();
+    let a = Scripted::new(&sandbox, "a", 1.0, None);
+    let b = Scripted::new(&sandbox, "b", 2.0, None);
+    let only_b: CustomSelection = Arc::new(|candidates: &[Candidate], _: &PoolSpec| {
+        candidates
+            .iter()
+            .position(|c| c.provider == "b")
+            .into_iter()
+            .collect()
+    });
+    let (pool, _) = up(&[a.clone(), b.clone()], Selection::Custom(only_b), 1).await;
+    let pool = pool.unwrap();
+    assert_eq!(pool.offer().0.provider, "b");
+    assert_eq!(a.provisions.load(Ordering::SeqCst), 0);
+    pool.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_everything_fails_the_error_lists_every_attempt() {
+    let sandbox = Sandbox::new();
+    let a = Scripted::new(&sandbox, "a", 1.0, Some(ErrorKind::Capacity));
+    let b = Scripted::new(&sandbox, "b", 2.0, Some(ErrorKind::Quota));
+    let (pool, failed) = up(&[a.clone(), b.clone()], Selection::Cheapest, 1).await;
+    let error = pool.err().expect("nothing can be provisioned");
+    assert_eq!(failed.len(), 2);
+    assert!(error.contains("every attempt failed"), "{error}");
+    assert!(
+        error.contains("a a-type in test-1 (on-demand): a: Not enough resources"),
+        "{error}"
+    );
+    assert!(
+        error.contains("b b-type in test-1 (on-demand): b: Not enough resources"),
+        "{error}"
+    );
+    assert_eq!(a.teardowns.load(Ordering::SeqCst), 1);
+    assert_eq!(b.teardowns.load(Ordering::SeqCst), 1);
+}
