@@ -96,6 +96,11 @@ impl PoolCa {
         &self.cert_der
     }
 
+    /// The CA certificate in PEM, for tools on a node (curl, wget) that check downloads.
+    pub fn cert_pem(&self) -> String {
+        pem_certificate(&self.cert_der)
+    }
+
     /// The pin an agent is given to recognise this pool's coordinator: hex SHA-256 of the CA.
     pub fn pin(&self) -> String {
         fingerprint(&self.cert_der)
@@ -198,6 +203,19 @@ pub fn node_id_from_cert(der: &[u8]) -> Result<String, IdentityError> {
     Ok(cn.to_string())
 }
 
+/// A DER certificate as PEM text.
+pub fn pem_certificate(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// Hex SHA-256 of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
@@ -263,6 +281,15 @@ mod tests {
             Err(IdentityError::BadCsr(_))
         ));
         assert!(node_id_from_cert(b"junk").is_err());
+    }
+
+    #[test]
+    fn ca_pem_round_trips_to_the_same_der() {
+        let ca = PoolCa::generate("t").unwrap();
+        let pem = ca.cert_pem();
+        let parsed = ::pem::parse(&pem).unwrap();
+        assert_eq!(parsed.contents(), ca.cert_der().as_ref());
+        assert!(pem.lines().all(|l| l.len() <= 64));
     }
 
     #[test]

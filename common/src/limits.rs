@@ -35,5 +35,7 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often an agent sends a health message on its control stream.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How long an agent keeps trying to reach a silent coordinator before it gives up.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10 * 60);
 /// Grace between SIGTERM and SIGKILL when a task is cancelled or times out.
 pub const KILL_GRACE: Duration = Duration::from_secs(3);

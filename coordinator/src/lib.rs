@@ -4,6 +4,7 @@
 //! The pure parts ([`lifecycle`], [`schedule`], [`task`], [`tokens`]) hold every rule and
 //! do no I/O; [`server`], [`pool`] and [`run`] are the async shell that moves bytes and timers.
 
+pub mod bootstrap;
 pub mod catalog;
 pub mod cli;
 pub mod lifecycle;

@@ -121,8 +121,7 @@ impl Pool {
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let request = ProvisionRequest {
                 pool: pool.clone(),
-                coordinator: coordinator.local_addr().to_string(),
-                ca_pin: coordinator.ca_pin(),
+                bootstrap: coordinator.bootstrap(),
                 nodes: node_ids
                     .iter()
                     .map(|id| NodeBootstrap {

@@ -17,8 +17,8 @@ use skyward_common::frame::{read_frame, write_frame, FrameError};
 use skyward_common::identity::{node_id_from_cert, write_private, PoolCa};
 use skyward_common::inventory::Inventory;
 use skyward_common::limits::{
-    DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT, HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME,
-    MAX_ENROLL_FRAME, MAX_TASK_FRAME, MAX_TASK_SPEC, NODE_CERT_VALIDITY,
+    DEFAULT_LEASE, DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT, HEALTH_INTERVAL, HELLO_TIMEOUT,
+    MAX_CONTROL_FRAME, MAX_ENROLL_FRAME, MAX_TASK_FRAME, MAX_TASK_SPEC, NODE_CERT_VALIDITY,
 };
 use skyward_common::protocol::{
     close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
@@ -169,6 +169,17 @@ impl Coordinator {
     /// The pin agents need: hex SHA-256 of this pool's CA.
     pub fn ca_pin(&self) -> String {
         self.inner.ca.pin()
+    }
+
+    /// What nodes are told to reach and trust this coordinator.
+    pub fn bootstrap(&self) -> crate::bootstrap::Bootstrap {
+        crate::bootstrap::Bootstrap {
+            coordinator: self.local_addr().to_string(),
+            ca_pin: self.ca_pin(),
+            ca_pem: self.inner.ca.cert_pem(),
+            agent_url: None,
+            lease: DEFAULT_LEASE,
+        }
     }
 
     /// The pool CA, for tests that must forge what an attacker could not.

@@ -81,9 +81,9 @@ impl LocalProvider {
         let mut command = Command::new(agent_bin);
         command
             .arg("--coordinator")
-            .arg(&request.coordinator)
+            .arg(&request.bootstrap.coordinator)
             .arg("--ca-pin")
-            .arg(&request.ca_pin)
+            .arg(&request.bootstrap.ca_pin)
             .arg("--node-id")
             .arg(&node.node_id)
             .arg("--work-dir")

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 
 pub use local::LocalProvider;
 
+use crate::bootstrap::Bootstrap;
 use crate::offer::{Market, Offer};
 use crate::spec::PoolSpec;
 
@@ -35,12 +36,31 @@ impl std::fmt::Debug for NodeBootstrap {
 #[derive(Debug, Clone)]
 pub struct ProvisionRequest {
     pub pool: String,
-    /// `host:port` the agents dial.
-    pub coordinator: String,
-    pub ca_pin: String,
     pub nodes: Vec<NodeBootstrap>,
     pub spec: PoolSpec,
+    /// How nodes reach and trust the coordinator.
+    pub bootstrap: Bootstrap,
 }
+
+impl ProvisionRequest {
+    /// The user-data script that makes `node` join this pool.
+    pub fn user_data(&self, node: &NodeBootstrap) -> String {
+        self.bootstrap.user_data(&self.pool, node)
+    }
+
+    /// Tags every instance of the pool carries, so that teardown finds them by pool.
+    pub fn tags(&self, node: &NodeBootstrap) -> Vec<(String, String)> {
+        vec![
+            (POOL_TAG.to_string(), self.pool.clone()),
+            (NODE_TAG.to_string(), node.node_id.clone()),
+        ]
+    }
+}
+
+/// Tag (or label) naming the pool an instance belongs to.
+pub const POOL_TAG: &str = "skyward-pool";
+/// Tag naming the node id of an instance.
+pub const NODE_TAG: &str = "skyward-node";
 
 /// A node the provider created.
 #[derive(Debug, Clone)]

@@ -1,0 +1,77 @@
+#!/bin/sh
+# Skyward node bootstrap: installs and starts the agent for one node of one pool.
+# The coordinator fills in the fields below for each node and hands the script to
+# the provider as user-data / startup script / onstart. The token inside is single-use,
+# short-lived and bound to this node; no private key is in here: the agent makes its own.
+set -eu
+pool=@@POOL@@
+node_id=@@NODE_ID@@
+coordinator=@@COORDINATOR@@
+ca_pin=@@CA_PIN@@
+agent_url=@@AGENT_URL@@
+lease=@@LEASE@@
+token=@@TOKEN@@
+
+dir="${SKYWARD_DIR:-/var/lib/skyward}"
+umask 077
+mkdir -p "$dir/work"
+cat > "$dir/ca.pem" <<'SKYWARD_CA'
+@@CA_PEM@@
+SKYWARD_CA
+
+# An image with the agent preinstalled needs nothing fetched; otherwise the coordinator
+# serves it over HTTPS, trusted through the pool CA alone.
+agent="$(command -v skyward-agent || true)"
+if [ -z "$agent" ]; then
+    if [ -z "$agent_url" ]; then
+        echo "skyward bootstrap: no skyward-agent on this image and no agent URL" >&2
+        exit 1
+    fi
+    agent="$dir/skyward-agent"
+    url=$(printf '%s' "$agent_url" | sed "s/{arch}/$(uname -m)/")
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS --retry 5 --retry-delay 2 --retry-all-errors --cacert "$dir/ca.pem" -o "$agent.part" "$url"
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q --tries=5 --ca-certificate="$dir/ca.pem" -O "$agent.part" "$url"
+    else
+        echo "skyward bootstrap: neither curl nor wget is installed to fetch the agent" >&2
+        exit 1
+    fi
+    chmod 700 "$agent.part"
+    mv "$agent.part" "$agent"
+fi
+
+cat > "$dir/agent.env" <<SKYWARD_ENV
+SKYWARD_COORDINATOR=$coordinator
+SKYWARD_CA_PIN=$ca_pin
+SKYWARD_TOKEN=$token
+SKYWARD_NODE_ID=$node_id
+SKYWARD_WORK_DIR=$dir/work
+SKYWARD_LEASE=$lease
+SKYWARD_ENV
+
+if [ -z "${SKYWARD_NO_SYSTEMD:-}" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+    cat > /etc/systemd/system/skyward-agent.service <<SKYWARD_UNIT
+[Unit]
+Description=Skyward agent (pool $pool, $node_id)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+EnvironmentFile=$dir/agent.env
+ExecStart=$agent
+KillMode=control-group
+TimeoutStopSec=15
+Restart=on-failure
+RestartSec=2
+SKYWARD_UNIT
+    systemctl daemon-reload
+    systemctl start skyward-agent
+else
+    # No systemd (containers such as VastAI's): detach from the bootstrap's session.
+    set -a
+    . "$dir/agent.env"
+    set +a
+    nohup setsid "$agent" >>"$dir/agent.log" 2>&1 </dev/null &
+fi
+echo "skyward bootstrap: agent for $node_id of pool $pool started"
