@@ -243,3 +243,57 @@ async fn agents_report_health_with_their_load() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_booted_from_its_user_data_joins_and_runs_work() {
+    use skyward_coordinator::provider::NodeBootstrap;
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let node = NodeBootstrap {
+        node_id: "node-3".into(),
+        token: coordinator.issue_token("node-3"),
+    };
+    let user_data = coordinator.bootstrap().user_data("agent-test", &node);
+    let booted = skyward_tests::node::BootedNode::boot(sandbox.path(), "vm-1", &user_data).unwrap();
+    assert!(
+        booted
+            .boot_log
+            .contains("agent for node-3 of pool agent-test started"),
+        "{}",
+        booted.boot_log
+    );
+    let handle = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Some(handle) = coordinator.node("node-3") {
+                return handle;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "the booted node never connected; agent log:\n{}",
+            booted.agent_log()
+        )
+    });
+    let mut task = coordinator
+        .start_task(&handle, command(&["pwd"]))
+        .await
+        .unwrap();
+    let pwd = String::from_utf8(task_output(&mut task).await).unwrap();
+    assert_eq!(
+        pwd.trim(),
+        booted.dir().join("skyward/work").display().to_string()
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(booted.dir().join("skyward/agent.env"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the env file holds the token");
+    booted.destroy();
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}

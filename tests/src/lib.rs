@@ -1,6 +1,8 @@
 //! Shared harness for Skyward's end-to-end tests: finds the real binaries, gives each test a
 //! sandbox (its own SKYWARD_HOME), and finds the processes a test left behind.
 
+pub mod node;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -1,0 +1,100 @@
+//! A stand-in for a cloud machine booting: runs a node's user-data the way cloud-init (or
+//! VastAI's onstart) would, in a directory of its own, with `skyward-agent` preinstalled on
+//! its PATH. Destroying the node kills every process it started, as a deleted VM would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{bin, processes_under};
+
+/// How long a user-data script may take to finish (it starts the agent in the background).
+const BOOT_LIMIT: Duration = Duration::from_secs(60);
+
+pub struct BootedNode {
+    dir: PathBuf,
+    /// What the user-data script printed, for failure messages.
+    pub boot_log: String,
+}
+
+impl BootedNode {
+    /// Runs `user_data` as the node's first boot, in `root/<name>`.
+    pub fn boot(root: &Path, name: &str, user_data: &str) -> Result<BootedNode, String> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let script = dir.join("user-data");
+        std::fs::write(&script, user_data).map_err(|e| e.to_string())?;
+        let agent_dir = bin("skyward-agent")
+            .parent()
+            .expect("agent dir")
+            .to_path_buf();
+        let path = format!(
+            "{}:{}",
+            agent_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let mut child = Command::new("sh")
+            .arg(&script)
+            .current_dir(&dir)
+            .env("PATH", path)
+            .env("SKYWARD_DIR", dir.join("skyward"))
+            // Never install a systemd unit on the test machine itself.
+            .env("SKYWARD_NO_SYSTEMD", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running user-data: {e}"))?;
+        let deadline = Instant::now() + BOOT_LIMIT;
+        loop {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(_) => break,
+                None if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    return Err(format!(
+                        "user-data of {name} did not finish in {BOOT_LIMIT:?}"
+                    ));
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        let boot_log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            return Err(format!(
+                "user-data of {name} failed ({}): {boot_log}",
+                out.status
+            ));
+        }
+        Ok(BootedNode { dir, boot_log })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The agent's log, for failure messages.
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("skyward/agent.log")).unwrap_or_default()
+    }
+
+    /// Kills every process the node started, as deleting the machine would.
+    pub fn destroy(&self) {
+        for (pid, _) in processes_under(&self.dir) {
+            // SAFETY: signalling a process by pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for BootedNode {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
