@@ -108,8 +108,20 @@ impl PoolCa {
 
     /// Issues the coordinator's own server certificate (with a key made here).
     pub fn issue_server_cert(&self) -> Result<CertifiedKey, IdentityError> {
+        self.issue_server_cert_for(&[])
+    }
+
+    /// Like [`issue_server_cert`](Self::issue_server_cert), also valid for `ips`, so that
+    /// plain HTTPS clients on nodes (curl, wget) can check the coordinator at its address.
+    pub fn issue_server_cert_for(
+        &self,
+        ips: &[std::net::IpAddr],
+    ) -> Result<CertifiedKey, IdentityError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(vec![COORDINATOR_SERVER_NAME.to_string()])?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
         params.distinguished_name = common_name("skyward coordinator");
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];

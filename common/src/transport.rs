@@ -68,6 +68,19 @@ pub fn server_config(
     Ok(config)
 }
 
+/// Coordinator side: TLS over TCP for the agent download (no client certificate: the
+/// binary is public, the channel only has to be the coordinator's).
+pub fn https_server_config(
+    identity: &CertifiedKey,
+) -> Result<Arc<rustls::ServerConfig>, TransportError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.private_key())?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// Agent side: config for an enrollment connection (no client certificate).
 pub fn enroll_client_config(ca_pin: &str) -> Result<quinn::ClientConfig, TransportError> {
     client_config(ca_pin, None, ALPN_ENROLL)

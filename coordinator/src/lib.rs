@@ -7,6 +7,7 @@
 pub mod bootstrap;
 pub mod catalog;
 pub mod cli;
+pub mod download;
 pub mod lifecycle;
 pub mod offer;
 pub mod output;
@@ -22,5 +23,7 @@ pub mod tokens;
 
 pub use pool::Pool;
 pub use selection::Selection;
-pub use server::{Coordinator, CoordinatorConfig, CoordinatorEvent, NodeHandle, Rejection};
+pub use server::{
+    Advertise, Coordinator, CoordinatorConfig, CoordinatorEvent, NodeHandle, Rejection,
+};
 pub use spec::{Allocation, PoolSpec};

@@ -36,6 +36,13 @@ pub enum StartError {
     Identity(#[from] skyward_common::identity::IdentityError),
     #[error(transparent)]
     Transport(#[from] skyward_common::transport::TransportError),
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("agent binary: {0}")]
+    Agent(String),
     #[error("creating state dir {path}: {source}")]
     StateDir {
         path: String,
@@ -85,6 +92,19 @@ pub struct CoordinatorConfig {
     pub state_dir: Option<PathBuf>,
 }
 
+/// How nodes reach this coordinator and get the agent, beyond the bound address.
+#[derive(Debug, Clone, Default)]
+pub struct Advertise {
+    /// The address nodes dial (a public address in front of the bound one); `None` is the
+    /// bound address itself. A port of 0 means the bound port.
+    pub address: Option<SocketAddr>,
+    /// Agent binaries served over HTTPS (on the same port number, over TCP) to nodes whose
+    /// image has none.
+    pub agent_binaries: Vec<PathBuf>,
+    /// Where nodes fetch the agent instead, if the user hosts it (`{arch}` = `uname -m`).
+    pub agent_url: Option<String>,
+}
+
 /// A connected node, cheap to clone.
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
@@ -116,6 +136,8 @@ impl NodeHandle {
 
 struct Inner {
     pool: String,
+    advertised: SocketAddr,
+    agent_url: Option<String>,
     ca: PoolCa,
     tokens: Mutex<TokenStore>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
@@ -130,9 +152,28 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// Starts a coordinator reachable at its bound address, serving no agent downloads.
     pub fn start(config: CoordinatorConfig) -> Result<Self, StartError> {
+        Self::start_advertised(config, Advertise::default())
+    }
+
+    /// Starts a coordinator that nodes reach as `advertise` says.
+    pub fn start_advertised(
+        config: CoordinatorConfig,
+        advertise: Advertise,
+    ) -> Result<Self, StartError> {
         let ca = PoolCa::generate(&config.pool)?;
-        let server_identity = ca.issue_server_cert()?;
+        // The certificate names every address a node may use to check the agent download.
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in [advertise.address.map(|a| a.ip()), Some(config.bind.ip())]
+            .into_iter()
+            .flatten()
+        {
+            if !ip.is_unspecified() && !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+        let server_identity = ca.issue_server_cert_for(&ips)?;
         if let Some(dir) = &config.state_dir {
             create_private_dir(dir)?;
             ca.save(dir)?;
@@ -140,9 +181,46 @@ impl Coordinator {
         }
         let server = transport::server_config(ca.cert_der(), &server_identity)?;
         let endpoint = transport::endpoint(config.bind, Some(server))?;
+        let bound = endpoint.local_addr().map_err(|source| StartError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+        let advertised = match advertise.address {
+            Some(addr) if addr.port() == 0 => SocketAddr::new(addr.ip(), bound.port()),
+            Some(addr) => addr,
+            None => bound,
+        };
+        let agent_url = match (&advertise.agent_url, advertise.agent_binaries.is_empty()) {
+            (Some(url), _) => Some(url.clone()),
+            (None, true) => None,
+            (None, false) => {
+                let binaries = advertise
+                    .agent_binaries
+                    .iter()
+                    .map(|path| crate::download::AgentBinary::new(path.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StartError::Agent)?;
+                let listener = bind_download_listener(bound)?;
+                let port = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind {
+                        addr: bound,
+                        source,
+                    })?
+                    .port();
+                let tls = transport::https_server_config(&server_identity)?;
+                tokio::spawn(crate::download::serve(listener, tls, Arc::new(binaries)));
+                Some(format!(
+                    "https://{}/agent/linux-{{arch}}",
+                    SocketAddr::new(advertised.ip(), port)
+                ))
+            }
+        };
         let (events, _) = broadcast::channel(4096);
         let inner = Arc::new(Inner {
             pool: config.pool,
+            advertised,
+            agent_url,
             ca,
             tokens: Mutex::new(TokenStore::default()),
             nodes: Mutex::new(HashMap::new()),
@@ -154,6 +232,11 @@ impl Coordinator {
             endpoint,
             next_task: AtomicU64::new(1),
         })
+    }
+
+    /// The address nodes are told to dial.
+    pub fn advertised_addr(&self) -> SocketAddr {
+        self.inner.advertised
     }
 
     pub fn pool(&self) -> &str {
@@ -174,10 +257,10 @@ impl Coordinator {
     /// What nodes are told to reach and trust this coordinator.
     pub fn bootstrap(&self) -> crate::bootstrap::Bootstrap {
         crate::bootstrap::Bootstrap {
-            coordinator: self.local_addr().to_string(),
+            coordinator: self.inner.advertised.to_string(),
             ca_pin: self.ca_pin(),
             ca_pem: self.inner.ca.cert_pem(),
-            agent_url: None,
+            agent_url: self.inner.agent_url.clone(),
             lease: DEFAULT_LEASE,
         }
     }
@@ -297,6 +380,21 @@ fn spec_size(spec: &TaskSpec) -> usize {
         .iter()
         .map(|(k, v)| k.len() + v.len())
         .sum::<usize>()
+}
+
+/// The agent download listens on TCP at the QUIC port number when it is free, else on any.
+fn bind_download_listener(bound: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    let bind = |addr: SocketAddr| {
+        let socket = std::net::TcpListener::bind(addr)?;
+        socket.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(socket)
+    };
+    bind(bound)
+        .or_else(|_| bind(SocketAddr::new(bound.ip(), 0)))
+        .map_err(|source| StartError::Bind {
+            addr: bound,
+            source,
+        })
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {

@@ -297,3 +297,84 @@ async fn a_node_booted_from_its_user_data_joins_and_runs_work() {
         .wait_for_no_processes(Duration::from_secs(5))
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_image_downloads_the_agent_from_the_coordinator() {
+    use skyward_coordinator::provider::NodeBootstrap;
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let coordinator = Coordinator::start_advertised(
+        CoordinatorConfig {
+            pool: "download".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        },
+        skyward_coordinator::Advertise {
+            agent_binaries: vec![bin("skyward-agent")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bootstrap = coordinator.bootstrap();
+    let url = bootstrap.agent_url.clone().expect("an agent URL");
+    assert!(
+        url.starts_with("https://127.0.0.1:") && url.ends_with("/agent/linux-{arch}"),
+        "{url}"
+    );
+    let node = NodeBootstrap {
+        node_id: "node-1".into(),
+        token: coordinator.issue_token("node-1"),
+    };
+    let booted = skyward_tests::node::BootedNode::boot_image(
+        sandbox.path(),
+        "stock-vm",
+        &bootstrap.user_data("download", &node),
+        false,
+    )
+    .unwrap();
+    let handle = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(handle) = coordinator.node("node-1") {
+                return handle;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "node never connected; boot log:\n{}\nagent log:\n{}",
+            booted.boot_log,
+            booted.agent_log()
+        )
+    });
+    let downloaded = std::fs::read(booted.dir().join("skyward/skyward-agent")).unwrap();
+    assert!(
+        downloaded == std::fs::read(bin("skyward-agent")).unwrap(),
+        "the downloaded agent differs"
+    );
+    let mut task = coordinator
+        .start_task(&handle, command(&["echo", "fetched"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"fetched\n");
+
+    // The download is only trusted through the pool CA: without it, curl refuses the server.
+    let https = url.replace("{arch}", std::env::consts::ARCH);
+    let untrusted = Command::new("curl")
+        .args(["-fsS", "-o", "/dev/null", &https])
+        .output()
+        .unwrap();
+    assert!(
+        !untrusted.status.success(),
+        "curl trusted the coordinator without the pool CA"
+    );
+    let wrong_arch = Command::new("curl")
+        .args(["-sS", "--cacert"])
+        .arg(booted.dir().join("skyward/ca.pem"))
+        .arg(url.replace("{arch}", "riscv64"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&wrong_arch.stdout).contains("no agent for linux-riscv64"));
+    booted.destroy();
+}

@@ -18,8 +18,20 @@ pub struct BootedNode {
 }
 
 impl BootedNode {
-    /// Runs `user_data` as the node's first boot, in `root/<name>`.
+    /// Runs `user_data` as the node's first boot, in `root/<name>`, on an image with the
+    /// agent preinstalled.
     pub fn boot(root: &Path, name: &str, user_data: &str) -> Result<BootedNode, String> {
+        Self::boot_image(root, name, user_data, true)
+    }
+
+    /// Like [`boot`](Self::boot); `agent_preinstalled: false` is a stock image, where the
+    /// bootstrap has to download the agent.
+    pub fn boot_image(
+        root: &Path,
+        name: &str,
+        user_data: &str,
+        agent_preinstalled: bool,
+    ) -> Result<BootedNode, String> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let script = dir.join("user-data");
@@ -28,11 +40,12 @@ impl BootedNode {
             .parent()
             .expect("agent dir")
             .to_path_buf();
-        let path = format!(
-            "{}:{}",
-            agent_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
+        let system_path = std::env::var("PATH").unwrap_or_default();
+        let path = if agent_preinstalled {
+            format!("{}:{system_path}", agent_dir.display())
+        } else {
+            system_path
+        };
         let mut child = Command::new("sh")
             .arg(&script)
             .current_dir(&dir)
