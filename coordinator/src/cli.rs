@@ -154,6 +154,19 @@ struct RunArgs {
     /// How long nodes get to come up and connect.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// Address the coordinator listens on (UDP for agents, TCP for the agent download).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address nodes dial, when it differs from --listen (a public IP, a port forward).
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
+    /// Linux skyward-agent served to cloud nodes whose image lacks one (default: the one
+    /// beside this skyward, when it is a Linux build).
+    #[arg(long, value_name = "PATH")]
+    agent_binary: Option<PathBuf>,
+    /// URL cloud nodes fetch the agent from instead (`{arch}` becomes `uname -m`).
+    #[arg(long, value_name = "URL")]
+    agent_url: Option<String>,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
     json: bool,
@@ -178,6 +191,10 @@ pub async fn main(cli: Cli) -> i32 {
 
 /// What `skyward run` will do, checked before anything is created.
 struct Plan {
+    listen: SocketAddr,
+    advertise: Option<SocketAddr>,
+    agent_binary: Option<PathBuf>,
+    agent_url: Option<String>,
     spec: PoolSpec,
     selection: Selection,
     providers: String,
@@ -241,6 +258,10 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     };
     let single = args.map.is_none() && args.on == On::One;
     Ok(Plan {
+        listen: args.listen,
+        advertise: args.advertise,
+        agent_binary: args.agent_binary.clone(),
+        agent_url: args.agent_url.clone(),
         spec: args.spec.spec(args.nodes, args.connect_timeout)?,
         selection: args.spec.selection.clone(),
         providers: args.spec.provider.clone(),
@@ -318,12 +339,21 @@ async fn run(args: RunArgs) -> i32 {
             return FAILURE;
         }
     };
-    let bind: SocketAddr = ([127, 0, 0, 1], 0).into();
-    let coordinator = match Coordinator::start(CoordinatorConfig {
-        pool: pool_name.clone(),
-        bind,
-        state_dir: Some(pool_dir.join("identity")),
-    }) {
+    let advertise = match advertise(&plan, &providers) {
+        Ok(advertise) => advertise,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
+    let coordinator = match Coordinator::start_advertised(
+        CoordinatorConfig {
+            pool: pool_name.clone(),
+            bind: plan.listen,
+            state_dir: Some(pool_dir.join("identity")),
+        },
+        advertise,
+    ) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("skyward: starting the coordinator: {e}");
@@ -331,6 +361,13 @@ async fn run(args: RunArgs) -> i32 {
         }
     };
     let mut renderer = Renderer::terminal(plan.mode);
+    let remote = providers.iter().any(|p| p.name() != "local");
+    if remote && coordinator.advertised_addr().ip().is_loopback() {
+        renderer.note(&format!(
+            "cloud nodes cannot reach {}: pass --listen 0.0.0.0:7443 --advertise PUBLIC_IP:7443 (UDP and TCP open)",
+            coordinator.advertised_addr()
+        ));
+    }
     let labels: Vec<String> = plan
         .argvs
         .iter()
@@ -373,6 +410,32 @@ async fn run(args: RunArgs) -> i32 {
             exit_code(&reports)
         }
     }
+}
+
+/// How cloud nodes reach this coordinator and get the agent. Only needed when a provider
+/// other than `local` is in the list.
+fn advertise(plan: &Plan, providers: &[Arc<dyn Provider>]) -> Result<crate::Advertise, String> {
+    if providers.iter().all(|p| p.name() == "local") {
+        return Ok(crate::Advertise::default());
+    }
+    if plan.agent_url.is_some() {
+        return Ok(crate::Advertise {
+            address: plan.advertise,
+            agent_binaries: Vec::new(),
+            agent_url: plan.agent_url.clone(),
+        });
+    }
+    let binary = match &plan.agent_binary {
+        Some(path) => path.clone(),
+        None => LocalProvider::find_agent_binary()?,
+    };
+    // Refuse now what nodes could not run (a macOS build, a missing file).
+    crate::download::elf_arch(&binary)?;
+    Ok(crate::Advertise {
+        address: plan.advertise,
+        agent_binaries: vec![binary],
+        agent_url: None,
+    })
 }
 
 /// The providers named on the command line. `need_agent`: refuse up front when the local
