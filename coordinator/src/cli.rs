@@ -38,7 +38,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Bring up a pool, run a command on it, stream its output, tear the pool down.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// List what the providers offer for a spec, cheapest first.
     Offers(OffersArgs),
     /// Which providers are configured here, and whether their credentials work.
@@ -183,7 +183,7 @@ struct RunArgs {
 
 pub async fn main(cli: Cli) -> i32 {
     match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Offers(args) => offers(args).await,
         Command::Providers(args) => providers(args).await,
     }
@@ -694,7 +694,7 @@ mod tests {
             .map_err(|e| e.to_string())?
             .command
         {
-            Command::Run(a) => plan(a),
+            Command::Run(a) => plan(*a),
             other => panic!("parsed as {other:?}"),
         }
     }
