@@ -378,3 +378,76 @@ async fn a_stock_image_downloads_the_agent_from_the_coordinator() {
     assert!(String::from_utf8_lossy(&wrong_arch.stdout).contains("no agent for linux-riscv64"));
     booted.destroy();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_in_its_own_network_namespace_fetches_the_agent_and_joins_over_the_link() {
+    use skyward_coordinator::provider::NodeBootstrap;
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let net = skyward_tests::netns::TestNet::create().expect("a network namespace for the node");
+    let coordinator = Coordinator::start_advertised(
+        CoordinatorConfig {
+            pool: "netns".into(),
+            bind: (net.host_ip, 0).into(),
+            state_dir: None,
+        },
+        skyward_coordinator::Advertise {
+            agent_binaries: vec![bin("skyward-agent")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let node = NodeBootstrap {
+        node_id: "node-1".into(),
+        token: coordinator.issue_token("node-1"),
+    };
+    let user_data = coordinator.bootstrap().user_data("netns", &node);
+    assert!(user_data.contains(&format!("coordinator='{}:", net.host_ip)));
+    let booted = skyward_tests::node::BootedNode::boot_on(
+        sandbox.path(),
+        "ns-vm",
+        &user_data,
+        false,
+        Some(&net),
+    )
+    .unwrap();
+    let handle = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(handle) = coordinator.node("node-1") {
+                return handle;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "node never connected; boot log:\n{}\nagent log:\n{}",
+            booted.boot_log,
+            booted.agent_log()
+        )
+    });
+    assert_eq!(
+        handle.address,
+        std::net::IpAddr::V4(net.node_ip),
+        "the node came over the link"
+    );
+    let reported: Vec<std::net::IpAddr> = handle
+        .inventory
+        .interfaces
+        .iter()
+        .flat_map(|i| i.addresses.clone())
+        .collect();
+    assert!(
+        reported.contains(&std::net::IpAddr::V4(net.node_ip)),
+        "inventory: {reported:?}"
+    );
+    let mut task = coordinator
+        .start_task(&handle, command(&["sh", "-c", "echo in-namespace"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"in-namespace\n");
+    booted.destroy();
+    drop(booted);
+    coordinator.close().await;
+}

@@ -32,6 +32,17 @@ impl BootedNode {
         user_data: &str,
         agent_preinstalled: bool,
     ) -> Result<BootedNode, String> {
+        Self::boot_on(root, name, user_data, agent_preinstalled, None)
+    }
+
+    /// Boots inside `net` (a network namespace of the test's own) when given.
+    pub fn boot_on(
+        root: &Path,
+        name: &str,
+        user_data: &str,
+        agent_preinstalled: bool,
+        net: Option<&crate::netns::TestNet>,
+    ) -> Result<BootedNode, String> {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let script = dir.join("user-data");
@@ -46,7 +57,10 @@ impl BootedNode {
         } else {
             system_path
         };
-        let mut child = Command::new("sh")
+        let mut argv: Vec<String> = net.map(|n| n.exec_prefix()).unwrap_or_default();
+        argv.push("sh".into());
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
             .arg(&script)
             .current_dir(&dir)
             .env("PATH", path)
