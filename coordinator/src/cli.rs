@@ -427,7 +427,7 @@ fn advertise(plan: &Plan, providers: &[Arc<dyn Provider>]) -> Result<crate::Adve
     }
     let binary = match &plan.agent_binary {
         Some(path) => path.clone(),
-        None => LocalProvider::find_agent_binary()?,
+        None => portable_agent().map_or_else(LocalProvider::find_agent_binary, Ok)?,
     };
     // Refuse now what nodes could not run (a macOS build, a missing file).
     crate::download::elf_arch(&binary)?;
@@ -436,6 +436,14 @@ fn advertise(plan: &Plan, providers: &[Arc<dyn Provider>]) -> Result<crate::Adve
         agent_binaries: vec![binary],
         agent_url: None,
     })
+}
+
+/// The agent built for old glibc by `scripts/build-agent.sh`, beside this `skyward`: it runs
+/// on every image, where the plain build needs this machine's glibc.
+fn portable_agent() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let portable = exe.with_file_name(format!("skyward-agent-linux-{}", std::env::consts::ARCH));
+    portable.is_file().then_some(portable)
 }
 
 /// The providers named on the command line. `need_agent`: refuse up front when the local
