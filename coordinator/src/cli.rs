@@ -43,6 +43,8 @@ enum Command {
     Offers(OffersArgs),
     /// Which providers are configured here, and whether their credentials work.
     Providers(ProvidersArgs),
+    /// Check that nodes can reach this machine and get an agent, and say how they connect.
+    Doctor(DoctorArgs),
 }
 
 /// What the nodes are and where they come from (shared by `run` and `offers`).
@@ -109,6 +111,16 @@ struct OffersArgs {
     /// One JSON array on stdout instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DoctorArgs {
+    /// The --listen address `skyward run` would use.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// The --advertise address `skyward run` would use.
+    #[arg(long)]
+    advertise: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +198,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Run(args) => run(*args).await,
         Command::Offers(args) => offers(args).await,
         Command::Providers(args) => providers(args).await,
+        Command::Doctor(args) => doctor(args).await,
     }
 }
 
@@ -581,6 +594,102 @@ async fn providers(args: ProvidersArgs) -> i32 {
     0
 }
 
+/// How reachable an address is from nodes elsewhere.
+fn reach_of(ip: std::net::IpAddr) -> (&'static str, &'static str) {
+    let private = match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_private()
+                || v4.is_link_local()
+                || (v4.octets()[0] == 100 && (64..128).contains(&v4.octets()[1]))
+        }
+        std::net::IpAddr::V6(v6) => {
+            (v6.segments()[0] & 0xfe00) == 0xfc00 || (v6.segments()[0] & 0xffc0) == 0xfe80
+        }
+    };
+    if ip.is_loopback() {
+        (
+            "warn",
+            "loopback: only nodes on this machine (the local provider) can reach it",
+        )
+    } else if ip.is_unspecified() {
+        (
+            "warn",
+            "unspecified: pass --advertise with the address nodes should dial",
+        )
+    } else if private {
+        ("warn", "private: cloud nodes reach it only over a VPN or peering; behind NAT, forward the port and --advertise the public address")
+    } else {
+        (
+            "ok",
+            "public: open this UDP and TCP port to the nodes in your firewall",
+        )
+    }
+}
+
+async fn doctor(args: DoctorArgs) -> i32 {
+    let mut findings: Vec<(&str, String, String)> = Vec::new();
+    findings.push((
+        "info",
+        "direction".into(),
+        "agents dial the coordinator (QUIC over UDP; the agent download over TCP, same port number); nodes need no open port".into(),
+    ));
+    let udp = std::net::UdpSocket::bind(args.listen);
+    let tcp = std::net::TcpListener::bind(args.listen);
+    match (&udp, &tcp) {
+        (Ok(_), Ok(_)) => findings.push((
+            "ok",
+            "listen".into(),
+            format!("{} is free for UDP and TCP", args.listen),
+        )),
+        (Err(e), _) | (_, Err(e)) => findings.push((
+            "fail",
+            "listen".into(),
+            format!(
+                "cannot bind {}: {e}; choose another --listen port",
+                args.listen
+            ),
+        )),
+    }
+    drop((udp, tcp));
+    let advertised = args.advertise.unwrap_or(args.listen);
+    let (level, why) = reach_of(advertised.ip());
+    findings.push((level, "advertise".into(), format!("{advertised}: {why}")));
+    match portable_agent() {
+        Some(path) => findings.push(("ok", "agent".into(), format!("portable agent {}", path.display()))),
+        None => match LocalProvider::find_agent_binary() {
+            Ok(path) => findings.push((
+                "warn",
+                "agent".into(),
+                format!("{} needs this machine's glibc; run scripts/build-agent.sh for one that runs on every image", path.display()),
+            )),
+            Err(e) => findings.push(("fail", "agent".into(), e)),
+        },
+    }
+    if let Ok(providers) = make_providers(&provider::KNOWN.join(","), std::env::temp_dir(), false) {
+        for provider in providers {
+            let status = provider.status().await;
+            let level = match (status.configured, status.working) {
+                (true, true) => "ok",
+                (false, _) => "info",
+                (true, false) => "fail",
+            };
+            findings.push((
+                level,
+                format!("provider {}", status.provider),
+                status.detail,
+            ));
+        }
+    }
+    for (level, what, detail) in &findings {
+        println!("{level:>4}  {what}: {detail}");
+    }
+    if findings.iter().any(|(level, ..)| *level == "fail") {
+        1
+    } else {
+        0
+    }
+}
+
 enum Ended {
     Finished(Result<Vec<TaskReport>, String>),
     Signal(&'static str, i32),
@@ -752,6 +861,18 @@ mod tests {
                 .unwrap_or_else(|| panic!("{argv:?} accepted"));
             assert!(err.contains(hint), "{argv:?}: {err}");
         }
+    }
+
+    #[test]
+    fn doctor_classifies_addresses() {
+        let level = |ip: &str| reach_of(ip.parse().unwrap()).0;
+        assert_eq!(level("127.0.0.1"), "warn");
+        assert_eq!(level("0.0.0.0"), "warn");
+        assert_eq!(level("192.168.1.5"), "warn");
+        assert_eq!(level("100.64.0.1"), "warn");
+        assert_eq!(level("fd00::1"), "warn");
+        assert_eq!(level("203.0.113.7"), "ok");
+        assert_eq!(level("2001:db8::1"), "ok");
     }
 
     #[test]

@@ -285,7 +285,7 @@ async fn wait_for_agents(
                     _ => None,
                 }).unwrap_or_else(|| "nodes never connected".into());
                 let waited = humantime::format_duration(spec.connect_timeout);
-                return Err(format!("{message} (waited {waited}; raise --connect-timeout or check the agent logs)"));
+                return Err(format!("{message} (waited {waited}; raise --connect-timeout, check the agent logs, or run `skyward doctor` to check that nodes can reach this coordinator)"));
             }
         };
         if let Some(node) = connected {
