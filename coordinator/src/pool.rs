@@ -48,6 +48,8 @@ pub struct PoolError {
 /// How often the wait re-checks the provider for nodes that died and the coordinator for
 /// connections it may have missed.
 const POLL: Duration = Duration::from_millis(100);
+/// How often providers are asked for nodes that died before connecting.
+const FAILED_NODES_POLL: Duration = Duration::from_secs(2);
 
 pub struct Pool {
     coordinator: Arc<Coordinator>,
@@ -261,6 +263,7 @@ async fn wait_for_agents(
         .map_err(|e| e.to_string())?;
     let mut ready: Vec<Option<NodeHandle>> = vec![None; node_ids.len()];
     let deadline = Instant::now() + spec.connect_timeout;
+    let mut last_failure_check = Instant::now();
     while *lifecycle.phase() == Phase::WaitingForAgents {
         let connected = tokio::select! {
             event = events.recv() => match event {
@@ -269,7 +272,13 @@ async fn wait_for_agents(
                 Err(RecvError::Closed) => return Err("coordinator stopped".into()),
             },
             _ = tokio::time::sleep(POLL) => {
-                let failed = provider.failed_nodes(pool).await;
+                // Asking a cloud provider is an API call: do it every few seconds only.
+                let failed = if last_failure_check.elapsed() >= FAILED_NODES_POLL {
+                    last_failure_check = Instant::now();
+                    provider.failed_nodes(pool).await
+                } else {
+                    Vec::new()
+                };
                 if !failed.is_empty() {
                     let detail: Vec<String> = failed.iter().map(|(node, why)| format!("{node}: {why}")).collect();
                     let _ = lifecycle.handle(Event::TeardownRequested);

@@ -3,6 +3,8 @@
 
 mod agent;
 mod cli;
+mod digitalocean;
 mod output;
 mod security;
 mod selection;
+mod verda;

@@ -3,6 +3,8 @@
 
 pub mod netns;
 pub mod node;
+pub mod openapi;
+pub mod standins;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,6 +24,9 @@ pub fn bin(name: &str) -> PathBuf {
     );
     path
 }
+
+/// Environment variables through which a cloud provider finds credentials or endpoints.
+pub const CLOUD_ENV_PREFIXES: &[&str] = &["AWS_", "DIGITALOCEAN_", "VERDA_", "VAST_"];
 
 /// A directory of its own for one test; every process still running under it is killed and
 /// the directory removed on drop.
@@ -52,6 +57,12 @@ impl Sandbox {
     /// `skyward` with this sandbox as its home and stdin closed.
     pub fn skyward(&self) -> Command {
         let mut cmd = Command::new(bin("skyward"));
+        // Never let a test reach a real cloud with a developer's own credentials.
+        for (key, _) in std::env::vars() {
+            if CLOUD_ENV_PREFIXES.iter().any(|p| key.starts_with(p)) {
+                cmd.env_remove(key);
+            }
+        }
         cmd.env("SKYWARD_HOME", self.path().join("home"))
             .env("SKYWARD_AGENT_BIN", bin("skyward-agent"))
             .env_remove("SKYWARD_LOG")

@@ -3,7 +3,9 @@
 //! bootstrap, and remove every node of a pool, found by the pool's name rather than by a
 //! list that a crash could lose.
 
+pub mod digitalocean;
 pub mod local;
+pub mod verda;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -161,10 +163,10 @@ pub struct ProviderContext {
 }
 
 /// Every provider name Skyward knows.
-pub const KNOWN: &[&str] = &["local"];
+pub const KNOWN: &[&str] = &["local", "digitalocean", "verda"];
 
 /// Names that belong to providers not in this build yet: refused with a clear message.
-const PLANNED: &[&str] = &["aws", "digitalocean", "verda", "vastai"];
+const PLANNED: &[&str] = &["aws", "vastai"];
 
 /// Makes the providers named in a comma-separated list, in order.
 pub fn from_names(
@@ -181,6 +183,10 @@ pub fn from_names(
                 context.agent_bin.clone(),
                 context.local_root.clone(),
             )),
+            // Without a token it still constructs; its calls then fail with Auth and a hint.
+            "digitalocean" => Arc::new(digitalocean::DigitalOcean::from_env()),
+            // Without a client id and secret it still constructs; its calls fail with Auth.
+            "verda" => Arc::new(verda::Verda::from_env()),
             planned if PLANNED.contains(&planned) => {
                 return Err(format!(
                     "provider {planned:?} is not in this build yet; this build has: {}",

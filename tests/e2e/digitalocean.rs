@@ -1,0 +1,885 @@
+//! The DigitalOcean provider against the DigitalOcean stand-in: offers from sizes, droplets
+//! that boot from their user-data and whose agents join, fallback after a capacity error,
+//! auth errors, rate limits, GPU droplets at teardown, and the CLI. Every request our client
+//! sends and every answer the stand-in gives is checked against the official OpenAPI spec.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use skyward_coordinator::offer::Market;
+use skyward_coordinator::pool::{self, PoolProgress};
+use skyward_coordinator::provider::digitalocean::{self, DigitalOcean, DigitalOceanConfig};
+use skyward_coordinator::provider::{
+    ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG,
+};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_tests::openapi;
+use skyward_tests::standins::digitalocean::{DigitalOceanStandIn, TOKEN};
+use skyward_tests::{run, task_output, Sandbox};
+
+const CLI_LIMIT: Duration = Duration::from_secs(120);
+
+fn provider(standin: &DigitalOceanStandIn) -> Arc<DigitalOcean> {
+    Arc::new(DigitalOcean::new(standin.config()))
+}
+
+fn coordinator(pool: &str) -> Arc<Coordinator> {
+    skyward_common::install_crypto_provider();
+    Arc::new(
+        Coordinator::start(CoordinatorConfig {
+            pool: pool.into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap(),
+    )
+}
+
+fn cpu_spec(nodes: usize) -> PoolSpec {
+    let mut spec = PoolSpec::new(nodes);
+    spec.vcpus = Some(4);
+    spec.memory_gb = Some(8.0);
+    spec.connect_timeout = Duration::from_secs(60);
+    spec
+}
+
+/// Brings a pool up on `provider`; returns it (or the error) and each failed attempt as
+/// `(instance, region, kind, error)`.
+async fn up(
+    coordinator: Arc<Coordinator>,
+    provider: Arc<DigitalOcean>,
+    spec: &PoolSpec,
+) -> (
+    Result<Pool, String>,
+    Vec<(String, String, ErrorKind, String)>,
+) {
+    let failed = Mutex::new(Vec::new());
+    let mut on_progress = |event: PoolProgress<'_>| {
+        if let PoolProgress::AttemptFailed { attempt, error } = event {
+            failed.lock().unwrap().push((
+                attempt.offer.instance_type.clone(),
+                attempt.offer.region.clone(),
+                error.kind,
+                error.to_string(),
+            ));
+        }
+    };
+    let providers: Vec<Arc<dyn Provider>> = vec![provider];
+    let result = Pool::up(
+        coordinator,
+        &providers,
+        &Selection::Cheapest,
+        spec,
+        &mut on_progress,
+    )
+    .await
+    .map_err(|e| e.to_string());
+    (result, failed.into_inner().unwrap())
+}
+
+fn command(argv: &[&str]) -> skyward_common::protocol::TaskSpec {
+    skyward_common::protocol::TaskSpec::command(
+        0,
+        0,
+        argv.iter().map(|s| s.to_string()).collect(),
+        vec![],
+        None,
+        false,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_map_gpu_and_cpu_sizes_over_every_page_and_filter_by_region() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    // Three sizes a page: the client must follow `links.pages.next` to see them all.
+    standin.set_max_per_page(3);
+    let provider = provider(&standin);
+    let offers = provider.offers(&PoolSpec::new(1)).await.unwrap();
+
+    let find = |slug: &str, region: &str| {
+        offers
+            .iter()
+            .find(|o| o.instance_type == slug && o.region == region)
+            .unwrap_or_else(|| panic!("no {slug} in {region} among {offers:#?}"))
+    };
+    let cpu = find("s-4vcpu-8gb", "nyc3");
+    assert_eq!(cpu.provider, "digitalocean");
+    assert_eq!((cpu.vcpus, cpu.memory_gb), (4, 8.0));
+    assert_eq!(cpu.on_demand_per_hour, Some(0.07143));
+    assert_eq!(cpu.spot_per_hour, None, "DigitalOcean has no spot market");
+    assert!(cpu.accelerator.is_none());
+    assert_eq!(cpu.provider_ref, "ubuntu-24-04-x64");
+
+    let h100 = find("gpu-h100x1-80gb", "tor1");
+    let a = h100.accelerator.as_ref().expect("an accelerator");
+    assert_eq!((a.accelerator.name, a.count), ("H100", 1));
+    assert_eq!((h100.vcpus, h100.memory_gb), (20, 240.0));
+    assert_eq!(h100.provider_ref, "gpu-h100x1-base");
+    let h100x8 = find("gpu-h100x8-640gb", "nyc2");
+    assert_eq!(h100x8.accelerator.as_ref().unwrap().count, 8);
+    assert_eq!(h100x8.on_demand_per_hour, Some(23.92));
+    let l40s = find("gpu-l40sx1-48gb", "tor1");
+    assert_eq!(l40s.accelerator.as_ref().unwrap().accelerator.name, "L40S");
+    let mi300x = find("gpu-mi300x1-192gb", "atl1");
+    assert_eq!(
+        mi300x.accelerator.as_ref().unwrap().accelerator.name,
+        "MI300X"
+    );
+    assert_eq!(mi300x.provider_ref, "gpu-amd-base");
+
+    assert!(
+        !offers.iter().any(|o| o.instance_type == "s-8vcpu-16gb"),
+        "a size that is not available is no offer"
+    );
+    assert!(
+        !offers
+            .iter()
+            .any(|o| o.instance_type == "gpu-zz9000x1-16gb"),
+        "a GPU the catalog does not know is no offer (it is not a CPU size either)"
+    );
+    // One offer per size and region, the configured region (nyc1) first.
+    let regions: Vec<&str> = offers
+        .iter()
+        .filter(|o| o.instance_type == "s-1vcpu-1gb")
+        .map(|o| o.region.as_str())
+        .collect();
+    assert_eq!(regions, ["nyc1", "nyc3", "sfo3", "ams3", "tor1"]);
+
+    // Every page was asked for, with the largest page size the API serves.
+    let pages: Vec<(String, String)> = standin
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/v2/sizes")
+        .map(|r| {
+            (
+                r.param("page").unwrap_or("-").to_string(),
+                r.param("per_page").unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pages,
+        (1..=4)
+            .map(|p| (p.to_string(), "200".to_string()))
+            .collect::<Vec<_>>()
+    );
+
+    // A region in the spec keeps only that region.
+    let mut in_tor1 = PoolSpec::new(1);
+    in_tor1.region = Some("tor1".into());
+    let offers = provider.offers(&in_tor1).await.unwrap();
+    assert!(offers.iter().all(|o| o.region == "tor1"), "{offers:#?}");
+    let mut slugs: Vec<&str> = offers.iter().map(|o| o.instance_type.as_str()).collect();
+    slugs.sort();
+    assert_eq!(
+        slugs,
+        [
+            "c-4",
+            "gpu-h100x1-80gb",
+            "gpu-h100x8-640gb",
+            "gpu-l40sx1-48gb",
+            "s-1vcpu-1gb",
+            "s-2vcpu-4gb"
+        ]
+    );
+
+    // Through the pool's own matching: H100:8 leaves the one size with eight.
+    let spec = PoolSpec::new(1).accelerator("H100:8".parse().unwrap());
+    let providers: Vec<Arc<dyn Provider>> = vec![provider.clone()];
+    let candidates = pool::candidates(&providers, &spec).await;
+    let fitting = candidates[0].offers.as_ref().unwrap();
+    assert!(!fitting.is_empty());
+    assert!(
+        fitting
+            .iter()
+            .all(|o| o.instance_type == "gpu-h100x8-640gb"),
+        "{fitting:#?}"
+    );
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_comes_up_on_droplets_that_boot_from_user_data_and_is_gone_after_down() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(&sandbox.path().join("droplets")).await;
+    let provider = provider(&standin);
+    let coordinator = coordinator("do-e2e");
+    let (pool, failed) = up(coordinator, provider, &cpu_spec(2)).await;
+    let pool = pool.unwrap_or_else(|e| {
+        panic!(
+            "pool did not come up: {e}\nboot errors: {:?}\ncontract violations: {:#?}",
+            standin.boot_errors(),
+            standin.violations()
+        )
+    });
+    assert!(failed.is_empty(), "{failed:?}");
+    let (offer, _) = pool.offer();
+    assert_eq!(
+        (offer.instance_type.as_str(), offer.region.as_str()),
+        ("s-4vcpu-8gb", "nyc1"),
+        "the cheapest size with 4 vCPUs and 8 GB, in the configured region first"
+    );
+
+    let droplets = standin.droplets();
+    assert_eq!(droplets.len(), 2, "{droplets:#?}");
+    let pool_tag = format!("{POOL_TAG}:do-e2e");
+    for (droplet, node) in droplets.iter().zip(["node-1", "node-2"]) {
+        assert_eq!(droplet.name, format!("do-e2e-{node}"));
+        assert_eq!(droplet.status, "active");
+        assert_eq!(
+            (droplet.size.as_str(), droplet.region.as_str()),
+            ("s-4vcpu-8gb", "nyc1")
+        );
+        assert_eq!(droplet.image, "ubuntu-24-04-x64");
+        assert!(droplet.tags.contains(&pool_tag), "{:?}", droplet.tags);
+        assert!(
+            droplet.tags.contains(&format!("{NODE_TAG}:{node}")),
+            "{:?}",
+            droplet.tags
+        );
+        let user_data = droplet.user_data.as_deref().expect("user-data");
+        assert!(user_data.starts_with("#!/bin/sh"), "{user_data}");
+        assert!(user_data.contains(&format!("node_id='{node}'")));
+        assert!(!droplet.gpu);
+    }
+    let mut booted = standin.booted();
+    booted.sort();
+    assert_eq!(booted, ["do-e2e-node-1", "do-e2e-node-2"]);
+    // Droplets were polled until active before the pool waited for agents.
+    assert!(standin
+        .requests()
+        .iter()
+        .any(|r| r.method == "GET" && r.path == format!("/v2/droplets/{}", droplets[0].id)));
+
+    // The agents that joined are the droplets' own: work runs on them.
+    assert_eq!(pool.nodes().len(), 2);
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &pool.nodes()[1],
+            command(&["sh", "-c", "echo on $SKYWARD_NODE_ID"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"on node-2\n");
+    drop(task);
+
+    pool.down().await;
+    assert!(
+        standin.droplets().is_empty(),
+        "droplets left after down: {:#?}",
+        standin.droplets()
+    );
+    assert!(standin.requests().iter().any(|r| r.method == "DELETE"
+        && r.path == "/v2/droplets"
+        && r.param("tag_name") == Some(pool_tag.as_str())));
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(
+        standin.boot_errors().is_empty(),
+        "{:?}",
+        standin.boot_errors()
+    );
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_error_falls_back_to_the_next_cheapest_offer() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(&sandbox.path().join("droplets")).await;
+    standin.make_unavailable("s-4vcpu-8gb", "nyc1");
+    let coordinator = coordinator("do-fallback");
+    let (pool, failed) = up(coordinator, provider(&standin), &cpu_spec(1)).await;
+    let pool = pool.unwrap_or_else(|e| {
+        panic!(
+            "pool did not come up: {e}\ncontract violations: {:#?}",
+            standin.violations()
+        )
+    });
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let (size, region, kind, message) = &failed[0];
+    assert_eq!((size.as_str(), region.as_str()), ("s-4vcpu-8gb", "nyc1"));
+    assert_eq!(*kind, ErrorKind::Capacity);
+    assert!(
+        message.contains("Size is not available in this region")
+            && message.contains("422 unprocessable_entity")
+            && message.contains("try another region"),
+        "{message}"
+    );
+    let (offer, _) = pool.offer();
+    assert_eq!(
+        (offer.instance_type.as_str(), offer.region.as_str()),
+        ("s-4vcpu-8gb", "nyc3"),
+        "the same price in the next region comes next"
+    );
+    let droplets = standin.droplets();
+    assert_eq!(droplets.len(), 1);
+    assert_eq!(droplets[0].region, "nyc3");
+    let refused = standin
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.status == 422)
+        .count();
+    assert_eq!(refused, 1);
+    let mut task = pool
+        .coordinator()
+        .start_task(&pool.nodes()[0], command(&["echo", "fell back"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"fell back\n");
+    drop(task);
+    pool.down().await;
+    assert!(standin.droplets().is_empty());
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_or_missing_token_says_how_to_fix_it() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    let wrong = DigitalOcean::new(DigitalOceanConfig {
+        token: Some("dop_v1_wrong".into()),
+        ..standin.config()
+    });
+    let error = wrong.offers(&PoolSpec::new(1)).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Auth);
+    assert_eq!(
+        error.hint.as_deref(),
+        Some("check DIGITALOCEAN_TOKEN and that it has read/write scope")
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("Unable to authenticate you")
+            && text.contains("401 unauthorized")
+            && !text.contains('\n'),
+        "{text}"
+    );
+    assert!(!text.contains("dop_v1_wrong"), "the token leaked: {text}");
+    let status = wrong.status().await;
+    assert!(status.configured && !status.working, "{status:?}");
+    assert!(
+        status.detail.contains("read/write scope"),
+        "{}",
+        status.detail
+    );
+
+    let asked = standin.requests().len();
+    let missing = DigitalOcean::new(DigitalOceanConfig {
+        token: None,
+        ..standin.config()
+    });
+    let error = missing.offers(&PoolSpec::new(1)).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Auth);
+    assert!(
+        error.to_string().contains("DIGITALOCEAN_TOKEN is not set"),
+        "{error}"
+    );
+    assert_eq!(
+        standin.requests().len(),
+        asked,
+        "nothing is sent without a token"
+    );
+
+    let good = provider(&standin).status().await;
+    assert!(good.configured && good.working, "{good:?}");
+    assert!(good.detail.contains(&standin.url()), "{}", good.detail);
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_waited_out_within_bounds_and_server_errors_reported() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    let provider = provider(&standin);
+    standin.rate_limit_next(2);
+    let offers = provider.offers(&PoolSpec::new(1)).await.unwrap();
+    assert!(!offers.is_empty());
+    let statuses: Vec<u16> = standin.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [429, 429, 200]);
+
+    // More 429s than the retries allow: a Quota error, after a bounded number of tries.
+    standin.rate_limit_next(100);
+    let started = Instant::now();
+    let error = provider.offers(&PoolSpec::new(1)).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(error.kind, ErrorKind::Quota);
+    assert!(error.to_string().contains("rate limit"), "{error}");
+    let tries = standin.requests().len() - statuses.len();
+    assert_eq!(tries, 4, "one try and three retries");
+    standin.rate_limit_next(0);
+
+    standin.fail_next(1);
+    let error = provider.offers(&PoolSpec::new(1)).await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Api);
+    assert!(error.to_string().contains("500 server_error"), "{error}");
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_finds_gpu_droplets_that_only_type_gpus_lists() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    let provider = provider(&standin);
+    let tags = |pool: &str, node: &str| {
+        vec![
+            digitalocean::tag(POOL_TAG, pool).unwrap(),
+            digitalocean::tag(NODE_TAG, node).unwrap(),
+        ]
+    };
+    let gpu = standin.add_droplet(
+        "gpu-pool-node-1",
+        "gpu-h100x1-80gb",
+        "tor1",
+        &tags("gpu-pool", "node-1"),
+    );
+    let cpu = standin.add_droplet(
+        "gpu-pool-node-2",
+        "s-2vcpu-4gb",
+        "tor1",
+        &tags("gpu-pool", "node-2"),
+    );
+    let other_gpu = standin.add_droplet(
+        "other-node-1",
+        "gpu-h100x1-80gb",
+        "tor1",
+        &tags("other", "node-1"),
+    );
+    let untagged = standin.add_droplet("mine", "gpu-l40sx1-48gb", "tor1", &[]);
+
+    // The trap is real here: listing by tag leaves the GPU droplet out, and `type` cannot
+    // be combined with `tag_name`.
+    let client = reqwest::Client::new();
+    let list = |query: Vec<(&'static str, String)>| {
+        client
+            .get(format!("{}/v2/droplets", standin.url()))
+            .bearer_auth(TOKEN)
+            .query(&query)
+            .send()
+    };
+    let pool_tag = digitalocean::pool_tag("gpu-pool").unwrap();
+    let by_tag: serde_json::Value = list(vec![("tag_name", pool_tag.clone())])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<u64> = by_tag["droplets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [cpu]);
+    let both = list(vec![
+        ("tag_name", pool_tag.clone()),
+        ("type", "gpus".into()),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(both.status(), 400);
+
+    // The rest of what the stand-in serves answers in the spec's shapes too (checked by
+    // `assert_contract` below): regions with paging, and a multi-create.
+    let regions: serde_json::Value = client
+        .get(format!("{}/v2/regions?per_page=2", standin.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(regions["regions"].as_array().unwrap().len(), 2);
+    assert!(regions["links"]["pages"]["next"].is_string(), "{regions}");
+    standin.set_boot(false);
+    let multi = client
+        .post(format!("{}/v2/droplets", standin.url()))
+        .bearer_auth(TOKEN)
+        .json(
+            &json!({"names": ["multi-1", "multi-2"], "region": "nyc1", "size": "s-1vcpu-1gb",
+            "image": "ubuntu-24-04-x64", "tags": ["multi"]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(multi.status(), 202);
+    let multi: serde_json::Value = multi.json().await.unwrap();
+    let multi_ids: Vec<u64> = multi["droplets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(multi_ids.len(), 2);
+
+    // A droplet that went off is a failed node, named by its node tag.
+    standin.set_status(gpu, "off");
+    let failed = provider.failed_nodes("gpu-pool").await;
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].0, "node-1");
+    assert!(failed[0].1.contains("is off"), "{failed:?}");
+
+    let before = standin.requests().len();
+    provider.teardown("gpu-pool").await.unwrap();
+    let mut left: Vec<u64> = standin.droplets().iter().map(|d| d.id).collect();
+    left.sort();
+    let mut kept = vec![other_gpu, untagged];
+    kept.extend(&multi_ids);
+    kept.sort();
+    assert_eq!(left, kept, "only the pool's droplets go");
+    let sent = &standin.requests()[before..];
+    assert!(sent
+        .iter()
+        .any(|r| r.method == "GET" && r.param("type") == Some("gpus")));
+    assert!(sent
+        .iter()
+        .any(|r| r.method == "DELETE" && r.path == format!("/v2/droplets/{gpu}")));
+    assert!(
+        !sent
+            .iter()
+            .any(|r| r.path == format!("/v2/droplets/{other_gpu}")),
+        "another pool's GPU droplet was touched"
+    );
+    assert!(
+        sent.iter()
+            .all(|r| !(r.param("type").is_some() && r.param("tag_name").is_some())),
+        "the client combined type and tag_name"
+    );
+    // Our own trap probe above answered 400 in the spec's error shape, too.
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_user_data_is_refused_before_anything_is_created() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    let provider = provider(&standin);
+    let offer = provider
+        .offers(&cpu_spec(1))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| o.instance_type == "s-4vcpu-8gb")
+        .unwrap();
+    let coordinator = coordinator("do-big");
+    let mut bootstrap = coordinator.bootstrap();
+    // A CA bundle that pushes the script past DigitalOcean's 64 KiB.
+    bootstrap.ca_pem = "x".repeat(70 * 1024);
+    let request = ProvisionRequest {
+        pool: "do-big".into(),
+        nodes: vec![
+            NodeBootstrap {
+                node_id: "node-1".into(),
+                token: coordinator.issue_token("node-1"),
+            },
+            NodeBootstrap {
+                node_id: "node-2".into(),
+                token: coordinator.issue_token("node-2"),
+            },
+        ],
+        spec: cpu_spec(2),
+        bootstrap,
+    };
+    let error = provider
+        .provision(&request, &offer, Market::OnDemand)
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Invalid);
+    let text = error.to_string();
+    assert!(
+        text.contains("node-1") && text.contains("over DigitalOcean's 64 KiB limit"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "{text}");
+    assert!(
+        !standin.requests().iter().any(|r| r.method == "POST"),
+        "nothing is created when any node's user-data is too big"
+    );
+    assert!(standin.droplets().is_empty());
+    standin.assert_contract();
+}
+
+#[test]
+fn the_contract_check_catches_wrong_shapes() {
+    let spec = openapi::digitalocean();
+    let create = json!({
+        "name": "sky-1-node-1", "region": "nyc1", "size": "s-4vcpu-8gb",
+        "image": "ubuntu-24-04-x64", "user_data": "#!/bin/sh\n", "tags": ["skyward-pool:sky-1"]
+    });
+    assert_eq!(
+        spec.check_request("POST", "/v2/droplets", &[], Some(&create)),
+        Vec::<String>::new()
+    );
+    let mut typo = create.clone();
+    typo["userdata"] = typo["user_data"].take();
+    typo.as_object_mut().unwrap().remove("user_data");
+    assert!(!spec
+        .check_request("POST", "/v2/droplets", &[], Some(&typo))
+        .is_empty());
+    let mut bad_name = create.clone();
+    bad_name["name"] = json!("sky_1 node");
+    assert!(!spec
+        .check_request("POST", "/v2/droplets", &[], Some(&bad_name))
+        .is_empty());
+    let mut no_image = create.clone();
+    no_image.as_object_mut().unwrap().remove("image");
+    assert!(!spec
+        .check_request("POST", "/v2/droplets", &[], Some(&no_image))
+        .is_empty());
+    let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert!(spec
+        .check_request("GET", "/v2/sizes", &q(&[("per_page", "200")]), None)
+        .is_empty());
+    assert!(!spec
+        .check_request("GET", "/v2/sizes", &q(&[("per_page", "500")]), None)
+        .is_empty());
+    assert!(!spec
+        .check_request("GET", "/v2/droplets", &q(&[("type", "gpu")]), None)
+        .is_empty());
+    assert!(!spec
+        .check_request("GET", "/v2/droplets", &q(&[("tags", "x")]), None)
+        .is_empty());
+    assert!(!spec
+        .check_request("GET", "/v2/droplets/abc", &[], None)
+        .is_empty());
+
+    let json_headers = vec![("content-type".to_string(), "application/json".to_string())];
+    let size = json!({"slug": "s-1vcpu-1gb", "memory": 1024, "vcpus": 1, "disk": 25, "transfer": 1.0,
+        "price_monthly": 6.0, "price_hourly": 0.00893, "regions": ["nyc1"], "available": true,
+        "description": "Basic"});
+    let sizes = json!({"sizes": [size], "links": {}, "meta": {"total": 1}});
+    let body = serde_json::to_vec(&sizes).unwrap();
+    assert_eq!(
+        spec.check_response("GET", "/v2/sizes", 200, &json_headers, &body),
+        Vec::<String>::new()
+    );
+    let mut odd = sizes.clone();
+    odd["sizes"][0]["memory"] = json!(1000.5);
+    let body = serde_json::to_vec(&odd).unwrap();
+    assert!(!spec
+        .check_response("GET", "/v2/sizes", 200, &json_headers, &body)
+        .is_empty());
+    let mut no_meta = sizes.clone();
+    no_meta.as_object_mut().unwrap().remove("meta");
+    let body = serde_json::to_vec(&no_meta).unwrap();
+    assert!(!spec
+        .check_response("GET", "/v2/sizes", 200, &json_headers, &body)
+        .is_empty());
+    // A droplet needs its networks (and much else).
+    let droplet = json!({"droplet": {"id": 1, "name": "x", "status": "active"}});
+    let body = serde_json::to_vec(&droplet).unwrap();
+    assert!(!spec
+        .check_response("GET", "/v2/droplets/1", 200, &json_headers, &body)
+        .is_empty());
+    // Errors need an id and a message, 204s no body.
+    let body = serde_json::to_vec(&json!({"message": "nope"})).unwrap();
+    assert!(!spec
+        .check_response("GET", "/v2/droplets/1", 404, &json_headers, &body)
+        .is_empty());
+    assert!(!spec
+        .check_response("DELETE", "/v2/droplets/1", 204, &[], b"{}")
+        .is_empty());
+    assert!(spec
+        .check_response("DELETE", "/v2/droplets/1", 204, &[], b"")
+        .is_empty());
+}
+
+/// `skyward` with the stand-in as its DigitalOcean.
+fn skyward_against(
+    sandbox: &Sandbox,
+    standin: &DigitalOceanStandIn,
+    token: Option<&str>,
+) -> std::process::Command {
+    let mut cmd = sandbox.skyward();
+    cmd.env("DIGITALOCEAN_API_URL", standin.url())
+        .env_remove("DIGITALOCEAN_REGION");
+    match token {
+        Some(token) => cmd.env("DIGITALOCEAN_TOKEN", token),
+        None => cmd.env_remove("DIGITALOCEAN_TOKEN"),
+    };
+    cmd
+}
+
+async fn cli(mut cmd: std::process::Command) -> skyward_tests::Finished {
+    tokio::task::spawn_blocking(move || run(&mut cmd, CLI_LIMIT))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_offers_and_provider_status_from_digitalocean() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+
+    let mut cmd = skyward_against(&sandbox, &standin, Some(TOKEN));
+    cmd.args([
+        "offers",
+        "--provider",
+        "digitalocean",
+        "--cpu",
+        "4",
+        "--memory",
+        "8GB",
+        "--json",
+    ]);
+    let offers = cli(cmd).await;
+    assert_eq!(offers.code, Some(0), "{offers:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&offers.stdout).unwrap();
+    assert!(!list.is_empty());
+    assert!(list.iter().all(|o| o["provider"] == "digitalocean"));
+    assert!(list
+        .iter()
+        .all(|o| o["vcpus"].as_u64().unwrap() >= 4 && o["memory_gb"].as_f64().unwrap() >= 8.0));
+    assert_eq!(list[0]["instance_type"], "s-4vcpu-8gb", "cheapest first");
+    assert_eq!(list[0]["region"], "nyc1");
+    assert_eq!(list[0]["on_demand_per_hour"], 0.07143);
+    assert_eq!(list[0]["spot_per_hour"], serde_json::Value::Null);
+
+    let mut cmd = skyward_against(&sandbox, &standin, Some(TOKEN));
+    cmd.args([
+        "offers",
+        "--provider",
+        "digitalocean",
+        "--accelerator",
+        "H100",
+        "--json",
+    ]);
+    let gpus = cli(cmd).await;
+    assert_eq!(gpus.code, Some(0), "{gpus:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&gpus.stdout).unwrap();
+    let slugs: std::collections::BTreeSet<&str> = list
+        .iter()
+        .map(|o| o["instance_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        slugs.into_iter().collect::<Vec<_>>(),
+        ["gpu-h100x1-80gb", "gpu-h100x8-640gb"]
+    );
+    assert_eq!(list[0]["accelerator"]["name"], "H100");
+
+    let mut cmd = skyward_against(&sandbox, &standin, Some(TOKEN));
+    cmd.args(["providers", "--json"]);
+    let providers = cli(cmd).await;
+    assert_eq!(providers.code, Some(0), "{providers:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&providers.stdout).unwrap();
+    let entry = list
+        .iter()
+        .find(|p| p["provider"] == "digitalocean")
+        .expect("digitalocean is listed");
+    assert_eq!(entry["configured"], true);
+    assert_eq!(entry["working"], true, "{entry}");
+
+    let mut cmd = skyward_against(&sandbox, &standin, Some("dop_v1_wrong"));
+    cmd.args(["providers", "--json"]);
+    let refused = cli(cmd).await;
+    assert_eq!(refused.code, Some(0), "{refused:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&refused.stdout).unwrap();
+    let entry = list
+        .iter()
+        .find(|p| p["provider"] == "digitalocean")
+        .unwrap();
+    assert_eq!(
+        (&entry["configured"], &entry["working"]),
+        (&json!(true), &json!(false))
+    );
+    assert!(
+        entry["detail"]
+            .as_str()
+            .unwrap()
+            .contains("check DIGITALOCEAN_TOKEN and that it has read/write scope"),
+        "{entry}"
+    );
+    assert!(!refused.stdout.contains("dop_v1_wrong") && !refused.stderr.contains("dop_v1_wrong"));
+
+    let mut cmd = skyward_against(&sandbox, &standin, Some("dop_v1_wrong"));
+    cmd.args(["offers", "--provider", "digitalocean"]);
+    let failed = cli(cmd).await;
+    assert_eq!(failed.code, Some(255), "{failed:?}");
+    assert!(
+        failed
+            .stderr
+            .contains("check DIGITALOCEAN_TOKEN and that it has read/write scope"),
+        "{}",
+        failed.stderr
+    );
+
+    // Without a token, DigitalOcean says so and the local provider is untouched.
+    let asked = standin.requests().len();
+    let mut cmd = skyward_against(&sandbox, &standin, None);
+    cmd.args(["providers", "--json"]);
+    let unset = cli(cmd).await;
+    assert_eq!(unset.code, Some(0), "{unset:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&unset.stdout).unwrap();
+    let entry = list
+        .iter()
+        .find(|p| p["provider"] == "digitalocean")
+        .unwrap();
+    assert_eq!(entry["configured"], false);
+    let mut cmd = skyward_against(&sandbox, &standin, None);
+    cmd.args(["offers", "--provider", "local", "--json"]);
+    let local = cli(cmd).await;
+    assert_eq!(local.code, Some(0), "{local:?}");
+    assert_eq!(standin.requests().len(), asked, "no call without a token");
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skyward_run_on_digitalocean_boots_droplets_runs_and_deletes_them() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(&sandbox.path().join("droplets")).await;
+    let mut cmd = skyward_against(&sandbox, &standin, Some(TOKEN));
+    cmd.args([
+        "run",
+        "--provider",
+        "digitalocean",
+        "--cpu",
+        "4",
+        "--memory",
+        "8GB",
+        "--nodes",
+        "2",
+        "--on",
+        "all",
+        "--",
+        "sh",
+        "-c",
+        "echo hello from $SKYWARD_NODE_ID",
+    ]);
+    let out = cli(cmd).await;
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{out:?}\nboot errors: {:?}\ncontract violations: {:#?}",
+        standin.boot_errors(),
+        standin.violations()
+    );
+    assert!(
+        out.stdout.contains("hello from node-1") && out.stdout.contains("hello from node-2"),
+        "{}",
+        out.stdout
+    );
+    let created: Vec<_> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == "/v2/droplets")
+        .collect();
+    assert_eq!(created.len(), 2);
+    assert!(
+        standin.droplets().is_empty(),
+        "droplets left: {:#?}",
+        standin.droplets()
+    );
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "processes left: {left:?}");
+    standin.assert_contract();
+}

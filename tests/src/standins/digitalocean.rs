@@ -1,0 +1,1046 @@
+//! A DigitalOcean API stand-in on loopback: sizes and regions with paging, droplets created
+//! (202, `new`, then `active`), listed, fetched and deleted in the real API's shapes, status
+//! codes and traps (see `shared/cloud-apis.md`):
+//! - a plain listing, and listing or deleting by `tag_name`, leaves GPU droplets out; only
+//!   `type=gpus` lists them, and `type` with `tag_name` is refused;
+//! - a wrong token gets 401 `{"id":"Unauthorized","message":"Unable to authenticate you."}`;
+//! - a size made unavailable in a region gets 422 "Size is not available in this region.";
+//! - 429 with `ratelimit-*` headers and 5xx answers on demand;
+//! - private `networks.v4` entries first, with `"gateway": "nil"`.
+//!
+//! Creating a droplet boots it: its user-data runs as a [`BootedNode`] (the agent starts and
+//! dials the coordinator); deleting it destroys the node. Every request and every answer is
+//! checked against the official OpenAPI spec; [`DigitalOceanStandIn::violations`] lists what
+//! did not match.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use skyward_coordinator::provider::digitalocean::DigitalOceanConfig;
+
+use crate::node::BootedNode;
+use crate::openapi::{self, OpenApi};
+
+/// The token the stand-in accepts.
+pub const TOKEN: &str = "dop_v1_standin_token";
+/// Regions the official spec's image `regions` enum allows (the others are left out there).
+const IMAGE_REGIONS: &[&str] = &[
+    "ams1", "ams2", "ams3", "blr1", "fra1", "lon1", "nyc1", "nyc2", "nyc3", "sfo1", "sfo2", "sfo3",
+    "sgp1", "tor1", "syd1",
+];
+
+/// One request as it came, and what it was answered.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Option<Value>,
+    pub status: u16,
+}
+
+impl Recorded {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A droplet as the stand-in holds it.
+#[derive(Debug, Clone)]
+pub struct DropletInfo {
+    pub id: u64,
+    pub name: String,
+    pub size: String,
+    pub region: String,
+    pub image: String,
+    pub tags: Vec<String>,
+    pub user_data: Option<String>,
+    pub status: String,
+    pub gpu: bool,
+}
+
+struct Droplet {
+    info: DropletInfo,
+    created: Instant,
+    /// A status forced by the test (`off`, `archive`), else `new` then `active`.
+    forced: Option<String>,
+}
+
+struct Inner {
+    sizes: Vec<Value>,
+    regions: Vec<Value>,
+    droplets: BTreeMap<u64, Droplet>,
+    next_id: u64,
+    requests: Vec<Recorded>,
+    violations: Vec<String>,
+    unavailable: HashSet<(String, String)>,
+    rate_limited: usize,
+    server_errors: usize,
+    max_per_page: usize,
+    active_after: Duration,
+    boot: bool,
+    booted: HashMap<u64, BootedNode>,
+    boot_errors: Vec<String>,
+}
+
+struct Shared {
+    state: Mutex<Inner>,
+    base: String,
+    boot_root: PathBuf,
+    contract: &'static OpenApi,
+}
+
+pub struct DigitalOceanStandIn {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl DigitalOceanStandIn {
+    /// Serves on 127.0.0.1 (a free port) with [`default_sizes`]; droplets boot under
+    /// `boot_root/<name>-<id>`.
+    pub async fn start(boot_root: &Path) -> DigitalOceanStandIn {
+        // Parsing the 3 MB spec takes a while: off the async threads.
+        let contract = tokio::task::spawn_blocking(openapi::digitalocean)
+            .await
+            .expect("loading the OpenAPI spec");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind the stand-in");
+        let addr = listener.local_addr().expect("stand-in address");
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Inner {
+                sizes: default_sizes(),
+                regions: default_regions(),
+                droplets: BTreeMap::new(),
+                next_id: 500_000_001,
+                requests: Vec::new(),
+                violations: Vec::new(),
+                unavailable: HashSet::new(),
+                rate_limited: 0,
+                server_errors: 0,
+                max_per_page: 200,
+                active_after: Duration::from_millis(300),
+                boot: true,
+                booted: HashMap::new(),
+                boot_errors: Vec::new(),
+            }),
+            base: format!("http://{addr}"),
+            boot_root: boot_root.to_path_buf(),
+            contract,
+        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        DigitalOceanStandIn {
+            addr,
+            shared,
+            server,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A provider configuration pointed here, with the token accepted and short polls.
+    pub fn config(&self) -> DigitalOceanConfig {
+        DigitalOceanConfig {
+            api_url: Some(self.url()),
+            token: Some(TOKEN.into()),
+            poll_interval: Duration::from_millis(200),
+            active_timeout: Duration::from_secs(20),
+            teardown_timeout: Duration::from_secs(20),
+            ..DigitalOceanConfig::default()
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.shared.state.lock().expect("stand-in state")
+    }
+
+    pub fn droplets(&self) -> Vec<DropletInfo> {
+        let state = self.state();
+        state
+            .droplets
+            .values()
+            .map(|d| {
+                let mut info = d.info.clone();
+                info.status = status_of(d, state.active_after);
+                info
+            })
+            .collect()
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state().requests.clone()
+    }
+
+    /// Requests and answers that did not match the OpenAPI spec.
+    pub fn violations(&self) -> Vec<String> {
+        self.state().violations.clone()
+    }
+
+    /// Fails the test if any request or answer broke the OpenAPI contract.
+    pub fn assert_contract(&self) {
+        let violations = self.violations();
+        assert!(
+            violations.is_empty(),
+            "OpenAPI contract violations:\n  {}",
+            violations.join("\n  ")
+        );
+    }
+
+    pub fn set_sizes(&self, sizes: Vec<Value>) {
+        self.state().sizes = sizes;
+    }
+
+    /// Creating `size` in `region` answers 422 "Size is not available in this region.".
+    pub fn make_unavailable(&self, size: &str, region: &str) {
+        self.state()
+            .unavailable
+            .insert((size.to_string(), region.to_string()));
+    }
+
+    /// The next `n` requests are answered 429 with a reset one second away.
+    pub fn rate_limit_next(&self, n: usize) {
+        self.state().rate_limited = n;
+    }
+
+    /// The next `n` requests are answered 500.
+    pub fn fail_next(&self, n: usize) {
+        self.state().server_errors = n;
+    }
+
+    /// Pages hold at most `n` items, whatever `per_page` asks.
+    pub fn set_max_per_page(&self, n: usize) {
+        self.state().max_per_page = n.max(1);
+    }
+
+    /// Whether created droplets run their user-data (on by default).
+    pub fn set_boot(&self, boot: bool) {
+        self.state().boot = boot;
+    }
+
+    /// A droplet that exists without having been created through the API (never booted).
+    pub fn add_droplet(&self, name: &str, size: &str, region: &str, tags: &[String]) -> u64 {
+        let mut state = self.state();
+        let gpu = state
+            .sizes
+            .iter()
+            .find(|s| s["slug"] == size)
+            .is_some_and(|s| s.get("gpu_info").is_some());
+        let id = state.next_id;
+        state.next_id += 1;
+        state.droplets.insert(
+            id,
+            Droplet {
+                info: DropletInfo {
+                    id,
+                    name: name.into(),
+                    size: size.into(),
+                    region: region.into(),
+                    image: "ubuntu-24-04-x64".into(),
+                    tags: tags.to_vec(),
+                    user_data: None,
+                    status: "active".into(),
+                    gpu,
+                },
+                created: Instant::now() - Duration::from_secs(3600),
+                forced: None,
+            },
+        );
+        id
+    }
+
+    /// Forces a droplet's status (`off`, `archive`, `active`).
+    pub fn set_status(&self, id: u64, status: &str) {
+        if let Some(d) = self.state().droplets.get_mut(&id) {
+            d.forced = Some(status.into());
+        }
+    }
+
+    /// Names of the droplets whose user-data ran and that still exist.
+    pub fn booted(&self) -> Vec<String> {
+        let state = self.state();
+        state
+            .booted
+            .keys()
+            .filter_map(|id| state.droplets.get(id).map(|d| d.info.name.clone()))
+            .collect()
+    }
+
+    /// User-data runs that failed.
+    pub fn boot_errors(&self) -> Vec<String> {
+        self.state().boot_errors.clone()
+    }
+}
+
+impl Drop for DigitalOceanStandIn {
+    fn drop(&mut self) {
+        self.server.abort();
+        let booted: Vec<BootedNode> = self.state().booted.drain().map(|(_, n)| n).collect();
+        drop(booted);
+    }
+}
+
+/// Common sizes, shaped and priced as the API lists them: CPU sizes, GPU sizes (H100 x1 and
+/// x8, L40S, MI300X), one size not available, one GPU of a model Skyward does not know.
+pub fn default_sizes() -> Vec<Value> {
+    let all = ["nyc1", "nyc3", "sfo3", "ams3", "tor1"];
+    vec![
+        size("s-1vcpu-1gb", 1, 1024, 25, 0.00893, 6.0, "Basic", &all),
+        size("s-2vcpu-4gb", 2, 4096, 80, 0.03571, 24.0, "Basic", &all),
+        size(
+            "s-4vcpu-8gb",
+            4,
+            8192,
+            160,
+            0.07143,
+            48.0,
+            "Basic",
+            &["nyc1", "nyc3", "sfo3"],
+        ),
+        size(
+            "c-4",
+            4,
+            8192,
+            50,
+            0.125,
+            84.0,
+            "CPU-Optimized",
+            &["nyc1", "nyc3", "tor1"],
+        ),
+        size(
+            "g-4vcpu-16gb",
+            4,
+            16384,
+            50,
+            0.1875,
+            126.0,
+            "General Purpose",
+            &["nyc3", "ams3"],
+        ),
+        {
+            let mut s = size("s-8vcpu-16gb", 8, 16384, 320, 0.14286, 96.0, "Basic", &all);
+            s["available"] = json!(false);
+            s
+        },
+        gpu_size(
+            "gpu-h100x1-80gb",
+            20,
+            245760,
+            720,
+            3.39,
+            "nvidia_h100",
+            1,
+            80,
+            &["nyc2", "tor1"],
+        ),
+        gpu_size(
+            "gpu-h100x8-640gb",
+            160,
+            1966080,
+            2046,
+            23.92,
+            "nvidia_h100",
+            8,
+            80,
+            &["nyc2", "tor1"],
+        ),
+        gpu_size(
+            "gpu-l40sx1-48gb",
+            8,
+            65536,
+            500,
+            1.57,
+            "nvidia_l40s",
+            1,
+            48,
+            &["tor1"],
+        ),
+        gpu_size(
+            "gpu-mi300x1-192gb",
+            20,
+            245760,
+            720,
+            1.99,
+            "amd_mi300x",
+            1,
+            192,
+            &["atl1"],
+        ),
+        gpu_size(
+            "gpu-zz9000x1-16gb",
+            8,
+            32768,
+            200,
+            0.5,
+            "acme_zz9000",
+            1,
+            16,
+            &["tor1"],
+        ),
+    ]
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn size(
+    slug: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_gb: u64,
+    price_hourly: f64,
+    price_monthly: f64,
+    description: &str,
+    regions: &[&str],
+) -> Value {
+    json!({
+        "slug": slug,
+        "memory": memory_mib,
+        "vcpus": vcpus,
+        "disk": disk_gb,
+        "transfer": 4.0,
+        "price_monthly": price_monthly,
+        "price_hourly": price_hourly,
+        "regions": regions,
+        "available": true,
+        "description": description,
+        "disk_info": [{"type": "local", "size": {"amount": disk_gb, "unit": "gib"}}],
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn gpu_size(
+    slug: &str,
+    vcpus: u32,
+    memory_mib: u64,
+    disk_gb: u64,
+    price_hourly: f64,
+    model: &str,
+    count: u32,
+    vram_gib: u32,
+    regions: &[&str],
+) -> Value {
+    let mut s = size(
+        slug,
+        vcpus,
+        memory_mib,
+        disk_gb,
+        price_hourly,
+        (price_hourly * 672.0 * 100.0).round() / 100.0,
+        "GPU",
+        regions,
+    );
+    s["gpu_info"] =
+        json!({"count": count, "model": model, "vram": {"amount": vram_gib, "unit": "gib"}});
+    s["disk_info"]
+        .as_array_mut()
+        .expect("disk_info")
+        .push(json!({"type": "scratch", "size": {"amount": 5120, "unit": "gib"}}));
+    s
+}
+
+fn default_regions() -> Vec<Value> {
+    [
+        ("nyc1", "New York 1"),
+        ("nyc2", "New York 2"),
+        ("nyc3", "New York 3"),
+        ("sfo3", "San Francisco 3"),
+        ("ams3", "Amsterdam 3"),
+        ("tor1", "Toronto 1"),
+        ("atl1", "Atlanta 1"),
+    ]
+    .iter()
+    .map(|(slug, name)| {
+        json!({
+            "name": name,
+            "slug": slug,
+            "features": ["backups", "ipv6", "metadata", "install_agent", "storage", "image_transfer"],
+            "available": true,
+            "sizes": [],
+        })
+    })
+    .collect()
+}
+
+fn status_of(droplet: &Droplet, active_after: Duration) -> String {
+    match &droplet.forced {
+        Some(status) => status.clone(),
+        None if droplet.created.elapsed() >= active_after => "active".into(),
+        None => "new".into(),
+    }
+}
+
+fn error_body(id: &str, message: &str) -> Value {
+    json!({"id": id, "message": message, "request_id": "8a7c6a3e-1d3b-4c55-9a2e-5f0d6b1c7e21"})
+}
+
+fn epoch_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An answer before the headers every answer carries.
+struct Answer {
+    status: StatusCode,
+    body: Option<Value>,
+    extra_headers: Vec<(&'static str, String)>,
+}
+
+impl Answer {
+    fn json(status: StatusCode, body: Value) -> Answer {
+        Answer {
+            status,
+            body: Some(body),
+            extra_headers: Vec::new(),
+        }
+    }
+
+    fn error(status: StatusCode, id: &str, message: &str) -> Answer {
+        Answer::json(status, error_body(id, message))
+    }
+
+    fn no_content() -> Answer {
+        Answer {
+            status: StatusCode::NO_CONTENT,
+            body: None,
+            extra_headers: Vec::new(),
+        }
+    }
+}
+
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path().to_string();
+    let query: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            reqwest::Url::parse(&format!("http://standin/?{q}"))
+                .map(|u| u.query_pairs().into_owned().collect())
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let json_body: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice(&body).ok()
+    };
+    let mut violations =
+        shared
+            .contract
+            .check_request(method.as_str(), &path, &query, json_body.as_ref());
+    if !body.is_empty() && json_body.is_none() {
+        violations.push(format!("{method} {path}: request body is not JSON"));
+    }
+    if json_body.is_some()
+        && !headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/json"))
+    {
+        violations.push(format!(
+            "{method} {path}: JSON body without content-type application/json"
+        ));
+    }
+
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {TOKEN}"));
+    let answer = if !authorized {
+        Answer::error(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unable to authenticate you.",
+        )
+    } else {
+        route(&shared, &method, &path, &query, json_body.as_ref())
+    };
+
+    let (limit, remaining) = (5000, 4999);
+    let mut response = match &answer.body {
+        Some(value) => (answer.status, axum::Json(value.clone())).into_response(),
+        None => answer.status.into_response(),
+    };
+    let out = response.headers_mut();
+    out.insert("ratelimit-limit", HeaderValue::from(limit));
+    out.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    out.insert("ratelimit-reset", HeaderValue::from(epoch_secs() + 60));
+    for (name, value) in &answer.extra_headers {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            out.insert(*name, value);
+        }
+    }
+    let body_bytes = answer
+        .body
+        .as_ref()
+        .map(|b| serde_json::to_vec(b).expect("JSON"))
+        .unwrap_or_default();
+    let header_list: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    violations.extend(shared.contract.check_response(
+        method.as_str(),
+        &path,
+        answer.status.as_u16(),
+        &header_list,
+        &body_bytes,
+    ));
+    let mut state = shared.state.lock().expect("stand-in state");
+    state.violations.extend(violations);
+    state.requests.push(Recorded {
+        method: method.to_string(),
+        path,
+        query,
+        body: json_body,
+        status: answer.status.as_u16(),
+    });
+    response
+}
+
+fn route(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    query: &[(String, String)],
+    body: Option<&Value>,
+) -> Answer {
+    {
+        let mut state = shared.state.lock().expect("stand-in state");
+        if state.rate_limited > 0 {
+            state.rate_limited -= 1;
+            let mut answer = Answer::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_requests",
+                "API Rate limit exceeded.",
+            );
+            answer.extra_headers = vec![
+                ("ratelimit-limit", "250".into()),
+                ("ratelimit-remaining", "0".into()),
+                ("ratelimit-reset", (epoch_secs() + 1).to_string()),
+            ];
+            return answer;
+        }
+        if state.server_errors > 0 {
+            state.server_errors -= 1;
+            return Answer::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "Unexpected server-side error",
+            );
+        }
+    }
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("GET", ["", "v2", "account"]) => Answer::json(
+            StatusCode::OK,
+            json!({"account": {
+                "droplet_limit": 25, "floating_ip_limit": 5, "email": "ops@example.com",
+                "name": "Stand-in", "uuid": "b6fr89dbf6d9156cace5f3c78dc9851d957381ef",
+                "email_verified": true, "status": "active", "status_message": "",
+                "team": {"uuid": "5df3e3004a17e242b7c20ca6c9fc25b701a47ece", "name": "My Team"}
+            }}),
+        ),
+        ("GET", ["", "v2", "sizes"]) => {
+            let sizes = shared.state.lock().expect("state").sizes.clone();
+            page(shared, "/v2/sizes", "sizes", sizes, query)
+        }
+        ("GET", ["", "v2", "regions"]) => {
+            let regions = shared.state.lock().expect("state").regions.clone();
+            page(shared, "/v2/regions", "regions", regions, query)
+        }
+        ("GET", ["", "v2", "droplets"]) => {
+            let (tag, kind, name) = (param("tag_name"), param("type"), param("name"));
+            if tag.is_some() && (kind.is_some() || name.is_some()) {
+                return Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "tag_name cannot be combined with name or type",
+                );
+            }
+            let gpus = match kind {
+                None | Some("droplets") => false,
+                Some("gpus") => true,
+                Some(_) => {
+                    return Answer::error(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        "type must be droplets or gpus",
+                    )
+                }
+            };
+            let list: Vec<Value> = {
+                let state = shared.state.lock().expect("state");
+                state
+                    .droplets
+                    .values()
+                    .filter(|d| d.info.gpu == gpus)
+                    .filter(|d| tag.is_none_or(|t| d.info.tags.iter().any(|x| x == t)))
+                    .filter(|d| name.is_none_or(|n| d.info.name.eq_ignore_ascii_case(n)))
+                    .map(|d| droplet_json(&state, d))
+                    .collect()
+            };
+            page(shared, "/v2/droplets", "droplets", list, query)
+        }
+        ("POST", ["", "v2", "droplets"]) => create(shared, body),
+        ("DELETE", ["", "v2", "droplets"]) => {
+            let Some(tag) = param("tag_name") else {
+                return Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "tag_name is required",
+                );
+            };
+            let removed: Vec<(u64, Option<BootedNode>)> = {
+                let mut state = shared.state.lock().expect("state");
+                // Deleting by tag misses GPU droplets, as listing by tag does.
+                let ids: Vec<u64> = state
+                    .droplets
+                    .values()
+                    .filter(|d| !d.info.gpu && d.info.tags.iter().any(|x| x == tag))
+                    .map(|d| d.info.id)
+                    .collect();
+                ids.into_iter()
+                    .map(|id| {
+                        state.droplets.remove(&id);
+                        (id, state.booted.remove(&id))
+                    })
+                    .collect()
+            };
+            drop(removed);
+            Answer::no_content()
+        }
+        ("GET", ["", "v2", "droplets", id]) => {
+            let state = shared.state.lock().expect("state");
+            match id
+                .parse::<u64>()
+                .ok()
+                .and_then(|id| state.droplets.get(&id))
+            {
+                Some(d) => {
+                    Answer::json(StatusCode::OK, json!({"droplet": droplet_json(&state, d)}))
+                }
+                None => not_found(),
+            }
+        }
+        ("DELETE", ["", "v2", "droplets", id]) => {
+            let removed = {
+                let mut state = shared.state.lock().expect("state");
+                match id.parse::<u64>().ok() {
+                    Some(id) if state.droplets.remove(&id).is_some() => {
+                        Some(state.booted.remove(&id))
+                    }
+                    _ => None,
+                }
+            };
+            match removed {
+                Some(node) => {
+                    drop(node);
+                    Answer::no_content()
+                }
+                None => not_found(),
+            }
+        }
+        _ => not_found(),
+    }
+}
+
+fn not_found() -> Answer {
+    Answer::error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "The resource you were accessing could not be found.",
+    )
+}
+
+/// One page of `items` with `links.pages` and `meta.total`, as the API pages.
+fn page(
+    shared: &Arc<Shared>,
+    path: &str,
+    key: &str,
+    items: Vec<Value>,
+    query: &[(String, String)],
+) -> Answer {
+    let number = |name: &str, default: usize| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(default)
+    };
+    let cap = shared.state.lock().expect("state").max_per_page;
+    let per_page = number("per_page", 20).clamp(1, 200).min(cap);
+    let page = number("page", 1).max(1);
+    let total = items.len();
+    let last = total.div_ceil(per_page).max(1);
+    let slice: Vec<Value> = items
+        .into_iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .collect();
+    let link = |p: usize| format!("{}{path}?page={p}&per_page={per_page}", shared.base);
+    let mut pages = serde_json::Map::new();
+    if page > 1 {
+        pages.insert("first".into(), json!(link(1)));
+        pages.insert("prev".into(), json!(link(page - 1)));
+    }
+    if page < last {
+        pages.insert("next".into(), json!(link(page + 1)));
+        pages.insert("last".into(), json!(link(last)));
+    }
+    let mut body = json!({"links": {"pages": pages}, "meta": {"total": total}});
+    body[key] = Value::Array(slice);
+    Answer::json(StatusCode::OK, body)
+}
+
+fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
+    let Some(body) = body else {
+        return Answer::error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable_entity",
+            "The request body is not JSON.",
+        );
+    };
+    let text = |key: &str| body.get(key).and_then(Value::as_str).map(str::to_string);
+    let names: Vec<String> = match (text("name"), body.get("names").and_then(Value::as_array)) {
+        (Some(name), None) => vec![name],
+        (None, Some(names)) => names
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect(),
+        _ => {
+            return Answer::error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unprocessable_entity",
+                "Either name or names must be given.",
+            )
+        }
+    };
+    let (Some(size_slug), Some(region)) = (text("size"), text("region")) else {
+        return Answer::error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable_entity",
+            "You must specify a size and a region.",
+        );
+    };
+    let image = body
+        .get("image")
+        .map(|i| {
+            i.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| i.to_string())
+        })
+        .unwrap_or_default();
+    let user_data = text("user_data");
+    if user_data.as_ref().is_some_and(|u| u.len() > 64 * 1024) {
+        return Answer::error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable_entity",
+            "user_data must not exceed 64 KiB.",
+        );
+    }
+    let tags: Vec<String> = body
+        .get("tags")
+        .and_then(Value::as_array)
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut state = shared.state.lock().expect("state");
+    let Some(size) = state
+        .sizes
+        .iter()
+        .find(|s| s["slug"] == size_slug.as_str())
+        .cloned()
+    else {
+        return Answer::error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable_entity",
+            "You specified an invalid size for Droplet creation.",
+        );
+    };
+    let listed = size["regions"]
+        .as_array()
+        .is_some_and(|r| r.iter().any(|r| r == region.as_str()));
+    if !listed
+        || state
+            .unavailable
+            .contains(&(size_slug.clone(), region.clone()))
+    {
+        return Answer::error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unprocessable_entity",
+            "Size is not available in this region.",
+        );
+    }
+    let gpu = size.get("gpu_info").is_some();
+    let mut created = Vec::new();
+    for name in names {
+        let id = state.next_id;
+        state.next_id += 1;
+        let droplet = Droplet {
+            info: DropletInfo {
+                id,
+                name: name.clone(),
+                size: size_slug.clone(),
+                region: region.clone(),
+                image: image.clone(),
+                tags: tags.clone(),
+                user_data: user_data.clone(),
+                status: "new".into(),
+                gpu,
+            },
+            created: Instant::now(),
+            forced: None,
+        };
+        created.push(droplet_json(&state, &droplet));
+        state.droplets.insert(id, droplet);
+        if let (true, Some(script)) = (state.boot, user_data.clone()) {
+            boot(shared.clone(), id, format!("{name}-{id}"), script);
+        }
+    }
+    let actions: Vec<Value> = created
+        .iter()
+        .map(|d| {
+            let action = d["id"].as_u64().unwrap_or(0) + 1_000_000;
+            json!({"id": action, "rel": "create", "href": format!("{}/v2/actions/{action}", shared.base)})
+        })
+        .collect();
+    let body = if body.get("names").is_some() {
+        json!({"droplets": created, "links": {"actions": actions}})
+    } else {
+        json!({"droplet": created[0], "links": {"actions": actions}})
+    };
+    Answer::json(StatusCode::ACCEPTED, body)
+}
+
+/// Runs the droplet's user-data as its first boot, off the async threads; a droplet deleted
+/// meanwhile has its node destroyed as soon as the boot returns.
+fn boot(shared: Arc<Shared>, id: u64, dir_name: String, user_data: String) {
+    let root = shared.boot_root.clone();
+    tokio::spawn(async move {
+        let booted =
+            tokio::task::spawn_blocking(move || BootedNode::boot(&root, &dir_name, &user_data))
+                .await
+                .unwrap_or_else(|e| Err(format!("boot panicked: {e}")));
+        let mut state = shared.state.lock().expect("state");
+        match booted {
+            Ok(node) if state.droplets.contains_key(&id) => {
+                state.booted.insert(id, node);
+            }
+            // Deleted while booting: dropping the node destroys it.
+            Ok(node) => drop(node),
+            Err(e) => state.boot_errors.push(format!("droplet {id}: {e}")),
+        }
+    });
+}
+
+/// A droplet in the API's full shape.
+fn droplet_json(state: &Inner, droplet: &Droplet) -> Value {
+    let info = &droplet.info;
+    let size = state
+        .sizes
+        .iter()
+        .find(|s| s["slug"] == info.size.as_str())
+        .cloned()
+        .unwrap_or_else(|| size(&info.size, 1, 1024, 25, 0.00893, 6.0, "Basic", &[]));
+    let region = state
+        .regions
+        .iter()
+        .find(|r| r["slug"] == info.region.as_str())
+        .cloned()
+        .unwrap_or_else(|| {
+            json!({"name": info.region, "slug": info.region, "features": [], "available": true, "sizes": []})
+        });
+    let status = status_of(droplet, state.active_after);
+    // Addresses come with the boot; private first, as the real API lists them.
+    let n = info.id % 250 + 2;
+    let v4 = if status == "new" {
+        json!([])
+    } else {
+        json!([
+            {"ip_address": format!("10.116.0.{n}"), "netmask": "255.255.240.0", "gateway": "nil", "type": "private"},
+            {"ip_address": format!("203.0.113.{n}"), "netmask": "255.255.255.0", "gateway": "203.0.113.1", "type": "public"}
+        ])
+    };
+    let image_regions: Vec<&str> = IMAGE_REGIONS
+        .iter()
+        .copied()
+        .filter(|r| *r == info.region)
+        .collect();
+    let mut value = json!({
+        "id": info.id,
+        "name": info.name,
+        "memory": size["memory"],
+        "vcpus": size["vcpus"],
+        "disk": size["disk"],
+        "disk_info": size["disk_info"],
+        "locked": false,
+        "status": status,
+        "kernel": null,
+        "created_at": "2026-03-02T10:20:30Z",
+        "features": ["droplet_agent", "private_networking"],
+        "backup_ids": [],
+        "next_backup_window": null,
+        "snapshot_ids": [],
+        "image": {
+            "id": 191457505,
+            "name": format!("{} image", info.image),
+            "distribution": "Ubuntu",
+            "slug": info.image,
+            "public": true,
+            "regions": image_regions,
+            "created_at": "2025-10-01T12:00:00Z",
+            "min_disk_size": 25,
+            "type": "base",
+            "size_gigabytes": 2.36,
+            "description": "Base image",
+            "tags": [],
+            "status": "available",
+        },
+        "volume_ids": [],
+        "size": size,
+        "size_slug": info.size,
+        "networks": {"v4": v4, "v6": []},
+        "region": region,
+        "tags": info.tags,
+        "vpc_uuid": "760e09ef-dc84-11e8-981e-3cfdfeaae000",
+    });
+    if let Some(gpu) = size.get("gpu_info") {
+        value["gpu_info"] = gpu.clone();
+    }
+    value
+}

@@ -1,0 +1,4 @@
+//! Stand-ins for cloud APIs: local servers answering in each vendor's real shapes.
+
+pub mod digitalocean;
+pub mod verda;
