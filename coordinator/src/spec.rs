@@ -103,6 +103,15 @@ pub fn parse_memory_gb(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A region the user named matches an offer's region exactly, or as its last part
+/// ("US" matches VastAI's "Texas, US"), ignoring case.
+fn region_matches(wanted: &str, offered: &str) -> bool {
+    offered.eq_ignore_ascii_case(wanted)
+        || offered
+            .rsplit_once(',')
+            .is_some_and(|(_, last)| last.trim().eq_ignore_ascii_case(wanted.trim()))
+}
+
 /// Everything a pool asks for.
 #[derive(Debug, Clone)]
 pub struct PoolSpec {
@@ -182,7 +191,7 @@ impl PoolSpec {
         if self
             .region
             .as_ref()
-            .is_some_and(|r| !r.eq_ignore_ascii_case(&offer.region))
+            .is_some_and(|r| !region_matches(r, &offer.region))
         {
             return Some(format!("is in {}", offer.region));
         }
@@ -293,6 +302,10 @@ mod tests {
             spec.mismatch(&offer(None, 4, 8.0)).unwrap(),
             "has no accelerator"
         );
+        let mut texas = offer(Some(("H100", 8)), 96, 1000.0);
+        texas.region = "Texas, US".into();
+        spec.region = Some("us".into());
+        assert_eq!(spec.mismatch(&texas), None);
         spec.region = Some("R2".into());
         assert_eq!(
             spec.mismatch(&offer(Some(("H100", 8)), 96, 1000.0))

@@ -7,4 +7,5 @@ mod digitalocean;
 mod output;
 mod security;
 mod selection;
+mod vastai;
 mod verda;

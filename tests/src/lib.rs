@@ -63,6 +63,9 @@ impl Sandbox {
                 cmd.env_remove(key);
             }
         }
+        // Nor through credential files under the developer's home.
+        cmd.env("HOME", self.path().join("user-home"))
+            .env("XDG_CONFIG_HOME", self.path().join("user-home/.config"));
         cmd.env("SKYWARD_HOME", self.path().join("home"))
             .env("SKYWARD_AGENT_BIN", bin("skyward-agent"))
             .env_remove("SKYWARD_LOG")

@@ -5,6 +5,7 @@
 
 pub mod digitalocean;
 pub mod local;
+pub mod vastai;
 pub mod verda;
 
 use std::path::PathBuf;
@@ -163,10 +164,10 @@ pub struct ProviderContext {
 }
 
 /// Every provider name Skyward knows.
-pub const KNOWN: &[&str] = &["local", "digitalocean", "verda"];
+pub const KNOWN: &[&str] = &["local", "digitalocean", "verda", "vastai"];
 
 /// Names that belong to providers not in this build yet: refused with a clear message.
-const PLANNED: &[&str] = &["aws", "vastai"];
+const PLANNED: &[&str] = &["aws"];
 
 /// Makes the providers named in a comma-separated list, in order.
 pub fn from_names(
@@ -187,6 +188,8 @@ pub fn from_names(
             "digitalocean" => Arc::new(digitalocean::DigitalOcean::from_env()),
             // Without a client id and secret it still constructs; its calls fail with Auth.
             "verda" => Arc::new(verda::Verda::from_env()),
+            // Without a key it still constructs; its calls then fail with Auth and a hint.
+            "vastai" => Arc::new(vastai::VastAi::from_env()),
             planned if PLANNED.contains(&planned) => {
                 return Err(format!(
                     "provider {planned:?} is not in this build yet; this build has: {}",
