@@ -21,6 +21,16 @@ if ((${#missing[@]})); then
     fi
 fi
 
+# AWS runs against moto (PyPI), in a venv of its own.
+tools="${SKYWARD_TOOLS_DIR:-/var/tmp/skyward-tools}"
+if [ ! -x "$tools/moto/bin/moto_server" ]; then
+    echo "installing moto (the EC2 stand-in) into $tools/moto"
+    mkdir -p "$tools"
+    python3 -m venv "$tools/moto"
+    "$tools/moto/bin/pip" install -q 'moto[server]'
+fi
+export SKYWARD_MOTO_SERVER="$tools/moto/bin/moto_server"
+
 cargo build --workspace --bins --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

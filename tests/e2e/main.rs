@@ -2,6 +2,7 @@
 //! real certificates, on loopback.
 
 mod agent;
+mod aws;
 mod cli;
 mod digitalocean;
 mod output;

@@ -3,6 +3,7 @@
 //! bootstrap, and remove every node of a pool, found by the pool's name rather than by a
 //! list that a crash could lose.
 
+pub mod aws;
 pub mod digitalocean;
 pub mod local;
 pub mod vastai;
@@ -164,10 +165,7 @@ pub struct ProviderContext {
 }
 
 /// Every provider name Skyward knows.
-pub const KNOWN: &[&str] = &["local", "digitalocean", "verda", "vastai"];
-
-/// Names that belong to providers not in this build yet: refused with a clear message.
-const PLANNED: &[&str] = &["aws"];
+pub const KNOWN: &[&str] = &["local", "aws", "digitalocean", "verda", "vastai"];
 
 /// Makes the providers named in a comma-separated list, in order.
 pub fn from_names(
@@ -190,12 +188,8 @@ pub fn from_names(
             "verda" => Arc::new(verda::Verda::from_env()),
             // Without a key it still constructs; its calls then fail with Auth and a hint.
             "vastai" => Arc::new(vastai::VastAi::from_env()),
-            planned if PLANNED.contains(&planned) => {
-                return Err(format!(
-                    "provider {planned:?} is not in this build yet; this build has: {}",
-                    KNOWN.join(", ")
-                ))
-            }
+            // Credentials come through the standard AWS chain when the API is first called.
+            "aws" => Arc::new(aws::Aws::new(aws::AwsConfig::from_env())),
             other => {
                 return Err(format!(
                     "unknown provider {other:?}: known providers are {}",

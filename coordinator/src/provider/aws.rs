@@ -1,0 +1,933 @@
+//! AWS EC2 through aws-sdk-ec2: offers from the instance types offered in the region's
+//! availability zones (spot prices from the price history, on-demand prices from a bundled
+//! table), AMI auto-detection, the default VPC's subnets, a security group per pool that only
+//! lets the pool's nodes talk to each other, and instances tagged with their pool.
+//!
+//! Credentials come through the standard AWS chain (environment, `aws configure` files);
+//! `AWS_ENDPOINT_URL` (or the config's `endpoint_url`) points the SDK elsewhere.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{
+    DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
+    FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest,
+    FleetOnDemandAllocationStrategy, FleetType, InstanceStateName, InstanceType, IpPermission,
+    LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
+    LaunchTemplateTagSpecificationRequest, LocationType, OnDemandOptionsRequest,
+    RequestLaunchTemplateData, ResourceType, ShutdownBehavior, SpotAllocationStrategy,
+    SpotOptionsRequest, Tag, TagSpecification, TargetCapacitySpecificationRequest, UserIdGroupPair,
+};
+use base64::Engine;
+use tokio::sync::OnceCell;
+
+use super::{
+    ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, POOL_TAG,
+};
+use crate::catalog::{self, DeviceKind};
+use crate::offer::{Market, Offer, OfferedAccelerator};
+use crate::spec::PoolSpec;
+
+const NAME: &str = "aws";
+/// The bundled on-demand price table (us-east-1 list prices; an estimate elsewhere).
+const PRICES: &str = include_str!("../../data/aws-on-demand-prices.csv");
+/// How long instances get to reach `running`, and to be gone after termination.
+const STATE_WAIT: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_secs(2);
+
+/// AMI name patterns tried in order: a GPU deep-learning image for accelerated types, Ubuntu
+/// otherwise; Amazon Linux 2023 (the ECS-optimised GPU variant carries NVIDIA drivers) as
+/// the fallback where the preferred images are not published.
+const GPU_IMAGES: &[(&str, &str)] = &[
+    (
+        "amazon",
+        "Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu 22.04)*",
+    ),
+    (
+        "amazon",
+        "Deep Learning Base OSS Nvidia Driver GPU AMI (Amazon Linux 2023)*",
+    ),
+    ("amazon", "al2023-ami-ecs-gpu-hvm-*-x86_64-ebs"),
+];
+const NEURON_IMAGES: &[(&str, &str)] = &[
+    ("amazon", "Deep Learning AMI Neuron (Ubuntu 22.04)*"),
+    ("amazon", "al2023-ami-ecs-neuron-hvm-*-x86_64"),
+];
+const CPU_IMAGES: &[(&str, &str)] = &[
+    (
+        "099720109477",
+        "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*",
+    ),
+    (
+        "099720109477",
+        "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*",
+    ),
+    ("amazon", "al2023-ami-2023*-x86_64"),
+    ("amazon", "al2023-ami-ecs-hvm-*-x86_64"),
+];
+
+/// The provider as a value: `Aws { region, ami, subnet_id, allocation_strategy }`.
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    pub region: String,
+    /// AMI for every node; `None` detects one per instance type.
+    pub ami: Option<String>,
+    /// Subnet for every node; `None` uses the default VPC's subnet in the chosen zone.
+    pub subnet_id: Option<String>,
+    /// How an instant EC2 fleet picks spot capacity across the zones' subnets:
+    /// `price-capacity-optimized`, `lowest-price`, `capacity-optimized`...
+    pub allocation_strategy: String,
+    /// Overrides the EC2 endpoint (`AWS_ENDPOINT_URL` does the same from the environment).
+    pub endpoint_url: Option<String>,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: "us-east-1".into(),
+            ami: None,
+            subnet_id: None,
+            allocation_strategy: "price-capacity-optimized".into(),
+            endpoint_url: None,
+        }
+    }
+}
+
+impl AwsConfig {
+    /// Defaults, with the region from `AWS_REGION` / `AWS_DEFAULT_REGION` when set.
+    pub fn from_env() -> Self {
+        let region = std::env::var("AWS_REGION")
+            .or_else(|_| std::env::var("AWS_DEFAULT_REGION"))
+            .unwrap_or_else(|_| "us-east-1".into());
+        AwsConfig {
+            region,
+            ..AwsConfig::default()
+        }
+    }
+}
+
+pub struct Aws {
+    config: AwsConfig,
+    client: OnceCell<aws_sdk_ec2::Client>,
+    prices: HashMap<String, f64>,
+}
+
+impl Aws {
+    pub fn new(config: AwsConfig) -> Self {
+        Aws {
+            config,
+            client: OnceCell::new(),
+            prices: parse_prices(PRICES),
+        }
+    }
+
+    async fn client(&self) -> &aws_sdk_ec2::Client {
+        self.client
+            .get_or_init(|| async {
+                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                    .region(aws_config::Region::new(self.config.region.clone()));
+                if let Some(url) = &self.config.endpoint_url {
+                    loader = loader.endpoint_url(url);
+                }
+                aws_sdk_ec2::Client::new(&loader.load().await)
+            })
+            .await
+    }
+
+    /// Instance types offered per zone of the region.
+    async fn zones_by_type(&self) -> Result<BTreeMap<String, Vec<String>>, ProviderError> {
+        let mut pages = self
+            .client()
+            .await
+            .describe_instance_type_offerings()
+            .location_type(LocationType::AvailabilityZone)
+            .into_paginator()
+            .send();
+        let mut zones: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        while let Some(page) = pages.next().await {
+            for offering in page.map_err(api_error)?.instance_type_offerings() {
+                if let (Some(kind), Some(zone)) = (offering.instance_type(), offering.location()) {
+                    zones
+                        .entry(kind.as_str().to_string())
+                        .or_default()
+                        .push(zone.to_string());
+                }
+            }
+        }
+        Ok(zones)
+    }
+
+    /// The latest spot price per (type, zone).
+    async fn spot_prices(
+        &self,
+        types: &[String],
+    ) -> Result<HashMap<(String, String), f64>, ProviderError> {
+        let mut prices = HashMap::new();
+        for chunk in types.chunks(100) {
+            let mut pages = self
+                .client()
+                .await
+                .describe_spot_price_history()
+                .set_instance_types(Some(
+                    chunk
+                        .iter()
+                        .map(|t| InstanceType::from(t.as_str()))
+                        .collect(),
+                ))
+                .product_descriptions("Linux/UNIX")
+                .product_descriptions("Linux/UNIX (Amazon VPC)")
+                .start_time(aws_sdk_ec2::primitives::DateTime::from(
+                    SystemTime::now() - Duration::from_secs(3 * 3600),
+                ))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for entry in page.map_err(api_error)?.spot_price_history() {
+                    let (Some(kind), Some(zone), Some(price)) = (
+                        entry.instance_type(),
+                        entry.availability_zone(),
+                        entry.spot_price(),
+                    ) else {
+                        continue;
+                    };
+                    if let Ok(price) = price.parse::<f64>() {
+                        // Newest first: the first price seen per (type, zone) is the current one.
+                        prices
+                            .entry((kind.as_str().to_string(), zone.to_string()))
+                            .or_insert(price);
+                    }
+                }
+            }
+        }
+        Ok(prices)
+    }
+
+    async fn find_image(&self, patterns: &[(&str, &str)]) -> Result<String, ProviderError> {
+        for (owner, pattern) in patterns {
+            let images = self
+                .client()
+                .await
+                .describe_images()
+                .owners(*owner)
+                .filters(filter("name", [*pattern]))
+                .filters(filter("state", ["available"]))
+                .filters(filter("architecture", ["x86_64"]))
+                .send()
+                .await
+                .map_err(api_error)?;
+            if let Some(newest) = images
+                .images()
+                .iter()
+                .max_by(|a, b| a.creation_date().cmp(&b.creation_date()))
+                .and_then(|i| i.image_id())
+            {
+                return Ok(newest.to_string());
+            }
+        }
+        Err(ProviderError::new(
+            NAME,
+            ErrorKind::Invalid,
+            format!("no AMI found in {}", self.config.region),
+        )
+        .hint("pass --image ami-... (or AwsConfig::ami)"))
+    }
+
+    /// Subnets to launch in, one per zone offering the type: the configured subnet, or the
+    /// default VPC's. Returns (subnet, vpc) pairs.
+    async fn subnets(&self, zones: &[String]) -> Result<Vec<(String, String)>, ProviderError> {
+        let client = self.client().await;
+        let subnets = match &self.config.subnet_id {
+            Some(id) => client.describe_subnets().subnet_ids(id).send().await,
+            None => {
+                let vpcs = client
+                    .describe_vpcs()
+                    .filters(filter("isDefault", ["true"]))
+                    .send()
+                    .await
+                    .map_err(api_error)?;
+                let Some(vpc) = vpcs.vpcs().first().and_then(|v| v.vpc_id()) else {
+                    return Err(ProviderError::new(
+                        NAME,
+                        ErrorKind::Invalid,
+                        format!("no default VPC in {}", self.config.region),
+                    )
+                    .hint("pass a subnet (AwsConfig::subnet_id)"));
+                };
+                client
+                    .describe_subnets()
+                    .filters(filter("vpc-id", [vpc]))
+                    .send()
+                    .await
+            }
+        }
+        .map_err(api_error)?;
+        let mut chosen: Vec<(String, String)> = Vec::new();
+        let mut zones_used: Vec<String> = Vec::new();
+        for subnet in subnets.subnets() {
+            let (Some(id), Some(vpc), Some(zone)) = (
+                subnet.subnet_id(),
+                subnet.vpc_id(),
+                subnet.availability_zone(),
+            ) else {
+                continue;
+            };
+            let wanted = self.config.subnet_id.is_some() || zones.iter().any(|z| z == zone);
+            if wanted && !zones_used.iter().any(|z| z == zone) {
+                zones_used.push(zone.to_string());
+                chosen.push((id.to_string(), vpc.to_string()));
+            }
+        }
+        if chosen.is_empty() {
+            return Err(ProviderError::new(
+                NAME,
+                ErrorKind::Capacity,
+                format!("no subnet in a zone offering it ({})", zones.join(", ")),
+            )
+            .hint("try another instance type or region"));
+        }
+        Ok(chosen)
+    }
+
+    /// The pool's security group: members may reach each other on every port (NCCL, the
+    /// preflight mesh check); nothing else comes in, since agents dial out.
+    async fn security_group(&self, pool: &str, vpc: &str) -> Result<String, ProviderError> {
+        let client = self.client().await;
+        let existing = client
+            .describe_security_groups()
+            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+            .filters(filter("vpc-id", [vpc]))
+            .send()
+            .await
+            .map_err(api_error)?;
+        if let Some(id) = existing
+            .security_groups()
+            .first()
+            .and_then(|g| g.group_id())
+        {
+            return Ok(id.to_string());
+        }
+        let created = client
+            .create_security_group()
+            .group_name(format!("skyward-{pool}"))
+            .description(format!(
+                "Skyward pool {pool}: traffic between the pool's nodes only"
+            ))
+            .vpc_id(vpc)
+            .tag_specifications(tags(ResourceType::SecurityGroup, &[(POOL_TAG, pool)]))
+            .send()
+            .await
+            .map_err(api_error)?;
+        let id = created.group_id().unwrap_or_default().to_string();
+        client
+            .authorize_security_group_ingress()
+            .group_id(&id)
+            .ip_permissions(
+                IpPermission::builder()
+                    .ip_protocol("-1")
+                    .user_id_group_pairs(UserIdGroupPair::builder().group_id(&id).build())
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(api_error)?;
+        Ok(id)
+    }
+
+    /// The pool's instances that are not yet terminated, with their node tag and state.
+    async fn pool_instances(
+        &self,
+        pool: &str,
+    ) -> Result<Vec<(String, String, InstanceStateName)>, ProviderError> {
+        let mut pages = self
+            .client()
+            .await
+            .describe_instances()
+            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+            .filters(filter(
+                "instance-state-name",
+                ["pending", "running", "stopping", "stopped", "shutting-down"],
+            ))
+            .into_paginator()
+            .send();
+        let mut found = Vec::new();
+        while let Some(page) = pages.next().await {
+            for reservation in page.map_err(api_error)?.reservations() {
+                for instance in reservation.instances() {
+                    let node = instance
+                        .tags()
+                        .iter()
+                        .find(|t| t.key() == Some(super::NODE_TAG))
+                        .and_then(|t| t.value())
+                        .unwrap_or_default();
+                    let state = instance
+                        .state()
+                        .and_then(|s| s.name())
+                        .cloned()
+                        .unwrap_or(InstanceStateName::Pending);
+                    found.push((
+                        instance.instance_id().unwrap_or_default().to_string(),
+                        node.to_string(),
+                        state,
+                    ));
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl Provider for Aws {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    async fn offers(&self, spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
+        let zones = self.zones_by_type().await?;
+        if zones.is_empty() {
+            return Err(ProviderError::new(
+                NAME,
+                ErrorKind::NoOffers,
+                format!("no instance types offered in {}", self.config.region),
+            )
+            .hint("try another region"));
+        }
+        let mut infos = Vec::new();
+        let names: Vec<String> = zones.keys().cloned().collect();
+        for chunk in names.chunks(100) {
+            let out = self
+                .client()
+                .await
+                .describe_instance_types()
+                .set_instance_types(Some(
+                    chunk
+                        .iter()
+                        .map(|t| InstanceType::from(t.as_str()))
+                        .collect(),
+                ))
+                .send()
+                .await
+                .map_err(api_error)?;
+            infos.extend(out.instance_types().iter().cloned());
+        }
+        let mut offers: Vec<Offer> = infos
+            .iter()
+            .filter_map(|info| {
+                let kind = info.instance_type()?.as_str().to_string();
+                let accelerator = accelerator_of(info);
+                Some(Offer {
+                    provider: NAME.into(),
+                    region: self.config.region.clone(),
+                    instance_type: kind.clone(),
+                    accelerator,
+                    vcpus: info
+                        .v_cpu_info()
+                        .and_then(|v| v.default_v_cpus())
+                        .unwrap_or(0) as u32,
+                    memory_gb: info
+                        .memory_info()
+                        .and_then(|m| m.size_in_mib())
+                        .unwrap_or(0) as f64
+                        / 1024.0,
+                    on_demand_per_hour: self.prices.get(&kind).copied(),
+                    spot_per_hour: None,
+                    available: true,
+                    provider_ref: zones.get(&kind).map(|z| z.join(",")).unwrap_or_default(),
+                })
+            })
+            .filter(|offer| spec.mismatch(offer).is_none())
+            .collect();
+        if spec.allocation.markets().contains(&Market::Spot) && !offers.is_empty() {
+            let kinds: Vec<String> = offers.iter().map(|o| o.instance_type.clone()).collect();
+            let spot = self.spot_prices(&kinds).await?;
+            for offer in &mut offers {
+                offer.spot_per_hour = spot
+                    .iter()
+                    .filter(|((kind, _), _)| *kind == offer.instance_type)
+                    .map(|(_, price)| *price)
+                    .min_by(f64::total_cmp);
+            }
+        }
+        offers.sort_by(|a, b| a.instance_type.cmp(&b.instance_type));
+        Ok(offers)
+    }
+
+    async fn provision(
+        &self,
+        request: &ProvisionRequest,
+        offer: &Offer,
+        market: Market,
+    ) -> Result<Vec<Instance>, ProviderError> {
+        let zones: Vec<String> = offer
+            .provider_ref
+            .split(',')
+            .filter(|z| !z.is_empty())
+            .map(String::from)
+            .collect();
+        let image = match (&request.spec.image, &self.config.ami) {
+            (Some(image), _) | (None, Some(image)) => image.clone(),
+            (None, None) => {
+                let patterns = match offer.accelerator.as_ref().map(|a| a.accelerator.kind) {
+                    Some(DeviceKind::NvidiaGpu | DeviceKind::AmdGpu) => GPU_IMAGES,
+                    Some(DeviceKind::AwsNeuron) => NEURON_IMAGES,
+                    None => CPU_IMAGES,
+                };
+                self.find_image(patterns).await?
+            }
+        };
+        let subnets = self.subnets(&zones).await?;
+        let group = self.security_group(&request.pool, &subnets[0].1).await?;
+        let client = self.client().await;
+        let mut created = Vec::new();
+        for node in &request.nodes {
+            let user_data = request.user_data(node);
+            if user_data.len() > 16 * 1024 {
+                return Err(ProviderError::new(
+                    NAME,
+                    ErrorKind::Invalid,
+                    format!("user-data is {} bytes; EC2 takes 16 KiB", user_data.len()),
+                ));
+            }
+            let mut node_tags: Vec<(String, String)> = request.tags(node);
+            node_tags.push(("Name".into(), format!("{}-{}", request.pool, node.node_id)));
+            let pairs: Vec<(&str, &str)> = node_tags
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            // One launch template per node (its user-data is its own), then an instant fleet
+            // over every zone's subnet, so EC2 places it by the allocation strategy.
+            let mut data = RequestLaunchTemplateData::builder()
+                .image_id(&image)
+                .security_group_ids(&group)
+                .user_data(base64::engine::general_purpose::STANDARD.encode(&user_data))
+                // The lease ends in a shutdown: the instance then goes, not just stops.
+                .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+                .tag_specifications(launch_tags(ResourceType::Instance, &pairs))
+                .tag_specifications(launch_tags(ResourceType::Volume, &pairs));
+            if let Some(disk) = request.spec.disk_gb {
+                data = data.block_device_mappings(
+                    LaunchTemplateBlockDeviceMappingRequest::builder()
+                        .device_name("/dev/sda1")
+                        .ebs(
+                            LaunchTemplateEbsBlockDeviceRequest::builder()
+                                .volume_size(disk as i32)
+                                .delete_on_termination(true)
+                                .build(),
+                        )
+                        .build(),
+                );
+            }
+            let template = client
+                .create_launch_template()
+                .launch_template_name(format!("skyward-{}-{}", request.pool, node.node_id))
+                .launch_template_data(data.build())
+                .tag_specifications(tags(
+                    ResourceType::LaunchTemplate,
+                    &[(POOL_TAG, &request.pool)],
+                ))
+                .send()
+                .await
+                .map_err(api_error)?;
+            let template_id = template
+                .launch_template()
+                .and_then(|t| t.launch_template_id())
+                .unwrap_or_default()
+                .to_string();
+            let overrides = subnets
+                .iter()
+                .map(|(subnet, _)| {
+                    FleetLaunchTemplateOverridesRequest::builder()
+                        .instance_type(InstanceType::from(offer.instance_type.as_str()))
+                        .subnet_id(subnet)
+                        .build()
+                })
+                .collect();
+            let capacity = TargetCapacitySpecificationRequest::builder()
+                .total_target_capacity(1)
+                .default_target_capacity_type(match market {
+                    Market::Spot => DefaultTargetCapacityType::Spot,
+                    Market::OnDemand => DefaultTargetCapacityType::OnDemand,
+                })
+                .build();
+            let fleet = client
+                .create_fleet()
+                .r#type(FleetType::Instant)
+                .target_capacity_specification(capacity)
+                .spot_options(
+                    SpotOptionsRequest::builder()
+                        .allocation_strategy(SpotAllocationStrategy::from(
+                            self.config.allocation_strategy.as_str(),
+                        ))
+                        .build(),
+                )
+                .on_demand_options(
+                    OnDemandOptionsRequest::builder()
+                        .allocation_strategy(FleetOnDemandAllocationStrategy::LowestPrice)
+                        .build(),
+                )
+                .launch_template_configs(
+                    FleetLaunchTemplateConfigRequest::builder()
+                        .launch_template_specification(
+                            FleetLaunchTemplateSpecificationRequest::builder()
+                                .launch_template_id(&template_id)
+                                .version("$Latest")
+                                .build(),
+                        )
+                        .set_overrides(Some(overrides))
+                        .build(),
+                )
+                .tag_specifications(tags(ResourceType::Instance, &pairs))
+                .send()
+                .await
+                .map_err(api_error)?;
+            let ids: Vec<String> = fleet
+                .instances()
+                .iter()
+                .flat_map(|i| i.instance_ids().iter().cloned())
+                .collect();
+            let Some(id) = ids.into_iter().next() else {
+                let (code, message) = fleet
+                    .errors()
+                    .first()
+                    .map(|e| {
+                        (
+                            e.error_code().unwrap_or("unknown"),
+                            e.error_message().unwrap_or(""),
+                        )
+                    })
+                    .unwrap_or(("unknown", "the fleet started no instance"));
+                return Err(run_error(
+                    code,
+                    message,
+                    &offer.instance_type,
+                    &request.pool,
+                    market,
+                ));
+            };
+            created.push(Instance {
+                node_id: node.node_id.clone(),
+                provider_id: id,
+            });
+        }
+        // Wait (bounded) for every instance to run; one that terminates instead failed.
+        let deadline = tokio::time::Instant::now() + STATE_WAIT;
+        loop {
+            let states = self.pool_instances(&request.pool).await?;
+            let mine: Vec<&(String, String, InstanceStateName)> = states
+                .iter()
+                .filter(|(id, ..)| created.iter().any(|c| c.provider_id == *id))
+                .collect();
+            if mine.len() < created.len() {
+                return Err(ProviderError::new(
+                    NAME,
+                    ErrorKind::Capacity,
+                    "an instance terminated before running",
+                )
+                .hint(
+                    "spot capacity may have been reclaimed: try spot-if-available or another zone",
+                ));
+            }
+            if mine
+                .iter()
+                .all(|(_, _, state)| *state == InstanceStateName::Running)
+            {
+                return Ok(created);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProviderError::new(
+                    NAME,
+                    ErrorKind::Api,
+                    "instances did not reach running in time",
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    async fn failed_nodes(&self, pool: &str) -> Vec<(String, String)> {
+        match self.pool_instances(pool).await {
+            Ok(instances) => instances
+                .into_iter()
+                .filter(|(_, _, state)| {
+                    matches!(
+                        state,
+                        InstanceStateName::ShuttingDown
+                            | InstanceStateName::Stopped
+                            | InstanceStateName::Stopping
+                    )
+                })
+                .map(|(id, node, state)| (node, format!("instance {id} is {}", state.as_str())))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
+        let client = self.client().await;
+        let instances = self.pool_instances(pool).await?;
+        let ids: Vec<String> = instances.iter().map(|(id, ..)| id.clone()).collect();
+        if !ids.is_empty() {
+            client
+                .terminate_instances()
+                .set_instance_ids(Some(ids))
+                .send()
+                .await
+                .map_err(api_error)?;
+        }
+        let deadline = tokio::time::Instant::now() + STATE_WAIT;
+        while !self
+            .pool_instances(pool)
+            .await?
+            .iter()
+            .all(|(_, _, state)| *state == InstanceStateName::ShuttingDown)
+        {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ProviderError::new(
+                    NAME,
+                    ErrorKind::Api,
+                    format!("instances of pool {pool} still running after terminate"),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let templates = client
+            .describe_launch_templates()
+            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+            .send()
+            .await
+            .map_err(api_error)?;
+        for template in templates.launch_templates() {
+            if let Some(id) = template.launch_template_id() {
+                client
+                    .delete_launch_template()
+                    .launch_template_id(id)
+                    .send()
+                    .await
+                    .map_err(api_error)?;
+            }
+        }
+        // The group can only go once no instance uses it: retry while EC2 says so.
+        let groups = client
+            .describe_security_groups()
+            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+            .send()
+            .await
+            .map_err(api_error)?;
+        for group in groups.security_groups() {
+            let Some(id) = group.group_id() else { continue };
+            let mut tries = 0;
+            loop {
+                match client.delete_security_group().group_id(id).send().await {
+                    Ok(_) => break,
+                    Err(e) if e.code() == Some("DependencyViolation") && tries < 60 => {
+                        tries += 1;
+                        tokio::time::sleep(POLL).await;
+                    }
+                    Err(e) => return Err(api_error(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> ProviderStatus {
+        let (configured, working, detail) =
+            match self.client().await.describe_regions().send().await {
+                Ok(_) => (true, true, format!("region {}", self.config.region)),
+                Err(e) => {
+                    let error = api_error(e);
+                    (error.kind != ErrorKind::Auth, false, error.to_string())
+                }
+            };
+        ProviderStatus {
+            provider: NAME.into(),
+            configured,
+            working,
+            detail,
+        }
+    }
+}
+
+/// The accelerators of an instance type, through the catalog.
+fn accelerator_of(info: &aws_sdk_ec2::types::InstanceTypeInfo) -> Option<OfferedAccelerator> {
+    if let Some(gpu) = info.gpu_info().and_then(|g| g.gpus().first()) {
+        let memory_gb = gpu
+            .memory_info()
+            .and_then(|m| m.size_in_mib())
+            .map(|mib| mib as f64 / 1024.0);
+        let accelerator = catalog::identify(gpu.name()?, memory_gb)?;
+        return Some(OfferedAccelerator {
+            accelerator,
+            count: gpu.count().unwrap_or(1).max(1) as u32,
+        });
+    }
+    // Neuron devices: by instance family (trn1, trn2, inf1, inf2).
+    let kind = info.instance_type()?.as_str();
+    let (family, _) = kind.split_once('.')?;
+    let name = match family {
+        "trn1" | "trn1n" => "Trainium",
+        "trn2" => "Trainium2",
+        "inf1" => "Inferentia",
+        "inf2" => "Inferentia2",
+        _ => return None,
+    };
+    let count = info
+        .neuron_info()
+        .and_then(|n| n.neuron_devices().first())
+        .and_then(|d| d.count())
+        .unwrap_or(1)
+        .max(1) as u32;
+    Some(OfferedAccelerator {
+        accelerator: catalog::find(name).ok()?,
+        count,
+    })
+}
+
+fn parse_prices(csv: &str) -> HashMap<String, f64> {
+    csv.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with("instance_type"))
+        .filter_map(|l| {
+            let (kind, price) = l.split_once(',')?;
+            Some((kind.trim().to_string(), price.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn filter<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Filter {
+    Filter::builder()
+        .name(name)
+        .set_values(Some(values.into_iter().map(String::from).collect()))
+        .build()
+}
+
+fn tags(resource: ResourceType, pairs: &[(&str, &str)]) -> TagSpecification {
+    TagSpecification::builder()
+        .resource_type(resource)
+        .set_tags(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+                .collect(),
+        ))
+        .build()
+}
+
+/// An SDK error as a provider error, classified by EC2's error code (never its message).
+fn api_error<E, R>(error: aws_sdk_ec2::error::SdkError<E, R>) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    let code = error.code().map(str::to_string);
+    let message = error.message().map(str::to_string);
+    match (code.as_deref(), message) {
+        (Some(code), message) => {
+            let kind = classify(code);
+            let text = format!("{code}: {}", message.unwrap_or_default());
+            let error = ProviderError::new(NAME, kind, text);
+            match kind {
+                ErrorKind::Auth => error.hint("check the AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or `aws configure`)"),
+                _ => error,
+            }
+        }
+        (None, _) => ProviderError::new(
+            NAME,
+            ErrorKind::Api,
+            format!(
+                "cannot reach EC2: {}",
+                aws_sdk_ec2::error::DisplayErrorContext(&error)
+            ),
+        )
+        .hint("check the network, AWS_REGION and AWS_ENDPOINT_URL"),
+    }
+}
+
+fn classify(code: &str) -> ErrorKind {
+    match code {
+        "InsufficientInstanceCapacity"
+        | "InsufficientHostCapacity"
+        | "InsufficientCapacity"
+        | "SpotMaxPriceTooLow"
+        | "InsufficientFreeAddressesInSubnet"
+        | "Unsupported" => ErrorKind::Capacity,
+        "InstanceLimitExceeded"
+        | "VcpuLimitExceeded"
+        | "MaxSpotInstanceCountExceeded"
+        | "PendingVerification" => ErrorKind::Quota,
+        "AuthFailure"
+        | "UnauthorizedOperation"
+        | "InvalidClientTokenId"
+        | "SignatureDoesNotMatch"
+        | "OptInRequired"
+        | "Blocked" => ErrorKind::Auth,
+        code if code.starts_with("Invalid") => ErrorKind::Invalid,
+        _ => ErrorKind::Api,
+    }
+}
+
+/// A fleet's launch error, with what to try for the common ones.
+fn run_error(
+    code: &str,
+    message: &str,
+    instance_type: &str,
+    pool: &str,
+    market: Market,
+) -> ProviderError {
+    let kind = classify(code);
+    let error = ProviderError::new(NAME, kind, format!("{code}: {message}"));
+    match kind {
+        ErrorKind::Capacity => ProviderError {
+            message: format!("No instances available: {instance_type} ({market}) for pool {pool}: {code}: {message}"),
+            ..error
+        }
+        .hint("try another region, --allocation spot-if-available, or ask AWS for more quota"),
+        ErrorKind::Quota => error.hint("raise the EC2 quota for this instance family (Service Quotas) or use another type"),
+        ErrorKind::Auth => error.hint("check the AWS credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or `aws configure`)"),
+        _ => error,
+    }
+}
+
+fn launch_tags(
+    resource: ResourceType,
+    pairs: &[(&str, &str)],
+) -> LaunchTemplateTagSpecificationRequest {
+    LaunchTemplateTagSpecificationRequest::builder()
+        .resource_type(resource)
+        .set_tags(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| Tag::builder().key(*k).value(*v).build())
+                .collect(),
+        ))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bundled_price_table_parses() {
+        let prices = parse_prices(PRICES);
+        assert!(prices.len() > 30);
+        assert_eq!(prices.get("g5.xlarge"), Some(&1.006));
+        assert!(
+            PRICES.contains("# as-of: "),
+            "the table says when its prices are from"
+        );
+    }
+
+    #[test]
+    fn error_codes_classify() {
+        assert_eq!(
+            classify("InsufficientInstanceCapacity"),
+            ErrorKind::Capacity
+        );
+        assert_eq!(classify("VcpuLimitExceeded"), ErrorKind::Quota);
+        assert_eq!(classify("AuthFailure"), ErrorKind::Auth);
+        assert_eq!(classify("InvalidAMIID.NotFound"), ErrorKind::Invalid);
+        assert_eq!(classify("RequestLimitExceeded"), ErrorKind::Api);
+    }
+}

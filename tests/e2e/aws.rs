@@ -1,0 +1,368 @@
+//! AWS against moto: offers, the whole path (instances boot from the user-data read back from
+//! EC2, agents join, a task runs, teardown leaves nothing), spot, capacity errors and
+//! throttling through a fault-injecting proxy, and teardown by tag.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use skyward_coordinator::offer::Market;
+use skyward_coordinator::pool::PoolProgress;
+use skyward_coordinator::provider::aws::{Aws, AwsConfig};
+use skyward_coordinator::provider::{NodeBootstrap, Provider, ProvisionRequest, POOL_TAG};
+use skyward_coordinator::spec::{parse_memory_gb, Allocation};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_tests::moto::{self, Fault, FaultProxy, Hypervisor, Moto};
+use skyward_tests::{run, task_output, Sandbox};
+
+fn aws(url: &str) -> Arc<Aws> {
+    moto::fake_credentials();
+    Arc::new(Aws::new(AwsConfig {
+        endpoint_url: Some(url.to_string()),
+        ..AwsConfig::default()
+    }))
+}
+
+fn coordinator(pool: &str) -> Arc<Coordinator> {
+    skyward_common::install_crypto_provider();
+    Arc::new(
+        Coordinator::start(CoordinatorConfig {
+            pool: pool.into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap(),
+    )
+}
+
+fn small_spec(nodes: usize) -> PoolSpec {
+    let mut spec = PoolSpec::new(nodes);
+    spec.vcpus = Some(2);
+    spec.memory_gb = Some(parse_memory_gb("4GB").unwrap());
+    spec.connect_timeout = Duration::from_secs(60);
+    spec
+}
+
+/// The pool's instances that are not terminated: (id, type, lifecycle).
+async fn live_instances(url: &str, pool: &str) -> Vec<(String, String, String)> {
+    let ec2 = moto::client(url).await;
+    let out = ec2
+        .describe_instances()
+        .filters(moto::tag_filter(POOL_TAG, pool))
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| i.state().and_then(|s| s.name()).map(|n| n.as_str()) != Some("terminated"))
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or_default().to_string(),
+                i.instance_type()
+                    .map(|t| t.as_str().to_string())
+                    .unwrap_or_default(),
+                i.instance_lifecycle()
+                    .map(|l| l.as_str().to_string())
+                    .unwrap_or_else(|| "on-demand".into()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_come_from_the_types_offered_in_the_region_with_prices() {
+    let moto = Moto::start();
+    let provider = aws(&moto.url);
+    let spec = PoolSpec::new(1).accelerator("A10G".parse().unwrap());
+    let offers = provider.offers(&spec).await.unwrap();
+    let g5 = offers
+        .iter()
+        .find(|o| o.instance_type == "g5.xlarge")
+        .unwrap_or_else(|| {
+            panic!(
+                "no g5.xlarge among {:?}",
+                offers.iter().map(|o| &o.instance_type).collect::<Vec<_>>()
+            )
+        });
+    assert_eq!(g5.accelerator_label(), "A10G");
+    assert_eq!(
+        g5.on_demand_per_hour,
+        Some(1.006),
+        "from the bundled price table"
+    );
+    assert!(g5.vcpus == 4 && g5.memory_gb >= 15.9, "{g5:?}");
+    assert!(offers
+        .iter()
+        .all(|o| o.accelerator_label().starts_with("A10G")));
+    assert!(
+        g5.provider_ref.contains("us-east-1"),
+        "zones offering it: {}",
+        g5.provider_ref
+    );
+
+    let spot = provider
+        .offers(&spec.clone().allocation(Allocation::Spot))
+        .await
+        .unwrap();
+    let g5 = spot
+        .iter()
+        .find(|o| o.instance_type == "g5.xlarge")
+        .unwrap();
+    assert!(
+        g5.spot_per_hour.is_some(),
+        "spot price from the price history: {g5:?}"
+    );
+
+    let h100 = PoolSpec::new(1).accelerator("H100:8".parse().unwrap());
+    let p5 = provider.offers(&h100).await.unwrap();
+    assert!(
+        p5.iter()
+            .any(|o| o.instance_type == "p5.48xlarge" && o.accelerator_label() == "H100:8"),
+        "{p5:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_boots_from_its_user_data_runs_work_and_leaves_nothing() {
+    let sandbox = Sandbox::new();
+    let moto = Moto::start();
+    let _hypervisor = Hypervisor::start(&moto.url, sandbox.path().join("ec2"));
+    let provider = aws(&moto.url);
+    let coordinator = coordinator("aws-path");
+    let providers: Vec<Arc<dyn Provider>> = vec![provider.clone()];
+    let mut ignore = |_: PoolProgress<'_>| {};
+    let pool = Pool::up(
+        coordinator.clone(),
+        &providers,
+        &Selection::Cheapest,
+        &small_spec(2),
+        &mut ignore,
+    )
+    .await
+    .expect("a pool on moto");
+    assert_eq!(pool.nodes().len(), 2);
+    let (offer, market) = pool.offer();
+    assert_eq!(
+        (offer.instance_type.as_str(), market),
+        ("t3.medium", Market::OnDemand),
+        "the cheapest type with 2 vCPUs and 4 GB"
+    );
+    let live = live_instances(&moto.url, "aws-path").await;
+    assert_eq!(live.len(), 2, "{live:?}");
+
+    // The pool's security group lets members reach each other and nothing else in.
+    let ec2 = moto::client(&moto.url).await;
+    let groups = ec2
+        .describe_security_groups()
+        .filters(moto::tag_filter(POOL_TAG, "aws-path"))
+        .send()
+        .await
+        .unwrap();
+    let group = &groups.security_groups()[0];
+    let rules = group.ip_permissions();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(
+        rules[0].user_id_group_pairs()[0].group_id(),
+        group.group_id()
+    );
+    assert!(rules[0].ip_ranges().is_empty(), "no ingress from addresses");
+
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &pool.nodes()[1],
+            skyward_common::protocol::TaskSpec::command(
+                0,
+                0,
+                vec!["echo".into(), "on ec2".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"on ec2\n");
+    drop(task);
+    pool.down().await;
+    assert!(live_instances(&moto.url, "aws-path").await.is_empty());
+    let groups = ec2
+        .describe_security_groups()
+        .filters(moto::tag_filter(POOL_TAG, "aws-path"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        groups.security_groups().is_empty(),
+        "the security group went with the pool"
+    );
+    let templates = ec2.describe_launch_templates().send().await.unwrap();
+    assert!(
+        templates.launch_templates().is_empty(),
+        "launch templates went with the pool"
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spot_pools_run_on_spot_instances() {
+    let sandbox = Sandbox::new();
+    let moto = Moto::start();
+    let _hypervisor = Hypervisor::start(&moto.url, sandbox.path().join("ec2"));
+    let provider = aws(&moto.url);
+    let providers: Vec<Arc<dyn Provider>> = vec![provider];
+    let mut ignore = |_: PoolProgress<'_>| {};
+    let spec = small_spec(1).allocation(Allocation::SpotIfAvailable);
+    let pool = Pool::up(
+        coordinator("aws-spot"),
+        &providers,
+        &Selection::Cheapest,
+        &spec,
+        &mut ignore,
+    )
+    .await
+    .unwrap();
+    assert_eq!(pool.offer().1, Market::Spot, "spot is tried first");
+    let live = live_instances(&moto.url, "aws-spot").await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].2, "spot", "{live:?}");
+    pool.down().await;
+    assert!(live_instances(&moto.url, "aws-spot").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_error_falls_back_with_what_to_try() {
+    let sandbox = Sandbox::new();
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.url).await;
+    proxy.inject(Fault::FleetError {
+        code: "InsufficientInstanceCapacity".into(),
+        count: 1,
+    });
+    let _hypervisor = Hypervisor::start(&moto.url, sandbox.path().join("ec2"));
+    let providers: Vec<Arc<dyn Provider>> = vec![aws(&proxy.url)];
+    let failures = Mutex::new(Vec::new());
+    let mut on_progress = |event: PoolProgress<'_>| {
+        if let PoolProgress::AttemptFailed { attempt, error } = event {
+            failures
+                .lock()
+                .unwrap()
+                .push(format!("{}: {error}", attempt.offer.instance_type));
+        }
+    };
+    let pool = Pool::up(
+        coordinator("aws-capacity"),
+        &providers,
+        &Selection::Cheapest,
+        &small_spec(1),
+        &mut on_progress,
+    )
+    .await
+    .expect("falls back to the next offer");
+    let failures = failures.into_inner().unwrap();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].starts_with("t3.medium: aws: No instances available"),
+        "{failures:?}"
+    );
+    assert!(
+        failures[0].contains("spot-if-available"),
+        "says what to try: {failures:?}"
+    );
+    assert_ne!(pool.offer().0.instance_type, "t3.medium");
+    assert_eq!(proxy.calls("CreateFleet"), 2);
+    pool.down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_retried() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.url).await;
+    proxy.inject(Fault::Throttle {
+        action: "DescribeInstanceTypeOfferings".into(),
+        count: 2,
+    });
+    let offers = aws(&proxy.url)
+        .offers(&small_spec(1))
+        .await
+        .expect("offers after the retries");
+    assert!(!offers.is_empty());
+    assert!(proxy.calls("DescribeInstanceTypeOfferings") >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_finds_a_lost_pool_by_its_tag() {
+    let moto = Moto::start();
+    let provider = aws(&moto.url);
+    let coordinator = coordinator("aws-lost");
+    let spec = small_spec(2);
+    let offers = provider.offers(&spec).await.unwrap();
+    let offer = offers
+        .iter()
+        .find(|o| o.instance_type == "t3.medium")
+        .unwrap();
+    let request = ProvisionRequest {
+        pool: "aws-lost".into(),
+        nodes: (1..=2)
+            .map(|i| NodeBootstrap {
+                node_id: format!("node-{i}"),
+                token: coordinator.issue_token(&format!("node-{i}")),
+            })
+            .collect(),
+        spec,
+        bootstrap: coordinator.bootstrap(),
+    };
+    provider
+        .provision(&request, offer, Market::OnDemand)
+        .await
+        .unwrap();
+    assert_eq!(live_instances(&moto.url, "aws-lost").await.len(), 2);
+    // A new provider value (as after a crash) knows nothing but the pool's name.
+    aws(&moto.url).teardown("aws-lost").await.unwrap();
+    assert!(live_instances(&moto.url, "aws-lost").await.is_empty());
+}
+
+#[test]
+fn the_cli_lists_aws_offers_and_status_against_moto() {
+    let sandbox = Sandbox::new();
+    let moto = Moto::start();
+    let with_moto = |cmd: &mut std::process::Command| {
+        cmd.env("AWS_ENDPOINT_URL", &moto.url)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+    };
+    let mut offers = sandbox.skyward();
+    offers.args([
+        "offers",
+        "--provider",
+        "aws",
+        "--accelerator",
+        "A10G",
+        "--json",
+    ]);
+    with_moto(&mut offers);
+    let out = run(&mut offers, Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert!(
+        list.iter()
+            .any(|o| o["instance_type"] == "g5.xlarge" && o["accelerator"]["name"] == "A10G"),
+        "{}",
+        out.stdout
+    );
+
+    let mut providers = sandbox.skyward();
+    providers.args(["providers", "--json"]);
+    with_moto(&mut providers);
+    let out = run(&mut providers, Duration::from_secs(120));
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    let aws = list
+        .iter()
+        .find(|p| p["provider"] == "aws")
+        .expect("aws is listed");
+    assert_eq!(aws["working"], true, "{aws}");
+}
