@@ -30,20 +30,36 @@ pub async fn load_or_enroll(
         );
         return Ok(identity);
     }
-    let Some(token) = config.token.as_deref() else {
-        bail!(
-            "no certificate in {} and no enrollment token: pass --token or set SKYWARD_TOKEN",
-            config.work_dir.display()
-        );
-    };
-    let identity = enroll(config, token, endpoint, coordinator).await?;
-    write_private(&config.work_dir.join(KEY_FILE), &identity.key_pkcs8_der)?;
-    std::fs::write(config.work_dir.join(CERT_FILE), &identity.chain[0])
-        .with_context(|| format!("writing the certificate to {}", config.work_dir.display()))?;
+    let token = require_token(config)?;
+    let client = transport::enroll_client_config(&config.ca_pin)?;
+    let conn = endpoint
+        .connect_with(client, coordinator, COORDINATOR_SERVER_NAME)?
+        .await
+        .with_context(|| format!("connecting to coordinator {coordinator} to enroll"))?;
+    let identity = exchange(config, token, &conn).await?;
+    save(config, &identity)?;
     Ok(identity)
 }
 
-fn load(dir: &Path) -> Result<Option<CertifiedKey>> {
+/// The token, or the error that says how to give one.
+pub fn require_token(config: &AgentConfig) -> Result<&str> {
+    config.token.as_deref().with_context(|| {
+        format!(
+            "no certificate in {} and no enrollment token: pass --token or set SKYWARD_TOKEN",
+            config.work_dir.display()
+        )
+    })
+}
+
+/// Keeps the identity in the work dir: the key owner-only, so a restart needs no new token.
+pub fn save(config: &AgentConfig, identity: &CertifiedKey) -> Result<()> {
+    write_private(&config.work_dir.join(KEY_FILE), &identity.key_pkcs8_der)?;
+    std::fs::write(config.work_dir.join(CERT_FILE), &identity.chain[0])
+        .with_context(|| format!("writing the certificate to {}", config.work_dir.display()))
+}
+
+/// The identity kept in the work dir by an earlier enrollment, if any.
+pub fn load(dir: &Path) -> Result<Option<CertifiedKey>> {
     let (key, cert) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
     if !key.exists() || !cert.exists() {
         return Ok(None);
@@ -56,18 +72,15 @@ fn load(dir: &Path) -> Result<Option<CertifiedKey>> {
     }))
 }
 
-async fn enroll(
+/// Trades the token and a CSR for a certificate on `conn`, a connection to the coordinator
+/// made by either side (the agent dialing, or the coordinator dialing a listening agent;
+/// either way the coordinator's certificate was checked against the pin first).
+pub async fn exchange(
     config: &AgentConfig,
     token: &str,
-    endpoint: &quinn::Endpoint,
-    coordinator: std::net::SocketAddr,
+    conn: &quinn::Connection,
 ) -> Result<CertifiedKey> {
     let node_key = NodeKey::generate(&config.node_id)?;
-    let client = transport::enroll_client_config(&config.ca_pin)?;
-    let conn = endpoint
-        .connect_with(client, coordinator, COORDINATOR_SERVER_NAME)?
-        .await
-        .with_context(|| format!("connecting to coordinator {coordinator} to enroll"))?;
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let request = EnrollRequest {

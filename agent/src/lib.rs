@@ -15,8 +15,10 @@ use std::time::Duration;
 /// Everything an agent needs to know, from flags or the environment.
 #[derive(Clone)]
 pub struct AgentConfig {
-    /// `host:port` of the coordinator's QUIC endpoint.
-    pub coordinator: String,
+    /// `host:port` of the coordinator's QUIC endpoint, when the agent dials it.
+    pub coordinator: Option<String>,
+    /// Where to listen instead, for a coordinator that dials its agents (one behind NAT).
+    pub listen: Option<std::net::SocketAddr>,
     /// Hex SHA-256 of the pool CA: the only trust anchor the agent needs.
     pub ca_pin: String,
     /// Single-use bootstrap token; not needed once the work dir holds a certificate.
@@ -33,6 +35,7 @@ impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentConfig")
             .field("coordinator", &self.coordinator)
+            .field("listen", &self.listen)
             .field("ca_pin", &self.ca_pin)
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("node_id", &self.node_id)
@@ -49,7 +52,8 @@ mod tests {
     #[test]
     fn debug_output_never_shows_the_token() {
         let config = super::AgentConfig {
-            coordinator: "127.0.0.1:1".into(),
+            coordinator: Some("127.0.0.1:1".into()),
+            listen: None,
             ca_pin: "00".into(),
             token: Some("s3cret-token".into()),
             node_id: "node-1".into(),

@@ -9,9 +9,13 @@ use skyward_agent::AgentConfig;
 #[derive(Parser, Debug)]
 #[command(name = "skyward-agent", version)]
 struct Args {
-    /// Coordinator address, host:port.
-    #[arg(long, env = "SKYWARD_COORDINATOR")]
-    coordinator: String,
+    /// Coordinator address, host:port (the agent dials it).
+    #[arg(long, env = "SKYWARD_COORDINATOR", required_unless_present = "listen")]
+    coordinator: Option<String>,
+    /// Listen on this address for the coordinator to dial instead (a coordinator behind NAT);
+    /// only a client with a certificate of the pinned pool CA gets through.
+    #[arg(long, env = "SKYWARD_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
     /// SHA-256 (hex) of the pool CA certificate.
     #[arg(long, env = "SKYWARD_CA_PIN")]
     ca_pin: String,
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     skyward_common::install_crypto_provider();
     let config = AgentConfig {
         coordinator: args.coordinator,
+        listen: args.listen,
         ca_pin: args.ca_pin,
         token: args.token,
         node_id: args.node_id,

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::limits::{HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME};
 use skyward_common::protocol::{
-    close_code, AgentMessage, CoordinatorMessage, Hello, COORDINATOR_SERVER_NAME,
+    close_code, AgentMessage, CoordinatorMessage, Hello, ALPN_ENROLL, ALPN_NODE,
+    COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
 use tokio::signal::unix::{signal, SignalKind};
@@ -27,19 +28,34 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(config: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating work dir {}", config.work_dir.display()))?;
-    let coordinator = resolve(&config.coordinator).await?;
-    let bind: SocketAddr = if coordinator.is_ipv4() {
-        "0.0.0.0:0".parse()?
-    } else {
-        "[::]:0".parse()?
-    };
-    let endpoint = transport::endpoint(bind, None)?;
     let tasks = Tasks::new(config.node_id.clone(), config.work_dir.clone());
+    // Which side dials: the agent (the default), or the coordinator (--listen).
+    let (endpoint, dial) = match (config.listen, &config.coordinator) {
+        (Some(listen), _) => (listening_endpoint(&config, listen)?, None),
+        (None, Some(coordinator)) => {
+            let coordinator = resolve(coordinator).await?;
+            let bind: SocketAddr = if coordinator.is_ipv4() {
+                "0.0.0.0:0".parse()?
+            } else {
+                "[::]:0".parse()?
+            };
+            (transport::endpoint(bind, None)?, Some(coordinator))
+        }
+        (None, None) => bail!(
+            "give the coordinator's address (--coordinator HOST:PORT), or --listen ADDR for the coordinator to dial this agent"
+        ),
+    };
+    let work = async {
+        match dial {
+            Some(coordinator) => stay_connected(&config, &endpoint, coordinator, &tasks).await,
+            None => stay_listening(&config, &endpoint, &tasks).await,
+        }
+    };
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let result = tokio::select! {
-        r = stay_connected(&config, &endpoint, coordinator, &tasks) => r,
+        r = work => r,
         _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
@@ -48,6 +64,77 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     // Let the close reach the coordinator rather than leaving it to time out.
     let _ = tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
     result
+}
+
+/// The agent's own endpoint when the coordinator dials it: before enrollment it shows a
+/// throwaway certificate and speaks only enrollment; after, its node certificate.
+fn listening_endpoint(config: &AgentConfig, listen: SocketAddr) -> Result<quinn::Endpoint> {
+    let server = match crate::enroll::load(&config.work_dir)? {
+        Some(identity) => transport::agent_listener_config(&config.ca_pin, &identity, ALPN_NODE)?,
+        None => {
+            crate::enroll::require_token(config)?;
+            let throwaway = skyward_common::identity::throwaway_listener_identity(&config.node_id)?;
+            transport::agent_listener_config(&config.ca_pin, &throwaway, ALPN_ENROLL)?
+        }
+    };
+    let endpoint = transport::endpoint(listen, Some(server))?;
+    tracing::info!(node = %config.node_id, "listening on {} for the coordinator", endpoint.local_addr()?);
+    Ok(endpoint)
+}
+
+/// The direction reversed: wait for the coordinator to dial in, enroll on the first such
+/// connection if needed, then serve each connection it makes, until told to shut down or the
+/// lease passes without one.
+async fn stay_listening(
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
+    tasks: &Arc<Tasks>,
+) -> Result<()> {
+    let mut last_contact = Instant::now();
+    let mut enrolled = crate::enroll::load(&config.work_dir)?.is_some();
+    loop {
+        let remaining = config.lease.saturating_sub(last_contact.elapsed());
+        let incoming = match tokio::time::timeout(remaining, endpoint.accept()).await {
+            Ok(Some(incoming)) => incoming,
+            Ok(None) => bail!("the listening endpoint closed"),
+            Err(_) => bail!(
+                "no coordinator dialed in for {} (the pool's lease); exiting",
+                humantime::format_duration(config.lease)
+            ),
+        };
+        let conn = match incoming.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // A peer without the pool CA's certificate ends here, before any stream.
+                tracing::warn!("refused a connection: {e}");
+                continue;
+            }
+        };
+        if !enrolled {
+            let token = crate::enroll::require_token(config)?;
+            let identity = crate::enroll::exchange(config, token, &conn).await?;
+            crate::enroll::save(config, &identity)?;
+            endpoint.set_server_config(Some(transport::agent_listener_config(
+                &config.ca_pin,
+                &identity,
+                ALPN_NODE,
+            )?));
+            enrolled = true;
+            last_contact = Instant::now();
+            continue;
+        }
+        match serve_session(config, conn, tasks).await {
+            Ok(Session::Shutdown(reason)) => {
+                tracing::info!("coordinator asked us to shut down: {reason}");
+                return Ok(());
+            }
+            Ok(Session::Lost { reason, .. }) => {
+                tracing::warn!("coordinator connection lost: {reason}")
+            }
+            Err(e) => tracing::warn!("coordinator session failed: {e:#}"),
+        }
+        last_contact = Instant::now();
+    }
 }
 
 async fn resolve(addr: &str) -> Result<SocketAddr> {
@@ -129,6 +216,17 @@ async fn serve_connection(
     let conn = tokio::time::timeout(connect_timeout, connecting)
         .await
         .context("no answer")??;
+    serve_session(config, conn, tasks).await
+}
+
+/// One session on an established connection, whichever side dialed: the agent opens the
+/// control stream, says hello, sends health, and serves the task streams the coordinator opens.
+async fn serve_session(
+    config: &AgentConfig,
+    conn: quinn::Connection,
+    tasks: &Arc<Tasks>,
+) -> Result<Session> {
+    let coordinator = conn.remote_address();
     let (mut control_send, mut control_recv) = conn.open_bi().await?;
     let hello = AgentMessage::Hello(Box::new(Hello {
         agent_version: skyward_common::VERSION.to_string(),

@@ -124,7 +124,12 @@ impl PoolCa {
             .extend(ips.iter().map(|ip| rcgen::SanType::IpAddress(*ip)));
         params.distinguished_name = common_name("skyward coordinator");
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        // Client auth too: with the connection direction reversed, the coordinator dials
+        // the agents and shows this certificate as their client.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let (not_before, _) = validity(Duration::ZERO);
         params.not_before = not_before;
         params.not_after = not_before + time::Duration::days(30);
@@ -165,7 +170,11 @@ impl PoolCa {
         let mut params = CertificateParams::new(vec![node_id.to_string()])?;
         params.distinguished_name = common_name(node_id);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        // Server auth too: with the direction reversed, the agent is the QUIC server.
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
         params.not_before = not_before;
         params.not_after = not_after;
         request.params = params;
@@ -178,6 +187,22 @@ impl PoolCa {
         write_private(&dir.join("ca.key"), self.key_pem.as_bytes())?;
         write_file(&dir.join("ca.der"), &self.cert_der)
     }
+}
+
+/// A throwaway self-signed certificate for an agent that listens before it has enrolled: it
+/// only has to carry the handshake; the coordinator trusts the token, not this certificate.
+pub fn throwaway_listener_identity(node_id: &str) -> Result<CertifiedKey, IdentityError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![node_id.to_string()])?;
+    params.distinguished_name = common_name(node_id);
+    let (not_before, not_after) = validity(Duration::from_secs(24 * 3600));
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let cert = params.self_signed(&key)?;
+    Ok(CertifiedKey {
+        chain: vec![cert.der().clone()],
+        key_pkcs8_der: key.serialize_der(),
+    })
 }
 
 /// A node's freshly generated key and the CSR for it.

@@ -138,6 +138,75 @@ fn parse_pin(pin: &str) -> Result<[u8; 32], TransportError> {
         .map_err(|_| TransportError::BadPin(pin.to_string()))
 }
 
+/// Agent side, direction reversed: the agent listens and only a client holding a
+/// certificate of the pinned pool CA (the coordinator) gets through the handshake.
+/// `alpn` is [`ALPN_ENROLL`] with a throwaway identity, or [`ALPN_NODE`] with the node's.
+pub fn agent_listener_config(
+    ca_pin: &str,
+    identity: &CertifiedKey,
+    alpn: &[u8],
+) -> Result<quinn::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCaClientVerifier {
+        pin: parse_pin(ca_pin)?,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.private_key())?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let mut transport = base_transport();
+    // The agent opens the control stream; the coordinator opens task streams.
+    transport.max_concurrent_bidi_streams(limits::MAX_TASK_STREAMS_PER_AGENT.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// Coordinator side, direction reversed: dialing an agent that has enrolled. The agent must
+/// show a certificate of this pool's CA naming `node_id` (the server name used to connect).
+pub fn coordinator_dial_config(
+    ca: &CertificateDer<'static>,
+    identity: &CertifiedKey,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
+    dial_config(tls, ALPN_NODE)
+}
+
+/// Coordinator side, direction reversed: dialing an agent that has not enrolled yet. Its
+/// certificate is a throwaway and cannot be checked; nothing secret flows this way (the
+/// agent sends its token only after checking the coordinator's certificate against the pin).
+pub fn coordinator_enroll_dial_config(
+    identity: &CertifiedKey,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let provider = provider();
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(UncheckedEnrollmentServer { provider }))
+        .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
+    dial_config(tls, ALPN_ENROLL)
+}
+
+fn dial_config(
+    mut tls: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TransportError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut transport = base_transport();
+    transport.max_concurrent_bidi_streams(limits::MAX_AGENT_OPENED_STREAMS.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
 /// Binds a UDP socket with enlarged buffers and wraps it in a quinn endpoint.
 pub fn endpoint(
     addr: SocketAddr,
@@ -161,6 +230,133 @@ pub fn endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(bind)
+}
+
+/// Accepts a client whose chain holds the pinned CA and whose leaf that CA signed: the
+/// coordinator, when it dials a listening agent.
+#[derive(Debug)]
+struct PinnedCaClientVerifier {
+    pin: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for PinnedCaClientVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let pin = hex::encode(self.pin);
+        let ca = intermediates
+            .iter()
+            .find(|cert| fingerprint(cert) == pin)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the client's chain does not contain the pinned pool CA".into(),
+                )
+            })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        verifier.verify_client_cert(end_entity, &[], now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The one server whose certificate goes unchecked: a listening agent before enrollment,
+/// which has only a throwaway certificate. Signatures are still checked, so the handshake is
+/// sound; what it proves is only that the peer holds the throwaway key.
+#[derive(Debug)]
+struct UncheckedEnrollmentServer {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for UncheckedEnrollmentServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Trusts a server whose chain contains the CA with the pinned SHA-256 and whose leaf that CA

@@ -24,6 +24,8 @@ pub struct Bootstrap {
     pub agent_url: Option<String>,
     /// The agent exits when its coordinator is unreachable this long.
     pub lease: Duration,
+    /// The coordinator dials the agents (which listen) instead of the other way round.
+    pub reverse: bool,
 }
 
 impl Bootstrap {
@@ -76,6 +78,7 @@ mod tests {
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             agent_url: Some("https://203.0.113.7:7443/agent/linux-{arch}".into()),
             lease: Duration::from_secs(600),
+            reverse: false,
         }
     }
 

@@ -179,6 +179,10 @@ struct RunArgs {
     /// URL cloud nodes fetch the agent from instead (`{arch}` becomes `uname -m`).
     #[arg(long, value_name = "URL")]
     agent_url: Option<String>,
+    /// Reverse the connection direction: agents listen and the coordinator dials them (for a
+    /// coordinator behind NAT that nodes cannot reach).
+    #[arg(long)]
+    reverse: bool,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
     json: bool,
@@ -275,7 +279,11 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         advertise: args.advertise,
         agent_binary: args.agent_binary.clone(),
         agent_url: args.agent_url.clone(),
-        spec: args.spec.spec(args.nodes, args.connect_timeout)?,
+        spec: {
+            let mut spec = args.spec.spec(args.nodes, args.connect_timeout)?;
+            spec.reverse = args.reverse;
+            spec
+        },
         selection: args.spec.selection.clone(),
         providers: args.spec.provider.clone(),
         on: args.on,
@@ -375,7 +383,7 @@ async fn run(args: RunArgs) -> i32 {
     };
     let mut renderer = Renderer::terminal(plan.mode);
     let remote = providers.iter().any(|p| p.name() != "local");
-    if remote && coordinator.advertised_addr().ip().is_loopback() {
+    if remote && !plan.spec.reverse && coordinator.advertised_addr().ip().is_loopback() {
         renderer.note(&format!(
             "cloud nodes cannot reach {}: pass --listen 0.0.0.0:7443 --advertise PUBLIC_IP:7443 (UDP and TCP open)",
             coordinator.advertised_addr()
@@ -631,7 +639,7 @@ async fn doctor(args: DoctorArgs) -> i32 {
     findings.push((
         "info",
         "direction".into(),
-        "agents dial the coordinator (QUIC over UDP; the agent download over TCP, same port number); nodes need no open port".into(),
+        "by default agents dial the coordinator (QUIC over UDP; the agent download over TCP, same port number) and nodes need no open port; with `skyward run --reverse` the coordinator dials the agents instead (for a coordinator behind NAT), and the nodes' agent port must be open to it".into(),
     ));
     let udp = std::net::UdpSocket::bind(args.listen);
     let tcp = std::net::TcpListener::bind(args.listen);

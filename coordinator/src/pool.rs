@@ -107,6 +107,24 @@ impl Pool {
         on_progress(PoolProgress::Searching {
             providers: providers.len(),
         });
+        if spec.reverse {
+            if let Some(p) = providers.iter().find(|p| !p.supports_reverse()) {
+                let able: Vec<&str> = providers
+                    .iter()
+                    .filter(|p| p.supports_reverse())
+                    .map(|p| p.name())
+                    .collect();
+                return Err(error(format!(
+                    "{} cannot yet start agents that the coordinator dials: drop --reverse{}",
+                    p.name(),
+                    if able.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", or use {}", able.join(", "))
+                    }
+                )));
+            }
+        }
         let candidates = candidates(providers, spec).await;
         let attempts = selection::plan(selection, &candidates, spec);
         if attempts.is_empty() {
@@ -121,9 +139,11 @@ impl Pool {
         for attempt in &attempts {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
+            let mut bootstrap = coordinator.bootstrap();
+            bootstrap.reverse = spec.reverse;
             let request = ProvisionRequest {
                 pool: pool.clone(),
-                bootstrap: coordinator.bootstrap(),
+                bootstrap,
                 nodes: node_ids
                     .iter()
                     .map(|id| NodeBootstrap {
@@ -141,7 +161,17 @@ impl Pool {
                 .provision(&request, &attempt.offer, attempt.market)
                 .await
             {
-                Ok(_) => {
+                Ok(instances) => {
+                    if spec.reverse {
+                        for instance in &instances {
+                            match instance.address {
+                                Some(address) => coordinator.dial(&instance.node_id, address),
+                                None => {
+                                    tracing::error!(node = %instance.node_id, "no address to dial")
+                                }
+                            }
+                        }
+                    }
                     chosen = Some(attempt.clone());
                     break;
                 }

@@ -142,6 +142,11 @@ struct Inner {
     tokens: Mutex<TokenStore>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
     events: broadcast::Sender<CoordinatorEvent>,
+    /// Nodes that have enrolled (a dialer then connects as a node, not to enroll).
+    enrolled: Mutex<std::collections::HashSet<String>>,
+    /// Client configs for dialing listening agents: to enroll them, and once enrolled.
+    dial_enroll: quinn::ClientConfig,
+    dial_node: quinn::ClientConfig,
 }
 
 /// One pool's coordinator endpoint.
@@ -149,6 +154,16 @@ pub struct Coordinator {
     inner: Arc<Inner>,
     endpoint: quinn::Endpoint,
     next_task: AtomicU64,
+    /// Tasks dialing listening agents, stopped with the coordinator.
+    dialers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        for dialer in self.dialers.lock().expect("dialers lock").drain(..) {
+            dialer.abort();
+        }
+    }
 }
 
 impl Coordinator {
@@ -217,6 +232,8 @@ impl Coordinator {
             }
         };
         let (events, _) = broadcast::channel(4096);
+        let dial_enroll = transport::coordinator_enroll_dial_config(&server_identity)?;
+        let dial_node = transport::coordinator_dial_config(ca.cert_der(), &server_identity)?;
         let inner = Arc::new(Inner {
             pool: config.pool,
             advertised,
@@ -225,9 +242,13 @@ impl Coordinator {
             tokens: Mutex::new(TokenStore::default()),
             nodes: Mutex::new(HashMap::new()),
             events,
+            enrolled: Mutex::new(Default::default()),
+            dial_enroll,
+            dial_node,
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
         Ok(Coordinator {
+            dialers: Mutex::new(Vec::new()),
             inner,
             endpoint,
             next_task: AtomicU64::new(1),
@@ -262,6 +283,7 @@ impl Coordinator {
             ca_pem: self.inner.ca.cert_pem(),
             agent_url: self.inner.agent_url.clone(),
             lease: DEFAULT_LEASE,
+            reverse: false,
         }
     }
 
@@ -326,6 +348,19 @@ impl Coordinator {
                 _running: running,
             },
         })
+    }
+
+    /// Dials a listening agent (the direction reversed, for a coordinator that nodes cannot
+    /// reach) and keeps dialing it, with backoff, whenever it is not connected, until the
+    /// coordinator is dropped. Enrollment and the node session then run as if it had dialed in.
+    pub fn dial(&self, node_id: &str, address: SocketAddr) {
+        let task = tokio::spawn(dial_loop(
+            self.endpoint.clone(),
+            self.inner.clone(),
+            node_id.to_string(),
+            address,
+        ));
+        self.dialers.lock().expect("dialers lock").push(task);
     }
 
     /// Drops a node's connection (its agent reconnects by itself); false if it was not connected.
@@ -513,6 +548,68 @@ async fn accept_loop(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
     }
 }
 
+/// How long one dial attempt may take, and the longest wait between attempts.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+async fn dial_loop(
+    endpoint: quinn::Endpoint,
+    inner: Arc<Inner>,
+    node_id: String,
+    address: SocketAddr,
+) {
+    let mut failures = 0u32;
+    loop {
+        let connected = inner
+            .nodes
+            .lock()
+            .expect("nodes lock")
+            .get(&node_id)
+            .is_some_and(|n| n.is_connected());
+        if !connected {
+            let enrolled = inner
+                .enrolled
+                .lock()
+                .expect("enrolled lock")
+                .contains(&node_id);
+            let config = if enrolled {
+                &inner.dial_node
+            } else {
+                &inner.dial_enroll
+            };
+            // The node's certificate names its node id: that is the name to check.
+            let attempt = match endpoint.connect_with(config.clone(), address, &node_id) {
+                Ok(connecting) => tokio::time::timeout(DIAL_TIMEOUT, connecting).await.ok(),
+                Err(e) => {
+                    tracing::warn!(node = %node_id, "cannot dial {address}: {e}");
+                    None
+                }
+            };
+            match attempt {
+                Some(Ok(conn)) => {
+                    failures = 0;
+                    let served = if enrolled {
+                        serve_node(conn, &inner).await
+                    } else {
+                        enroll(conn, &inner).await
+                    };
+                    if let Err(rejection) = served {
+                        reject(&inner, address, rejection);
+                    }
+                    continue;
+                }
+                Some(Err(e)) => tracing::debug!(node = %node_id, "dialing {address}: {e}"),
+                None => tracing::debug!(node = %node_id, "dialing {address}: no answer"),
+            }
+            failures = failures.saturating_add(1);
+        }
+        let wait = Duration::from_millis(50)
+            .saturating_mul(1u32 << failures.min(8))
+            .min(DIAL_BACKOFF_MAX);
+        tokio::time::sleep(wait).await;
+    }
+}
+
 fn reject(inner: &Inner, peer: SocketAddr, rejection: Rejection) {
     tracing::warn!(%peer, "rejected: {rejection}");
     let _ = inner
@@ -608,6 +705,11 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
         .expect("token lock")
         .redeem(&request.token, &request.node_id, now)
         .map_err(token_error)?;
+    inner
+        .enrolled
+        .lock()
+        .expect("enrolled lock")
+        .insert(request.node_id.clone());
     Ok(EnrollResponse::Accepted {
         cert_der: cert.to_vec().into(),
         not_after_unix: not_after

@@ -132,6 +132,9 @@ pub struct PoolSpec {
     pub image: Option<String>,
     /// How long agents get to enroll and connect after provisioning.
     pub connect_timeout: Duration,
+    /// The coordinator dials the agents instead of the agents dialing it (for a coordinator
+    /// that nodes cannot reach, behind NAT).
+    pub reverse: bool,
 }
 
 impl PoolSpec {
@@ -148,6 +151,7 @@ impl PoolSpec {
             disk_gb: None,
             image: None,
             connect_timeout: Duration::from_secs(60),
+            reverse: false,
         }
     }
 

@@ -451,3 +451,130 @@ async fn a_node_in_its_own_network_namespace_fetches_the_agent_and_joins_over_th
     drop(booted);
     coordinator.close().await;
 }
+
+/// A listening agent (direction reversed) for `coordinator`'s pool, on a free loopback port.
+fn spawn_listening_agent(
+    sandbox: &Sandbox,
+    coordinator: &Coordinator,
+    node_id: &str,
+    listen: std::net::SocketAddr,
+    prefix: &[String],
+) -> Child {
+    let mut argv: Vec<String> = prefix.to_vec();
+    argv.push(bin("skyward-agent").display().to_string());
+    Command::new(&argv[0])
+        .args(&argv[1..])
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--ca-pin",
+            &coordinator.ca_pin(),
+            "--node-id",
+            node_id,
+        ])
+        .arg("--work-dir")
+        .arg(sandbox.path().join(node_id))
+        .current_dir(sandbox.path())
+        .env("SKYWARD_TOKEN", coordinator.issue_token(node_id))
+        .stderr(std::fs::File::create(sandbox.path().join(format!("{node_id}.log"))).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn free_udp() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_agent_admits_only_its_pools_coordinator() {
+    use skyward_common::identity::PoolCa;
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let listen = free_udp();
+    let mut agent = spawn_listening_agent(&sandbox, &coordinator, "node-1", listen, &[]);
+    // A coordinator of another pool (its CA unknown to the agent) tries first.
+    let foreign = PoolCa::generate("other")
+        .unwrap()
+        .issue_server_cert()
+        .unwrap();
+    let endpoint = skyward_common::transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+    let config = skyward_common::transport::coordinator_enroll_dial_config(&foreign).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match endpoint
+                .connect_with(config.clone(), listen, "node-1")
+                .unwrap()
+                .await
+            {
+                // Refused in the handshake, or accepted by TLS 1.3's client side only to be
+                // closed at once: either way no stream is ever served.
+                Err(e) => return e.to_string(),
+                Ok(conn) => {
+                    if let Err(e) = conn.accept_bi().await {
+                        return e.to_string();
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent never answered");
+    assert!(
+        refused.contains("UnknownIssuer")
+            || refused.contains("pinned pool CA")
+            || refused.contains("certificate"),
+        "{refused}"
+    );
+    // The pool's own coordinator then enrolls and serves it.
+    coordinator.dial("node-1", listen);
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(&node, command(&["echo", "dialed"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"dialed\n");
+    // Dropped connections are redialed by the coordinator, with the certificate this time.
+    assert!(coordinator.disconnect("node-1", "test"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(&node, command(&["echo", "again"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"again\n");
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(log.contains("refused a connection"), "{log}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reversed_across_a_network_namespace_the_coordinator_reaches_the_node() {
+    let sandbox = Sandbox::new();
+    let net = skyward_tests::netns::TestNet::create().expect("a network namespace for the node");
+    skyward_common::install_crypto_provider();
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "reverse-ns".into(),
+        bind: (net.host_ip, 0).into(),
+        state_dir: None,
+    })
+    .unwrap();
+    let listen: std::net::SocketAddr = (net.node_ip, 7443).into();
+    let mut agent =
+        spawn_listening_agent(&sandbox, &coordinator, "node-1", listen, &net.exec_prefix());
+    coordinator.dial("node-1", listen);
+    let node = wait_connected(&coordinator, "node-1").await;
+    assert_eq!(node.address, std::net::IpAddr::V4(net.node_ip));
+    let mut task = coordinator
+        .start_task(&node, command(&["echo", "through the link"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"through the link\n");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
+}

@@ -555,3 +555,72 @@ fn a_spec_no_provider_can_meet_is_refused_with_what_to_try() {
     let pools = sandbox.path().join("home/pools");
     assert!(!pools.exists() || std::fs::read_dir(pools).unwrap().next().is_none());
 }
+
+#[test]
+fn reversed_the_coordinator_dials_listening_agents() {
+    let sandbox = Sandbox::new();
+    // Each task prints its agent's command line: the agents must be listening, not dialing.
+    let out = run(
+        sandbox.skyward().args([
+            "run",
+            "--reverse",
+            "--nodes",
+            "2",
+            "--on",
+            "all",
+            "--",
+            "sh",
+            "-c",
+            "echo $SKYWARD_NODE_ID; tr '\\0' ' ' < /proc/$PPID/cmdline; echo",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for node in ["node-1", "node-2"] {
+        assert!(
+            out.stdout.contains(&format!("[{node}] {node}")),
+            "{}",
+            out.stdout
+        );
+    }
+    let agent_lines: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("skyward-agent"))
+        .collect();
+    assert_eq!(agent_lines.len(), 2, "{}", out.stdout);
+    for line in agent_lines {
+        assert!(line.contains("--listen 127.0.0.1:"), "{line}");
+        assert!(!line.contains("--coordinator"), "{line}");
+    }
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}
+
+#[test]
+fn reverse_is_refused_for_providers_that_cannot_open_a_port_yet() {
+    let sandbox = Sandbox::new();
+    let out = run(
+        sandbox
+            .skyward()
+            .env("DIGITALOCEAN_TOKEN", "unused")
+            .env("DIGITALOCEAN_API_URL", "http://127.0.0.1:9")
+            .args([
+                "run",
+                "--reverse",
+                "--provider",
+                "digitalocean",
+                "--",
+                "true",
+            ]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(255), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("digitalocean cannot yet start agents that the coordinator dials"),
+        "{}",
+        out.stderr
+    );
+}

@@ -609,6 +609,7 @@ impl Provider for Aws {
             created.push(Instance {
                 node_id: node.node_id.clone(),
                 provider_id: id,
+                address: None,
             });
         }
         // Wait (bounded) for every instance to run; one that terminates instead failed.

@@ -591,6 +591,7 @@ impl Provider for DigitalOcean {
             .map(|(node_id, id)| Instance {
                 node_id,
                 provider_id: id.to_string(),
+                address: None,
             })
             .collect())
     }

@@ -2,6 +2,7 @@
 //! work dir of its own, dialing the coordinator on loopback exactly as a cloud node would.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -69,6 +70,7 @@ impl LocalProvider {
         &self,
         request: &ProvisionRequest,
         node: &NodeBootstrap,
+        listen: Option<SocketAddr>,
     ) -> Result<Child, ProviderError> {
         let agent_bin = self
             .agent_bin
@@ -79,9 +81,13 @@ impl LocalProvider {
         let log = std::fs::File::create(dir.join("agent.log"))
             .map_err(|e| self.error(format!("{}/agent.log: {e}", dir.display())))?;
         let mut command = Command::new(agent_bin);
+        match listen {
+            Some(address) => command.arg("--listen").arg(address.to_string()),
+            None => command
+                .arg("--coordinator")
+                .arg(&request.bootstrap.coordinator),
+        };
         command
-            .arg("--coordinator")
-            .arg(&request.bootstrap.coordinator)
             .arg("--ca-pin")
             .arg(&request.bootstrap.ca_pin)
             .arg("--node-id")
@@ -169,7 +175,11 @@ impl Provider for LocalProvider {
     ) -> Result<Vec<Instance>, ProviderError> {
         let mut instances = Vec::new();
         for node in &request.nodes {
-            let child = self.spawn(request, node)?;
+            let listen = match request.bootstrap.reverse {
+                true => Some(free_udp_port()?),
+                false => None,
+            };
+            let child = self.spawn(request, node, listen)?;
             let pid = child.id().unwrap_or(0);
             self.agents
                 .lock()
@@ -180,6 +190,7 @@ impl Provider for LocalProvider {
             instances.push(Instance {
                 node_id: node.node_id.clone(),
                 provider_id: format!("pid {pid}"),
+                address: listen,
             });
         }
         Ok(instances)
@@ -212,6 +223,10 @@ impl Provider for LocalProvider {
         }
     }
 
+    fn supports_reverse(&self) -> bool {
+        true
+    }
+
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
         let agents = self
             .agents
@@ -238,6 +253,13 @@ impl Provider for LocalProvider {
         }
         Ok(())
     }
+}
+
+/// A loopback UDP address no one is using now, for a listening agent.
+fn free_udp_port() -> Result<SocketAddr, ProviderError> {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|socket| socket.local_addr())
+        .map_err(|e| ProviderError::new("local", ErrorKind::Api, format!("no free UDP port: {e}")))
 }
 
 fn last_line(log: &Path) -> String {

@@ -72,6 +72,8 @@ pub struct Instance {
     pub node_id: String,
     /// The provider's own id for it (a pid, an instance id).
     pub provider_id: String,
+    /// Where its agent listens, when the coordinator dials the agents (`--reverse`).
+    pub address: Option<std::net::SocketAddr>,
 }
 
 /// What went wrong, as far as choosing what to try next is concerned.
@@ -153,6 +155,12 @@ pub trait Provider: Send + Sync {
 
     /// Checks credentials with a read-only call.
     async fn status(&self) -> ProviderStatus;
+
+    /// Whether nodes can listen for the coordinator to dial them (`--reverse`): the provider
+    /// must start agents listening, open that port to the coordinator, and give addresses.
+    fn supports_reverse(&self) -> bool {
+        false
+    }
 }
 
 /// What providers need from the environment they run in.

@@ -1211,6 +1211,7 @@ impl Provider for VastAi {
             .map(|(rent, node)| Instance {
                 node_id: rent.node_id.to_string(),
                 provider_id: node.instance.to_string(),
+                address: None,
             })
             .collect())
     }
@@ -2111,6 +2112,7 @@ mod tests {
                 ca_pem: ca.cert_pem(),
                 agent_url: Some("https://[2001:db8::1234:5678]:7444/agent/linux-{arch}".into()),
                 lease: Duration::from_secs(600),
+                reverse: false,
             },
         };
         let p = provider(VastAiConfig {

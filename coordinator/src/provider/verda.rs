@@ -727,6 +727,7 @@ impl Provider for Verda {
             .map(|(node_id, provider_id)| Instance {
                 node_id,
                 provider_id,
+                address: None,
             })
             .collect())
     }
