@@ -366,3 +366,64 @@ fn the_cli_lists_aws_offers_and_status_against_moto() {
         .expect("aws is listed");
     assert_eq!(aws["working"], true, "{aws}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_in_the_spec_is_where_offers_come_from_and_instances_go() {
+    let moto = Moto::start();
+    let provider = aws(&moto.url);
+    let coordinator = coordinator("aws-region");
+    let mut spec = small_spec(1);
+    spec.region = Some("eu-west-1".into());
+    let offers = provider.offers(&spec).await.unwrap();
+    assert!(!offers.is_empty());
+    assert!(
+        offers
+            .iter()
+            .all(|o| o.region == "eu-west-1" && o.provider_ref.contains("eu-west-1")),
+        "{:?}",
+        offers.first()
+    );
+    let offer = offers
+        .iter()
+        .find(|o| o.instance_type == "t3.medium")
+        .unwrap();
+    let request = ProvisionRequest {
+        pool: "aws-region".into(),
+        nodes: vec![NodeBootstrap {
+            node_id: "node-1".into(),
+            token: coordinator.issue_token("node-1"),
+        }],
+        spec,
+        bootstrap: coordinator.bootstrap(),
+    };
+    provider
+        .provision(&request, offer, Market::OnDemand)
+        .await
+        .unwrap();
+    let ec2 = moto::client_in(&moto.url, "eu-west-1").await;
+    let live = |ec2: aws_sdk_ec2::Client| async move {
+        ec2.describe_instances()
+            .filters(moto::tag_filter(POOL_TAG, "aws-region"))
+            .filters(
+                aws_sdk_ec2::types::Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap()
+            .reservations()
+            .iter()
+            .map(|r| r.instances().len())
+            .sum::<usize>()
+    };
+    assert_eq!(live(ec2.clone()).await, 1, "the instance is in eu-west-1");
+    assert_eq!(
+        live(moto::client(&moto.url).await).await,
+        0,
+        "and not in the default region"
+    );
+    provider.teardown("aws-region").await.unwrap();
+    assert_eq!(live(ec2).await, 0, "teardown searched the region it used");
+}

@@ -84,11 +84,16 @@ pub fn fake_credentials() {
     });
 }
 
-/// An EC2 client for the test itself (to look at what the provider did).
+/// An EC2 client for the test itself (to look at what the provider did), in us-east-1.
 pub async fn client(url: &str) -> aws_sdk_ec2::Client {
+    client_in(url, "us-east-1").await
+}
+
+/// The same in another region.
+pub async fn client_in(url: &str, region: &str) -> aws_sdk_ec2::Client {
     fake_credentials();
     let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new("us-east-1"))
+        .region(aws_config::Region::new(region.to_string()))
         .endpoint_url(url)
         .load()
         .await;

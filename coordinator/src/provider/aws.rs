@@ -21,7 +21,6 @@ use aws_sdk_ec2::types::{
     SpotOptionsRequest, Tag, TagSpecification, TargetCapacitySpecificationRequest, UserIdGroupPair,
 };
 use base64::Engine;
-use tokio::sync::OnceCell;
 
 use super::{
     ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, POOL_TAG,
@@ -110,7 +109,10 @@ impl AwsConfig {
 
 pub struct Aws {
     config: AwsConfig,
-    client: OnceCell<aws_sdk_ec2::Client>,
+    /// One client per region used (a spec's --region, else the config's).
+    clients: tokio::sync::Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+    /// Regions this provider provisioned in, which teardown searches besides the default.
+    regions_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
     prices: HashMap<String, f64>,
 }
 
@@ -118,28 +120,41 @@ impl Aws {
     pub fn new(config: AwsConfig) -> Self {
         Aws {
             config,
-            client: OnceCell::new(),
+            clients: Default::default(),
+            regions_used: Default::default(),
             prices: parse_prices(PRICES),
         }
     }
 
-    async fn client(&self) -> &aws_sdk_ec2::Client {
-        self.client
-            .get_or_init(|| async {
-                let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-                    .region(aws_config::Region::new(self.config.region.clone()));
-                if let Some(url) = &self.config.endpoint_url {
-                    loader = loader.endpoint_url(url);
-                }
-                aws_sdk_ec2::Client::new(&loader.load().await)
-            })
-            .await
+    async fn client(&self, region: &str) -> aws_sdk_ec2::Client {
+        let mut clients = self.clients.lock().await;
+        if let Some(client) = clients.get(region) {
+            return client.clone();
+        }
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()));
+        if let Some(url) = &self.config.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        let client = aws_sdk_ec2::Client::new(&loader.load().await);
+        clients.insert(region.to_string(), client.clone());
+        client
+    }
+
+    /// The regions a pool's instances may be in: the default and every one used here.
+    fn regions_to_search(&self) -> Vec<String> {
+        let mut regions = self.regions_used.lock().expect("regions lock").clone();
+        regions.insert(self.config.region.clone());
+        regions.into_iter().collect()
     }
 
     /// Instance types offered per zone of the region.
-    async fn zones_by_type(&self) -> Result<BTreeMap<String, Vec<String>>, ProviderError> {
+    async fn zones_by_type(
+        &self,
+        region: &str,
+    ) -> Result<BTreeMap<String, Vec<String>>, ProviderError> {
         let mut pages = self
-            .client()
+            .client(region)
             .await
             .describe_instance_type_offerings()
             .location_type(LocationType::AvailabilityZone)
@@ -162,12 +177,13 @@ impl Aws {
     /// The latest spot price per (type, zone).
     async fn spot_prices(
         &self,
+        region: &str,
         types: &[String],
     ) -> Result<HashMap<(String, String), f64>, ProviderError> {
         let mut prices = HashMap::new();
         for chunk in types.chunks(100) {
             let mut pages = self
-                .client()
+                .client(region)
                 .await
                 .describe_spot_price_history()
                 .set_instance_types(Some(
@@ -204,10 +220,14 @@ impl Aws {
         Ok(prices)
     }
 
-    async fn find_image(&self, patterns: &[(&str, &str)]) -> Result<String, ProviderError> {
+    async fn find_image(
+        &self,
+        region: &str,
+        patterns: &[(&str, &str)],
+    ) -> Result<String, ProviderError> {
         for (owner, pattern) in patterns {
             let images = self
-                .client()
+                .client(region)
                 .await
                 .describe_images()
                 .owners(*owner)
@@ -229,15 +249,19 @@ impl Aws {
         Err(ProviderError::new(
             NAME,
             ErrorKind::Invalid,
-            format!("no AMI found in {}", self.config.region),
+            format!("no AMI found in {region}"),
         )
         .hint("pass --image ami-... (or AwsConfig::ami)"))
     }
 
     /// Subnets to launch in, one per zone offering the type: the configured subnet, or the
     /// default VPC's. Returns (subnet, vpc) pairs.
-    async fn subnets(&self, zones: &[String]) -> Result<Vec<(String, String)>, ProviderError> {
-        let client = self.client().await;
+    async fn subnets(
+        &self,
+        region: &str,
+        zones: &[String],
+    ) -> Result<Vec<(String, String)>, ProviderError> {
+        let client = self.client(region).await;
         let subnets = match &self.config.subnet_id {
             Some(id) => client.describe_subnets().subnet_ids(id).send().await,
             None => {
@@ -251,7 +275,7 @@ impl Aws {
                     return Err(ProviderError::new(
                         NAME,
                         ErrorKind::Invalid,
-                        format!("no default VPC in {}", self.config.region),
+                        format!("no default VPC in {region}"),
                     )
                     .hint("pass a subnet (AwsConfig::subnet_id)"));
                 };
@@ -292,8 +316,13 @@ impl Aws {
 
     /// The pool's security group: members may reach each other on every port (NCCL, the
     /// preflight mesh check); nothing else comes in, since agents dial out.
-    async fn security_group(&self, pool: &str, vpc: &str) -> Result<String, ProviderError> {
-        let client = self.client().await;
+    async fn security_group(
+        &self,
+        region: &str,
+        pool: &str,
+        vpc: &str,
+    ) -> Result<String, ProviderError> {
+        let client = self.client(region).await;
         let existing = client
             .describe_security_groups()
             .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
@@ -338,10 +367,11 @@ impl Aws {
     /// The pool's instances that are not yet terminated, with their node tag and state.
     async fn pool_instances(
         &self,
+        region: &str,
         pool: &str,
     ) -> Result<Vec<(String, String, InstanceStateName)>, ProviderError> {
         let mut pages = self
-            .client()
+            .client(region)
             .await
             .describe_instances()
             .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
@@ -385,12 +415,14 @@ impl Provider for Aws {
     }
 
     async fn offers(&self, spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
-        let zones = self.zones_by_type().await?;
+        // A spec's region is where to look; otherwise the configured one.
+        let region = spec.region.as_deref().unwrap_or(&self.config.region);
+        let zones = self.zones_by_type(region).await?;
         if zones.is_empty() {
             return Err(ProviderError::new(
                 NAME,
                 ErrorKind::NoOffers,
-                format!("no instance types offered in {}", self.config.region),
+                format!("no instance types offered in {region}"),
             )
             .hint("try another region"));
         }
@@ -398,7 +430,7 @@ impl Provider for Aws {
         let names: Vec<String> = zones.keys().cloned().collect();
         for chunk in names.chunks(100) {
             let out = self
-                .client()
+                .client(region)
                 .await
                 .describe_instance_types()
                 .set_instance_types(Some(
@@ -419,7 +451,7 @@ impl Provider for Aws {
                 let accelerator = accelerator_of(info);
                 Some(Offer {
                     provider: NAME.into(),
-                    region: self.config.region.clone(),
+                    region: region.to_string(),
                     instance_type: kind.clone(),
                     accelerator,
                     vcpus: info
@@ -441,7 +473,7 @@ impl Provider for Aws {
             .collect();
         if spec.allocation.markets().contains(&Market::Spot) && !offers.is_empty() {
             let kinds: Vec<String> = offers.iter().map(|o| o.instance_type.clone()).collect();
-            let spot = self.spot_prices(&kinds).await?;
+            let spot = self.spot_prices(region, &kinds).await?;
             for offer in &mut offers {
                 offer.spot_per_hour = spot
                     .iter()
@@ -460,6 +492,11 @@ impl Provider for Aws {
         offer: &Offer,
         market: Market,
     ) -> Result<Vec<Instance>, ProviderError> {
+        let region = offer.region.as_str();
+        self.regions_used
+            .lock()
+            .expect("regions lock")
+            .insert(region.to_string());
         let zones: Vec<String> = offer
             .provider_ref
             .split(',')
@@ -474,12 +511,14 @@ impl Provider for Aws {
                     Some(DeviceKind::AwsNeuron) => NEURON_IMAGES,
                     None => CPU_IMAGES,
                 };
-                self.find_image(patterns).await?
+                self.find_image(region, patterns).await?
             }
         };
-        let subnets = self.subnets(&zones).await?;
-        let group = self.security_group(&request.pool, &subnets[0].1).await?;
-        let client = self.client().await;
+        let subnets = self.subnets(region, &zones).await?;
+        let group = self
+            .security_group(region, &request.pool, &subnets[0].1)
+            .await?;
+        let client = self.client(region).await;
         let mut created = Vec::new();
         for node in &request.nodes {
             let user_data = request.user_data(node);
@@ -615,7 +654,7 @@ impl Provider for Aws {
         // Wait (bounded) for every instance to run; one that terminates instead failed.
         let deadline = tokio::time::Instant::now() + STATE_WAIT;
         loop {
-            let states = self.pool_instances(&request.pool).await?;
+            let states = self.pool_instances(region, &request.pool).await?;
             let mine: Vec<&(String, String, InstanceStateName)> = states
                 .iter()
                 .filter(|(id, ..)| created.iter().any(|c| c.provider_id == *id))
@@ -648,7 +687,42 @@ impl Provider for Aws {
     }
 
     async fn failed_nodes(&self, pool: &str) -> Vec<(String, String)> {
-        match self.pool_instances(pool).await {
+        let mut failed = Vec::new();
+        for region in self.regions_to_search() {
+            failed.extend(self.failed_in(&region, pool).await);
+        }
+        failed
+    }
+
+    async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
+        for region in self.regions_to_search() {
+            self.teardown_in(&region, pool).await?;
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> ProviderStatus {
+        let region = self.config.region.as_str();
+        let (configured, working, detail) =
+            match self.client(region).await.describe_regions().send().await {
+                Ok(_) => (true, true, format!("region {region}")),
+                Err(e) => {
+                    let error = api_error(e);
+                    (error.kind != ErrorKind::Auth, false, error.to_string())
+                }
+            };
+        ProviderStatus {
+            provider: NAME.into(),
+            configured,
+            working,
+            detail,
+        }
+    }
+}
+
+impl Aws {
+    async fn failed_in(&self, region: &str, pool: &str) -> Vec<(String, String)> {
+        match self.pool_instances(region, pool).await {
             Ok(instances) => instances
                 .into_iter()
                 .filter(|(_, _, state)| {
@@ -665,9 +739,10 @@ impl Provider for Aws {
         }
     }
 
-    async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
-        let client = self.client().await;
-        let instances = self.pool_instances(pool).await?;
+    /// Terminates the pool's instances in `region`, then its launch templates and group.
+    async fn teardown_in(&self, region: &str, pool: &str) -> Result<(), ProviderError> {
+        let client = self.client(region).await;
+        let instances = self.pool_instances(region, pool).await?;
         let ids: Vec<String> = instances.iter().map(|(id, ..)| id.clone()).collect();
         if !ids.is_empty() {
             client
@@ -679,7 +754,7 @@ impl Provider for Aws {
         }
         let deadline = tokio::time::Instant::now() + STATE_WAIT;
         while !self
-            .pool_instances(pool)
+            .pool_instances(region, pool)
             .await?
             .iter()
             .all(|(_, _, state)| *state == InstanceStateName::ShuttingDown)
@@ -731,23 +806,6 @@ impl Provider for Aws {
             }
         }
         Ok(())
-    }
-
-    async fn status(&self) -> ProviderStatus {
-        let (configured, working, detail) =
-            match self.client().await.describe_regions().send().await {
-                Ok(_) => (true, true, format!("region {}", self.config.region)),
-                Err(e) => {
-                    let error = api_error(e);
-                    (error.kind != ErrorKind::Auth, false, error.to_string())
-                }
-            };
-        ProviderStatus {
-            provider: NAME.into(),
-            configured,
-            working,
-            detail,
-        }
     }
 }
 
