@@ -1,14 +1,18 @@
-//! What this node is: read from /proc, /etc and the system, never guessed.
-//! GPU detection belongs to the accelerators work; the model already carries GPUs.
+//! What this node is: read from /proc, /etc and the system, never guessed. Accelerators come
+//! from [`crate::gpu`] (NVIDIA, through NVML or `nvidia-smi`) and [`crate::neuron`] (AWS).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use skyward_common::inventory::{Inventory, NetworkInterface};
+use skyward_common::inventory::{Gpu, Inventory, NetworkInterface, NeuronDevice};
 use skyward_common::protocol::Health;
 
+/// Read once per connection. Accelerator detection may run tools for seconds, never longer
+/// than [`ACCELERATOR_BUDGET`]; see [`accelerators`].
 pub fn collect(work_dir: &Path) -> Inventory {
     let (disk_total_bytes, disk_available_bytes) = disk_space(work_dir).unwrap_or((0, 0));
+    let (gpus, neuron_devices) = accelerators();
     Inventory {
         hostname: hostname(),
         os: os_release().unwrap_or_else(|| std::env::consts::OS.to_string()),
@@ -22,9 +26,27 @@ pub fn collect(work_dir: &Path) -> Inventory {
         disk_total_bytes,
         disk_available_bytes,
         interfaces: interfaces(),
-        gpus: Vec::new(),
+        gpus,
         agent_version: skyward_common::VERSION.to_string(),
+        neuron_devices,
     }
+}
+
+/// How long accelerator detection (NVML, `nvidia-smi`, `neuron-ls`, all together) may take
+/// before the node reports what it found so far. Below
+/// [`HELLO_TIMEOUT`](skyward_common::limits::HELLO_TIMEOUT) with room to spare:
+/// the session collects the inventory after opening its connection, and a coordinator waits
+/// that long for the hello before it drops the connection.
+pub const ACCELERATOR_BUDGET: Duration = Duration::from_secs(8);
+
+/// GPUs and Neuron devices, within [`ACCELERATOR_BUDGET`]. This blocks: the session calls
+/// [`collect`] on a blocking thread, before it connects.
+fn accelerators() -> (Vec<Gpu>, Vec<NeuronDevice>) {
+    let deadline = Instant::now() + ACCELERATOR_BUDGET;
+    (
+        crate::gpu::detect(deadline),
+        crate::neuron::detect(deadline),
+    )
 }
 
 pub fn health(running_tasks: u32) -> Health {
@@ -121,6 +143,13 @@ mod tests {
             .interfaces
             .iter()
             .any(|i| i.addresses.iter().any(|a| a.is_loopback())));
+    }
+
+    #[test]
+    fn accelerator_detection_ends_well_before_the_coordinator_gives_up_on_the_hello() {
+        assert!(
+            ACCELERATOR_BUDGET + Duration::from_secs(2) <= skyward_common::limits::HELLO_TIMEOUT
+        );
     }
 
     #[test]

@@ -5,9 +5,12 @@
 //! runs each task it is sent in a process group of its own, streaming output as it comes.
 
 pub mod enroll;
+pub mod gpu;
 pub mod inventory;
+pub mod neuron;
 pub mod runner;
 pub mod session;
+pub mod tool;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -93,6 +93,7 @@ async fn stay_listening(
     let mut last_contact = Instant::now();
     let mut enrolled = crate::enroll::load(&config.work_dir)?.is_some();
     loop {
+        let inventory = collect_inventory(config).await;
         let remaining = config.lease.saturating_sub(last_contact.elapsed());
         let incoming = match tokio::time::timeout(remaining, endpoint.accept()).await {
             Ok(Some(incoming)) => incoming,
@@ -123,7 +124,7 @@ async fn stay_listening(
             last_contact = Instant::now();
             continue;
         }
-        match serve_session(config, conn, tasks).await {
+        match serve_session(config, conn, inventory, tasks).await {
             Ok(Session::Shutdown(reason)) => {
                 tracing::info!("coordinator asked us to shut down: {reason}");
                 return Ok(());
@@ -212,11 +213,26 @@ async fn serve_connection(
     connect_timeout: Duration,
     tasks: &Arc<Tasks>,
 ) -> Result<Session> {
+    // Inventory first: the coordinator gives a new connection only a few seconds to say
+    // hello, and probing GPUs can take longer than that.
+    let inventory = collect_inventory(config).await;
     let connecting = endpoint.connect_with(client.clone(), coordinator, COORDINATOR_SERVER_NAME)?;
     let conn = tokio::time::timeout(connect_timeout, connecting)
         .await
         .context("no answer")??;
-    serve_session(config, conn, tasks).await
+    serve_session(config, conn, inventory, tasks).await
+}
+
+/// The node's inventory, probed on a blocking thread.
+async fn collect_inventory(config: &AgentConfig) -> skyward_common::inventory::Inventory {
+    let work_dir = config.work_dir.clone();
+    match tokio::task::spawn_blocking(move || inventory::collect(&work_dir)).await {
+        Ok(inventory) => inventory,
+        Err(e) => {
+            tracing::warn!("inventory probe failed: {e}");
+            skyward_common::inventory::Inventory::default()
+        }
+    }
 }
 
 /// One session on an established connection, whichever side dialed: the agent opens the
@@ -224,13 +240,14 @@ async fn serve_connection(
 async fn serve_session(
     config: &AgentConfig,
     conn: quinn::Connection,
+    inventory: skyward_common::inventory::Inventory,
     tasks: &Arc<Tasks>,
 ) -> Result<Session> {
     let coordinator = conn.remote_address();
     let (mut control_send, mut control_recv) = conn.open_bi().await?;
     let hello = AgentMessage::Hello(Box::new(Hello {
         agent_version: skyward_common::VERSION.to_string(),
-        inventory: inventory::collect(&config.work_dir),
+        inventory,
     }));
     write_frame(&mut control_send, &hello).await?;
     let welcome = tokio::time::timeout(

@@ -752,12 +752,14 @@ async fn execute(
             PoolProgress::AttemptFailed { attempt, error } => {
                 renderer.attempt_failed(attempt, error);
             }
-            PoolProgress::NodeReady { node, .. } => {
-                if let Some(bar) = &progress {
+            PoolProgress::NodeReady { node, .. } => match &progress {
+                // Lines printed while the bar is drawn would be garbled by it.
+                Some(bar) => {
                     bar.inc(1);
+                    bar.suspend(|| renderer.node_ready(node));
                 }
-                renderer.node_ready(node);
-            }
+                None => renderer.node_ready(node),
+            },
         };
         let up = Pool::up(
             coordinator,

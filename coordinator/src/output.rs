@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 
+use skyward_common::inventory::Inventory;
 use skyward_common::protocol::OutputStream;
 
 use crate::run::{RunEvent, TaskReport};
@@ -53,6 +54,10 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 "inventory": &*node.inventory,
             });
             self.json(event);
+        } else {
+            for line in accelerator_lines(&node.node_id, &node.inventory) {
+                let _ = writeln!(self.stderr, "{line}");
+            }
         }
     }
 
@@ -240,6 +245,50 @@ impl<O: Write, E: Write> Renderer<O, E> {
     }
 }
 
+/// One line per GPU, MIG device and Neuron device of a node, as the terminal shows them when
+/// the node comes up; none for a node without accelerators.
+pub fn accelerator_lines(node: &str, inventory: &Inventory) -> Vec<String> {
+    let mut lines = Vec::new();
+    for gpu in &inventory.gpus {
+        let mut about = vec![gpu.name.clone()];
+        if gpu.memory_total_bytes > 0 {
+            about.push(format!("{} MiB", gpu.memory_total_bytes / (1024 * 1024)));
+        }
+        let on_off = |on: bool| if on { "enabled" } else { "disabled" };
+        match (gpu.mig_mode_current, gpu.mig_mode_pending) {
+            (Some(now), Some(next)) if next != now => about.push(format!(
+                "MIG {} ({} after reset)",
+                on_off(now),
+                on_off(next)
+            )),
+            (Some(now), _) => about.push(format!("MIG {}", on_off(now))),
+            (None, _) => {}
+        }
+        lines.push(format!("[{node}] gpu {}: {}", gpu.index, about.join(", ")));
+        for mig in &gpu.mig_devices {
+            lines.push(format!(
+                "[{node}] gpu {} mig {} {}",
+                mig.parent_gpu_index, mig.profile, mig.uuid
+            ));
+        }
+    }
+    for device in &inventory.neuron_devices {
+        let mut about = Vec::new();
+        if device.core_count > 0 {
+            about.push(format!("{} cores", device.core_count));
+        }
+        if device.memory_bytes > 0 {
+            about.push(format!("{} MiB", device.memory_bytes / (1024 * 1024)));
+        }
+        lines.push(
+            format!("[{node}] neuron {}: {}", device.index, about.join(", "))
+                .trim_end_matches([':', ' '])
+                .to_string(),
+        );
+    }
+    lines
+}
+
 fn stream_name(stream: OutputStream) -> &'static str {
     match stream {
         OutputStream::Stdout => "stdout",
@@ -280,6 +329,66 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[node-2] a\n[node-2] b\n[node-1] hello\n[node-1] wor\n"
+        );
+    }
+
+    #[test]
+    fn one_line_per_gpu_mig_device_and_neuron_device() {
+        use skyward_common::inventory::{Gpu, MigDevice, NeuronDevice};
+        let mib = 1024 * 1024;
+        let mut inventory = Inventory::default();
+        assert!(accelerator_lines("node-1", &inventory).is_empty());
+        inventory.gpus = vec![
+            Gpu {
+                index: 0,
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: 81559 * mib,
+                mig_mode_current: Some(true),
+                mig_mode_pending: Some(true),
+                mig_devices: vec![MigDevice {
+                    uuid: "MIG-0c4d".into(),
+                    profile: "1g.10gb".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            Gpu {
+                index: 1,
+                name: "NVIDIA H100 80GB HBM3".into(),
+                memory_total_bytes: 81559 * mib,
+                mig_mode_current: Some(false),
+                mig_mode_pending: Some(true),
+                ..Default::default()
+            },
+            Gpu {
+                index: 2,
+                name: "NVIDIA GeForce RTX 4090".into(),
+                memory_total_bytes: 24564 * mib,
+                ..Default::default()
+            },
+        ];
+        inventory.neuron_devices = vec![
+            NeuronDevice {
+                index: 0,
+                core_count: 2,
+                memory_bytes: 32768 * mib,
+                ..Default::default()
+            },
+            NeuronDevice {
+                index: 1,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            accelerator_lines("node-1", &inventory),
+            vec![
+                "[node-1] gpu 0: NVIDIA H100 80GB HBM3, 81559 MiB, MIG enabled",
+                "[node-1] gpu 0 mig 1g.10gb MIG-0c4d",
+                "[node-1] gpu 1: NVIDIA H100 80GB HBM3, 81559 MiB, MIG disabled (enabled after reset)",
+                "[node-1] gpu 2: NVIDIA GeForce RTX 4090, 24564 MiB",
+                "[node-1] neuron 0: 2 cores, 32768 MiB",
+                "[node-1] neuron 1",
+            ]
         );
     }
 

@@ -5,6 +5,7 @@ mod agent;
 mod aws;
 mod cli;
 mod digitalocean;
+mod gpu;
 mod output;
 mod security;
 mod selection;
