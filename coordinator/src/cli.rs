@@ -549,7 +549,13 @@ async fn offers(args: OffersArgs) -> i32 {
                 format!("{:.1}", offer.memory_gb),
                 price(offer.on_demand_per_hour),
                 price(offer.spot_per_hour),
-                if offer.available { "yes" } else { "no" }.to_string(),
+                match (offer.available, offer.spot_available) {
+                    (true, None | Some(true)) => "yes",
+                    (true, Some(false)) => "on-demand only",
+                    (false, Some(true)) => "spot only",
+                    (false, _) => "no",
+                }
+                .to_string(),
             ]);
         }
         println!("{table}");

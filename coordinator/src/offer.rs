@@ -51,8 +51,11 @@ pub struct Offer {
     pub memory_gb: f64,
     pub on_demand_per_hour: Option<f64>,
     pub spot_per_hour: Option<f64>,
-    /// Whether the provider reports capacity for it now (true where it cannot tell).
+    /// Whether the provider reports capacity for it now (true where it cannot tell); for
+    /// on-demand, and for spot too unless `spot_available` says otherwise.
     pub available: bool,
+    /// Spot capacity, where the provider reports it apart from on-demand capacity.
+    pub spot_available: Option<bool>,
     /// Whatever else the provider needs to start it (an offer id, an image); opaque here.
     pub provider_ref: String,
 }
@@ -62,6 +65,14 @@ impl Offer {
         match market {
             Market::Spot => self.spot_per_hour,
             Market::OnDemand => self.on_demand_per_hour,
+        }
+    }
+
+    /// Whether there is capacity for it on `market` now, as far as the provider can tell.
+    pub fn available_on(&self, market: Market) -> bool {
+        match market {
+            Market::Spot => self.spot_available.unwrap_or(self.available),
+            Market::OnDemand => self.available,
         }
     }
 

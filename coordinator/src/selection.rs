@@ -89,7 +89,9 @@ pub fn plan(selection: &Selection, candidates: &[Candidate], spec: &PoolSpec) ->
             };
             let mut mine: Vec<Attempt> = offers
                 .iter()
-                .filter(|o| (o.available || !only_available) && spec.mismatch(o).is_none())
+                .filter(|o| {
+                    (o.available_on(market) || !only_available) && spec.mismatch(o).is_none()
+                })
                 .filter_map(|o| {
                     spec.price(o, market).map(|price| Attempt {
                         candidate,
@@ -133,6 +135,7 @@ mod tests {
             on_demand_per_hour: on_demand,
             spot_per_hour: spot,
             available,
+            spot_available: None,
             provider_ref: String::new(),
         }
     }
@@ -213,6 +216,21 @@ mod tests {
         assert_eq!(
             plan(&Selection::Cheapest, &candidates(), &spot_only).len(),
             2
+        );
+    }
+
+    #[test]
+    fn spot_capacity_is_judged_apart_from_on_demand_capacity() {
+        let mut spot_full = offer("verda", "v", Some(1.5), Some(0.7), true);
+        spot_full.spot_available = Some(false);
+        let candidates = vec![Candidate {
+            provider: "verda".into(),
+            offers: Ok(vec![spot_full]),
+        }];
+        let spec = PoolSpec::new(1).allocation(Allocation::SpotIfAvailable);
+        assert_eq!(
+            names(&plan(&Selection::Cheapest, &candidates, &spec)),
+            ["verda/v/on-demand"]
         );
     }
 

@@ -255,6 +255,7 @@ mod tests {
             on_demand_per_hour: Some(2.0),
             spot_per_hour: Some(0.5),
             available: true,
+            spot_available: None,
             provider_ref: String::new(),
         }
     }

@@ -56,6 +56,7 @@ impl Provider for Scripted {
             on_demand_per_hour: Some(self.price),
             spot_per_hour: None,
             available: true,
+            spot_available: None,
             provider_ref: String::new(),
         }])
     }

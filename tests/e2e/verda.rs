@@ -207,9 +207,19 @@ async fn offers_map_types_prices_and_capacity_per_location() {
         .offers(&PoolSpec::new(1).allocation(Allocation::Spot))
         .await
         .unwrap();
-    assert!(find(&spot, "1H100.80S.30V", "FIN-01").available);
-    assert!(!find(&spot, "1H100.80S.30V", "FIN-02").available);
-    assert!(!find(&spot, "1A100.40S.22V", "FIN-02").available);
+    assert!(find(&spot, "1H100.80S.30V", "FIN-01").available_on(Market::Spot));
+    assert!(!find(&spot, "1H100.80S.30V", "FIN-02").available_on(Market::Spot));
+    assert!(!find(&spot, "1A100.40S.22V", "FIN-02").available_on(Market::Spot));
+    // With spot-if-available both markets are asked, and judged apart.
+    let both = provider
+        .offers(&PoolSpec::new(1).allocation(Allocation::SpotIfAvailable))
+        .await
+        .unwrap();
+    let a100 = find(&both, "1A100.40S.22V", "FIN-02");
+    assert!(
+        a100.available_on(Market::OnDemand) && !a100.available_on(Market::Spot),
+        "{a100:?}"
+    );
     let on_demand = provider.offers(&PoolSpec::new(1)).await.unwrap();
     assert!(find(&on_demand, "1A100.40S.22V", "FIN-02").available);
     assert!(!find(&on_demand, "1H100.80S.30V", "ICE-01").available);

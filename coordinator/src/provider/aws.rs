@@ -466,6 +466,7 @@ impl Provider for Aws {
                     on_demand_per_hour: self.prices.get(&kind).copied(),
                     spot_per_hour: None,
                     available: true,
+                    spot_available: None,
                     provider_ref: zones.get(&kind).map(|z| z.join(",")).unwrap_or_default(),
                 })
             })

@@ -535,6 +535,7 @@ impl Provider for DigitalOcean {
                     // DigitalOcean sells no spot capacity.
                     spot_per_hour: None,
                     available: true,
+                    spot_available: None,
                     provider_ref: default_image(&size.slug, accelerator.as_ref()),
                 });
             }

@@ -143,6 +143,7 @@ impl LocalProvider {
             on_demand_per_hour: Some(0.0),
             spot_per_hour: None,
             available: true,
+            spot_available: None,
             provider_ref: String::new(),
         }
     }

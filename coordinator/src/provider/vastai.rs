@@ -558,6 +558,7 @@ impl VastAi {
                 None
             },
             available: true,
+            spot_available: None,
             provider_ref: raw.id.to_string(),
         })
     }

@@ -631,13 +631,13 @@ impl Provider for Verda {
                 continue;
             };
             for location in &locations {
-                let available = spot_flags.iter().any(|&spot| {
-                    match capacity.get(&(location.clone(), spot)) {
-                        Some(Some(types)) => types.contains(&shape.name),
-                        // Unknown: let the create call find out.
-                        Some(None) | None => true,
-                    }
-                });
+                let has_capacity = |spot: bool| match capacity.get(&(location.clone(), spot)) {
+                    Some(Some(types)) => types.contains(&shape.name),
+                    // Unknown (or not asked): let the create call find out.
+                    Some(None) | None => true,
+                };
+                let available = has_capacity(false);
+                let spot_available = spot_flags.contains(&true).then(|| has_capacity(true));
                 offers.push(Offer {
                     provider: NAME.into(),
                     region: location.clone(),
@@ -648,6 +648,7 @@ impl Provider for Verda {
                     on_demand_per_hour: shape.on_demand,
                     spot_per_hour: shape.spot,
                     available,
+                    spot_available,
                     provider_ref: shape.id.clone(),
                 });
             }
