@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::output::{OutputMode, Renderer};
 use crate::pool::{self, Pool, PoolProgress};
-use crate::provider::{self, LocalProvider, Provider, ProviderContext};
+use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
 use crate::run::{run_job, Job, TaskPlan, TaskReport};
 use crate::selection::Selection;
 use crate::server::{Coordinator, CoordinatorConfig};
@@ -80,9 +80,18 @@ struct SpecArgs {
     /// Image overriding the provider's default (AMI id, image slug, docker image).
     #[arg(long)]
     image: Option<String>,
+    /// A provider setting, PROVIDER.KEY=VALUE (repeatable): aws.ami, aws.subnet_id,
+    /// aws.allocation_strategy, aws.region, digitalocean.region, verda.region,
+    /// vastai.min_reliability, vastai.geolocation, vastai.bid_multiplier, vastai.auto_shutdown...
+    #[arg(long = "provider-opt", value_name = "PROVIDER.KEY=VALUE")]
+    provider_opt: Vec<String>,
 }
 
 impl SpecArgs {
+    fn provider_options(&self) -> Result<ProviderOptions, String> {
+        ProviderOptions::parse(self.provider_opt.iter().map(String::as_str))
+    }
+
     fn spec(&self, nodes: usize, connect_timeout: Duration) -> Result<PoolSpec, String> {
         if self.cpu == Some(0) {
             return Err("--cpu must be at least 1".into());
@@ -208,6 +217,7 @@ pub async fn main(cli: Cli) -> i32 {
 
 /// What `skyward run` will do, checked before anything is created.
 struct Plan {
+    provider_options: ProviderOptions,
     listen: SocketAddr,
     advertise: Option<SocketAddr>,
     agent_binary: Option<PathBuf>,
@@ -275,6 +285,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     };
     let single = args.map.is_none() && args.on == On::One;
     Ok(Plan {
+        provider_options: args.spec.provider_options()?,
         listen: args.listen,
         advertise: args.advertise,
         agent_binary: args.agent_binary.clone(),
@@ -343,7 +354,12 @@ async fn run(args: RunArgs) -> i32 {
     };
     let pool_name = format!("sky-{:08x}", rand::random::<u32>());
     let pool_dir = home.join("pools").join(&pool_name);
-    let providers = match make_providers(&plan.providers, pool_dir.join("nodes"), true) {
+    let providers = match make_providers(
+        &plan.providers,
+        &plan.provider_options,
+        pool_dir.join("nodes"),
+        true,
+    ) {
         Ok(providers) => providers,
         Err(message) => {
             eprintln!("skyward: {message}");
@@ -471,6 +487,7 @@ fn portable_agent() -> Option<PathBuf> {
 /// provider is asked to start nodes without an agent binary to run.
 fn make_providers(
     names: &str,
+    options: &ProviderOptions,
     local_root: PathBuf,
     need_agent: bool,
 ) -> Result<Vec<Arc<dyn Provider>>, String> {
@@ -480,12 +497,13 @@ fn make_providers(
             return Err(message.clone());
         }
     }
-    provider::from_names(
+    provider::from_names_with(
         names,
         &ProviderContext {
             agent_bin,
             local_root,
         },
+        options,
     )
 }
 
@@ -497,7 +515,9 @@ async fn offers(args: OffersArgs) -> i32 {
             return USAGE;
         }
     };
-    let providers = match make_providers(&args.spec.provider, std::env::temp_dir(), false) {
+    let providers = match args.spec.provider_options().and_then(|options| {
+        make_providers(&args.spec.provider, &options, std::env::temp_dir(), false)
+    }) {
         Ok(providers) => providers,
         Err(message) => {
             eprintln!("skyward: {message}");
@@ -574,7 +594,12 @@ async fn offers(args: OffersArgs) -> i32 {
 }
 
 async fn providers(args: ProvidersArgs) -> i32 {
-    let providers = match make_providers(&provider::KNOWN.join(","), std::env::temp_dir(), false) {
+    let providers = match make_providers(
+        &provider::KNOWN.join(","),
+        &ProviderOptions::default(),
+        std::env::temp_dir(),
+        false,
+    ) {
         Ok(providers) => providers,
         Err(message) => {
             eprintln!("skyward: {message}");
@@ -679,7 +704,12 @@ async fn doctor(args: DoctorArgs) -> i32 {
             Err(e) => findings.push(("fail", "agent".into(), e)),
         },
     }
-    if let Ok(providers) = make_providers(&provider::KNOWN.join(","), std::env::temp_dir(), false) {
+    if let Ok(providers) = make_providers(
+        &provider::KNOWN.join(","),
+        &ProviderOptions::default(),
+        std::env::temp_dir(),
+        false,
+    ) {
         for provider in providers {
             let status = provider.status().await;
             let level = match (status.configured, status.working) {

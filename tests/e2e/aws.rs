@@ -355,6 +355,28 @@ fn the_cli_lists_aws_offers_and_status_against_moto() {
         out.stdout
     );
 
+    // A provider option reaches the provider's config: offers come from the region it names.
+    let mut elsewhere = sandbox.skyward();
+    elsewhere.args([
+        "offers",
+        "--provider",
+        "aws",
+        "--provider-opt",
+        "aws.region=eu-west-1",
+        "--cpu",
+        "2",
+        "--json",
+    ]);
+    with_moto(&mut elsewhere);
+    let out = run(&mut elsewhere, Duration::from_secs(120));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert!(
+        !list.is_empty() && list.iter().all(|o| o["region"] == "eu-west-1"),
+        "{}",
+        out.stdout
+    );
+
     let mut providers = sandbox.skyward();
     providers.args(["providers", "--json"]);
     with_moto(&mut providers);

@@ -95,6 +95,39 @@ impl Default for AwsConfig {
 }
 
 impl AwsConfig {
+    /// Applies `--provider-opt aws.KEY=VALUE` settings.
+    pub fn apply(&mut self, mut settings: super::Settings) -> Result<(), String> {
+        if let Some(region) = settings.take("region")? {
+            self.region = region;
+        }
+        self.ami = settings.take("ami")?.or(self.ami.take());
+        self.subnet_id = settings.take("subnet_id")?.or(self.subnet_id.take());
+        if let Some(strategy) = settings.take::<String>("allocation_strategy")? {
+            const STRATEGIES: &[&str] = &[
+                "price-capacity-optimized",
+                "capacity-optimized",
+                "capacity-optimized-prioritized",
+                "lowest-price",
+                "diversified",
+            ];
+            if !STRATEGIES.contains(&strategy.as_str()) {
+                return Err(format!(
+                    "aws.allocation_strategy {strategy:?}: use one of {}",
+                    STRATEGIES.join(", ")
+                ));
+            }
+            self.allocation_strategy = strategy;
+        }
+        self.endpoint_url = settings.take("endpoint_url")?.or(self.endpoint_url.take());
+        settings.finish(&[
+            "region",
+            "ami",
+            "subnet_id",
+            "allocation_strategy",
+            "endpoint_url",
+        ])
+    }
+
     /// Defaults, with the region from `AWS_REGION` / `AWS_DEFAULT_REGION` when set.
     pub fn from_env() -> Self {
         let region = std::env::var("AWS_REGION")

@@ -104,6 +104,15 @@ impl std::fmt::Debug for DigitalOceanConfig {
 }
 
 impl DigitalOceanConfig {
+    /// Applies `--provider-opt digitalocean.KEY=VALUE` settings.
+    pub fn apply(&mut self, mut settings: super::Settings) -> Result<(), String> {
+        if let Some(region) = settings.take("region")? {
+            self.region = region;
+        }
+        self.api_url = settings.take("api_url")?.or(self.api_url.take());
+        settings.finish(&["region", "api_url"])
+    }
+
     /// `DIGITALOCEAN_TOKEN`, `DIGITALOCEAN_API_URL` and `DIGITALOCEAN_REGION` from the
     /// environment; empty values count as unset.
     pub fn from_env() -> Self {

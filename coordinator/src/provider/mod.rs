@@ -175,11 +175,105 @@ pub struct ProviderContext {
 /// Every provider name Skyward knows.
 pub const KNOWN: &[&str] = &["local", "aws", "digitalocean", "verda", "vastai"];
 
+/// `PROVIDER.KEY=VALUE` settings from the command line (`--provider-opt`), which set the
+/// fields of the providers' config values (`vastai.min_reliability=0.95`, `aws.ami=ami-...`).
+#[derive(Debug, Clone, Default)]
+pub struct ProviderOptions {
+    entries: Vec<(String, String, String)>,
+}
+
+impl ProviderOptions {
+    /// Parses `PROVIDER.KEY=VALUE` options.
+    pub fn parse<'a>(options: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        for option in options {
+            let parsed = option
+                .split_once('=')
+                .and_then(|(name, value)| name.split_once('.').map(|(p, k)| (p, k, value)))
+                .filter(|(p, k, _)| !p.is_empty() && !k.is_empty());
+            let Some((provider, key, value)) = parsed else {
+                return Err(format!(
+                    "--provider-opt {option:?} is not PROVIDER.KEY=VALUE: write e.g. vastai.min_reliability=0.95"
+                ));
+            };
+            entries.push((provider.to_string(), key.to_string(), value.to_string()));
+        }
+        Ok(ProviderOptions { entries })
+    }
+
+    /// The settings for one provider.
+    pub fn settings(&self, provider: &str) -> Settings {
+        Settings {
+            provider: provider.to_string(),
+            entries: self
+                .entries
+                .iter()
+                .filter(|(p, ..)| p == provider)
+                .map(|(_, k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// One provider's settings, taken key by key; what is left over is an error.
+pub struct Settings {
+    provider: String,
+    entries: Vec<(String, String)>,
+}
+
+impl Settings {
+    /// Takes `key`, parsed; an unparsable value is an error naming the option.
+    pub fn take<T: std::str::FromStr>(&mut self, key: &str) -> Result<Option<T>, String> {
+        let Some(index) = self.entries.iter().position(|(k, _)| k == key) else {
+            return Ok(None);
+        };
+        let (_, value) = self.entries.remove(index);
+        value.parse().map(Some).map_err(|_| {
+            format!(
+                "--provider-opt {}.{key}={value:?}: not a valid value",
+                self.provider
+            )
+        })
+    }
+
+    /// Fails on any key not taken, listing the ones this provider has.
+    pub fn finish(self, known: &[&str]) -> Result<(), String> {
+        match self.entries.first() {
+            None => Ok(()),
+            Some((key, _)) => Err(format!(
+                "unknown option {}.{key}: {} takes {}",
+                self.provider,
+                self.provider,
+                known.join(", ")
+            )),
+        }
+    }
+}
+
 /// Makes the providers named in a comma-separated list, in order.
 pub fn from_names(
     names: &str,
     context: &ProviderContext,
 ) -> Result<Vec<Arc<dyn Provider>>, String> {
+    from_names_with(names, context, &ProviderOptions::default())
+}
+
+/// Like [`from_names`], with `--provider-opt` settings applied to each provider's config.
+pub fn from_names_with(
+    names: &str,
+    context: &ProviderContext,
+    options: &ProviderOptions,
+) -> Result<Vec<Arc<dyn Provider>>, String> {
+    let listed: Vec<&str> = names.split(',').map(str::trim).collect();
+    if let Some((provider, key, _)) = options
+        .entries
+        .iter()
+        .find(|(p, ..)| !listed.contains(&p.as_str()))
+    {
+        return Err(format!(
+            "--provider-opt {provider}.{key} is for {provider}, which is not in --provider {names}"
+        ));
+    }
     let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
     for name in names.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         if providers.iter().any(|p| p.name() == name) {
@@ -191,13 +285,25 @@ pub fn from_names(
                 context.local_root.clone(),
             )),
             // Without a token it still constructs; its calls then fail with Auth and a hint.
-            "digitalocean" => Arc::new(digitalocean::DigitalOcean::from_env()),
+            "digitalocean" => {
+                let mut config = digitalocean::DigitalOceanConfig::from_env();
+                config.apply(options.settings("digitalocean"))?;
+                Arc::new(digitalocean::DigitalOcean::new(config))
+            }
             // Without a client id and secret it still constructs; its calls fail with Auth.
-            "verda" => Arc::new(verda::Verda::from_env()),
+            "verda" => Arc::new(verda::Verda::from_env_with(|config| {
+                config.apply(options.settings("verda"))
+            })?),
             // Without a key it still constructs; its calls then fail with Auth and a hint.
-            "vastai" => Arc::new(vastai::VastAi::from_env()),
+            "vastai" => Arc::new(vastai::VastAi::from_env_with(|config| {
+                config.apply(options.settings("vastai"))
+            })?),
             // Credentials come through the standard AWS chain when the API is first called.
-            "aws" => Arc::new(aws::Aws::new(aws::AwsConfig::from_env())),
+            "aws" => {
+                let mut config = aws::AwsConfig::from_env();
+                config.apply(options.settings("aws"))?;
+                Arc::new(aws::Aws::new(config))
+            }
             other => {
                 return Err(format!(
                     "unknown provider {other:?}: known providers are {}",
@@ -210,4 +316,77 @@ pub fn from_names(
         return Err("no provider given: use e.g. --provider local".into());
     }
     Ok(providers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context() -> ProviderContext {
+        ProviderContext {
+            agent_bin: Err("none".into()),
+            local_root: std::env::temp_dir(),
+        }
+    }
+
+    #[test]
+    fn provider_options_parse_and_apply_or_say_what_is_wrong() {
+        assert!(ProviderOptions::parse(["junk"])
+            .unwrap_err()
+            .contains("PROVIDER.KEY=VALUE"));
+        assert!(ProviderOptions::parse(["aws.=x"]).is_err());
+        let options = ProviderOptions::parse(["vastai.min_reliability=0.95"]).unwrap();
+        let err = from_names_with("local", &context(), &options)
+            .err()
+            .unwrap();
+        assert!(err.contains("which is not in --provider local"), "{err}");
+        let bogus = ProviderOptions::parse(["vastai.bogus=1"]).unwrap();
+        let err = from_names_with("vastai", &context(), &bogus).err().unwrap();
+        assert!(
+            err.contains("unknown option vastai.bogus") && err.contains("min_reliability"),
+            "{err}"
+        );
+        let range = ProviderOptions::parse(["vastai.min_reliability=95"]).unwrap();
+        assert!(from_names_with("vastai", &context(), &range)
+            .err()
+            .unwrap()
+            .contains("between 0 and 1"));
+        let nan = ProviderOptions::parse(["vastai.bid_multiplier=lots"]).unwrap();
+        assert!(from_names_with("vastai", &context(), &nan)
+            .err()
+            .unwrap()
+            .contains("not a valid value"));
+        let strategy = ProviderOptions::parse(["aws.allocation_strategy=random"]).unwrap();
+        assert!(from_names_with("aws", &context(), &strategy)
+            .err()
+            .unwrap()
+            .contains("price-capacity-optimized"));
+        let fine = ProviderOptions::parse([
+            "aws.ami=ami-1",
+            "verda.region=FIN-02",
+            "digitalocean.region=ams3",
+        ])
+        .unwrap();
+        assert_eq!(
+            from_names_with("aws,verda,digitalocean", &context(), &fine)
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn aws_settings_reach_its_config() {
+        let mut config = aws::AwsConfig::default();
+        let options = ProviderOptions::parse([
+            "aws.ami=ami-123",
+            "aws.subnet_id=subnet-9",
+            "aws.region=eu-west-1",
+        ])
+        .unwrap();
+        config.apply(options.settings("aws")).unwrap();
+        assert_eq!(config.ami.as_deref(), Some("ami-123"));
+        assert_eq!(config.subnet_id.as_deref(), Some("subnet-9"));
+        assert_eq!(config.region, "eu-west-1");
+    }
 }

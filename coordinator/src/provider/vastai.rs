@@ -223,6 +223,38 @@ enum Call {
     Other,
 }
 
+impl VastAiConfig {
+    /// Applies `--provider-opt vastai.KEY=VALUE` settings.
+    pub fn apply(&mut self, mut settings: super::Settings) -> Result<(), String> {
+        self.geolocation = settings.take("geolocation")?.or(self.geolocation.take());
+        if let Some(reliability) = settings.take::<f64>("min_reliability")? {
+            if !(0.0..=1.0).contains(&reliability) {
+                return Err(
+                    "vastai.min_reliability is a fraction between 0 and 1, e.g. 0.95".into(),
+                );
+            }
+            self.min_reliability = reliability;
+        }
+        if let Some(multiplier) = settings.take::<f64>("bid_multiplier")? {
+            if multiplier <= 0.0 {
+                return Err("vastai.bid_multiplier must be positive, e.g. 1.2".into());
+            }
+            self.bid_multiplier = multiplier;
+        }
+        if let Some(after) = settings.take::<humantime::Duration>("auto_shutdown")? {
+            self.auto_shutdown = Some(after.into());
+        }
+        self.api_url = settings.take("api_url")?.or(self.api_url.take());
+        settings.finish(&[
+            "geolocation",
+            "min_reliability",
+            "bid_multiplier",
+            "auto_shutdown",
+            "api_url",
+        ])
+    }
+}
+
 impl VastAi {
     /// Never fails: a missing key or a bad URL is reported by every call that needs them
     /// (and by [`Provider::status`]), so that other providers stay usable.
@@ -237,14 +269,25 @@ impl VastAi {
     /// From `VAST_API_KEY` (else the key file `vastai set api-key` writes) and `VAST_URL`
     /// (default `https://console.vast.ai`).
     pub fn from_env() -> Self {
+        match Self::from_env_with(|_| Ok::<(), std::convert::Infallible>(())) {
+            Ok(vastai) => vastai,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Like [`from_env`](Self::from_env), with `tune` adjusting the config first.
+    pub fn from_env_with<E>(
+        tune: impl FnOnce(&mut VastAiConfig) -> Result<(), E>,
+    ) -> Result<Self, E> {
         let var = |name: &str| std::env::var(name).ok();
         let (api_key, key_source) = find_key(&var);
-        let config = VastAiConfig {
+        let mut config = VastAiConfig {
             api_key,
             api_url: var("VAST_URL").filter(|v| !v.trim().is_empty()),
             ..VastAiConfig::default()
         };
-        Self::with_source(config, key_source)
+        tune(&mut config)?;
+        Ok(Self::with_source(config, key_source))
     }
 
     fn with_source(mut config: VastAiConfig, key_source: KeySource) -> Self {

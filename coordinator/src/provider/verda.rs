@@ -169,6 +169,15 @@ impl std::fmt::Debug for Verda {
     }
 }
 
+impl VerdaConfig {
+    /// Applies `--provider-opt verda.KEY=VALUE` settings.
+    pub fn apply(&mut self, mut settings: super::Settings) -> Result<(), String> {
+        self.region = settings.take("region")?.or(self.region.take());
+        self.base_url = settings.take("base_url")?.or(self.base_url.take());
+        settings.finish(&["region", "base_url"])
+    }
+}
+
 impl Verda {
     /// A provider for `config`. Never fails: a missing credential or a bad URL is reported by
     /// every call instead, so that listing other providers keeps working.
@@ -179,6 +188,16 @@ impl Verda {
     /// From `VERDA_CLIENT_ID`, `VERDA_CLIENT_SECRET` and `VERDA_BASE_URL` (with `/v1`).
     /// `VERDA_API_KEY` alone is answered with an error asking for the id and secret.
     pub fn from_env() -> Verda {
+        match Self::from_env_with(|_| Ok::<(), std::convert::Infallible>(())) {
+            Ok(verda) => verda,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Like [`from_env`](Self::from_env), with `tune` adjusting the config first.
+    pub fn from_env_with<E>(
+        tune: impl FnOnce(&mut VerdaConfig) -> Result<(), E>,
+    ) -> Result<Verda, E> {
         let var = |name: &str| {
             std::env::var(name)
                 .ok()
@@ -191,8 +210,10 @@ impl Verda {
             client_id: var("VERDA_CLIENT_ID"),
             client_secret: var("VERDA_CLIENT_SECRET"),
         };
+        let mut config = config;
+        tune(&mut config)?;
         let api_key_only = var("VERDA_API_KEY").is_some();
-        Self::build(config, api_key_only)
+        Ok(Self::build(config, api_key_only))
     }
 
     fn build(config: VerdaConfig, api_key_set: bool) -> Verda {
