@@ -10,7 +10,7 @@ use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::provider::aws::{Aws, AwsConfig};
 use skyward_coordinator::provider::{NodeBootstrap, Provider, ProvisionRequest, POOL_TAG};
 use skyward_coordinator::spec::{parse_memory_gb, Allocation};
-use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::moto::{self, Fault, FaultProxy, Hypervisor, Moto};
 use skyward_tests::{run, task_output, Sandbox};
 
@@ -23,15 +23,7 @@ fn aws(url: &str) -> Arc<Aws> {
 }
 
 fn coordinator(pool: &str) -> Arc<Coordinator> {
-    skyward_common::install_crypto_provider();
-    Arc::new(
-        Coordinator::start(CoordinatorConfig {
-            pool: pool.into(),
-            bind: ([127, 0, 0, 1], 0).into(),
-            state_dir: None,
-        })
-        .unwrap(),
-    )
+    skyward_tests::loopback_coordinator(pool)
 }
 
 fn small_spec(nodes: usize) -> PoolSpec {

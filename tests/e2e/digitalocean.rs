@@ -13,7 +13,7 @@ use skyward_coordinator::provider::digitalocean::{self, DigitalOcean, DigitalOce
 use skyward_coordinator::provider::{
     ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG,
 };
-use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::openapi;
 use skyward_tests::standins::digitalocean::{DigitalOceanStandIn, TOKEN};
 use skyward_tests::{run, task_output, Sandbox};
@@ -25,15 +25,7 @@ fn provider(standin: &DigitalOceanStandIn) -> Arc<DigitalOcean> {
 }
 
 fn coordinator(pool: &str) -> Arc<Coordinator> {
-    skyward_common::install_crypto_provider();
-    Arc::new(
-        Coordinator::start(CoordinatorConfig {
-            pool: pool.into(),
-            bind: ([127, 0, 0, 1], 0).into(),
-            state_dir: None,
-        })
-        .unwrap(),
-    )
+    skyward_tests::loopback_coordinator(pool)
 }
 
 fn cpu_spec(nodes: usize) -> PoolSpec {

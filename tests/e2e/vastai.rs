@@ -12,7 +12,7 @@ use skyward_coordinator::offer::Market;
 use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::provider::vastai::{self, VastAi, VastAiConfig};
 use skyward_coordinator::provider::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest};
-use skyward_coordinator::{Allocation, Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Allocation, Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::standins::vastai::{Caller, Gone, VastAiStandIn, KEY};
 use skyward_tests::{run, task_output, Sandbox};
 
@@ -25,15 +25,7 @@ fn provider(standin: &VastAiStandIn, tweak: impl FnOnce(&mut VastAiConfig)) -> A
 }
 
 fn coordinator(pool: &str) -> Arc<Coordinator> {
-    skyward_common::install_crypto_provider();
-    Arc::new(
-        Coordinator::start(CoordinatorConfig {
-            pool: pool.into(),
-            bind: ([127, 0, 0, 1], 0).into(),
-            state_dir: None,
-        })
-        .unwrap(),
-    )
+    skyward_tests::loopback_coordinator(pool)
 }
 
 fn rtx4090(nodes: usize) -> PoolSpec {

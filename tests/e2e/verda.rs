@@ -14,7 +14,7 @@ use skyward_coordinator::provider::verda::{Verda, VerdaConfig, VerdaTiming, DEFA
 use skyward_coordinator::provider::{
     ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG,
 };
-use skyward_coordinator::{Allocation, Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Allocation, Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::standins::verda::{IdFormat, VerdaStandin, CLIENT_ID, CLIENT_SECRET};
 use skyward_tests::{bin, run, task_output, Sandbox};
 
@@ -44,15 +44,7 @@ fn verda(standin: &VerdaStandin) -> Verda {
 }
 
 fn coordinator(pool: &str) -> Arc<Coordinator> {
-    skyward_common::install_crypto_provider();
-    Arc::new(
-        Coordinator::start(CoordinatorConfig {
-            pool: pool.into(),
-            bind: ([127, 0, 0, 1], 0).into(),
-            state_dir: None,
-        })
-        .unwrap(),
-    )
+    skyward_tests::loopback_coordinator(pool)
 }
 
 fn find<'a>(offers: &'a [Offer], instance_type: &str, region: &str) -> &'a Offer {

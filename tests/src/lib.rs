@@ -240,3 +240,16 @@ pub async fn task_output(task: &mut skyward_coordinator::server::RemoteTask) -> 
     }
     out
 }
+
+/// A coordinator for `pool` in this test process, on a loopback port of its own.
+pub fn loopback_coordinator(pool: &str) -> std::sync::Arc<skyward_coordinator::Coordinator> {
+    skyward_common::install_crypto_provider();
+    std::sync::Arc::new(
+        skyward_coordinator::Coordinator::start(skyward_coordinator::CoordinatorConfig {
+            pool: pool.into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .expect("start a coordinator on loopback"),
+    )
+}

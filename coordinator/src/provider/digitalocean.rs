@@ -157,7 +157,10 @@ impl DigitalOcean {
     pub fn new(config: DigitalOceanConfig) -> Self {
         // reqwest finds rustls' process-wide provider; make sure there is one.
         skyward_common::install_crypto_provider();
-        let base = parse_base(config.api_url.as_deref().unwrap_or(DEFAULT_API_URL));
+        let base = super::http::http_base(
+            config.api_url.as_deref().unwrap_or(DEFAULT_API_URL),
+            "DigitalOcean API URL",
+        );
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(CONNECT_TIMEOUT)
@@ -236,8 +239,8 @@ impl DigitalOcean {
                     ErrorKind::Api,
                     format!(
                         "{what}: cannot reach {}: {}",
-                        base_display(base),
-                        error_chain(&e)
+                        super::http::base_display(base),
+                        super::http::error_chain(&e)
                     ),
                 )
                 .hint("check the network, or DIGITALOCEAN_API_URL if it is set")
@@ -247,7 +250,10 @@ impl DigitalOcean {
             let bytes = response.bytes().await.map_err(|e| {
                 Self::error(
                     ErrorKind::Api,
-                    format!("{what}: reading the answer: {}", error_chain(&e)),
+                    format!(
+                        "{what}: reading the answer: {}",
+                        super::http::error_chain(&e)
+                    ),
                 )
                 .hint("try again")
             })?;
@@ -708,7 +714,11 @@ impl Provider for DigitalOcean {
         {
             Ok(answer) => {
                 status.working = true;
-                let base = self.base.as_ref().map(base_display).unwrap_or_default();
+                let base = self
+                    .base
+                    .as_ref()
+                    .map(super::http::base_display)
+                    .unwrap_or_default();
                 status.detail = match answer.account.status {
                     Some(account) => format!("token accepted by {base} (account {account})"),
                     None => format!("token accepted by {base}"),
@@ -878,38 +888,6 @@ struct ApiErrorBody {
 }
 
 // ---- helpers ----
-
-fn parse_base(url: &str) -> Result<Url, String> {
-    match Url::parse(url.trim()) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(url),
-        _ => Err(format!(
-            "DigitalOcean API URL {url:?} is not an http(s) URL"
-        )),
-    }
-}
-
-/// The base URL as shown in messages (no credentials, no trailing slash).
-fn base_display(url: &Url) -> String {
-    let mut url = url.clone();
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.to_string().trim_end_matches('/').to_string()
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    for _ in 0..8 {
-        let Some(cause) = source else { break };
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, ProviderError> {
     serde_json::from_slice(bytes).map_err(|e| {

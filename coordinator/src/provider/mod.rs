@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod digitalocean;
+pub mod http;
 pub mod local;
 pub mod vastai;
 pub mod verda;

@@ -391,8 +391,8 @@ impl VastAi {
                     ErrorKind::Api,
                     format!(
                         "{what}: cannot reach {}: {}",
-                        base_display(base),
-                        error_chain(&e)
+                        super::http::base_display(base),
+                        super::http::error_chain(&e)
                     ),
                 )
                 .hint("check the network, or VAST_URL if it is set")
@@ -402,7 +402,10 @@ impl VastAi {
             let bytes = response.bytes().await.map_err(|e| {
                 Self::error(
                     ErrorKind::Api,
-                    format!("{what}: reading the answer: {}", error_chain(&e)),
+                    format!(
+                        "{what}: reading the answer: {}",
+                        super::http::error_chain(&e)
+                    ),
                 )
                 .hint("try again")
             })?;
@@ -641,7 +644,11 @@ impl VastAi {
             script.push_str(FETCH_TOOLS);
         }
         if let Some(after) = self.config.auto_shutdown {
-            let root = self.base.as_ref().map(base_display).unwrap_or_default();
+            let root = self
+                .base
+                .as_ref()
+                .map(super::http::base_display)
+                .unwrap_or_default();
             script.push_str(&auto_shutdown_script(after, &root));
         }
         script.push_str(&request.user_data(node));
@@ -889,7 +896,7 @@ impl VastAi {
                     pending.push(node.instance.to_string());
                     continue;
                 }
-                let detail = one_line(&detail);
+                let detail = super::http::one_line(&detail, 300);
                 let why = format!(
                     "instance {} ({}) on offer {} is {status}{}",
                     node.instance,
@@ -1379,7 +1386,11 @@ impl Provider for VastAi {
         {
             Ok(_) => {
                 status.working = true;
-                let base = self.base.as_ref().map(base_display).unwrap_or_default();
+                let base = self
+                    .base
+                    .as_ref()
+                    .map(super::http::base_display)
+                    .unwrap_or_default();
                 status.detail = format!("key from {source} accepted by {base}");
             }
             Err(e) => {
@@ -1567,45 +1578,10 @@ fn region_of(geolocation: Option<&str>, wanted: Option<&str>) -> String {
 fn parse_base(url: &str) -> Result<Url, String> {
     let trimmed = url.trim().trim_end_matches('/');
     // `VAST_URL` is the server root; accept one that names the API path as well.
-    let trimmed = trimmed.strip_suffix("/api/v0").unwrap_or(trimmed);
-    match Url::parse(trimmed) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(url),
-        _ => Err(format!("VastAI URL {url:?} is not an http(s) URL")),
-    }
-}
-
-/// The base URL as shown in messages (no credentials, no trailing slash).
-fn base_display(url: &Url) -> String {
-    let mut url = url.clone();
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.set_query(None);
-    url.to_string().trim_end_matches('/').to_string()
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    for _ in 0..8 {
-        let Some(cause) = source else { break };
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// Server text on one line, bounded.
-fn one_line(text: &str) -> String {
-    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if joined.chars().count() > 300 {
-        format!("{}...", joined.chars().take(300).collect::<String>())
-    } else {
-        joined
-    }
+    super::http::http_base(
+        trimmed.strip_suffix("/api/v0").unwrap_or(trimmed),
+        "VastAI URL",
+    )
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, ProviderError> {
@@ -1859,6 +1835,11 @@ fi
 
 fn shell_quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// An error body on one bounded line.
+fn one_line(text: &str) -> String {
+    super::http::one_line(text, 300)
 }
 
 #[cfg(test)]

@@ -1106,7 +1106,7 @@ fn transport_error(what: &str, error: &reqwest::Error) -> ProviderError {
     ProviderError::new(
         NAME,
         ErrorKind::Api,
-        one_line(&format!("{what}: {message}")),
+        super::http::one_line(&format!("{what}: {message}"), 400),
     )
     .hint("check the network and VERDA_BASE_URL")
 }
@@ -1192,7 +1192,10 @@ fn with_location_hint(error: ProviderError, location: &str) -> ProviderError {
 /// documented: any list of objects with an id and an error or failure status is read.
 fn partial_failures(body: &str) -> Vec<String> {
     let Ok(value) = serde_json::from_str::<Value>(body) else {
-        return vec![format!("partial failure: {}", one_line(body))];
+        return vec![format!(
+            "partial failure: {}",
+            super::http::one_line(body, 400)
+        )];
     };
     let items: Vec<&Value> = match &value {
         Value::Array(items) => items.iter().collect(),
@@ -1464,14 +1467,9 @@ fn backoff(round: u32, max: Duration) -> Duration {
         .min(max)
 }
 
-/// One line, at most 400 characters.
+/// An error body on one bounded line.
 fn one_line(text: &str) -> String {
-    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if joined.chars().count() > 400 {
-        format!("{}...", joined.chars().take(400).collect::<String>())
-    } else {
-        joined
-    }
+    super::http::one_line(text, 400)
 }
 
 #[cfg(test)]
