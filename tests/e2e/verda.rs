@@ -590,7 +590,9 @@ fn skyward(sandbox: &Sandbox, vars: &[(&str, &str)]) -> std::process::Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", sandbox.path())
         .env("SKYWARD_HOME", sandbox.path().join("home"))
-        .env("SKYWARD_AGENT_BIN", bin("skyward-agent"));
+        .env("SKYWARD_AGENT_BIN", bin("skyward-agent"))
+        // `providers` asks AWS too: never let its credential chain probe the metadata service.
+        .env("AWS_EC2_METADATA_DISABLED", "true");
     for (key, value) in vars {
         cmd.env(key, value);
     }

@@ -64,9 +64,12 @@ impl Sandbox {
                 cmd.env_remove(key);
             }
         }
-        // Nor through credential files under the developer's home.
+        // Nor through credential files under the developer's home, nor through the EC2
+        // metadata service, which AWS's default credential chain would otherwise probe
+        // (a link-local address, not loopback) when it finds no credentials.
         cmd.env("HOME", self.path().join("user-home"))
-            .env("XDG_CONFIG_HOME", self.path().join("user-home/.config"));
+            .env("XDG_CONFIG_HOME", self.path().join("user-home/.config"))
+            .env("AWS_EC2_METADATA_DISABLED", "true");
         cmd.env("SKYWARD_HOME", self.path().join("home"))
             .env("SKYWARD_AGENT_BIN", bin("skyward-agent"))
             .env_remove("SKYWARD_LOG")
