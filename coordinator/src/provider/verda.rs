@@ -325,7 +325,10 @@ impl Verda {
         let mut pending: Vec<&(String, String)> = created.iter().collect();
         let mut missing: HashMap<&str, u32> = HashMap::new();
         let mut last_status: HashMap<&str, String> = HashMap::new();
-        for round in 0u32.. {
+        let mut next_round = 0u32;
+        loop {
+            let round = next_round;
+            next_round = next_round.saturating_add(1);
             let mut still = Vec::new();
             for entry in pending {
                 let (node_id, id) = (&entry.0, &entry.1);
@@ -410,7 +413,6 @@ impl Verda {
             }
             tokio::time::sleep(backoff(round, self.timing.poll).min(deadline - now)).await;
         }
-        unreachable!("the poll loop returns")
     }
 
     /// One delete action for `ids`; returns what the API said about those it did not delete.
@@ -478,7 +480,10 @@ impl Verda {
         }
         // Wait until they are gone, whatever the action's answer: the listing is the truth.
         let deadline = Instant::now() + self.timing.delete_limit;
-        for round in 0u32.. {
+        let mut next_round = 0u32;
+        loop {
+            let round = next_round;
+            next_round = next_round.saturating_add(1);
             let left: Vec<String> = self
                 .pool_instances(pool)
                 .await?
@@ -520,7 +525,6 @@ impl Verda {
             }
             tokio::time::sleep(backoff(round, self.timing.poll).min(deadline - now)).await;
         }
-        unreachable!("the wait loop returns")
     }
 
     /// Deletes the startup scripts this pool registered (they hold single-use tokens).
