@@ -56,14 +56,47 @@ pub fn server_config(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .allow_unauthenticated()
             .build()?;
+    quic_server(
+        provider,
+        client_verifier,
+        identity,
+        &[ALPN_NODE, ALPN_ENROLL],
+        limits::MAX_AGENT_OPENED_STREAMS,
+    )
+}
+
+/// A quinn server config: TLS 1.3, `verifier` for clients, and how many bidirectional streams
+/// the peer may open at once.
+fn quic_server(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    identity: &CertifiedKey,
+    alpns: &[&[u8]],
+    peer_streams: u32,
+) -> Result<quinn::ServerConfig, TransportError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier)
+        .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.private_key())?;
-    tls.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_ENROLL.to_vec()];
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = base_transport();
-    transport.max_concurrent_bidi_streams(limits::MAX_AGENT_OPENED_STREAMS.into());
+    transport.max_concurrent_bidi_streams(peer_streams.into());
+    config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A quinn client config for `tls`, speaking `alpn`, letting the peer open `peer_streams`
+/// bidirectional streams at once.
+fn quic_client(
+    mut tls: rustls::ClientConfig,
+    alpn: &[u8],
+    peer_streams: u32,
+) -> Result<quinn::ClientConfig, TransportError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    let mut transport = base_transport();
+    transport.max_concurrent_bidi_streams(peer_streams.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -107,16 +140,12 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin, provider }));
-    let mut tls = match identity {
+    let tls = match identity {
         Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.private_key())?,
         None => builder.with_no_client_auth(),
     };
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    let mut transport = base_transport();
-    transport.max_concurrent_bidi_streams(limits::MAX_TASK_STREAMS_PER_AGENT.into());
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    // The agent is the client here: the coordinator opens task streams towards it.
+    quic_client(tls, alpn, limits::MAX_TASK_STREAMS_PER_AGENT)
 }
 
 fn base_transport() -> quinn::TransportConfig {
@@ -151,17 +180,14 @@ pub fn agent_listener_config(
         pin: parse_pin(ca_pin)?,
         provider: provider.clone(),
     });
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain.clone(), identity.private_key())?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let mut transport = base_transport();
-    // The agent opens the control stream; the coordinator opens task streams.
-    transport.max_concurrent_bidi_streams(limits::MAX_TASK_STREAMS_PER_AGENT.into());
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    // The coordinator, the client here, opens the task streams.
+    quic_server(
+        provider,
+        verifier,
+        identity,
+        &[alpn],
+        limits::MAX_TASK_STREAMS_PER_AGENT,
+    )
 }
 
 /// Coordinator side, direction reversed: dialing an agent that has enrolled. The agent must
@@ -177,7 +203,7 @@ pub fn coordinator_dial_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
-    dial_config(tls, ALPN_NODE)
+    quic_client(tls, ALPN_NODE, limits::MAX_AGENT_OPENED_STREAMS)
 }
 
 /// Coordinator side, direction reversed: dialing an agent that has not enrolled yet. Its
@@ -192,19 +218,7 @@ pub fn coordinator_enroll_dial_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(UncheckedEnrollmentServer { provider }))
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
-    dial_config(tls, ALPN_ENROLL)
-}
-
-fn dial_config(
-    mut tls: rustls::ClientConfig,
-    alpn: &[u8],
-) -> Result<quinn::ClientConfig, TransportError> {
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    let mut transport = base_transport();
-    transport.max_concurrent_bidi_streams(limits::MAX_AGENT_OPENED_STREAMS.into());
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    quic_client(tls, ALPN_ENROLL, limits::MAX_AGENT_OPENED_STREAMS)
 }
 
 /// Binds a UDP socket with enlarged buffers and wraps it in a quinn endpoint.

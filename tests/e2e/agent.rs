@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use skyward_common::protocol::{TaskEvent, TaskOutcome, TaskSpec};
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent};
-use skyward_tests::{bin, spawn_agent, task_output, wait_connected, Sandbox};
+use skyward_tests::{bin, connected_within, spawn_agent, task_output, wait_connected, Sandbox};
 
 fn coordinator() -> Coordinator {
     skyward_common::install_crypto_provider();
@@ -262,21 +262,14 @@ async fn a_node_booted_from_its_user_data_joins_and_runs_work() {
         "{}",
         booted.boot_log
     );
-    let handle = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            if let Some(handle) = coordinator.node("node-3") {
-                return handle;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the booted node never connected; agent log:\n{}",
-            booted.agent_log()
-        )
-    });
+    let handle = connected_within(&coordinator, "node-3", Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the booted node never connected; agent log:\n{}",
+                booted.agent_log()
+            )
+        });
     let mut task = coordinator
         .start_task(&handle, command(&["pwd"]))
         .await
@@ -332,22 +325,15 @@ async fn a_stock_image_downloads_the_agent_from_the_coordinator() {
         false,
     )
     .unwrap();
-    let handle = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(handle) = coordinator.node("node-1") {
-                return handle;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "node never connected; boot log:\n{}\nagent log:\n{}",
-            booted.boot_log,
-            booted.agent_log()
-        )
-    });
+    let handle = connected_within(&coordinator, "node-1", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "node never connected; boot log:\n{}\nagent log:\n{}",
+                booted.boot_log,
+                booted.agent_log()
+            )
+        });
     let downloaded = std::fs::read(booted.dir().join("skyward/skyward-agent")).unwrap();
     assert!(
         downloaded == std::fs::read(bin("skyward-agent")).unwrap(),
@@ -411,22 +397,15 @@ async fn a_node_in_its_own_network_namespace_fetches_the_agent_and_joins_over_th
         Some(&net),
     )
     .unwrap();
-    let handle = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Some(handle) = coordinator.node("node-1") {
-                return handle;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "node never connected; boot log:\n{}\nagent log:\n{}",
-            booted.boot_log,
-            booted.agent_log()
-        )
-    });
+    let handle = connected_within(&coordinator, "node-1", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "node never connected; boot log:\n{}\nagent log:\n{}",
+                booted.boot_log,
+                booted.agent_log()
+            )
+        });
     assert_eq!(
         handle.address,
         std::net::IpAddr::V4(net.node_ip),

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use skyward_tests::{run, Sandbox};
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// Illustrative, not a capture: the `nvidia-smi` banner of driver 550 on an H100 in MIG mode.
+const BANNER: &str = include_str!("../../agent/testdata/nvidia-smi-h100-mig-banner.txt");
 
 const GPU_UUID: &str = "GPU-5b3c1a2e-8f4d-4c6b-9a7e-1d2c3b4a5f60";
 const MIG_UUIDS: [&str; 2] = [
@@ -34,42 +36,7 @@ GPU 0: NVIDIA H100 80GB HBM3 (UUID: {GPU_UUID})
 EOF
     ;;
 "")
-    cat <<'EOF'
-Tue Mar  5 10:12:01 2024
-+-----------------------------------------------------------------------------------------+
-| NVIDIA-SMI 550.54.15              Driver Version: 550.54.15      CUDA Version: 12.4     |
-|-----------------------------------------+------------------------+----------------------+
-| GPU  Name                 Persistence-M | Bus-Id          Disp.A | Volatile Uncorr. ECC |
-| Fan  Temp   Perf          Pwr:Usage/Cap |           Memory-Usage | GPU-Util  Compute M. |
-|                                         |                        |               MIG M. |
-|=========================================+========================+======================|
-|   0  NVIDIA H100 80GB HBM3          On  |   00000000:19:00.0 Off |                   On |
-| N/A   31C    P0             72W /  700W |                  N/A   |     N/A      Default |
-|                                         |                        |              Enabled |
-+-----------------------------------------+------------------------+----------------------+
-
-+-----------------------------------------------------------------------------------------+
-| MIG devices:                                                                            |
-+------------------+----------------------------------+-----------+-----------------------+
-| GPU  GI  CI  MIG |                     Memory-Usage |        Vol|        Shared         |
-|      ID  ID  Dev |                       BAR1-Usage | SM     Unc| CE ENC  DEC  OFA  JPG |
-|                  |                                  |        ECC|                       |
-|==================+==================================+===========+=======================|
-|  0    9   0   0  |              12MiB /  9984MiB    | 16      0 |  1   0    1    0    1 |
-|                  |                 0MiB / 16383MiB  |           |                       |
-+------------------+----------------------------------+-----------+-----------------------+
-|  0   10   0   1  |              12MiB /  9984MiB    | 16      0 |  1   0    1    0    1 |
-|                  |                 0MiB / 16383MiB  |           |                       |
-+------------------+----------------------------------+-----------+-----------------------+
-
-+-----------------------------------------------------------------------------------------+
-| Processes:                                                                              |
-|  GPU   GI   CI        PID   Type   Process name                            GPU Memory |
-|        ID   ID                                                             Usage      |
-|=========================================================================================|
-|  No running processes found                                                             |
-+-----------------------------------------------------------------------------------------+
-EOF
+    cat "$(dirname "$0")/banner.txt"
     ;;
 *)
     echo "fake nvidia-smi: unexpected arguments: $*" >&2
@@ -87,6 +54,8 @@ fn install_fake(sandbox: &Sandbox, script: &str) -> PathBuf {
     std::fs::create_dir_all(&bin).unwrap();
     let path = bin.join("nvidia-smi");
     std::fs::write(&path, script).unwrap();
+    // The same illustrative banner the agent's parser tests read.
+    std::fs::write(bin.join("banner.txt"), BANNER).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     bin
 }

@@ -221,7 +221,18 @@ pub async fn wait_connected(
     coordinator: &skyward_coordinator::Coordinator,
     node_id: &str,
 ) -> skyward_coordinator::NodeHandle {
-    tokio::time::timeout(Duration::from_secs(20), async {
+    connected_within(coordinator, node_id, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("{node_id} did not connect"))
+}
+
+/// `node_id`'s handle once it is connected, or `None` after `limit`.
+pub async fn connected_within(
+    coordinator: &skyward_coordinator::Coordinator,
+    node_id: &str,
+    limit: Duration,
+) -> Option<skyward_coordinator::NodeHandle> {
+    tokio::time::timeout(limit, async {
         loop {
             if let Some(node) = coordinator.node(node_id) {
                 return node;
@@ -230,7 +241,7 @@ pub async fn wait_connected(
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("{node_id} did not connect"))
+    .ok()
 }
 
 /// Reads a task to its end; returns its stdout and stderr together, in arrival order.

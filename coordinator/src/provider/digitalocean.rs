@@ -228,35 +228,16 @@ impl DigitalOcean {
             url.query_pairs_mut()
                 .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
         }
+        let api = super::http::Api {
+            provider: PROVIDER,
+            http,
+            base,
+            token,
+            url_variable: "DIGITALOCEAN_API_URL",
+        };
         let mut retries = 0;
         loop {
-            let mut request = http.request(method.clone(), url.clone()).bearer_auth(token);
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request.send().await.map_err(|e| {
-                Self::error(
-                    ErrorKind::Api,
-                    format!(
-                        "{what}: cannot reach {}: {}",
-                        super::http::base_display(base),
-                        super::http::error_chain(&e)
-                    ),
-                )
-                .hint("check the network, or DIGITALOCEAN_API_URL if it is set")
-            })?;
-            let status = response.status();
-            let headers = response.headers().clone();
-            let bytes = response.bytes().await.map_err(|e| {
-                Self::error(
-                    ErrorKind::Api,
-                    format!(
-                        "{what}: reading the answer: {}",
-                        super::http::error_chain(&e)
-                    ),
-                )
-                .hint("try again")
-            })?;
+            let (status, headers, bytes) = api.send(what, method.clone(), &url, body).await?;
             if status.is_success() || (allow_404 && status == StatusCode::NOT_FOUND) {
                 return Ok((status, bytes));
             }

@@ -1,6 +1,9 @@
 //! Small pieces every HTTP-based provider (DigitalOcean, Verda, VastAI) needs the same way.
 
-use reqwest::Url;
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode, Url};
+
+use super::{ErrorKind, ProviderError};
 
 /// Parses a provider's API base URL: http(s) with a host, or a one-line reason naming `what`.
 pub fn http_base(url: &str, what: &str) -> Result<Url, String> {
@@ -17,6 +20,63 @@ pub fn base_display(url: &Url) -> String {
     let _ = url.set_password(None);
     url.set_query(None);
     url.to_string().trim_end_matches('/').to_string()
+}
+
+/// A provider's API, as far as sending one authenticated request goes.
+pub struct Api<'a> {
+    pub provider: &'a str,
+    pub http: &'a reqwest::Client,
+    pub base: &'a Url,
+    pub token: &'a str,
+    /// The variable that overrides the base URL, named when the API cannot be reached.
+    pub url_variable: &'a str,
+}
+
+impl Api<'_> {
+    /// Sends one request (bearer token, optional JSON body) and reads the whole answer. Only
+    /// failing to reach the API or to read its answer is an error here; statuses are the
+    /// caller's to judge, with the headers for rate limits.
+    pub async fn send(
+        &self,
+        what: &str,
+        method: Method,
+        url: &Url,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), ProviderError> {
+        let mut request = self
+            .http
+            .request(method, url.clone())
+            .bearer_auth(self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            ProviderError::new(
+                self.provider,
+                ErrorKind::Api,
+                format!(
+                    "{what}: cannot reach {}: {}",
+                    base_display(self.base),
+                    error_chain(&e)
+                ),
+            )
+            .hint(format!(
+                "check the network, or {} if it is set",
+                self.url_variable
+            ))
+        })?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.bytes().await.map_err(|e| {
+            ProviderError::new(
+                self.provider,
+                ErrorKind::Api,
+                format!("{what}: reading the answer: {}", error_chain(&e)),
+            )
+            .hint("try again")
+        })?;
+        Ok((status, headers, bytes))
+    }
 }
 
 /// An error and its causes on one line, each cause once (reqwest nests the useful part).

@@ -380,35 +380,17 @@ impl VastAi {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query.iter().copied());
         }
+        let api = super::http::Api {
+            provider: PROVIDER,
+            http,
+            base,
+            token: key,
+            url_variable: "VAST_URL",
+        };
         let mut retries = 0;
         loop {
-            let mut request = http.request(method.clone(), url.clone()).bearer_auth(key);
-            if let Some(body) = body {
-                request = request.json(body);
-            }
-            let response = request.send().await.map_err(|e| {
-                Self::error(
-                    ErrorKind::Api,
-                    format!(
-                        "{what}: cannot reach {}: {}",
-                        super::http::base_display(base),
-                        super::http::error_chain(&e)
-                    ),
-                )
-                .hint("check the network, or VAST_URL if it is set")
-            })?;
-            let status = response.status();
-            let retry_after = retry_after(response.headers());
-            let bytes = response.bytes().await.map_err(|e| {
-                Self::error(
-                    ErrorKind::Api,
-                    format!(
-                        "{what}: reading the answer: {}",
-                        super::http::error_chain(&e)
-                    ),
-                )
-                .hint("try again")
-            })?;
+            let (status, headers, bytes) = api.send(what, method.clone(), &url, body).await?;
+            let retry_after = retry_after(&headers);
             let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
             if retryable && retries < RETRIES {
                 let wait = retry_after
