@@ -397,6 +397,9 @@ impl Coordinator {
 
     /// Closes the endpoint, giving peers a moment to hear about it.
     pub async fn close(&self) {
+        for dialer in self.dialers.lock().expect("dialers lock").drain(..) {
+            dialer.abort();
+        }
         self.endpoint
             .close(close_code::POOL_SHUTDOWN.into(), b"pool down");
         let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
@@ -580,6 +583,8 @@ async fn dial_loop(
             // The node's certificate names its node id: that is the name to check.
             let attempt = match endpoint.connect_with(config.clone(), address, &node_id) {
                 Ok(connecting) => tokio::time::timeout(DIAL_TIMEOUT, connecting).await.ok(),
+                // The pool is going away: nothing left to dial for.
+                Err(quinn::ConnectError::EndpointStopping) => return,
                 Err(e) => {
                     tracing::warn!(node = %node_id, "cannot dial {address}: {e}");
                     None

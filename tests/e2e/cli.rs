@@ -593,6 +593,8 @@ fn reversed_the_coordinator_dials_listening_agents() {
         assert!(line.contains("--listen 127.0.0.1:"), "{line}");
         assert!(!line.contains("--coordinator"), "{line}");
     }
+    // Teardown stops the dialing too: no redial noise once the pool is down.
+    assert!(!out.stderr.contains("cannot dial"), "{}", out.stderr);
     assert!(sandbox
         .wait_for_no_processes(Duration::from_secs(5))
         .is_empty());
