@@ -9,6 +9,9 @@ node_id=@@NODE_ID@@
 coordinator=@@COORDINATOR@@
 ca_pin=@@CA_PIN@@
 agent_url=@@AGENT_URL@@
+agent_ca=@@AGENT_CA@@
+listen=@@LISTEN@@
+mig=@@MIG@@
 lease=@@LEASE@@
 token=@@TOKEN@@
 
@@ -20,7 +23,8 @@ cat > "$dir/ca.pem" <<'SKYWARD_CA'
 SKYWARD_CA
 
 # An image with the agent preinstalled needs nothing fetched; otherwise the coordinator
-# serves it over HTTPS, trusted through the pool CA alone.
+# serves it over HTTPS, trusted through the pool CA alone (a URL of the user's own is
+# trusted through the system's CAs).
 agent="$(command -v skyward-agent || true)"
 if [ -z "$agent" ]; then
     if [ -z "$agent_url" ]; then
@@ -30,9 +34,13 @@ if [ -z "$agent" ]; then
     agent="$dir/skyward-agent"
     url=$(printf '%s' "$agent_url" | sed "s/{arch}/$(uname -m)/")
     if command -v curl >/dev/null 2>&1; then
-        curl -fsS --retry 5 --retry-delay 2 --retry-all-errors --cacert "$dir/ca.pem" -o "$agent.part" "$url"
+        set --
+        [ "$agent_ca" = pool ] && set -- --cacert "$dir/ca.pem"
+        curl -fsS --retry 5 --retry-delay 2 --retry-all-errors "$@" -o "$agent.part" "$url"
     elif command -v wget >/dev/null 2>&1; then
-        wget -q --tries=5 --ca-certificate="$dir/ca.pem" -O "$agent.part" "$url"
+        set --
+        [ "$agent_ca" = pool ] && set -- --ca-certificate="$dir/ca.pem"
+        wget -q --tries=5 "$@" -O "$agent.part" "$url"
     else
         echo "skyward bootstrap: neither curl nor wget is installed to fetch the agent" >&2
         exit 1
@@ -41,8 +49,15 @@ if [ -z "$agent" ]; then
     mv "$agent.part" "$agent"
 fi
 
+# Either the agent dials the coordinator, or (reversed) it listens for the coordinator.
+if [ -n "$listen" ]; then
+    reach="SKYWARD_LISTEN=$listen"
+else
+    reach="SKYWARD_COORDINATOR=$coordinator"
+fi
 cat > "$dir/agent.env" <<SKYWARD_ENV
-SKYWARD_COORDINATOR=$coordinator
+$reach
+${mig:+SKYWARD_MIG=$mig}
 SKYWARD_CA_PIN=$ca_pin
 SKYWARD_TOKEN=$token
 SKYWARD_NODE_ID=$node_id

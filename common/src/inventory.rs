@@ -24,6 +24,26 @@ pub struct Inventory {
     /// in the binary encoding; absent in JSON from agents that predate it.
     #[serde(default)]
     pub neuron_devices: Vec<NeuronDevice>,
+    /// The outcome of the MIG layout the pool asked for (`--mig`); `None` when it asked for
+    /// none. Appended after `neuron_devices` for the same reason.
+    #[serde(default)]
+    pub mig: Option<MigLayoutReport>,
+}
+
+/// What became of a MIG layout (`1g.10gb`, `3g.40gb,2g.20gb,1g.10gb`), which the agent
+/// applies to every GPU at startup, before it reads the rest of its inventory: the MIG
+/// devices it made are in [`Gpu::mig_devices`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigLayoutReport {
+    /// The layout as asked for.
+    pub requested: String,
+    /// Why the layout is not in place on every GPU, in one line naming each GPU that refused
+    /// (no MIG support, an unknown profile, a mode change awaiting a reset); `None` when it
+    /// is. A pool whose node reports an error here cannot have the layout it asked for.
+    pub error: Option<String>,
+    /// The GPUs the agent repartitioned; a GPU that already had the layout (an agent
+    /// restart) is left alone and not listed.
+    pub changed_gpus: Vec<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +136,11 @@ mod tests {
                     connected_to: vec![(index + 1) % 16, (index + 15) % 16],
                 })
                 .collect(),
+            mig: Some(MigLayoutReport {
+                requested: "1g.10gb".into(),
+                error: None,
+                changed_gpus: (0..8).collect(),
+            }),
             ..Default::default()
         };
         let bytes = crate::codec::encode(&inventory).unwrap();

@@ -2,6 +2,7 @@
 //! that installs and starts the agent with its pool's coordinator address, CA and token.
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -22,10 +23,28 @@ pub struct Bootstrap {
     /// HTTPS URL of the agent binary (`{arch}` becomes the node's `uname -m`), for images
     /// without the agent preinstalled.
     pub agent_url: Option<String>,
+    /// The agent URL is the coordinator's own, trusted through the pool CA alone; a URL of
+    /// the user's is trusted through the node's system CAs.
+    pub agent_url_pinned: bool,
     /// The agent exits when its coordinator is unreachable this long.
     pub lease: Duration,
-    /// The coordinator dials the agents (which listen) instead of the other way round.
-    pub reverse: bool,
+    /// Set when the coordinator dials the agents (which listen) instead of the other way round.
+    pub reverse: Option<Reverse>,
+    /// The MIG layout the agent gives every GPU before it reports its inventory.
+    pub mig: Option<String>,
+}
+
+/// UDP port cloud agents listen on when the coordinator dials them (`--reverse`).
+pub const AGENT_PORT: u16 = 7444;
+
+/// How a coordinator that nodes cannot reach (behind NAT) reaches listening agents instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reverse {
+    /// The UDP port agents listen on.
+    pub agent_port: u16,
+    /// The one address the agent port is opened to: where the coordinator's traffic comes
+    /// from. `None` only for local nodes, which need no firewall.
+    pub allow_from: Option<IpAddr>,
 }
 
 impl Bootstrap {
@@ -40,6 +59,26 @@ impl Bootstrap {
                 "@@AGENT_URL@@",
                 shell_quote(self.agent_url.as_deref().unwrap_or("")),
             ),
+            (
+                "@@AGENT_CA@@",
+                (if self.agent_url_pinned {
+                    "pool"
+                } else {
+                    "system"
+                })
+                .to_string(),
+            ),
+            (
+                "@@LISTEN@@",
+                shell_quote(
+                    &self
+                        .reverse
+                        .as_ref()
+                        .map(|r| format!("0.0.0.0:{}", r.agent_port))
+                        .unwrap_or_default(),
+                ),
+            ),
+            ("@@MIG@@", shell_quote(self.mig.as_deref().unwrap_or(""))),
             ("@@LEASE@@", format!("{}s", self.lease.as_secs())),
             ("@@TOKEN@@", shell_quote(&node.token)),
             ("@@CA_PEM@@", self.ca_pem.trim_end().to_string()),
@@ -77,8 +116,10 @@ mod tests {
             ca_pin: "ab".repeat(32),
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             agent_url: Some("https://203.0.113.7:7443/agent/linux-{arch}".into()),
+            agent_url_pinned: true,
             lease: Duration::from_secs(600),
-            reverse: false,
+            reverse: None,
+            mig: None,
         }
     }
 
@@ -108,6 +149,104 @@ mod tests {
             .status()
             .expect("sh");
         assert!(status.success());
+    }
+
+    /// A node whose token is as the coordinator makes them (no shell metacharacters): the
+    /// agent's env file is sourced by sh and read by systemd alike.
+    fn plain_node() -> NodeBootstrap {
+        NodeBootstrap {
+            node_id: "node-2".into(),
+            token: "t0ken".into(),
+        }
+    }
+
+    /// Runs `script` as a node's first boot, in a fresh directory with a fake agent on PATH
+    /// that records its environment, and returns that environment.
+    fn boot_with_fake_agent(script: &str) -> String {
+        let dir = std::env::temp_dir().join(format!(
+            "skyward-bootstrap-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let env_file = dir.join("agent-env");
+        let fake = dir.join("bin/skyward-agent");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nenv > {}.part && mv {0}.part {0}\n",
+                env_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            dir.join("bin").display(),
+            std::env::var("PATH").unwrap()
+        );
+        let boot = std::process::Command::new("sh")
+            .args(["-c", script])
+            .env("PATH", path)
+            .env("SKYWARD_DIR", dir.join("skyward"))
+            .env("SKYWARD_NO_SYSTEMD", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("sh");
+        assert!(
+            boot.status.success(),
+            "{}",
+            String::from_utf8_lossy(&boot.stderr)
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let env = loop {
+            if let Ok(env) = std::fs::read_to_string(&env_file) {
+                break env;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never started"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        env
+    }
+
+    #[test]
+    fn by_default_the_agent_dials_the_coordinator() {
+        let env = boot_with_fake_agent(&bootstrap().user_data("sky-1", &plain_node()));
+        assert!(
+            env.contains("SKYWARD_COORDINATOR=203.0.113.7:7443\n"),
+            "{env}"
+        );
+        assert!(!env.contains("SKYWARD_LISTEN"), "{env}");
+        assert!(env.contains("SKYWARD_NODE_ID=node-2\n"), "{env}");
+    }
+
+    #[test]
+    fn reversed_the_agent_listens_on_the_agent_port_and_dials_nothing() {
+        let mut reversed = bootstrap();
+        reversed.reverse = Some(Reverse {
+            agent_port: AGENT_PORT,
+            allow_from: Some("198.51.100.4".parse().unwrap()),
+        });
+        let env = boot_with_fake_agent(&reversed.user_data("sky-1", &plain_node()));
+        assert!(env.contains("SKYWARD_LISTEN=0.0.0.0:7444\n"), "{env}");
+        assert!(!env.contains("SKYWARD_COORDINATOR"), "{env}");
+        assert!(!env.contains("SKYWARD_MIG"), "{env}");
+    }
+
+    #[test]
+    fn a_mig_layout_reaches_the_agent() {
+        let mut partitioned = bootstrap();
+        partitioned.mig = Some("3g.40gb,2g.20gb,1g.10gb".into());
+        let env = boot_with_fake_agent(&partitioned.user_data("sky-1", &plain_node()));
+        assert!(
+            env.contains("SKYWARD_MIG=3g.40gb,2g.20gb,1g.10gb\n"),
+            "{env}"
+        );
     }
 
     #[test]

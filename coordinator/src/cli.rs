@@ -175,9 +175,10 @@ struct RunArgs {
     /// How long nodes get to come up and connect.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
-    /// Address the coordinator listens on (UDP for agents, TCP for the agent download).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    /// Address the coordinator listens on (UDP for agents, TCP for the agent download);
+    /// default 127.0.0.1:0, or 0.0.0.0:0 with --reverse on a cloud.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Address nodes dial, when it differs from --listen (a public IP, a port forward).
     #[arg(long)]
     advertise: Option<SocketAddr>,
@@ -192,6 +193,10 @@ struct RunArgs {
     /// coordinator behind NAT that nodes cannot reach).
     #[arg(long)]
     reverse: bool,
+    /// With --reverse on a cloud: this machine's public address, the only one the nodes'
+    /// agent port (UDP 7444) is opened to.
+    #[arg(long, value_name = "IP", requires = "reverse")]
+    public_ip: Option<std::net::IpAddr>,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
     json: bool,
@@ -218,7 +223,7 @@ pub async fn main(cli: Cli) -> i32 {
 /// What `skyward run` will do, checked before anything is created.
 struct Plan {
     provider_options: ProviderOptions,
-    listen: SocketAddr,
+    listen: Option<SocketAddr>,
     advertise: Option<SocketAddr>,
     agent_binary: Option<PathBuf>,
     agent_url: Option<String>,
@@ -293,6 +298,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         spec: {
             let mut spec = args.spec.spec(args.nodes, args.connect_timeout)?;
             spec.reverse = args.reverse;
+            spec.public_ip = args.public_ip;
             spec
         },
         selection: args.spec.selection.clone(),
@@ -386,7 +392,9 @@ async fn run(args: RunArgs) -> i32 {
     let coordinator = match Coordinator::start_advertised(
         CoordinatorConfig {
             pool: pool_name.clone(),
-            bind: plan.listen,
+            bind: plan
+                .listen
+                .unwrap_or_else(|| default_listen(&plan, &providers)),
             state_dir: Some(pool_dir.join("identity")),
         },
         advertise,
@@ -449,11 +457,31 @@ async fn run(args: RunArgs) -> i32 {
     }
 }
 
+/// Loopback, unless the coordinator dials cloud nodes (`--reverse`): then from any address,
+/// on a port of the system's choosing (nodes never dial it).
+fn default_listen(plan: &Plan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
+    let cloud = providers.iter().any(|p| p.name() != "local");
+    match plan.spec.reverse && cloud {
+        true => SocketAddr::from(([0, 0, 0, 0], 0)),
+        false => SocketAddr::from(([127, 0, 0, 1], 0)),
+    }
+}
+
 /// How cloud nodes reach this coordinator and get the agent. Only needed when a provider
 /// other than `local` is in the list.
 fn advertise(plan: &Plan, providers: &[Arc<dyn Provider>]) -> Result<crate::Advertise, String> {
     if providers.iter().all(|p| p.name() == "local") {
         return Ok(crate::Advertise::default());
+    }
+    if plan.spec.reverse && plan.agent_url.is_none() {
+        // Nodes cannot reach a coordinator they cannot dial to download the agent from it.
+        return match plan.spec.image {
+            Some(_) => Ok(crate::Advertise {
+                address: plan.advertise,
+                ..Default::default()
+            }),
+            None => Err("with --reverse, cloud nodes cannot download the agent from this coordinator: pass --agent-url URL (a Linux skyward-agent they can fetch) or --image with skyward-agent preinstalled".into()),
+        };
     }
     if plan.agent_url.is_some() {
         return Ok(crate::Advertise {
@@ -670,7 +698,7 @@ async fn doctor(args: DoctorArgs) -> i32 {
     findings.push((
         "info",
         "direction".into(),
-        "by default agents dial the coordinator (QUIC over UDP; the agent download over TCP, same port number) and nodes need no open port; with `skyward run --reverse` the coordinator dials the agents instead (for a coordinator behind NAT), and the nodes' agent port must be open to it".into(),
+        "by default agents dial the coordinator (QUIC over UDP; the agent download over TCP, same port number) and nodes need no open port; with `skyward run --reverse --public-ip YOUR_IP` the coordinator dials the agents instead (for a coordinator behind NAT): they listen on UDP 7444, which the provider opens to YOUR_IP alone (AWS security group, DigitalOcean firewall; VastAI maps the port; Verda has no firewall, so mTLS alone guards it), and nodes need the agent preinstalled or --agent-url".into(),
     ));
     let udp = std::net::UdpSocket::bind(args.listen);
     let tcp = std::net::TcpListener::bind(args.listen);

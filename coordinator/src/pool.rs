@@ -10,6 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::bootstrap::{Reverse, AGENT_PORT};
 use crate::lifecycle::{Action, Event, Lifecycle, Phase};
 use crate::offer::{Market, Offer};
 use crate::provider::{NodeBootstrap, Provider, ProviderError, ProvisionRequest};
@@ -124,6 +125,14 @@ impl Pool {
                     }
                 )));
             }
+            if spec.public_ip.is_none() {
+                if let Some(p) = providers.iter().find(|p| p.reverse_needs_public_ip()) {
+                    return Err(error(format!(
+                        "--reverse on {} needs --public-ip ADDRESS: the address this machine's traffic leaves from (e.g. `curl -s https://checkip.amazonaws.com`), the only one the nodes' agent port opens to",
+                        p.name()
+                    )));
+                }
+            }
         }
         let candidates = candidates(providers, spec).await;
         let attempts = selection::plan(selection, &candidates, spec);
@@ -140,7 +149,17 @@ impl Pool {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let mut bootstrap = coordinator.bootstrap();
-            bootstrap.reverse = spec.reverse;
+            if spec.reverse {
+                bootstrap.reverse = Some(Reverse {
+                    agent_port: AGENT_PORT,
+                    allow_from: spec.public_ip,
+                });
+                // Nodes cannot reach this coordinator to download the agent from it: the
+                // image has it, or the user's own --agent-url serves it.
+                if bootstrap.agent_url_pinned {
+                    bootstrap.agent_url = None;
+                }
+            }
             let request = ProvisionRequest {
                 pool: pool.clone(),
                 bootstrap,
@@ -164,11 +183,8 @@ impl Pool {
                 Ok(instances) => {
                     if spec.reverse {
                         for instance in &instances {
-                            match instance.address {
-                                Some(address) => coordinator.dial(&instance.node_id, address),
-                                None => {
-                                    tracing::error!(node = %instance.node_id, "no address to dial")
-                                }
+                            if let Some(address) = instance.address {
+                                coordinator.dial(&instance.node_id, address);
                             }
                         }
                     }
@@ -303,12 +319,16 @@ async fn wait_for_agents(
             },
             _ = tokio::time::sleep(POLL) => {
                 // Asking a cloud provider is an API call: do it every few seconds only.
-                let failed = if last_failure_check.elapsed() >= FAILED_NODES_POLL {
+                let checking_now = last_failure_check.elapsed() >= FAILED_NODES_POLL;
+                let failed = if checking_now {
                     last_failure_check = Instant::now();
                     provider.failed_nodes(pool).await
                 } else {
                     Vec::new()
                 };
+                if spec.reverse && checking_now && coordinator.dialing() < node_ids.len() {
+                    dial_listening_nodes(coordinator, provider).await;
+                }
                 if !failed.is_empty() {
                     let detail: Vec<String> = failed.iter().map(|(node, why)| format!("{node}: {why}")).collect();
                     let _ = lifecycle.handle(Event::TeardownRequested);
@@ -328,6 +348,16 @@ async fn wait_for_agents(
             }
         };
         if let Some(node) = connected {
+            // A node without the MIG layout the pool asked for is no node of this pool.
+            if let Some(report) = &node.inventory.mig {
+                if let Some(why) = &report.error {
+                    let _ = lifecycle.handle(Event::TeardownRequested);
+                    return Err(format!(
+                        "{}: MIG layout {} not applied: {why}",
+                        node.node_id, report.requested
+                    ));
+                }
+            }
             if let Some(index) = node_ids.iter().position(|id| *id == node.node_id) {
                 if ready[index].is_none() {
                     let _ = lifecycle.handle(Event::AgentReady(node.node_id.clone()));
@@ -342,6 +372,21 @@ async fn wait_for_agents(
         }
     }
     Ok(ready.into_iter().flatten().collect())
+}
+
+/// Dials the listening nodes whose addresses the provider knows by now and were not dialed
+/// yet; a provider that cannot say is asked again at the next poll.
+async fn dial_listening_nodes(coordinator: &Coordinator, provider: &dyn Provider) {
+    match provider.listen_addresses(coordinator.pool()).await {
+        Ok(addresses) => {
+            for (node_id, address) in addresses {
+                if coordinator.dial(&node_id, address) {
+                    tracing::info!(node = %node_id, "dialing the listening agent at {address}");
+                }
+            }
+        }
+        Err(e) => tracing::warn!("asking for the nodes' addresses: {e}"),
+    }
 }
 
 /// Tells agents to stop, then has each provider remove every node of the pool. Safe to call

@@ -138,6 +138,8 @@ struct Inner {
     pool: String,
     advertised: SocketAddr,
     agent_url: Option<String>,
+    /// The agent URL is this coordinator's own download server.
+    serves_agent: bool,
     ca: PoolCa,
     tokens: Mutex<TokenStore>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
@@ -155,12 +157,12 @@ pub struct Coordinator {
     endpoint: quinn::Endpoint,
     next_task: AtomicU64,
     /// Tasks dialing listening agents, stopped with the coordinator.
-    dialers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    dialers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        for dialer in self.dialers.lock().expect("dialers lock").drain(..) {
+        for (_, dialer) in self.dialers.lock().expect("dialers lock").drain() {
             dialer.abort();
         }
     }
@@ -237,6 +239,7 @@ impl Coordinator {
         let inner = Arc::new(Inner {
             pool: config.pool,
             advertised,
+            serves_agent: advertise.agent_url.is_none() && agent_url.is_some(),
             agent_url,
             ca,
             tokens: Mutex::new(TokenStore::default()),
@@ -248,7 +251,7 @@ impl Coordinator {
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
         Ok(Coordinator {
-            dialers: Mutex::new(Vec::new()),
+            dialers: Mutex::new(HashMap::new()),
             inner,
             endpoint,
             next_task: AtomicU64::new(1),
@@ -282,8 +285,10 @@ impl Coordinator {
             ca_pin: self.ca_pin(),
             ca_pem: self.inner.ca.cert_pem(),
             agent_url: self.inner.agent_url.clone(),
+            agent_url_pinned: self.inner.serves_agent,
             lease: DEFAULT_LEASE,
-            reverse: false,
+            reverse: None,
+            mig: None,
         }
     }
 
@@ -353,14 +358,25 @@ impl Coordinator {
     /// Dials a listening agent (the direction reversed, for a coordinator that nodes cannot
     /// reach) and keeps dialing it, with backoff, whenever it is not connected, until the
     /// coordinator is dropped. Enrollment and the node session then run as if it had dialed in.
-    pub fn dial(&self, node_id: &str, address: SocketAddr) {
+    /// A node already being dialed is left as it is: `false`.
+    pub fn dial(&self, node_id: &str, address: SocketAddr) -> bool {
+        let mut dialers = self.dialers.lock().expect("dialers lock");
+        if dialers.contains_key(node_id) {
+            return false;
+        }
         let task = tokio::spawn(dial_loop(
             self.endpoint.clone(),
             self.inner.clone(),
             node_id.to_string(),
             address,
         ));
-        self.dialers.lock().expect("dialers lock").push(task);
+        dialers.insert(node_id.to_string(), task);
+        true
+    }
+
+    /// How many listening nodes this coordinator dials.
+    pub fn dialing(&self) -> usize {
+        self.dialers.lock().expect("dialers lock").len()
     }
 
     /// Drops a node's connection (its agent reconnects by itself); false if it was not connected.
@@ -397,7 +413,7 @@ impl Coordinator {
 
     /// Closes the endpoint, giving peers a moment to hear about it.
     pub async fn close(&self) {
-        for dialer in self.dialers.lock().expect("dialers lock").drain(..) {
+        for (_, dialer) in self.dialers.lock().expect("dialers lock").drain() {
             dialer.abort();
         }
         self.endpoint

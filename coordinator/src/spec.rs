@@ -135,6 +135,9 @@ pub struct PoolSpec {
     /// The coordinator dials the agents instead of the agents dialing it (for a coordinator
     /// that nodes cannot reach, behind NAT).
     pub reverse: bool,
+    /// With `reverse`: the address this coordinator's traffic comes from, the only one the
+    /// cloud nodes' agent port is opened to.
+    pub public_ip: Option<std::net::IpAddr>,
 }
 
 impl PoolSpec {
@@ -152,6 +155,7 @@ impl PoolSpec {
             image: None,
             connect_timeout: Duration::from_secs(60),
             reverse: false,
+            public_ip: None,
         }
     }
 

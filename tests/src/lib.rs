@@ -267,3 +267,17 @@ pub fn loopback_coordinator(pool: &str) -> std::sync::Arc<skyward_coordinator::C
         .expect("start a coordinator on loopback"),
     )
 }
+
+/// A coordinator that dials listening agents (`--reverse`) on hosts of the test's own
+/// network namespaces: bound to every address, as a loopback-bound socket cannot send to them.
+pub fn dialing_coordinator(pool: &str) -> std::sync::Arc<skyward_coordinator::Coordinator> {
+    skyward_common::install_crypto_provider();
+    std::sync::Arc::new(
+        skyward_coordinator::Coordinator::start(skyward_coordinator::CoordinatorConfig {
+            pool: pool.into(),
+            bind: ([0, 0, 0, 0], 0).into(),
+            state_dir: None,
+        })
+        .expect("start a coordinator"),
+    )
+}

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+
+use crate::netns::TestNet;
 use crate::{bin, processes_under};
 
 /// How long a user-data script may take to finish (it starts the agent in the background).
@@ -15,6 +18,8 @@ pub struct BootedNode {
     dir: PathBuf,
     /// What the user-data script printed, for failure messages.
     pub boot_log: String,
+    /// The node's own network, when it has one (removed after its processes are killed).
+    net: Option<TestNet>,
 }
 
 impl BootedNode {
@@ -33,6 +38,26 @@ impl BootedNode {
         agent_preinstalled: bool,
     ) -> Result<BootedNode, String> {
         Self::boot_on(root, name, user_data, agent_preinstalled, None)
+    }
+
+    /// Boots on a host of its own: a network namespace with its own address (see
+    /// [`address`](Self::address)), as a cloud machine with a public IP, on an image with the
+    /// agent preinstalled. Needs root.
+    pub fn boot_isolated(root: &Path, name: &str, user_data: &str) -> Result<BootedNode, String> {
+        let net = TestNet::create()?;
+        let mut node = Self::boot_on(root, name, user_data, true, Some(&net))?;
+        node.net = Some(net);
+        Ok(node)
+    }
+
+    /// The node's address on its own network, when it boots isolated.
+    pub fn address(&self) -> Option<Ipv4Addr> {
+        self.net.as_ref().map(|net| net.node_ip)
+    }
+
+    /// The node's own network, when it boots isolated (to run commands inside it).
+    pub fn net(&self) -> Option<&TestNet> {
+        self.net.as_ref()
     }
 
     /// Boots inside `net` (a network namespace of the test's own) when given.
@@ -97,7 +122,11 @@ impl BootedNode {
                 out.status
             ));
         }
-        Ok(BootedNode { dir, boot_log })
+        Ok(BootedNode {
+            dir,
+            boot_log,
+            net: None,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -123,5 +152,13 @@ impl BootedNode {
 impl Drop for BootedNode {
     fn drop(&mut self) {
         self.destroy();
+        // The namespace goes once nothing runs in it any more.
+        if let Some(net) = self.net.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !processes_under(&self.dir).is_empty() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            drop(net);
+        }
     }
 }

@@ -87,6 +87,9 @@ impl LocalProvider {
                 .arg("--coordinator")
                 .arg(&request.bootstrap.coordinator),
         };
+        if let Some(layout) = &request.bootstrap.mig {
+            command.arg("--mig").arg(layout);
+        }
         command
             .arg("--ca-pin")
             .arg(&request.bootstrap.ca_pin)
@@ -176,9 +179,10 @@ impl Provider for LocalProvider {
     ) -> Result<Vec<Instance>, ProviderError> {
         let mut instances = Vec::new();
         for node in &request.nodes {
+            // Local nodes share this machine's ports: each gets a free one of its own.
             let listen = match request.bootstrap.reverse {
-                true => Some(free_udp_port()?),
-                false => None,
+                Some(_) => Some(free_udp_port()?),
+                None => None,
             };
             let child = self.spawn(request, node, listen)?;
             let pid = child.id().unwrap_or(0);
@@ -226,6 +230,10 @@ impl Provider for LocalProvider {
 
     fn supports_reverse(&self) -> bool {
         true
+    }
+
+    fn reverse_needs_public_ip(&self) -> bool {
+        false
     }
 
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {

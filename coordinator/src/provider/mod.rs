@@ -162,6 +162,21 @@ pub trait Provider: Send + Sync {
     fn supports_reverse(&self) -> bool {
         false
     }
+
+    /// Whether `--reverse` needs the coordinator's public address, to open the agent port
+    /// to it alone (every cloud; not local processes).
+    fn reverse_needs_public_ip(&self) -> bool {
+        true
+    }
+
+    /// Where the listening agents of `pool` can be dialed (`--reverse`), for the nodes whose
+    /// address is known by now (clouds give one once a machine runs).
+    async fn listen_addresses(
+        &self,
+        _pool: &str,
+    ) -> Result<Vec<(String, std::net::SocketAddr)>, ProviderError> {
+        Ok(Vec::new())
+    }
 }
 
 /// What providers need from the environment they run in.

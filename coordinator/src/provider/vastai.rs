@@ -2118,8 +2118,13 @@ mod tests {
                 ca_pin: ca.pin(),
                 ca_pem: ca.cert_pem(),
                 agent_url: Some("https://[2001:db8::1234:5678]:7444/agent/linux-{arch}".into()),
+                agent_url_pinned: true,
                 lease: Duration::from_secs(600),
-                reverse: false,
+                reverse: Some(crate::bootstrap::Reverse {
+                    agent_port: crate::bootstrap::AGENT_PORT,
+                    allow_from: Some("2001:db8::1".parse().unwrap()),
+                }),
+                mig: None,
             },
         };
         let p = provider(VastAiConfig {
