@@ -142,7 +142,8 @@ async fn a_pool_boots_from_its_user_data_runs_work_and_leaves_nothing() {
     let live = live_instances(&moto.url, "aws-path").await;
     assert_eq!(live.len(), 2, "{live:?}");
 
-    // The pool's security group lets members reach each other and nothing else in.
+    // The pool's security group lets members reach each other and nothing else in (no agent
+    // port: without --reverse the agents dial out).
     let ec2 = moto::client(&moto.url).await;
     let groups = ec2
         .describe_security_groups()
@@ -440,4 +441,125 @@ async fn a_region_in_the_spec_is_where_offers_come_from_and_instances_go() {
     );
     provider.teardown("aws-region").await.unwrap();
     assert_eq!(live(ec2).await, 0, "teardown searched the region it used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverse_pool_opens_the_agent_port_to_the_coordinator_alone_and_is_dialed() {
+    let sandbox = Sandbox::new();
+    let moto = Moto::start();
+    // The provider sees EC2 through the proxy, which reports an instance's public IP only
+    // once the hypervisor has booted it in a namespace of its own: moto's invented public
+    // IPs never reach the coordinator.
+    let proxy = FaultProxy::start(&moto.url).await;
+    let hypervisor = Hypervisor::start(&moto.url, sandbox.path().join("ec2"));
+    hypervisor.set_boot_isolated(true);
+    proxy.report_public_addresses_of(&hypervisor);
+    let providers: Vec<Arc<dyn Provider>> = vec![aws(&proxy.url)];
+    let mut spec = small_spec(1);
+    spec.reverse = true;
+    spec.public_ip = Some("198.51.100.7".parse().unwrap());
+    let mut ignore = |_: PoolProgress<'_>| {};
+    let pool = Pool::up(
+        skyward_tests::dialing_coordinator("aws-reverse"),
+        &providers,
+        &Selection::Cheapest,
+        &spec,
+        &mut ignore,
+    )
+    .await
+    .expect("a reverse pool on moto");
+
+    // The pool's group: the pool's own nodes, and UDP 7444 from the coordinator's address
+    // alone.
+    let ec2 = moto::client(&moto.url).await;
+    let groups = ec2
+        .describe_security_groups()
+        .filters(moto::tag_filter(POOL_TAG, "aws-reverse"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(groups.security_groups().len(), 1);
+    let group = &groups.security_groups()[0];
+    let rules = group.ip_permissions();
+    assert_eq!(rules.len(), 2, "{rules:?}");
+    let members = rules
+        .iter()
+        .find(|r| r.ip_protocol() == Some("-1"))
+        .unwrap();
+    assert_eq!(
+        members.user_id_group_pairs()[0].group_id(),
+        group.group_id()
+    );
+    assert!(members.ip_ranges().is_empty() && members.ipv6_ranges().is_empty());
+    let agent = rules
+        .iter()
+        .find(|r| r.ip_protocol() == Some("udp"))
+        .unwrap();
+    assert_eq!(
+        (agent.from_port(), agent.to_port()),
+        (Some(7444), Some(7444))
+    );
+    let sources: Vec<&str> = agent
+        .ip_ranges()
+        .iter()
+        .filter_map(|r| r.cidr_ip())
+        .collect();
+    assert_eq!(sources, ["198.51.100.7/32"]);
+    assert!(agent.ipv6_ranges().is_empty() && agent.user_id_group_pairs().is_empty());
+
+    // The coordinator dialed the instance at its namespace address, the public IP the proxy
+    // reports for it.
+    let live = live_instances(&moto.url, "aws-reverse").await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    let address = hypervisor
+        .public_address(&live[0].0)
+        .expect("the instance booted isolated");
+    let reported = moto::client(&proxy.url)
+        .await
+        .describe_instances()
+        .instance_ids(&live[0].0)
+        .send()
+        .await
+        .unwrap();
+    let instance = &reported.reservations()[0].instances()[0];
+    assert_eq!(
+        instance.public_ip_address(),
+        Some(address.to_string().as_str())
+    );
+    let node = &pool.nodes()[0];
+    assert_eq!(node.address, std::net::IpAddr::V4(address));
+
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            node,
+            skyward_common::protocol::TaskSpec::command(
+                0,
+                0,
+                vec!["sh".into(), "-c".into(), "echo $SKYWARD_NODE_ID".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"node-1\n");
+    drop(task);
+
+    pool.down().await;
+    assert!(live_instances(&moto.url, "aws-reverse").await.is_empty());
+    let groups = ec2
+        .describe_security_groups()
+        .filters(moto::tag_filter(POOL_TAG, "aws-reverse"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        groups.security_groups().is_empty(),
+        "the group and its agent port rule went with the pool"
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
 }

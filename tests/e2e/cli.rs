@@ -600,29 +600,51 @@ fn reversed_the_coordinator_dials_listening_agents() {
         .is_empty());
 }
 
-#[test]
-fn reverse_is_refused_for_providers_that_cannot_open_a_port_yet() {
-    let sandbox = Sandbox::new();
-    let out = run(
+/// `skyward run --reverse ARGS -- true` against an EC2 endpoint nothing answers at: each
+/// refusal must come before any call.
+fn reverse_on_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
+    run(
         sandbox
             .skyward()
-            .env("DIGITALOCEAN_TOKEN", "unused")
-            .env("DIGITALOCEAN_API_URL", "http://127.0.0.1:9")
-            .args([
-                "run",
-                "--reverse",
-                "--provider",
-                "digitalocean",
-                "--",
-                "true",
-            ]),
+            .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+            .env("AWS_SECRET_ACCESS_KEY", "unused")
+            .env("AWS_DEFAULT_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .args(["run", "--reverse", "--provider", "aws"])
+            .args(args)
+            .args(["--", "true"]),
         LIMIT,
-    );
-    assert_eq!(out.code, Some(255), "{out:?}");
+    )
+}
+
+#[test]
+fn reverse_on_a_cloud_says_what_it_needs_before_creating_anything() {
+    let sandbox = Sandbox::new();
+    // Nodes cannot download the agent from a coordinator they cannot reach.
+    let out = reverse_on_aws(&sandbox, &[]);
+    assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
-        out.stderr
-            .contains("digitalocean cannot yet start agents that the coordinator dials"),
+        out.stderr.contains("pass --agent-url URL") && out.stderr.contains("--image"),
         "{}",
         out.stderr
     );
+    // The agent port opens to one address: the user's.
+    let out = reverse_on_aws(&sandbox, &["--image", "ami-0123456789abcdef0"]);
+    assert_eq!(out.code, Some(255), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("--reverse on aws needs --public-ip ADDRESS"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    // And --public-ip means nothing without --reverse.
+    let out = run(
+        sandbox
+            .skyward()
+            .args(["run", "--public-ip", "198.51.100.7", "--", "true"]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--reverse"), "{}", out.stderr);
 }

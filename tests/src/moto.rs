@@ -2,11 +2,16 @@
 //! loopback port with its realism flags on, a fault-injecting proxy in front of it for what
 //! moto cannot do (capacity errors, throttling), and a "hypervisor" that boots every instance
 //! moto starts from its user-data, read back through the EC2 API as a node would get it.
+//!
+//! moto gives instances random public IPs, which tests must never send traffic to: through
+//! the proxy an instance has no public address until the hypervisor has booted it in a
+//! network namespace of its own (`set_boot_isolated`), and then that namespace's address.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,11 +115,28 @@ pub enum Fault {
     Throttle { action: String, count: usize },
 }
 
+/// The public address of each instance booted isolated (its namespace's), by instance id;
+/// every other instance has none.
+#[derive(Clone, Default)]
+pub struct PublicAddresses(Arc<Mutex<HashMap<String, Ipv4Addr>>>);
+
+impl PublicAddresses {
+    pub fn get(&self, instance_id: &str) -> Option<Ipv4Addr> {
+        self.0.lock().unwrap().get(instance_id).copied()
+    }
+
+    fn snapshot(&self) -> HashMap<String, Ipv4Addr> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 #[derive(Default)]
 struct ProxyState {
     faults: Vec<Fault>,
     /// Every action seen, in order.
     actions: Vec<String>,
+    /// What the proxy reports as instances' public addresses.
+    public: PublicAddresses,
 }
 
 /// A proxy in front of moto that injects faults.
@@ -145,6 +167,12 @@ impl FaultProxy {
             state,
             _task: task,
         }
+    }
+
+    /// Reports the namespace addresses of the instances `hypervisor` boots isolated as their
+    /// public addresses (no instance has one otherwise).
+    pub fn report_public_addresses_of(&self, hypervisor: &Hypervisor) {
+        self.state.lock().unwrap().public = hypervisor.public.clone();
     }
 
     pub fn inject(&self, fault: Fault) {
@@ -180,19 +208,20 @@ async fn forward(
         .find_map(|kv| kv.strip_prefix("Action="))
         .unwrap_or_default()
         .to_string();
-    let fault = {
+    let (fault, public) = {
         let mut state = state.lock().unwrap();
         state.actions.push(action.clone());
         let hit = state.faults.iter_mut().find(|f| match f {
             Fault::FleetError { count, .. } => action == "CreateFleet" && *count > 0,
             Fault::Throttle { action: a, count } => *a == action && *count > 0,
         });
-        hit.map(|f| {
+        let fault = hit.map(|f| {
             match f {
                 Fault::FleetError { count, .. } | Fault::Throttle { count, .. } => *count -= 1,
             }
             f.clone()
-        })
+        });
+        (fault, state.public.clone())
     };
     match fault {
         Some(Fault::FleetError { code, .. }) => (
@@ -227,7 +256,13 @@ async fn forward(
                         .unwrap_or("text/xml")
                         .to_string();
                     let bytes = reply.bytes().await.unwrap_or_default();
-                    (status, [("content-type", content_type)], bytes).into_response()
+                    let body = match std::str::from_utf8(&bytes) {
+                        Ok(xml) if xml.contains("<instancesSet>") => {
+                            Bytes::from(rewrite_public_addresses(xml, &public.snapshot()))
+                        }
+                        _ => bytes,
+                    };
+                    (status, [("content-type", content_type)], body).into_response()
                 }
                 Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
             }
@@ -240,15 +275,23 @@ async fn forward(
 /// booted node once the instance is terminated: the part of EC2 that moto leaves out.
 pub struct Hypervisor {
     booted: Arc<Mutex<HashMap<String, BootedNode>>>,
+    /// Boot each instance in a network namespace of its own (see `set_boot_isolated`).
+    isolated: Arc<AtomicBool>,
+    public: PublicAddresses,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Hypervisor {
     pub fn start(moto_url: &str, root: PathBuf) -> Hypervisor {
         let booted: Arc<Mutex<HashMap<String, BootedNode>>> = Arc::default();
+        let isolated = Arc::new(AtomicBool::new(false));
+        let public = PublicAddresses::default();
         let (url, nodes) = (moto_url.to_string(), booted.clone());
+        let (isolate, addresses) = (isolated.clone(), public.clone());
         let task = tokio::spawn(async move {
             let ec2 = client(&url).await;
+            // A machine whose first boot failed does not boot again.
+            let mut failed: HashSet<String> = HashSet::new();
             // Bounded: a test never runs this long.
             let deadline = Instant::now() + Duration::from_secs(600);
             while Instant::now() < deadline {
@@ -263,7 +306,7 @@ impl Hypervisor {
                             .map(|n| n.as_str().to_string())
                             .unwrap_or_default();
                         let known = nodes.lock().unwrap().contains_key(&id);
-                        if state == "running" && !known {
+                        if state == "running" && !known && !failed.contains(&id) {
                             let Ok(attr) = ec2
                                 .describe_instance_attribute()
                                 .instance_id(&id)
@@ -283,22 +326,41 @@ impl Hypervisor {
                             };
                             let script = String::from_utf8_lossy(&script).into_owned();
                             let (root, name) = (root.clone(), id.clone());
-                            let node = tokio::task::spawn_blocking(move || {
-                                BootedNode::boot(&root, &name, &script)
+                            let isolated = isolate.load(Ordering::SeqCst);
+                            let booting = tokio::task::spawn_blocking(move || {
+                                if isolated {
+                                    BootedNode::boot_isolated(&root, &name, &script)
+                                } else {
+                                    BootedNode::boot(&root, &name, &script)
+                                }
                             })
-                            .await
-                            .ok()
-                            .and_then(Result::ok);
-                            if let Some(node) = node {
-                                nodes.lock().unwrap().insert(id, node);
+                            .await;
+                            match booting {
+                                Ok(Ok(node)) => {
+                                    if let Some(address) = node.address() {
+                                        addresses.0.lock().unwrap().insert(id.clone(), address);
+                                    }
+                                    nodes.lock().unwrap().insert(id, node);
+                                }
+                                Ok(Err(why)) => {
+                                    eprintln!("hypervisor: {id} did not boot: {why}");
+                                    failed.insert(id);
+                                }
+                                Err(_) => {
+                                    failed.insert(id);
+                                }
                             }
                         } else if matches!(
                             state.as_str(),
                             "shutting-down" | "terminated" | "stopped"
                         ) && known
                         {
-                            if let Some(node) = nodes.lock().unwrap().remove(&id) {
+                            addresses.0.lock().unwrap().remove(&id);
+                            let node = nodes.lock().unwrap().remove(&id);
+                            if let Some(node) = node {
                                 node.destroy();
+                                // Dropping waits for its processes, then removes its network.
+                                let _ = tokio::task::spawn_blocking(move || drop(node)).await;
                             }
                         }
                     }
@@ -306,7 +368,25 @@ impl Hypervisor {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        Hypervisor { booted, task }
+        Hypervisor {
+            booted,
+            isolated,
+            public,
+            task,
+        }
+    }
+
+    /// Boots the instances that start from now on each in a network namespace of its own, as
+    /// machines with public IPs of their own: the namespace's address, which the proxy
+    /// reports as the instance's public IP (see [`FaultProxy::report_public_addresses_of`]).
+    /// Needs root.
+    pub fn set_boot_isolated(&self, isolated: bool) {
+        self.isolated.store(isolated, Ordering::SeqCst);
+    }
+
+    /// The namespace address of an instance booted isolated, once it has booted.
+    pub fn public_address(&self, instance_id: &str) -> Option<Ipv4Addr> {
+        self.public.get(instance_id)
     }
 
     /// Instances booted and not yet destroyed.
@@ -324,10 +404,176 @@ impl Drop for Hypervisor {
     }
 }
 
+/// Rewrites every instance in an EC2 XML response (DescribeInstances, RunInstances): an
+/// instance in `public` gets that address as its public IP; every other one has no public IP
+/// and no public DNS name, so that nothing can dial one of moto's invented addresses.
+pub fn rewrite_public_addresses(xml: &str, public: &HashMap<String, Ipv4Addr>) -> String {
+    map_instances(xml, |instance| {
+        let id = element_text(instance, "instanceId").unwrap_or_default();
+        let remove = |_: &str| String::new();
+        let empty_dns = |_: &str| "<dnsName/>".to_string();
+        match public.get(id) {
+            Some(address) => {
+                let ip_address = format!("<ipAddress>{address}</ipAddress>");
+                let mut rewritten = map_elements(instance, "ipAddress", |_| ip_address.clone());
+                if element_text(&rewritten, "ipAddress").is_none() {
+                    rewritten.push_str(&ip_address);
+                }
+                let rewritten = map_elements(&rewritten, "publicIp", |_| {
+                    format!("<publicIp>{address}</publicIp>")
+                });
+                let rewritten =
+                    map_elements(&rewritten, "publicDnsName", |_| "<publicDnsName/>".into());
+                map_elements(&rewritten, "dnsName", empty_dns)
+            }
+            None => {
+                let stripped = map_elements(instance, "ipAddress", remove);
+                // A network interface's association is its public IP (and DNS name).
+                let stripped = map_elements(&stripped, "association", remove);
+                map_elements(&stripped, "dnsName", empty_dns)
+            }
+        }
+    })
+}
+
+/// Applies `rewrite` to the content of each instance (each top-level `<item>` of every
+/// `<instancesSet>`).
+fn map_instances(xml: &str, rewrite: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    while let Some(set) = rest.find("<instancesSet>") {
+        let body_start = set + "<instancesSet>".len();
+        out.push_str(&rest[..body_start]);
+        rest = &rest[body_start..];
+        let mut depth = 0usize;
+        let mut item_start = 0;
+        let mut cursor = 0;
+        // Copies everything up to the set's end, rewriting each top-level item's content.
+        loop {
+            let Some(offset) = rest[cursor..].find('<') else {
+                cursor = rest.len();
+                break;
+            };
+            let at = cursor + offset;
+            let tail = &rest[at..];
+            if tail.starts_with("<item>") {
+                if depth == 0 {
+                    out.push_str(&rest[cursor..at + "<item>".len()]);
+                    item_start = at + "<item>".len();
+                }
+                depth += 1;
+                cursor = at + "<item>".len();
+            } else if depth > 0 && tail.starts_with("</item>") {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    out.push_str(&rewrite(&rest[item_start..at]));
+                    out.push_str("</item>");
+                }
+                cursor = at + "</item>".len();
+            } else if depth == 0 && tail.starts_with("</instancesSet>") {
+                out.push_str(&rest[cursor..at]);
+                cursor = at;
+                break;
+            } else {
+                if depth == 0 {
+                    out.push_str(&rest[cursor..at + 1]);
+                }
+                cursor = at + 1;
+            }
+        }
+        rest = &rest[cursor..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The text of the first `<tag>text</tag>` in `xml`.
+fn element_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{tag}>"))?;
+    Some(&xml[start..start + end])
+}
+
+/// Replaces every `<tag>...</tag>` and `<tag/>` element in `xml` with `replace(element)`.
+fn map_elements(xml: &str, tag: &str, replace: impl Fn(&str) -> String) -> String {
+    let (open, close, empty) = (format!("<{tag}>"), format!("</{tag}>"), format!("<{tag}/>"));
+    let mut out = String::with_capacity(xml.len());
+    let mut rest = xml;
+    loop {
+        let (start, end) = match (rest.find(&open), rest.find(&empty)) {
+            (Some(o), e) if e.is_none_or(|e| o < e) => match rest[o..].find(&close) {
+                Some(c) => (o, o + c + close.len()),
+                None => break,
+            },
+            (_, Some(e)) => (e, e + empty.len()),
+            _ => break,
+        };
+        out.push_str(&rest[..start]);
+        out.push_str(&replace(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A tag filter for DescribeInstances.
 pub fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder()
         .name(format!("tag:{key}"))
         .values(value)
         .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two reservations as moto answers DescribeInstances (trimmed): the first instance was
+    /// booted isolated, the second not yet.
+    const DESCRIBED: &str = "<DescribeInstancesResponse><reservationSet><item><instancesSet><item><networkInterfaceSet><item><association><ipOwnerId>1</ipOwnerId><publicDnsName>ip-54-214-1-2.ec2.internal</publicDnsName><publicIp>54.214.1.2</publicIp></association><privateIpAddressesSet><item><association><publicIp>54.214.1.2</publicIp></association><primary>true</primary></item></privateIpAddressesSet></item></networkInterfaceSet><instanceId>i-booted</instanceId><dnsName>ec2-54-214-1-2.compute-1.amazonaws.com</dnsName><privateIpAddress>10.0.0.5</privateIpAddress><ipAddress>54.214.1.2</ipAddress></item></instancesSet></item><item><instancesSet><item><networkInterfaceSet><item><association><publicIp>3.3.3.3</publicIp></association></item></networkInterfaceSet><instanceId>i-pending</instanceId><dnsName>ec2-3-3-3-3.compute-1.amazonaws.com</dnsName><privateIpAddress>10.0.0.6</privateIpAddress><ipAddress>3.3.3.3</ipAddress></item></instancesSet></item></reservationSet></DescribeInstancesResponse>";
+
+    #[test]
+    fn only_instances_booted_isolated_have_a_public_address_and_it_is_theirs() {
+        let public = HashMap::from([("i-booted".to_string(), Ipv4Addr::new(10, 251, 7, 2))]);
+        let out = rewrite_public_addresses(DESCRIBED, &public);
+        for invented in ["54.214.1.2", "3.3.3.3", "ec2-", "ip-54"] {
+            assert!(!out.contains(invented), "{invented} is left in {out}");
+        }
+        let (booted, pending) = out.split_once("i-pending").unwrap();
+        assert_eq!(element_text(booted, "ipAddress"), Some("10.251.7.2"));
+        assert_eq!(booted.matches("<publicIp>10.251.7.2</publicIp>").count(), 2);
+        assert!(booted.contains("<privateIpAddress>10.0.0.5</privateIpAddress>"));
+        assert_eq!(element_text(pending, "ipAddress"), None);
+        assert!(!pending.contains("<association>") && !pending.contains("publicIp"));
+        assert!(pending.contains("<dnsName/><privateIpAddress>10.0.0.6</privateIpAddress>"));
+        // Everything else is left as it was.
+        assert_eq!(
+            out.matches("<item>").count(),
+            DESCRIBED.matches("<item>").count()
+        );
+        assert!(out.ends_with("</item></reservationSet></DescribeInstancesResponse>"));
+    }
+
+    #[test]
+    fn without_booted_instances_no_instance_has_a_public_address() {
+        let out = rewrite_public_addresses(DESCRIBED, &HashMap::new());
+        assert!(!out.contains("<ipAddress>"), "{out}");
+        assert!(!out.contains("publicIp"), "{out}");
+        assert_eq!(
+            rewrite_public_addresses("<instancesSet/>", &HashMap::new()),
+            "<instancesSet/>"
+        );
+    }
+
+    #[test]
+    fn an_instance_without_an_ip_address_element_gets_one_once_booted() {
+        let xml =
+            "<instancesSet><item><instanceId>i-1</instanceId><dnsName/></item></instancesSet>";
+        let public = HashMap::from([("i-1".to_string(), Ipv4Addr::new(10, 251, 0, 2))]);
+        assert_eq!(
+            rewrite_public_addresses(xml, &public),
+            "<instancesSet><item><instanceId>i-1</instanceId><dnsName/><ipAddress>10.251.0.2</ipAddress></item></instancesSet>"
+        );
+    }
 }

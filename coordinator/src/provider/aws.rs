@@ -1,12 +1,14 @@
 //! AWS EC2 through aws-sdk-ec2: offers from the instance types offered in the region's
 //! availability zones (spot prices from the price history, on-demand prices from a bundled
 //! table), AMI auto-detection, the default VPC's subnets, a security group per pool that only
-//! lets the pool's nodes talk to each other, and instances tagged with their pool.
+//! lets the pool's nodes talk to each other (and, with `--reverse`, the coordinator's one
+//! address reach the agent port), and instances tagged with their pool.
 //!
 //! Credentials come through the standard AWS chain (environment, `aws configure` files);
 //! `AWS_ENDPOINT_URL` (or the config's `endpoint_url`) points the SDK elsewhere.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -15,7 +17,9 @@ use aws_sdk_ec2::types::{
     DefaultTargetCapacityType, Filter, FleetLaunchTemplateConfigRequest,
     FleetLaunchTemplateOverridesRequest, FleetLaunchTemplateSpecificationRequest,
     FleetOnDemandAllocationStrategy, FleetType, InstanceStateName, InstanceType, IpPermission,
-    LaunchTemplateBlockDeviceMappingRequest, LaunchTemplateEbsBlockDeviceRequest,
+    IpRange, Ipv6Range, LaunchTemplateBlockDeviceMappingRequest,
+    LaunchTemplateEbsBlockDeviceRequest,
+    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest,
     LaunchTemplateTagSpecificationRequest, LocationType, OnDemandOptionsRequest,
     RequestLaunchTemplateData, ResourceType, ShutdownBehavior, SpotAllocationStrategy,
     SpotOptionsRequest, Tag, TagSpecification, TargetCapacitySpecificationRequest, UserIdGroupPair,
@@ -23,8 +27,10 @@ use aws_sdk_ec2::types::{
 use base64::Engine;
 
 use super::{
-    ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, POOL_TAG,
+    ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, NODE_TAG,
+    POOL_TAG,
 };
+use crate::bootstrap::{Reverse, AGENT_PORT};
 use crate::catalog::{self, DeviceKind};
 use crate::offer::{Market, Offer, OfferedAccelerator};
 use crate::spec::PoolSpec;
@@ -146,7 +152,94 @@ pub struct Aws {
     clients: tokio::sync::Mutex<HashMap<String, aws_sdk_ec2::Client>>,
     /// Regions this provider provisioned in, which teardown searches besides the default.
     regions_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Per reverse pool: the agent port and the coordinator address it is open to (whose
+    /// family decides which of a node's public addresses to dial).
+    reverse_pools: std::sync::Mutex<HashMap<String, AgentPort>>,
     prices: HashMap<String, f64>,
+}
+
+/// The agent port of a reverse pool, open to the coordinator's address alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AgentPort {
+    port: u16,
+    allow_from: IpAddr,
+}
+
+impl AgentPort {
+    fn of(reverse: &Reverse) -> Result<AgentPort, ProviderError> {
+        let Some(allow_from) = reverse.allow_from else {
+            return Err(ProviderError::new(
+                NAME,
+                ErrorKind::Invalid,
+                "--reverse needs the coordinator's public address",
+            )
+            .hint("pass --public-ip ADDRESS"));
+        };
+        Ok(AgentPort {
+            port: reverse.agent_port,
+            // An IPv4-mapped IPv6 address is the IPv4 address the traffic really comes from.
+            allow_from: allow_from.to_canonical(),
+        })
+    }
+
+    /// The ingress rule: UDP to the agent port from the coordinator's one address.
+    fn rule(&self) -> IpPermission {
+        const DESCRIPTION: &str = "Skyward coordinator (--reverse)";
+        let rule = IpPermission::builder()
+            .ip_protocol("udp")
+            .from_port(i32::from(self.port))
+            .to_port(i32::from(self.port));
+        match self.allow_from {
+            IpAddr::V4(ip) => rule.ip_ranges(
+                IpRange::builder()
+                    .cidr_ip(format!("{ip}/32"))
+                    .description(DESCRIPTION)
+                    .build(),
+            ),
+            IpAddr::V6(ip) => rule.ipv6_ranges(
+                Ipv6Range::builder()
+                    .cidr_ipv6(format!("{ip}/128"))
+                    .description(DESCRIPTION)
+                    .build(),
+            ),
+        }
+        .build()
+    }
+
+    /// Where the coordinator dials the agent of a running instance: its public address of
+    /// the coordinator's family, the one the rule lets the coordinator's traffic reach.
+    fn address_of(&self, instance: &aws_sdk_ec2::types::Instance) -> Option<SocketAddr> {
+        let running = instance.state().and_then(|s| s.name()) == Some(&InstanceStateName::Running);
+        let address = match self.allow_from {
+            IpAddr::V4(_) => instance.public_ip_address(),
+            IpAddr::V6(_) => instance.ipv6_address(),
+        };
+        let ip: IpAddr = address?.parse().ok()?;
+        running.then_some(SocketAddr::new(ip, self.port))
+    }
+}
+
+/// The launch template's network: the pool's group on the primary interface; with
+/// `--reverse` that interface also gets a public address of the coordinator's family, even
+/// in a subnet that does not hand one out by itself, for the coordinator to dial.
+fn with_network(
+    data: aws_sdk_ec2::types::builders::RequestLaunchTemplateDataBuilder,
+    group: &str,
+    reverse: Option<AgentPort>,
+) -> aws_sdk_ec2::types::builders::RequestLaunchTemplateDataBuilder {
+    let Some(reverse) = reverse else {
+        return data.security_group_ids(group);
+    };
+    // With an interface given, EC2 takes the groups there (and the fleet's subnet for it).
+    let interface = LaunchTemplateInstanceNetworkInterfaceSpecificationRequest::builder()
+        .device_index(0)
+        .groups(group)
+        .delete_on_termination(true);
+    let interface = match reverse.allow_from {
+        IpAddr::V4(_) => interface.associate_public_ip_address(true),
+        IpAddr::V6(_) => interface.ipv6_address_count(1),
+    };
+    data.network_interfaces(interface.build())
 }
 
 impl Aws {
@@ -155,6 +248,7 @@ impl Aws {
             config,
             clients: Default::default(),
             regions_used: Default::default(),
+            reverse_pools: Default::default(),
             prices: parse_prices(PRICES),
         }
     }
@@ -348,12 +442,14 @@ impl Aws {
     }
 
     /// The pool's security group: members may reach each other on every port (NCCL, the
-    /// preflight mesh check); nothing else comes in, since agents dial out.
+    /// preflight mesh check); nothing else comes in, since agents dial out, except with
+    /// `--reverse` the agent port from the coordinator's one address.
     async fn security_group(
         &self,
         region: &str,
         pool: &str,
         vpc: &str,
+        reverse: Option<AgentPort>,
     ) -> Result<String, ProviderError> {
         let client = self.client(region).await;
         let existing = client
@@ -363,19 +459,53 @@ impl Aws {
             .send()
             .await
             .map_err(api_error)?;
-        if let Some(id) = existing
+        let id = match existing
             .security_groups()
             .first()
             .and_then(|g| g.group_id())
         {
-            return Ok(id.to_string());
+            Some(id) => id.to_string(),
+            None => {
+                self.create_security_group(region, pool, vpc, reverse)
+                    .await?
+            }
+        };
+        if let Some(reverse) = reverse {
+            match client
+                .authorize_security_group_ingress()
+                .group_id(&id)
+                .ip_permissions(reverse.rule())
+                .send()
+                .await
+            {
+                Ok(_) => {}
+                // A group left by an earlier attempt of this pool may have it already.
+                Err(e) if e.code() == Some("InvalidPermission.Duplicate") => {}
+                Err(e) => return Err(api_error(e)),
+            }
         }
+        Ok(id)
+    }
+
+    async fn create_security_group(
+        &self,
+        region: &str,
+        pool: &str,
+        vpc: &str,
+        reverse: Option<AgentPort>,
+    ) -> Result<String, ProviderError> {
+        let client = self.client(region).await;
         let created = client
             .create_security_group()
             .group_name(format!("skyward-{pool}"))
-            .description(format!(
-                "Skyward pool {pool}: traffic between the pool's nodes only"
-            ))
+            // EC2 takes only `a-zA-Z0-9 ._-:/()#,@[]+=&;{}!$*` here (no apostrophe).
+            .description(match reverse {
+                None => format!("Skyward pool {pool}: traffic between the pool nodes only"),
+                Some(r) => format!(
+                    "Skyward pool {pool}: traffic between the pool nodes, and UDP {} from the coordinator",
+                    r.port
+                ),
+            })
             .vpc_id(vpc)
             .tag_specifications(tags(ResourceType::SecurityGroup, &[(POOL_TAG, pool)]))
             .send()
@@ -421,7 +551,7 @@ impl Aws {
                     let node = instance
                         .tags()
                         .iter()
-                        .find(|t| t.key() == Some(super::NODE_TAG))
+                        .find(|t| t.key() == Some(NODE_TAG))
                         .and_then(|t| t.value())
                         .unwrap_or_default();
                     let state = instance
@@ -549,8 +679,18 @@ impl Provider for Aws {
             }
         };
         let subnets = self.subnets(region, &zones).await?;
+        let reverse = match &request.bootstrap.reverse {
+            Some(reverse) => Some(AgentPort::of(reverse)?),
+            None => None,
+        };
+        if let Some(reverse) = reverse {
+            self.reverse_pools
+                .lock()
+                .expect("reverse pools lock")
+                .insert(request.pool.clone(), reverse);
+        }
         let group = self
-            .security_group(region, &request.pool, &subnets[0].1)
+            .security_group(region, &request.pool, &subnets[0].1, reverse)
             .await?;
         let client = self.client(region).await;
         let mut created = Vec::new();
@@ -571,14 +711,14 @@ impl Provider for Aws {
                 .collect();
             // One launch template per node (its user-data is its own), then an instant fleet
             // over every zone's subnet, so EC2 places it by the allocation strategy.
-            let mut data = RequestLaunchTemplateData::builder()
+            let data = RequestLaunchTemplateData::builder()
                 .image_id(&image)
-                .security_group_ids(&group)
                 .user_data(base64::engine::general_purpose::STANDARD.encode(&user_data))
                 // The lease ends in a shutdown: the instance then goes, not just stops.
                 .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
                 .tag_specifications(launch_tags(ResourceType::Instance, &pairs))
                 .tag_specifications(launch_tags(ResourceType::Volume, &pairs));
+            let mut data = with_network(data, &group, reverse);
             if let Some(disk) = request.spec.disk_gb {
                 data = data.block_device_mappings(
                     LaunchTemplateBlockDeviceMappingRequest::builder()
@@ -732,7 +872,58 @@ impl Provider for Aws {
         for region in self.regions_to_search() {
             self.teardown_in(&region, pool).await?;
         }
+        self.reverse_pools
+            .lock()
+            .expect("reverse pools lock")
+            .remove(pool);
         Ok(())
+    }
+
+    fn supports_reverse(&self) -> bool {
+        true
+    }
+
+    async fn listen_addresses(
+        &self,
+        pool: &str,
+    ) -> Result<Vec<(String, SocketAddr)>, ProviderError> {
+        // A provider value that did not provision the pool assumes the defaults.
+        let reverse = self
+            .reverse_pools
+            .lock()
+            .expect("reverse pools lock")
+            .get(pool)
+            .copied()
+            .unwrap_or(AgentPort {
+                port: AGENT_PORT,
+                allow_from: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            });
+        let mut found = Vec::new();
+        for region in self.regions_to_search() {
+            let mut pages = self
+                .client(&region)
+                .await
+                .describe_instances()
+                .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+                .filters(filter("instance-state-name", ["running"]))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for reservation in page.map_err(api_error)?.reservations() {
+                    for instance in reservation.instances() {
+                        let node = instance
+                            .tags()
+                            .iter()
+                            .find(|t| t.key() == Some(NODE_TAG))
+                            .and_then(|t| t.value());
+                        if let (Some(node), Some(address)) = (node, reverse.address_of(instance)) {
+                            found.push((node.to_string(), address));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(found)
     }
 
     async fn status(&self) -> ProviderStatus {
@@ -1022,5 +1213,105 @@ mod tests {
         assert_eq!(classify("AuthFailure"), ErrorKind::Auth);
         assert_eq!(classify("InvalidAMIID.NotFound"), ErrorKind::Invalid);
         assert_eq!(classify("RequestLimitExceeded"), ErrorKind::Api);
+    }
+
+    fn agent_port(allow_from: &str) -> AgentPort {
+        AgentPort::of(&Reverse {
+            agent_port: AGENT_PORT,
+            allow_from: Some(allow_from.parse().unwrap()),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_agent_port_opens_to_the_coordinator_address_alone() {
+        let rule = agent_port("198.51.100.7").rule();
+        assert_eq!(rule.ip_protocol(), Some("udp"));
+        assert_eq!((rule.from_port(), rule.to_port()), (Some(7444), Some(7444)));
+        let sources: Vec<_> = rule.ip_ranges().iter().map(|r| r.cidr_ip()).collect();
+        assert_eq!(sources, [Some("198.51.100.7/32")]);
+        assert!(rule.ipv6_ranges().is_empty() && rule.user_id_group_pairs().is_empty());
+
+        let rule = agent_port("2001:db8::7").rule();
+        let sources: Vec<_> = rule.ipv6_ranges().iter().map(|r| r.cidr_ipv6()).collect();
+        assert_eq!(sources, [Some("2001:db8::7/128")]);
+        assert!(rule.ip_ranges().is_empty());
+
+        // An IPv4 address written as IPv6 is still the IPv4 address traffic comes from.
+        let rule = agent_port("::ffff:198.51.100.7").rule();
+        assert_eq!(rule.ip_ranges()[0].cidr_ip(), Some("198.51.100.7/32"));
+    }
+
+    #[test]
+    fn reverse_without_the_coordinator_address_is_refused() {
+        let error = AgentPort::of(&Reverse {
+            agent_port: AGENT_PORT,
+            allow_from: None,
+        })
+        .unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Invalid);
+        assert!(error.to_string().contains("--public-ip"), "{error}");
+    }
+
+    #[test]
+    fn a_running_instance_is_dialed_at_its_public_address_of_the_coordinator_family() {
+        use aws_sdk_ec2::types::{Instance as Ec2Instance, InstanceState};
+        let instance = |state: InstanceStateName| {
+            Ec2Instance::builder()
+                .state(InstanceState::builder().name(state).build())
+                .public_ip_address("203.0.113.9")
+                .ipv6_address("2001:db8::9")
+                .private_ip_address("10.0.0.9")
+                .build()
+        };
+        let running = instance(InstanceStateName::Running);
+        assert_eq!(
+            agent_port("198.51.100.7").address_of(&running),
+            Some("203.0.113.9:7444".parse().unwrap())
+        );
+        assert_eq!(
+            agent_port("2001:db8::7").address_of(&running),
+            Some("[2001:db8::9]:7444".parse().unwrap())
+        );
+        let pending = instance(InstanceStateName::Pending);
+        assert_eq!(agent_port("198.51.100.7").address_of(&pending), None);
+        let private_only = Ec2Instance::builder()
+            .state(
+                InstanceState::builder()
+                    .name(InstanceStateName::Running)
+                    .build(),
+            )
+            .private_ip_address("10.0.0.9")
+            .build();
+        assert_eq!(agent_port("198.51.100.7").address_of(&private_only), None);
+    }
+
+    #[test]
+    fn reverse_nodes_get_a_public_address_on_an_interface_in_the_pool_group() {
+        let forward = with_network(RequestLaunchTemplateData::builder(), "sg-1", None).build();
+        assert_eq!(forward.security_group_ids(), ["sg-1"]);
+        assert!(forward.network_interfaces().is_empty());
+
+        let reverse = with_network(
+            RequestLaunchTemplateData::builder(),
+            "sg-1",
+            Some(agent_port("198.51.100.7")),
+        )
+        .build();
+        // EC2 refuses groups both on the template and on an interface.
+        assert!(reverse.security_group_ids().is_empty());
+        let interface = &reverse.network_interfaces()[0];
+        assert_eq!(interface.device_index(), Some(0));
+        assert_eq!(interface.groups(), ["sg-1"]);
+        assert_eq!(interface.associate_public_ip_address(), Some(true));
+        assert_eq!(interface.subnet_id(), None, "the fleet picks the subnet");
+
+        let ipv6 = with_network(
+            RequestLaunchTemplateData::builder(),
+            "sg-1",
+            Some(agent_port("2001:db8::7")),
+        )
+        .build();
+        assert_eq!(ipv6.network_interfaces()[0].ipv6_address_count(), Some(1));
     }
 }
