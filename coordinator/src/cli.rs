@@ -382,6 +382,10 @@ async fn run(args: RunArgs) -> i32 {
             return FAILURE;
         }
     };
+    if let Err(message) = pool::check(&plan.spec, &providers) {
+        eprintln!("skyward: {message}");
+        return USAGE;
+    }
     let advertise = match advertise(&plan, &providers) {
         Ok(advertise) => advertise,
         Err(message) => {

@@ -108,31 +108,8 @@ impl Pool {
         on_progress(PoolProgress::Searching {
             providers: providers.len(),
         });
-        if spec.reverse {
-            if let Some(p) = providers.iter().find(|p| !p.supports_reverse()) {
-                let able: Vec<&str> = providers
-                    .iter()
-                    .filter(|p| p.supports_reverse())
-                    .map(|p| p.name())
-                    .collect();
-                return Err(error(format!(
-                    "{} cannot yet start agents that the coordinator dials: drop --reverse{}",
-                    p.name(),
-                    if able.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", or use {}", able.join(", "))
-                    }
-                )));
-            }
-            if spec.public_ip.is_none() {
-                if let Some(p) = providers.iter().find(|p| p.reverse_needs_public_ip()) {
-                    return Err(error(format!(
-                        "--reverse on {} needs --public-ip ADDRESS: the address this machine's traffic leaves from (e.g. `curl -s https://checkip.amazonaws.com`), the only one the nodes' agent port opens to",
-                        p.name()
-                    )));
-                }
-            }
+        if let Err(message) = check(spec, providers) {
+            return Err(error(message));
         }
         let candidates = candidates(providers, spec).await;
         let attempts = selection::plan(selection, &candidates, spec);
@@ -272,6 +249,38 @@ impl Pool {
         teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
         let _ = self.lifecycle.handle(Event::TeardownFinished);
     }
+}
+
+/// What no provider can do for `spec`, refused before anything is created (the CLI asks
+/// before it even starts its coordinator).
+pub fn check(spec: &PoolSpec, providers: &[Arc<dyn Provider>]) -> Result<(), String> {
+    if spec.reverse {
+        if let Some(p) = providers.iter().find(|p| !p.supports_reverse()) {
+            let able: Vec<&str> = providers
+                .iter()
+                .filter(|p| p.supports_reverse())
+                .map(|p| p.name())
+                .collect();
+            return Err(format!(
+                "{} cannot yet start agents that the coordinator dials: drop --reverse{}",
+                p.name(),
+                if able.is_empty() {
+                    String::new()
+                } else {
+                    format!(", or use {}", able.join(", "))
+                }
+            ));
+        }
+        if spec.public_ip.is_none() {
+            if let Some(p) = providers.iter().find(|p| p.reverse_needs_public_ip()) {
+                return Err(format!(
+                    "--reverse on {} needs --public-ip ADDRESS: the address this machine's traffic leaves from (e.g. `curl -s https://checkip.amazonaws.com`), the only one the nodes' agent port opens to",
+                    p.name()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Why nothing could be tried, with what each provider said.

@@ -620,20 +620,21 @@ fn reverse_on_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
 #[test]
 fn reverse_on_a_cloud_says_what_it_needs_before_creating_anything() {
     let sandbox = Sandbox::new();
-    // Nodes cannot download the agent from a coordinator they cannot reach.
+    // The agent port opens to one address: the user's.
     let out = reverse_on_aws(&sandbox, &[]);
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
-        out.stderr.contains("pass --agent-url URL") && out.stderr.contains("--image"),
+        out.stderr
+            .contains("--reverse on aws needs --public-ip ADDRESS"),
         "{}",
         out.stderr
     );
-    // The agent port opens to one address: the user's.
-    let out = reverse_on_aws(&sandbox, &["--image", "ami-0123456789abcdef0"]);
-    assert_eq!(out.code, Some(255), "{out:?}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    // Nodes cannot download the agent from a coordinator they cannot reach.
+    let out = reverse_on_aws(&sandbox, &["--public-ip", "198.51.100.7"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
     assert!(
-        out.stderr
-            .contains("--reverse on aws needs --public-ip ADDRESS"),
+        out.stderr.contains("pass --agent-url URL") && out.stderr.contains("--image"),
         "{}",
         out.stderr
     );
