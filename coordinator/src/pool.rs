@@ -126,11 +126,8 @@ impl Pool {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let mut bootstrap = coordinator.bootstrap();
+            bootstrap.reverse = reverse_of(spec);
             if spec.reverse {
-                bootstrap.reverse = Some(Reverse {
-                    agent_port: AGENT_PORT,
-                    allow_from: spec.public_ip,
-                });
                 // Nodes cannot reach this coordinator to download the agent from it: the
                 // image has it, or the user's own --agent-url serves it.
                 if bootstrap.agent_url_pinned {
@@ -335,8 +332,8 @@ async fn wait_for_agents(
                 } else {
                     Vec::new()
                 };
-                if spec.reverse && checking_now && coordinator.dialing() < node_ids.len() {
-                    dial_listening_nodes(coordinator, provider).await;
+                if let Some(reverse) = reverse_of(spec).filter(|_| checking_now && coordinator.dialing() < node_ids.len()) {
+                    dial_listening_nodes(coordinator, provider, &reverse).await;
                 }
                 if !failed.is_empty() {
                     let detail: Vec<String> = failed.iter().map(|(node, why)| format!("{node}: {why}")).collect();
@@ -383,10 +380,22 @@ async fn wait_for_agents(
     Ok(ready.into_iter().flatten().collect())
 }
 
+/// How the coordinator reaches a `--reverse` pool's agents; `None` when they dial it.
+fn reverse_of(spec: &PoolSpec) -> Option<Reverse> {
+    spec.reverse.then_some(Reverse {
+        agent_port: AGENT_PORT,
+        allow_from: spec.public_ip,
+    })
+}
+
 /// Dials the listening nodes whose addresses the provider knows by now and were not dialed
 /// yet; a provider that cannot say is asked again at the next poll.
-async fn dial_listening_nodes(coordinator: &Coordinator, provider: &dyn Provider) {
-    match provider.listen_addresses(coordinator.pool()).await {
+async fn dial_listening_nodes(
+    coordinator: &Coordinator,
+    provider: &dyn Provider,
+    reverse: &Reverse,
+) {
+    match provider.listen_addresses(coordinator.pool(), reverse).await {
         Ok(addresses) => {
             for (node_id, address) in addresses {
                 if coordinator.dial(&node_id, address) {

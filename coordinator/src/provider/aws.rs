@@ -30,7 +30,7 @@ use super::{
     ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, NODE_TAG,
     POOL_TAG,
 };
-use crate::bootstrap::{Reverse, AGENT_PORT};
+use crate::bootstrap::Reverse;
 use crate::catalog::{self, DeviceKind};
 use crate::offer::{Market, Offer, OfferedAccelerator};
 use crate::spec::PoolSpec;
@@ -152,9 +152,6 @@ pub struct Aws {
     clients: tokio::sync::Mutex<HashMap<String, aws_sdk_ec2::Client>>,
     /// Regions this provider provisioned in, which teardown searches besides the default.
     regions_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    /// Per reverse pool: the agent port and the coordinator address it is open to (whose
-    /// family decides which of a node's public addresses to dial).
-    reverse_pools: std::sync::Mutex<HashMap<String, AgentPort>>,
     prices: HashMap<String, f64>,
 }
 
@@ -248,7 +245,6 @@ impl Aws {
             config,
             clients: Default::default(),
             regions_used: Default::default(),
-            reverse_pools: Default::default(),
             prices: parse_prices(PRICES),
         }
     }
@@ -683,12 +679,6 @@ impl Provider for Aws {
             Some(reverse) => Some(AgentPort::of(reverse)?),
             None => None,
         };
-        if let Some(reverse) = reverse {
-            self.reverse_pools
-                .lock()
-                .expect("reverse pools lock")
-                .insert(request.pool.clone(), reverse);
-        }
         let group = self
             .security_group(region, &request.pool, &subnets[0].1, reverse)
             .await?;
@@ -872,10 +862,6 @@ impl Provider for Aws {
         for region in self.regions_to_search() {
             self.teardown_in(&region, pool).await?;
         }
-        self.reverse_pools
-            .lock()
-            .expect("reverse pools lock")
-            .remove(pool);
         Ok(())
     }
 
@@ -886,18 +872,10 @@ impl Provider for Aws {
     async fn listen_addresses(
         &self,
         pool: &str,
+        reverse: &Reverse,
     ) -> Result<Vec<(String, SocketAddr)>, ProviderError> {
-        // A provider value that did not provision the pool assumes the defaults.
-        let reverse = self
-            .reverse_pools
-            .lock()
-            .expect("reverse pools lock")
-            .get(pool)
-            .copied()
-            .unwrap_or(AgentPort {
-                port: AGENT_PORT,
-                allow_from: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-            });
+        // The coordinator's address family decides which public address of a node to dial.
+        let reverse = AgentPort::of(reverse)?;
         let mut found = Vec::new();
         for region in self.regions_to_search() {
             let mut pages = self
@@ -1191,6 +1169,7 @@ fn launch_tags(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bootstrap::AGENT_PORT;
 
     #[test]
     fn the_bundled_price_table_parses() {

@@ -169,11 +169,12 @@ pub trait Provider: Send + Sync {
         true
     }
 
-    /// Where the listening agents of `pool` can be dialed (`--reverse`), for the nodes whose
-    /// address is known by now (clouds give one once a machine runs).
+    /// Where the listening agents of `pool` can be dialed (`--reverse`, as `reverse` says),
+    /// for the nodes whose address is known by now (clouds give one once a machine runs).
     async fn listen_addresses(
         &self,
         _pool: &str,
+        _reverse: &crate::bootstrap::Reverse,
     ) -> Result<Vec<(String, std::net::SocketAddr)>, ProviderError> {
         Ok(Vec::new())
     }
