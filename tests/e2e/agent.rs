@@ -4,9 +4,11 @@
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use skyward_common::protocol::{TaskEvent, TaskOutcome, TaskSpec};
+use skyward_common::protocol::{TaskEvent, TaskOutcome};
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent};
-use skyward_tests::{bin, connected_within, spawn_agent, task_output, wait_connected, Sandbox};
+use skyward_tests::{
+    bin, command, connected_within, spawn_agent, task_output, wait_connected, Sandbox,
+};
 
 fn coordinator() -> Coordinator {
     skyward_common::install_crypto_provider();
@@ -30,17 +32,6 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn command(argv: &[&str]) -> TaskSpec {
-    TaskSpec::command(
-        0,
-        0,
-        argv.iter().map(|s| s.to_string()).collect(),
-        vec![],
-        None,
-        false,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

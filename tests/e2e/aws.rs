@@ -164,14 +164,7 @@ async fn a_pool_boots_from_its_user_data_runs_work_and_leaves_nothing() {
         .coordinator()
         .start_task(
             &pool.nodes()[1],
-            skyward_common::protocol::TaskSpec::command(
-                0,
-                0,
-                vec!["echo".into(), "on ec2".into()],
-                vec![],
-                None,
-                false,
-            ),
+            skyward_tests::command(&["echo", "on ec2"]),
         )
         .await
         .unwrap();
@@ -533,14 +526,7 @@ async fn a_reverse_pool_opens_the_agent_port_to_the_coordinator_alone_and_is_dia
         .coordinator()
         .start_task(
             node,
-            skyward_common::protocol::TaskSpec::command(
-                0,
-                0,
-                vec!["sh".into(), "-c".into(), "echo $SKYWARD_NODE_ID".into()],
-                vec![],
-                None,
-                false,
-            ),
+            skyward_tests::command(&["sh", "-c", "echo $SKYWARD_NODE_ID"]),
         )
         .await
         .unwrap();

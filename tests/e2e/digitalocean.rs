@@ -16,7 +16,7 @@ use skyward_coordinator::provider::{
 use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::openapi;
 use skyward_tests::standins::digitalocean::{DigitalOceanStandIn, TOKEN};
-use skyward_tests::{run, task_output, Sandbox};
+use skyward_tests::{command, run, task_output, Sandbox};
 
 const CLI_LIMIT: Duration = Duration::from_secs(120);
 
@@ -68,17 +68,6 @@ async fn up(
     .await
     .map_err(|e| e.to_string());
     (result, failed.into_inner().unwrap())
-}
-
-fn command(argv: &[&str]) -> skyward_common::protocol::TaskSpec {
-    skyward_common::protocol::TaskSpec::command(
-        0,
-        0,
-        argv.iter().map(|s| s.to_string()).collect(),
-        vec![],
-        None,
-        false,
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,14 +164,7 @@ async fn cheapest_falls_back_after_a_capacity_error_and_cleans_up_the_attempt() 
         .coordinator()
         .start_task(
             &pool.nodes()[1],
-            skyward_common::protocol::TaskSpec::command(
-                0,
-                0,
-                vec!["echo".into(), "picked".into()],
-                vec![],
-                None,
-                false,
-            ),
+            skyward_tests::command(&["echo", "picked"]),
         )
         .await
         .unwrap();

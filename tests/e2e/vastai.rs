@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use skyward_common::protocol::TaskSpec;
 use skyward_coordinator::offer::Market;
 use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::provider::vastai::{self, VastAi, VastAiConfig};
 use skyward_coordinator::provider::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest};
 use skyward_coordinator::{Allocation, Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::standins::vastai::{Caller, Gone, VastAiStandIn, KEY};
-use skyward_tests::{run, task_output, Sandbox};
+use skyward_tests::{command, run, task_output, Sandbox};
 
 const CLI_LIMIT: Duration = Duration::from_secs(120);
 
@@ -53,17 +52,6 @@ async fn up(
         .await
         .map_err(|e| e.to_string());
     (result, failed.into_inner().unwrap())
-}
-
-fn command(argv: &[&str]) -> TaskSpec {
-    TaskSpec::command(
-        0,
-        0,
-        argv.iter().map(|s| s.to_string()).collect(),
-        vec![],
-        None,
-        false,
-    )
 }
 
 async fn output(pool: &Pool, index: usize, argv: &[&str]) -> String {

@@ -281,3 +281,15 @@ pub fn dialing_coordinator(pool: &str) -> std::sync::Arc<skyward_coordinator::Co
         .expect("start a coordinator"),
     )
 }
+
+/// A command task with no env, timeout or stdin: what most tests run on a node.
+pub fn command(argv: &[&str]) -> skyward_common::protocol::TaskSpec {
+    skyward_common::protocol::TaskSpec::command(
+        0,
+        0,
+        argv.iter().map(|s| s.to_string()).collect(),
+        vec![],
+        None,
+        false,
+    )
+}
