@@ -7,14 +7,14 @@ cd "$(dirname "$0")/.."
 # The end-to-end tests run real programs on the agents (sh, python3, coreutils), boot nodes
 # whose bootstrap fetches the agent (curl), and put nodes in network namespaces (iproute2).
 missing=()
-for tool in python3 sh cat wc sleep hostname curl ip; do
+for tool in python3 sh cat wc sleep hostname curl ip iptables; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing test dependencies: ${missing[*]}"
         apt-get update -qq
-        apt-get install -y -qq python3 coreutils hostname dash curl iproute2 >/dev/null
+        apt-get install -y -qq python3 coreutils hostname dash curl iproute2 iptables >/dev/null
     else
         echo "the tests need: ${missing[*]} (install them, or run this script as root on Debian/Ubuntu)" >&2
         exit 1

@@ -612,6 +612,26 @@ fn the_contract_check_catches_wrong_shapes() {
     assert!(!spec
         .check_request("POST", "/v2/droplets", &[], Some(&no_image))
         .is_empty());
+    // The pool's firewall, as the client makes it, fits the spec; a name with a space or a
+    // firewall without rules does not.
+    let reverse = skyward_coordinator::bootstrap::Reverse {
+        agent_port: 7444,
+        allow_from: Some("198.51.100.7".parse().unwrap()),
+    };
+    let firewall = digitalocean::firewall_request("sky-1", &reverse).unwrap();
+    assert_eq!(
+        spec.check_request("POST", "/v2/firewalls", &[], Some(&firewall)),
+        Vec::<String>::new()
+    );
+    let mut bad_name = firewall.clone();
+    bad_name["name"] = json!("sky 1");
+    assert!(!spec
+        .check_request("POST", "/v2/firewalls", &[], Some(&bad_name))
+        .is_empty());
+    let no_rules = json!({"name": "skyward-sky-1", "tags": ["skyward-pool:sky-1"]});
+    assert!(!spec
+        .check_request("POST", "/v2/firewalls", &[], Some(&no_rules))
+        .is_empty());
     let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
         pairs
             .iter()
@@ -862,5 +882,250 @@ async fn skyward_run_on_digitalocean_boots_droplets_runs_and_deletes_them() {
     );
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "processes left: {left:?}");
+    standin.assert_contract();
+}
+
+fn reverse_spec(nodes: usize) -> PoolSpec {
+    let mut spec = cpu_spec(nodes);
+    spec.reverse = true;
+    // A documentation address: only ever written into the firewall, never contacted.
+    spec.public_ip = Some("198.51.100.7".parse().unwrap());
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reverse_pool_is_dialed_behind_a_firewall_open_to_the_coordinator_alone() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(&sandbox.path().join("droplets")).await;
+    standin.set_boot_isolated(true);
+    let provider = provider(&standin);
+    let pool_name = "do-reverse";
+    let coordinator = skyward_tests::dialing_coordinator(pool_name);
+    let (pool, failed) = up(coordinator, provider.clone(), &reverse_spec(2)).await;
+    let pool = pool.unwrap_or_else(|e| {
+        panic!(
+            "pool did not come up: {e}\nboot errors: {:?}\ncontract violations: {:#?}",
+            standin.boot_errors(),
+            standin.violations()
+        )
+    });
+    assert!(failed.is_empty(), "{failed:?}");
+
+    // One firewall, made before any droplet and applied through the pool's tag.
+    let pool_tag = format!("{POOL_TAG}:{pool_name}");
+    let firewalls = standin.firewalls();
+    assert_eq!(firewalls.len(), 1, "{firewalls:#?}");
+    let firewall = &firewalls[0];
+    assert_eq!(firewall["name"], format!("skyward-{pool_name}"));
+    assert_eq!(firewall["tags"], json!([pool_tag]));
+    let requests = standin.requests();
+    let position = |method: &str, path: &str| {
+        requests
+            .iter()
+            .position(|r| r.method == method && r.path == path && r.status < 300)
+            .unwrap_or_else(|| panic!("no {method} {path}"))
+    };
+    assert!(position("POST", "/v2/tags") < position("POST", "/v2/firewalls"));
+    assert!(position("POST", "/v2/firewalls") < position("POST", "/v2/droplets"));
+    // The agent port is open to the coordinator's address alone; every other inbound rule
+    // admits the pool's own droplets only.
+    let inbound = firewall["inbound_rules"].as_array().unwrap();
+    let open_to_addresses: Vec<&serde_json::Value> = inbound
+        .iter()
+        .filter(|r| r["sources"].get("addresses").is_some())
+        .collect();
+    assert_eq!(
+        open_to_addresses,
+        [&json!({"protocol": "udp", "ports": "7444",
+            "sources": {"addresses": ["198.51.100.7/32"]}})]
+    );
+    assert!(
+        inbound
+            .iter()
+            .filter(|r| r["sources"].get("addresses").is_none())
+            .all(|r| r["sources"] == json!({"tags": [pool_tag]})),
+        "{inbound:#?}"
+    );
+    // And the droplets can still send: a firewall without outbound rules blocks it all.
+    let outbound = firewall["outbound_rules"].as_array().unwrap();
+    for protocol in ["tcp", "udp"] {
+        assert!(
+            outbound.iter().any(|r| r["protocol"] == protocol
+                && r["ports"] == "0"
+                && r["destinations"]["addresses"] == json!(["0.0.0.0/0", "::/0"])),
+            "{outbound:#?}"
+        );
+    }
+
+    // Each droplet's public address is its own namespace's, and that is where the
+    // coordinator dialed its agent.
+    let mut addresses = provider
+        .listen_addresses(pool_name, &skyward_tests::agent_listening())
+        .await
+        .unwrap();
+    addresses.sort();
+    let nodes: Vec<&str> = addresses.iter().map(|(node, _)| node.as_str()).collect();
+    assert_eq!(nodes, ["node-1", "node-2"]);
+    for (node, address) in &addresses {
+        assert_eq!(address.port(), 7444);
+        let std::net::IpAddr::V4(ip) = address.ip() else {
+            panic!("{address} is no IPv4 address");
+        };
+        assert_eq!(ip.octets()[..2], [10, 251], "{node} at {address}");
+        let handle = pool.nodes().iter().find(|n| n.node_id == *node).unwrap();
+        assert_eq!(handle.address, address.ip(), "{node}");
+    }
+
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &pool.nodes()[1],
+            command(&["sh", "-c", "echo on $SKYWARD_NODE_ID"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"on node-2\n");
+    drop(task);
+
+    pool.down().await;
+    assert!(
+        standin.droplets().is_empty(),
+        "droplets left after down: {:#?}",
+        standin.droplets()
+    );
+    assert!(
+        standin.firewalls().is_empty(),
+        "firewalls left after down: {:#?}",
+        standin.firewalls()
+    );
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(
+        standin.boot_errors().is_empty(),
+        "{:?}",
+        standin.boot_errors()
+    );
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_firewall_is_found_by_name_after_a_crash_and_only_its_own() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    // Nothing boots: no droplet ever gets a public address to dial.
+    standin.set_boot(false);
+    let provider = provider(&standin);
+    let offer = provider
+        .offers(&cpu_spec(1))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| o.instance_type == "s-4vcpu-8gb")
+        .unwrap();
+    let coordinator = coordinator("do-crash");
+    let request = |pool: &str, public_ip: &str| {
+        let mut bootstrap = coordinator.bootstrap();
+        bootstrap.reverse = Some(skyward_coordinator::bootstrap::Reverse {
+            agent_port: skyward_coordinator::bootstrap::AGENT_PORT,
+            allow_from: Some(public_ip.parse().unwrap()),
+        });
+        ProvisionRequest {
+            pool: pool.into(),
+            nodes: vec![NodeBootstrap {
+                node_id: "node-1".into(),
+                token: coordinator.issue_token("node-1"),
+            }],
+            spec: reverse_spec(1),
+            bootstrap,
+        }
+    };
+
+    // An IPv6 --public-ip could never reach agents dialed over IPv4: refused up front.
+    let error = provider
+        .provision(
+            &request("do-crash", "2001:db8::7"),
+            &offer,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Invalid);
+    assert!(error.to_string().contains("IPv4"), "{error}");
+    assert!(!standin.requests().iter().any(|r| r.method == "POST"));
+
+    let instances = provider
+        .provision(
+            &request("do-crash", "198.51.100.7"),
+            &offer,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        instances[0].address, None,
+        "no public address, nothing to dial"
+    );
+    provider
+        .provision(
+            &request("do-other", "198.51.100.8"),
+            &offer,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    // Provisioning the same pool again replaces its leftover firewall (names are unique).
+    provider
+        .provision(
+            &request("do-crash", "198.51.100.7"),
+            &offer,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let names = || -> Vec<String> {
+        let mut names: Vec<String> = standin
+            .firewalls()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(), ["skyward-do-crash", "skyward-do-other"]);
+    assert!(
+        provider
+            .listen_addresses("do-crash", &skyward_tests::agent_listening())
+            .await
+            .unwrap()
+            .is_empty(),
+        "droplets that did not boot isolated have no public address"
+    );
+
+    // A provider that knows nothing of the pool, as after a crash, finds and removes its
+    // droplets and then its firewall, and leaves the other pool's alone.
+    let after_crash = DigitalOcean::new(standin.config());
+    let before = standin.requests().len();
+    after_crash.teardown("do-crash").await.unwrap();
+    assert_eq!(names(), ["skyward-do-other"]);
+    let droplets = standin.droplets();
+    assert_eq!(droplets.len(), 1, "{droplets:#?}");
+    assert!(droplets[0].name.starts_with("do-other"));
+    let sent = &standin.requests()[before..];
+    let last_droplet_call = sent
+        .iter()
+        .rposition(|r| r.path.starts_with("/v2/droplets"))
+        .unwrap();
+    let firewall_delete = sent
+        .iter()
+        .position(|r| r.method == "DELETE" && r.path.starts_with("/v2/firewalls/"))
+        .unwrap();
+    assert!(
+        last_droplet_call < firewall_delete,
+        "the firewall goes after the droplets"
+    );
+    after_crash.teardown("do-other").await.unwrap();
+    assert!(standin.firewalls().is_empty() && standin.droplets().is_empty());
+    // A pool that never had a firewall tears down as before.
+    after_crash.teardown("do-never").await.unwrap();
     standin.assert_contract();
 }

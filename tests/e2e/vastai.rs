@@ -868,3 +868,89 @@ async fn skyward_run_on_vastai_boots_instances_runs_and_destroys_them() {
     assert_eq!(standin.boots(), 2);
     assert_nothing_left(&standin, &sandbox);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reverse_pools_publish_the_agent_port_and_are_dialed_at_the_mapped_host_port() {
+    let sandbox = Sandbox::new();
+    let standin = VastAiStandIn::start(&sandbox.path().join("hosts")).await;
+    standin.set_boot_isolated(true);
+    standin.add_offer(json!({"id": 1201, "dph_total": 0.30}));
+    // Cheaper, but its host cannot publish ports.
+    standin.add_offer(json!({"id": 1202, "dph_total": 0.20, "direct_port_count": 0}));
+    let vast = provider(&standin, |_| {});
+    let pool_name = "vast-reverse";
+    let coordinator = skyward_tests::dialing_coordinator(pool_name);
+    let mut spec = rtx4090(1);
+    spec.reverse = true;
+    // A documentation address: VastAI cannot filter on it, so it is never used at all.
+    spec.public_ip = Some("198.51.100.7".parse().unwrap());
+    let (pool, failed) = up(&vast, coordinator, Selection::Cheapest, &spec).await;
+    let pool = pool.unwrap_or_else(|e| panic!("{e}\n{}", standin.node_logs()));
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(pool.offer().0.provider_ref, "1201");
+    assert!(standin
+        .searches()
+        .iter()
+        .all(|q| q["direct_port_count"] == json!({"gte": "1"})));
+
+    // The create request published the agent's UDP port, and nothing else.
+    let rentals = standin.rentals();
+    assert_eq!(rentals.len(), 1, "{rentals:?}");
+    assert_eq!(rentals[0].1["env"], json!({"-p 7444:7444/udp": "1"}));
+
+    // The host mapped it to a port of its own, reported with the namespace's address, and
+    // that is where the coordinator dialed: the container's 7444 itself is closed to
+    // anything not mapped, so the node could only have connected through the host port.
+    let instances = standin.instances();
+    assert_eq!(instances.len(), 1);
+    let instance = &instances[0];
+    let public_ip = instance.public_ip.expect("booted isolated");
+    let host_port = instance.ports["7444/udp"];
+    assert_eq!(instance.ports.len(), 1, "{:?}", instance.ports);
+    assert_ne!(
+        host_port, 7444,
+        "the stand-in maps another port, as hosts do"
+    );
+    let addresses = vast
+        .listen_addresses(pool_name, &skyward_tests::agent_listening())
+        .await
+        .unwrap();
+    assert_eq!(
+        addresses,
+        [(
+            "node-1".to_string(),
+            std::net::SocketAddr::new(public_ip.into(), host_port)
+        )]
+    );
+    assert_eq!(pool.nodes()[0].address, std::net::IpAddr::V4(public_ip));
+
+    let out = output(&pool, 0, &["sh", "-c", "echo $SKYWARD_NODE_ID"]).await;
+    assert_eq!(out, "node-1\n");
+    assert!(
+        standin.boot_errors().is_empty(),
+        "{:?}",
+        standin.boot_errors()
+    );
+
+    let namespace = instance.namespace.clone().expect("booted isolated");
+    pool.down().await;
+    assert_eq!(
+        standin
+            .deletes()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>(),
+        [instance.id]
+    );
+    // The mapping lived with the instance's host: gone with it.
+    let namespaces = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(
+        !namespaces.split_whitespace().any(|n| n == namespace),
+        "{namespace} is left: {namespaces}"
+    );
+    assert_nothing_left(&standin, &sandbox);
+}

@@ -1,7 +1,8 @@
 //! The Verda provider against its stand-in: offers from string and number prices and
 //! per-location capacity, OAuth tokens and their refresh, whole pools whose instances boot
 //! from their startup scripts and join a real coordinator, spot, capacity fallback, partial
-//! deletes, refused creates, and the CLI. Nothing leaves loopback.
+//! deletes, refused creates, reversed pools dialed in namespaces of their own, and the CLI.
+//! Nothing leaves loopback and the tests' own network namespaces.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -580,6 +581,123 @@ async fn untagged_instances_are_found_by_hostname_and_reported_when_they_fail() 
     provider.teardown("verda-untagged-2").await.unwrap();
     assert_eq!(standin.live_instances().len(), 1);
     provider.teardown("verda-untagged").await.unwrap();
+    assert_nothing_left(&standin, &sandbox);
+}
+
+/// Reversed (`--reverse`): each instance boots in a network namespace of its own, its agent
+/// listens on the instance's public `ip`, and the coordinator dials it there. Verda has no
+/// firewall API, so there is no rule to check: the agents' pinned mutual TLS is the guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reversed_pool_listens_on_its_instances_ips_and_is_dialed_there() {
+    let sandbox = Sandbox::new();
+    let standin = VerdaStandin::start(sandbox.path());
+    standin.set_boot_isolated(true);
+    let pool_name = "verda-reverse";
+    let provider = Arc::new(verda(&standin));
+    assert!(provider.supports_reverse());
+    assert!(
+        !provider.reverse_needs_public_ip(),
+        "no firewall to open to one address"
+    );
+    let mut spec = PoolSpec::new(2);
+    spec.reverse = true;
+    // A documentation address: the provider has nowhere to write it, and nothing contacts it.
+    spec.public_ip = Some("198.51.100.7".parse().unwrap());
+    let providers: Vec<Arc<dyn Provider>> = vec![provider.clone()];
+    let pool = Pool::up(
+        skyward_tests::dialing_coordinator(pool_name),
+        &providers,
+        &Selection::Cheapest,
+        &spec,
+        &mut |_: PoolProgress<'_>| {},
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", standin.node_logs()));
+    assert_eq!(pool.nodes().len(), 2);
+    wait_booted(&standin, 2).await;
+
+    let instances = standin.live_instances();
+    let scripts = standin.scripts();
+    let mut expected = Vec::new();
+    for instance in &instances {
+        let node = instance
+            .tags
+            .iter()
+            .find(|(k, _)| k == NODE_TAG)
+            .map(|(_, v)| v.clone())
+            .expect("node tag");
+        let address = instance
+            .address
+            .unwrap_or_else(|| panic!("{node} booted without a namespace: {instance:?}"));
+        assert_eq!(
+            address.octets()[..2],
+            [10, 251],
+            "a test namespace's address"
+        );
+        // The startup script makes the agent listen, and never names the coordinator to dial.
+        let script = &scripts
+            .iter()
+            .find(|s| s.id == instance.startup_script_id)
+            .expect("the instance's startup script")
+            .script;
+        assert!(script.contains("listen='0.0.0.0:7444'"), "{script}");
+        let env = std::fs::read_to_string(
+            sandbox
+                .path()
+                .join(&instance.hostname)
+                .join("skyward/agent.env"),
+        )
+        .unwrap();
+        assert!(env.contains("SKYWARD_LISTEN=0.0.0.0:7444\n"), "{env}");
+        assert!(!env.contains("SKYWARD_COORDINATOR"), "{env}");
+        // Its connection comes from the address the stand-in reported: the coordinator dialed it.
+        let handle = pool
+            .nodes()
+            .iter()
+            .find(|n| n.node_id == node)
+            .unwrap_or_else(|| panic!("{node} is not in the pool"));
+        assert_eq!(handle.address, std::net::IpAddr::V4(address), "{node}");
+        expected.push((node, std::net::SocketAddr::from((address, 7444))));
+    }
+    expected.sort();
+    let mut listed = provider
+        .listen_addresses(pool_name, &skyward_tests::agent_listening())
+        .await
+        .unwrap();
+    listed.sort();
+    assert_eq!(listed, expected);
+    assert!(provider
+        .listen_addresses("another-pool", &skyward_tests::agent_listening())
+        .await
+        .unwrap()
+        .is_empty());
+
+    let node = pool.nodes()[1].clone();
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &node,
+            TaskSpec::command(
+                0,
+                0,
+                vec!["printenv".into(), "SKYWARD_NODE_ID".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    let printed = String::from_utf8(task_output(&mut task).await).unwrap();
+    assert_eq!(printed.trim(), node.node_id);
+    drop(task);
+    pool.down().await;
+
+    assert!(provider
+        .listen_addresses(pool_name, &skyward_tests::agent_listening())
+        .await
+        .unwrap()
+        .is_empty());
     assert_nothing_left(&standin, &sandbox);
 }
 

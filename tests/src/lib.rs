@@ -293,3 +293,11 @@ pub fn command(argv: &[&str]) -> skyward_common::protocol::TaskSpec {
         false,
     )
 }
+
+/// What a reversed pool's agents listen on, as `Provider::listen_addresses` is asked it.
+pub fn agent_listening() -> skyward_coordinator::bootstrap::Reverse {
+    skyward_coordinator::bootstrap::Reverse {
+        agent_port: skyward_coordinator::bootstrap::AGENT_PORT,
+        allow_from: None,
+    }
+}

@@ -9,9 +9,16 @@
 //!   `type=gpus` lists, and `type` cannot be combined with `tag_name`;
 //! - in `networks.v4`, private entries may come first, with `"gateway": "nil"`;
 //! - tags hold only letters, digits, `:`, `-` and `_`, at most 255 characters;
-//! - 429 answers carry `ratelimit-reset` (Unix time) and sometimes `Retry-After`.
+//! - 429 answers carry `ratelimit-reset` (Unix time) and sometimes `Retry-After`;
+//! - a Cloud Firewall may only name tags that exist, its name must be unique in the account,
+//!   and one without outbound rules blocks all outbound traffic.
+//!
+//! With `--reverse`, a pool gets a Cloud Firewall of its own (see [`firewall_request`]),
+//! applied through the pool's tag and created before the droplets: the agent port is open to
+//! the coordinator's address alone. Teardown finds it by name, after the droplets are gone.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +32,7 @@ use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     NODE_TAG, POOL_TAG,
 };
+use crate::bootstrap::Reverse;
 use crate::catalog::{self, DeviceKind};
 use crate::offer::{Market, Offer, OfferedAccelerator};
 use crate::spec::PoolSpec;
@@ -40,8 +48,10 @@ pub const DEFAULT_CPU_IMAGE: &str = "ubuntu-24-04-x64";
 pub const USER_DATA_LIMIT: usize = 64 * 1024;
 /// Tags: letters, digits, colons, dashes and underscores, at most 255 characters.
 const TAG_LIMIT: usize = 255;
-/// Droplet names: at most 255 characters.
+/// Droplet and firewall names: at most 255 characters.
 const NAME_LIMIT: usize = 255;
+/// Every port of a protocol, as firewall rules spell it.
+const ALL_PORTS: &str = "0";
 
 /// The largest page the API serves, and how many pages a listing may take.
 const PER_PAGE: u32 = 200;
@@ -382,11 +392,16 @@ impl DigitalOcean {
         Ok(created.droplet)
     }
 
-    /// Polls each droplet until it is `active`, within the configured time.
-    async fn wait_active(&self, created: &[(String, u64)]) -> Result<(), ProviderError> {
+    /// Polls each droplet until it is `active`, within the configured time; returns them as
+    /// they were when found active, by id.
+    async fn wait_active(
+        &self,
+        created: &[(String, u64)],
+    ) -> Result<HashMap<u64, Droplet>, ProviderError> {
         let deadline = Instant::now() + self.config.active_timeout;
         let mut pause = FIRST_POLL.min(self.config.poll_interval);
         let mut pending: Vec<(String, u64)> = created.to_vec();
+        let mut active = HashMap::new();
         loop {
             let mut still = Vec::new();
             for (node_id, id) in pending {
@@ -410,12 +425,15 @@ impl DigitalOcean {
                 }
                 let droplet = parse::<DropletEnvelope>(&what, &bytes)?.droplet;
                 match droplet.status.as_str() {
-                    "active" => tracing::info!(
-                        node = %node_id,
-                        droplet = id,
-                        ip = public_ipv4(&droplet).unwrap_or("none"),
-                        "droplet active"
-                    ),
+                    "active" => {
+                        tracing::info!(
+                            node = %node_id,
+                            droplet = id,
+                            ip = public_ipv4(&droplet).unwrap_or("none"),
+                            "droplet active"
+                        );
+                        active.insert(id, droplet);
+                    }
                     "off" | "archive" => {
                         return Err(Self::error(
                             ErrorKind::Capacity,
@@ -430,7 +448,7 @@ impl DigitalOcean {
                 }
             }
             if still.is_empty() {
-                return Ok(());
+                return Ok(active);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -476,6 +494,155 @@ impl DigitalOcean {
                 (node, why)
             })
             .collect())
+    }
+
+    /// Creates the pool's Cloud Firewall (`body`, from [`firewall_request`]) after removing
+    /// any left from an earlier attempt (names are unique in an account).
+    async fn open_agent_port(
+        &self,
+        pool: &str,
+        body: &serde_json::Value,
+    ) -> Result<(), ProviderError> {
+        let tag = pool_tag(pool)?;
+        // A firewall may only name existing tags, and the droplets that would create the
+        // pool's tag come after it. Creating an existing tag is harmless; should this fail,
+        // the firewall's creation says why.
+        if let Err(e) = self
+            .call(
+                &format!("creating the tag {tag}"),
+                Method::POST,
+                "/v2/tags",
+                &[],
+                Some(&json!({ "name": tag })),
+                false,
+            )
+            .await
+        {
+            if e.kind != ErrorKind::Invalid {
+                return Err(e);
+            }
+            tracing::debug!("{e}");
+        }
+        for leftover in self.pool_firewalls(pool).await? {
+            self.delete_firewall(&leftover).await?;
+        }
+        let what = format!("creating the firewall of pool {pool}");
+        let (_, bytes) = self
+            .call(&what, Method::POST, "/v2/firewalls", &[], Some(body), false)
+            .await?;
+        let created: FirewallEnvelope = parse(&what, &bytes)?;
+        if created.firewall.status == "failed" {
+            return Err(Self::error(
+                ErrorKind::Api,
+                format!("{what}: firewall {} failed", created.firewall.id),
+            )
+            .hint(
+                "try again; if it persists, look at the firewall in the DigitalOcean control panel",
+            ));
+        }
+        tracing::info!(pool, firewall = %created.firewall.id, "agent port opened to the coordinator");
+        Ok(())
+    }
+
+    /// The Cloud Firewalls of `pool`, found by name.
+    async fn pool_firewalls(&self, pool: &str) -> Result<Vec<Firewall>, ProviderError> {
+        let name = firewall_name(pool)?;
+        let firewalls: Vec<Firewall> = self
+            .list_all("listing firewalls", "/v2/firewalls", &[], "firewalls")
+            .await?;
+        Ok(firewalls.into_iter().filter(|f| f.name == name).collect())
+    }
+
+    async fn delete_firewall(&self, firewall: &Firewall) -> Result<(), ProviderError> {
+        self.call(
+            &format!("deleting firewall {} ({})", firewall.id, firewall.name),
+            Method::DELETE,
+            &format!("/v2/firewalls/{}", firewall.id),
+            &[],
+            None,
+            true,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes the pool's firewalls. A token that may not list firewalls cannot have made
+    /// one either: that is no error.
+    async fn delete_firewalls(&self, pool: &str) -> Result<(), ProviderError> {
+        let firewalls = match self.pool_firewalls(pool).await {
+            Ok(firewalls) => firewalls,
+            Err(e) if e.kind == ErrorKind::Auth => {
+                tracing::warn!("{e}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for firewall in &firewalls {
+            self.delete_firewall(firewall).await.map_err(|e| {
+                e.hint(format!(
+                    "delete the firewall {} in the DigitalOcean control panel, or run `doctl compute firewall delete {}`",
+                    firewall.name, firewall.id
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes every droplet of `pool`, waiting (bounded) until they are gone.
+    async fn delete_droplets(&self, pool: &str) -> Result<(), ProviderError> {
+        let tag = pool_tag(pool)?;
+        // Every non-GPU droplet of the pool at once; GPU droplets are deleted by id below.
+        self.call(
+            &format!("deleting the droplets tagged {tag}"),
+            Method::DELETE,
+            "/v2/droplets",
+            &[("tag_name", tag.clone())],
+            None,
+            true,
+        )
+        .await?;
+        let deadline = Instant::now() + self.config.teardown_timeout;
+        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        let mut deleted: HashSet<u64> = HashSet::new();
+        loop {
+            let left = self.pool_droplets(pool).await?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            let mut last_error = None;
+            for droplet in &left {
+                if deleted.contains(&droplet.id) {
+                    continue;
+                }
+                match self.delete_by_id(droplet.id).await {
+                    Ok(()) => {
+                        deleted.insert(droplet.id);
+                    }
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let ids: Vec<String> = left.iter().map(|d| d.id.to_string()).collect();
+                let cause = last_error
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default();
+                return Err(Self::error(
+                    ErrorKind::Api,
+                    format!(
+                        "droplets {} of pool {pool} still exist after {}{cause}",
+                        ids.join(", "),
+                        humantime::format_duration(self.config.teardown_timeout)
+                    ),
+                )
+                .hint(format!(
+                    "delete them in the DigitalOcean control panel (tag {tag}), or run `doctl compute droplet delete --tag-name {tag}`; then the firewall {}, if the pool has one",
+                    firewall_name(pool)?
+                )));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(self.config.poll_interval);
+        }
     }
 }
 
@@ -552,6 +719,14 @@ impl Provider for DigitalOcean {
             );
         }
         self.ready()?;
+        // The firewall's rules are checked before anything is created, too.
+        let firewall = match &request.bootstrap.reverse {
+            Some(reverse) => Some((
+                reverse.agent_port,
+                firewall_request(&request.pool, reverse)?,
+            )),
+            None => None,
+        };
         let image = request
             .spec
             .image
@@ -576,19 +751,26 @@ impl Provider for DigitalOcean {
             }
             scripts.push(user_data);
         }
+        if let Some((_, body)) = &firewall {
+            self.open_agent_port(&request.pool, body).await?;
+        }
         let mut created = Vec::new();
         for (node, user_data) in request.nodes.iter().zip(scripts) {
             let droplet = self.create(request, node, offer, &image, user_data).await?;
             tracing::info!(node = %node.node_id, droplet = droplet.id, status = %droplet.status, "droplet created");
             created.push((node.node_id.clone(), droplet.id));
         }
-        self.wait_active(&created).await?;
+        let active = self.wait_active(&created).await?;
         Ok(created
             .into_iter()
             .map(|(node_id, id)| Instance {
+                // Known now when the droplet already has its public address; else
+                // `listen_addresses` gives it later.
+                address: firewall.as_ref().and_then(|(agent_port, _)| {
+                    listen_address(active.get(&id)?, *agent_port).map(|(_, address)| address)
+                }),
                 node_id,
                 provider_id: id.to_string(),
-                address: None,
             })
             .collect())
     }
@@ -624,58 +806,27 @@ impl Provider for DigitalOcean {
             .lock()
             .expect("failed checks lock")
             .remove(pool);
-        let tag = pool_tag(pool)?;
-        // Every non-GPU droplet of the pool at once; GPU droplets are deleted by id below.
-        self.call(
-            &format!("deleting the droplets tagged {tag}"),
-            Method::DELETE,
-            "/v2/droplets",
-            &[("tag_name", tag.clone())],
-            None,
-            true,
-        )
-        .await?;
-        let deadline = Instant::now() + self.config.teardown_timeout;
-        let mut pause = FIRST_POLL.min(self.config.poll_interval);
-        let mut deleted: HashSet<u64> = HashSet::new();
-        loop {
-            let left = self.pool_droplets(pool).await?;
-            if left.is_empty() {
-                return Ok(());
-            }
-            let mut last_error = None;
-            for droplet in &left {
-                if deleted.contains(&droplet.id) {
-                    continue;
-                }
-                match self.delete_by_id(droplet.id).await {
-                    Ok(()) => {
-                        deleted.insert(droplet.id);
-                    }
-                    Err(e) => last_error = Some(e),
-                }
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                let ids: Vec<String> = left.iter().map(|d| d.id.to_string()).collect();
-                let cause = last_error
-                    .map(|e| format!(" (last error: {e})"))
-                    .unwrap_or_default();
-                return Err(Self::error(
-                    ErrorKind::Api,
-                    format!(
-                        "droplets {} of pool {pool} still exist after {}{cause}",
-                        ids.join(", "),
-                        humantime::format_duration(self.config.teardown_timeout)
-                    ),
-                )
-                .hint(format!(
-                    "delete them in the DigitalOcean control panel (tag {tag}), or run `doctl compute droplet delete --tag-name {tag}`"
-                )));
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.config.poll_interval);
-        }
+        // The firewall goes last: droplets that could not be deleted stay behind it.
+        self.delete_droplets(pool).await?;
+        self.delete_firewalls(pool).await
+    }
+
+    fn supports_reverse(&self) -> bool {
+        true
+    }
+
+    async fn listen_addresses(
+        &self,
+        pool: &str,
+        reverse: &Reverse,
+    ) -> Result<Vec<(String, SocketAddr)>, ProviderError> {
+        let agent_port = reverse.agent_port;
+        Ok(self
+            .pool_droplets(pool)
+            .await?
+            .iter()
+            .filter_map(|droplet| listen_address(droplet, agent_port))
+            .collect())
     }
 
     async fn status(&self) -> ProviderStatus {
@@ -847,6 +998,32 @@ fn public_ipv4(droplet: &Droplet) -> Option<&str> {
         .map(|n| n.ip_address.as_str())
 }
 
+/// Where the coordinator dials an active droplet's listening agent: its node id, and its
+/// public IPv4 address with the agent port (the firewall opens that port there).
+fn listen_address(droplet: &Droplet, agent_port: u16) -> Option<(String, SocketAddr)> {
+    if droplet.status != "active" {
+        return None;
+    }
+    let ip: Ipv4Addr = public_ipv4(droplet)?.parse().ok()?;
+    Some((droplet.node_id()?, SocketAddr::from((ip, agent_port))))
+}
+
+#[derive(Debug, Deserialize)]
+struct FirewallEnvelope {
+    firewall: Firewall,
+}
+
+/// A Cloud Firewall; its rules are never read back (their `ports` come as strings or
+/// numbers).
+#[derive(Debug, Deserialize)]
+struct Firewall {
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    status: String,
+}
+
 #[derive(Debug, Deserialize)]
 struct AccountEnvelope {
     account: Account,
@@ -1001,6 +1178,76 @@ pub fn pool_tag(pool: &str) -> Result<String, ProviderError> {
     tag(POOL_TAG, pool)
 }
 
+/// The name of `pool`'s Cloud Firewall: `skyward-` and the pool name with every byte other
+/// than lower-case letters, digits and `-` written as `.` and two hex digits, in the
+/// characters names allow and such that no two pools share one (names are unique in an
+/// account, and teardown finds the firewall by it).
+pub fn firewall_name(pool: &str) -> Result<String, ProviderError> {
+    let mut name = String::from("skyward-");
+    for byte in pool.bytes() {
+        if byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' {
+            name.push(byte as char);
+        } else {
+            name.push_str(&format!(".{byte:02x}"));
+        }
+    }
+    if name.len() > NAME_LIMIT {
+        return Err(DigitalOcean::error(
+            ErrorKind::Invalid,
+            format!(
+                "the firewall name for pool {pool:?} would be {} characters, over DigitalOcean's {NAME_LIMIT}",
+                name.len()
+            ),
+        )
+        .hint("use a shorter pool name"));
+    }
+    Ok(name)
+}
+
+/// The Cloud Firewall of a pool in reverse mode, applied to every droplet through the pool's
+/// tag: inbound, UDP `agent_port` from the coordinator's address alone and everything from
+/// the pool's own droplets (multi-node training talks node to node); outbound, everything
+/// (a firewall with no outbound rules would block all of it).
+pub fn firewall_request(pool: &str, reverse: &Reverse) -> Result<serde_json::Value, ProviderError> {
+    let coordinator = match reverse.allow_from {
+        Some(IpAddr::V4(ip)) => format!("{ip}/32"),
+        // Agents listen on 0.0.0.0 and droplets are dialed at their IPv4 address: an IPv6
+        // source would never be let in.
+        Some(IpAddr::V6(ip)) => {
+            return Err(DigitalOcean::error(
+                ErrorKind::Invalid,
+                format!("--public-ip {ip} is IPv6, but DigitalOcean droplets are dialed over IPv4"),
+            )
+            .hint("give --public-ip the IPv4 address this machine's traffic leaves from"))
+        }
+        None => {
+            return Err(DigitalOcean::error(
+                ErrorKind::Invalid,
+                "--reverse needs the coordinator's public address to open the agent port to",
+            )
+            .hint("add --public-ip with the IPv4 address this machine's traffic leaves from"))
+        }
+    };
+    let tag = pool_tag(pool)?;
+    let from_pool = |protocol: &str| json!({"protocol": protocol, "ports": ALL_PORTS, "sources": {"tags": [tag]}});
+    let to_anywhere = |protocol: &str| {
+        json!({"protocol": protocol, "ports": ALL_PORTS,
+            "destinations": {"addresses": ["0.0.0.0/0", "::/0"]}})
+    };
+    Ok(json!({
+        "name": firewall_name(pool)?,
+        "inbound_rules": [
+            {"protocol": "udp", "ports": reverse.agent_port.to_string(),
+                "sources": {"addresses": [coordinator]}},
+            from_pool("tcp"),
+            from_pool("udp"),
+            from_pool("icmp"),
+        ],
+        "outbound_rules": [to_anywhere("tcp"), to_anywhere("udp"), to_anywhere("icmp")],
+        "tags": [tag],
+    }))
+}
+
 /// `<pool>-<node id>`, in the characters droplet names allow (letters, digits, `.`, `-`;
 /// starting and ending with a letter or digit).
 pub fn droplet_name(pool: &str, node_id: &str) -> String {
@@ -1151,6 +1398,118 @@ mod tests {
         .unwrap();
         assert_eq!(public_ipv4(&droplet), Some("203.0.113.9"));
         assert_eq!(droplet.node_id().as_deref(), Some("node-3"));
+    }
+
+    #[test]
+    fn listen_addresses_are_public_ipv4_of_active_droplets_with_a_node_tag() {
+        let droplet = |status: &str, tags: &[&str], v4: serde_json::Value| -> Droplet {
+            serde_json::from_value(json!({
+                "id": 7, "name": "n", "status": status, "tags": tags,
+                "networks": {"v4": v4, "v6": []}
+            }))
+            .unwrap()
+        };
+        let private_first = json!([
+            {"ip_address": "10.128.0.5", "netmask": "255.255.0.0", "gateway": "nil", "type": "private"},
+            {"ip_address": "203.0.113.9", "netmask": "255.255.255.0", "gateway": "203.0.113.1", "type": "public"}
+        ]);
+        let tags = ["skyward-pool:p", "skyward-node:node-3"];
+        assert_eq!(
+            listen_address(&droplet("active", &tags, private_first.clone()), 7444),
+            Some(("node-3".into(), "203.0.113.9:7444".parse().unwrap()))
+        );
+        assert_eq!(
+            listen_address(&droplet("new", &tags, private_first.clone()), 7444),
+            None
+        );
+        assert_eq!(
+            listen_address(&droplet("active", &["skyward-pool:p"], private_first), 7444),
+            None,
+            "no node tag, no node to dial"
+        );
+        let private_only = json!([
+            {"ip_address": "10.128.0.5", "netmask": "255.255.0.0", "gateway": "nil", "type": "private"}
+        ]);
+        assert_eq!(
+            listen_address(&droplet("active", &tags, private_only), 7444),
+            None,
+            "a private address is never dialed"
+        );
+    }
+
+    #[test]
+    fn firewall_names_follow_the_api_pattern_and_differ_per_pool() {
+        let valid = |name: &str| {
+            name.len() >= 2
+                && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        };
+        assert_eq!(firewall_name("sky-1a2b").unwrap(), "skyward-sky-1a2b");
+        let names: Vec<String> = ["a_b", "a.b", "A", "a", "a:b c/ü", ""]
+            .iter()
+            .map(|pool| firewall_name(pool).unwrap())
+            .collect();
+        for name in &names {
+            assert!(valid(name), "{name}");
+        }
+        let distinct: HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        let long = firewall_name(&"_".repeat(100)).unwrap_err();
+        assert!(long.to_string().contains("shorter pool name"), "{long}");
+    }
+
+    #[test]
+    fn the_firewall_opens_the_agent_port_to_the_coordinator_alone() {
+        let reverse = Reverse {
+            agent_port: 7444,
+            allow_from: Some("198.51.100.7".parse().unwrap()),
+        };
+        let body = firewall_request("sky-1", &reverse).unwrap();
+        assert_eq!(body["name"], "skyward-sky-1");
+        assert_eq!(body["tags"], json!(["skyward-pool:sky-1"]));
+        let inbound = body["inbound_rules"].as_array().unwrap();
+        let from_addresses: Vec<&serde_json::Value> = inbound
+            .iter()
+            .filter(|r| r["sources"].get("addresses").is_some())
+            .collect();
+        assert_eq!(
+            from_addresses,
+            [&json!({"protocol": "udp", "ports": "7444",
+                "sources": {"addresses": ["198.51.100.7/32"]}})],
+            "the only rule open to an address"
+        );
+        for rule in inbound
+            .iter()
+            .filter(|r| r["sources"].get("tags").is_some())
+        {
+            assert_eq!(rule["sources"], json!({"tags": ["skyward-pool:sky-1"]}));
+        }
+        assert_eq!(inbound.len(), 4);
+        // Outbound stays open: without outbound rules the droplets could send nothing.
+        let outbound = body["outbound_rules"].as_array().unwrap();
+        let protocols: Vec<&str> = outbound
+            .iter()
+            .map(|r| r["protocol"].as_str().unwrap())
+            .collect();
+        assert_eq!(protocols, ["tcp", "udp", "icmp"]);
+        assert!(outbound.iter().all(|r| r["ports"] == "0"
+            && r["destinations"] == json!({"addresses": ["0.0.0.0/0", "::/0"]})));
+
+        let v6 = Reverse {
+            allow_from: Some("2001:db8::7".parse().unwrap()),
+            ..reverse.clone()
+        };
+        let e = firewall_request("sky-1", &v6).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert!(e.to_string().contains("IPv4"), "{e}");
+        let none = Reverse {
+            allow_from: None,
+            ..reverse
+        };
+        let e = firewall_request("sky-1", &none).unwrap_err();
+        assert!(e.to_string().contains("--public-ip"), "{e}");
     }
 
     #[test]

@@ -163,6 +163,12 @@ pub trait Provider: Send + Sync {
         false
     }
 
+    /// Whether its nodes can take a MIG layout (`--mig`): the agent needs the driver's
+    /// MIG controls, which containers (VastAI) do not get.
+    fn supports_mig(&self) -> bool {
+        true
+    }
+
     /// Whether `--reverse` needs the coordinator's public address, to open the agent port
     /// to it alone (every cloud; not local processes).
     fn reverse_needs_public_ip(&self) -> bool {

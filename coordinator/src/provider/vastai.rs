@@ -15,9 +15,15 @@
 //! - 429s carry `{"detail": ...}`; `Retry-After` is honoured here, bounded;
 //! - `actual_status` is null right after creation, then `loading`, then `running`; once
 //!   `exited`, `unknown` or `offline` it never becomes `running`;
-//! - instances are containers: no systemd; the agent is started by `onstart`.
+//! - instances are containers: no systemd; the agent is started by `onstart`;
+//! - a container port is published by a docker-style option as an `env` key, as the CLI
+//!   does (`{"-p 7444:7444/udp": "1"}`); the host maps it to a port of its own, which the
+//!   instance then reports in `ports` (`{"7444/udp": [{"HostIp": "0.0.0.0", "HostPort":
+//!   "41022"}]}`) beside the host's `public_ipaddr`. Only hosts with `direct_port_count`
+//!   above 0 can publish ports, and nothing limits who reaches them.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -499,6 +505,10 @@ impl VastAi {
         }
         let disk = disk_gb(spec);
         q.insert("disk_space".into(), json!({"gte": disk.to_string()}));
+        if spec.reverse {
+            // The agent's port must be published, which hosts without direct ports cannot.
+            q.insert("direct_port_count".into(), json!({"gte": "1"}));
+        }
         let codes = self.geolocations(spec);
         match codes.as_slice() {
             [] => {}
@@ -1184,11 +1194,22 @@ impl Provider for VastAi {
                 );
             }
         }
-        let env = match plan.overlay {
+        let mut env = match plan.overlay {
             // Inside an overlay, eth0 is the overlay interface.
             Some(_) => json!({"NCCL_SOCKET_IFNAME": "eth0"}),
             None => json!({}),
         };
+        if let Some(reverse) = &request.bootstrap.reverse {
+            env[port_option(reverse.agent_port)] = json!("1");
+            let only = reverse
+                .allow_from
+                .map(|ip| format!(", not only to {ip}"))
+                .unwrap_or_default();
+            tracing::warn!(
+                "VastAI has no source filter: each node's UDP port {} is open to anyone{only}, guarded by the agent's mutual TLS with the pool's CA",
+                reverse.agent_port
+            );
+        }
         // Every node's label and onstart are checked before anything is created.
         let mut rents = Vec::with_capacity(nodes);
         for node in &request.nodes {
@@ -1238,13 +1259,25 @@ impl Provider for VastAi {
         }
         self.wait_running(&mut plan, &rents, &mut created, request, market)
             .await?;
+        // Hosts may report a port mapping only a little after the instance runs: those not
+        // known yet come from `listen_addresses` while the pool waits.
+        let addresses: HashMap<String, SocketAddr> =
+            if let Some(reverse) = &request.bootstrap.reverse {
+                self.listen_addresses(&request.pool, reverse)
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect()
+            } else {
+                HashMap::new()
+            };
         Ok(rents
             .iter()
             .zip(&created)
             .map(|(rent, node)| Instance {
                 node_id: rent.node_id.to_string(),
                 provider_id: node.instance.to_string(),
-                address: None,
+                address: addresses.get(rent.node_id).copied(),
             })
             .collect())
     }
@@ -1275,6 +1308,7 @@ impl Provider for VastAi {
 
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
         self.failed_checks.lock().expect("failed lock").remove(pool);
+        // The published port goes with its instance: there is no rule to remove.
         if self.ready().is_err() {
             // Without a key (or a URL) nothing can have been created.
             return Ok(());
@@ -1384,6 +1418,35 @@ impl Provider for VastAi {
         }
         status
     }
+
+    fn supports_reverse(&self) -> bool {
+        true
+    }
+
+    /// VastAI cannot filter the published port by source, so there is nothing to open to
+    /// the coordinator's address alone.
+    fn reverse_needs_public_ip(&self) -> bool {
+        false
+    }
+
+    /// Instances are containers without the driver's MIG controls.
+    fn supports_mig(&self) -> bool {
+        false
+    }
+
+    async fn listen_addresses(
+        &self,
+        pool: &str,
+        reverse: &crate::bootstrap::Reverse,
+    ) -> Result<Vec<(String, SocketAddr)>, ProviderError> {
+        let port = reverse.agent_port;
+        Ok(self
+            .pool_instances(pool)
+            .await?
+            .iter()
+            .filter_map(|i| Some((i.node()?, i.listen_address(port)?)))
+            .collect())
+    }
 }
 
 // ---- API shapes (only the fields used; unknown fields are ignored; numbers may be strings) ----
@@ -1446,9 +1509,36 @@ struct RawInstance {
     status_msg: Option<String>,
     #[serde(default)]
     label: Option<String>,
+    /// The host's address (kept loose: a listing must never fail on it).
+    #[serde(default)]
+    public_ipaddr: Option<Value>,
+    /// Published container ports: `{"7444/udp": [{"HostIp": "0.0.0.0", "HostPort": "41022"}]}`.
+    #[serde(default)]
+    ports: Option<Value>,
 }
 
 impl RawInstance {
+    /// Where the container's UDP `port` can be reached: the host's public address and the
+    /// host port mapped to it, once the instance runs and the host reports both.
+    fn listen_address(&self, port: u16) -> Option<SocketAddr> {
+        if self.actual_status.as_deref() != Some("running") {
+            return None;
+        }
+        let ip: IpAddr = self.public_ipaddr.as_ref()?.as_str()?.trim().parse().ok()?;
+        let host_port = self
+            .ports
+            .as_ref()?
+            .get(format!("{port}/udp"))?
+            .as_array()?
+            .iter()
+            .find_map(|binding| {
+                number(binding.get("HostPort")?)
+                    .filter(|p| p.fract() == 0.0 && (1.0..=65535.0).contains(p))
+                    .map(|p| p as u16)
+            })?;
+        Some(SocketAddr::new(ip, host_port))
+    }
+
     fn pool(&self) -> Option<String> {
         parse_label(self.label.as_deref()?).map(|(pool, _)| pool)
     }
@@ -1524,6 +1614,11 @@ pub fn vast_gpu_names(accelerator: &Accelerator) -> Vec<String> {
     } else {
         known.iter().map(|n| n.to_string()).collect()
     }
+}
+
+/// The `env` key that publishes a container's UDP `port`, as the CLI's `-p` makes it.
+pub fn port_option(port: u16) -> String {
+    format!("-p {port}:{port}/udp")
 }
 
 /// The disk nodes get: the spec's, raised to VastAI's minimum.
@@ -1921,6 +2016,67 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(neuron.kind, ErrorKind::NoOffers);
+    }
+
+    #[test]
+    fn reverse_pools_publish_the_agent_port_on_hosts_that_can() {
+        assert_eq!(port_option(7444), "-p 7444:7444/udp");
+        let p = provider(VastAiConfig::default());
+        let mut spec = PoolSpec::new(1);
+        let q = p.search_query(&spec, Market::OnDemand).unwrap();
+        assert!(q.get("direct_port_count").is_none());
+        spec.reverse = true;
+        let q = p.search_query(&spec, Market::OnDemand).unwrap();
+        assert_eq!(q["direct_port_count"], json!({"gte": "1"}));
+    }
+
+    #[test]
+    fn listen_addresses_are_the_public_ip_and_the_mapped_host_port() {
+        let instance = |fields: Value| -> RawInstance {
+            let mut base = json!({
+                "id": 1, "actual_status": "running", "public_ipaddr": "203.0.113.9\n",
+                "ports": {
+                    "22/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41000"}],
+                    "7444/udp": [
+                        {"HostIp": "0.0.0.0", "HostPort": "41022"},
+                        {"HostIp": "::", "HostPort": "41022"}
+                    ]
+                }
+            });
+            for (k, v) in fields.as_object().unwrap() {
+                base[k.as_str()] = v.clone();
+            }
+            serde_json::from_value(base).unwrap()
+        };
+        assert_eq!(
+            instance(json!({})).listen_address(7444),
+            Some("203.0.113.9:41022".parse().unwrap()),
+            "the host's port, not the container's"
+        );
+        assert_eq!(
+            instance(
+                json!({"ports": {"7444/udp": [{"HostIp": "::", "HostPort": 41023}]},
+                "public_ipaddr": "2001:db8::9"})
+            )
+            .listen_address(7444),
+            Some("[2001:db8::9]:41023".parse().unwrap())
+        );
+        // Not yet known, or not for this port and protocol: no address, never a guess.
+        for fields in [
+            json!({"actual_status": "loading"}),
+            json!({"ports": null}),
+            json!({"ports": {}}),
+            json!({"ports": {"7444/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41022"}]}}),
+            json!({"ports": {"7444/udp": [{"HostIp": "0.0.0.0", "HostPort": "0"}]}}),
+            json!({"ports": {"7444/udp": "41022"}}),
+            json!({"public_ipaddr": null}),
+            json!({"public_ipaddr": ""}),
+            json!({"public_ipaddr": 7}),
+        ] {
+            let raw = instance(fields.clone());
+            assert_eq!(raw.listen_address(7444), None, "{fields}");
+        }
+        assert_eq!(instance(json!({})).listen_address(7445), None);
     }
 
     #[test]

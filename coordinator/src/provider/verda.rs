@@ -6,8 +6,14 @@
 //! A node is a startup script (`/scripts`, the node's bootstrap) plus an instance that runs it,
 //! tagged with the pool and node; teardown finds the pool's instances by tag (hostname prefix
 //! as a fallback), deletes them with one `PUT /instances` action and then the pool's scripts.
+//!
+//! Reversed (`--reverse`), agents listen on their instance's public `ip` (null until it runs).
+//! Verda's API has no firewall or security-group call, so there is no rule to open and the
+//! agent port is reachable from anywhere: the agents' mutual TLS, pinned to the pool's CA,
+//! is what keeps everyone else out.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -319,8 +325,12 @@ impl Verda {
     }
 
     /// Polls `created` (node id, instance id) until every instance runs, one fails, or the
-    /// boot limit passes.
-    async fn wait_running(&self, created: &[(String, String)]) -> Result<(), ProviderError> {
+    /// boot limit passes; returns the public address of each instance that had one by then.
+    async fn wait_running(
+        &self,
+        created: &[(String, String)],
+    ) -> Result<HashMap<String, IpAddr>, ProviderError> {
+        let mut addresses = HashMap::new();
         let deadline = Instant::now() + self.timing.boot_limit;
         let mut pending: Vec<&(String, String)> = created.iter().collect();
         let mut missing: HashMap<&str, u32> = HashMap::new();
@@ -353,6 +363,9 @@ impl Verda {
                 let status = str_field(&instance, "status").unwrap_or_default();
                 match status.as_str() {
                     "running" => {
+                        if let Some(ip) = public_ip(&instance) {
+                            addresses.insert(id.clone(), ip);
+                        }
                         tracing::debug!(
                             node = %node_id,
                             instance = %id,
@@ -385,7 +398,7 @@ impl Verda {
             }
             pending = still;
             if pending.is_empty() {
-                return Ok(());
+                return Ok(addresses);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -702,6 +715,14 @@ impl Provider for Verda {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         let disk = request.spec.disk_gb.unwrap_or(DEFAULT_DISK_GB);
+        let agent_port = request.bootstrap.reverse.as_ref().map(|r| r.agent_port);
+        if let Some(reverse) = &request.bootstrap.reverse {
+            tracing::info!(
+                pool = %request.pool,
+                "{}",
+                open_port_notice(reverse.agent_port, reverse.allow_from)
+            );
+        }
         let mut created: Vec<(String, String)> = Vec::new();
         for node in &request.nodes {
             let host = hostname(&request.pool, &node.node_id);
@@ -747,13 +768,17 @@ impl Provider for Verda {
                 .insert(id.clone());
             created.push((node.node_id.clone(), id));
         }
-        self.wait_running(&created).await?;
+        let addresses = self.wait_running(&created).await?;
         Ok(created
             .into_iter()
             .map(|(node_id, provider_id)| Instance {
+                // Reversed, the coordinator dials it there; an instance still without an
+                // address is found later through `listen_addresses`.
+                address: agent_port
+                    .zip(addresses.get(&provider_id))
+                    .map(|(port, ip)| SocketAddr::new(*ip, port)),
                 node_id,
                 provider_id,
-                address: None,
             })
             .collect())
     }
@@ -817,6 +842,40 @@ impl Provider for Verda {
         }
         instances?;
         scripts
+    }
+
+    fn supports_reverse(&self) -> bool {
+        true
+    }
+
+    /// Verda has no firewall to open the agent port to one address, so it needs none.
+    fn reverse_needs_public_ip(&self) -> bool {
+        false
+    }
+
+    async fn listen_addresses(
+        &self,
+        pool: &str,
+        reverse: &crate::bootstrap::Reverse,
+    ) -> Result<Vec<(String, SocketAddr)>, ProviderError> {
+        let port = reverse.agent_port;
+        let current = self
+            .current
+            .lock()
+            .expect("current lock")
+            .get(pool)
+            .cloned();
+        Ok(self
+            .pool_instances(pool)
+            .await?
+            .iter()
+            .filter(|i| {
+                // An earlier attempt's leftovers are not this attempt's nodes.
+                let id = str_field(i, "id").unwrap_or_default();
+                current.as_ref().is_none_or(|ids| ids.contains(&id))
+            })
+            .filter_map(|i| Some((node_of(i, pool), SocketAddr::new(public_ip(i)?, port))))
+            .collect())
     }
 
     async fn status(&self) -> ProviderStatus {
@@ -1411,6 +1470,25 @@ fn node_of(instance: &Value, pool: &str) -> String {
     })
 }
 
+/// The public address of a running instance: `ip` is null until it runs.
+fn public_ip(instance: &Value) -> Option<IpAddr> {
+    if str_field(instance, "status").as_deref() != Some("running") {
+        return None;
+    }
+    str_field(instance, "ip")?.trim().parse().ok()
+}
+
+/// What reversing opens on Verda, said once per provisioning: no firewall call exists, so the
+/// agent port is open to every address and mutual TLS is the guard.
+fn open_port_notice(agent_port: u16, allow_from: Option<IpAddr>) -> String {
+    let not_only = allow_from
+        .map(|ip| format!(" (not only {ip})"))
+        .unwrap_or_default();
+    format!(
+        "verda has no firewall API: UDP port {agent_port} of the pool's instances is reachable from any address{not_only}; each agent admits only a coordinator holding a certificate of the pool's CA"
+    )
+}
+
 fn is_gone(instance: &Value) -> bool {
     str_field(instance, "status").is_some_and(|s| GONE_STATUSES.contains(&s.as_str()))
 }
@@ -1582,6 +1660,40 @@ mod tests {
             !belongs_to(&tagged, "sky-1"),
             "the tag wins over the hostname"
         );
+    }
+
+    #[test]
+    fn only_a_running_instance_with_an_ip_has_a_public_address() {
+        let ip = |v: Value| public_ip(&v);
+        assert_eq!(ip(json!({"status": "provisioning", "ip": null})), None);
+        assert_eq!(
+            ip(json!({"status": "provisioning", "ip": "203.0.113.5"})),
+            None,
+            "not running yet"
+        );
+        assert_eq!(ip(json!({"status": "running", "ip": null})), None);
+        assert_eq!(ip(json!({"status": "running"})), None);
+        assert_eq!(ip(json!({"status": "running", "ip": "not an ip"})), None);
+        assert_eq!(
+            ip(json!({"status": "running", "ip": " 203.0.113.5 "})),
+            Some(IpAddr::from([203, 0, 113, 5]))
+        );
+        assert_eq!(
+            ip(json!({"status": "running", "ip": "2001:db8::7"})),
+            "2001:db8::7".parse().ok()
+        );
+    }
+
+    #[test]
+    fn the_open_port_notice_is_honest_about_what_is_open() {
+        let notice = open_port_notice(7444, Some(IpAddr::from([198, 51, 100, 7])));
+        assert!(notice.contains("UDP port 7444"), "{notice}");
+        assert!(
+            notice.contains("any address (not only 198.51.100.7)"),
+            "{notice}"
+        );
+        assert!(notice.contains("certificate of the pool's CA"), "{notice}");
+        assert!(!open_port_notice(7444, None).contains("not only"));
     }
 
     #[test]

@@ -6,15 +6,20 @@
 //! - a wrong token gets 401 `{"id":"Unauthorized","message":"Unable to authenticate you."}`;
 //! - a size made unavailable in a region gets 422 "Size is not available in this region.";
 //! - 429 with `ratelimit-*` headers and 5xx answers on demand;
-//! - private `networks.v4` entries first, with `"gateway": "nil"`.
+//! - private `networks.v4` entries first, with `"gateway": "nil"`;
+//! - Cloud Firewalls (create, list, get, delete) that may only name existing tags (`POST
+//!   /v2/tags` or a droplet creates one), with names unique in the account (409 otherwise).
 //!
 //! Creating a droplet boots it: its user-data runs as a [`BootedNode`] (the agent starts and
-//! dials the coordinator); deleting it destroys the node. Every request and every answer is
-//! checked against the official OpenAPI spec; [`DigitalOceanStandIn::violations`] lists what
-//! did not match.
+//! dials the coordinator); deleting it destroys the node. With
+//! [`set_boot_isolated`](DigitalOceanStandIn::set_boot_isolated), each droplet boots in a
+//! network namespace of its own, whose address becomes its public IPv4 address once it is
+//! active and booted. No other droplet has a public address: nothing a test could dial is
+//! ever invented. Every request and every answer is checked against the official OpenAPI
+//! spec; [`DigitalOceanStandIn::violations`] lists what did not match.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -91,8 +96,14 @@ struct Inner {
     max_per_page: usize,
     active_after: Duration,
     boot: bool,
+    boot_isolated: bool,
     booted: HashMap<u64, BootedNode>,
     boot_errors: Vec<String>,
+    /// Tags that exist: made by `POST /v2/tags` or by creating a droplet with them.
+    tags: HashSet<String>,
+    /// Cloud Firewalls in creation order, as the API shows them.
+    firewalls: Vec<Value>,
+    next_firewall: u64,
 }
 
 struct Shared {
@@ -134,8 +145,12 @@ impl DigitalOceanStandIn {
                 max_per_page: 200,
                 active_after: Duration::from_millis(300),
                 boot: true,
+                boot_isolated: false,
                 booted: HashMap::new(),
                 boot_errors: Vec::new(),
+                tags: HashSet::new(),
+                firewalls: Vec::new(),
+                next_firewall: 1,
             }),
             base: format!("http://{addr}"),
             boot_root: boot_root.to_path_buf(),
@@ -235,6 +250,17 @@ impl DigitalOceanStandIn {
     /// Whether created droplets run their user-data (on by default).
     pub fn set_boot(&self, boot: bool) {
         self.state().boot = boot;
+    }
+
+    /// Whether created droplets boot in a network namespace of their own (needs root), whose
+    /// address becomes the droplet's public IPv4 address once it is active; off by default.
+    pub fn set_boot_isolated(&self, isolated: bool) {
+        self.state().boot_isolated = isolated;
+    }
+
+    /// The Cloud Firewalls that exist, as `GET /v2/firewalls` shows them.
+    pub fn firewalls(&self) -> Vec<Value> {
+        self.state().firewalls.clone()
     }
 
     /// A droplet that exists without having been created through the API (never booted).
@@ -772,6 +798,29 @@ fn route(
                 None => not_found(),
             }
         }
+        ("POST", ["", "v2", "tags"]) => create_tag(shared, body),
+        ("GET", ["", "v2", "firewalls"]) => {
+            let firewalls = shared.state.lock().expect("state").firewalls.clone();
+            page(shared, "/v2/firewalls", "firewalls", firewalls, query)
+        }
+        ("POST", ["", "v2", "firewalls"]) => create_firewall(shared, body),
+        ("GET", ["", "v2", "firewalls", id]) => {
+            let state = shared.state.lock().expect("state");
+            match state.firewalls.iter().find(|f| f["id"] == *id) {
+                Some(firewall) => Answer::json(StatusCode::OK, json!({"firewall": firewall})),
+                None => not_found(),
+            }
+        }
+        ("DELETE", ["", "v2", "firewalls", id]) => {
+            let mut state = shared.state.lock().expect("state");
+            let before = state.firewalls.len();
+            state.firewalls.retain(|f| f["id"] != *id);
+            if state.firewalls.len() < before {
+                Answer::no_content()
+            } else {
+                not_found()
+            }
+        }
         _ => not_found(),
     }
 }
@@ -907,6 +956,8 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         );
     }
     let gpu = size.get("gpu_info").is_some();
+    // Creating a droplet creates its tags.
+    state.tags.extend(tags.iter().cloned());
     let mut created = Vec::new();
     for name in names {
         let id = state.next_id;
@@ -929,7 +980,8 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         created.push(droplet_json(&state, &droplet));
         state.droplets.insert(id, droplet);
         if let (true, Some(script)) = (state.boot, user_data.clone()) {
-            boot(shared.clone(), id, format!("{name}-{id}"), script);
+            let isolated = state.boot_isolated;
+            boot(shared.clone(), id, format!("{name}-{id}"), script, isolated);
         }
     }
     let actions: Vec<Value> = created
@@ -947,15 +999,201 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
     Answer::json(StatusCode::ACCEPTED, body)
 }
 
-/// Runs the droplet's user-data as its first boot, off the async threads; a droplet deleted
-/// meanwhile has its node destroyed as soon as the boot returns.
-fn boot(shared: Arc<Shared>, id: u64, dir_name: String, user_data: String) {
+fn unprocessable(message: &str) -> Answer {
+    Answer::error(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable_entity",
+        message,
+    )
+}
+
+/// `POST /v2/tags`: 201 with the tag, also when it exists already.
+fn create_tag(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
+    let Some(name) = body.and_then(|b| b.get("name")).and_then(Value::as_str) else {
+        return unprocessable("name is required");
+    };
+    let valid = !name.is_empty()
+        && name.len() <= 255
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-:".contains(&b));
+    if !valid {
+        // This operation's errors have a shape of their own.
+        return Answer::json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("Error validating resource tag: \"tag-name {name:?} contains invalid characters\""),
+                "messages": null, "root_causes": []}),
+        );
+    }
+    shared
+        .state
+        .lock()
+        .expect("state")
+        .tags
+        .insert(name.to_string());
+    let none = json!({"count": 0});
+    Answer::json(
+        StatusCode::CREATED,
+        json!({"tag": {"name": name, "resources": {"count": 0, "droplets": none,
+            "images": none, "volumes": none, "volume_snapshots": none, "databases": none}}}),
+    )
+}
+
+/// Whether `ports` is what a rule may say: one port, a range, or every port (`0`, `all`).
+fn valid_ports(ports: &str) -> bool {
+    let port = |p: &str| p.parse::<u16>().is_ok_and(|p| p > 0);
+    match ports.split_once('-') {
+        _ if ports == "0" || ports == "all" => true,
+        Some((low, high)) => {
+            port(low) && port(high) && low.parse::<u16>().ok() <= high.parse::<u16>().ok()
+        }
+        None => port(ports),
+    }
+}
+
+/// Whether `address` is an IP address or a CIDR block.
+fn valid_address(address: &str) -> bool {
+    match address.split_once('/') {
+        None => address.parse::<IpAddr>().is_ok(),
+        Some((ip, bits)) => match (ip.parse::<IpAddr>(), bits.parse::<u8>()) {
+            (Ok(IpAddr::V4(_)), Ok(bits)) => bits <= 32,
+            (Ok(IpAddr::V6(_)), Ok(bits)) => bits <= 128,
+            _ => false,
+        },
+    }
+}
+
+/// `POST /v2/firewalls`: checks the name (pattern, unique in the account), the rules
+/// (protocol, ports, addresses; at least one rule) and that every tag named exists; 202 with
+/// the firewall `waiting`, listed `succeeded` from then on.
+fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
+    let Some(body) = body else {
+        return unprocessable("The request body is not JSON.");
+    };
+    let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+    let name_valid = name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    if !name_valid {
+        return unprocessable("name must begin with an alphanumeric character and hold only alphanumerics, '.' and '-'");
+    }
+    let rules = |key: &str| -> Vec<Value> {
+        body.get(key)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (mut inbound, mut outbound) = (rules("inbound_rules"), rules("outbound_rules"));
+    if inbound.is_empty() && outbound.is_empty() {
+        return Answer::error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "must contain at least one inbound or outbound access rule",
+        );
+    }
+    let mut named_tags: Vec<String> = body
+        .get("tags")
+        .and_then(Value::as_array)
+        .map(|t| {
+            t.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    for (rules, target) in [(&mut inbound, "sources"), (&mut outbound, "destinations")] {
+        for rule in rules.iter_mut() {
+            let protocol = rule["protocol"].as_str().unwrap_or_default();
+            if !["tcp", "udp", "icmp"].contains(&protocol) {
+                return unprocessable("protocol must be tcp, udp or icmp");
+            }
+            let ports = rule["ports"].as_str().unwrap_or_default().to_string();
+            if protocol == "icmp" || ports == "all" {
+                rule["ports"] = json!("0");
+            } else if !valid_ports(&ports) {
+                return unprocessable(&format!("invalid ports {ports:?}"));
+            }
+            let Some(where_) = rule.get(target).and_then(Value::as_object) else {
+                return unprocessable(&format!("every rule needs its {target}"));
+            };
+            let list = |key: &str| -> Vec<String> {
+                where_
+                    .get(key)
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            if let Some(bad) = list("addresses").iter().find(|a| !valid_address(a)) {
+                return unprocessable(&format!("invalid address {bad:?}"));
+            }
+            named_tags.extend(list("tags"));
+            let targets = [
+                "addresses",
+                "tags",
+                "droplet_ids",
+                "load_balancer_uids",
+                "kubernetes_ids",
+            ];
+            if !targets.iter().any(|k| {
+                where_
+                    .get(*k)
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty())
+            }) {
+                return unprocessable(&format!("a rule's {target} name nothing"));
+            }
+        }
+    }
+    let mut state = shared.state.lock().expect("state");
+    if let Some(missing) = named_tags.iter().find(|t| !state.tags.contains(*t)) {
+        return unprocessable(&format!("tag {missing} does not exist"));
+    }
+    if state.firewalls.iter().any(|f| f["name"] == name) {
+        return Answer::error(StatusCode::CONFLICT, "conflict", "duplicate name");
+    }
+    let id = format!("fb6045f1-cf1d-4ca3-bfac-{:012x}", state.next_firewall);
+    state.next_firewall += 1;
+    let droplet_ids: Vec<u64> = body
+        .get("droplet_ids")
+        .and_then(Value::as_array)
+        .map(|ids| ids.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    let mut firewall = json!({
+        "id": id,
+        "name": name,
+        "status": "succeeded",
+        "created_at": "2026-03-02T10:20:30Z",
+        "pending_changes": [],
+        "droplet_ids": droplet_ids,
+        "tags": body.get("tags").cloned().unwrap_or(json!([])),
+        "inbound_rules": inbound,
+        "outbound_rules": outbound,
+    });
+    state.firewalls.push(firewall.clone());
+    firewall["status"] = json!("waiting");
+    Answer::json(StatusCode::ACCEPTED, json!({"firewall": firewall}))
+}
+
+/// Runs the droplet's user-data as its first boot (in a namespace of its own when
+/// `isolated`), off the async threads; a droplet deleted meanwhile has its node destroyed as
+/// soon as the boot returns.
+fn boot(shared: Arc<Shared>, id: u64, dir_name: String, user_data: String, isolated: bool) {
     let root = shared.boot_root.clone();
     tokio::spawn(async move {
-        let booted =
-            tokio::task::spawn_blocking(move || BootedNode::boot(&root, &dir_name, &user_data))
-                .await
-                .unwrap_or_else(|e| Err(format!("boot panicked: {e}")));
+        let booted = tokio::task::spawn_blocking(move || {
+            if isolated {
+                BootedNode::boot_isolated(&root, &dir_name, &user_data)
+            } else {
+                BootedNode::boot(&root, &dir_name, &user_data)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("boot panicked: {e}")));
         let mut state = shared.state.lock().expect("state");
         match booted {
             Ok(node) if state.droplets.contains_key(&id) => {
@@ -986,16 +1224,22 @@ fn droplet_json(state: &Inner, droplet: &Droplet) -> Value {
             json!({"name": info.region, "slug": info.region, "features": [], "available": true, "sizes": []})
         });
     let status = status_of(droplet, state.active_after);
-    // Addresses come with the boot; private first, as the real API lists them.
+    // Addresses come with the boot; private first, as the real API lists them. The public
+    // one is the namespace address of a droplet booted isolated, and there is none
+    // otherwise: a test's coordinator must never dial an address made up here.
     let n = info.id % 250 + 2;
-    let v4 = if status == "new" {
-        json!([])
-    } else {
-        json!([
-            {"ip_address": format!("10.116.0.{n}"), "netmask": "255.255.240.0", "gateway": "nil", "type": "private"},
-            {"ip_address": format!("203.0.113.{n}"), "netmask": "255.255.255.0", "gateway": "203.0.113.1", "type": "public"}
-        ])
-    };
+    let mut v4 = Vec::new();
+    if status != "new" {
+        v4.push(json!({"ip_address": format!("10.116.0.{n}"), "netmask": "255.255.240.0", "gateway": "nil", "type": "private"}));
+        if let Some(ip) = state.booted.get(&info.id).and_then(BootedNode::address) {
+            // The namespace is a /30 whose other end is the host side of its link.
+            let gateway = std::net::Ipv4Addr::from(u32::from(ip) - 1);
+            v4.push(
+                json!({"ip_address": ip.to_string(), "netmask": "255.255.255.252",
+                "gateway": gateway.to_string(), "type": "public"}),
+            );
+        }
+    }
     let image_regions: Vec<&str> = IMAGE_REGIONS
         .iter()
         .copied()

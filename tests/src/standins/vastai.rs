@@ -19,8 +19,17 @@
 //! container's environment (`CONTAINER_ID`, `CONTAINER_API_KEY`, the `env` it was created
 //! with) exported before it; the compressed loader is run as it is, so the system's
 //! `base64` and `gunzip` unpack it.
+//!
+//! With [`VastAiStandIn::set_boot_isolated`], each instance boots in a network namespace of
+//! its own ([`BootedNode::boot_isolated`]), and the ports its `env` publishes (`-p
+//! 7444:7444/udp`) are mapped for real, as a VastAI host does: host port `40000 + ...` of the
+//! namespace's address is redirected to the container's port, and the container's port
+//! itself is closed to anything not redirected. Only then are `public_ipaddr` (the
+//! namespace's address) and `ports` reported, so that no test can dial an address the
+//! stand-in made up. Without it, `public_ipaddr` is loopback and no port is mapped.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -88,6 +97,13 @@ pub struct InstanceInfo {
     pub onstart: String,
     pub actual_status: Option<String>,
     pub doomed: bool,
+    /// Container ports its `env` publishes, as `7444/udp`, with the host port each is mapped
+    /// to (reported once it booted isolated).
+    pub ports: BTreeMap<String, u16>,
+    /// Its namespace's address, once it booted isolated: its `public_ipaddr`.
+    pub public_ip: Option<Ipv4Addr>,
+    /// Its network namespace, once it booted isolated.
+    pub namespace: Option<String>,
 }
 
 /// An overlay network as the stand-in holds it.
@@ -102,6 +118,8 @@ pub struct OverlayInfo {
 struct Inst {
     info: InstanceInfo,
     machine_id: u64,
+    /// It boots in a namespace of its own, with its ports mapped.
+    isolated: bool,
     container_key: String,
     status_msg: Option<String>,
     created: f64,
@@ -121,6 +139,7 @@ struct Inner {
     booted: HashMap<u64, BootedNode>,
     boot_errors: Vec<String>,
     boots: usize,
+    boot_isolated: bool,
 }
 
 struct Shared {
@@ -140,7 +159,16 @@ struct Answer {
     body: Value,
     retry_after: Option<String>,
     destroy: Vec<(PathBuf, Option<BootedNode>)>,
-    boot: Vec<(u64, String, String)>,
+    boot: Vec<Boot>,
+}
+
+/// An instance to boot, once the state lock is released.
+struct Boot {
+    id: u64,
+    dir: String,
+    script: String,
+    /// In a namespace of its own, with these ports mapped: (`7444/udp`, host port).
+    isolated: Option<Vec<(String, u16)>>,
 }
 
 impl Answer {
@@ -185,6 +213,7 @@ impl VastAiStandIn {
                 booted: HashMap::new(),
                 boot_errors: Vec::new(),
                 boots: 0,
+                boot_isolated: false,
             }),
             boot_root: boot_root.to_path_buf(),
         });
@@ -246,6 +275,12 @@ impl VastAiStandIn {
     /// listed, as a stale search result would).
     pub fn make_gone(&self, offer: u64, how: Gone) {
         self.state().gone.insert(offer, how);
+    }
+
+    /// Boots each instance from now on in a network namespace of its own, with its published
+    /// ports mapped to host ports of the namespace's address (needs root and iptables).
+    pub fn set_boot_isolated(&self, isolated: bool) {
+        self.state().boot_isolated = isolated;
     }
 
     /// The next `count` instances created go `exited` instead of `running`.
@@ -498,8 +533,8 @@ async fn handle(
         drop(node);
         kill_under(&dir);
     }
-    for (id, dir, script) in boots {
-        boot(shared.clone(), id, dir, script);
+    for one in boots {
+        boot(shared.clone(), one);
     }
     let mut response = (status, axum::Json(body)).into_response();
     if let Some(value) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
@@ -803,6 +838,7 @@ fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer
     if Value::Object(env.clone()).to_string().len() > 32 * 1024 {
         return Err(bad("env is limited to 32 KiB"));
     }
+    let published = published_ports(&env).map_err(|e| bad(&e))?;
     let price = match body.get("price") {
         None | Some(Value::Null) => None,
         Some(p) => {
@@ -863,6 +899,11 @@ fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
+    let ports = published
+        .into_iter()
+        .enumerate()
+        .map(|(k, key)| (key, host_port(id, k)))
+        .collect();
     state.instances.insert(
         id,
         Inst {
@@ -878,14 +919,45 @@ fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer
                 onstart,
                 actual_status: None,
                 doomed,
+                ports,
+                public_ip: None,
+                namespace: None,
             },
             machine_id,
+            isolated: state.boot_isolated,
             container_key: format!("{:016x}{:016x}", rand_u64(id), rand_u64(id ^ 0x5eed)),
             status_msg: None,
             created: now(),
         },
     );
     Ok(Answer::ok(json!({"success": true, "new_contract": id})))
+}
+
+/// The container ports an `env` publishes, as the CLI's `-p` options make them (`{"-p
+/// 7444:7444/udp": "1"}`), each as `7444/udp`.
+fn published_ports(env: &Map<String, Value>) -> Result<Vec<String>, String> {
+    let mut ports = Vec::new();
+    for key in env.keys() {
+        let Some(option) = key.strip_prefix("-p ") else {
+            continue;
+        };
+        let (mapping, protocol) = option.trim().split_once('/').unwrap_or((option, "tcp"));
+        let container = mapping.rsplit(':').next().unwrap_or(mapping);
+        match (container.parse::<u16>(), protocol) {
+            (Ok(port), "tcp" | "udp") if port > 0 => ports.push(format!("{port}/{protocol}")),
+            _ => {
+                return Err(format!(
+                    "bad port option {key:?}: -p HOST:CONTAINER[/tcp|/udp]"
+                ))
+            }
+        }
+    }
+    Ok(ports)
+}
+
+/// The host port the `k`-th published port of instance `id` gets: never the container's.
+fn host_port(id: u64, k: usize) -> u16 {
+    40_000 + (id % 1_000) as u16 * 10 + k as u16
 }
 
 /// Not cryptographic: distinct per-instance keys for a stand-in.
@@ -938,16 +1010,43 @@ fn render(inst: &Inst, offers: &[Value]) -> Value {
         "cluster_id": info.cluster_id,
         "start_date": inst.created,
         "extra_env": info.env.iter().map(|(k, v)| json!([k, v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())])).collect::<Vec<_>>(),
-        "public_ipaddr": "127.0.0.1",
+        "public_ipaddr": public_ipaddr(inst),
+        "ports": ports_json(info),
         "ssh_host": "ssh4.vast.ai",
         "ssh_port": 20_000 + info.id % 10_000,
         "reliability2": offer["reliability2"],
     })
 }
 
+/// Loopback for a plain boot; for an isolated one, its namespace's address once booted and
+/// nothing before, never an address the stand-in invented.
+fn public_ipaddr(inst: &Inst) -> Value {
+    match (inst.isolated, inst.info.public_ip) {
+        (false, _) => json!("127.0.0.1"),
+        (true, Some(ip)) => json!(ip.to_string()),
+        (true, None) => Value::Null,
+    }
+}
+
+/// The port mappings, as docker reports them, once they are real (booted isolated).
+fn ports_json(info: &InstanceInfo) -> Value {
+    if info.public_ip.is_none() {
+        return Value::Null;
+    }
+    let mut ports = Map::new();
+    for (key, host) in &info.ports {
+        let host = host.to_string();
+        ports.insert(
+            key.clone(),
+            json!([{"HostIp": "0.0.0.0", "HostPort": host}, {"HostIp": "::", "HostPort": host}]),
+        );
+    }
+    Value::Object(ports)
+}
+
 /// Moves an instance one step on (null -> loading -> running, or exited when doomed);
 /// returns what to boot when it starts running.
-fn advance(inst: &mut Inst) -> Option<(u64, String, String)> {
+fn advance(inst: &mut Inst) -> Option<Boot> {
     let info = &mut inst.info;
     match info.actual_status.as_deref() {
         None => {
@@ -966,7 +1065,20 @@ fn advance(inst: &mut Inst) -> Option<(u64, String, String)> {
         Some("loading") => {
             info.actual_status = Some("running".into());
             inst.status_msg = Some("success, running".into());
-            Some((info.id, dir_name(info.id), container_script(inst)))
+            let id = info.id;
+            let isolated = inst.isolated.then(|| {
+                inst.info
+                    .ports
+                    .iter()
+                    .map(|(key, host)| (key.clone(), *host))
+                    .collect()
+            });
+            Some(Boot {
+                id,
+                dir: dir_name(id),
+                script: container_script(inst),
+                isolated,
+            })
         }
         _ => None,
     }
@@ -1212,34 +1324,125 @@ fn overlay(
 }
 
 /// Runs an instance's onstart as its node's first boot, off the async threads. A node whose
-/// instance was destroyed meanwhile is destroyed as soon as its boot returns.
-fn boot(shared: Arc<Shared>, id: u64, dir: String, script: String) {
+/// instance was destroyed meanwhile is destroyed as soon as its boot returns. An isolated
+/// node whose ports cannot be mapped goes `exited`, saying why.
+fn boot(shared: Arc<Shared>, one: Boot) {
     let root = shared.boot_root.clone();
     shared.state.lock().expect("state").boots += 1;
+    let Boot {
+        id,
+        dir,
+        script,
+        isolated,
+    } = one;
+    let is_isolated = isolated.is_some();
     tokio::spawn(async move {
-        let booted = tokio::task::spawn_blocking(move || BootedNode::boot(&root, &dir, &script))
-            .await
-            .unwrap_or_else(|e| Err(format!("boot panicked: {e}")));
+        let booted = tokio::task::spawn_blocking(move || match isolated {
+            None => BootedNode::boot(&root, &dir, &script),
+            Some(ports) => {
+                let node = BootedNode::boot_isolated(&root, &dir, &script)?;
+                map_ports(&node, &ports).map(|()| node)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("boot panicked: {e}")));
         let leftover = {
-            let mut state = shared.state.lock().expect("state");
-            let alive = state
+            let mut guard = shared.state.lock().expect("state");
+            let state = &mut *guard;
+            let inst = state
                 .instances
-                .get(&id)
-                .is_some_and(|i| i.info.actual_status.as_deref() == Some("running"));
-            match booted {
-                Ok(node) if alive => {
+                .get_mut(&id)
+                .filter(|i| i.info.actual_status.as_deref() == Some("running"));
+            match (booted, inst) {
+                (Ok(node), Some(inst)) => {
+                    // Reported only now that the mapping is real.
+                    inst.info.public_ip = node.address();
+                    inst.info.namespace = node.net().map(|n| n.namespace().to_string());
                     state.booted.insert(id, node);
                     None
                 }
-                Ok(node) => Some(node),
+                (Ok(node), None) => Some(node),
                 // A node destroyed while it booted fails its boot: that is no error.
-                Err(e) if alive => {
+                (Err(e), Some(inst)) => {
+                    if is_isolated {
+                        inst.info.actual_status = Some("exited".into());
+                        inst.status_msg = Some(e.clone());
+                    }
                     state.boot_errors.push(format!("instance {id}: {e}"));
                     None
                 }
-                Err(_) => None,
+                (Err(_), None) => None,
             }
         };
         drop(leftover);
     });
+}
+
+/// Maps each published container port (`7444/udp`) to its host port on the node's address,
+/// as the host's docker does, and closes the container port to whatever was not mapped (a
+/// container's own port is not reachable from outside its host).
+fn map_ports(node: &BootedNode, ports: &[(String, u16)]) -> Result<(), String> {
+    let net = node
+        .net()
+        .ok_or("an isolated node has no network of its own")?;
+    for (key, host) in ports {
+        let (container, protocol) = key.split_once('/').unwrap_or((key, "tcp"));
+        let host = host.to_string();
+        iptables(
+            net,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-p",
+                protocol,
+                "--dport",
+                &host,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                container,
+            ],
+        )?;
+        iptables(
+            net,
+            &[
+                "-A",
+                "INPUT",
+                "-p",
+                protocol,
+                "--dport",
+                container,
+                "-m",
+                "conntrack",
+                "!",
+                "--ctstate",
+                "DNAT",
+                "-j",
+                "DROP",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn iptables(net: &crate::netns::TestNet, args: &[&str]) -> Result<(), String> {
+    let mut argv = net.exec_prefix();
+    argv.push("iptables".into());
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(args)
+        .output()
+        .map_err(|e| format!("running iptables in {}: {e}", net.namespace()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot map a port in {} (install iptables; scripts/test.sh does): iptables {}: {}",
+            net.namespace(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
 }

@@ -10,9 +10,13 @@
 //! [`BootedNode`] under the stand-in's root, so its agent joins whatever coordinator the
 //! script names; deleting the instance kills the node. The stand-in's own methods inspect
 //! its state and inject faults.
+//!
+//! An instance's `ip` is the address of the network namespace it booted in
+//! ([`VerdaStandin::set_boot_isolated`]), and stays null for any other: the stand-in never
+//! reports an address it made up, so nothing a test dials leaves the test's own networks.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -68,6 +72,8 @@ pub struct InstanceView {
     pub booted: bool,
     /// Why booting failed, if it did.
     pub boot_error: Option<String>,
+    /// The address of its own network namespace when it booted isolated: its public `ip`.
+    pub address: Option<Ipv4Addr>,
     /// Deleted (gone from listings).
     pub deleted: bool,
 }
@@ -116,6 +122,7 @@ struct Inner {
     availability_as_strings: bool,
     omit_tags: bool,
     boot_outcome: Option<String>,
+    boot_isolated: bool,
     scripts: Vec<ScriptView>,
     instances: Vec<StoredInstance>,
     create_bodies: Vec<Value>,
@@ -291,6 +298,12 @@ impl VerdaStandin {
         self.lock().boot_outcome = status.map(str::to_string);
     }
 
+    /// New instances boot in a network namespace of their own (needs root), as machines with
+    /// a public IP of their own: the namespace's address becomes their `ip`.
+    pub fn set_boot_isolated(&self, isolated: bool) {
+        self.lock().boot_isolated = isolated;
+    }
+
     /// Sets an instance's status, as the platform would (e.g. "offline", "discontinued").
     pub fn set_status(&self, id: &str, status: &str) {
         if let Some(i) = self.lock().instances.iter_mut().find(|i| i.view.id == id) {
@@ -440,6 +453,7 @@ impl Inner {
             availability_as_strings: false,
             omit_tags: false,
             boot_outcome: None,
+            boot_isolated: false,
             scripts: Vec::new(),
             instances: Vec::new(),
             create_bodies: Vec::new(),
@@ -921,7 +935,11 @@ fn instance_json(inner: &Inner, i: &StoredInstance) -> Value {
         "memory": t.get("memory").cloned().unwrap_or(Value::Null),
         "gpu_memory": t.get("gpu_memory").cloned().unwrap_or(Value::Null),
         "storage": t.get("storage").cloned().unwrap_or(Value::Null),
-        "ip": if running { json!("127.0.0.1") } else { Value::Null },
+        // Only a namespace of the test's own: never an address the stand-in made up.
+        "ip": match i.view.address {
+            Some(address) if running => json!(address.to_string()),
+            _ => Value::Null,
+        },
         "os_volume_id": if running { json!(format!("{}-os", i.view.id)) } else { Value::Null },
         "os_volume": i.os_volume,
         "location": i.view.location,
@@ -1147,6 +1165,7 @@ async fn create_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
             tags,
             booted: false,
             boot_error: None,
+            address: None,
             deleted: false,
         },
         description: s("description"),
@@ -1157,9 +1176,13 @@ async fn create_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
     });
     // The machine boots and runs its startup script, as the real one would.
     if let (Some(script), None) = (script, inner.boot_outcome.as_ref()) {
-        let (shared, id) = (shared.clone(), id.clone());
+        let (shared, id, isolated) = (shared.clone(), id.clone(), inner.boot_isolated);
         tokio::task::spawn_blocking(move || {
-            let booted = BootedNode::boot(&shared.root, &hostname, &script);
+            let booted = if isolated {
+                BootedNode::boot_isolated(&shared.root, &hostname, &script)
+            } else {
+                BootedNode::boot(&shared.root, &hostname, &script)
+            };
             let mut inner = shared.lock();
             let Some(instance) = inner.instances.iter_mut().find(|i| i.view.id == id) else {
                 return;
@@ -1169,6 +1192,7 @@ async fn create_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
                 Ok(_) if instance.view.deleted || instance.view.status == "deleting" => {}
                 Ok(node) => {
                     instance.view.booted = true;
+                    instance.view.address = node.address();
                     instance.node = Some(node);
                 }
                 Err(why) => {
