@@ -118,7 +118,7 @@ pub fn detect_with(
 
 /// `--query-gpu` with every field, dropping a field an older driver refuses and, for a
 /// failure that names none, trying once with the minimal set.
-fn query_gpus(
+pub(crate) fn query_gpus(
     run: &mut dyn FnMut(&[&str]) -> Result<String, ToolError>,
 ) -> Result<Vec<Gpu>, ToolError> {
     let mut fields: Vec<&str> = QUERY_FIELDS.to_vec();

@@ -29,7 +29,7 @@ pub fn collect(work_dir: &Path) -> Inventory {
         gpus,
         agent_version: skyward_common::VERSION.to_string(),
         neuron_devices,
-        mig: None,
+        mig: crate::mig::startup_report(),
     }
 }
 

@@ -7,7 +7,9 @@
 pub mod enroll;
 pub mod gpu;
 pub mod inventory;
+pub mod mig;
 pub mod neuron;
+pub mod probe;
 pub mod runner;
 pub mod session;
 pub mod tool;
@@ -31,6 +33,9 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// How long the agent keeps trying to reach a silent coordinator before it gives up and exits.
     pub lease: Duration,
+    /// The MIG layout to give every GPU at startup (`1g.10gb`, `3g.40gb,2g.20gb,1g.10gb`);
+    /// see [`mig`].
+    pub mig: Option<String>,
 }
 
 /// Everything but the token, which must never reach a log.
@@ -44,6 +49,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("node_id", &self.node_id)
             .field("work_dir", &self.work_dir)
             .field("lease", &self.lease)
+            .field("mig", &self.mig)
             .finish()
     }
 }
@@ -62,6 +68,7 @@ mod tests {
             node_id: "node-1".into(),
             work_dir: "/tmp".into(),
             lease: std::time::Duration::from_secs(1),
+            mig: None,
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");

@@ -31,6 +31,10 @@ struct Args {
     /// Exit after the coordinator has been unreachable this long (e.g. 10m, 30s).
     #[arg(long, env = "SKYWARD_LEASE", default_value = "10m", value_parser = humantime::parse_duration)]
     lease: Duration,
+    /// Partition every GPU with MIG at startup: one profile to fill each GPU with (1g.10gb),
+    /// or exactly these profiles on each (3g.40gb,2g.20gb,1g.10gb).
+    #[arg(long, env = "SKYWARD_MIG", value_name = "LAYOUT")]
+    mig: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         node_id: args.node_id,
         work_dir: args.work_dir,
         lease: args.lease,
+        mig: args.mig,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -101,6 +101,7 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
         TaskKind::Command { argv, cwd, stdin } => {
             run_command(&spec, argv, cwd.as_deref(), *stdin, &mut send, recv, &tasks).await
         }
+        TaskKind::Probe(probe) => crate::probe::run(probe, spec.timeout_ms, &mut send, recv).await,
     };
     if let Some(outcome) = outcome {
         tracing::debug!(task = %spec.task, %outcome, "task finished");

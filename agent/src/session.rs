@@ -28,6 +28,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn run(config: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating work dir {}", config.work_dir.display()))?;
+    // Before any inventory is read: the node reports the MIG devices the layout made. A
+    // refusal is reported in the inventory, not a reason to stay away.
+    let mig = config.mig.clone();
+    if let Err(e) =
+        tokio::task::spawn_blocking(move || crate::mig::apply_at_startup(mig.as_deref())).await
+    {
+        tracing::warn!("applying the MIG layout failed: {e}");
+    }
     let tasks = Tasks::new(config.node_id.clone(), config.work_dir.clone());
     // Which side dials: the agent (the default), or the coordinator (--listen).
     let (endpoint, dial) = match (config.listen, &config.coordinator) {

@@ -126,7 +126,8 @@ mod tests {
     use super::*;
     use crate::limits::MAX_TASK_FRAME;
     use crate::protocol::{
-        AgentMessage, OutputStream, TaskEvent, TaskOutcome, TaskRequest, TaskSpec,
+        AgentMessage, OutputStream, ProbeReport, Reach, TaskEvent, TaskOutcome, TaskRequest,
+        TaskSpec,
     };
     use proptest::prelude::*;
 
@@ -158,6 +159,13 @@ mod tests {
                     data: data.into(),
                 }),
             arb_outcome().prop_map(TaskEvent::Finished),
+            (any::<u16>(), any::<bool>(), ".{0,40}").prop_map(|(port, ok, error)| {
+                let target = std::net::SocketAddr::from(([10, 251, 0, 1], port));
+                TaskEvent::Probe(ProbeReport::Reached(vec![Reach {
+                    target,
+                    from: if ok { Ok(target) } else { Err(error) },
+                }]))
+            }),
         ]
     }
 

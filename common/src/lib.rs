@@ -1,13 +1,14 @@
 //! Shared ground between the Skyward coordinator and agent: the wire protocol
 //! ([`protocol`], framed by [`frame`], encoded by [`codec`], bounded by [`limits`]),
 //! identities and TLS configuration ([`identity`], [`transport`]) and the
-//! inventory model ([`inventory`]).
+//! inventory model ([`inventory`], with the MIG layout a pool asks for in [`mig`]).
 
 pub mod codec;
 pub mod frame;
 pub mod identity;
 pub mod inventory;
 pub mod limits;
+pub mod mig;
 pub mod protocol;
 pub mod transport;
 

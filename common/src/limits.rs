@@ -39,3 +39,10 @@ pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10 * 60);
 /// Grace between SIGTERM and SIGKILL when a task is cancelled or times out.
 pub const KILL_GRACE: Duration = Duration::from_secs(3);
+/// How long a preflight probe waits for one TCP connection and its greeting.
+pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a probe listener stays up, whatever its task asks: the port it holds is the one
+/// the job is about to use.
+pub const PROBE_LISTEN_MAX: Duration = Duration::from_secs(120);
+/// Most addresses one probe connects to.
+pub const MAX_PROBE_TARGETS: usize = 64;

@@ -8,6 +8,8 @@
 //!   is a bidirectional stream opened by the coordinator: [`TaskRequest`]s flow to the agent,
 //!   [`TaskEvent`]s (output chunks with sequence numbers, then the outcome) flow back.
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +112,44 @@ pub enum TaskKind {
     },
     /// Does nothing and succeeds: measures the dispatch path itself.
     Noop,
+    /// A network check between nodes before a distributed job: see [`Probe`]. Last, so that
+    /// the variants before it keep their tags in the binary encoding.
+    Probe(Probe),
+}
+
+/// What a probe task does: listen on a port and greet whoever connects, or connect to
+/// addresses and check the greeting, reporting each result as a [`TaskEvent::Probe`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Listen here (TCP) until the task is cancelled or times out; reported as
+    /// [`ProbeReport::Listening`] once bound. A bind failure ends the task as
+    /// [`TaskOutcome::FailedToStart`].
+    pub listen: Option<SocketAddr>,
+    /// Connect to each of these at once, each within
+    /// [`PROBE_CONNECT_TIMEOUT`](crate::limits::PROBE_CONNECT_TIMEOUT), and report them
+    /// together as [`ProbeReport::Reached`].
+    pub connect: Vec<SocketAddr>,
+    /// The listener greets with it, so that a connector knows it reached this probe and not
+    /// some other program on the port.
+    pub nonce: u64,
+}
+
+/// A probe's findings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProbeReport {
+    /// The listener is bound: the port was free.
+    Listening { address: SocketAddr },
+    /// One result per [`Probe::connect`] address, in the same order.
+    Reached(Vec<Reach>),
+}
+
+/// Whether one address was reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reach {
+    pub target: SocketAddr,
+    /// The local address the connection left from (it names the interface that carries
+    /// traffic to the target), or why there was no greeting from the probe.
+    pub from: Result<SocketAddr, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +180,16 @@ impl TaskSpec {
             },
             env,
             timeout_ms,
+        }
+    }
+
+    /// A probe task; `timeout_ms` bounds a listener's life.
+    pub fn probe(probe: Probe, timeout_ms: u64) -> Self {
+        TaskSpec {
+            task: TaskId { id: 0, attempt: 0 },
+            kind: TaskKind::Probe(probe),
+            env: Vec::new(),
+            timeout_ms: Some(timeout_ms),
         }
     }
 
@@ -183,6 +233,8 @@ pub enum TaskEvent {
         data: Bytes,
     },
     Finished(TaskOutcome),
+    /// What a [`TaskKind::Probe`] found; before `Finished`. Last, for the encoding's sake.
+    Probe(ProbeReport),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

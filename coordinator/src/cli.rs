@@ -17,6 +17,7 @@ use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOp
 use crate::run::{run_job, Job, TaskPlan, TaskReport};
 use crate::selection::Selection;
 use crate::server::{Coordinator, CoordinatorConfig};
+use crate::slots::{self, GpuRequest};
 use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
 
 /// Exit code for a command line that was wrong (nothing was started).
@@ -164,6 +165,14 @@ struct RunArgs {
     /// With --map: tasks at once on each node.
     #[arg(long, default_value_t = 1)]
     per_node: usize,
+    /// Whole GPUs per task, all on one node; each task waits until they are free and sees
+    /// only them (CUDA_VISIBLE_DEVICES). With --map, tasks fill every GPU of every node.
+    #[arg(long, value_name = "N", conflicts_with = "slice")]
+    gpus: Option<u32>,
+    /// One GPU slot per task: a MIG device or a whole GPU (`--slice=1g.10gb`: only MIG
+    /// devices of that profile). With --map, tasks fill every slot of every node.
+    #[arg(long, value_name = "PROFILE", num_args = 0..=1, require_equals = true)]
+    slice: Option<Option<String>>,
     /// Kill each task after this long (e.g. 30s, 5m); it then exits with 124.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
@@ -197,6 +206,10 @@ struct RunArgs {
     /// agent port (UDP 7444) is opened to.
     #[arg(long, value_name = "IP", requires = "reverse")]
     public_ip: Option<std::net::IpAddr>,
+    /// Partition every GPU with MIG when the nodes boot: one profile to fill each GPU with
+    /// (1g.10gb) or exactly these profiles on each (3g.40gb,2g.20gb,1g.10gb).
+    #[arg(long, value_name = "LAYOUT", value_parser = mig_layout)]
+    mig: Option<String>,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
     json: bool,
@@ -235,6 +248,8 @@ struct Plan {
     argvs: Vec<Vec<String>>,
     env: Vec<(String, String)>,
     per_node: usize,
+    /// GPU slots each task needs.
+    gpus: GpuRequest,
     timeout: Option<Duration>,
     mode: OutputMode,
     forward_stdin: bool,
@@ -247,6 +262,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     if args.per_node == 0 {
         return Err("--per-node must be at least 1".into());
     }
+    let gpus = gpu_request(&args)?;
     let env = args
         .env
         .iter()
@@ -299,6 +315,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             let mut spec = args.spec.spec(args.nodes, args.connect_timeout)?;
             spec.reverse = args.reverse;
             spec.public_ip = args.public_ip;
+            spec.mig = args.mig.clone();
             spec
         },
         selection: args.spec.selection.clone(),
@@ -307,10 +324,35 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         argvs,
         env,
         per_node: args.per_node,
+        gpus,
         timeout: args.timeout,
         mode,
         forward_stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
     })
+}
+
+/// The GPU request of `--gpus` / `--slice`, refused now if the spec's nodes cannot meet it.
+/// A local pool without `--accelerator` has whatever GPUs this machine has: it is checked
+/// against the nodes' inventories once they are up.
+fn gpu_request(args: &RunArgs) -> Result<GpuRequest, String> {
+    let request = match (&args.gpus, &args.slice) {
+        (Some(0), _) => return Err("--gpus must be at least 1 (or drop it)".into()),
+        (Some(n), _) => GpuRequest::Gpus(*n),
+        (None, Some(Some(profile))) if profile.trim().is_empty() => {
+            return Err(
+                "--slice= needs a MIG profile, e.g. --slice=1g.10gb (or plain --slice)".into(),
+            )
+        }
+        (None, Some(profile)) => GpuRequest::Slice {
+            profile: profile.clone(),
+        },
+        (None, None) => GpuRequest::None,
+    };
+    let only_local = args.spec.provider.split(',').all(|p| p.trim() == "local");
+    if args.spec.accelerator.is_some() || !only_local {
+        slots::fits(&request, args.spec.accelerator.as_ref())?;
+    }
+    Ok(request)
 }
 
 fn map_argvs(template: &str, inputs: &[String]) -> Result<Vec<Vec<String>>, String> {
@@ -842,8 +884,32 @@ async fn execute(
         }
         up.map_err(|e| e.to_string())?
     };
-    let tasks = match plan.on {
-        On::All => Job::broadcast(&pool, plan.argvs[0].clone(), plan.env.clone()),
+    // Refused before any task starts when no node of the pool could ever take it.
+    let slots: Vec<_> = pool
+        .nodes()
+        .iter()
+        .map(|n| slots::node_slots(&n.inventory))
+        .collect();
+    let pins: Vec<Option<usize>> = match plan.on {
+        On::All => (0..slots.len()).map(Some).collect(),
+        On::One => vec![None],
+    };
+    if let Some(message) = pins
+        .into_iter()
+        .find_map(|pin| slots::fits_nodes(&plan.gpus, pin, &slots).err())
+    {
+        pool.down().await;
+        return Err(message);
+    }
+    let mut tasks = match plan.on {
+        // The preflight checks that the nodes reach each other before any task starts.
+        On::All => match Job::broadcast(&pool, plan.argvs[0].clone(), plan.env.clone()).await {
+            Ok(tasks) => tasks,
+            Err(e) => {
+                pool.down().await;
+                return Err(e.to_string());
+            }
+        },
         On::One => plan
             .argvs
             .iter()
@@ -851,9 +917,13 @@ async fn execute(
                 argv: argv.clone(),
                 env: plan.env.clone(),
                 node: None,
+                gpus: GpuRequest::None,
             })
             .collect(),
     };
+    for task in &mut tasks {
+        task.gpus = plan.gpus.clone();
+    }
     let job = Job {
         tasks,
         per_node: if plan.argvs.len() == 1 {
@@ -876,6 +946,11 @@ async fn execute(
     let (reports, ()) = tokio::join!(running, rendering);
     pool.down().await;
     Ok(reports)
+}
+
+/// A `--mig` layout as the agents will read it, refused here before anything is provisioned.
+fn mig_layout(text: &str) -> Result<String, String> {
+    skyward_common::mig::Layout::parse(text).map(|_| text.trim().to_string())
 }
 
 #[cfg(test)]
@@ -907,6 +982,29 @@ mod tests {
     }
 
     #[test]
+    fn gpu_flags_become_the_request_of_every_task() {
+        // A bare --slice takes no value, so the inputs after it stay inputs.
+        let plan = args(&["--map", "echo", "--slice", "a", "b"]).unwrap();
+        assert_eq!(plan.gpus, GpuRequest::Slice { profile: None });
+        assert_eq!(plan.argvs, vec![vec!["echo", "a"], vec!["echo", "b"]]);
+        let plan = args(&["--slice=1g.10gb", "--", "true"]).unwrap();
+        assert_eq!(
+            plan.gpus,
+            GpuRequest::Slice {
+                profile: Some("1g.10gb".into())
+            }
+        );
+        let plan = args(&["--accelerator", "H100:8", "--gpus", "8", "--", "true"]).unwrap();
+        assert_eq!(plan.gpus, GpuRequest::Gpus(8));
+        // A local pool gets this machine's GPUs: checked once its nodes are up.
+        assert_eq!(
+            args(&["--gpus", "4", "--", "true"]).unwrap().gpus,
+            GpuRequest::Gpus(4)
+        );
+        assert_eq!(args(&["--", "true"]).unwrap().gpus, GpuRequest::None);
+    }
+
+    #[test]
     fn bad_command_lines_say_how_to_fix_them() {
         for (argv, hint) in [
             (
@@ -933,6 +1031,26 @@ mod tests {
             (&["--memory", "lots", "--", "true"][..], "8GB"),
             (&["--max-price", "0", "--", "true"][..], "positive price"),
             (&["--on", "all", "--map", "echo", "a"][..], "drop --on all"),
+            (
+                &["--gpus", "0", "--", "true"][..],
+                "--gpus must be at least 1",
+            ),
+            (
+                &["--accelerator", "H100:2", "--gpus", "3", "--", "true"][..],
+                "--accelerator H100:3",
+            ),
+            (
+                &["--provider", "aws", "--gpus", "2", "--", "true"][..],
+                "add --accelerator NAME:2",
+            ),
+            (
+                &["--accelerator", "L4", "--slice=1g.10gb", "--", "true"][..],
+                "needs MIG",
+            ),
+            (
+                &["--gpus", "1", "--slice", "--", "true"][..],
+                "cannot be used",
+            ),
         ] {
             let err = args(argv)
                 .err()

@@ -1,8 +1,9 @@
 //! The Skyward coordinator: pools, providers, the QUIC endpoint agents dial, scheduling,
 //! and the `skyward` CLI built on them.
 //!
-//! The pure parts ([`lifecycle`], [`schedule`], [`task`], [`tokens`]) hold every rule and
-//! do no I/O; [`server`], [`pool`] and [`run`] are the async shell that moves bytes and timers.
+//! The pure parts ([`lifecycle`], [`schedule`], [`slots`], [`task`], [`tokens`],
+//! [`training`]) hold every rule and do no I/O; [`server`], [`pool`], [`run`] and
+//! [`preflight`] are the async shell that moves bytes and timers.
 
 pub mod bootstrap;
 pub mod catalog;
@@ -12,14 +13,17 @@ pub mod lifecycle;
 pub mod offer;
 pub mod output;
 pub mod pool;
+pub mod preflight;
 pub mod provider;
 pub mod run;
 pub mod schedule;
 pub mod selection;
 pub mod server;
+pub mod slots;
 pub mod spec;
 pub mod task;
 pub mod tokens;
+pub mod training;
 
 pub use pool::Pool;
 pub use selection::Selection;

@@ -126,6 +126,7 @@ impl Pool {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let mut bootstrap = coordinator.bootstrap();
+            bootstrap.mig = spec.mig.clone();
             bootstrap.reverse = reverse_of(spec);
             if spec.reverse {
                 // Nodes cannot reach this coordinator to download the agent from it: the
@@ -248,6 +249,30 @@ impl Pool {
     }
 }
 
+/// Why a MIG layout cannot be had, known before anything is provisioned.
+fn mig_refusal(spec: &PoolSpec, providers: &[Arc<dyn Provider>]) -> Option<String> {
+    let layout = spec.mig.as_ref()?;
+    if let Some(p) = providers.iter().find(|p| !p.supports_mig()) {
+        return Some(format!(
+            "--mig {layout}: {} nodes cannot partition GPUs with MIG; drop --mig or use another provider",
+            p.name()
+        ));
+    }
+    let wanted = spec.accelerator.as_ref()?;
+    (!wanted.accelerator.mig).then(|| {
+        let able: Vec<&str> = crate::catalog::CATALOG
+            .iter()
+            .filter(|a| a.mig)
+            .map(|a| a.name)
+            .collect();
+        format!(
+            "--mig {layout}: {} has no MIG; choose one of {}",
+            wanted.accelerator.name,
+            able.join(", ")
+        )
+    })
+}
+
 /// What no provider can do for `spec`, refused before anything is created (the CLI asks
 /// before it even starts its coordinator).
 pub fn check(spec: &PoolSpec, providers: &[Arc<dyn Provider>]) -> Result<(), String> {
@@ -277,7 +302,10 @@ pub fn check(spec: &PoolSpec, providers: &[Arc<dyn Provider>]) -> Result<(), Str
             }
         }
     }
-    Ok(())
+    match mig_refusal(spec, providers) {
+        Some(message) => Err(message),
+        None => Ok(()),
+    }
 }
 
 /// Why nothing could be tried, with what each provider said.

@@ -11,8 +11,10 @@ use tokio::task::JoinSet;
 
 use crate::lifecycle::Event;
 use crate::pool::Pool;
-use crate::schedule::Scheduler;
+use crate::preflight::PreflightError;
 use crate::server::{Coordinator, NodeHandle};
+use crate::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
+use crate::training::{training_env, Mesh};
 
 /// One task of a job.
 #[derive(Debug, Clone)]
@@ -21,11 +23,13 @@ pub struct TaskPlan {
     pub env: Vec<(String, String)>,
     /// Index of the node the task must run on (broadcast), or any node.
     pub node: Option<usize>,
+    /// GPU slots the task needs; it starts only once they are free.
+    pub gpus: GpuRequest,
 }
 
 pub struct Job {
     pub tasks: Vec<TaskPlan>,
-    /// Tasks at once on one node.
+    /// Tasks at once on one node, for tasks without a GPU request (slots limit the others).
     pub per_node: usize,
     pub timeout: Option<Duration>,
     /// Fed to the first task's stdin.
@@ -33,19 +37,33 @@ pub struct Job {
 }
 
 impl Job {
-    /// One task on every node, each told its rank, the world size and every node's address.
-    pub fn broadcast(pool: &Pool, argv: Vec<String>, env: Vec<(String, String)>) -> Vec<TaskPlan> {
-        let ips: Vec<String> = pool.nodes().iter().map(|n| n.address.to_string()).collect();
-        (0..pool.nodes().len())
+    /// One task on every node, each told its rank, the world size, every node's address and
+    /// where rank 0 listens ([`crate::training`]), once the preflight has checked that every
+    /// node reaches rank 0 there.
+    pub async fn broadcast(
+        pool: &Pool,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Result<Vec<TaskPlan>, PreflightError> {
+        let mesh = crate::preflight::check(&pool.shared_coordinator(), pool.nodes(), &env).await?;
+        Ok(Self::broadcast_on(&mesh, argv, env))
+    }
+
+    /// The broadcast's tasks on `mesh`; the user's `env` goes last, so it wins.
+    pub fn broadcast_on(
+        mesh: &Mesh,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Vec<TaskPlan> {
+        (0..mesh.nodes.len())
             .map(|rank| {
-                let mut env = env.clone();
-                env.push(("SKYWARD_NODE_RANK".into(), rank.to_string()));
-                env.push(("SKYWARD_NUM_NODES".into(), pool.nodes().len().to_string()));
-                env.push(("SKYWARD_NODE_IPS".into(), ips.join(",")));
+                let mut task_env = training_env(mesh, rank);
+                task_env.extend(env.iter().cloned());
                 TaskPlan {
                     argv: argv.clone(),
-                    env,
+                    env: task_env,
                     node: Some(rank),
+                    gpus: GpuRequest::None,
                 }
             })
             .collect()
@@ -102,14 +120,37 @@ pub async fn run_job(
     let _ = pool.lifecycle().handle(Event::RunStarted);
     let nodes = pool.nodes().to_vec();
     let loads = nodes.iter().map(|n| n.running() as usize).collect();
-    let pins = job.tasks.iter().map(|t| t.node).collect();
-    let mut scheduler = Scheduler::new(nodes.len(), job.per_node, pins).with_running(loads);
+    let slots = nodes.iter().map(|n| node_slots(&n.inventory)).collect();
+    let slot_tasks: Vec<SlotTask> = job
+        .tasks
+        .iter()
+        .map(|t| SlotTask {
+            pin: t.node,
+            gpus: t.gpus.clone(),
+        })
+        .collect();
     let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
+    let mut scheduler = match SlotScheduler::new(slots, job.per_node, &slot_tasks) {
+        Ok(scheduler) => scheduler.with_running(loads),
+        // A task no node could ever take: none starts (the CLI checks this before).
+        Err(message) => {
+            let _ = pool.lifecycle().handle(Event::RunFinished);
+            return vec![
+                TaskReport {
+                    node: String::new(),
+                    outcome: Err(message),
+                };
+                job.tasks.len()
+            ];
+        }
+    };
     let mut running = JoinSet::new();
     let timeout_ms = job.timeout.map(|t| t.as_millis() as u64);
     loop {
-        for (task, node) in scheduler.assign() {
-            let plan = job.tasks[task].clone();
+        for placement in scheduler.assign() {
+            let (task, node) = (placement.task, placement.node);
+            let mut plan = job.tasks[task].clone();
+            plan.env.extend(placement.env());
             let stdin = if task == 0 { job.stdin.take() } else { None };
             let spec = TaskSpec::command(0, 0, plan.argv, plan.env, timeout_ms, stdin.is_some());
             let coordinator = pool.shared_coordinator();
@@ -117,16 +158,16 @@ pub async fn run_job(
             let events = events.clone();
             running.spawn(async move {
                 let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
-                (task, node, report)
+                (task, report)
             });
         }
         if scheduler.done() {
             break;
         }
-        let Some(Ok((task, node, report))) = running.join_next().await else {
+        let Some(Ok((task, report))) = running.join_next().await else {
             break;
         };
-        scheduler.finished(node);
+        scheduler.finished(task);
         let _ = events
             .send(RunEvent::Finished {
                 task,
@@ -211,6 +252,8 @@ async fn drive_task(
                         .await;
                 }
                 Ok(Some(TaskEvent::Finished(outcome))) => return report(Ok(outcome)),
+                // Only probe tasks report these; a command has nothing to say with one.
+                Ok(Some(TaskEvent::Probe(_))) => {}
                 Ok(None) => return report(Err("task stream ended without an outcome".into())),
                 Err(e) => return report(Err(e.to_string())),
             }

@@ -428,6 +428,7 @@ fn spec_size(spec: &TaskSpec) -> usize {
             argv.iter().map(String::len).sum()
         }
         skyward_common::protocol::TaskKind::Noop => 0,
+        skyward_common::protocol::TaskKind::Probe(probe) => probe.connect.len() * 32,
     };
     argv + spec
         .env

@@ -138,6 +138,9 @@ pub struct PoolSpec {
     /// With `reverse`: the address this coordinator's traffic comes from, the only one the
     /// cloud nodes' agent port is opened to.
     pub public_ip: Option<std::net::IpAddr>,
+    /// MIG layout every GPU of every node gets at bootstrap: one profile to fill each GPU
+    /// with (`1g.10gb`) or exactly these (`3g.40gb,2g.20gb,1g.10gb`).
+    pub mig: Option<String>,
 }
 
 impl PoolSpec {
@@ -156,6 +159,7 @@ impl PoolSpec {
             connect_timeout: Duration::from_secs(60),
             reverse: false,
             public_ip: None,
+            mig: None,
         }
     }
 

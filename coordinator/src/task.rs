@@ -49,7 +49,7 @@ impl TaskProgress {
                 self.next_seq += 1;
                 Ok(Delivery::Deliver)
             }
-            TaskEvent::Started { .. } => Ok(Delivery::Deliver),
+            TaskEvent::Started { .. } | TaskEvent::Probe(_) => Ok(Delivery::Deliver),
             TaskEvent::Finished(outcome) => {
                 self.outcome = Some(outcome.clone());
                 Ok(Delivery::Deliver)

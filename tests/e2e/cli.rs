@@ -649,3 +649,60 @@ fn reverse_on_a_cloud_says_what_it_needs_before_creating_anything() {
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("--reverse"), "{}", out.stderr);
 }
+
+#[test]
+fn a_mig_layout_the_nodes_cannot_take_is_refused_before_anything_starts() {
+    let sandbox = Sandbox::new();
+    // Every cloud endpoint points where nothing answers: a refusal must come before any call.
+    let refused = |args: &[&str]| {
+        let out = run(
+            sandbox
+                .skyward()
+                .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+                .env("AWS_SECRET_ACCESS_KEY", "unused")
+                .env("AWS_DEFAULT_REGION", "us-east-1")
+                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+                .env("VAST_API_KEY", "unused")
+                .env("VAST_URL", "http://127.0.0.1:9")
+                .arg("run")
+                .args(args)
+                .args(["--", "true"]),
+            LIMIT,
+        );
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        // The first line says it all (clap adds a pointer to --help below its own).
+        out.stderr.lines().next().unwrap_or_default().to_string()
+    };
+    let typo = refused(&["--mig", "1g10gb"]);
+    assert!(
+        typo.contains("\"1g10gb\" is not a profile") && typo.contains("--mig 1g.10gb"),
+        "{typo}"
+    );
+    let containers = refused(&[
+        "--provider",
+        "vastai",
+        "--accelerator",
+        "A100",
+        "--mig",
+        "1g.10gb",
+    ]);
+    assert!(
+        containers.contains("vastai nodes cannot partition GPUs with MIG"),
+        "{containers}"
+    );
+    let no_mig = refused(&[
+        "--provider",
+        "aws",
+        "--accelerator",
+        "T4",
+        "--mig",
+        "1g.10gb",
+    ]);
+    assert!(
+        no_mig.contains("T4 has no MIG") && no_mig.contains("A100"),
+        "{no_mig}"
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}

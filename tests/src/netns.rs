@@ -110,3 +110,107 @@ impl Drop for TestNet {
         let _ = ip(&["link", "del", &self.host_if]);
     }
 }
+
+impl TestNet {
+    /// The namespace's name, for `ip -n` and `ip netns exec`.
+    pub fn namespace(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Several test hosts that share a private network, as a cloud's machines share a VPC (or
+/// VastAI's an overlay): each host is a [`TestNet`] (its own namespace, whose /30 link to this
+/// machine carries its traffic to the coordinator) with an `eth0` on a switch, a bridge in a
+/// namespace of its own, addressed in [`PRIVATE_NET`]/24. This machine has no address on the
+/// switch and no route to it, and the hosts have no route through this machine to each
+/// other: they meet on the switch or not at all. Everything is removed when dropped.
+pub struct TestCluster {
+    pub hosts: Vec<TestNet>,
+    switch: String,
+}
+
+/// The first three octets of the hosts' private network. It exists only inside the test's
+/// namespaces, so concurrent test processes may each have one.
+pub const PRIVATE_NET: [u8; 3] = [10, 251, 250];
+
+impl TestCluster {
+    /// Creates `hosts` hosts on one switch. Needs root, like [`TestNet::create`].
+    pub fn create(hosts: usize) -> Result<TestCluster, String> {
+        assert!((1..=200).contains(&hosts), "1 to 200 hosts");
+        let mut cluster = TestCluster {
+            hosts: Vec::new(),
+            switch: String::new(),
+        };
+        for _ in 0..hosts {
+            cluster.hosts.push(TestNet::create()?);
+        }
+        // Named after the first host's namespace, unique per test process and host.
+        cluster.switch = format!("{}s", cluster.hosts[0].name);
+        ip(&["netns", "add", &cluster.switch])?;
+        let sw = cluster.switch.clone();
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        let coordinator = cluster.coordinator_ip().to_string();
+        for (index, host) in cluster.hosts.iter().enumerate() {
+            let port = format!("port{index}");
+            // Made inside the namespaces: no name is ever taken on this machine.
+            ip(&[
+                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &host.name,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            let address = format!("{}/24", cluster.private_ip(index));
+            ip(&["-n", &host.name, "addr", "add", &address, "dev", "eth0"])?;
+            ip(&["-n", &host.name, "link", "set", "eth0", "up"])?;
+            // The coordinator listens on the first host's link; the others reach it through
+            // their own, as local delivery on this machine (nothing is forwarded).
+            if index > 0 {
+                let via = host.host_ip.to_string();
+                ip(&[
+                    "-n",
+                    &host.name,
+                    "route",
+                    "add",
+                    &format!("{coordinator}/32"),
+                    "via",
+                    &via,
+                ])?;
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Where a coordinator for the hosts listens: this machine's end of the first host's link.
+    pub fn coordinator_ip(&self) -> Ipv4Addr {
+        self.hosts[0].host_ip
+    }
+
+    /// Host `index`'s address on the private network (`eth0`).
+    pub fn private_ip(&self, index: usize) -> Ipv4Addr {
+        let [a, b, c] = PRIVATE_NET;
+        Ipv4Addr::new(a, b, c, index as u8 + 1)
+    }
+
+    /// Cuts host `index` off the private network at the switch, as a pulled cable would; its
+    /// link to the coordinator stays.
+    pub fn cut(&self, index: usize) -> Result<(), String> {
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &format!("port{index}"),
+            "down",
+        ])
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // The switch's ends go with its namespace, the hosts' `eth0` with them; the hosts
+        // remove themselves.
+        if !self.switch.is_empty() {
+            let _ = ip(&["netns", "del", &self.switch]);
+        }
+    }
+}
