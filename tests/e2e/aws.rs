@@ -549,3 +549,100 @@ async fn a_reverse_pool_opens_the_agent_port_to_the_coordinator_alone_and_is_dia
         .wait_for_no_processes(Duration::from_secs(10))
         .is_empty());
 }
+
+/// The decoded `Key=Value` pairs of a form the proxy saw.
+fn form_pairs(form: &str) -> Vec<(String, String)> {
+    reqwest::Url::parse(&format!("http://form/?{form}"))
+        .unwrap()
+        .query_pairs()
+        .into_owned()
+        .collect()
+}
+
+/// The subnets a CreateFleet call let EC2 choose from.
+fn fleet_subnets(form: &str) -> Vec<String> {
+    form_pairs(form)
+        .into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("LaunchTemplateConfigs.1.Overrides.") && k.ends_with(".SubnetId")
+        })
+        .map(|(_, v)| v)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_group_keeps_the_pool_in_one_subnet_and_goes_with_it() {
+    let sandbox = Sandbox::new();
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.url).await;
+    let _hypervisor = Hypervisor::start(&moto.url, sandbox.path().join("ec2"));
+    moto::fake_credentials();
+    let provider = Arc::new(Aws::new(AwsConfig {
+        endpoint_url: Some(proxy.url.clone()),
+        placement_group: Some("cluster".into()),
+        ..AwsConfig::default()
+    }));
+    let providers: Vec<Arc<dyn Provider>> = vec![provider.clone()];
+    let mut ignore = |_: PoolProgress<'_>| {};
+    let pool = Pool::up(
+        coordinator("aws-placed"),
+        &providers,
+        &Selection::Cheapest,
+        &small_spec(2),
+        &mut ignore,
+    )
+    .await
+    .expect("a placed pool on moto");
+
+    let groups = moto.placement_groups();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(
+        (groups[0].name.as_str(), groups[0].strategy.as_str()),
+        ("skyward-aws-placed", "cluster")
+    );
+    assert!(
+        groups[0]
+            .tags
+            .contains(&(POOL_TAG.to_string(), "aws-placed".to_string())),
+        "{groups:?}"
+    );
+    // Every node's launch template puts it in the group.
+    let templates = proxy.forms("CreateLaunchTemplate");
+    assert_eq!(templates.len(), 2);
+    for form in &templates {
+        assert!(
+            form_pairs(form).contains(&(
+                "LaunchTemplateData.Placement.GroupName".into(),
+                "skyward-aws-placed".into()
+            )),
+            "{form}"
+        );
+    }
+    // The first node may go to any zone's subnet; the second only where the first went.
+    let fleets = proxy.forms("CreateFleet");
+    assert_eq!(fleets.len(), 2);
+    let (first, second) = (fleet_subnets(&fleets[0]), fleet_subnets(&fleets[1]));
+    assert!(first.len() > 1, "moto offers several zones: {first:?}");
+    let ec2 = moto::client(&moto.url).await;
+    let described = ec2
+        .describe_instances()
+        .filters(moto::tag_filter(POOL_TAG, "aws-placed"))
+        .send()
+        .await
+        .unwrap();
+    let subnets: std::collections::BTreeSet<&str> = described
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.subnet_id())
+        .collect();
+    assert_eq!(subnets.len(), 1, "{subnets:?}");
+    assert_eq!(
+        second,
+        subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    );
+
+    pool.down().await;
+    assert!(moto.placement_groups().is_empty());
+    assert!(live_instances(&moto.url, "aws-placed").await.is_empty());
+}

@@ -3,6 +3,9 @@
 //! moto cannot do (capacity errors, throttling), and a "hypervisor" that boots every instance
 //! moto starts from its user-data, read back through the EC2 API as a node would get it.
 //!
+//! moto has no placement groups: a front of ours answers those calls itself, in EC2's shapes,
+//! and passes everything else to moto, so every test's EC2 (`Moto::url`) has them.
+//!
 //! moto gives instances random public IPs, which tests must never send traffic to: through
 //! the proxy an instance has no public address until the hypervisor has booted it in a
 //! network namespace of its own (`set_boot_isolated`), and then that namespace's address.
@@ -29,7 +32,10 @@ const DEFAULT_MOTO: &str = "/var/tmp/skyward-tools/moto/bin/moto_server";
 
 pub struct Moto {
     child: Child,
+    /// EC2 for tests: moto behind the placement-group front.
     pub url: String,
+    front: PlacementGroups,
+    stop_front: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Moto {
@@ -65,12 +71,27 @@ impl Moto {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Moto { child, url }
+        let front = PlacementGroups::default();
+        let (front_url, stop_front) = serve_front(front.clone(), url);
+        Moto {
+            child,
+            url: front_url,
+            front,
+            stop_front: Some(stop_front),
+        }
+    }
+
+    /// The placement groups that exist now, in every region.
+    pub fn placement_groups(&self) -> Vec<PlacementGroup> {
+        self.front.0.lock().unwrap().clone()
     }
 }
 
 impl Drop for Moto {
     fn drop(&mut self) {
+        if let Some(stop) = self.stop_front.take() {
+            let _ = stop.send(());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -133,8 +154,8 @@ impl PublicAddresses {
 #[derive(Default)]
 struct ProxyState {
     faults: Vec<Fault>,
-    /// Every action seen, in order.
-    actions: Vec<String>,
+    /// Every action seen, in order, with its form.
+    actions: Vec<(String, String)>,
     /// What the proxy reports as instances' public addresses.
     public: PublicAddresses,
 }
@@ -186,8 +207,20 @@ impl FaultProxy {
             .unwrap()
             .actions
             .iter()
-            .filter(|a| *a == action)
+            .filter(|(a, _)| a == action)
             .count()
+    }
+
+    /// The form of each call of `action`, in order (`Key=Value&...`, URL-encoded).
+    pub fn forms(&self, action: &str) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .actions
+            .iter()
+            .filter(|(a, _)| a == action)
+            .map(|(_, form)| form.clone())
+            .collect()
     }
 }
 
@@ -210,7 +243,7 @@ async fn forward(
         .to_string();
     let (fault, public) = {
         let mut state = state.lock().unwrap();
-        state.actions.push(action.clone());
+        state.actions.push((action.clone(), form.clone()));
         let hit = state.faults.iter_mut().find(|f| match f {
             Fault::FleetError { count, .. } => action == "CreateFleet" && *count > 0,
             Fault::Throttle { action: a, count } => *a == action && *count > 0,
@@ -239,35 +272,265 @@ async fn forward(
         )
             .into_response(),
         None => {
-            let target = format!("{upstream}{}", uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-            let mut request = http.request(method, target).body(body.to_vec());
-            for (name, value) in &headers {
-                if name != "host" && name != "content-length" {
-                    request = request.header(name, value);
+            pass_on(http, upstream, method, &uri, &headers, body, |bytes| {
+                match std::str::from_utf8(&bytes) {
+                    Ok(xml) if xml.contains("<instancesSet>") => {
+                        Bytes::from(rewrite_public_addresses(xml, &public.snapshot()))
+                    }
+                    _ => bytes,
                 }
-            }
-            match request.send().await {
-                Ok(reply) => {
-                    let status = StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-                    let content_type = reply
-                        .headers()
-                        .get("content-type")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("text/xml")
-                        .to_string();
-                    let bytes = reply.bytes().await.unwrap_or_default();
-                    let body = match std::str::from_utf8(&bytes) {
-                        Ok(xml) if xml.contains("<instancesSet>") => {
-                            Bytes::from(rewrite_public_addresses(xml, &public.snapshot()))
-                        }
-                        _ => bytes,
-                    };
-                    (status, [("content-type", content_type)], body).into_response()
-                }
-                Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-            }
+            })
+            .await
         }
     }
+}
+
+/// Sends the request on to `upstream` and its answer back, the body through `rewrite`.
+async fn pass_on(
+    http: &reqwest::Client,
+    upstream: &str,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+    rewrite: impl FnOnce(Bytes) -> Bytes,
+) -> Response {
+    let target = format!(
+        "{upstream}{}",
+        uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    );
+    let mut request = http.request(method, target).body(body.to_vec());
+    for (name, value) in headers {
+        if name != "host" && name != "content-length" {
+            request = request.header(name, value);
+        }
+    }
+    match request.send().await {
+        Ok(reply) => {
+            let status =
+                StatusCode::from_u16(reply.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let content_type = reply
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("text/xml")
+                .to_string();
+            let bytes = reply.bytes().await.unwrap_or_default();
+            (status, [("content-type", content_type)], rewrite(bytes)).into_response()
+        }
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+/// A placement group as EC2 keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementGroup {
+    pub region: String,
+    pub name: String,
+    pub id: String,
+    pub strategy: String,
+    pub tags: Vec<(String, String)>,
+}
+
+#[derive(Clone, Default)]
+struct PlacementGroups(Arc<Mutex<Vec<PlacementGroup>>>);
+
+type FrontState = Arc<(PlacementGroups, reqwest::Client, String)>;
+
+/// Serves the front on a loopback port of its own thread (moto's users may be sync tests).
+fn serve_front(
+    groups: PlacementGroups,
+    moto_url: String,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (address_tx, address_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the moto front");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind the moto front");
+            let _ = address_tx.send(listener.local_addr().expect("front address"));
+            let state: FrontState = Arc::new((groups, reqwest::Client::new(), moto_url));
+            let app = axum::Router::new().fallback(front).with_state(state);
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+    });
+    let address: SocketAddr = address_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the moto front starts");
+    (format!("http://{address}"), stop)
+}
+
+async fn front(
+    State(state): State<FrontState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (groups, http, upstream) = (&state.0, &state.1, &state.2);
+    let form: Vec<(String, String)> = reqwest::Url::parse(&format!(
+        "http://form/?{}&{}",
+        String::from_utf8_lossy(&body),
+        uri.query().unwrap_or_default()
+    ))
+    .map(|url| url.query_pairs().into_owned().collect())
+    .unwrap_or_default();
+    let get = |key: &str| form.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    // The region is the SigV4 credential scope's: `Credential=KEY/DATE/REGION/ec2/...`.
+    let region = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|auth| auth.split("Credential=").nth(1))
+        .and_then(|scope| scope.split('/').nth(2))
+        .unwrap_or("us-east-1")
+        .to_string();
+    let action = get("Action").unwrap_or_default();
+    let mut groups = groups.0.lock().unwrap();
+    match action.as_str() {
+        "CreatePlacementGroup" => {
+            let name = get("GroupName").unwrap_or_default();
+            let strategy = get("Strategy").unwrap_or_default();
+            if !["cluster", "spread", "partition"].contains(&strategy.as_str()) {
+                return ec2_error(
+                    "InvalidParameterValue",
+                    &format!("Value ({strategy}) for parameter strategy is invalid."),
+                );
+            }
+            if groups.iter().any(|g| g.region == region && g.name == name) {
+                return ec2_error(
+                    "InvalidPlacementGroup.Duplicate",
+                    &format!("The Placement Group '{name}' already exists."),
+                );
+            }
+            let tags = (1..)
+                .map_while(|n| {
+                    let key = get(&format!("TagSpecification.1.Tag.{n}.Key"))?;
+                    Some((
+                        key,
+                        get(&format!("TagSpecification.1.Tag.{n}.Value")).unwrap_or_default(),
+                    ))
+                })
+                .collect();
+            let group = PlacementGroup {
+                region,
+                id: format!("pg-{:017x}", groups.len() + 1),
+                name,
+                strategy,
+                tags,
+            };
+            let xml = format!(
+                "<CreatePlacementGroupResponse xmlns=\"{EC2_XMLNS}\"><requestId>front-0001</requestId><return>true</return><placementGroup>{}</placementGroup></CreatePlacementGroupResponse>",
+                group_xml(&group)
+            );
+            groups.push(group);
+            ec2_ok(xml)
+        }
+        "DescribePlacementGroups" => {
+            let names: Vec<String> = (1..)
+                .map_while(|n| get(&format!("GroupName.{n}")))
+                .collect();
+            let mut filters = Vec::new();
+            for n in 1.. {
+                let Some(name) = get(&format!("Filter.{n}.Name")) else {
+                    break;
+                };
+                let values: Vec<String> = (1..)
+                    .map_while(|m| get(&format!("Filter.{n}.Value.{m}")))
+                    .collect();
+                if !(name.starts_with("tag:") || name == "group-name" || name == "strategy") {
+                    return ec2_error(
+                        "InvalidParameterValue",
+                        &format!("The filter '{name}' is invalid"),
+                    );
+                }
+                filters.push((name, values));
+            }
+            let matches = |g: &PlacementGroup| {
+                g.region == region
+                    && (names.is_empty() || names.contains(&g.name))
+                    && filters.iter().all(|(name, values)| {
+                        let have: Vec<&str> = match name.strip_prefix("tag:") {
+                            Some(key) => g
+                                .tags
+                                .iter()
+                                .filter(|(k, _)| k == key)
+                                .map(|(_, v)| v.as_str())
+                                .collect(),
+                            None if name == "group-name" => vec![g.name.as_str()],
+                            None => vec![g.strategy.as_str()],
+                        };
+                        have.iter().any(|h| values.iter().any(|v| v == h))
+                    })
+            };
+            let items: String = groups
+                .iter()
+                .filter(|g| matches(g))
+                .map(|g| format!("<item>{}</item>", group_xml(g)))
+                .collect();
+            ec2_ok(format!(
+                "<DescribePlacementGroupsResponse xmlns=\"{EC2_XMLNS}\"><requestId>front-0002</requestId><placementGroupSet>{items}</placementGroupSet></DescribePlacementGroupsResponse>"
+            ))
+        }
+        "DeletePlacementGroup" => {
+            let name = get("GroupName").unwrap_or_default();
+            let before = groups.len();
+            groups.retain(|g| !(g.region == region && g.name == name));
+            if groups.len() == before {
+                return ec2_error(
+                    "InvalidPlacementGroup.Unknown",
+                    &format!("The Placement Group '{name}' is unknown."),
+                );
+            }
+            ec2_ok(format!(
+                "<DeletePlacementGroupResponse xmlns=\"{EC2_XMLNS}\"><requestId>front-0003</requestId><return>true</return></DeletePlacementGroupResponse>"
+            ))
+        }
+        _ => {
+            drop(groups);
+            pass_on(http, upstream, method, &uri, &headers, body, |b| b).await
+        }
+    }
+}
+
+const EC2_XMLNS: &str = "http://ec2.amazonaws.com/doc/2016-11-15/";
+
+fn group_xml(g: &PlacementGroup) -> String {
+    let tags: String = g
+        .tags
+        .iter()
+        .map(|(k, v)| format!("<item><key>{k}</key><value>{v}</value></item>"))
+        .collect();
+    format!(
+        "<groupName>{}</groupName><groupId>{}</groupId><state>available</state><strategy>{}</strategy><tagSet>{tags}</tagSet>",
+        g.name, g.id, g.strategy
+    )
+}
+
+fn ec2_ok(xml: String) -> Response {
+    (
+        StatusCode::OK,
+        [("content-type", "text/xml")],
+        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n{xml}"),
+    )
+        .into_response()
+}
+
+fn ec2_error(code: &str, message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        [("content-type", "text/xml")],
+        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>front-error</RequestID></Response>"),
+    )
+        .into_response()
 }
 
 /// Boots every instance moto reports running from its user-data (read back through

@@ -2,7 +2,9 @@
 //! availability zones (spot prices from the price history, on-demand prices from a bundled
 //! table), AMI auto-detection, the default VPC's subnets, a security group per pool that only
 //! lets the pool's nodes talk to each other (and, with `--reverse`, the coordinator's one
-//! address reach the agent port), and instances tagged with their pool.
+//! address reach the agent port), and instances tagged with their pool. A pool's nodes go to
+//! one subnet (the one the first node's fleet chose), and to a placement group of the pool's
+//! own when the config asks for one.
 //!
 //! Credentials come through the standard AWS chain (environment, `aws configure` files);
 //! `AWS_ENDPOINT_URL` (or the config's `endpoint_url`) points the SDK elsewhere.
@@ -19,8 +21,8 @@ use aws_sdk_ec2::types::{
     FleetOnDemandAllocationStrategy, FleetType, InstanceStateName, InstanceType, IpPermission,
     IpRange, Ipv6Range, LaunchTemplateBlockDeviceMappingRequest,
     LaunchTemplateEbsBlockDeviceRequest,
-    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest,
-    LaunchTemplateTagSpecificationRequest, LocationType, OnDemandOptionsRequest,
+    LaunchTemplateInstanceNetworkInterfaceSpecificationRequest, LaunchTemplatePlacementRequest,
+    LaunchTemplateTagSpecificationRequest, LocationType, OnDemandOptionsRequest, PlacementStrategy,
     RequestLaunchTemplateData, ResourceType, ShutdownBehavior, SpotAllocationStrategy,
     SpotOptionsRequest, Tag, TagSpecification, TargetCapacitySpecificationRequest, UserIdGroupPair,
 };
@@ -86,6 +88,9 @@ pub struct AwsConfig {
     pub allocation_strategy: String,
     /// Overrides the EC2 endpoint (`AWS_ENDPOINT_URL` does the same from the environment).
     pub endpoint_url: Option<String>,
+    /// A placement group of the pool's own, with this strategy (`cluster` for the lowest
+    /// latency between nodes, `spread`, `partition`); `None` places nodes as EC2 likes.
+    pub placement_group: Option<String>,
 }
 
 impl Default for AwsConfig {
@@ -96,6 +101,7 @@ impl Default for AwsConfig {
             subnet_id: None,
             allocation_strategy: "price-capacity-optimized".into(),
             endpoint_url: None,
+            placement_group: None,
         }
     }
 }
@@ -125,12 +131,23 @@ impl AwsConfig {
             self.allocation_strategy = strategy;
         }
         self.endpoint_url = settings.take("endpoint_url")?.or(self.endpoint_url.take());
+        if let Some(strategy) = settings.take::<String>("placement_group")? {
+            const STRATEGIES: &[&str] = &["cluster", "spread", "partition"];
+            if !STRATEGIES.contains(&strategy.as_str()) {
+                return Err(format!(
+                    "aws.placement_group {strategy:?}: use one of {}",
+                    STRATEGIES.join(", ")
+                ));
+            }
+            self.placement_group = Some(strategy);
+        }
         settings.finish(&[
             "region",
             "ami",
             "subnet_id",
             "allocation_strategy",
             "endpoint_url",
+            "placement_group",
         ])
     }
 
@@ -483,6 +500,50 @@ impl Aws {
         Ok(id)
     }
 
+    /// The pool's placement group `skyward-<pool>`, made with `strategy` (an earlier attempt's
+    /// is reused: the name is the pool's).
+    async fn placement_group(
+        &self,
+        region: &str,
+        pool: &str,
+        strategy: &str,
+    ) -> Result<String, ProviderError> {
+        let name = format!("skyward-{pool}");
+        let created = self
+            .client(region)
+            .await
+            .create_placement_group()
+            .group_name(&name)
+            .strategy(PlacementStrategy::from(strategy))
+            .tag_specifications(tags(ResourceType::PlacementGroup, &[(POOL_TAG, pool)]))
+            .send()
+            .await;
+        match created {
+            Ok(_) => Ok(name),
+            Err(e) if e.code() == Some("InvalidPlacementGroup.Duplicate") => Ok(name),
+            Err(e) => Err(api_error(e)),
+        }
+    }
+
+    /// The subnet an instance was launched in.
+    async fn subnet_of(&self, region: &str, instance: &str) -> Result<String, ProviderError> {
+        let out = self
+            .client(region)
+            .await
+            .describe_instances()
+            .instance_ids(instance)
+            .send()
+            .await
+            .map_err(api_error)?;
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances())
+            .find_map(|i| i.subnet_id())
+            .unwrap_or_default()
+            .to_string())
+    }
+
     async fn create_security_group(
         &self,
         region: &str,
@@ -682,7 +743,15 @@ impl Provider for Aws {
         let group = self
             .security_group(region, &request.pool, &subnets[0].1, reverse)
             .await?;
+        let placement = match &self.config.placement_group {
+            Some(strategy) => Some(
+                self.placement_group(region, &request.pool, strategy)
+                    .await?,
+            ),
+            None => None,
+        };
         let client = self.client(region).await;
+        let mut subnets = subnets;
         let mut created = Vec::new();
         for node in &request.nodes {
             let user_data = request.user_data(node);
@@ -709,6 +778,13 @@ impl Provider for Aws {
                 .tag_specifications(launch_tags(ResourceType::Instance, &pairs))
                 .tag_specifications(launch_tags(ResourceType::Volume, &pairs));
             let mut data = with_network(data, &group, reverse);
+            if let Some(name) = &placement {
+                data = data.placement(
+                    LaunchTemplatePlacementRequest::builder()
+                        .group_name(name)
+                        .build(),
+                );
+            }
             if let Some(disk) = request.spec.disk_gb {
                 data = data.block_device_mappings(
                     LaunchTemplateBlockDeviceMappingRequest::builder()
@@ -809,6 +885,14 @@ impl Provider for Aws {
                     market,
                 ));
             };
+            if subnets.len() > 1 && request.nodes.len() > 1 {
+                // The nodes talk to each other (NCCL, a cluster placement group): the rest
+                // go where the first one went.
+                let subnet = self.subnet_of(region, &id).await?;
+                if subnets.iter().any(|(s, _)| *s == subnet) {
+                    subnets.retain(|(s, _)| *s == subnet);
+                }
+            }
             created.push(Instance {
                 node_id: node.node_id.clone(),
                 provider_id: id,
@@ -985,6 +1069,33 @@ impl Aws {
                     .send()
                     .await
                     .map_err(api_error)?;
+            }
+        }
+        let placement_groups = client
+            .describe_placement_groups()
+            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+            .send()
+            .await
+            .map_err(api_error)?;
+        for group in placement_groups.placement_groups() {
+            let Some(name) = group.group_name() else {
+                continue;
+            };
+            let mut tries = 0;
+            loop {
+                match client
+                    .delete_placement_group()
+                    .group_name(name)
+                    .send()
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) if e.code() == Some("InvalidPlacementGroup.InUse") && tries < 60 => {
+                        tries += 1;
+                        tokio::time::sleep(POLL).await;
+                    }
+                    Err(e) => return Err(api_error(e)),
+                }
             }
         }
         // The group can only go once no instance uses it: retry while EC2 says so.

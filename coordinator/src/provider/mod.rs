@@ -411,5 +411,16 @@ mod tests {
         assert_eq!(config.ami.as_deref(), Some("ami-123"));
         assert_eq!(config.subnet_id.as_deref(), Some("subnet-9"));
         assert_eq!(config.region, "eu-west-1");
+        assert_eq!(config.placement_group, None);
+
+        let options = ProviderOptions::parse(["aws.placement_group=cluster"]).unwrap();
+        config.apply(options.settings("aws")).unwrap();
+        assert_eq!(config.placement_group.as_deref(), Some("cluster"));
+        let options = ProviderOptions::parse(["aws.placement_group=tight"]).unwrap();
+        let refused = config.apply(options.settings("aws")).unwrap_err();
+        assert!(
+            refused.contains("cluster, spread, partition"),
+            "names the choices: {refused}"
+        );
     }
 }
