@@ -14,6 +14,8 @@ use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::moto::{self, Fault, FaultProxy, Hypervisor, Moto};
 use skyward_tests::{run, task_output, Sandbox};
 
+const LIMIT: Duration = Duration::from_secs(60);
+
 fn aws(url: &str) -> Arc<Aws> {
     moto::fake_credentials();
     Arc::new(Aws::new(AwsConfig {
@@ -373,6 +375,13 @@ fn the_cli_lists_aws_offers_and_status_against_moto() {
         .find(|p| p["provider"] == "aws")
         .expect("aws is listed");
     assert_eq!(aws["working"], true, "{aws}");
+    // When the bundled on-demand prices are from.
+    assert!(
+        aws["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("on-demand prices as of 2025-06-01 (bundled)")),
+        "{aws}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -645,4 +654,90 @@ async fn a_placement_group_keeps_the_pool_in_one_subnet_and_goes_with_it() {
     pool.down().await;
     assert!(moto.placement_groups().is_empty());
     assert!(live_instances(&moto.url, "aws-placed").await.is_empty());
+}
+
+#[test]
+fn a_price_table_made_from_the_aws_price_list_prices_the_offers() {
+    let sandbox = Sandbox::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let fixtures = repo.join("tests/fixtures");
+    let table = sandbox.path().join("aws-prices.csv");
+    let made = std::process::Command::new("python3")
+        .arg(repo.join("scripts/aws-prices.py"))
+        .arg(fixtures.join("aws-price-list-us-east-1.csv"))
+        .arg(fixtures.join("aws-price-list-eu-west-1.csv"))
+        .output()
+        .expect("python3 runs (scripts/test.sh installs it)");
+    assert!(made.status.success(), "{made:?}");
+    let text = String::from_utf8(made.stdout).unwrap();
+    // Linux, shared tenancy, on-demand, per hour only; the oldest list's date.
+    let rows: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        rows,
+        [
+            "instance_type,usd_per_hour,region",
+            "t3.medium,0.0456,eu-west-1",
+            "g5.xlarge,1.006,us-east-1",
+            "t3.medium,0.042,us-east-1",
+        ]
+    );
+    assert!(text.contains("# as-of: 2026-11-18\n"), "{text}");
+    std::fs::write(&table, &text).unwrap();
+
+    let moto = Moto::start();
+    let t3_medium = |options: &[&str]| {
+        let out = run(
+            sandbox
+                .skyward()
+                .env("AWS_ENDPOINT_URL", &moto.url)
+                .env("AWS_ACCESS_KEY_ID", "testing")
+                .env("AWS_SECRET_ACCESS_KEY", "testing")
+                .env("AWS_EC2_METADATA_DISABLED", "true")
+                .args(["offers", "--provider", "aws", "--cpu", "2", "--json"])
+                .args(options),
+            Duration::from_secs(120),
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+        list.iter()
+            .find(|o| o["instance_type"] == "t3.medium")
+            .map(|o| o["on_demand_per_hour"].clone())
+            .expect("t3.medium is offered")
+    };
+    let with_table = format!("aws.price_table={}", table.display());
+    assert_eq!(
+        t3_medium(&[]),
+        serde_json::json!(0.0416),
+        "the bundled table"
+    );
+    assert_eq!(
+        t3_medium(&["--provider-opt", &with_table]),
+        serde_json::json!(0.042)
+    );
+    assert_eq!(
+        t3_medium(&[
+            "--provider-opt",
+            &with_table,
+            "--provider-opt",
+            "aws.region=eu-west-1"
+        ]),
+        serde_json::json!(0.0456),
+        "each region its own price"
+    );
+
+    // A table that is not one is refused before anything is asked of EC2.
+    std::fs::write(&table, "instance_type,usd_per_hour\nt3.medium,0.04\n").unwrap();
+    let out = run(
+        sandbox
+            .skyward()
+            .args(["offers", "--provider", "aws", "--provider-opt", &with_table]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("as-of") && out.stderr.contains("scripts/aws-prices.py"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 }

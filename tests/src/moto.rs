@@ -342,6 +342,7 @@ fn serve_front(
     groups: PlacementGroups,
     moto_url: String,
 ) -> (String, tokio::sync::oneshot::Sender<()>) {
+    skyward_common::install_crypto_provider();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (address_tx, address_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -28,6 +28,7 @@ use aws_sdk_ec2::types::{
 };
 use base64::Engine;
 
+use super::aws_prices::PriceTable;
 use super::{
     ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, NODE_TAG,
     POOL_TAG,
@@ -38,8 +39,6 @@ use crate::offer::{Market, Offer, OfferedAccelerator};
 use crate::spec::PoolSpec;
 
 const NAME: &str = "aws";
-/// The bundled on-demand price table (us-east-1 list prices; an estimate elsewhere).
-const PRICES: &str = include_str!("../../data/aws-on-demand-prices.csv");
 /// How long instances get to reach `running`, and to be gone after termination.
 const STATE_WAIT: Duration = Duration::from_secs(300);
 const POLL: Duration = Duration::from_secs(2);
@@ -91,6 +90,8 @@ pub struct AwsConfig {
     /// A placement group of the pool's own, with this strategy (`cluster` for the lowest
     /// latency between nodes, `spread`, `partition`); `None` places nodes as EC2 likes.
     pub placement_group: Option<String>,
+    /// On-demand prices; `None` uses the table bundled with this build.
+    pub price_table: Option<PriceTable>,
 }
 
 impl Default for AwsConfig {
@@ -102,6 +103,7 @@ impl Default for AwsConfig {
             allocation_strategy: "price-capacity-optimized".into(),
             endpoint_url: None,
             placement_group: None,
+            price_table: None,
         }
     }
 }
@@ -141,6 +143,9 @@ impl AwsConfig {
             }
             self.placement_group = Some(strategy);
         }
+        if let Some(path) = settings.take::<std::path::PathBuf>("price_table")? {
+            self.price_table = Some(PriceTable::load(&path)?);
+        }
         settings.finish(&[
             "region",
             "ami",
@@ -148,6 +153,7 @@ impl AwsConfig {
             "allocation_strategy",
             "endpoint_url",
             "placement_group",
+            "price_table",
         ])
     }
 
@@ -169,7 +175,7 @@ pub struct Aws {
     clients: tokio::sync::Mutex<HashMap<String, aws_sdk_ec2::Client>>,
     /// Regions this provider provisioned in, which teardown searches besides the default.
     regions_used: std::sync::Mutex<std::collections::BTreeSet<String>>,
-    prices: HashMap<String, f64>,
+    prices: PriceTable,
 }
 
 /// The agent port of a reverse pool, open to the coordinator's address alone.
@@ -259,10 +265,13 @@ fn with_network(
 impl Aws {
     pub fn new(config: AwsConfig) -> Self {
         Aws {
-            config,
             clients: Default::default(),
             regions_used: Default::default(),
-            prices: parse_prices(PRICES),
+            prices: config
+                .price_table
+                .clone()
+                .unwrap_or_else(PriceTable::bundled),
+            config,
         }
     }
 
@@ -683,7 +692,7 @@ impl Provider for Aws {
                         .and_then(|m| m.size_in_mib())
                         .unwrap_or(0) as f64
                         / 1024.0,
-                    on_demand_per_hour: self.prices.get(&kind).copied(),
+                    on_demand_per_hour: self.prices.price(&kind, region),
                     spot_per_hour: None,
                     available: true,
                     spot_available: None,
@@ -992,7 +1001,14 @@ impl Provider for Aws {
         let region = self.config.region.as_str();
         let (configured, working, detail) =
             match self.client(region).await.describe_regions().send().await {
-                Ok(_) => (true, true, format!("region {region}")),
+                Ok(_) => (
+                    true,
+                    true,
+                    format!(
+                        "region {region}; on-demand prices as of {} ({})",
+                        self.prices.as_of, self.prices.source
+                    ),
+                ),
                 Err(e) => {
                     let error = api_error(e);
                     (error.kind != ErrorKind::Auth, false, error.to_string())
@@ -1158,16 +1174,6 @@ fn accelerator_of(info: &aws_sdk_ec2::types::InstanceTypeInfo) -> Option<Offered
     })
 }
 
-fn parse_prices(csv: &str) -> HashMap<String, f64> {
-    csv.lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with("instance_type"))
-        .filter_map(|l| {
-            let (kind, price) = l.split_once(',')?;
-            Some((kind.trim().to_string(), price.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 fn filter<'a>(name: &str, values: impl IntoIterator<Item = &'a str>) -> Filter {
     Filter::builder()
         .name(name)
@@ -1281,17 +1287,6 @@ fn launch_tags(
 mod tests {
     use super::*;
     use crate::bootstrap::AGENT_PORT;
-
-    #[test]
-    fn the_bundled_price_table_parses() {
-        let prices = parse_prices(PRICES);
-        assert!(prices.len() > 30);
-        assert_eq!(prices.get("g5.xlarge"), Some(&1.006));
-        assert!(
-            PRICES.contains("# as-of: "),
-            "the table says when its prices are from"
-        );
-    }
 
     #[test]
     fn error_codes_classify() {

@@ -4,6 +4,7 @@
 //! list that a crash could lose.
 
 pub mod aws;
+pub mod aws_prices;
 pub mod digitalocean;
 pub mod http;
 pub mod local;
