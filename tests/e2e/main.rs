@@ -8,6 +8,7 @@ mod digitalocean;
 mod gpu;
 mod mig;
 mod output;
+mod readme;
 mod security;
 mod selection;
 mod slots;

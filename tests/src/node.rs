@@ -14,6 +14,9 @@ use crate::{bin, processes_under};
 /// How long a user-data script may take to finish (it starts the agent in the background).
 const BOOT_LIMIT: Duration = Duration::from_secs(60);
 
+/// Under a cloud's boot root, the tools every machine of its image has on its PATH.
+pub const IMAGE_TOOLS: &str = "image/bin";
+
 pub struct BootedNode {
     dir: PathBuf,
     /// What the user-data script printed, for failure messages.
@@ -76,7 +79,12 @@ impl BootedNode {
             .parent()
             .expect("agent dir")
             .to_path_buf();
-        let system_path = std::env::var("PATH").unwrap_or_default();
+        let mut system_path = std::env::var("PATH").unwrap_or_default();
+        // The machine image's own tools (a GPU image's nvidia-smi, faked by the test).
+        let image_tools = root.join(IMAGE_TOOLS);
+        if image_tools.is_dir() {
+            system_path = format!("{}:{system_path}", image_tools.display());
+        }
         let path = if agent_preinstalled {
             format!("{}:{system_path}", agent_dir.display())
         } else {
