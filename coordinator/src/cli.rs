@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::output::{OutputMode, Renderer};
 use crate::pool::{self, Pool, PoolProgress};
+use crate::preflight::Preflight;
 use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
 use crate::run::{run_job, Job, TaskPlan, TaskReport};
 use crate::selection::Selection;
@@ -159,6 +160,10 @@ struct RunArgs {
     /// Where the command runs.
     #[arg(long, value_enum, default_value = "one")]
     on: On,
+    /// With --on all: what the preflight checks before the tasks start: master (every node
+    /// reaches rank 0) or mesh (every pair of nodes).
+    #[arg(long, default_value = "master", value_parser = str::parse::<Preflight>)]
+    preflight: Preflight,
     /// Run TEMPLATE once per input, `{}` replaced by the input (appended if absent).
     #[arg(long, value_name = "TEMPLATE")]
     map: Option<String>,
@@ -244,6 +249,7 @@ struct Plan {
     selection: Selection,
     providers: String,
     on: On,
+    preflight: Preflight,
     /// argv per task for a map, or the one argv otherwise.
     argvs: Vec<Vec<String>>,
     env: Vec<(String, String)>,
@@ -321,6 +327,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         selection: args.spec.selection.clone(),
         providers: args.spec.provider.clone(),
         on: args.on,
+        preflight: args.preflight,
         argvs,
         env,
         per_node: args.per_node,
@@ -903,7 +910,14 @@ async fn execute(
     }
     let mut tasks = match plan.on {
         // The preflight checks that the nodes reach each other before any task starts.
-        On::All => match Job::broadcast(&pool, plan.argvs[0].clone(), plan.env.clone()).await {
+        On::All => match Job::broadcast(
+            &pool,
+            plan.argvs[0].clone(),
+            plan.env.clone(),
+            plan.preflight,
+        )
+        .await
+        {
             Ok(tasks) => tasks,
             Err(e) => {
                 pool.down().await;

@@ -4,6 +4,10 @@
 //! becomes `MASTER_ADDR`; each node's interface is the one its connection left from. A node
 //! that reaches none is named, with the address, in one line, instead of the job's
 //! rendezvous hanging for minutes. Every wait is bounded.
+//!
+//! [`Preflight::Mesh`] goes on to check every pair: each other node in turn listens on its
+//! own address and every node connects to it, because NCCL's rings connect workers to each
+//! other, not only to rank 0.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -33,13 +37,37 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 #[error("preflight: {0}")]
 pub struct PreflightError(pub String);
 
+/// How much of the network a broadcast's preflight checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Preflight {
+    /// Every node reaches rank 0 at `MASTER_ADDR:MASTER_PORT`.
+    #[default]
+    Master,
+    /// That, and every node reaches every other node at its private address.
+    Mesh,
+}
+
+impl std::str::FromStr for Preflight {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Preflight, String> {
+        match text {
+            "master" => Ok(Preflight::Master),
+            "mesh" => Ok(Preflight::Mesh),
+            other => Err(format!(
+                "--preflight {other:?}: use master (every node reaches rank 0) or mesh (every pair of nodes)"
+            )),
+        }
+    }
+}
+
 /// Finds where the broadcast's processes meet on `nodes` (in rank order), checking that every
-/// node reaches rank 0 there. `env` is the user's: a `MASTER_ADDR` or `MASTER_PORT` in it is
-/// the only one tried.
+/// node reaches rank 0 there (and, with [`Preflight::Mesh`], every other node). `env` is the
+/// user's: a `MASTER_ADDR` or `MASTER_PORT` in it is the only one tried.
 pub async fn check(
     coordinator: &Arc<Coordinator>,
     nodes: &[NodeHandle],
     env: &[(String, String)],
+    extent: Preflight,
 ) -> Result<Mesh, PreflightError> {
     let Some(master) = nodes.first() else {
         return Err(PreflightError("a broadcast needs at least one node".into()));
@@ -112,10 +140,67 @@ pub async fn check(
             nproc: nproc_per_node(&node.inventory),
         });
     }
-    Ok(Mesh {
+    let mesh = Mesh {
         master: chosen,
         nodes: mesh_nodes,
-    })
+    };
+    if extent == Preflight::Mesh {
+        check_pairs(coordinator, nodes, &mesh).await?;
+    }
+    Ok(mesh)
+}
+
+/// Each node but rank 0 (already checked) listens in turn on its private address, and every
+/// other node connects there; every pair that fails is named.
+async fn check_pairs(
+    coordinator: &Arc<Coordinator>,
+    nodes: &[NodeHandle],
+    mesh: &Mesh,
+) -> Result<(), PreflightError> {
+    let mut problems = Vec::new();
+    for (rank, node) in nodes.iter().enumerate().skip(1) {
+        let address = mesh.nodes[rank].address;
+        let nonce = rand::random::<u64>();
+        // Any free port will do: nothing of the job's listens here.
+        let ports = port_choices(true);
+        let (port, mut listener) = listen(coordinator, node, &[address], &ports, nonce).await?;
+        let target = SocketAddr::new(address, port);
+        let mut probes = JoinSet::new();
+        for (other_rank, other) in nodes.iter().enumerate().filter(|(r, _)| *r != rank) {
+            let (coordinator, other) = (coordinator.clone(), other.clone());
+            probes.spawn(async move {
+                (
+                    other_rank,
+                    connect(&coordinator, &other, vec![target], nonce).await,
+                )
+            });
+        }
+        let mut reports = Vec::new();
+        while let Some(Ok(report)) = probes.join_next().await {
+            reports.push(report);
+        }
+        stop_listening(node, &mut listener).await;
+        reports.sort_by_key(|(other_rank, _)| *other_rank);
+        for (other_rank, report) in reports {
+            let other = &nodes[other_rank].node_id;
+            match report.as_ref().map(|r| r.first().map(|reach| &reach.from)) {
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(why))) => problems.push(format!(
+                    "{other} cannot reach {} at {target} ({why})",
+                    node.node_id
+                )),
+                Ok(None) => problems.push(format!("{other} reported nothing for {target}")),
+                Err(why) => problems.push(format!("{other} could not run its probe ({why})")),
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(PreflightError(format!(
+        "{}; check that the nodes share a network and that traffic between them is open",
+        problems.join("; ")
+    )))
 }
 
 /// The conventional port first for machines of their own; random ones in a range below
@@ -416,6 +501,18 @@ mod tests {
         assert!(
             message.starts_with("node-2 cannot reach node-1 at 10.0.9.1:29500 (connection refused) (also tried 10.0.0.1:29500)"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn the_extent_is_master_or_mesh() {
+        assert_eq!("master".parse(), Ok(Preflight::Master));
+        assert_eq!("mesh".parse(), Ok(Preflight::Mesh));
+        assert_eq!(Preflight::default(), Preflight::Master);
+        let refused = "all".parse::<Preflight>().unwrap_err();
+        assert!(
+            refused.contains("master") && refused.contains("mesh"),
+            "{refused}"
         );
     }
 

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 
 use crate::lifecycle::Event;
 use crate::pool::Pool;
-use crate::preflight::PreflightError;
+use crate::preflight::{Preflight, PreflightError};
 use crate::server::{Coordinator, NodeHandle};
 use crate::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
 use crate::training::{training_env, Mesh};
@@ -39,13 +39,16 @@ pub struct Job {
 impl Job {
     /// One task on every node, each told its rank, the world size, every node's address and
     /// where rank 0 listens ([`crate::training`]), once the preflight has checked that every
-    /// node reaches rank 0 there.
+    /// node reaches rank 0 there (and every other node, with [`Preflight::Mesh`]).
     pub async fn broadcast(
         pool: &Pool,
         argv: Vec<String>,
         env: Vec<(String, String)>,
+        preflight: Preflight,
     ) -> Result<Vec<TaskPlan>, PreflightError> {
-        let mesh = crate::preflight::check(&pool.shared_coordinator(), pool.nodes(), &env).await?;
+        let mesh =
+            crate::preflight::check(&pool.shared_coordinator(), pool.nodes(), &env, preflight)
+                .await?;
         Ok(Self::broadcast_on(&mesh, argv, env))
     }
 

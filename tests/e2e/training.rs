@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::PoolProgress;
+use skyward_coordinator::preflight::Preflight;
 use skyward_coordinator::provider::{
     Instance, LocalProvider, Provider, ProviderError, ProviderStatus, ProvisionRequest,
 };
@@ -226,7 +227,7 @@ async fn a_broadcast_meets_across_hosts_and_the_preflight_names_a_cut_off_host()
     // The preflight finds rank 0's private address (the address its connection came from
     // leads to no other host) and a free port; the ranks meet there for real.
     let argv = vec!["python3".to_string(), "-c".into(), RENDEZVOUS.into()];
-    let tasks = Job::broadcast(&pool, argv.clone(), Vec::new())
+    let tasks = Job::broadcast(&pool, argv.clone(), Vec::new(), Preflight::Master)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", provider.logs()));
     let job = Job {
@@ -280,11 +281,36 @@ async fn a_broadcast_meets_across_hosts_and_the_preflight_names_a_cut_off_host()
         "ports agree: {ports:?}"
     );
 
+    // Every pair of nodes reaches each other: the mesh preflight passes.
+    Job::broadcast(&pool, argv.clone(), Vec::new(), Preflight::Mesh)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", provider.logs()));
+    // Then node-3 cannot reach node-2 (a firewall on node-3), while both still reach rank 0:
+    // the rank-0 preflight cannot see it, the mesh one names the pair both ways.
+    cluster.hosts[2]
+        .exec(&["iptables", "-A", "OUTPUT", "-d", &ips[1], "-j", "DROP"])
+        .expect("a firewall rule in node-3's namespace");
+    Job::broadcast(&pool, argv.clone(), Vec::new(), Preflight::Master)
+        .await
+        .expect("every node still reaches rank 0");
+    let message = Job::broadcast(&pool, argv.clone(), Vec::new(), Preflight::Mesh)
+        .await
+        .expect_err("the mesh preflight sees the blocked pair")
+        .to_string();
+    assert!(message.starts_with("preflight: "), "{message}");
+    assert!(
+        message.contains(&format!("node-3 cannot reach node-2 at {}:", ips[1]))
+            && message.contains(&format!("node-2 cannot reach node-3 at {}:", ips[2])),
+        "{message}"
+    );
+    assert!(!message.contains("node-1 cannot"), "{message}");
+    assert!(!message.contains("reach node-1"), "{message}");
+
     // node-3 loses the private network: the preflight says so, naming it and the address,
     // within seconds rather than after a rendezvous timeout.
     cluster.cut(2).expect("cut node-3's link");
     let started = Instant::now();
-    let error = Job::broadcast(&pool, argv, Vec::new())
+    let error = Job::broadcast(&pool, argv, Vec::new(), Preflight::Master)
         .await
         .expect_err("the preflight fails with node-3 cut off");
     let message = error.to_string();

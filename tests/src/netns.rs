@@ -116,6 +116,26 @@ impl TestNet {
     pub fn namespace(&self) -> &str {
         &self.name
     }
+
+    /// Runs `argv` inside the namespace; its failure says what ran and what it printed.
+    pub fn exec(&self, argv: &[&str]) -> Result<(), String> {
+        let prefix = self.exec_prefix();
+        let out = Command::new(&prefix[0])
+            .args(&prefix[1..])
+            .args(argv)
+            .output()
+            .map_err(|e| format!("running {} in {}: {e}", argv.join(" "), self.name))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} in {}: {}",
+                argv.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
 }
 
 /// Several test hosts that share a private network, as a cloud's machines share a VPC (or

@@ -1428,21 +1428,9 @@ fn map_ports(node: &BootedNode, ports: &[(String, u16)]) -> Result<(), String> {
 }
 
 fn iptables(net: &crate::netns::TestNet, args: &[&str]) -> Result<(), String> {
-    let mut argv = net.exec_prefix();
-    argv.push("iptables".into());
-    let out = std::process::Command::new(&argv[0])
-        .args(&argv[1..])
-        .args(args)
-        .output()
-        .map_err(|e| format!("running iptables in {}: {e}", net.namespace()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "cannot map a port in {} (install iptables; scripts/test.sh does): iptables {}: {}",
-            net.namespace(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    let argv: Vec<&str> = std::iter::once("iptables")
+        .chain(args.iter().copied())
+        .collect();
+    net.exec(&argv)
+        .map_err(|e| format!("cannot map a port (install iptables; scripts/test.sh does): {e}"))
 }
