@@ -1,13 +1,14 @@
 //! The DigitalOcean provider against the DigitalOcean stand-in: offers from sizes, droplets
-//! that boot from their user-data and whose agents join, fallback after a capacity error,
-//! auth errors, rate limits, GPU droplets at teardown, and the CLI. Every request our client
+//! that boot from their user-data and whose agents join, in a VPC of the pool's own,
+//! fallback after a capacity error, auth errors, rate limits, GPU droplets at teardown, VPCs
+//! found by name after a crash and deleted once empty, and the CLI. Every request our client
 //! sends and every answer the stand-in gives is checked against the official OpenAPI spec.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use skyward_coordinator::offer::Market;
+use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::{self, PoolProgress};
 use skyward_coordinator::provider::digitalocean::{self, DigitalOcean, DigitalOceanConfig};
 use skyward_coordinator::provider::{
@@ -15,13 +16,22 @@ use skyward_coordinator::provider::{
 };
 use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
 use skyward_tests::openapi;
-use skyward_tests::standins::digitalocean::{DigitalOceanStandIn, TOKEN};
+use skyward_tests::standins::digitalocean::{DigitalOceanStandIn, VpcInfo, TOKEN};
 use skyward_tests::{command, run, task_output, Sandbox};
 
 const CLI_LIMIT: Duration = Duration::from_secs(120);
 
 fn provider(standin: &DigitalOceanStandIn) -> Arc<DigitalOcean> {
     Arc::new(DigitalOcean::new(standin.config()))
+}
+
+/// The VPCs named after `pool`.
+fn pool_vpcs(standin: &DigitalOceanStandIn, pool: &str) -> Vec<VpcInfo> {
+    standin
+        .vpcs()
+        .into_iter()
+        .filter(|v| v.name == format!("skyward-{pool}"))
+        .collect()
 }
 
 fn coordinator(pool: &str) -> Arc<Coordinator> {
@@ -225,6 +235,44 @@ async fn a_pool_comes_up_on_droplets_that_boot_from_user_data_and_is_gone_after_
         assert!(user_data.contains(&format!("node_id='{node}'")));
         assert!(!droplet.gpu);
     }
+    // Both droplets are in the pool's own VPC, made in their region before them, and not in
+    // the region's default one.
+    let vpcs = pool_vpcs(&standin, "do-e2e");
+    assert_eq!(vpcs.len(), 1, "{:#?}", standin.vpcs());
+    let vpc = &vpcs[0];
+    assert_eq!(vpc.region, "nyc1");
+    assert!(!vpc.default, "{vpc:?}");
+    assert_ne!(Some(&vpc.id), standin.default_vpc("nyc1").as_ref());
+    for droplet in &droplets {
+        assert_eq!(droplet.vpc_uuid, vpc.id, "{droplet:#?}");
+    }
+    let mut members = standin.vpc_members(&vpc.id);
+    members.sort();
+    assert_eq!(members, ["do-e2e-node-1", "do-e2e-node-2"]);
+    let requests = standin.requests();
+    let vpc_create = requests
+        .iter()
+        .position(|r| r.method == "POST" && r.path == "/v2/vpcs")
+        .expect("a VPC was created");
+    assert_eq!(
+        requests[vpc_create].body.as_ref().unwrap(),
+        &json!({"name": "skyward-do-e2e", "region": "nyc1", "description": "Skyward pool do-e2e"}),
+        "no ip_range: DigitalOcean picks one"
+    );
+    let droplet_creates: Vec<&skyward_tests::standins::digitalocean::Recorded> = requests
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/v2/droplets")
+        .collect();
+    assert_eq!(droplet_creates.len(), 2);
+    for create in &droplet_creates {
+        assert_eq!(create.body.as_ref().unwrap()["vpc_uuid"], json!(vpc.id));
+    }
+    assert!(
+        requests
+            .iter()
+            .position(|r| r.method == "POST" && r.path == "/v2/droplets")
+            > Some(vpc_create)
+    );
     let mut booted = standin.booted();
     booted.sort();
     assert_eq!(booted, ["do-e2e-node-1", "do-e2e-node-2"]);
@@ -256,6 +304,15 @@ async fn a_pool_comes_up_on_droplets_that_boot_from_user_data_and_is_gone_after_
     assert!(standin.requests().iter().any(|r| r.method == "DELETE"
         && r.path == "/v2/droplets"
         && r.param("tag_name") == Some(pool_tag.as_str())));
+    assert!(
+        pool_vpcs(&standin, "do-e2e").is_empty(),
+        "the pool's VPC is left after down: {:#?}",
+        standin.vpcs()
+    );
+    assert!(
+        standin.default_vpc("nyc1").is_some(),
+        "the region's default VPC stays"
+    );
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "processes left: {left:?}");
     assert!(
@@ -298,6 +355,23 @@ async fn a_capacity_error_falls_back_to_the_next_cheapest_offer() {
     let droplets = standin.droplets();
     assert_eq!(droplets.len(), 1);
     assert_eq!(droplets[0].region, "nyc3");
+    // The failed attempt's VPC in nyc1 went with its cleanup; the pool's VPC is in nyc3 now.
+    let vpcs = pool_vpcs(&standin, "do-fallback");
+    assert_eq!(vpcs.len(), 1, "{:#?}", standin.vpcs());
+    assert_eq!(vpcs[0].region, "nyc3");
+    assert_eq!(droplets[0].vpc_uuid, vpcs[0].id);
+    let vpcs_created: Vec<String> = standin
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/v2/vpcs" && r.status == 201)
+        .map(|r| {
+            r.body.as_ref().unwrap()["region"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(vpcs_created, ["nyc1", "nyc3"]);
     let refused = standin
         .requests()
         .iter()
@@ -313,6 +387,7 @@ async fn a_capacity_error_falls_back_to_the_next_cheapest_offer() {
     drop(task);
     pool.down().await;
     assert!(standin.droplets().is_empty());
+    assert!(pool_vpcs(&standin, "do-fallback").is_empty());
     assert!(sandbox
         .wait_for_no_processes(Duration::from_secs(10))
         .is_empty());
@@ -632,6 +707,36 @@ fn the_contract_check_catches_wrong_shapes() {
     assert!(!spec
         .check_request("POST", "/v2/firewalls", &[], Some(&no_rules))
         .is_empty());
+    // The pool's VPC too: a name outside the pattern, no region or a misspelt field do not.
+    let vpc = digitalocean::vpc_request("sky-1", "nyc1").unwrap();
+    assert_eq!(
+        spec.check_request("POST", "/v2/vpcs", &[], Some(&vpc)),
+        Vec::<String>::new()
+    );
+    let mut bad_name = vpc.clone();
+    bad_name["name"] = json!("skyward_sky 1");
+    assert!(!spec
+        .check_request("POST", "/v2/vpcs", &[], Some(&bad_name))
+        .is_empty());
+    let mut no_region = vpc.clone();
+    no_region.as_object_mut().unwrap().remove("region");
+    assert!(!spec
+        .check_request("POST", "/v2/vpcs", &[], Some(&no_region))
+        .is_empty());
+    let mut typo = vpc.clone();
+    typo["iprange"] = json!("10.10.10.0/24");
+    assert!(!spec
+        .check_request("POST", "/v2/vpcs", &[], Some(&typo))
+        .is_empty());
+    let mut in_vpc = create.clone();
+    in_vpc["vpc_uuid"] = json!("5a4981aa-9653-4bd1-bef5-000000000001");
+    assert_eq!(
+        spec.check_request("POST", "/v2/droplets", &[], Some(&in_vpc)),
+        Vec::<String>::new()
+    );
+    assert!(!spec
+        .check_request("DELETE", "/v2/vpcs/not-a-uuid", &[], None)
+        .is_empty());
     let q = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
         pairs
             .iter()
@@ -692,6 +797,52 @@ fn the_contract_check_catches_wrong_shapes() {
         .is_empty());
     assert!(spec
         .check_response("DELETE", "/v2/droplets/1", 204, &[], b"")
+        .is_empty());
+
+    // VPCs: the answer's id is a UUID and its urn a VPC's; listings need their meta.
+    let id = "5a4981aa-9653-4bd1-bef5-000000000001";
+    let vpc = json!({"id": id, "urn": format!("do:vpc:{id}"), "name": "skyward-sky-1",
+        "description": "", "region": "nyc1", "ip_range": "10.110.0.0/20", "default": false,
+        "created_at": "2026-03-02T10:20:30Z"});
+    let body = serde_json::to_vec(&json!({ "vpc": vpc })).unwrap();
+    assert_eq!(
+        spec.check_response("POST", "/v2/vpcs", 201, &json_headers, &body),
+        Vec::<String>::new()
+    );
+    for (key, wrong) in [("id", "vpc-1"), ("urn", "vpc:1")] {
+        let mut odd = vpc.clone();
+        odd[key] = json!(wrong);
+        let body = serde_json::to_vec(&json!({ "vpc": odd })).unwrap();
+        assert!(
+            !spec
+                .check_response("POST", "/v2/vpcs", 201, &json_headers, &body)
+                .is_empty(),
+            "{key}"
+        );
+    }
+    let list = json!({"vpcs": [vpc], "links": {}, "meta": {"total": 1}});
+    let body = serde_json::to_vec(&list).unwrap();
+    assert!(spec
+        .check_response("GET", "/v2/vpcs", 200, &json_headers, &body)
+        .is_empty());
+    let mut no_meta = list.clone();
+    no_meta.as_object_mut().unwrap().remove("meta");
+    let body = serde_json::to_vec(&no_meta).unwrap();
+    assert!(!spec
+        .check_response("GET", "/v2/vpcs", 200, &json_headers, &body)
+        .is_empty());
+    // A refused deletion is an error in the API's shape.
+    let path = format!("/v2/vpcs/{id}");
+    let body = serde_json::to_vec(
+        &json!({"id": "forbidden", "message": "Can not delete VPC with members"}),
+    )
+    .unwrap();
+    assert!(spec
+        .check_response("DELETE", &path, 403, &json_headers, &body)
+        .is_empty());
+    let body = serde_json::to_vec(&json!({"message": "Can not delete VPC with members"})).unwrap();
+    assert!(!spec
+        .check_response("DELETE", &path, 403, &json_headers, &body)
         .is_empty());
 }
 
@@ -875,10 +1026,21 @@ async fn skyward_run_on_digitalocean_boots_droplets_runs_and_deletes_them() {
         .filter(|r| r.method == "POST" && r.path == "/v2/droplets")
         .collect();
     assert_eq!(created.len(), 2);
+    let vpc_uuids: Vec<&serde_json::Value> = created
+        .iter()
+        .map(|r| &r.body.as_ref().unwrap()["vpc_uuid"])
+        .collect();
+    assert!(vpc_uuids[0].is_string(), "{vpc_uuids:?}");
+    assert_eq!(vpc_uuids[0], vpc_uuids[1], "both nodes in one VPC");
     assert!(
         standin.droplets().is_empty(),
         "droplets left: {:#?}",
         standin.droplets()
+    );
+    let vpcs: Vec<String> = standin.vpcs().into_iter().map(|v| v.name).collect();
+    assert!(
+        vpcs.iter().all(|name| name.starts_with("default-")),
+        "VPCs left: {vpcs:?}"
     );
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "processes left: {left:?}");
@@ -926,6 +1088,10 @@ async fn a_reverse_pool_is_dialed_behind_a_firewall_open_to_the_coordinator_alon
             .unwrap_or_else(|| panic!("no {method} {path}"))
     };
     assert!(position("POST", "/v2/tags") < position("POST", "/v2/firewalls"));
+    assert!(position("POST", "/v2/vpcs") < position("POST", "/v2/droplets"));
+    let vpcs = pool_vpcs(&standin, pool_name);
+    assert_eq!(vpcs.len(), 1);
+    assert!(standin.droplets().iter().all(|d| d.vpc_uuid == vpcs[0].id));
     assert!(position("POST", "/v2/firewalls") < position("POST", "/v2/droplets"));
     // The agent port is open to the coordinator's address alone; every other inbound rule
     // admits the pool's own droplets only.
@@ -998,6 +1164,7 @@ async fn a_reverse_pool_is_dialed_behind_a_firewall_open_to_the_coordinator_alon
         "firewalls left after down: {:#?}",
         standin.firewalls()
     );
+    assert!(pool_vpcs(&standin, pool_name).is_empty());
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "processes left: {left:?}");
     assert!(
@@ -1107,6 +1274,8 @@ async fn a_pools_firewall_is_found_by_name_after_a_crash_and_only_its_own() {
     let before = standin.requests().len();
     after_crash.teardown("do-crash").await.unwrap();
     assert_eq!(names(), ["skyward-do-other"]);
+    assert!(pool_vpcs(&standin, "do-crash").is_empty());
+    assert_eq!(pool_vpcs(&standin, "do-other").len(), 1);
     let droplets = standin.droplets();
     assert_eq!(droplets.len(), 1, "{droplets:#?}");
     assert!(droplets[0].name.starts_with("do-other"));
@@ -1125,7 +1294,330 @@ async fn a_pools_firewall_is_found_by_name_after_a_crash_and_only_its_own() {
     );
     after_crash.teardown("do-other").await.unwrap();
     assert!(standin.firewalls().is_empty() && standin.droplets().is_empty());
+    assert!(pool_vpcs(&standin, "do-other").is_empty());
     // A pool that never had a firewall tears down as before.
     after_crash.teardown("do-never").await.unwrap();
+    standin.assert_contract();
+}
+
+/// What `provision` is given for `nodes` nodes of `pool` that dial the coordinator.
+fn plain_request(coordinator: &Coordinator, pool: &str, nodes: usize) -> ProvisionRequest {
+    ProvisionRequest {
+        pool: pool.into(),
+        nodes: (1..=nodes)
+            .map(|n| {
+                let node_id = format!("node-{n}");
+                NodeBootstrap {
+                    token: coordinator.issue_token(&node_id),
+                    node_id,
+                }
+            })
+            .collect(),
+        spec: cpu_spec(nodes),
+        bootstrap: coordinator.bootstrap(),
+    }
+}
+
+async fn cpu_offer(provider: &DigitalOcean, region: &str) -> Offer {
+    provider
+        .offers(&cpu_spec(1))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| o.instance_type == "s-4vcpu-8gb" && o.region == region)
+        .unwrap()
+}
+
+/// The `DELETE /v2/vpcs/{id}` answers among `requests`, in order.
+fn vpc_deletes(requests: &[skyward_tests::standins::digitalocean::Recorded], id: &str) -> Vec<u16> {
+    requests
+        .iter()
+        .filter(|r| r.method == "DELETE" && r.path == format!("/v2/vpcs/{id}"))
+        .map(|r| r.status)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pools_vpc_is_reused_by_its_next_attempt_and_found_by_name_after_a_crash() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    standin.set_boot(false);
+    let provider = provider(&standin);
+    let coordinator = coordinator("do-vpc");
+    let nyc1 = cpu_offer(&provider, "nyc1").await;
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-vpc", 2),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let vpcs = pool_vpcs(&standin, "do-vpc");
+    assert_eq!(vpcs.len(), 1, "{:#?}", standin.vpcs());
+    let vpc = vpcs[0].clone();
+    // Another attempt of the same pool in the same region reuses the VPC: names are unique
+    // in the account.
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-vpc", 1),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    assert_eq!(pool_vpcs(&standin, "do-vpc"), std::slice::from_ref(&vpc));
+    let droplets = standin.droplets();
+    assert_eq!(droplets.len(), 3);
+    assert!(
+        droplets.iter().all(|d| d.vpc_uuid == vpc.id),
+        "{droplets:#?}"
+    );
+    let created = |region: &str| {
+        standin
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method == "POST"
+                    && r.path == "/v2/vpcs"
+                    && r.body.as_ref().unwrap()["region"] == region
+            })
+            .count()
+    };
+    assert_eq!(created("nyc1"), 1);
+    // Another pool gets a VPC of its own.
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-vpc-2", 1),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let other = pool_vpcs(&standin, "do-vpc-2");
+    assert_eq!(other.len(), 1);
+    assert_ne!(other[0].id, vpc.id);
+
+    // A provider that knows nothing of the pool, as after a crash, finds its VPC by name
+    // and deletes it once the droplets are gone; the other pool's stays.
+    let after_crash = DigitalOcean::new(standin.config());
+    let before = standin.requests().len();
+    after_crash.teardown("do-vpc").await.unwrap();
+    assert!(
+        pool_vpcs(&standin, "do-vpc").is_empty(),
+        "{:#?}",
+        standin.vpcs()
+    );
+    assert_eq!(pool_vpcs(&standin, "do-vpc-2"), other);
+    let left: Vec<String> = standin.droplets().into_iter().map(|d| d.name).collect();
+    assert_eq!(left, ["do-vpc-2-node-1"]);
+    let sent = &standin.requests()[before..];
+    assert_eq!(vpc_deletes(sent, &vpc.id), [204]);
+    let vpc_delete = sent
+        .iter()
+        .position(|r| r.method == "DELETE" && r.path.starts_with("/v2/vpcs/"))
+        .unwrap();
+    let last_droplet_call = sent
+        .iter()
+        .rposition(|r| r.path.starts_with("/v2/droplets"))
+        .unwrap();
+    assert!(
+        last_droplet_call < vpc_delete,
+        "the VPC goes after the droplets"
+    );
+    assert!(
+        !sent
+            .iter()
+            .any(|r| r.path == format!("/v2/vpcs/{}", other[0].id)),
+        "another pool's VPC was touched"
+    );
+
+    // A VPC of the pool left in another region is replaced, as its name is taken.
+    let client = reqwest::Client::new();
+    let made = client
+        .post(format!("{}/v2/vpcs", standin.url()))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "skyward-do-moved", "region": "nyc3", "ip_range": "10.250.0.0/24"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    let stale: serde_json::Value = made.json().await.unwrap();
+    let stale_id = stale["vpc"]["id"].as_str().unwrap().to_string();
+    let again = client
+        .post(format!("{}/v2/vpcs", standin.url()))
+        .bearer_auth(TOKEN)
+        .json(&json!({"name": "skyward-do-moved", "region": "nyc1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 422, "VPC names are unique in the account");
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-moved", 1),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let moved = pool_vpcs(&standin, "do-moved");
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].region, "nyc1");
+    assert_ne!(moved[0].id, stale_id);
+    assert_eq!(vpc_deletes(&standin.requests(), &stale_id), [204]);
+
+    // The region's default VPC cannot be deleted: 403 in the API's error shape.
+    let default = standin.default_vpc("nyc1").unwrap();
+    let refused = client
+        .delete(format!("{}/v2/vpcs/{default}", standin.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    let error: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(error["id"], "forbidden");
+
+    after_crash.teardown("do-vpc-2").await.unwrap();
+    after_crash.teardown("do-moved").await.unwrap();
+    let vpcs: Vec<String> = standin.vpcs().into_iter().map(|v| v.name).collect();
+    assert!(
+        vpcs.iter().all(|name| name.starts_with("default-")),
+        "{vpcs:?}"
+    );
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vpc_delete_refused_while_deleted_droplets_linger_is_retried_until_it_succeeds() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    standin.set_boot(false);
+    // Deleted droplets stay members of their VPC for a while, as on DigitalOcean.
+    standin.set_member_linger(Duration::from_millis(1500));
+    let provider = provider(&standin);
+    let coordinator = coordinator("do-linger");
+    let nyc1 = cpu_offer(&provider, "nyc1").await;
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-linger", 2),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let vpc = pool_vpcs(&standin, "do-linger")[0].clone();
+    let before = standin.requests().len();
+    provider.teardown("do-linger").await.unwrap();
+    assert!(standin.droplets().is_empty());
+    assert!(
+        pool_vpcs(&standin, "do-linger").is_empty(),
+        "{:#?}",
+        standin.vpcs()
+    );
+    let statuses = vpc_deletes(&standin.requests()[before..], &vpc.id);
+    let (last, refused) = statuses.split_last().expect("the VPC was deleted");
+    assert_eq!(*last, 204, "{statuses:?}");
+    assert!(!refused.is_empty(), "never refused: {statuses:?}");
+    assert!(refused.iter().all(|s| *s == 403), "{statuses:?}");
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vpc_that_never_empties_is_an_error_naming_it_and_what_is_in_it() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    standin.set_boot(false);
+    let provider = DigitalOcean::new(DigitalOceanConfig {
+        teardown_timeout: Duration::from_secs(1),
+        ..standin.config()
+    });
+    let coordinator = coordinator("do-stuck");
+    let nyc1 = cpu_offer(&provider, "nyc1").await;
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-stuck", 1),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let vpc = pool_vpcs(&standin, "do-stuck")[0].clone();
+    // A droplet of no pool of ours, put in the pool's VPC by hand.
+    let stranger = standin.add_droplet("stranger", "s-1vcpu-1gb", "nyc1", &[]);
+    standin.set_vpc(stranger, &vpc.id);
+
+    let started = Instant::now();
+    let error = provider.teardown("do-stuck").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded");
+    assert_eq!(error.kind, ErrorKind::Api);
+    let text = error.to_string();
+    assert!(
+        text.contains("skyward-do-stuck")
+            && text.contains(&vpc.id)
+            && text.contains("403 forbidden")
+            && text.contains(&format!("stranger (do:droplet:{stranger})")),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "{text}");
+    assert!(
+        error
+            .hint
+            .as_deref()
+            .is_some_and(|h| h.contains(&format!("doctl vpcs delete {}", vpc.id))),
+        "{error:?}"
+    );
+    assert_eq!(pool_vpcs(&standin, "do-stuck"), std::slice::from_ref(&vpc));
+    let left: Vec<u64> = standin.droplets().iter().map(|d| d.id).collect();
+    assert_eq!(
+        left,
+        [stranger],
+        "the pool's own droplets went, the stranger stayed"
+    );
+
+    // Once the stranger is gone, a teardown finishes the job.
+    let gone = reqwest::Client::new()
+        .delete(format!("{}/v2/droplets/{stranger}", standin.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 204);
+    provider.teardown("do-stuck").await.unwrap();
+    assert!(pool_vpcs(&standin, "do-stuck").is_empty());
+    standin.assert_contract();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vpc_that_became_its_regions_default_is_left_without_waiting() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    standin.set_boot(false);
+    // An account that never used nyc1: the first VPC made there becomes its default, which
+    // DigitalOcean never deletes.
+    standin.remove_default_vpc("nyc1");
+    let provider = provider(&standin);
+    let coordinator = coordinator("do-first");
+    let nyc1 = cpu_offer(&provider, "nyc1").await;
+    provider
+        .provision(
+            &plain_request(&coordinator, "do-first", 1),
+            &nyc1,
+            Market::OnDemand,
+        )
+        .await
+        .unwrap();
+    let vpc = pool_vpcs(&standin, "do-first")[0].clone();
+    assert!(vpc.default, "{vpc:?}");
+    assert_eq!(standin.droplets()[0].vpc_uuid, vpc.id);
+    let started = Instant::now();
+    provider.teardown("do-first").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited for a deletion that can never happen"
+    );
+    assert!(standin.droplets().is_empty());
+    assert_eq!(pool_vpcs(&standin, "do-first"), std::slice::from_ref(&vpc));
+    assert!(vpc_deletes(&standin.requests(), &vpc.id).is_empty());
     standin.assert_contract();
 }

@@ -11,7 +11,16 @@
 //! - tags hold only letters, digits, `:`, `-` and `_`, at most 255 characters;
 //! - 429 answers carry `ratelimit-reset` (Unix time) and sometimes `Retry-After`;
 //! - a Cloud Firewall may only name tags that exist, its name must be unique in the account,
-//!   and one without outbound rules blocks all outbound traffic.
+//!   and one without outbound rules blocks all outbound traffic;
+//! - VPC names are unique in the account (letters, digits, `-` and `.`); a VPC that still has
+//!   members (droplets that are going away count for a while) or is its region's default
+//!   refuses deletion with 403; the first VPC made in a region without one becomes its
+//!   default.
+//!
+//! Every pool's droplets are in a VPC of the pool's own, `skyward-<pool>` (see [`vpc_name`]),
+//! made in the droplets' region before them (or reused from an earlier attempt of the same
+//! pool there), so that multi-node training traffic stays between the pool's droplets.
+//! Teardown finds it by name, after the droplets, and deletes it once it has no members.
 //!
 //! With `--reverse`, a pool gets a Cloud Firewall of its own (see [`firewall_request`]),
 //! applied through the pool's tag and created before the droplets: the agent port is open to
@@ -48,8 +57,14 @@ pub const DEFAULT_CPU_IMAGE: &str = "ubuntu-24-04-x64";
 pub const USER_DATA_LIMIT: usize = 64 * 1024;
 /// Tags: letters, digits, colons, dashes and underscores, at most 255 characters.
 const TAG_LIMIT: usize = 255;
-/// Droplet and firewall names: at most 255 characters.
+/// Droplet, firewall and VPC names: at most 255 characters.
 const NAME_LIMIT: usize = 255;
+/// A VPC's description: at most 255 characters.
+const DESCRIPTION_LIMIT: usize = 255;
+/// Error messages and names from the API, as they are quoted in ours.
+const QUOTE_LIMIT: usize = 300;
+/// How many of a VPC's members an error names.
+const MEMBERS_NAMED: usize = 5;
 /// Every port of a protocol, as firewall rules spell it.
 const ALL_PORTS: &str = "0";
 
@@ -231,6 +246,26 @@ impl DigitalOcean {
         body: Option<&serde_json::Value>,
         allow_404: bool,
     ) -> Result<(StatusCode, bytes::Bytes), ProviderError> {
+        let allowed: &[StatusCode] = if allow_404 {
+            &[StatusCode::NOT_FOUND]
+        } else {
+            &[]
+        };
+        self.call_allowing(what, method, path, query, body, allowed)
+            .await
+    }
+
+    /// [`call`](Self::call), returning the status and body of any 2xx answer and of the
+    /// `allowed` ones.
+    async fn call_allowing(
+        &self,
+        what: &str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+        allowed: &[StatusCode],
+    ) -> Result<(StatusCode, bytes::Bytes), ProviderError> {
         let (http, base, token) = self.ready()?;
         let mut url = base.clone();
         url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
@@ -248,7 +283,7 @@ impl DigitalOcean {
         let mut retries = 0;
         loop {
             let (status, headers, bytes) = api.send(what, method.clone(), &url, body).await?;
-            if status.is_success() || (allow_404 && status == StatusCode::NOT_FOUND) {
+            if status.is_success() || allowed.contains(&status) {
                 return Ok((status, bytes));
             }
             if status == StatusCode::TOO_MANY_REQUESTS && retries < RATE_LIMIT_RETRIES {
@@ -367,6 +402,7 @@ impl DigitalOcean {
         offer: &Offer,
         image: &str,
         user_data: String,
+        vpc_uuid: &str,
     ) -> Result<Droplet, ProviderError> {
         let tags = request
             .tags(node)
@@ -380,6 +416,7 @@ impl DigitalOcean {
             "image": image,
             "user_data": user_data,
             "tags": tags,
+            "vpc_uuid": vpc_uuid,
         });
         let what = format!(
             "creating a {} droplet in {} for {}",
@@ -636,13 +673,165 @@ impl DigitalOcean {
                     ),
                 )
                 .hint(format!(
-                    "delete them in the DigitalOcean control panel (tag {tag}), or run `doctl compute droplet delete --tag-name {tag}`; then the firewall {}, if the pool has one",
-                    firewall_name(pool)?
+                    "delete them in the DigitalOcean control panel (tag {tag}), or run `doctl compute droplet delete --tag-name {tag}`; then the firewall {}, if the pool has one, and the VPC {}",
+                    firewall_name(pool)?,
+                    vpc_name(pool)?
                 )));
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(self.config.poll_interval);
         }
+    }
+
+    /// The VPCs of `pool`, found by name (in any region: names are unique in the account).
+    async fn pool_vpcs(&self, pool: &str) -> Result<Vec<Vpc>, ProviderError> {
+        let name = vpc_name(pool)?;
+        let vpcs: Vec<Vpc> = self
+            .list_all("listing VPCs", "/v2/vpcs", &[], "vpcs")
+            .await?;
+        Ok(vpcs.into_iter().filter(|v| v.name == name).collect())
+    }
+
+    /// The id of `pool`'s VPC in `region` (`body`, from [`vpc_request`]): the one an earlier
+    /// attempt of the pool left there, else a new one. The pool's VPC in another region goes
+    /// first, as its name is taken.
+    async fn ensure_vpc(
+        &self,
+        pool: &str,
+        region: &str,
+        body: &serde_json::Value,
+    ) -> Result<String, ProviderError> {
+        let mut reused = None;
+        for vpc in self.pool_vpcs(pool).await? {
+            if reused.is_none() && vpc.region.eq_ignore_ascii_case(region) {
+                reused = Some(vpc.id);
+            } else {
+                self.delete_vpc(pool, &vpc).await?;
+            }
+        }
+        if let Some(id) = reused {
+            tracing::info!(pool, vpc = %id, region, "reusing the pool's VPC");
+            return Ok(id);
+        }
+        let what = format!("creating the VPC of pool {pool} in {region}");
+        let (_, bytes) = self
+            .call(&what, Method::POST, "/v2/vpcs", &[], Some(body), false)
+            .await
+            .map_err(|e| match e.kind {
+                ErrorKind::Invalid => {
+                    let name = body["name"].as_str().unwrap_or_default();
+                    e.hint(format!(
+                        "VPC names are unique in the account: if a VPC {name} exists that Skyward cannot delete, delete it in the DigitalOcean control panel"
+                    ))
+                }
+                _ => e,
+            })?;
+        let created: VpcEnvelope = parse(&what, &bytes)?;
+        if created.vpc.default {
+            tracing::warn!(
+                pool,
+                vpc = %created.vpc.id,
+                region,
+                "{region} had no default VPC, so DigitalOcean made the pool's VPC its default; it cannot be deleted at teardown"
+            );
+        }
+        tracing::info!(pool, vpc = %created.vpc.id, region, "VPC created");
+        Ok(created.vpc.id)
+    }
+
+    /// Deletes one VPC of `pool`, retrying (bounded) while DigitalOcean refuses because it
+    /// still has members: droplets being deleted stay members for a while. A region's
+    /// default VPC can never be deleted; it is left, with a warning.
+    async fn delete_vpc(&self, pool: &str, vpc: &Vpc) -> Result<(), ProviderError> {
+        if vpc.default {
+            tracing::warn!(
+                pool,
+                vpc = %vpc.id,
+                region = %vpc.region,
+                "the VPC {} is its region's default VPC, which DigitalOcean never deletes: left in place",
+                vpc.name
+            );
+            return Ok(());
+        }
+        let what = format!("deleting VPC {} ({})", vpc.name, vpc.id);
+        let path = format!("/v2/vpcs/{}", vpc.id);
+        let refused = [
+            StatusCode::NOT_FOUND,
+            StatusCode::FORBIDDEN,
+            StatusCode::CONFLICT,
+        ];
+        let deadline = Instant::now() + self.config.teardown_timeout;
+        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        loop {
+            let (status, bytes) = self
+                .call_allowing(&what, Method::DELETE, &path, &[], None, &refused)
+                .await?;
+            if status.is_success() || status == StatusCode::NOT_FOUND {
+                tracing::info!(pool, vpc = %vpc.id, "VPC deleted");
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let refusal = api_error(&what, &Method::DELETE, &path, status, &bytes).message;
+                let members = match self.vpc_members(vpc).await {
+                    Ok(members) if !members.is_empty() => {
+                        let mut named: Vec<String> = members
+                            .iter()
+                            .take(MEMBERS_NAMED)
+                            .map(|m| super::http::one_line(&format!("{} ({})", m.name, m.urn), 120))
+                            .collect();
+                        if members.len() > MEMBERS_NAMED {
+                            named.push(format!("{} more", members.len() - MEMBERS_NAMED));
+                        }
+                        format!("; its members: {}", named.join(", "))
+                    }
+                    Ok(_) => String::new(),
+                    Err(e) => format!("; listing its members failed: {}", e.message),
+                };
+                return Err(Self::error(
+                    ErrorKind::Api,
+                    format!(
+                        "{refusal}; still refused after {}{members}",
+                        humantime::format_duration(self.config.teardown_timeout)
+                    ),
+                )
+                .hint(format!(
+                    "delete what is left in the VPC {} of pool {pool}, then the VPC, in the DigitalOcean control panel, or run `doctl vpcs delete {}`",
+                    vpc.name, vpc.id
+                )));
+            }
+            tracing::debug!(pool, vpc = %vpc.id, "VPC not deletable yet ({status}); retrying");
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(self.config.poll_interval);
+        }
+    }
+
+    /// What is still in `vpc`.
+    async fn vpc_members(&self, vpc: &Vpc) -> Result<Vec<VpcMember>, ProviderError> {
+        self.list_all(
+            &format!("listing the members of VPC {}", vpc.id),
+            &format!("/v2/vpcs/{}/members", vpc.id),
+            &[],
+            "members",
+        )
+        .await
+    }
+
+    /// Removes the pool's VPCs, found by name. A token that may not list VPCs cannot have
+    /// made one either: that is no error.
+    async fn delete_vpcs(&self, pool: &str) -> Result<(), ProviderError> {
+        let vpcs = match self.pool_vpcs(pool).await {
+            Ok(vpcs) => vpcs,
+            Err(e) if e.kind == ErrorKind::Auth => {
+                tracing::warn!("{e}");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for vpc in &vpcs {
+            self.delete_vpc(pool, vpc).await?;
+        }
+        Ok(())
     }
 }
 
@@ -727,6 +916,7 @@ impl Provider for DigitalOcean {
             )),
             None => None,
         };
+        let vpc_body = vpc_request(&request.pool, &offer.region)?;
         let image = request
             .spec
             .image
@@ -751,12 +941,18 @@ impl Provider for DigitalOcean {
             }
             scripts.push(user_data);
         }
+        // The pool's own network: multi-node training talks droplet to droplet in it.
+        let vpc = self
+            .ensure_vpc(&request.pool, &offer.region, &vpc_body)
+            .await?;
         if let Some((_, body)) = &firewall {
             self.open_agent_port(&request.pool, body).await?;
         }
         let mut created = Vec::new();
         for (node, user_data) in request.nodes.iter().zip(scripts) {
-            let droplet = self.create(request, node, offer, &image, user_data).await?;
+            let droplet = self
+                .create(request, node, offer, &image, user_data, &vpc)
+                .await?;
             tracing::info!(node = %node.node_id, droplet = droplet.id, status = %droplet.status, "droplet created");
             created.push((node.node_id.clone(), droplet.id));
         }
@@ -806,9 +1002,12 @@ impl Provider for DigitalOcean {
             .lock()
             .expect("failed checks lock")
             .remove(pool);
-        // The firewall goes last: droplets that could not be deleted stay behind it.
+        // The firewall and the VPC go last: droplets that could not be deleted stay behind
+        // the firewall, and a VPC cannot be deleted while it has members.
         self.delete_droplets(pool).await?;
-        self.delete_firewalls(pool).await
+        let firewalls = self.delete_firewalls(pool).await;
+        let vpcs = self.delete_vpcs(pool).await;
+        firewalls.and(vpcs)
     }
 
     fn supports_reverse(&self) -> bool {
@@ -1025,6 +1224,31 @@ struct Firewall {
 }
 
 #[derive(Debug, Deserialize)]
+struct VpcEnvelope {
+    vpc: Vpc,
+}
+
+#[derive(Debug, Deserialize)]
+struct Vpc {
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    region: String,
+    /// The region's default VPC, which DigitalOcean never deletes.
+    #[serde(default)]
+    default: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct VpcMember {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    urn: String,
+}
+
+#[derive(Debug, Deserialize)]
 struct AccountEnvelope {
     account: Account,
 }
@@ -1089,7 +1313,7 @@ fn api_error(
             .unwrap_or("no message")
             .to_string()
     } else {
-        parsed.message.trim().trim_end_matches('.').to_string()
+        super::http::one_line(parsed.message.trim().trim_end_matches('.'), QUOTE_LIMIT)
     };
     let request_id = parsed
         .request_id
@@ -1178,11 +1402,35 @@ pub fn pool_tag(pool: &str) -> Result<String, ProviderError> {
     tag(POOL_TAG, pool)
 }
 
-/// The name of `pool`'s Cloud Firewall: `skyward-` and the pool name with every byte other
-/// than lower-case letters, digits and `-` written as `.` and two hex digits, in the
-/// characters names allow and such that no two pools share one (names are unique in an
-/// account, and teardown finds the firewall by it).
+/// The name of `pool`'s Cloud Firewall (see [`pool_resource_name`]).
 pub fn firewall_name(pool: &str) -> Result<String, ProviderError> {
+    pool_resource_name(pool, "firewall")
+}
+
+/// The name of `pool`'s VPC (see [`pool_resource_name`]).
+pub fn vpc_name(pool: &str) -> Result<String, ProviderError> {
+    pool_resource_name(pool, "VPC")
+}
+
+/// The body of `POST /v2/vpcs` for `pool`'s VPC in `region`; DigitalOcean picks an IP range
+/// that overlaps none of the account's.
+pub fn vpc_request(pool: &str, region: &str) -> Result<serde_json::Value, ProviderError> {
+    let description: String = format!("Skyward pool {pool}")
+        .chars()
+        .take(DESCRIPTION_LIMIT)
+        .collect();
+    Ok(json!({
+        "name": vpc_name(pool)?,
+        "region": region,
+        "description": description,
+    }))
+}
+
+/// The name of a resource of `pool` (its firewall, its VPC): `skyward-` and the pool name
+/// with every byte other than lower-case letters, digits and `-` written as `.` and two hex
+/// digits, in the characters firewall and VPC names allow and such that no two pools share
+/// one (names are unique in an account, and teardown finds them by it).
+fn pool_resource_name(pool: &str, what: &str) -> Result<String, ProviderError> {
     let mut name = String::from("skyward-");
     for byte in pool.bytes() {
         if byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' {
@@ -1195,7 +1443,7 @@ pub fn firewall_name(pool: &str) -> Result<String, ProviderError> {
         return Err(DigitalOcean::error(
             ErrorKind::Invalid,
             format!(
-                "the firewall name for pool {pool:?} would be {} characters, over DigitalOcean's {NAME_LIMIT}",
+                "the {what} name for pool {pool:?} would be {} characters, over DigitalOcean's {NAME_LIMIT}",
                 name.len()
             ),
         )
@@ -1458,6 +1706,59 @@ mod tests {
         assert_eq!(distinct.len(), names.len(), "{names:?}");
         let long = firewall_name(&"_".repeat(100)).unwrap_err();
         assert!(long.to_string().contains("shorter pool name"), "{long}");
+    }
+
+    #[test]
+    fn vpc_names_follow_the_api_pattern_and_ip_ranges_are_left_to_digitalocean() {
+        // The spec's pattern for VPC names: ^[a-zA-Z0-9\-\.]+$
+        let valid = |name: &str| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        };
+        assert_eq!(vpc_name("sky-1a2b").unwrap(), "skyward-sky-1a2b");
+        let names: Vec<String> = ["a_b", "a.b", "A", "a", "a:b c/ü", ""]
+            .iter()
+            .map(|pool| vpc_name(pool).unwrap())
+            .collect();
+        for name in &names {
+            assert!(valid(name), "{name}");
+        }
+        let distinct: HashSet<&String> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        let long = vpc_name(&"_".repeat(100)).unwrap_err();
+        assert!(long.to_string().contains("VPC name"), "{long}");
+        assert!(long.to_string().contains("shorter pool name"), "{long}");
+
+        assert_eq!(
+            vpc_request("sky-1", "tor1").unwrap(),
+            json!({"name": "skyward-sky-1", "region": "tor1", "description": "Skyward pool sky-1"}),
+            "no ip_range: DigitalOcean picks one that overlaps nothing of the account's"
+        );
+        // The longest pool name a VPC name allows makes a description over 255 characters:
+        // it is cut there.
+        let pool = "p".repeat(NAME_LIMIT - "skyward-".len());
+        let body = vpc_request(&pool, "nyc1").unwrap();
+        assert_eq!(body["name"].as_str().unwrap().len(), NAME_LIMIT);
+        assert_eq!(
+            body["description"].as_str().unwrap().chars().count(),
+            DESCRIPTION_LIMIT
+        );
+    }
+
+    #[test]
+    fn api_error_messages_are_one_bounded_line() {
+        let body = json!({"id": "forbidden", "message": format!("a\n{}", "x".repeat(1000))});
+        let e = api_error(
+            "x",
+            &Method::DELETE,
+            "/v2/vpcs/v",
+            StatusCode::FORBIDDEN,
+            body.to_string().as_bytes(),
+        );
+        assert!(!e.message.contains('\n'), "{e}");
+        assert!(e.message.len() < QUOTE_LIMIT + 50, "{}", e.message.len());
     }
 
     #[test]

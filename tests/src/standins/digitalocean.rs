@@ -8,7 +8,15 @@
 //! - 429 with `ratelimit-*` headers and 5xx answers on demand;
 //! - private `networks.v4` entries first, with `"gateway": "nil"`;
 //! - Cloud Firewalls (create, list, get, delete) that may only name existing tags (`POST
-//!   /v2/tags` or a droplet creates one), with names unique in the account (409 otherwise).
+//!   /v2/tags` or a droplet creates one), with names unique in the account (409 otherwise);
+//! - VPCs (create, list, get, delete, members): every region starts with its default VPC
+//!   (`default-<region>`), where droplets created without `vpc_uuid` go, and the first VPC
+//!   made in a region without one becomes its default; names are unique in the account (422
+//!   otherwise); `ip_range` is picked when not given (a /20 overlapping no other); a droplet's
+//!   VPC must exist and be in its region (422); deleting a default VPC or one with members is
+//!   refused with 403 `forbidden`, and deleted droplets can be made to stay members for a
+//!   while ([`set_member_linger`](DigitalOceanStandIn::set_member_linger)), as on
+//!   DigitalOcean. A droplet's private address is in its VPC's range.
 //!
 //! Creating a droplet boots it: its user-data runs as a [`BootedNode`] (the agent starts and
 //! dials the coordinator); deleting it destroys the node. With
@@ -74,6 +82,27 @@ pub struct DropletInfo {
     pub user_data: Option<String>,
     pub status: String,
     pub gpu: bool,
+    /// The VPC it is in.
+    pub vpc_uuid: String,
+}
+
+/// A VPC as the stand-in holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VpcInfo {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub region: String,
+    pub ip_range: String,
+    pub default: bool,
+}
+
+/// A deleted droplet still counted among its VPC's members.
+struct Lingering {
+    vpc_uuid: String,
+    id: u64,
+    name: String,
+    until: Instant,
 }
 
 struct Droplet {
@@ -104,6 +133,12 @@ struct Inner {
     /// Cloud Firewalls in creation order, as the API shows them.
     firewalls: Vec<Value>,
     next_firewall: u64,
+    /// VPCs in creation order, the regions' defaults first.
+    vpcs: Vec<VpcInfo>,
+    next_vpc: u64,
+    /// How long a deleted droplet stays a member of its VPC.
+    member_linger: Duration,
+    lingering: Vec<Lingering>,
 }
 
 struct Shared {
@@ -131,10 +166,26 @@ impl DigitalOceanStandIn {
             .await
             .expect("bind the stand-in");
         let addr = listener.local_addr().expect("stand-in address");
+        let regions = default_regions();
+        let vpcs: Vec<VpcInfo> = regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let slug = r["slug"].as_str().expect("region slug");
+                VpcInfo {
+                    id: format!("760e09ef-dc84-11e8-981e-{:012x}", i + 1),
+                    name: format!("default-{slug}"),
+                    description: String::new(),
+                    region: slug.to_string(),
+                    ip_range: format!("10.{}.0.0/20", 100 + i),
+                    default: true,
+                }
+            })
+            .collect();
         let shared = Arc::new(Shared {
             state: Mutex::new(Inner {
                 sizes: default_sizes(),
-                regions: default_regions(),
+                regions,
                 droplets: BTreeMap::new(),
                 next_id: 500_000_001,
                 requests: Vec::new(),
@@ -151,6 +202,10 @@ impl DigitalOceanStandIn {
                 tags: HashSet::new(),
                 firewalls: Vec::new(),
                 next_firewall: 1,
+                vpcs,
+                next_vpc: 1,
+                member_linger: Duration::ZERO,
+                lingering: Vec::new(),
             }),
             base: format!("http://{addr}"),
             boot_root: boot_root.to_path_buf(),
@@ -263,7 +318,62 @@ impl DigitalOceanStandIn {
         self.state().firewalls.clone()
     }
 
-    /// A droplet that exists without having been created through the API (never booted).
+    /// The VPCs that exist, as `GET /v2/vpcs` shows them.
+    pub fn vpcs(&self) -> Vec<VpcInfo> {
+        self.state().vpcs.clone()
+    }
+
+    /// The id of `region`'s default VPC.
+    pub fn default_vpc(&self, region: &str) -> Option<String> {
+        self.state()
+            .vpcs
+            .iter()
+            .find(|v| v.default && v.region == region)
+            .map(|v| v.id.clone())
+    }
+
+    /// Removes `region`'s default VPC, as for an account that never used the region: the
+    /// next VPC made there becomes the default. Panics if it has members.
+    pub fn remove_default_vpc(&self, region: &str) {
+        let mut state = self.state();
+        let Some(id) = state
+            .vpcs
+            .iter()
+            .find(|v| v.default && v.region == region)
+            .map(|v| v.id.clone())
+        else {
+            return;
+        };
+        assert!(
+            members(&state, &id).is_empty(),
+            "the default VPC of {region} has members"
+        );
+        state.vpcs.retain(|v| v.id != id);
+    }
+
+    /// Deleted droplets stay members of their VPC for `linger` (none by default), so that
+    /// deleting the VPC is refused meanwhile.
+    pub fn set_member_linger(&self, linger: Duration) {
+        self.state().member_linger = linger;
+    }
+
+    /// Puts a droplet in another VPC (which need not be in its region).
+    pub fn set_vpc(&self, droplet: u64, vpc_uuid: &str) {
+        if let Some(d) = self.state().droplets.get_mut(&droplet) {
+            d.info.vpc_uuid = vpc_uuid.to_string();
+        }
+    }
+
+    /// The names of what is in a VPC, as `GET /v2/vpcs/{id}/members` lists them.
+    pub fn vpc_members(&self, vpc_uuid: &str) -> Vec<String> {
+        members(&self.state(), vpc_uuid)
+            .into_iter()
+            .map(|m| m["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// A droplet that exists without having been created through the API (never booted),
+    /// in its region's default VPC.
     pub fn add_droplet(&self, name: &str, size: &str, region: &str, tags: &[String]) -> u64 {
         let mut state = self.state();
         let gpu = state
@@ -273,6 +383,7 @@ impl DigitalOceanStandIn {
             .is_some_and(|s| s.get("gpu_info").is_some());
         let id = state.next_id;
         state.next_id += 1;
+        let vpc_uuid = region_default_vpc(&mut state, region);
         state.droplets.insert(
             id,
             Droplet {
@@ -286,6 +397,7 @@ impl DigitalOceanStandIn {
                     user_data: None,
                     status: "active".into(),
                     gpu,
+                    vpc_uuid,
                 },
                 created: Instant::now() - Duration::from_secs(3600),
                 forced: None,
@@ -759,7 +871,7 @@ fn route(
                     .collect();
                 ids.into_iter()
                     .map(|id| {
-                        state.droplets.remove(&id);
+                        remove_droplet(&mut state, id);
                         (id, state.booted.remove(&id))
                     })
                     .collect()
@@ -784,9 +896,7 @@ fn route(
             let removed = {
                 let mut state = shared.state.lock().expect("state");
                 match id.parse::<u64>().ok() {
-                    Some(id) if state.droplets.remove(&id).is_some() => {
-                        Some(state.booted.remove(&id))
-                    }
+                    Some(id) if remove_droplet(&mut state, id) => Some(state.booted.remove(&id)),
                     _ => None,
                 }
             };
@@ -810,6 +920,72 @@ fn route(
                 Some(firewall) => Answer::json(StatusCode::OK, json!({"firewall": firewall})),
                 None => not_found(),
             }
+        }
+        ("GET", ["", "v2", "vpcs"]) => {
+            let vpcs: Vec<Value> = shared
+                .state
+                .lock()
+                .expect("state")
+                .vpcs
+                .iter()
+                .map(vpc_json)
+                .collect();
+            page(shared, "/v2/vpcs", "vpcs", vpcs, query)
+        }
+        ("POST", ["", "v2", "vpcs"]) => create_vpc(shared, body),
+        ("GET", ["", "v2", "vpcs", id]) => {
+            let state = shared.state.lock().expect("state");
+            match state.vpcs.iter().find(|v| v.id == *id) {
+                Some(vpc) => Answer::json(StatusCode::OK, json!({"vpc": vpc_json(vpc)})),
+                None => not_found(),
+            }
+        }
+        ("DELETE", ["", "v2", "vpcs", id]) => {
+            let mut state = shared.state.lock().expect("state");
+            let Some(vpc) = state.vpcs.iter().find(|v| v.id == *id).cloned() else {
+                return not_found();
+            };
+            if vpc.default {
+                Answer::error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "Cannot delete the default VPC of a region.",
+                )
+            } else if !members(&state, id).is_empty() {
+                Answer::error(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "Can not delete VPC with members",
+                )
+            } else {
+                state.vpcs.retain(|v| v.id != *id);
+                Answer::no_content()
+            }
+        }
+        ("GET", ["", "v2", "vpcs", id, "members"]) => {
+            let list: Vec<Value> = {
+                let state = shared.state.lock().expect("state");
+                if !state.vpcs.iter().any(|v| v.id == *id) {
+                    return not_found();
+                }
+                members(&state, id)
+                    .into_iter()
+                    .filter(|m| {
+                        param("resource_type").is_none_or(|t| {
+                            m["urn"]
+                                .as_str()
+                                .is_some_and(|u| u.starts_with(&format!("do:{t}:")))
+                        })
+                    })
+                    .collect()
+            };
+            page(
+                shared,
+                &format!("/v2/vpcs/{id}/members"),
+                "members",
+                list,
+                query,
+            )
         }
         ("DELETE", ["", "v2", "firewalls", id]) => {
             let mut state = shared.state.lock().expect("state");
@@ -956,6 +1132,16 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         );
     }
     let gpu = size.get("gpu_info").is_some();
+    let vpc_uuid = match text("vpc_uuid") {
+        None => region_default_vpc(&mut state, &region),
+        Some(id) => match state.vpcs.iter().find(|v| v.id == id) {
+            None => return unprocessable("The VPC does not exist."),
+            Some(vpc) if vpc.region != region => {
+                return unprocessable("The VPC is not in the region of the Droplet.")
+            }
+            Some(vpc) => vpc.id.clone(),
+        },
+    };
     // Creating a droplet creates its tags.
     state.tags.extend(tags.iter().cloned());
     let mut created = Vec::new();
@@ -973,6 +1159,7 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
                 user_data: user_data.clone(),
                 status: "new".into(),
                 gpu,
+                vpc_uuid: vpc_uuid.clone(),
             },
             created: Instant::now(),
             forced: None,
@@ -1227,10 +1414,18 @@ fn droplet_json(state: &Inner, droplet: &Droplet) -> Value {
     // Addresses come with the boot; private first, as the real API lists them. The public
     // one is the namespace address of a droplet booted isolated, and there is none
     // otherwise: a test's coordinator must never dial an address made up here.
-    let n = info.id % 250 + 2;
     let mut v4 = Vec::new();
     if status != "new" {
-        v4.push(json!({"ip_address": format!("10.116.0.{n}"), "netmask": "255.255.240.0", "gateway": "nil", "type": "private"}));
+        let range = state
+            .vpcs
+            .iter()
+            .find(|v| v.id == info.vpc_uuid)
+            .map(|v| v.ip_range.as_str())
+            .unwrap_or("10.116.0.0/20");
+        let (network, bits) = parse_cidr(range).unwrap_or((0x0a74_0000, 20));
+        let ip = std::net::Ipv4Addr::from(network + (info.id % 250) as u32 + 2);
+        let netmask = std::net::Ipv4Addr::from(u32::MAX.checked_shl(32 - bits).unwrap_or(0));
+        v4.push(json!({"ip_address": ip.to_string(), "netmask": netmask.to_string(), "gateway": "nil", "type": "private"}));
         if let Some(ip) = state.booted.get(&info.id).and_then(BootedNode::address) {
             // The namespace is a /30 whose other end is the host side of its link.
             let gateway = std::net::Ipv4Addr::from(u32::from(ip) - 1);
@@ -1281,10 +1476,183 @@ fn droplet_json(state: &Inner, droplet: &Droplet) -> Value {
         "networks": {"v4": v4, "v6": []},
         "region": region,
         "tags": info.tags,
-        "vpc_uuid": "760e09ef-dc84-11e8-981e-3cfdfeaae000",
+        "vpc_uuid": info.vpc_uuid,
     });
     if let Some(gpu) = size.get("gpu_info") {
         value["gpu_info"] = gpu.clone();
     }
     value
+}
+
+/// A VPC in the API's shape.
+fn vpc_json(vpc: &VpcInfo) -> Value {
+    json!({
+        "id": vpc.id,
+        "urn": format!("do:vpc:{}", vpc.id),
+        "name": vpc.name,
+        "description": vpc.description,
+        "region": vpc.region,
+        "ip_range": vpc.ip_range,
+        "default": vpc.default,
+        "created_at": "2026-03-02T10:20:30Z",
+    })
+}
+
+/// An IPv4 CIDR block as its network address and prefix length, if it is one and its
+/// address is the network's.
+fn parse_cidr(cidr: &str) -> Option<(u32, u32)> {
+    let (ip, bits) = cidr.split_once('/')?;
+    let ip = u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?);
+    let bits: u32 = bits.parse().ok().filter(|b| *b <= 32)?;
+    let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+    (ip & mask == ip).then_some((ip, bits))
+}
+
+/// Whether two CIDR blocks share an address.
+fn overlap(a: (u32, u32), b: (u32, u32)) -> bool {
+    let end = |(ip, bits): (u32, u32)| ip as u64 + (1u64 << (32 - bits)) - 1;
+    (a.0 as u64) <= end(b) && (b.0 as u64) <= end(a)
+}
+
+/// Whether a block is within the private ranges of RFC 1918.
+fn private(block: (u32, u32)) -> bool {
+    [(0x0a00_0000, 8), (0xac10_0000, 12), (0xc0a8_0000, 16)]
+        .iter()
+        .any(|&(net, bits)| {
+            let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+            block.1 >= bits && block.0 & mask == net
+        })
+}
+
+/// `POST /v2/vpcs`: a name in the spec's pattern and unique in the account (422 otherwise),
+/// a known region, an `ip_range` that is private, /16 to /28 and overlaps no other VPC's
+/// (picked when not given); 201 with the VPC. The first VPC of a region without one is its
+/// default.
+fn create_vpc(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
+    let Some(body) = body else {
+        return unprocessable("The request body is not JSON.");
+    };
+    let text = |key: &str| body.get(key).and_then(Value::as_str).unwrap_or_default();
+    let (name, region) = (text("name"), text("region"));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return unprocessable("name may only contain alphanumeric characters, dashes, and periods");
+    }
+    let description = text("description");
+    if description.chars().count() > 255 {
+        return unprocessable("description may be at most 255 characters");
+    }
+    let mut state = shared.state.lock().expect("state");
+    if !state.regions.iter().any(|r| r["slug"] == region) {
+        return unprocessable("region is not a valid region");
+    }
+    if state.vpcs.iter().any(|v| v.name.eq_ignore_ascii_case(name)) {
+        return unprocessable("A VPC with this name already exists.");
+    }
+    let taken: Vec<(u32, u32)> = state
+        .vpcs
+        .iter()
+        .filter_map(|v| parse_cidr(&v.ip_range))
+        .collect();
+    let ip_range = match body.get("ip_range").and_then(Value::as_str) {
+        Some(range) => {
+            let Some(block) = parse_cidr(range).filter(|b| (16..=28).contains(&b.1) && private(*b))
+            else {
+                return unprocessable("ip_range must be a private network from /16 to /28");
+            };
+            if taken.iter().any(|t| overlap(*t, block)) {
+                return unprocessable("ip_range overlaps another VPC network of the account");
+            }
+            range.to_string()
+        }
+        None => {
+            let Some(block) = (0..4096u32)
+                .map(|k| (0x0a6e_0000 + (k << 12), 20))
+                .find(|b| !taken.iter().any(|t| overlap(*t, *b)))
+            else {
+                return unprocessable("no free IP range left");
+            };
+            format!("{}/20", std::net::Ipv4Addr::from(block.0))
+        }
+    };
+    let default = !state.vpcs.iter().any(|v| v.default && v.region == region);
+    let vpc = VpcInfo {
+        id: format!("5a4981aa-9653-4bd1-bef5-{:012x}", state.next_vpc),
+        name: name.to_string(),
+        description: description.to_string(),
+        region: region.to_string(),
+        ip_range,
+        default,
+    };
+    state.next_vpc += 1;
+    state.vpcs.push(vpc.clone());
+    Answer::json(StatusCode::CREATED, json!({"vpc": vpc_json(&vpc)}))
+}
+
+/// The default VPC of `region`, made (`default-<region>`) if it has none, as DigitalOcean
+/// does for a region's first resource.
+fn region_default_vpc(state: &mut Inner, region: &str) -> String {
+    if let Some(vpc) = state.vpcs.iter().find(|v| v.default && v.region == region) {
+        return vpc.id.clone();
+    }
+    let taken: Vec<(u32, u32)> = state
+        .vpcs
+        .iter()
+        .filter_map(|v| parse_cidr(&v.ip_range))
+        .collect();
+    let block = (0..4096u32)
+        .map(|k| (0x0a6e_0000 + (k << 12), 20))
+        .find(|b| !taken.iter().any(|t| overlap(*t, *b)))
+        .unwrap_or((0x0a74_0000, 20));
+    let vpc = VpcInfo {
+        id: format!("5a4981aa-9653-4bd1-bef5-{:012x}", state.next_vpc),
+        name: format!("default-{region}"),
+        description: String::new(),
+        region: region.to_string(),
+        ip_range: format!("{}/20", std::net::Ipv4Addr::from(block.0)),
+        default: true,
+    };
+    state.next_vpc += 1;
+    let id = vpc.id.clone();
+    state.vpcs.push(vpc);
+    id
+}
+
+/// Removes a droplet; it stays a member of its VPC for the configured linger. Whether it
+/// existed.
+fn remove_droplet(state: &mut Inner, id: u64) -> bool {
+    let Some(droplet) = state.droplets.remove(&id) else {
+        return false;
+    };
+    if !state.member_linger.is_zero() {
+        state.lingering.push(Lingering {
+            vpc_uuid: droplet.info.vpc_uuid,
+            id,
+            name: droplet.info.name,
+            until: Instant::now() + state.member_linger,
+        });
+    }
+    true
+}
+
+/// The members of a VPC in the API's shape: its droplets, and deleted ones still lingering.
+fn members(state: &Inner, vpc_uuid: &str) -> Vec<Value> {
+    let now = Instant::now();
+    let member = |id: u64, name: &str| json!({"urn": format!("do:droplet:{id}"), "name": name, "created_at": "2026-03-02T10:20:30Z"});
+    state
+        .droplets
+        .values()
+        .filter(|d| d.info.vpc_uuid == vpc_uuid)
+        .map(|d| member(d.info.id, &d.info.name))
+        .chain(
+            state
+                .lingering
+                .iter()
+                .filter(|l| l.vpc_uuid == vpc_uuid && l.until > now)
+                .map(|l| member(l.id, &l.name)),
+        )
+        .collect()
 }
