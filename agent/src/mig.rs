@@ -21,8 +21,7 @@ use crate::tool::{self, ToolError, TOOL_TIMEOUT};
 /// How long one state-changing `nvidia-smi` run (mode change, instance creation) may take:
 /// enabling MIG may reset the GPU, which takes seconds.
 pub const MIG_CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long applying the layout to all GPUs together may take.
-pub const MIG_BUDGET: Duration = Duration::from_secs(180);
+pub use skyward_common::mig::MIG_BUDGET;
 
 /// The slices of a full GPU when its profiles do not say (every MIG GPU but the A30 has 7).
 const DEFAULT_SLICES: u32 = 7;

@@ -1,6 +1,12 @@
 //! The MIG layout a pool asks for (`--mig`): parsed by the coordinator's CLI, so that a typo
 //! is refused before anything is provisioned, and by the agent, which applies it.
 
+use std::time::Duration;
+
+/// How long an agent may take to apply the layout to all its GPUs together (the coordinator
+/// waits that much longer for such nodes to connect).
+pub const MIG_BUDGET: Duration = Duration::from_secs(180);
+
 /// What `--mig` asks of every GPU of the node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {

@@ -186,9 +186,10 @@ struct RunArgs {
     env: Vec<String>,
     #[command(flatten)]
     spec: SpecArgs,
-    /// How long nodes get to come up and connect.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
+    /// How long nodes get to come up and connect (default: 60s for local nodes, 5m for cloud
+    /// machines, 3m more with --mig).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    connect_timeout: Option<Duration>,
     /// Address the coordinator listens on (UDP for agents, TCP for the agent download);
     /// default 127.0.0.1:0, or 0.0.0.0:0 with --reverse on a cloud.
     #[arg(long)]
@@ -318,7 +319,10 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         agent_binary: args.agent_binary.clone(),
         agent_url: args.agent_url.clone(),
         spec: {
-            let mut spec = args.spec.spec(args.nodes, args.connect_timeout)?;
+            let connect_timeout = args.connect_timeout.unwrap_or_else(|| {
+                default_connect_timeout(&args.spec.provider, args.mig.is_some())
+            });
+            let mut spec = args.spec.spec(args.nodes, connect_timeout)?;
             spec.reverse = args.reverse;
             spec.public_ip = args.public_ip;
             spec.mig = args.mig.clone();
@@ -962,6 +966,19 @@ async fn execute(
     Ok(reports)
 }
 
+/// How long nodes get to come up when `--connect-timeout` is not given: local agents start
+/// in a moment; cloud machines boot an image first (GPU images take minutes); a MIG layout
+/// adds the agents' budget for applying it before they connect.
+fn default_connect_timeout(providers: &str, mig: bool) -> Duration {
+    let cloud = providers.split(',').any(|p| p.trim() != "local");
+    let boot = Duration::from_secs(if cloud { 300 } else { 60 });
+    if mig {
+        boot + skyward_common::mig::MIG_BUDGET
+    } else {
+        boot
+    }
+}
+
 /// A `--mig` layout as the agents will read it, refused here before anything is provisioned.
 fn mig_layout(text: &str) -> Result<String, String> {
     skyward_common::mig::Layout::parse(text).map(|_| text.trim().to_string())
@@ -1083,6 +1100,16 @@ mod tests {
         assert_eq!(level("fd00::1"), "warn");
         assert_eq!(level("203.0.113.7"), "ok");
         assert_eq!(level("2001:db8::1"), "ok");
+    }
+
+    #[test]
+    fn clouds_and_mig_layouts_get_longer_to_connect() {
+        let secs = |providers, mig| default_connect_timeout(providers, mig).as_secs();
+        assert_eq!(secs("local", false), 60);
+        assert_eq!(secs("aws", false), 300);
+        assert_eq!(secs("local, verda", false), 300);
+        assert_eq!(secs("aws", true), 480);
+        assert_eq!(secs("local", true), 240);
     }
 
     #[test]
