@@ -20,6 +20,7 @@ use crate::selection::Selection;
 use crate::server::{Coordinator, CoordinatorConfig};
 use crate::slots::{self, GpuRequest};
 use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
+use crate::store::{InstanceRecord, Owner, Placement, PoolRecord, PoolState, Store};
 
 /// Exit code for a command line that was wrong (nothing was started).
 const USAGE: i32 = 2;
@@ -47,6 +48,39 @@ enum Command {
     Providers(ProvidersArgs),
     /// Check that nodes can reach this machine and get an agent, and say how they connect.
     Doctor(DoctorArgs),
+    /// The pools this machine's coordinators made that still exist.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Remove pools a skyward left behind (killed, crashed, or its teardown failed): their
+    /// machines and everything made for them.
+    Down(DownArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCommand {
+    /// List the pools recorded here: running ones and ones left behind.
+    List(PoolListArgs),
+}
+
+#[derive(Args, Debug)]
+struct PoolListArgs {
+    /// One JSON array on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DownArgs {
+    /// The pools to remove (`skyward pool list` names them).
+    #[arg(
+        value_name = "POOL",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pools: Vec<String>,
+    /// Every pool recorded here.
+    #[arg(long)]
+    all: bool,
 }
 
 /// What the nodes are and where they come from (shared by `run` and `offers`).
@@ -236,12 +270,16 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Offers(args) => offers(args).await,
         Command::Providers(args) => providers(args).await,
         Command::Doctor(args) => doctor(args).await,
+        Command::Pool(PoolCommand::List(args)) => pool_list(args),
+        Command::Down(args) => down(args).await,
     }
 }
 
 /// What `skyward run` will do, checked before anything is created.
 struct Plan {
     provider_options: ProviderOptions,
+    /// The `--provider-opt` settings as given, for the state store.
+    provider_opts: Vec<String>,
     listen: Option<SocketAddr>,
     advertise: Option<SocketAddr>,
     agent_binary: Option<PathBuf>,
@@ -314,6 +352,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     let single = args.map.is_none() && args.on == On::One;
     Ok(Plan {
         provider_options: args.spec.provider_options()?,
+        provider_opts: args.spec.provider_opt.clone(),
         listen: args.listen,
         advertise: args.advertise,
         agent_binary: args.agent_binary.clone(),
@@ -446,6 +485,24 @@ async fn run(args: RunArgs) -> i32 {
             return USAGE;
         }
     };
+    // Recorded before anything exists, so that nothing this run creates can go unrecorded.
+    let store = match Store::open(&home).and_then(|store| {
+        store
+            .add_pool(
+                &pool_name,
+                Owner::this_process(),
+                &plan.providers,
+                &plan.provider_opts,
+                &pool_dir,
+            )
+            .map(|()| store)
+    }) {
+        Ok(store) => std::sync::Mutex::new(store),
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
     let coordinator = match Coordinator::start_advertised(
         CoordinatorConfig {
             pool: pool_name.clone(),
@@ -459,6 +516,7 @@ async fn run(args: RunArgs) -> i32 {
         Ok(c) => Arc::new(c),
         Err(e) => {
             eprintln!("skyward: starting the coordinator: {e}");
+            forget(&store, &pool_name);
             return FAILURE;
         }
     };
@@ -478,7 +536,13 @@ async fn run(args: RunArgs) -> i32 {
         })
         .collect();
 
-    let work = execute(&plan, coordinator.clone(), &providers, &mut renderer);
+    let work = execute(
+        &plan,
+        coordinator.clone(),
+        &providers,
+        &mut renderer,
+        &store,
+    );
     let ended = tokio::select! {
         result = work => Ended::Finished(result),
         _ = sigint.recv() => Ended::Signal("SIGINT", 130),
@@ -489,16 +553,30 @@ async fn run(args: RunArgs) -> i32 {
             "{name}: stopping tasks and tearing down pool {pool_name}"
         ));
     }
+    record(&store, |s| s.set_state(&pool_name, PoolState::TearingDown));
     // A second Ctrl-C does not abandon the teardown: it says what is still going on.
     let teardown = pool::teardown(&coordinator, &providers);
     tokio::pin!(teardown);
-    loop {
+    let torn_down = loop {
         tokio::select! {
-            _ = &mut teardown => break,
+            result = &mut teardown => break result,
             _ = sigint.recv() => eprintln!("skyward: still removing the nodes of pool {pool_name}; they will be gone in a few seconds"),
         }
+    };
+    match torn_down {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(&pool_dir);
+            forget(&store, &pool_name);
+        }
+        Err(_) => {
+            record(&store, |s| {
+                s.set_state(&pool_name, PoolState::TeardownFailed)
+            });
+            eprintln!(
+                "skyward: pool {pool_name} may have left machines behind: `skyward down {pool_name}` tries again"
+            );
+        }
     }
-    let _ = std::fs::remove_dir_all(&pool_dir);
     renderer.pool_down(&pool_name);
 
     match ended {
@@ -845,7 +923,9 @@ async fn execute(
     coordinator: Arc<Coordinator>,
     providers: &[Arc<dyn Provider>],
     renderer: &mut Renderer<std::io::Stdout, std::io::Stderr>,
+    store: &std::sync::Mutex<Store>,
 ) -> Result<Vec<TaskReport>, String> {
+    let pool_name = coordinator.pool().to_string();
     let progress = (plan.mode != OutputMode::Json && std::io::stderr().is_terminal()).then(|| {
         let bar = ProgressBar::new(plan.spec.nodes as u64);
         bar.set_style(
@@ -863,11 +943,36 @@ async fn execute(
                 }
             }
             PoolProgress::Provisioning { attempt, nodes } => {
+                record(store, |s| {
+                    s.add_placement(
+                        &pool_name,
+                        &Placement {
+                            provider: attempt.offer.provider.clone(),
+                            region: attempt.offer.region.clone(),
+                            instance_type: attempt.offer.instance_type.clone(),
+                        },
+                    )
+                });
                 if let Some(bar) = &progress {
                     bar.set_message(format!(
                         "starting {nodes} x {} on {} ({}):",
                         attempt.offer.instance_type, attempt.offer.provider, attempt.market
                     ));
+                }
+            }
+            PoolProgress::Provisioned { attempt, instances } => {
+                for instance in instances {
+                    record(store, |s| {
+                        s.add_instance(
+                            &pool_name,
+                            &InstanceRecord {
+                                provider: attempt.offer.provider.clone(),
+                                region: attempt.offer.region.clone(),
+                                node: instance.node_id.clone(),
+                                provider_id: instance.provider_id.clone(),
+                            },
+                        )
+                    });
                 }
             }
             PoolProgress::AttemptFailed { attempt, error } => {
@@ -964,6 +1069,238 @@ async fn execute(
     let (reports, ()) = tokio::join!(running, rendering);
     pool.down().await;
     Ok(reports)
+}
+
+/// Writes to the state store; a failed write is said, not fatal: the run goes on.
+fn record(store: &std::sync::Mutex<Store>, write: impl FnOnce(&Store) -> Result<(), String>) {
+    let store = store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Err(message) = write(&store) {
+        tracing::warn!("{message}");
+        eprintln!("skyward: {message}");
+    }
+}
+
+/// Forgets a pool of which nothing is left.
+fn forget(store: &std::sync::Mutex<Store>, pool: &str) {
+    record(store, |s| s.remove_pool(pool));
+}
+
+/// The state store under the user's data dir.
+fn open_store() -> Result<Store, String> {
+    Store::open(&skyward_home()?)
+}
+
+/// What a recorded pool is now, in a word or two.
+fn pool_condition(pool: &PoolRecord) -> &'static str {
+    match (pool.owner.alive(), pool.state) {
+        (true, PoolState::Up) => "running",
+        (true, PoolState::TearingDown) => "tearing down",
+        (_, PoolState::TeardownFailed) => "teardown failed",
+        (false, PoolState::Up) => "left behind",
+        (false, PoolState::TearingDown) => "left behind (teardown cut short)",
+    }
+}
+
+fn pool_list(args: PoolListArgs) -> i32 {
+    let pools = match open_store().and_then(|store| store.pools()) {
+        Ok(pools) => pools,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
+    if args.json {
+        let list: Vec<serde_json::Value> = pools
+            .iter()
+            .map(|pool| {
+                let mut value = serde_json::to_value(pool).unwrap_or_default();
+                value["condition"] = pool_condition(pool).into();
+                value["owner_alive"] = pool.owner.alive().into();
+                value
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return 0;
+    }
+    if pools.is_empty() {
+        println!("no pools");
+        return 0;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(["pool", "condition", "age", "where", "instances"]);
+    for pool in &pools {
+        let places: Vec<String> = pool
+            .placements
+            .iter()
+            .map(|p| format!("{} {} {}", p.provider, p.region, p.instance_type))
+            .collect();
+        let age = Duration::from_secs(now.saturating_sub(pool.created));
+        table.add_row([
+            pool.name.clone(),
+            match pool.owner.alive() {
+                true => format!("{} (pid {})", pool_condition(pool), pool.owner.pid),
+                false => pool_condition(pool).to_string(),
+            },
+            humantime::format_duration(age).to_string(),
+            if places.is_empty() {
+                pool.providers.clone()
+            } else {
+                places.join(", ")
+            },
+            pool.instances.len().to_string(),
+        ]);
+    }
+    println!("{table}");
+    0
+}
+
+/// How long `down` waits for a running skyward to tear its own pool down.
+const OWNER_TEARDOWN_WAIT: Duration = Duration::from_secs(600);
+
+async fn down(args: DownArgs) -> i32 {
+    let store = match open_store() {
+        Ok(store) => std::sync::Mutex::new(store),
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
+    let recorded = match store
+        .lock()
+        .map_err(|e| e.to_string())
+        .and_then(|s| s.pools())
+    {
+        Ok(pools) => pools,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
+    let targets: Vec<PoolRecord> = if args.all {
+        recorded
+    } else {
+        // Every name must be known before anything is done.
+        if let Some(unknown) = args
+            .pools
+            .iter()
+            .find(|name| !recorded.iter().any(|p| &p.name == *name))
+        {
+            eprintln!(
+                "skyward: no pool {unknown} is recorded here: `skyward pool list` shows the pools"
+            );
+            return USAGE;
+        }
+        recorded
+            .into_iter()
+            .filter(|p| args.pools.contains(&p.name))
+            .collect()
+    };
+    if targets.is_empty() {
+        println!("no pools");
+    }
+    let mut status = 0;
+    for pool in targets {
+        match down_pool(&store, &pool).await {
+            Ok(()) => println!("pool {}: removed", pool.name),
+            Err(message) => {
+                eprintln!("skyward: pool {}: {message}", pool.name);
+                status = FAILURE;
+            }
+        }
+    }
+    status
+}
+
+/// Removes one recorded pool: its running skyward is asked to (SIGTERM), and whatever it
+/// leaves is torn down here, provider by provider, region by region, found by the pool's tag.
+async fn down_pool(store: &std::sync::Mutex<Store>, pool: &PoolRecord) -> Result<(), String> {
+    if pool.owner.alive() {
+        println!(
+            "pool {}: asking its skyward (pid {}) to tear it down",
+            pool.name, pool.owner.pid
+        );
+        // SAFETY: signalling a pid whose identity (start time) was just checked.
+        unsafe {
+            libc::kill(pool.owner.pid as i32, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + OWNER_TEARDOWN_WAIT;
+        while pool.owner.alive() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "its skyward (pid {}) is still tearing it down after {}",
+                    pool.owner.pid,
+                    humantime::format_duration(OWNER_TEARDOWN_WAIT)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let still = store
+            .lock()
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.has_pool(&pool.name))?;
+        if !still {
+            return Ok(());
+        }
+    }
+    record(store, |s| s.set_state(&pool.name, PoolState::TearingDown));
+    let mut failures = Vec::new();
+    for (names, options) in teardown_scopes(pool) {
+        let providers = ProviderOptions::parse(options.iter().map(String::as_str))
+            .and_then(|options| make_providers(&names, &options, pool.dir.join("nodes"), false));
+        match providers {
+            Ok(providers) => {
+                for provider in providers {
+                    if let Err(e) = provider.teardown(&pool.name).await {
+                        failures.push(e.to_string());
+                    }
+                }
+            }
+            Err(message) => failures.push(message),
+        }
+    }
+    if failures.is_empty() {
+        let _ = std::fs::remove_dir_all(&pool.dir);
+        forget(store, &pool.name);
+        Ok(())
+    } else {
+        record(store, |s| {
+            s.set_state(&pool.name, PoolState::TeardownFailed)
+        });
+        Err(failures.join("; "))
+    }
+}
+
+/// The provider sets a pool's teardown needs: every provider it named, with its options;
+/// and for AWS, whose teardown searches one region per client, each region an attempt
+/// went to.
+fn teardown_scopes(pool: &PoolRecord) -> Vec<(String, Vec<String>)> {
+    let mut scopes = vec![(pool.providers.clone(), pool.options.clone())];
+    let mut regions: Vec<&str> = pool
+        .placements
+        .iter()
+        .filter(|p| p.provider == "aws")
+        .map(|p| p.region.as_str())
+        .collect();
+    regions.sort_unstable();
+    regions.dedup();
+    for region in regions {
+        let mut options: Vec<String> = pool
+            .options
+            .iter()
+            .filter(|o| !o.starts_with("aws.region="))
+            .cloned()
+            .collect();
+        options.push(format!("aws.region={region}"));
+        scopes.push(("aws".into(), options));
+    }
+    scopes
 }
 
 /// How long nodes get to come up when `--connect-timeout` is not given: local agents start

@@ -21,6 +21,7 @@ pub mod selection;
 pub mod server;
 pub mod slots;
 pub mod spec;
+pub mod store;
 pub mod task;
 pub mod tokens;
 pub mod training;

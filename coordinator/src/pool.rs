@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use crate::bootstrap::{Reverse, AGENT_PORT};
 use crate::lifecycle::{Action, Event, Lifecycle, Phase};
 use crate::offer::{Market, Offer};
-use crate::provider::{NodeBootstrap, Provider, ProviderError, ProvisionRequest};
+use crate::provider::{Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest};
 use crate::selection::{self, Attempt, Candidate, Selection};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
 pub use crate::spec::PoolSpec;
@@ -21,12 +21,13 @@ pub use crate::spec::PoolSpec;
 /// Progress reports while a pool comes up.
 pub enum PoolProgress<'a> {
     /// Providers are being asked for offers.
-    Searching {
-        providers: usize,
-    },
-    Provisioning {
+    Searching { providers: usize },
+    /// About to ask the attempt's provider for machines (nothing of it exists yet).
+    Provisioning { attempt: &'a Attempt, nodes: usize },
+    /// The provider created these.
+    Provisioned {
         attempt: &'a Attempt,
-        nodes: usize,
+        instances: &'a [Instance],
     },
     AttemptFailed {
         attempt: &'a Attempt,
@@ -156,6 +157,10 @@ impl Pool {
                 .await
             {
                 Ok(instances) => {
+                    on_progress(PoolProgress::Provisioned {
+                        attempt,
+                        instances: &instances,
+                    });
                     if spec.reverse {
                         for instance in &instances {
                             if let Some(address) = instance.address {
@@ -209,7 +214,7 @@ impl Pool {
                 lifecycle,
             }),
             Err(message) => {
-                teardown(&coordinator, std::slice::from_ref(&provider)).await;
+                let _ = teardown(&coordinator, std::slice::from_ref(&provider)).await;
                 Err(error(message))
             }
         }
@@ -244,7 +249,7 @@ impl Pool {
     /// Stops every task and removes every node.
     pub async fn down(mut self) {
         let _ = self.lifecycle.handle(Event::TeardownRequested);
-        teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
+        let _ = teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
         let _ = self.lifecycle.handle(Event::TeardownFinished);
     }
 }
@@ -437,13 +442,22 @@ async fn dial_listening_nodes(
 
 /// Tells agents to stop, then has each provider remove every node of the pool. Safe to call
 /// at any point, including when provisioning was interrupted halfway.
-pub async fn teardown(coordinator: &Coordinator, providers: &[Arc<dyn Provider>]) {
+pub async fn teardown(
+    coordinator: &Coordinator,
+    providers: &[Arc<dyn Provider>],
+) -> Result<(), String> {
     coordinator.shutdown_nodes("pool is being torn down").await;
+    let mut failures = Vec::new();
     for provider in providers {
         if let Err(e) = provider.teardown(coordinator.pool()).await {
             tracing::error!("teardown: {e}");
             eprintln!("skyward: teardown: {e}");
+            failures.push(e.to_string());
         }
     }
     coordinator.close().await;
+    match failures.is_empty() {
+        true => Ok(()),
+        false => Err(failures.join("; ")),
+    }
 }

@@ -7,6 +7,7 @@ mod cli;
 mod digitalocean;
 mod gpu;
 mod mig;
+mod orphans;
 mod output;
 mod readme;
 mod security;
