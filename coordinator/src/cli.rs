@@ -78,9 +78,17 @@ struct DownArgs {
         conflicts_with = "all"
     )]
     pools: Vec<String>,
-    /// Every pool recorded here.
+    /// Every pool recorded here, and every pool whose instances carry the project's tag at
+    /// a provider with credentials here, recorded or not.
     #[arg(long)]
     all: bool,
+    /// With --all: a provider's own parameter for that search (e.g. aws.region=eu-west-1).
+    #[arg(
+        long = "provider-opt",
+        value_name = "PROVIDER.KEY=VALUE",
+        requires = "all"
+    )]
+    provider_opt: Vec<String>,
 }
 
 /// What the nodes are and where they come from (shared by `run` and `offers`).
@@ -1183,6 +1191,13 @@ async fn down(args: DownArgs) -> i32 {
             return FAILURE;
         }
     };
+    let scan_options = match ProviderOptions::parse(args.provider_opt.iter().map(String::as_str)) {
+        Ok(options) => options,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
     let targets: Vec<PoolRecord> = if args.all {
         recorded
     } else {
@@ -1202,11 +1217,10 @@ async fn down(args: DownArgs) -> i32 {
             .filter(|p| args.pools.contains(&p.name))
             .collect()
     };
-    if targets.is_empty() {
-        println!("no pools");
-    }
     let mut status = 0;
+    let mut handled = Vec::new();
     for pool in targets {
+        handled.push(pool.name.clone());
         match down_pool(&store, &pool).await {
             Ok(()) => println!("pool {}: removed", pool.name),
             Err(message) => {
@@ -1215,7 +1229,59 @@ async fn down(args: DownArgs) -> i32 {
             }
         }
     }
+    if args.all && remove_tagged(&scan_options, &mut handled).await.is_err() {
+        status = FAILURE;
+    }
+    if handled.is_empty() {
+        println!("no pools");
+    }
     status
+}
+
+/// Removes every pool not in `handled` whose instances carry the project's tag at a
+/// provider configured here (credentials present): pools this machine never recorded.
+async fn remove_tagged(options: &ProviderOptions, handled: &mut Vec<String>) -> Result<(), ()> {
+    let names: Vec<&str> = provider::KNOWN
+        .iter()
+        .copied()
+        .filter(|name| *name != "local")
+        .collect();
+    let providers = match make_providers(&names.join(","), options, std::env::temp_dir(), false) {
+        Ok(providers) => providers,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return Err(());
+        }
+    };
+    let mut result = Ok(());
+    for provider in providers {
+        if !provider.status().await.configured {
+            continue;
+        }
+        let pools = match provider.pools().await {
+            Ok(pools) => pools,
+            Err(e) => {
+                eprintln!("skyward: {}: cannot list its pools: {e}", provider.name());
+                result = Err(());
+                continue;
+            }
+        };
+        let found: Vec<String> = pools.into_iter().filter(|p| !handled.contains(p)).collect();
+        for pool in found {
+            match provider.teardown(&pool).await {
+                Ok(()) => println!(
+                    "pool {pool} (found at {} by its tag): removed",
+                    provider.name()
+                ),
+                Err(e) => {
+                    eprintln!("skyward: pool {pool} at {}: {e}", provider.name());
+                    result = Err(());
+                }
+            }
+            handled.push(pool);
+        }
+    }
+    result
 }
 
 /// Removes one recorded pool: its running skyward is asked to (SIGTERM), and whatever it

@@ -1,6 +1,7 @@
 //! Nothing orphaned: a `skyward run` killed with SIGKILL leaves its pool recorded on disk;
 //! `skyward pool list` shows it as left behind and `skyward down` removes every machine and
-//! everything else made for it. A pool whose skyward still runs is handed back to it.
+//! everything else made for it, and `down --all` also what carries the project's tag at a
+//! provider without being recorded. A pool whose skyward still runs is handed back to it.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
@@ -133,16 +134,34 @@ async fn a_killed_skyward_leaves_a_pool_that_pool_list_shows_and_down_removes() 
     );
     assert_eq!(standin.droplets().len(), 2);
 
+    // A pool this machine never recorded (another machine's, or from before the store), a
+    // GPU droplet that only `type=gpus` lists; and a droplet that is none of Skyward's.
+    standin.add_droplet(
+        "ghost-node-1",
+        "gpu-h100x1-80gb",
+        "tor1",
+        &["skyward-pool:ghost".into(), "skyward-node:node-1".into()],
+    );
+    let theirs = standin.add_droplet("theirs", "s-2vcpu-4gb", "nyc1", &[]);
+
     let mut down = sandbox.skyward();
     against_standin(&mut down);
     let out = run(down.args(["down", "--all"]), LIMIT);
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(
-        out.stdout.contains(&format!("pool {name}: removed")),
+        out.stdout.contains(&format!("pool {name}: removed"))
+            && out
+                .stdout
+                .contains("pool ghost (found at digitalocean by its tag): removed"),
         "{}",
         out.stdout
     );
-    assert!(standin.droplets().is_empty(), "{:?}", standin.droplets());
+    let left: Vec<u64> = standin.droplets().iter().map(|d| d.id).collect();
+    assert_eq!(
+        left,
+        [theirs],
+        "only the droplet that is not Skyward's stays"
+    );
     assert!(
         standin.vpcs().iter().all(|v| v.default),
         "the pool's VPC went too: {:?}",

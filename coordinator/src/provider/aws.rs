@@ -962,6 +962,37 @@ impl Provider for Aws {
         true
     }
 
+    async fn pools(&self) -> Result<Vec<String>, ProviderError> {
+        let mut pools = std::collections::BTreeSet::new();
+        for region in self.regions_to_search() {
+            let mut pages = self
+                .client(&region)
+                .await
+                .describe_instances()
+                .filters(filter("tag-key", [POOL_TAG]))
+                .filters(filter(
+                    "instance-state-name",
+                    ["pending", "running", "stopping", "stopped", "shutting-down"],
+                ))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                for reservation in page.map_err(api_error)?.reservations() {
+                    for instance in reservation.instances() {
+                        pools.extend(
+                            instance
+                                .tags()
+                                .iter()
+                                .filter(|t| t.key() == Some(POOL_TAG))
+                                .filter_map(|t| t.value().map(str::to_string)),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(pools.into_iter().collect())
+    }
+
     async fn listen_addresses(
         &self,
         pool: &str,
@@ -999,21 +1030,40 @@ impl Provider for Aws {
 
     async fn status(&self) -> ProviderStatus {
         let region = self.config.region.as_str();
-        let (configured, working, detail) =
-            match self.client(region).await.describe_regions().send().await {
-                Ok(_) => (
-                    true,
-                    true,
-                    format!(
-                        "region {region}; on-demand prices as of {} ({})",
-                        self.prices.as_of, self.prices.source
-                    ),
-                ),
-                Err(e) => {
-                    let error = api_error(e);
-                    (error.kind != ErrorKind::Auth, false, error.to_string())
-                }
+        let client = self.client(region).await;
+        // Without credentials the SDK fails with a dispatch error, not an auth one: ask the
+        // credential chain first, so that "not configured" says what to set.
+        use aws_sdk_ec2::config::ProvideCredentials;
+        let sdk = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(region.to_string()))
+            .load()
+            .await;
+        let credentials = match sdk.credentials_provider() {
+            Some(chain) => chain.provide_credentials().await.map(drop).is_ok(),
+            None => false,
+        };
+        if !credentials {
+            return ProviderStatus {
+                provider: NAME.into(),
+                configured: false,
+                working: false,
+                detail: "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run `aws configure`".into(),
             };
+        }
+        let (configured, working, detail) = match client.describe_regions().send().await {
+            Ok(_) => (
+                true,
+                true,
+                format!(
+                    "region {region}; on-demand prices as of {} ({})",
+                    self.prices.as_of, self.prices.source
+                ),
+            ),
+            Err(e) => {
+                let error = api_error(e);
+                (error.kind != ErrorKind::Auth, false, error.to_string())
+            }
+        };
         ProviderStatus {
             provider: NAME.into(),
             configured,

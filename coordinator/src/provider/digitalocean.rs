@@ -1014,6 +1014,28 @@ impl Provider for DigitalOcean {
         true
     }
 
+    async fn pools(&self) -> Result<Vec<String>, ProviderError> {
+        let mut droplets: Vec<Droplet> = self
+            .list_all("listing droplets", "/v2/droplets", &[], "droplets")
+            .await?;
+        // GPU droplets are listed only on their own.
+        droplets.extend(
+            self.list_all::<Droplet>(
+                "listing GPU droplets",
+                "/v2/droplets",
+                &[("type", "gpus".to_string())],
+                "droplets",
+            )
+            .await?,
+        );
+        let pools: std::collections::BTreeSet<String> = droplets
+            .iter()
+            .flat_map(|d| d.tags.iter())
+            .filter_map(|t| untag(POOL_TAG, t))
+            .collect();
+        Ok(pools.into_iter().collect())
+    }
+
     async fn listen_addresses(
         &self,
         pool: &str,

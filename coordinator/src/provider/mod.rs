@@ -164,6 +164,13 @@ pub trait Provider: Send + Sync {
         false
     }
 
+    /// The pools that have instances here carrying the project's pool tag, whether or not
+    /// this machine recorded them: what `skyward down --all` also removes. None by default
+    /// (nothing of a local pool outlives its skyward).
+    async fn pools(&self) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
+
     /// Whether its nodes can take a MIG layout (`--mig`): the agent needs the driver's
     /// MIG controls, which containers (VastAI) do not get.
     fn supports_mig(&self) -> bool {

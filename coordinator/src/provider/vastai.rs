@@ -1423,6 +1423,16 @@ impl Provider for VastAi {
         true
     }
 
+    async fn pools(&self) -> Result<Vec<String>, ProviderError> {
+        let pools: std::collections::BTreeSet<String> = self
+            .instances()
+            .await?
+            .iter()
+            .filter_map(|i| i.pool())
+            .collect();
+        Ok(pools.into_iter().collect())
+    }
+
     /// VastAI cannot filter the published port by source, so there is nothing to open to
     /// the coordinator's address alone.
     fn reverse_needs_public_ip(&self) -> bool {

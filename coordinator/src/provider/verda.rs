@@ -848,6 +848,24 @@ impl Provider for Verda {
         true
     }
 
+    async fn pools(&self) -> Result<Vec<String>, ProviderError> {
+        self.api.credentials()?;
+        let all = self.api.get_json("/instances", &[]).await?;
+        let Value::Array(all) = all else {
+            return Err(self.api.unexpected(
+                "GET /instances",
+                StatusCode::OK,
+                "did not answer with a list",
+            ));
+        };
+        let pools: std::collections::BTreeSet<String> = all
+            .iter()
+            .filter(|i| !is_gone(i))
+            .filter_map(pool_of)
+            .collect();
+        Ok(pools.into_iter().collect())
+    }
+
     /// Verda has no firewall to open the agent port to one address, so it needs none.
     fn reverse_needs_public_ip(&self) -> bool {
         false
@@ -1448,6 +1466,17 @@ fn tag(instance: &Value, key: &str) -> Option<String> {
     }
 }
 
+/// The pool an instance is of: its pool tag, else what the hostname `<pool>-node-<n>` that
+/// the provider gives every node says.
+fn pool_of(instance: &Value) -> Option<String> {
+    tag(instance, POOL_TAG).or_else(|| {
+        let host = str_field(instance, "hostname")?;
+        let (pool, number) = host.rsplit_once("-node-")?;
+        (!pool.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| pool.to_string())
+    })
+}
+
 /// Whether an instance is one of `pool`'s: by its pool tag, else (an instance without one)
 /// by the hostname prefix the provider gives every node of the pool.
 fn belongs_to(instance: &Value, pool: &str) -> bool {
@@ -1640,6 +1669,17 @@ mod tests {
         let body = r#"[{"id":"a","status":"success"},{"id":"b","status":"error","error":"server_error"},
             {"instanceId":"c","statusCode":404,"error":"Instance not found"}]"#;
         assert_eq!(partial_failures(body), ["b: server_error"]);
+    }
+
+    #[test]
+    fn an_instance_names_its_pool_by_tag_else_by_hostname() {
+        let tagged = json!({"hostname": "x", "tags": [{"key": POOL_TAG, "value": "Team Pool"}]});
+        assert_eq!(pool_of(&tagged).as_deref(), Some("Team Pool"));
+        let untagged = json!({"hostname": hostname("sky-1a2b3c4d", "node-12")});
+        assert_eq!(pool_of(&untagged).as_deref(), Some("sky-1a2b3c4d"));
+        for other in ["my-box", "sky-node-", "-node-1", "web-node-x"] {
+            assert_eq!(pool_of(&json!({ "hostname": other })), None, "{other}");
+        }
     }
 
     #[test]
