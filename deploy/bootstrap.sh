@@ -13,6 +13,7 @@ agent_ca=@@AGENT_CA@@
 listen=@@LISTEN@@
 mig=@@MIG@@
 lease=@@LEASE@@
+deadline=@@DEADLINE@@
 token=@@TOKEN@@
 
 dir="${SKYWARD_DIR:-/var/lib/skyward}"
@@ -58,11 +59,13 @@ fi
 cat > "$dir/agent.env" <<SKYWARD_ENV
 $reach
 ${mig:+SKYWARD_MIG=$mig}
+${deadline:+SKYWARD_DEADLINE=$deadline}
 SKYWARD_CA_PIN=$ca_pin
 SKYWARD_TOKEN=$token
 SKYWARD_NODE_ID=$node_id
 SKYWARD_WORK_DIR=$dir/work
 SKYWARD_LEASE=$lease
+SKYWARD_ON_POOL_END=poweroff
 SKYWARD_ENV
 
 if [ -z "${SKYWARD_NO_SYSTEMD:-}" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then

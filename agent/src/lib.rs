@@ -36,6 +36,33 @@ pub struct AgentConfig {
     /// The MIG layout to give every GPU at startup (`1g.10gb`, `3g.40gb,2g.20gb,1g.10gb`);
     /// see [`mig`].
     pub mig: Option<String>,
+    /// When the pool ends whatever happens (its TTL), if it has one.
+    pub deadline: Option<std::time::SystemTime>,
+    /// What to do when the pool is over without the coordinator saying so.
+    pub on_pool_end: OnPoolEnd,
+}
+
+/// What an agent does once its pool is over without a word from the coordinator (the lease
+/// ran out, or the pool's deadline passed), after stopping every task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnPoolEnd {
+    /// Exit (a local node, or a machine something else removes).
+    #[default]
+    Exit,
+    /// Power the machine off: on a cloud machine set to terminate on shutdown, that ends
+    /// its bill even if nobody ever tears the pool down.
+    Poweroff,
+}
+
+impl std::str::FromStr for OnPoolEnd {
+    type Err = String;
+    fn from_str(text: &str) -> Result<OnPoolEnd, String> {
+        match text {
+            "exit" => Ok(OnPoolEnd::Exit),
+            "poweroff" => Ok(OnPoolEnd::Poweroff),
+            other => Err(format!("{other:?}: use exit or poweroff")),
+        }
+    }
 }
 
 /// Everything but the token, which must never reach a log.
@@ -50,6 +77,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("work_dir", &self.work_dir)
             .field("lease", &self.lease)
             .field("mig", &self.mig)
+            .field("deadline", &self.deadline)
+            .field("on_pool_end", &self.on_pool_end)
             .finish()
     }
 }
@@ -69,6 +98,8 @@ mod tests {
             work_dir: "/tmp".into(),
             lease: std::time::Duration::from_secs(1),
             mig: None,
+            deadline: None,
+            on_pool_end: super::OnPoolEnd::Exit,
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");

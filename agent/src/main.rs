@@ -35,6 +35,14 @@ struct Args {
     /// or exactly these profiles on each (3g.40gb,2g.20gb,1g.10gb).
     #[arg(long, env = "SKYWARD_MIG", value_name = "LAYOUT")]
     mig: Option<String>,
+    /// The pool's end, in Unix seconds: past it the agent stops its tasks and ends as for a
+    /// lost lease, whatever the coordinator says.
+    #[arg(long, env = "SKYWARD_DEADLINE", value_name = "UNIX_SECONDS")]
+    deadline: Option<u64>,
+    /// What to do once the lease runs out or the deadline passes, after stopping every task:
+    /// exit, or poweroff (cloud machines, which then terminate).
+    #[arg(long, env = "SKYWARD_ON_POOL_END", default_value = "exit", value_parser = str::parse::<skyward_agent::OnPoolEnd>)]
+    on_pool_end: skyward_agent::OnPoolEnd,
 }
 
 fn main() -> ExitCode {
@@ -56,6 +64,10 @@ fn main() -> ExitCode {
         work_dir: args.work_dir,
         lease: args.lease,
         mig: args.mig,
+        deadline: args
+            .deadline
+            .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs)),
+        on_pool_end: args.on_pool_end,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

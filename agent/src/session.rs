@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::Instant;
 
 use crate::runner::{self, Tasks};
-use crate::{inventory, AgentConfig};
+use crate::{inventory, AgentConfig, OnPoolEnd};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -60,10 +60,23 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         }
     };
 
+    let deadline = async {
+        match config.deadline {
+            Some(at) => {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let result = tokio::select! {
         r = work => r,
+        _ = deadline => Err(PoolOver("the pool's deadline (its TTL) passed".into()).into()),
         _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
     };
@@ -71,7 +84,41 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     endpoint.close(close_code::NORMAL.into(), b"agent exiting");
     // Let the close reach the coordinator rather than leaving it to time out.
     let _ = tokio::time::timeout(Duration::from_millis(300), endpoint.wait_idle()).await;
-    result
+    match result {
+        Err(e) if e.downcast_ref::<PoolOver>().is_some() => {
+            tracing::warn!("{e}: every task is stopped");
+            if config.on_pool_end == OnPoolEnd::Poweroff {
+                power_off();
+            }
+            // A clean exit: a service manager must not start the agent again.
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+/// The pool is over without the coordinator having said so.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PoolOver(String);
+
+/// Powers the machine off, trying the usual commands in turn; a machine that refuses (a
+/// container) is left to its provider's own limits.
+fn power_off() {
+    for (program, args) in [
+        ("poweroff", &[][..]),
+        ("systemctl", &["poweroff"][..]),
+        ("shutdown", &["-h", "now"][..]),
+    ] {
+        match crate::tool::run(program, args, crate::tool::TOOL_TIMEOUT) {
+            Ok(_) => {
+                tracing::warn!("powering the machine off ({program})");
+                return;
+            }
+            Err(e) => tracing::warn!("cannot power off with {program}: {e}"),
+        }
+    }
+    tracing::error!("could not power the machine off: it stays until its provider removes it");
 }
 
 /// The agent's own endpoint when the coordinator dials it: before enrollment it shows a
@@ -106,10 +153,13 @@ async fn stay_listening(
         let incoming = match tokio::time::timeout(remaining, endpoint.accept()).await {
             Ok(Some(incoming)) => incoming,
             Ok(None) => bail!("the listening endpoint closed"),
-            Err(_) => bail!(
-                "no coordinator dialed in for {} (the pool's lease); exiting",
-                humantime::format_duration(config.lease)
-            ),
+            Err(_) => {
+                return Err(PoolOver(format!(
+                    "no coordinator dialed in for {} (the pool's lease)",
+                    humantime::format_duration(config.lease)
+                ))
+                .into())
+            }
         };
         let conn = match incoming.await {
             Ok(conn) => conn,
@@ -187,10 +237,11 @@ async fn stay_connected(
             Err(e) => tracing::warn!("cannot reach coordinator {coordinator}: {e:#}"),
         }
         if last_contact.elapsed() >= config.lease {
-            bail!(
-                "coordinator {coordinator} unreachable for {} (the pool's lease); exiting",
+            return Err(PoolOver(format!(
+                "coordinator {coordinator} unreachable for {} (the pool's lease)",
                 humantime::format_duration(config.lease)
-            );
+            ))
+            .into());
         }
         failures += 1;
         let remaining = config.lease.saturating_sub(last_contact.elapsed());

@@ -32,6 +32,8 @@ pub struct Bootstrap {
     pub reverse: Option<Reverse>,
     /// The MIG layout the agent gives every GPU before it reports its inventory.
     pub mig: Option<String>,
+    /// When the pool ends whatever happens (its TTL), in Unix seconds.
+    pub deadline: Option<u64>,
 }
 
 /// UDP port cloud agents listen on when the coordinator dials them (`--reverse`).
@@ -80,6 +82,10 @@ impl Bootstrap {
             ),
             ("@@MIG@@", shell_quote(self.mig.as_deref().unwrap_or(""))),
             ("@@LEASE@@", format!("{}s", self.lease.as_secs())),
+            (
+                "@@DEADLINE@@",
+                self.deadline.map(|d| d.to_string()).unwrap_or_default(),
+            ),
             ("@@TOKEN@@", shell_quote(&node.token)),
             ("@@CA_PEM@@", self.ca_pem.trim_end().to_string()),
         ];
@@ -120,6 +126,7 @@ mod tests {
             lease: Duration::from_secs(600),
             reverse: None,
             mig: None,
+            deadline: None,
         }
     }
 
@@ -247,6 +254,20 @@ mod tests {
             env.contains("SKYWARD_MIG=3g.40gb,2g.20gb,1g.10gb\n"),
             "{env}"
         );
+    }
+
+    #[test]
+    fn cloud_agents_power_off_when_the_pool_ends_and_know_its_deadline() {
+        let env = boot_with_fake_agent(&bootstrap().user_data("sky-1", &plain_node()));
+        assert!(env.contains("SKYWARD_ON_POOL_END=poweroff\n"), "{env}");
+        assert!(
+            !env.contains("SKYWARD_DEADLINE"),
+            "no TTL, no deadline: {env}"
+        );
+        let mut bounded = bootstrap();
+        bounded.deadline = Some(1_900_000_000);
+        let env = boot_with_fake_agent(&bounded.user_data("sky-1", &plain_node()));
+        assert!(env.contains("SKYWARD_DEADLINE=1900000000\n"), "{env}");
     }
 
     #[test]

@@ -258,6 +258,10 @@ struct RunArgs {
     /// (1g.10gb) or exactly these profiles on each (3g.40gb,2g.20gb,1g.10gb).
     #[arg(long, value_name = "LAYOUT", value_parser = mig_layout)]
     mig: Option<String>,
+    /// The pool's longest life (e.g. 2h): past it the run ends and tears down, and every node
+    /// stops its tasks and powers itself off (cloud) even if this skyward is gone.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
     json: bool,
@@ -373,6 +377,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
             spec.reverse = args.reverse;
             spec.public_ip = args.public_ip;
             spec.mig = args.mig.clone();
+            spec.ttl = args.ttl;
             spec
         },
         selection: args.spec.selection.clone(),
@@ -551,8 +556,15 @@ async fn run(args: RunArgs) -> i32 {
         &mut renderer,
         &store,
     );
+    let ttl = async {
+        match plan.spec.ttl {
+            Some(ttl) => tokio::time::sleep(ttl).await,
+            None => std::future::pending().await,
+        }
+    };
     let ended = tokio::select! {
         result = work => Ended::Finished(result),
+        _ = ttl => Ended::Signal("the pool's TTL passed", 124),
         _ = sigint.recv() => Ended::Signal("SIGINT", 130),
         _ = sigterm.recv() => Ended::Signal("SIGTERM", 143),
     };

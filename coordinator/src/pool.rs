@@ -90,6 +90,10 @@ pub async fn candidates(providers: &[Arc<dyn Provider>], spec: &PoolSpec) -> Vec
         .collect()
 }
 
+/// How long past a pool's TTL its nodes wait for their coordinator to end it before they
+/// stop by themselves.
+pub const NODE_DEADLINE_GRACE: Duration = Duration::from_secs(60);
+
 impl Pool {
     /// Provisions `spec.nodes` nodes from the first offer that works and returns once every
     /// agent is connected. Every failed attempt is torn down before the next; on failure,
@@ -119,6 +123,14 @@ impl Pool {
         }
 
         let node_ids: Vec<String> = (1..=spec.nodes).map(|i| format!("node-{i}")).collect();
+        // The TTL counts from now, whichever attempt succeeds. Nodes wait a little past it,
+        // so that a coordinator still there ends the pool in order; without one they stop.
+        let deadline = spec.ttl.map(|ttl| {
+            (std::time::SystemTime::now() + ttl + NODE_DEADLINE_GRACE)
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
         let mut lifecycle = Lifecycle::new(node_ids.clone());
         let mut events = coordinator.subscribe();
         let mut failures = Vec::new();
@@ -128,6 +140,7 @@ impl Pool {
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let mut bootstrap = coordinator.bootstrap();
             bootstrap.mig = spec.mig.clone();
+            bootstrap.deadline = deadline;
             bootstrap.reverse = reverse_of(spec);
             if spec.reverse {
                 // Nodes cannot reach this coordinator to download the agent from it: the

@@ -289,6 +289,7 @@ impl Coordinator {
             lease: DEFAULT_LEASE,
             reverse: None,
             mig: None,
+            deadline: None,
         }
     }
 

@@ -141,6 +141,9 @@ pub struct PoolSpec {
     /// MIG layout every GPU of every node gets at bootstrap: one profile to fill each GPU
     /// with (`1g.10gb`) or exactly these (`3g.40gb,2g.20gb,1g.10gb`).
     pub mig: Option<String>,
+    /// The pool's longest life: past it every node stops its tasks and powers itself off
+    /// (cloud) or exits (local), whether or not its coordinator is still there.
+    pub ttl: Option<Duration>,
 }
 
 impl PoolSpec {
@@ -160,6 +163,7 @@ impl PoolSpec {
             reverse: false,
             public_ip: None,
             mig: None,
+            ttl: None,
         }
     }
 

@@ -126,18 +126,122 @@ async fn a_dropped_connection_is_re_established_with_the_same_certificate() {
     let _ = agent.wait();
 }
 
+/// A fake `poweroff` (and the others an agent may try) in `sandbox`, logging its calls.
+fn fake_power_commands(sandbox: &Sandbox) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = sandbox.path().join("power-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    for command in ["poweroff", "shutdown", "systemctl"] {
+        let path = dir.join(command);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"{command} $*\" >> '{}'\n",
+                dir.join("calls").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+fn with_fake_power(command: &mut std::process::Command, fakes: &std::path::Path) {
+    let path = std::env::var("PATH").unwrap_or_default();
+    command.env("PATH", format!("{}:{path}", fakes.display()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_gives_up_when_its_lease_runs_out() {
     let sandbox = Sandbox::new();
+    let fakes = fake_power_commands(&sandbox);
     let coordinator = coordinator();
-    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "2s");
+    let mut agent_cmd = skyward_tests::agent_command(&sandbox, &coordinator, "node-1", "2s");
+    with_fake_power(&mut agent_cmd, &fakes);
+    let mut agent = agent_cmd.spawn().unwrap();
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(&node, skyward_tests::command(&["sleep", "600"]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        task.output.next().await.unwrap(),
+        Some(TaskEvent::Started { .. })
+    ));
+    coordinator.close().await;
+    drop(coordinator);
+    let status = wait_exit(&mut agent, Duration::from_secs(30));
+    // A clean exit: a service manager must not start it again for another lease.
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(log.contains("unreachable for 2s"), "{log}");
+    // Its task went with it; by default (a local node) the machine stays on.
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+    assert!(
+        !fakes.join("calls").exists(),
+        "no poweroff without --on-pool-end poweroff"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_agent_powers_its_machine_off_when_the_lease_runs_out() {
+    let sandbox = Sandbox::new();
+    let fakes = fake_power_commands(&sandbox);
+    let coordinator = coordinator();
+    let mut agent_cmd = skyward_tests::agent_command(&sandbox, &coordinator, "node-1", "2s");
+    agent_cmd.args(["--on-pool-end", "poweroff"]);
+    with_fake_power(&mut agent_cmd, &fakes);
+    let mut agent = agent_cmd.spawn().unwrap();
     wait_connected(&coordinator, "node-1").await;
     coordinator.close().await;
     drop(coordinator);
     let status = wait_exit(&mut agent, Duration::from_secs(30));
-    assert!(!status.success());
+    assert!(status.success(), "{status:?}");
+    let calls = std::fs::read_to_string(fakes.join("calls")).unwrap_or_default();
+    assert_eq!(calls, "poweroff \n", "the first power command worked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_pools_deadline_an_agent_stops_even_with_its_coordinator_there() {
+    let sandbox = Sandbox::new();
+    let fakes = fake_power_commands(&sandbox);
+    let coordinator = coordinator();
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3;
+    let mut agent_cmd = skyward_tests::agent_command(&sandbox, &coordinator, "node-1", "10m");
+    agent_cmd
+        .args(["--on-pool-end", "poweroff", "--deadline"])
+        .arg(deadline.to_string());
+    with_fake_power(&mut agent_cmd, &fakes);
+    let mut agent = agent_cmd.spawn().unwrap();
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(&node, skyward_tests::command(&["sleep", "600"]))
+        .await
+        .unwrap();
+    assert!(matches!(
+        task.output.next().await.unwrap(),
+        Some(TaskEvent::Started { .. })
+    ));
+    let status = wait_exit(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
     let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
-    assert!(log.contains("unreachable for 2s"), "{log}");
+    assert!(
+        log.contains("the pool's deadline (its TTL) passed"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(fakes.join("calls")).unwrap_or_default(),
+        "poweroff \n"
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -706,3 +706,30 @@ fn a_mig_layout_the_nodes_cannot_take_is_refused_before_anything_starts() {
         .wait_for_no_processes(Duration::from_secs(5))
         .is_empty());
 }
+
+#[test]
+fn a_pool_ends_at_its_ttl_whatever_its_tasks_do() {
+    let sandbox = Sandbox::new();
+    let started = std::time::Instant::now();
+    let out = run(
+        sandbox
+            .skyward()
+            .args(["run", "--ttl", "3s", "--", "sleep", "600"]),
+        LIMIT,
+    );
+    assert_eq!(out.code, Some(124), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("the pool's TTL passed: stopping tasks and tearing down pool"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(5))
+        .is_empty());
+}

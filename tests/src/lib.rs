@@ -196,9 +196,22 @@ pub fn spawn_agent(
     node_id: &str,
     lease: &str,
 ) -> std::process::Child {
+    agent_command(sandbox, coordinator, node_id, lease)
+        .spawn()
+        .expect("spawn skyward-agent")
+}
+
+/// The command [`spawn_agent`] runs, for a test to add to.
+pub fn agent_command(
+    sandbox: &Sandbox,
+    coordinator: &skyward_coordinator::Coordinator,
+    node_id: &str,
+    lease: &str,
+) -> Command {
     let log =
         std::fs::File::create(sandbox.path().join(format!("{node_id}.log"))).expect("agent log");
-    Command::new(bin("skyward-agent"))
+    let mut command = Command::new(bin("skyward-agent"));
+    command
         .args(["--coordinator", &coordinator.local_addr().to_string()])
         .args([
             "--ca-pin",
@@ -211,9 +224,8 @@ pub fn spawn_agent(
         .arg("--work-dir")
         .arg(sandbox.path().join(node_id))
         .env("SKYWARD_TOKEN", coordinator.issue_token(node_id))
-        .stderr(log)
-        .spawn()
-        .expect("spawn skyward-agent")
+        .stderr(log);
+    command
 }
 
 /// Waits (at most 20 s) until `node_id` is connected to `coordinator`.

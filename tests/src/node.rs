@@ -17,6 +17,11 @@ const BOOT_LIMIT: Duration = Duration::from_secs(60);
 /// Under a cloud's boot root, the tools every machine of its image has on its PATH.
 pub const IMAGE_TOOLS: &str = "image/bin";
 
+/// What a node would power itself off with; each is faked on every node.
+const POWER_COMMANDS: [&str; 4] = ["poweroff", "shutdown", "systemctl", "halt"];
+/// Under a node's dir, the calls of those fakes, one line each.
+const POWER_LOG: &str = "power.log";
+
 pub struct BootedNode {
     dir: PathBuf,
     /// What the user-data script printed, for failure messages.
@@ -85,6 +90,25 @@ impl BootedNode {
         if image_tools.is_dir() {
             system_path = format!("{}:{system_path}", image_tools.display());
         }
+        // A node powering itself off must not power off the machine the tests run on: the
+        // commands that would are, first on its PATH, ones that only say they were called.
+        let guard = dir.join("power-guard");
+        std::fs::create_dir_all(&guard).map_err(|e| format!("{}: {e}", guard.display()))?;
+        for command in POWER_COMMANDS {
+            let fake = guard.join(command);
+            std::fs::write(
+                &fake,
+                format!(
+                    "#!/bin/sh\necho \"{command} $*\" >> '{}'\n",
+                    dir.join(POWER_LOG).display()
+                ),
+            )
+            .map_err(|e| format!("{}: {e}", fake.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
+        }
+        system_path = format!("{}:{system_path}", guard.display());
         let path = if agent_preinstalled {
             format!("{}:{system_path}", agent_dir.display())
         } else {
@@ -139,6 +163,11 @@ impl BootedNode {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The power commands the node ran (`poweroff`, `shutdown -h now`...), one per line.
+    pub fn power_calls(&self) -> String {
+        std::fs::read_to_string(self.dir.join(POWER_LOG)).unwrap_or_default()
     }
 
     /// The agent's log, for failure messages.

@@ -90,6 +90,9 @@ impl LocalProvider {
         if let Some(layout) = &request.bootstrap.mig {
             command.arg("--mig").arg(layout);
         }
+        if let Some(deadline) = request.bootstrap.deadline {
+            command.arg("--deadline").arg(deadline.to_string());
+        }
         command
             .arg("--ca-pin")
             .arg(&request.bootstrap.ca_pin)

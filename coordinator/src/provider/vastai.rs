@@ -2291,6 +2291,7 @@ mod tests {
                     allow_from: Some("2001:db8::1".parse().unwrap()),
                 }),
                 mig: None,
+                deadline: None,
             },
         };
         let p = provider(VastAiConfig {
