@@ -14,6 +14,7 @@ listen=@@LISTEN@@
 mig=@@MIG@@
 lease=@@LEASE@@
 deadline=@@DEADLINE@@
+spot_watch=@@SPOT_WATCH@@
 token=@@TOKEN@@
 
 dir="${SKYWARD_DIR:-/var/lib/skyward}"
@@ -60,6 +61,7 @@ cat > "$dir/agent.env" <<SKYWARD_ENV
 $reach
 ${mig:+SKYWARD_MIG=$mig}
 ${deadline:+SKYWARD_DEADLINE=$deadline}
+${spot_watch:+SKYWARD_SPOT_WATCH=$spot_watch}
 SKYWARD_CA_PIN=$ca_pin
 SKYWARD_TOKEN=$token
 SKYWARD_NODE_ID=$node_id

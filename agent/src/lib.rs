@@ -6,6 +6,7 @@
 
 pub mod enroll;
 pub mod gpu;
+pub mod interruption;
 pub mod inventory;
 pub mod mig;
 pub mod neuron;
@@ -40,6 +41,8 @@ pub struct AgentConfig {
     pub deadline: Option<std::time::SystemTime>,
     /// What to do when the pool is over without the coordinator saying so.
     pub on_pool_end: OnPoolEnd,
+    /// Which interruption notices to watch for (spot instances).
+    pub spot_watch: Option<interruption::Watch>,
 }
 
 /// What an agent does once its pool is over without a word from the coordinator (the lease
@@ -79,6 +82,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("mig", &self.mig)
             .field("deadline", &self.deadline)
             .field("on_pool_end", &self.on_pool_end)
+            .field("spot_watch", &self.spot_watch)
             .finish()
     }
 }
@@ -100,6 +104,7 @@ mod tests {
             mig: None,
             deadline: None,
             on_pool_end: super::OnPoolEnd::Exit,
+            spot_watch: None,
         };
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");

@@ -43,6 +43,10 @@ struct Args {
     /// exit, or poweroff (cloud machines, which then terminate).
     #[arg(long, env = "SKYWARD_ON_POOL_END", default_value = "exit", value_parser = str::parse::<skyward_agent::OnPoolEnd>)]
     on_pool_end: skyward_agent::OnPoolEnd,
+    /// Watch for spot interruption notices and tell the coordinator at once: aws (EC2's
+    /// instance metadata service; SKYWARD_IMDS=HOST:PORT points elsewhere) or aws=HOST:PORT.
+    #[arg(long, env = "SKYWARD_SPOT_WATCH", value_parser = skyward_agent::interruption::Watch::parse)]
+    spot_watch: Option<skyward_agent::interruption::Watch>,
 }
 
 fn main() -> ExitCode {
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
             .deadline
             .map(|secs| std::time::UNIX_EPOCH + Duration::from_secs(secs)),
         on_pool_end: args.on_pool_end,
+        spot_watch: args.spot_watch,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -275,7 +275,14 @@ mod tests {
 
     #[tokio::test]
     async fn the_port_is_free_again_once_the_listener_is_stopped() {
-        let listener = listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Below Linux's ephemeral range, as the preflight's ports are: a port the system hands
+        // out (port 0) may be given at once to another test's outgoing connection.
+        let listener = (0..100)
+            .find_map(|_| {
+                let port = 20_000 + rand::random::<u16>() % 10_000;
+                listen(SocketAddr::from(([127, 0, 0, 1], port))).ok()
+            })
+            .expect("a free port below the ephemeral range");
         let address = listener.local_addr().unwrap();
         let greeter = Greeter::start(listener, 3);
         for reach in reach_all(&[address, address, address], 3).await {
@@ -283,6 +290,21 @@ mod tests {
         }
         greeter.stop().await;
         // Bound again at once without SO_REUSEADDR, as a job's program might.
-        listen(address).unwrap_or_else(|e| panic!("{address} still held: {e}"));
+        listen(address).unwrap_or_else(|e| {
+            // Which sockets hold it, for whoever reads the failure.
+            let port = format!(":{}", address.port());
+            let holders: Vec<String> = std::process::Command::new("ss")
+                .arg("-tan")
+                .output()
+                .map(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .lines()
+                        .filter(|l| l.contains(&port))
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!("{address} still held: {e}: {holders:#?}")
+        });
     }
 }

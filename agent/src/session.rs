@@ -37,6 +37,13 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tracing::warn!("applying the MIG layout failed: {e}");
     }
     let tasks = Tasks::new(config.node_id.clone(), config.work_dir.clone());
+    // Spot interruption notices, when watched; the unused sender keeps an unwatched channel
+    // quiet rather than closed.
+    let (_no_watch, unwatched) = tokio::sync::watch::channel(None);
+    let notices: Notices = match &config.spot_watch {
+        Some(watch) => crate::interruption::spawn(watch.clone()),
+        None => unwatched,
+    };
     // Which side dials: the agent (the default), or the coordinator (--listen).
     let (endpoint, dial) = match (config.listen, &config.coordinator) {
         (Some(listen), _) => (listening_endpoint(&config, listen)?, None),
@@ -55,8 +62,10 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     };
     let work = async {
         match dial {
-            Some(coordinator) => stay_connected(&config, &endpoint, coordinator, &tasks).await,
-            None => stay_listening(&config, &endpoint, &tasks).await,
+            Some(coordinator) => {
+                stay_connected(&config, &endpoint, coordinator, &tasks, &notices).await
+            }
+            None => stay_listening(&config, &endpoint, &tasks, &notices).await,
         }
     };
 
@@ -144,6 +153,7 @@ async fn stay_listening(
     config: &AgentConfig,
     endpoint: &quinn::Endpoint,
     tasks: &Arc<Tasks>,
+    notices: &Notices,
 ) -> Result<()> {
     let mut last_contact = Instant::now();
     let mut enrolled = crate::enroll::load(&config.work_dir)?.is_some();
@@ -182,7 +192,7 @@ async fn stay_listening(
             last_contact = Instant::now();
             continue;
         }
-        match serve_session(config, conn, inventory, tasks).await {
+        match serve_session(config, conn, inventory, tasks, notices).await {
             Ok(Session::Shutdown(reason)) => {
                 tracing::info!("coordinator asked us to shut down: {reason}");
                 return Ok(());
@@ -209,6 +219,7 @@ async fn stay_connected(
     endpoint: &quinn::Endpoint,
     coordinator: SocketAddr,
     tasks: &Arc<Tasks>,
+    notices: &Notices,
 ) -> Result<()> {
     let identity = crate::enroll::load_or_enroll(config, endpoint, coordinator).await?;
     let client = transport::node_client_config(&config.ca_pin, &identity)?;
@@ -219,7 +230,17 @@ async fn stay_connected(
         // the agent (and its node's bill) alive past it.
         let remaining = config.lease.saturating_sub(last_contact.elapsed());
         let attempt_limit = remaining.min(CONNECT_TIMEOUT);
-        match serve_connection(config, endpoint, &client, coordinator, attempt_limit, tasks).await {
+        match serve_connection(
+            config,
+            endpoint,
+            &client,
+            coordinator,
+            attempt_limit,
+            tasks,
+            notices,
+        )
+        .await
+        {
             Ok(Session::Shutdown(reason)) => {
                 tracing::info!("coordinator asked us to shut down: {reason}");
                 return Ok(());
@@ -259,6 +280,9 @@ fn backoff(failures: u32) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
+/// The latest interruption notice, once one came.
+type Notices = tokio::sync::watch::Receiver<Option<skyward_common::protocol::Interruption>>;
+
 enum Session {
     Shutdown(String),
     Lost { was_connected: bool, reason: String },
@@ -271,6 +295,7 @@ async fn serve_connection(
     coordinator: SocketAddr,
     connect_timeout: Duration,
     tasks: &Arc<Tasks>,
+    notices: &Notices,
 ) -> Result<Session> {
     // Inventory first: the coordinator gives a new connection only a few seconds to say
     // hello, and probing GPUs can take longer than that.
@@ -279,7 +304,7 @@ async fn serve_connection(
     let conn = tokio::time::timeout(connect_timeout, connecting)
         .await
         .context("no answer")??;
-    serve_session(config, conn, inventory, tasks).await
+    serve_session(config, conn, inventory, tasks, notices).await
 }
 
 /// The node's inventory, probed on a blocking thread.
@@ -301,6 +326,7 @@ async fn serve_session(
     conn: quinn::Connection,
     inventory: skyward_common::inventory::Inventory,
     tasks: &Arc<Tasks>,
+    notices: &Notices,
 ) -> Result<Session> {
     let coordinator = conn.remote_address();
     let (mut control_send, mut control_recv) = conn.open_bi().await?;
@@ -339,6 +365,11 @@ async fn serve_session(
             }
         }
     });
+    // A notice that came while disconnected is told now; later ones as they come.
+    let mut notices = notices.clone();
+    if let Some(notice) = notices.borrow_and_update().clone() {
+        write_frame(&mut control_send, &AgentMessage::Interruption(notice)).await?;
+    }
     let mut health = tokio::time::interval(health_interval.min(HEALTH_INTERVAL * 12));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let session = loop {
@@ -347,6 +378,14 @@ async fn serve_session(
                 let msg = AgentMessage::Health(inventory::health(tasks.running()));
                 if let Err(e) = write_frame(&mut control_send, &msg).await {
                     break Session::Lost { was_connected: true, reason: e.to_string() };
+                }
+            }
+            Ok(()) = notices.changed() => {
+                let notice = notices.borrow_and_update().clone();
+                if let Some(notice) = notice {
+                    if let Err(e) = write_frame(&mut control_send, &AgentMessage::Interruption(notice)).await {
+                        break Session::Lost { was_connected: true, reason: e.to_string() };
+                    }
                 }
             }
             msg = control_rx.recv() => match msg {

@@ -61,6 +61,19 @@ pub enum EnrollResponse {
 pub enum AgentMessage {
     Hello(Box<Hello>),
     Health(Health),
+    /// The machine is about to be taken away (a spot interruption notice).
+    Interruption(Interruption),
+}
+
+/// A provider's notice that the node's machine will be reclaimed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Interruption {
+    /// Who said so (`aws spot`).
+    pub source: String,
+    /// What will happen: `terminate`, `stop`, `hibernate`.
+    pub action: String,
+    /// When, as the provider wrote it.
+    pub at: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -34,6 +34,8 @@ pub struct Bootstrap {
     pub mig: Option<String>,
     /// When the pool ends whatever happens (its TTL), in Unix seconds.
     pub deadline: Option<u64>,
+    /// Which interruption notices the agent watches (`aws`: EC2's spot instance action).
+    pub spot_watch: Option<String>,
 }
 
 /// UDP port cloud agents listen on when the coordinator dials them (`--reverse`).
@@ -83,6 +85,10 @@ impl Bootstrap {
             ("@@MIG@@", shell_quote(self.mig.as_deref().unwrap_or(""))),
             ("@@LEASE@@", format!("{}s", self.lease.as_secs())),
             (
+                "@@SPOT_WATCH@@",
+                shell_quote(self.spot_watch.as_deref().unwrap_or("")),
+            ),
+            (
                 "@@DEADLINE@@",
                 self.deadline.map(|d| d.to_string()).unwrap_or_default(),
             ),
@@ -127,6 +133,7 @@ mod tests {
             reverse: None,
             mig: None,
             deadline: None,
+            spot_watch: None,
         }
     }
 
@@ -268,6 +275,11 @@ mod tests {
         bounded.deadline = Some(1_900_000_000);
         let env = boot_with_fake_agent(&bounded.user_data("sky-1", &plain_node()));
         assert!(env.contains("SKYWARD_DEADLINE=1900000000\n"), "{env}");
+        assert!(!env.contains("SKYWARD_SPOT_WATCH"), "{env}");
+        let mut on_aws = bootstrap();
+        on_aws.spot_watch = Some("aws".into());
+        let env = boot_with_fake_agent(&on_aws.user_data("sky-1", &plain_node()));
+        assert!(env.contains("SKYWARD_SPOT_WATCH=aws\n"), "{env}");
     }
 
     #[test]

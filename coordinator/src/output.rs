@@ -143,6 +143,22 @@ impl<O: Write, E: Write> Renderer<O, E> {
                     self.flush_pending(*task, stream);
                 }
             }
+            (OutputMode::Json, RunEvent::NodeInterrupted { node, notice }) => {
+                self.json(serde_json::json!({
+                    "event": "node_interrupted",
+                    "node": node,
+                    "source": notice.source,
+                    "action": notice.action,
+                    "at": notice.at,
+                }))
+            }
+            (_, RunEvent::NodeInterrupted { node, notice }) => {
+                let _ = writeln!(
+                    self.stderr,
+                    "skyward: {node}: {} interruption notice: {} at {}; its tasks may be cut short",
+                    notice.source, notice.action, notice.at
+                );
+            }
             (OutputMode::Raw | OutputMode::Prefixed, _) => {}
         }
     }

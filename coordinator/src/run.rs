@@ -6,13 +6,13 @@ use bytes::Bytes;
 use skyward_common::limits::OUTPUT_CHUNK;
 use skyward_common::protocol::{OutputStream, TaskEvent, TaskOutcome, TaskSpec};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 
 use crate::lifecycle::Event;
 use crate::pool::Pool;
 use crate::preflight::{Preflight, PreflightError};
-use crate::server::{Coordinator, NodeHandle};
+use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
 use crate::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
 use crate::training::{training_env, Mesh};
 
@@ -89,6 +89,11 @@ pub enum RunEvent {
         task: usize,
         report: TaskReport,
     },
+    /// A node's machine is about to be taken away (a spot interruption notice).
+    NodeInterrupted {
+        node: String,
+        notice: skyward_common::protocol::Interruption,
+    },
 }
 
 /// How a task ended: its outcome on the node, or why the coordinator lost track of it.
@@ -149,6 +154,8 @@ pub async fn run_job(
     };
     let mut running = JoinSet::new();
     let timeout_ms = job.timeout.map(|t| t.as_millis() as u64);
+    let mut node_events = pool.shared_coordinator().subscribe();
+    let mut node_events_open = true;
     loop {
         for placement in scheduler.assign() {
             let (task, node) = (placement.task, placement.node);
@@ -167,7 +174,21 @@ pub async fn run_job(
         if scheduler.done() {
             break;
         }
-        let Some(Ok((task, report))) = running.join_next().await else {
+        let joined = loop {
+            tokio::select! {
+                joined = running.join_next() => break joined,
+                event = node_events.recv(), if node_events_open => match event {
+                    Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
+                        let _ = events
+                            .send(RunEvent::NodeInterrupted { node: node_id, notice })
+                            .await;
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => node_events_open = false,
+                },
+            }
+        };
+        let Some(Ok((task, report))) = joined else {
             break;
         };
         scheduler.finished(task);

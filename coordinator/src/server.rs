@@ -22,7 +22,7 @@ use skyward_common::limits::{
 };
 use skyward_common::protocol::{
     close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
-    Health, TaskEvent, TaskRequest, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+    Health, Interruption, TaskEvent, TaskRequest, TaskSpec, ALPN_ENROLL, ALPN_NODE,
 };
 use skyward_common::transport;
 use tokio::sync::{broadcast, mpsc};
@@ -83,6 +83,11 @@ pub enum CoordinatorEvent {
         peer: SocketAddr,
         rejection: Rejection,
     },
+    /// The node's machine is about to be taken away.
+    NodeInterrupted {
+        node_id: String,
+        notice: Interruption,
+    },
 }
 
 pub struct CoordinatorConfig {
@@ -115,6 +120,8 @@ pub struct NodeHandle {
     connection: Connection,
     running: Arc<AtomicU32>,
     health: Arc<Mutex<Option<Health>>>,
+    /// The provider's notice that the machine goes away, once one came.
+    interruption: Arc<Mutex<Option<Interruption>>>,
     control: mpsc::Sender<CoordinatorMessage>,
 }
 
@@ -122,6 +129,11 @@ impl NodeHandle {
     /// Tasks this coordinator has running on the node now.
     pub fn running(&self) -> u32 {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// The notice that the node's machine goes away, if one came.
+    pub fn interruption(&self) -> Option<Interruption> {
+        self.interruption.lock().expect("interruption lock").clone()
     }
 
     /// The node's last health report, if one has arrived.
@@ -290,6 +302,7 @@ impl Coordinator {
             reverse: None,
             mig: None,
             deadline: None,
+            spot_watch: None,
         }
     }
 
@@ -820,6 +833,7 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         connection: conn.clone(),
         running: Arc::new(AtomicU32::new(0)),
         health: Arc::new(Mutex::new(None)),
+        interruption: Arc::new(Mutex::new(None)),
         control: control_tx,
     };
     if let Some(old) = inner
@@ -849,6 +863,14 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         match read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await {
             Ok(Some(AgentMessage::Health(health))) => {
                 *handle.health.lock().expect("health lock") = Some(health);
+            }
+            Ok(Some(AgentMessage::Interruption(notice))) => {
+                tracing::warn!(node = %node_id, "{} interruption notice: {} at {}", notice.source, notice.action, notice.at);
+                *handle.interruption.lock().expect("interruption lock") = Some(notice.clone());
+                let _ = inner.events.send(CoordinatorEvent::NodeInterrupted {
+                    node_id: node_id.clone(),
+                    notice,
+                });
             }
             Ok(Some(AgentMessage::Hello(_))) => {
                 conn.close(close_code::PROTOCOL_VIOLATION.into(), b"second hello");

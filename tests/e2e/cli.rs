@@ -733,3 +733,37 @@ fn a_pool_ends_at_its_ttl_whatever_its_tasks_do() {
         .wait_for_no_processes(Duration::from_secs(5))
         .is_empty());
 }
+
+#[test]
+fn a_spot_interruption_notice_reaches_the_user_at_once() {
+    use std::io::{BufRead, BufReader};
+    let sandbox = Sandbox::new();
+    let imds = skyward_tests::imds::Imds::start();
+    // Local agents inherit the CLI's environment: they watch the stand-in metadata service.
+    let mut skyward = sandbox
+        .skyward()
+        .env("SKYWARD_SPOT_WATCH", "aws")
+        .env("SKYWARD_IMDS", imds.address.to_string())
+        .args(["run", "--", "sh", "-c", "echo started; sleep 12; echo done"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(skyward.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "started\n");
+    imds.post_instance_action("terminate", "2026-11-27T14:30:00Z");
+    let out = skyward.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(
+            "skyward: node-1: aws spot interruption notice: terminate at 2026-11-27T14:30:00Z"
+        ),
+        "{stderr}"
+    );
+    // IMDSv2: every question came with a session token.
+    assert!(imds.tokens_issued() >= 1);
+    assert_eq!(imds.refused(), 0);
+}

@@ -1,6 +1,7 @@
 //! Shared harness for Skyward's end-to-end tests: finds the real binaries, gives each test a
 //! sandbox (its own SKYWARD_HOME), and finds the processes a test left behind.
 
+pub mod imds;
 pub mod moto;
 pub mod netns;
 pub mod node;

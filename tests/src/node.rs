@@ -122,6 +122,9 @@ impl BootedNode {
             .current_dir(&dir)
             .env("PATH", path)
             .env("SKYWARD_DIR", dir.join("skyward"))
+            // A node watching EC2's metadata service must never reach the real, link-local
+            // one: a closed loopback port stands in for it.
+            .env("SKYWARD_IMDS", "127.0.0.1:9")
             // Never install a systemd unit on the test machine itself.
             .env("SKYWARD_NO_SYSTEMD", "1")
             .stdin(Stdio::null())

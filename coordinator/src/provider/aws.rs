@@ -760,6 +760,10 @@ impl Provider for Aws {
             None => None,
         };
         let client = self.client(region).await;
+        // Every EC2 node watches its metadata service for a spot interruption notice.
+        let mut request = request.clone();
+        request.bootstrap.spot_watch = Some("aws".into());
+        let request = &request;
         let mut subnets = subnets;
         let mut created = Vec::new();
         for node in &request.nodes {

@@ -2292,6 +2292,7 @@ mod tests {
                 }),
                 mig: None,
                 deadline: None,
+                spot_watch: None,
             },
         };
         let p = provider(VastAiConfig {
