@@ -223,6 +223,10 @@ struct RunArgs {
     /// Kill each task after this long (e.g. 30s, 5m); it then exits with 124.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// Run a task again on another node this many times if its node is lost (not tasks
+    /// pinned to a node by --on all, nor tasks holding GPU slots, nor one fed stdin).
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -308,6 +312,7 @@ struct Plan {
     /// GPU slots each task needs.
     gpus: GpuRequest,
     timeout: Option<Duration>,
+    retries: u32,
     mode: OutputMode,
     forward_stdin: bool,
 }
@@ -389,6 +394,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         per_node: args.per_node,
         gpus,
         timeout: args.timeout,
+        retries: args.retries,
         mode,
         forward_stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
     })
@@ -1069,6 +1075,7 @@ async fn execute(
     }
     let job = Job {
         tasks,
+        retries: plan.retries,
         per_node: if plan.argvs.len() == 1 {
             usize::MAX
         } else {

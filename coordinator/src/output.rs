@@ -143,6 +143,38 @@ impl<O: Write, E: Write> Renderer<O, E> {
                     self.flush_pending(*task, stream);
                 }
             }
+            (
+                OutputMode::Json,
+                RunEvent::Retrying {
+                    task,
+                    from,
+                    to,
+                    attempt,
+                    reason,
+                },
+            ) => self.json(serde_json::json!({
+                "event": "task_retrying",
+                "task": task,
+                "from": from,
+                "to": to,
+                "attempt": attempt,
+                "reason": reason,
+            })),
+            (
+                _,
+                RunEvent::Retrying {
+                    task,
+                    from,
+                    to,
+                    attempt,
+                    reason,
+                },
+            ) => {
+                let _ = writeln!(
+                    self.stderr,
+                    "skyward: task {task} lost {from} ({reason}); running it again on {to} (attempt {attempt})"
+                );
+            }
             (OutputMode::Json, RunEvent::NodeInterrupted { node, notice }) => {
                 self.json(serde_json::json!({
                     "event": "node_interrupted",

@@ -29,6 +29,9 @@ pub struct TaskPlan {
 
 pub struct Job {
     pub tasks: Vec<TaskPlan>,
+    /// How many times a task whose node is lost runs again on another node (tasks pinned to
+    /// a node and tasks holding GPU slots are not moved).
+    pub retries: u32,
     /// Tasks at once on one node, for tasks without a GPU request (slots limit the others).
     pub per_node: usize,
     pub timeout: Option<Duration>,
@@ -88,6 +91,14 @@ pub enum RunEvent {
     Finished {
         task: usize,
         report: TaskReport,
+    },
+    /// A task's node was lost; the task runs again on another node.
+    Retrying {
+        task: usize,
+        from: String,
+        to: String,
+        attempt: u32,
+        reason: String,
     },
     /// A node's machine is about to be taken away (a spot interruption notice).
     NodeInterrupted {
@@ -156,20 +167,38 @@ pub async fn run_job(
     let timeout_ms = job.timeout.map(|t| t.as_millis() as u64);
     let mut node_events = pool.shared_coordinator().subscribe();
     let mut node_events_open = true;
+    let coordinator = pool.shared_coordinator();
+    // Each task's id, its attempts so far, and whether it was fed stdin (which cannot be
+    // fed again).
+    let ids: Vec<u64> = (0..job.tasks.len())
+        .map(|_| coordinator.next_task_id())
+        .collect();
+    let mut attempts = vec![0u32; job.tasks.len()];
+    let mut fed_stdin = vec![false; job.tasks.len()];
+    let start = |running: &mut JoinSet<_>, task: usize, node: usize, spec: TaskSpec, stdin| {
+        let (coordinator, handle, events) =
+            (coordinator.clone(), nodes[node].clone(), events.clone());
+        running.spawn(async move {
+            let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
+            (task, node, report)
+        });
+    };
     loop {
         for placement in scheduler.assign() {
             let (task, node) = (placement.task, placement.node);
             let mut plan = job.tasks[task].clone();
             plan.env.extend(placement.env());
             let stdin = if task == 0 { job.stdin.take() } else { None };
-            let spec = TaskSpec::command(0, 0, plan.argv, plan.env, timeout_ms, stdin.is_some());
-            let coordinator = pool.shared_coordinator();
-            let handle = nodes[node].clone();
-            let events = events.clone();
-            running.spawn(async move {
-                let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
-                (task, report)
-            });
+            fed_stdin[task] = stdin.is_some();
+            let spec = TaskSpec::command(
+                ids[task],
+                0,
+                plan.argv,
+                plan.env,
+                timeout_ms,
+                stdin.is_some(),
+            );
+            start(&mut running, task, node, spec, stdin);
         }
         if scheduler.done() {
             break;
@@ -188,9 +217,37 @@ pub async fn run_job(
                 },
             }
         };
-        let Some(Ok((task, report))) = joined else {
+        let Some(Ok((task, node, report))) = joined else {
             break;
         };
+        if let Err(reason) = &report.outcome {
+            let plan = &job.tasks[task];
+            let movable = plan.node.is_none() && plan.gpus.is_none() && !fed_stdin[task];
+            let elsewhere = movable && attempts[task] < job.retries;
+            if let Some(other) = elsewhere.then(|| other_live_node(&nodes, node)).flatten() {
+                attempts[task] += 1;
+                let _ = events
+                    .send(RunEvent::Retrying {
+                        task,
+                        from: nodes[node].node_id.clone(),
+                        to: nodes[other].node_id.clone(),
+                        attempt: attempts[task],
+                        reason: reason.clone(),
+                    })
+                    .await;
+                let spec = TaskSpec::command(
+                    ids[task],
+                    attempts[task],
+                    plan.argv.clone(),
+                    plan.env.clone(),
+                    timeout_ms,
+                    false,
+                );
+                // The scheduler still counts it on its first node, which is gone anyway.
+                start(&mut running, task, other, spec, None);
+                continue;
+            }
+        }
         scheduler.finished(task);
         let _ = events
             .send(RunEvent::Finished {
@@ -211,6 +268,13 @@ pub async fn run_job(
             })
         })
         .collect()
+}
+
+/// The connected node other than `lost` with the fewest running tasks.
+fn other_live_node(nodes: &[NodeHandle], lost: usize) -> Option<usize> {
+    (0..nodes.len())
+        .filter(|&n| n != lost && nodes[n].is_connected())
+        .min_by_key(|&n| nodes[n].running())
 }
 
 async fn drive_task(

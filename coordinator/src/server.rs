@@ -336,6 +336,11 @@ impl Coordinator {
             .cloned()
     }
 
+    /// A task id no other task of this coordinator has (ids start at 1: 0 asks for one).
+    pub fn next_task_id(&self) -> u64 {
+        self.next_task.fetch_add(1, Ordering::Relaxed)
+    }
+
     /// Opens a task stream on `node` and sends the task.
     pub async fn start_task(
         &self,

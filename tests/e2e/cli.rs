@@ -767,3 +767,62 @@ fn a_spot_interruption_notice_reaches_the_user_at_once() {
     assert!(imds.tokens_issued() >= 1);
     assert_eq!(imds.refused(), 0);
 }
+
+#[test]
+fn a_task_whose_node_is_lost_runs_again_on_another_node() {
+    use std::io::{BufRead, BufReader};
+    let sandbox = Sandbox::new();
+    let mut skyward = sandbox
+        .skyward()
+        .args([
+            "run",
+            "--nodes",
+            "2",
+            "--retries",
+            "1",
+            // Stdin forwarded once cannot be forwarded again: a task fed it is not moved.
+            "--no-stdin",
+            "--",
+            "sh",
+            "-c",
+            "echo on $SKYWARD_NODE_ID; sleep 2; echo finished on $SKYWARD_NODE_ID",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(skyward.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let lost = first
+        .trim()
+        .strip_prefix("on ")
+        .expect("on node-N")
+        .to_string();
+    // The node's machine goes away: its agent dies without a word (and its task with it).
+    let agents: Vec<i32> = skyward_tests::processes_under(sandbox.path())
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.contains("skyward-agent") && cmd.contains(&format!("--node-id {lost} "))
+        })
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(agents.len(), 1, "{lost}'s agent");
+    // SAFETY: signalling a process this test's skyward started.
+    unsafe {
+        libc::kill(agents[0], libc::SIGKILL);
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let out = skyward.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{rest}\n{stderr}");
+    let other = if lost == "node-1" { "node-2" } else { "node-1" };
+    assert!(rest.contains(&format!("finished on {other}")), "{rest}");
+    assert!(!rest.contains(&format!("finished on {lost}")), "{rest}");
+    assert!(
+        stderr.contains(&format!("skyward: task 0 lost {lost} ("))
+            && stderr.contains(&format!("); running it again on {other} (attempt 1)")),
+        "{stderr}"
+    );
+}

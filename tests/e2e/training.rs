@@ -232,6 +232,7 @@ async fn a_broadcast_meets_across_hosts_and_the_preflight_names_a_cut_off_host()
         .unwrap_or_else(|e| panic!("{e}\n{}", provider.logs()));
     let job = Job {
         tasks,
+        retries: 0,
         per_node: usize::MAX,
         timeout: Some(Duration::from_secs(60)),
         stdin: None,
