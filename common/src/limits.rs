@@ -46,3 +46,9 @@ pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PROBE_LISTEN_MAX: Duration = Duration::from_secs(120);
 /// Most addresses one probe connects to.
 pub const MAX_PROBE_TARGETS: usize = 64;
+/// Decoding a frame of n bytes allocates at most this many times n. A hostile frame can make
+/// a byte or two decode into a larger value (an empty string into 24 bytes, a few zero bytes
+/// into a whole GPU record); serde never preallocates for more elements than there are bytes
+/// left. Enrollment messages hold only strings and bytes and cost their size.
+/// `common/tests/hostile_input.rs` measures every message type against it.
+pub const MAX_DECODE_AMPLIFICATION: usize = 64;

@@ -881,3 +881,186 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         .send(CoordinatorEvent::NodeDisconnected { node_id, reason });
     result.map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use skyward_common::identity::NodeKey;
+
+    /// How a hostile request's token is made.
+    #[derive(Debug, Clone)]
+    enum TokenKind {
+        Valid,
+        ForAnotherNode,
+        Spent,
+        Expired,
+        /// Anything at all: wrong length, not hex, empty, huge.
+        Garbage(String),
+        /// A real token one character short.
+        Truncated,
+    }
+
+    /// How its CSR is made.
+    #[derive(Debug, Clone)]
+    enum CsrKind {
+        Valid,
+        /// A well-formed CSR naming some other node: the certificate must still name the
+        /// node the token is bound to.
+        NamingAnotherNode,
+        Garbage(Vec<u8>),
+        Truncated(usize),
+    }
+
+    fn token_kind() -> impl Strategy<Value = TokenKind> {
+        prop_oneof![
+            Just(TokenKind::Valid),
+            Just(TokenKind::ForAnotherNode),
+            Just(TokenKind::Spent),
+            Just(TokenKind::Expired),
+            Just(TokenKind::Truncated),
+            prop_oneof![".{0,100}", "[0-9a-f]{0,80}", "x{1000,4000}"].prop_map(TokenKind::Garbage),
+        ]
+    }
+
+    fn csr_kind() -> impl Strategy<Value = CsrKind> {
+        prop_oneof![
+            Just(CsrKind::Valid),
+            Just(CsrKind::NamingAnotherNode),
+            proptest::collection::vec(any::<u8>(), 0..12_000).prop_map(CsrKind::Garbage),
+            any::<usize>().prop_map(CsrKind::Truncated),
+        ]
+    }
+
+    fn node_id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "node-[a-z0-9]{1,8}",
+            1 => ".{0,80}",
+            1 => "[a-z]{64,300}",
+            1 => Just("-node".to_string()),
+            1 => Just("NODE-1".to_string()),
+        ]
+    }
+
+    fn enrolled(inner: &Inner) -> std::collections::HashSet<String> {
+        inner.enrolled.lock().unwrap().clone()
+    }
+
+    /// Malformed and hostile enrollment requests, judged by the handler itself: each gets the
+    /// rejection it deserves, nothing panics, and a rejection changes nothing (no node enrolled
+    /// or connected, no token spent).
+    #[test]
+    fn hostile_enrollment_requests_get_the_right_rejection_and_change_nothing() {
+        skyward_common::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let coordinator = Coordinator::start(CoordinatorConfig {
+            pool: "fuzz".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap();
+        let inner = &coordinator.inner;
+        let mine = NodeKey::generate("node-mine").unwrap();
+        let theirs = NodeKey::generate("node-someone-else").unwrap();
+        let mut runner = TestRunner::new(Config {
+            cases: 192,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = (node_id(), token_kind(), csr_kind(), ".{0,40}");
+        runner
+            .run(&strategy, |(node, token_kind, csr_kind, version)| {
+                // Tokens are issued to the node the request names (when it is a valid id).
+                let token = match &token_kind {
+                    TokenKind::Valid => coordinator.issue_token(&node),
+                    TokenKind::ForAnotherNode => coordinator.issue_token("node-victim"),
+                    TokenKind::Spent => {
+                        let token = coordinator.issue_token(&node);
+                        inner
+                            .tokens
+                            .lock()
+                            .unwrap()
+                            .redeem(&token, &node, Instant::now())
+                            .unwrap();
+                        token
+                    }
+                    TokenKind::Expired => coordinator.issue_token_with_ttl(&node, Duration::ZERO),
+                    TokenKind::Garbage(garbage) => garbage.clone(),
+                    TokenKind::Truncated => {
+                        let mut token = coordinator.issue_token(&node);
+                        token.pop();
+                        token
+                    }
+                };
+                let csr: Vec<u8> = match &csr_kind {
+                    CsrKind::Valid => mine.csr_der.clone(),
+                    CsrKind::NamingAnotherNode => theirs.csr_der.clone(),
+                    CsrKind::Garbage(bytes) => bytes.clone(),
+                    CsrKind::Truncated(at) => mine.csr_der[..at % mine.csr_der.len()].to_vec(),
+                };
+                let csr_ok = matches!(csr_kind, CsrKind::Valid | CsrKind::NamingAnotherNode);
+                let request = EnrollRequest {
+                    node_id: node.clone(),
+                    token: token.clone(),
+                    csr_der: csr.into(),
+                    agent_version: version,
+                };
+                let before = enrolled(inner);
+                let outcome = sign_enrollment(inner, &request);
+                let expected_token = match token_kind {
+                    TokenKind::Valid => None,
+                    TokenKind::ForAnotherNode => Some(TokenRejection::WrongNode {
+                        bound_to: "node-victim".into(),
+                        claimed: node.clone(),
+                    }),
+                    TokenKind::Spent => Some(TokenRejection::AlreadyUsed),
+                    TokenKind::Expired => Some(TokenRejection::Expired),
+                    TokenKind::Garbage(_) | TokenKind::Truncated => Some(TokenRejection::Unknown),
+                };
+                match (&outcome, is_valid_node_id(&node), expected_token, csr_ok) {
+                    (Err(Rejection::BadEnrollment(why)), false, _, _) => {
+                        prop_assert!(why.starts_with("invalid node id"), "{why}")
+                    }
+                    (Err(Rejection::Token { node_id, reason }), true, Some(expected), _) => {
+                        prop_assert_eq!(node_id, &node);
+                        prop_assert_eq!(reason, &expected);
+                    }
+                    (Err(Rejection::BadEnrollment(why)), true, None, false) => {
+                        prop_assert!(why.contains("certificate signing request"), "{why}");
+                        // A bad CSR must not burn the token.
+                        let unspent =
+                            inner
+                                .tokens
+                                .lock()
+                                .unwrap()
+                                .check(&token, &node, Instant::now());
+                        prop_assert_eq!(unspent, Ok(()));
+                    }
+                    (Ok(EnrollResponse::Accepted { cert_der, .. }), true, None, true) => {
+                        // The certificate names the token's node, whatever the CSR said.
+                        prop_assert_eq!(node_id_from_cert(cert_der).unwrap(), node.clone());
+                        prop_assert!(enrolled(inner).contains(&node));
+                        let spent =
+                            inner
+                                .tokens
+                                .lock()
+                                .unwrap()
+                                .check(&token, &node, Instant::now());
+                        prop_assert_eq!(spent, Err(TokenRejection::AlreadyUsed));
+                        return Ok(());
+                    }
+                    (outcome, valid, expected, csr_ok) => {
+                        return Err(TestCaseError::fail(format!(
+                            "valid id {valid}, token {expected:?}, csr ok {csr_ok}: got {outcome:?}"
+                        )))
+                    }
+                }
+                prop_assert_eq!(enrolled(inner), before);
+                prop_assert!(inner.nodes.lock().unwrap().is_empty());
+                Ok(())
+            })
+            .unwrap();
+    }
+}
