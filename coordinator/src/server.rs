@@ -27,6 +27,7 @@ use skyward_common::protocol::{
 use skyward_common::transport;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::admission::{Admission, Refusal};
 use crate::task::{Delivery, TaskProgress, TaskProtocolError};
 use crate::tokens::{TokenRejection, TokenStore};
 
@@ -68,6 +69,8 @@ pub enum Rejection {
     },
     #[error("enrollment: {0}")]
     BadEnrollment(String),
+    #[error("enrollment refused: {0}")]
+    Refused(Refusal),
     #[error("{node}: {error}")]
     Frame { node: String, error: String },
 }
@@ -142,6 +145,8 @@ struct Inner {
     serves_agent: bool,
     ca: PoolCa,
     tokens: Mutex<TokenStore>,
+    /// Enrollment connections and failures per source address.
+    admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
     events: broadcast::Sender<CoordinatorEvent>,
     /// Nodes that have enrolled (a dialer then connects as a node, not to enroll).
@@ -243,6 +248,7 @@ impl Coordinator {
             agent_url,
             ca,
             tokens: Mutex::new(TokenStore::default()),
+            admission: Mutex::new(Admission::default()),
             nodes: Mutex::new(HashMap::new()),
             events,
             enrolled: Mutex::new(Default::default()),
@@ -613,7 +619,7 @@ async fn dial_loop(
                     let served = if enrolled {
                         serve_node(conn, &inner).await
                     } else {
-                        enroll(conn, &inner).await
+                        enroll(conn, &inner, None).await
                     };
                     if let Err(rejection) = served {
                         reject(&inner, address, rejection);
@@ -649,7 +655,24 @@ async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Res
         .and_then(|d| d.protocol)
         .unwrap_or_default();
     match alpn.as_slice() {
-        a if a == ALPN_ENROLL => enroll(conn, inner).await,
+        a if a == ALPN_ENROLL => {
+            let address = conn.remote_address().ip();
+            let admitted = inner
+                .admission
+                .lock()
+                .expect("admission lock")
+                .begin(address, Instant::now());
+            if let Err(refusal) = admitted {
+                conn.close(
+                    close_code::ENROLLMENT_REJECTED.into(),
+                    b"too many enrollments from this address",
+                );
+                return Err(Rejection::Refused(refusal));
+            }
+            let result = enroll(conn, inner, Some(address)).await;
+            inner.admission.lock().expect("admission lock").end(address);
+            result
+        }
         a if a == ALPN_NODE => serve_node(conn, inner).await,
         other => {
             conn.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown protocol");
@@ -660,7 +683,13 @@ async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Res
     }
 }
 
-async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
+/// Serves one enrollment connection. `peer` is the address that dialed in, held to the
+/// failure budget; `None` when the coordinator dialed the node itself.
+async fn enroll(
+    conn: Connection,
+    inner: &Arc<Inner>,
+    peer: Option<IpAddr>,
+) -> Result<(), Rejection> {
     let exchange = async {
         let (mut send, mut recv) = conn
             .accept_bi()
@@ -668,9 +697,19 @@ async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
             .map_err(|e| Rejection::BadEnrollment(format!("no request stream: {e}")))?;
         let request = read_frame::<_, EnrollRequest>(&mut recv, MAX_ENROLL_FRAME)
             .await
-            .map_err(|e| Rejection::BadEnrollment(e.to_string()))?
+            .map_err(|e| {
+                if e.is_protocol_violation() {
+                    spend_attempt(inner, peer);
+                }
+                Rejection::BadEnrollment(e.to_string())
+            })?
             .ok_or_else(|| Rejection::BadEnrollment("empty request".into()))?;
-        let outcome = sign_enrollment(inner, &request);
+        let outcome = answer_enrollment(inner, peer, &request);
+        if let Err(rejection) = &outcome {
+            if !matches!(rejection, Rejection::Refused(_)) {
+                spend_attempt(inner, peer);
+            }
+        }
         let response = match &outcome {
             Ok(response) => response.clone(),
             Err(rejection) => EnrollResponse::Rejected {
@@ -696,6 +735,37 @@ async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
         );
     }
     result.map(|_| ())
+}
+
+/// A request from `peer` was judged and failed (a bad token or CSR, or bytes that are no
+/// request at all): one of its attempts is spent. A request refused unread spends nothing, or
+/// a refused address could never recover; a dropped connection spends nothing either.
+fn spend_attempt(inner: &Inner, peer: Option<IpAddr>) {
+    if let Some(address) = peer {
+        inner
+            .admission
+            .lock()
+            .expect("admission lock")
+            .failed(address, Instant::now());
+    }
+}
+
+/// Judges one enrollment request from `peer`: refused unread while the address is over its
+/// failure budget (its token is not even looked up), else signed or rejected.
+fn answer_enrollment(
+    inner: &Inner,
+    peer: Option<IpAddr>,
+    request: &EnrollRequest,
+) -> Result<EnrollResponse, Rejection> {
+    if let Some(address) = peer {
+        inner
+            .admission
+            .lock()
+            .expect("admission lock")
+            .may_attempt(address, Instant::now())
+            .map_err(Rejection::Refused)?;
+    }
+    sign_enrollment(inner, request)
 }
 
 fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollResponse, Rejection> {
@@ -1008,7 +1078,7 @@ mod tests {
                     agent_version: version,
                 };
                 let before = enrolled(inner);
-                let outcome = sign_enrollment(inner, &request);
+                let outcome = answer_enrollment(inner, Some([198, 51, 100, 7].into()), &request);
                 let expected_token = match token_kind {
                     TokenKind::Valid => None,
                     TokenKind::ForAnotherNode => Some(TokenRejection::WrongNode {
@@ -1062,5 +1132,46 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    #[test]
+    fn an_address_over_its_failure_budget_is_refused_unread() {
+        skyward_common::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let coordinator = Coordinator::start(CoordinatorConfig {
+            pool: "fuzz".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap();
+        let inner = &coordinator.inner;
+        let address: IpAddr = [198, 51, 100, 9].into();
+        let now = Instant::now();
+        for _ in 0..skyward_common::limits::ENROLL_FAILURE_BURST {
+            inner.admission.lock().unwrap().failed(address, now);
+        }
+        let key = NodeKey::generate("node-1").unwrap();
+        let request = EnrollRequest {
+            node_id: "node-1".into(),
+            token: coordinator.issue_token("node-1"),
+            csr_der: key.csr_der.into(),
+            agent_version: "test".into(),
+        };
+        let refused = answer_enrollment(inner, Some(address), &request);
+        assert!(
+            matches!(
+                refused,
+                Err(Rejection::Refused(Refusal::TooManyFailures { .. }))
+            ),
+            "{refused:?}"
+        );
+        // Refused unread: the good token is still good, and works from elsewhere.
+        assert!(enrolled(inner).is_empty());
+        let other: IpAddr = [198, 51, 100, 10].into();
+        assert!(matches!(
+            answer_enrollment(inner, Some(other), &request),
+            Ok(EnrollResponse::Accepted { .. })
+        ));
     }
 }

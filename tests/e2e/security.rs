@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::identity::{CertifiedKey, NodeKey, PoolCa};
-use skyward_common::limits::MAX_ENROLL_FRAME;
+use skyward_common::limits::{
+    ENROLL_FAILURE_BURST, ENROLL_FAILURE_REFILL, MAX_AGENT_OPENED_STREAMS,
+    MAX_ENROLLING_PER_ADDRESS, MAX_ENROLL_FRAME,
+};
 use skyward_common::protocol::{
     close_code, EnrollRequest, EnrollResponse, TaskSpec, ALPN_ENROLL, ALPN_NODE,
     COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
+use skyward_coordinator::admission::Refusal;
 use skyward_coordinator::tokens::TokenRejection;
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, Rejection};
 use skyward_tests::{spawn_agent, task_output, wait_connected, Sandbox};
@@ -336,6 +340,185 @@ async fn every_rejection_is_logged_and_leaves_the_pool_untouched() {
         .unwrap();
     assert_eq!(task_output(&mut task).await, b"still here\n");
 
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
+}
+
+fn attacker_against(coordinator: &Coordinator) -> Attacker {
+    Attacker {
+        endpoint: transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap(),
+        coordinator: coordinator.local_addr(),
+        pin: coordinator.ca_pin(),
+    }
+}
+
+fn hostile_coordinator(pool: &str) -> Coordinator {
+    skyward_common::install_crypto_provider();
+    Coordinator::start(CoordinatorConfig {
+        pool: pool.into(),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: None,
+    })
+    .unwrap()
+}
+
+/// One source address may hold only so many enrollment connections at once; the next is
+/// refused before it is read, and a place frees up when one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_connections_per_address_are_bounded() {
+    let coordinator = hostile_coordinator("sec-conns");
+    let mut events = coordinator.subscribe();
+    let attacker = attacker_against(&coordinator);
+    let mut held = Vec::new();
+    for _ in 0..MAX_ENROLLING_PER_ADDRESS {
+        let conn = attacker.connect(None, ALPN_ENROLL).await.unwrap();
+        // The coordinator has it once the stream is open and a byte has arrived.
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        held.push((conn, send, recv));
+    }
+    let extra = attacker.connect(None, ALPN_ENROLL).await.unwrap();
+    let r = expect_rejection(&mut events, "one enrollment connection too many", |r| {
+        matches!(
+            r,
+            Rejection::Refused(Refusal::TooManyConnections { limit, .. })
+                if *limit == MAX_ENROLLING_PER_ADDRESS
+        )
+    })
+    .await;
+    assert!(r.to_string().contains("enrollment connections"), "{r}");
+    assert!(matches!(
+        extra.closed().await,
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == close_code::ENROLLMENT_REJECTED.into()
+    ));
+    // Dropping one frees its place: a real enrollment from the same address then works.
+    let (conn, _, _) = held.pop().unwrap();
+    conn.close(0u32.into(), b"");
+    drop(conn);
+    let mut enrolled = None;
+    for _ in 0..50 {
+        match attacker
+            .enroll("node-1", &coordinator.issue_token("node-1"))
+            .await
+        {
+            Ok(identity) => {
+                enrolled = Some(identity);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(enrolled.is_some(), "no place freed up");
+    drop(held);
+    coordinator.close().await;
+}
+
+/// Failed enrollments spend an address's budget: past the burst, even a good token is refused
+/// unread, until time refills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_enrollments_per_address_are_rate_limited() {
+    let coordinator = hostile_coordinator("sec-rate");
+    let mut events = coordinator.subscribe();
+    let attacker = attacker_against(&coordinator);
+    let started = std::time::Instant::now();
+    for i in 0..ENROLL_FAILURE_BURST {
+        let reason = attacker
+            .enroll("node-1", &format!("{i:064x}"))
+            .await
+            .unwrap_err();
+        assert!(reason.contains("unknown token"), "{reason}");
+    }
+    // The burst is spent (unless the test was so slow that time refilled it).
+    let refills = (started.elapsed().as_secs_f64() / ENROLL_FAILURE_REFILL.as_secs_f64()) as u32;
+    for _ in 0..refills {
+        let _ = attacker.enroll("node-1", "not-a-token").await;
+    }
+    let token = coordinator.issue_token("node-1");
+    let reason = attacker.enroll("node-1", &token).await.unwrap_err();
+    assert!(reason.contains("too many failed enrollments"), "{reason}");
+    expect_rejection(&mut events, "rate-limited enrollment", |r| {
+        matches!(r, Rejection::Refused(Refusal::TooManyFailures { .. }))
+    })
+    .await;
+    // The refused token was never looked at: once the budget refills, it works.
+    tokio::time::sleep(ENROLL_FAILURE_REFILL + Duration::from_millis(200)).await;
+    attacker
+        .enroll("node-1", &token)
+        .await
+        .expect("the refill allows one more attempt, and the token is unspent");
+    coordinator.close().await;
+}
+
+/// An enrolled node may have only MAX_AGENT_OPENED_STREAMS streams open towards the
+/// coordinator: QUIC itself holds it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_open_more_streams_than_the_limit() {
+    let coordinator = hostile_coordinator("sec-streams");
+    let attacker = attacker_against(&coordinator);
+    let id = attacker
+        .enroll("node-1", &coordinator.issue_token("node-1"))
+        .await
+        .unwrap();
+    let conn = attacker.connect(Some(&id), ALPN_NODE).await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..MAX_AGENT_OPENED_STREAMS {
+        streams.push(
+            tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+                .await
+                .expect("streams up to the limit open")
+                .unwrap(),
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), conn.open_bi())
+            .await
+            .is_err(),
+        "a stream past the limit of {MAX_AGENT_OPENED_STREAMS} opened"
+    );
+    drop(streams);
+    conn.close(0u32.into(), b"");
+    coordinator.close().await;
+}
+
+/// A task's output is held back on its node while the coordinator does not read it: what it
+/// buffers is bounded by the stream's window, however much the task writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_task_output_waits_on_the_node() {
+    let sandbox = Sandbox::new();
+    let coordinator = hostile_coordinator("sec-output");
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let marker = sandbox.path().join("all-written");
+    let total = 64 * 1024 * 1024;
+    let mut task = coordinator
+        .start_task(
+            &node,
+            TaskSpec::command(
+                0,
+                0,
+                vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("head -c {total} /dev/zero && touch {}", marker.display()),
+                ],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    // Loopback moves 64 MiB in well under this, were anything to take it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !marker.exists(),
+        "64 MiB of unread output was taken off the task: nothing held it back"
+    );
+    let out = task_output(&mut task).await;
+    assert_eq!(out.len(), total);
+    assert!(marker.exists());
     let _ = agent.kill();
     let _ = agent.wait();
     coordinator.close().await;
