@@ -73,6 +73,10 @@ pub enum Rejection {
     Refused(Refusal),
     #[error("{node}: {error}")]
     Frame { node: String, error: String },
+    /// Task streams are the coordinator's to open, each on the connection of the node it
+    /// gave the task to: a stream the agent opens is a claim to a task it was not given.
+    #[error("{node} opened a stream of its own beside its control stream (only the coordinator opens task streams)")]
+    ForeignStream { node: String },
 }
 
 #[derive(Debug, Clone)]
@@ -914,6 +918,17 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
             }
         }
     });
+    let foreign = tokio::spawn({
+        let (conn, node) = (conn.clone(), node_id.clone());
+        async move {
+            conn.accept_bi().await.ok()?;
+            conn.close(
+                close_code::PROTOCOL_VIOLATION.into(),
+                b"only the coordinator opens streams",
+            );
+            Some(Rejection::ForeignStream { node })
+        }
+    });
     let result = loop {
         match read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await {
             Ok(Some(AgentMessage::Health(health))) => {
@@ -932,6 +947,12 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         }
     };
     writer.abort();
+    // The stream watcher closed the connection (ending the loop above) or is still waiting.
+    foreign.abort();
+    let result = match foreign.await {
+        Ok(Some(rejection)) => Err(rejection),
+        _ => result,
+    };
     let reason = match &result {
         Ok(reason) => reason.clone(),
         Err(rejection) => rejection.to_string(),

@@ -12,8 +12,8 @@ use skyward_common::limits::{
     MAX_ENROLLING_PER_ADDRESS, MAX_ENROLL_FRAME,
 };
 use skyward_common::protocol::{
-    close_code, EnrollRequest, EnrollResponse, TaskSpec, ALPN_ENROLL, ALPN_NODE,
-    COORDINATOR_SERVER_NAME,
+    close_code, AgentMessage, EnrollRequest, EnrollResponse, Hello, OutputStream, TaskEvent,
+    TaskOutcome, TaskSpec, ALPN_ENROLL, ALPN_NODE, COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
 use skyward_coordinator::admission::Refusal;
@@ -71,7 +71,17 @@ impl Attacker {
 
     /// Enrolls exactly as an agent does; returns the identity or the coordinator's reason.
     async fn enroll(&self, node_id: &str, token: &str) -> Result<CertifiedKey, String> {
-        let key = NodeKey::generate(node_id).unwrap();
+        self.enroll_with_key(node_id, token, &NodeKey::generate(node_id).unwrap())
+            .await
+    }
+
+    /// Enrolls as `node_id` with the CSR of `key`, whatever name that CSR carries.
+    async fn enroll_with_key(
+        &self,
+        node_id: &str,
+        token: &str,
+        key: &NodeKey,
+    ) -> Result<CertifiedKey, String> {
         let conn = self
             .connect(None, ALPN_ENROLL)
             .await
@@ -521,5 +531,132 @@ async fn unread_task_output_waits_on_the_node() {
     assert!(marker.exists());
     let _ = agent.kill();
     let _ = agent.wait();
+    coordinator.close().await;
+}
+
+/// Agent A, a real enrolled identity, tries every way to act as or on node B: enroll under
+/// B's name, get a certificate naming B through its CSR, and push events for a task it was
+/// never given on a stream of its own. Each is refused and logged; B and its task carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_cannot_act_on_another_nodes_tasks() {
+    let log = captured_log();
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "sec-identity".into(),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: None,
+    })
+    .unwrap();
+    let mut events = coordinator.subscribe();
+    let mut agent_b = spawn_agent(&sandbox, &coordinator, "node-b", "10m");
+    let node_b = wait_connected(&coordinator, "node-b").await;
+    // B's task is mid-run while A acts.
+    let mut task_b = coordinator
+        .start_task(
+            &node_b,
+            TaskSpec::command(
+                0,
+                0,
+                vec!["sh".into(), "-c".into(), "sleep 2; echo b-done".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+
+    let attacker = attacker_against(&coordinator);
+    // A's own token does not enroll it as B.
+    let token_a = coordinator.issue_token("node-a");
+    let reason = attacker.enroll("node-b", &token_a).await.unwrap_err();
+    assert!(reason.contains("bound to node-a, not node-b"), "{reason}");
+    // A CSR naming B yields a certificate naming A: the name is the token's, not the CSR's.
+    let key_naming_b = NodeKey::generate("node-b").unwrap();
+    let identity_a = attacker
+        .enroll_with_key("node-a", &token_a, &key_naming_b)
+        .await
+        .unwrap();
+    assert_eq!(
+        skyward_common::identity::node_id_from_cert(&identity_a.chain[0]).unwrap(),
+        "node-a"
+    );
+
+    // A connects as itself: B's connection is not displaced.
+    let conn = attacker
+        .connect(Some(&identity_a), ALPN_NODE)
+        .await
+        .unwrap();
+    let (mut control, _control_recv) = conn.open_bi().await.unwrap();
+    write_frame(
+        &mut control,
+        &AgentMessage::Hello(Box::new(Hello {
+            agent_version: skyward_common::VERSION.into(),
+            inventory: Default::default(),
+        })),
+    )
+    .await
+    .unwrap();
+    wait_connected(&coordinator, "node-a").await;
+    let b_now = coordinator.node("node-b").expect("node-b still connected");
+    assert!(b_now.is_connected());
+    assert_eq!(b_now.address, node_b.address);
+
+    // A claims B's task: a stream of its own carrying that task's events.
+    let (mut forged, _forged_recv) = conn.open_bi().await.unwrap();
+    for event in [
+        TaskEvent::Output {
+            seq: 0,
+            stream: OutputStream::Stdout,
+            data: "forged\n".into(),
+        },
+        TaskEvent::Finished(TaskOutcome::Exited { code: 0 }),
+    ] {
+        let _ = write_frame(&mut forged, &event).await;
+    }
+    let r = expect_rejection(
+        &mut events,
+        "a stream opened by node-a",
+        |r| matches!(r, Rejection::ForeignStream { node } if node == "node-a"),
+    )
+    .await;
+    assert!(r
+        .to_string()
+        .contains("only the coordinator opens task streams"));
+    assert_eq!(
+        conn.closed().await,
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: close_code::PROTOCOL_VIOLATION.into(),
+            reason: "only the coordinator opens streams".into()
+        })
+    );
+
+    // B's task ran to its own end, untouched.
+    let mut output = Vec::new();
+    let mut outcome = None;
+    while let Some(event) = task_b.output.next().await.unwrap() {
+        match event {
+            TaskEvent::Output { data, .. } => output.extend_from_slice(&data),
+            TaskEvent::Finished(o) => outcome = Some(o),
+            _ => {}
+        }
+    }
+    assert_eq!(output, b"b-done\n");
+    assert_eq!(outcome, Some(TaskOutcome::Exited { code: 0 }));
+    assert!(coordinator.node("node-b").unwrap().is_connected());
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    for needle in [
+        "token is bound to node-a, not node-b",
+        "rejected: node-a opened a stream of its own",
+    ] {
+        assert!(
+            text.contains(needle),
+            "no log line with {needle:?} in:\n{text}"
+        );
+    }
+
+    let _ = agent_b.kill();
+    let _ = agent_b.wait();
     coordinator.close().await;
 }
