@@ -660,3 +660,161 @@ async fn one_node_cannot_act_on_another_nodes_tasks() {
     let _ = agent_b.wait();
     coordinator.close().await;
 }
+
+/// Every way `secret` could be written out: as it is, and for a private key (PEM or PKCS#8
+/// DER), its private scalar in hex and base64, and each base64 line of the key that holds part
+/// of the scalar. Lines holding only the public key are left out: certificates carry it openly.
+fn leak_forms(secret: &[u8]) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = String::from_utf8_lossy(secret).into_owned();
+    let der = if text.contains("-----BEGIN") {
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        b64.decode(body).expect("PEM body")
+    } else if secret.iter().all(|b| b.is_ascii_hexdigit()) {
+        return vec![text];
+    } else {
+        secret.to_vec()
+    };
+    // ECPrivateKey { version 1, privateKey OCTET STRING (32) }: the P-256 scalar.
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("a P-256 private key")
+        + 5;
+    let scalar = &der[at..at + 32];
+    let mut forms = vec![
+        hex::encode(scalar),
+        hex::encode_upper(scalar),
+        b64.encode(scalar),
+    ];
+    let encoded = b64.encode(&der);
+    for (i, line) in encoded.as_bytes().chunks(64).enumerate() {
+        if i * 48 < at + 32 && at < (i + 1) * 48 {
+            forms.push(String::from_utf8_lossy(line).into_owned());
+        }
+    }
+    forms
+}
+
+/// A whole pool at the most verbose logging there is, CLI and agents alike, with a task that
+/// prints its environment: no token and no private key (CA, coordinator, node) appears in any
+/// of it, in any encoding.
+#[test]
+fn no_token_or_private_key_reaches_any_log() {
+    let sandbox = Sandbox::new();
+    let mut cmd = sandbox.skyward();
+    cmd.env("SKYWARD_LOG", "trace").args([
+        "run",
+        "--nodes",
+        "2",
+        "--on",
+        "all",
+        "--",
+        "sh",
+        "-c",
+        "sleep 3; env",
+    ]);
+    let cli = std::thread::spawn(move || skyward_tests::run(&mut cmd, Duration::from_secs(120)));
+
+    // The pool's files go with it: gather its secrets and agent logs while it runs.
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut keys = std::collections::BTreeMap::new();
+    let mut agent_logs = std::collections::BTreeMap::new();
+    let home = sandbox.path().join("home");
+    while !cli.is_finished() {
+        for (pid, cmdline) in sandbox.processes() {
+            if !cmdline.contains("skyward-agent") {
+                continue;
+            }
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            for var in environ.split(|&b| b == 0) {
+                if let Some(token) = var.strip_prefix(b"SKYWARD_TOKEN=") {
+                    tokens.insert(String::from_utf8_lossy(token).into_owned());
+                }
+            }
+        }
+        let mut dirs = vec![home.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if name.ends_with(".key") {
+                    if let Ok(key) = std::fs::read(&path) {
+                        if !key.is_empty() {
+                            keys.insert(path, key);
+                        }
+                    }
+                } else if name == "agent.log" {
+                    if let Ok(log) = std::fs::read(&path) {
+                        agent_logs.insert(path, log);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = cli.join().unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // Everything that was there to leak was found, and the logs are as verbose as can be.
+    assert_eq!(tokens.len(), 2, "tokens found: {tokens:?}");
+    let key_names: Vec<String> = keys
+        .keys()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for name in ["ca.key", "coordinator.key", "node.key"] {
+        assert!(
+            key_names.iter().any(|n| n == name),
+            "no {name} in {key_names:?}"
+        );
+    }
+    assert_eq!(agent_logs.len(), 2, "{:?}", agent_logs.keys());
+    assert!(out.stderr.contains("TRACE"), "the CLI did not log at trace");
+    for (path, log) in &agent_logs {
+        let log = String::from_utf8_lossy(log);
+        assert!(
+            log.contains("TRACE") && log.contains("enrolled"),
+            "{}: {log}",
+            path.display()
+        );
+    }
+    assert!(
+        out.stdout.contains("SKYWARD_NODE_ID="),
+        "the task printed no environment"
+    );
+
+    let mut haystacks = vec![
+        ("CLI stdout".to_string(), out.stdout.clone()),
+        ("CLI stderr".to_string(), out.stderr.clone()),
+    ];
+    for (path, log) in &agent_logs {
+        haystacks.push((
+            path.display().to_string(),
+            String::from_utf8_lossy(log).into_owned(),
+        ));
+    }
+    let mut secrets: Vec<(String, String)> = tokens
+        .iter()
+        .map(|t| ("a token".to_string(), t.clone()))
+        .collect();
+    for (path, key) in &keys {
+        for form in leak_forms(key) {
+            secrets.push((path.display().to_string(), form));
+        }
+    }
+    for (name, text) in &haystacks {
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{name} holds a PEM private key"
+        );
+        for (what, form) in &secrets {
+            assert!(
+                !text.contains(form.as_str()),
+                "{name} holds {what} (as {form:?})"
+            );
+        }
+    }
+}
