@@ -141,6 +141,9 @@ async fn run_command(
     command
         .args(&argv[1..])
         .current_dir(&dir)
+        // The agent's enrollment token is its secret, not the task's (spent or not, it would
+        // end up in whatever the task prints or logs).
+        .env_remove("SKYWARD_TOKEN")
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("SKYWARD_NODE_ID", &tasks.node_id)
         .env("SKYWARD_TASK_ID", spec.task.id.to_string())

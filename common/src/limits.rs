@@ -15,8 +15,24 @@ pub const MAX_TASK_SPEC: usize = 512 * 1024;
 
 /// Task streams the coordinator may have open to one agent at once.
 pub const MAX_TASK_STREAMS_PER_AGENT: u32 = 512;
-/// Streams an agent may open towards the coordinator (the control stream, plus slack).
+/// Streams an agent may open towards the coordinator (the control stream, plus slack): QUIC
+/// itself holds the agent to it. The coordinator closes a connection whose agent opens any
+/// stream besides its control stream.
 pub const MAX_AGENT_OPENED_STREAMS: u32 = 4;
+/// Bytes a peer may send on one stream beyond what has been read: a task's output waits on
+/// the node (its process blocked on a full pipe) until the coordinator reads it, so this is
+/// what one task's output can hold in the reader's memory. Quinn's default, made explicit.
+pub const MAX_STREAM_BUFFER: u32 = 1280 * 1024;
+/// The same over all streams of one connection together.
+pub const MAX_CONNECTION_BUFFER: u32 = 64 * 1024 * 1024;
+
+/// Enrollment connections one source address may hold at once.
+pub const MAX_ENROLLING_PER_ADDRESS: usize = 32;
+/// Failed enrollments (a bad token, a malformed request) one source address may make in a
+/// burst; after that its attempts are refused unread, one more allowed per
+/// [`ENROLL_FAILURE_REFILL`].
+pub const ENROLL_FAILURE_BURST: u32 = 10;
+pub const ENROLL_FAILURE_REFILL: Duration = Duration::from_secs(1);
 
 /// How long an enrolling agent has to send its request once connected.
 pub const ENROLL_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,3 +62,9 @@ pub const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const PROBE_LISTEN_MAX: Duration = Duration::from_secs(120);
 /// Most addresses one probe connects to.
 pub const MAX_PROBE_TARGETS: usize = 64;
+/// Decoding a frame of n bytes allocates at most this many times n. A hostile frame can make
+/// a byte or two decode into a larger value (an empty string into 24 bytes, a few zero bytes
+/// into a whole GPU record); serde never preallocates for more elements than there are bytes
+/// left. Enrollment messages hold only strings and bytes and cost their size.
+/// `common/tests/hostile_input.rs` measures every message type against it.
+pub const MAX_DECODE_AMPLIFICATION: usize = 64;

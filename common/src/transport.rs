@@ -157,6 +157,8 @@ fn base_transport() -> quinn::TransportConfig {
             .expect("idle timeout fits a QUIC varint"),
     ));
     transport.max_concurrent_uni_streams(0u32.into());
+    transport.stream_receive_window(limits::MAX_STREAM_BUFFER.into());
+    transport.receive_window(limits::MAX_CONNECTION_BUFFER.into());
     transport
 }
 

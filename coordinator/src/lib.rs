@@ -5,6 +5,7 @@
 //! [`training`]) hold every rule and do no I/O; [`server`], [`pool`], [`run`] and
 //! [`preflight`] are the async shell that moves bytes and timers.
 
+pub mod admission;
 pub mod bootstrap;
 pub mod catalog;
 pub mod cli;

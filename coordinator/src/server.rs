@@ -27,6 +27,7 @@ use skyward_common::protocol::{
 use skyward_common::transport;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::admission::{Admission, Refusal};
 use crate::task::{Delivery, TaskProgress, TaskProtocolError};
 use crate::tokens::{TokenRejection, TokenStore};
 
@@ -68,8 +69,14 @@ pub enum Rejection {
     },
     #[error("enrollment: {0}")]
     BadEnrollment(String),
+    #[error("enrollment refused: {0}")]
+    Refused(Refusal),
     #[error("{node}: {error}")]
     Frame { node: String, error: String },
+    /// Task streams are the coordinator's to open, each on the connection of the node it
+    /// gave the task to: a stream the agent opens is a claim to a task it was not given.
+    #[error("{node} opened a stream of its own beside its control stream (only the coordinator opens task streams)")]
+    ForeignStream { node: String },
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +161,8 @@ struct Inner {
     serves_agent: bool,
     ca: PoolCa,
     tokens: Mutex<TokenStore>,
+    /// Enrollment connections and failures per source address.
+    admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
     events: broadcast::Sender<CoordinatorEvent>,
     /// Nodes that have enrolled (a dialer then connects as a node, not to enroll).
@@ -255,6 +264,7 @@ impl Coordinator {
             agent_url,
             ca,
             tokens: Mutex::new(TokenStore::default()),
+            admission: Mutex::new(Admission::default()),
             nodes: Mutex::new(HashMap::new()),
             events,
             enrolled: Mutex::new(Default::default()),
@@ -632,7 +642,7 @@ async fn dial_loop(
                     let served = if enrolled {
                         serve_node(conn, &inner).await
                     } else {
-                        enroll(conn, &inner).await
+                        enroll(conn, &inner, None).await
                     };
                     if let Err(rejection) = served {
                         reject(&inner, address, rejection);
@@ -668,7 +678,24 @@ async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Res
         .and_then(|d| d.protocol)
         .unwrap_or_default();
     match alpn.as_slice() {
-        a if a == ALPN_ENROLL => enroll(conn, inner).await,
+        a if a == ALPN_ENROLL => {
+            let address = conn.remote_address().ip();
+            let admitted = inner
+                .admission
+                .lock()
+                .expect("admission lock")
+                .begin(address, Instant::now());
+            if let Err(refusal) = admitted {
+                conn.close(
+                    close_code::ENROLLMENT_REJECTED.into(),
+                    b"too many enrollments from this address",
+                );
+                return Err(Rejection::Refused(refusal));
+            }
+            let result = enroll(conn, inner, Some(address)).await;
+            inner.admission.lock().expect("admission lock").end(address);
+            result
+        }
         a if a == ALPN_NODE => serve_node(conn, inner).await,
         other => {
             conn.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown protocol");
@@ -679,7 +706,13 @@ async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Res
     }
 }
 
-async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
+/// Serves one enrollment connection. `peer` is the address that dialed in, held to the
+/// failure budget; `None` when the coordinator dialed the node itself.
+async fn enroll(
+    conn: Connection,
+    inner: &Arc<Inner>,
+    peer: Option<IpAddr>,
+) -> Result<(), Rejection> {
     let exchange = async {
         let (mut send, mut recv) = conn
             .accept_bi()
@@ -687,9 +720,19 @@ async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
             .map_err(|e| Rejection::BadEnrollment(format!("no request stream: {e}")))?;
         let request = read_frame::<_, EnrollRequest>(&mut recv, MAX_ENROLL_FRAME)
             .await
-            .map_err(|e| Rejection::BadEnrollment(e.to_string()))?
+            .map_err(|e| {
+                if e.is_protocol_violation() {
+                    spend_attempt(inner, peer);
+                }
+                Rejection::BadEnrollment(e.to_string())
+            })?
             .ok_or_else(|| Rejection::BadEnrollment("empty request".into()))?;
-        let outcome = sign_enrollment(inner, &request);
+        let outcome = answer_enrollment(inner, peer, &request);
+        if let Err(rejection) = &outcome {
+            if !matches!(rejection, Rejection::Refused(_)) {
+                spend_attempt(inner, peer);
+            }
+        }
         let response = match &outcome {
             Ok(response) => response.clone(),
             Err(rejection) => EnrollResponse::Rejected {
@@ -715,6 +758,37 @@ async fn enroll(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
         );
     }
     result.map(|_| ())
+}
+
+/// A request from `peer` was judged and failed (a bad token or CSR, or bytes that are no
+/// request at all): one of its attempts is spent. A request refused unread spends nothing, or
+/// a refused address could never recover; a dropped connection spends nothing either.
+fn spend_attempt(inner: &Inner, peer: Option<IpAddr>) {
+    if let Some(address) = peer {
+        inner
+            .admission
+            .lock()
+            .expect("admission lock")
+            .failed(address, Instant::now());
+    }
+}
+
+/// Judges one enrollment request from `peer`: refused unread while the address is over its
+/// failure budget (its token is not even looked up), else signed or rejected.
+fn answer_enrollment(
+    inner: &Inner,
+    peer: Option<IpAddr>,
+    request: &EnrollRequest,
+) -> Result<EnrollResponse, Rejection> {
+    if let Some(address) = peer {
+        inner
+            .admission
+            .lock()
+            .expect("admission lock")
+            .may_attempt(address, Instant::now())
+            .map_err(Rejection::Refused)?;
+    }
+    sign_enrollment(inner, request)
 }
 
 fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollResponse, Rejection> {
@@ -864,6 +938,17 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
             }
         }
     });
+    let foreign = tokio::spawn({
+        let (conn, node) = (conn.clone(), node_id.clone());
+        async move {
+            conn.accept_bi().await.ok()?;
+            conn.close(
+                close_code::PROTOCOL_VIOLATION.into(),
+                b"only the coordinator opens streams",
+            );
+            Some(Rejection::ForeignStream { node })
+        }
+    });
     let result = loop {
         match read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await {
             Ok(Some(AgentMessage::Health(health))) => {
@@ -890,6 +975,12 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         }
     };
     writer.abort();
+    // The stream watcher closed the connection (ending the loop above) or is still waiting.
+    foreign.abort();
+    let result = match foreign.await {
+        Ok(Some(rejection)) => Err(rejection),
+        _ => result,
+    };
     let reason = match &result {
         Ok(reason) => reason.clone(),
         Err(rejection) => rejection.to_string(),
@@ -908,4 +999,228 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         .events
         .send(CoordinatorEvent::NodeDisconnected { node_id, reason });
     result.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use skyward_common::identity::NodeKey;
+
+    /// How a hostile request's token is made.
+    #[derive(Debug, Clone)]
+    enum TokenKind {
+        Valid,
+        ForAnotherNode,
+        Spent,
+        Expired,
+        /// Anything at all: wrong length, not hex, empty, huge.
+        Garbage(String),
+        /// A real token one character short.
+        Truncated,
+    }
+
+    /// How its CSR is made.
+    #[derive(Debug, Clone)]
+    enum CsrKind {
+        Valid,
+        /// A well-formed CSR naming some other node: the certificate must still name the
+        /// node the token is bound to.
+        NamingAnotherNode,
+        Garbage(Vec<u8>),
+        Truncated(usize),
+    }
+
+    fn token_kind() -> impl Strategy<Value = TokenKind> {
+        prop_oneof![
+            Just(TokenKind::Valid),
+            Just(TokenKind::ForAnotherNode),
+            Just(TokenKind::Spent),
+            Just(TokenKind::Expired),
+            Just(TokenKind::Truncated),
+            prop_oneof![".{0,100}", "[0-9a-f]{0,80}", "x{1000,4000}"].prop_map(TokenKind::Garbage),
+        ]
+    }
+
+    fn csr_kind() -> impl Strategy<Value = CsrKind> {
+        prop_oneof![
+            Just(CsrKind::Valid),
+            Just(CsrKind::NamingAnotherNode),
+            proptest::collection::vec(any::<u8>(), 0..12_000).prop_map(CsrKind::Garbage),
+            any::<usize>().prop_map(CsrKind::Truncated),
+        ]
+    }
+
+    fn node_id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => "node-[a-z0-9]{1,8}",
+            1 => ".{0,80}",
+            1 => "[a-z]{64,300}",
+            1 => Just("-node".to_string()),
+            1 => Just("NODE-1".to_string()),
+        ]
+    }
+
+    fn enrolled(inner: &Inner) -> std::collections::HashSet<String> {
+        inner.enrolled.lock().unwrap().clone()
+    }
+
+    /// Malformed and hostile enrollment requests, judged by the handler itself: each gets the
+    /// rejection it deserves, nothing panics, and a rejection changes nothing (no node enrolled
+    /// or connected, no token spent).
+    #[test]
+    fn hostile_enrollment_requests_get_the_right_rejection_and_change_nothing() {
+        skyward_common::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let coordinator = Coordinator::start(CoordinatorConfig {
+            pool: "fuzz".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap();
+        let inner = &coordinator.inner;
+        let mine = NodeKey::generate("node-mine").unwrap();
+        let theirs = NodeKey::generate("node-someone-else").unwrap();
+        let mut runner = TestRunner::new(Config {
+            cases: 192,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = (node_id(), token_kind(), csr_kind(), ".{0,40}");
+        runner
+            .run(&strategy, |(node, token_kind, csr_kind, version)| {
+                // Tokens are issued to the node the request names (when it is a valid id).
+                let token = match &token_kind {
+                    TokenKind::Valid => coordinator.issue_token(&node),
+                    TokenKind::ForAnotherNode => coordinator.issue_token("node-victim"),
+                    TokenKind::Spent => {
+                        let token = coordinator.issue_token(&node);
+                        inner
+                            .tokens
+                            .lock()
+                            .unwrap()
+                            .redeem(&token, &node, Instant::now())
+                            .unwrap();
+                        token
+                    }
+                    TokenKind::Expired => coordinator.issue_token_with_ttl(&node, Duration::ZERO),
+                    TokenKind::Garbage(garbage) => garbage.clone(),
+                    TokenKind::Truncated => {
+                        let mut token = coordinator.issue_token(&node);
+                        token.pop();
+                        token
+                    }
+                };
+                let csr: Vec<u8> = match &csr_kind {
+                    CsrKind::Valid => mine.csr_der.clone(),
+                    CsrKind::NamingAnotherNode => theirs.csr_der.clone(),
+                    CsrKind::Garbage(bytes) => bytes.clone(),
+                    CsrKind::Truncated(at) => mine.csr_der[..at % mine.csr_der.len()].to_vec(),
+                };
+                let csr_ok = matches!(csr_kind, CsrKind::Valid | CsrKind::NamingAnotherNode);
+                let request = EnrollRequest {
+                    node_id: node.clone(),
+                    token: token.clone(),
+                    csr_der: csr.into(),
+                    agent_version: version,
+                };
+                let before = enrolled(inner);
+                let outcome = answer_enrollment(inner, Some([198, 51, 100, 7].into()), &request);
+                let expected_token = match token_kind {
+                    TokenKind::Valid => None,
+                    TokenKind::ForAnotherNode => Some(TokenRejection::WrongNode {
+                        bound_to: "node-victim".into(),
+                        claimed: node.clone(),
+                    }),
+                    TokenKind::Spent => Some(TokenRejection::AlreadyUsed),
+                    TokenKind::Expired => Some(TokenRejection::Expired),
+                    TokenKind::Garbage(_) | TokenKind::Truncated => Some(TokenRejection::Unknown),
+                };
+                match (&outcome, is_valid_node_id(&node), expected_token, csr_ok) {
+                    (Err(Rejection::BadEnrollment(why)), false, _, _) => {
+                        prop_assert!(why.starts_with("invalid node id"), "{why}")
+                    }
+                    (Err(Rejection::Token { node_id, reason }), true, Some(expected), _) => {
+                        prop_assert_eq!(node_id, &node);
+                        prop_assert_eq!(reason, &expected);
+                    }
+                    (Err(Rejection::BadEnrollment(why)), true, None, false) => {
+                        prop_assert!(why.contains("certificate signing request"), "{why}");
+                        // A bad CSR must not burn the token.
+                        let unspent =
+                            inner
+                                .tokens
+                                .lock()
+                                .unwrap()
+                                .check(&token, &node, Instant::now());
+                        prop_assert_eq!(unspent, Ok(()));
+                    }
+                    (Ok(EnrollResponse::Accepted { cert_der, .. }), true, None, true) => {
+                        // The certificate names the token's node, whatever the CSR said.
+                        prop_assert_eq!(node_id_from_cert(cert_der).unwrap(), node.clone());
+                        prop_assert!(enrolled(inner).contains(&node));
+                        let spent =
+                            inner
+                                .tokens
+                                .lock()
+                                .unwrap()
+                                .check(&token, &node, Instant::now());
+                        prop_assert_eq!(spent, Err(TokenRejection::AlreadyUsed));
+                        return Ok(());
+                    }
+                    (outcome, valid, expected, csr_ok) => {
+                        return Err(TestCaseError::fail(format!(
+                            "valid id {valid}, token {expected:?}, csr ok {csr_ok}: got {outcome:?}"
+                        )))
+                    }
+                }
+                prop_assert_eq!(enrolled(inner), before);
+                prop_assert!(inner.nodes.lock().unwrap().is_empty());
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn an_address_over_its_failure_budget_is_refused_unread() {
+        skyward_common::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let coordinator = Coordinator::start(CoordinatorConfig {
+            pool: "fuzz".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        })
+        .unwrap();
+        let inner = &coordinator.inner;
+        let address: IpAddr = [198, 51, 100, 9].into();
+        let now = Instant::now();
+        for _ in 0..skyward_common::limits::ENROLL_FAILURE_BURST {
+            inner.admission.lock().unwrap().failed(address, now);
+        }
+        let key = NodeKey::generate("node-1").unwrap();
+        let request = EnrollRequest {
+            node_id: "node-1".into(),
+            token: coordinator.issue_token("node-1"),
+            csr_der: key.csr_der.into(),
+            agent_version: "test".into(),
+        };
+        let refused = answer_enrollment(inner, Some(address), &request);
+        assert!(
+            matches!(
+                refused,
+                Err(Rejection::Refused(Refusal::TooManyFailures { .. }))
+            ),
+            "{refused:?}"
+        );
+        // Refused unread: the good token is still good, and works from elsewhere.
+        assert!(enrolled(inner).is_empty());
+        let other: IpAddr = [198, 51, 100, 10].into();
+        assert!(matches!(
+            answer_enrollment(inner, Some(other), &request),
+            Ok(EnrollResponse::Accepted { .. })
+        ));
+    }
 }

@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::identity::{CertifiedKey, NodeKey, PoolCa};
-use skyward_common::limits::MAX_ENROLL_FRAME;
+use skyward_common::limits::{
+    ENROLL_FAILURE_BURST, ENROLL_FAILURE_REFILL, MAX_AGENT_OPENED_STREAMS,
+    MAX_ENROLLING_PER_ADDRESS, MAX_ENROLL_FRAME,
+};
 use skyward_common::protocol::{
-    close_code, EnrollRequest, EnrollResponse, TaskSpec, ALPN_ENROLL, ALPN_NODE,
-    COORDINATOR_SERVER_NAME,
+    close_code, AgentMessage, EnrollRequest, EnrollResponse, Hello, OutputStream, TaskEvent,
+    TaskOutcome, TaskSpec, ALPN_ENROLL, ALPN_NODE, COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
+use skyward_coordinator::admission::Refusal;
 use skyward_coordinator::tokens::TokenRejection;
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, Rejection};
 use skyward_tests::{spawn_agent, task_output, wait_connected, Sandbox};
@@ -67,7 +71,17 @@ impl Attacker {
 
     /// Enrolls exactly as an agent does; returns the identity or the coordinator's reason.
     async fn enroll(&self, node_id: &str, token: &str) -> Result<CertifiedKey, String> {
-        let key = NodeKey::generate(node_id).unwrap();
+        self.enroll_with_key(node_id, token, &NodeKey::generate(node_id).unwrap())
+            .await
+    }
+
+    /// Enrolls as `node_id` with the CSR of `key`, whatever name that CSR carries.
+    async fn enroll_with_key(
+        &self,
+        node_id: &str,
+        token: &str,
+        key: &NodeKey,
+    ) -> Result<CertifiedKey, String> {
         let conn = self
             .connect(None, ALPN_ENROLL)
             .await
@@ -339,4 +353,468 @@ async fn every_rejection_is_logged_and_leaves_the_pool_untouched() {
     let _ = agent.kill();
     let _ = agent.wait();
     coordinator.close().await;
+}
+
+fn attacker_against(coordinator: &Coordinator) -> Attacker {
+    Attacker {
+        endpoint: transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap(),
+        coordinator: coordinator.local_addr(),
+        pin: coordinator.ca_pin(),
+    }
+}
+
+fn hostile_coordinator(pool: &str) -> Coordinator {
+    skyward_common::install_crypto_provider();
+    Coordinator::start(CoordinatorConfig {
+        pool: pool.into(),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: None,
+    })
+    .unwrap()
+}
+
+/// One source address may hold only so many enrollment connections at once; the next is
+/// refused before it is read, and a place frees up when one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_connections_per_address_are_bounded() {
+    let coordinator = hostile_coordinator("sec-conns");
+    let mut events = coordinator.subscribe();
+    let attacker = attacker_against(&coordinator);
+    let mut held = Vec::new();
+    for _ in 0..MAX_ENROLLING_PER_ADDRESS {
+        let conn = attacker.connect(None, ALPN_ENROLL).await.unwrap();
+        // The coordinator has it once the stream is open and a byte has arrived.
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        held.push((conn, send, recv));
+    }
+    let extra = attacker.connect(None, ALPN_ENROLL).await.unwrap();
+    let r = expect_rejection(&mut events, "one enrollment connection too many", |r| {
+        matches!(
+            r,
+            Rejection::Refused(Refusal::TooManyConnections { limit, .. })
+                if *limit == MAX_ENROLLING_PER_ADDRESS
+        )
+    })
+    .await;
+    assert!(r.to_string().contains("enrollment connections"), "{r}");
+    assert!(matches!(
+        extra.closed().await,
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == close_code::ENROLLMENT_REJECTED.into()
+    ));
+    // Dropping one frees its place: a real enrollment from the same address then works.
+    let (conn, _, _) = held.pop().unwrap();
+    conn.close(0u32.into(), b"");
+    drop(conn);
+    let mut enrolled = None;
+    for _ in 0..50 {
+        match attacker
+            .enroll("node-1", &coordinator.issue_token("node-1"))
+            .await
+        {
+            Ok(identity) => {
+                enrolled = Some(identity);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert!(enrolled.is_some(), "no place freed up");
+    drop(held);
+    coordinator.close().await;
+}
+
+/// Failed enrollments spend an address's budget: past the burst, even a good token is refused
+/// unread, until time refills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_enrollments_per_address_are_rate_limited() {
+    let coordinator = hostile_coordinator("sec-rate");
+    let mut events = coordinator.subscribe();
+    let attacker = attacker_against(&coordinator);
+    let started = std::time::Instant::now();
+    for i in 0..ENROLL_FAILURE_BURST {
+        let reason = attacker
+            .enroll("node-1", &format!("{i:064x}"))
+            .await
+            .unwrap_err();
+        assert!(reason.contains("unknown token"), "{reason}");
+    }
+    // The burst is spent (unless the test was so slow that time refilled it).
+    let refills = (started.elapsed().as_secs_f64() / ENROLL_FAILURE_REFILL.as_secs_f64()) as u32;
+    for _ in 0..refills {
+        let _ = attacker.enroll("node-1", "not-a-token").await;
+    }
+    let token = coordinator.issue_token("node-1");
+    let reason = attacker.enroll("node-1", &token).await.unwrap_err();
+    assert!(reason.contains("too many failed enrollments"), "{reason}");
+    expect_rejection(&mut events, "rate-limited enrollment", |r| {
+        matches!(r, Rejection::Refused(Refusal::TooManyFailures { .. }))
+    })
+    .await;
+    // The refused token was never looked at: once the budget refills, it works.
+    tokio::time::sleep(ENROLL_FAILURE_REFILL + Duration::from_millis(200)).await;
+    attacker
+        .enroll("node-1", &token)
+        .await
+        .expect("the refill allows one more attempt, and the token is unspent");
+    coordinator.close().await;
+}
+
+/// An enrolled node may have only MAX_AGENT_OPENED_STREAMS streams open towards the
+/// coordinator: QUIC itself holds it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cannot_open_more_streams_than_the_limit() {
+    let coordinator = hostile_coordinator("sec-streams");
+    let attacker = attacker_against(&coordinator);
+    let id = attacker
+        .enroll("node-1", &coordinator.issue_token("node-1"))
+        .await
+        .unwrap();
+    let conn = attacker.connect(Some(&id), ALPN_NODE).await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..MAX_AGENT_OPENED_STREAMS {
+        streams.push(
+            tokio::time::timeout(Duration::from_secs(5), conn.open_bi())
+                .await
+                .expect("streams up to the limit open")
+                .unwrap(),
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), conn.open_bi())
+            .await
+            .is_err(),
+        "a stream past the limit of {MAX_AGENT_OPENED_STREAMS} opened"
+    );
+    drop(streams);
+    conn.close(0u32.into(), b"");
+    coordinator.close().await;
+}
+
+/// A task's output is held back on its node while the coordinator does not read it: what it
+/// buffers is bounded by the stream's window, however much the task writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_task_output_waits_on_the_node() {
+    let sandbox = Sandbox::new();
+    let coordinator = hostile_coordinator("sec-output");
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let marker = sandbox.path().join("all-written");
+    let total = 64 * 1024 * 1024;
+    let mut task = coordinator
+        .start_task(
+            &node,
+            TaskSpec::command(
+                0,
+                0,
+                vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("head -c {total} /dev/zero && touch {}", marker.display()),
+                ],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    // Loopback moves 64 MiB in well under this, were anything to take it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !marker.exists(),
+        "64 MiB of unread output was taken off the task: nothing held it back"
+    );
+    let out = task_output(&mut task).await;
+    assert_eq!(out.len(), total);
+    assert!(marker.exists());
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
+}
+
+/// Agent A, a real enrolled identity, tries every way to act as or on node B: enroll under
+/// B's name, get a certificate naming B through its CSR, and push events for a task it was
+/// never given on a stream of its own. Each is refused and logged; B and its task carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_cannot_act_on_another_nodes_tasks() {
+    let log = captured_log();
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "sec-identity".into(),
+        bind: ([127, 0, 0, 1], 0).into(),
+        state_dir: None,
+    })
+    .unwrap();
+    let mut events = coordinator.subscribe();
+    let mut agent_b = spawn_agent(&sandbox, &coordinator, "node-b", "10m");
+    let node_b = wait_connected(&coordinator, "node-b").await;
+    // B's task is mid-run while A acts.
+    let mut task_b = coordinator
+        .start_task(
+            &node_b,
+            TaskSpec::command(
+                0,
+                0,
+                vec!["sh".into(), "-c".into(), "sleep 2; echo b-done".into()],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+
+    let attacker = attacker_against(&coordinator);
+    // A's own token does not enroll it as B.
+    let token_a = coordinator.issue_token("node-a");
+    let reason = attacker.enroll("node-b", &token_a).await.unwrap_err();
+    assert!(reason.contains("bound to node-a, not node-b"), "{reason}");
+    // A CSR naming B yields a certificate naming A: the name is the token's, not the CSR's.
+    let key_naming_b = NodeKey::generate("node-b").unwrap();
+    let identity_a = attacker
+        .enroll_with_key("node-a", &token_a, &key_naming_b)
+        .await
+        .unwrap();
+    assert_eq!(
+        skyward_common::identity::node_id_from_cert(&identity_a.chain[0]).unwrap(),
+        "node-a"
+    );
+
+    // A connects as itself: B's connection is not displaced.
+    let conn = attacker
+        .connect(Some(&identity_a), ALPN_NODE)
+        .await
+        .unwrap();
+    let (mut control, _control_recv) = conn.open_bi().await.unwrap();
+    write_frame(
+        &mut control,
+        &AgentMessage::Hello(Box::new(Hello {
+            agent_version: skyward_common::VERSION.into(),
+            inventory: Default::default(),
+        })),
+    )
+    .await
+    .unwrap();
+    wait_connected(&coordinator, "node-a").await;
+    let b_now = coordinator.node("node-b").expect("node-b still connected");
+    assert!(b_now.is_connected());
+    assert_eq!(b_now.address, node_b.address);
+
+    // A claims B's task: a stream of its own carrying that task's events.
+    let (mut forged, _forged_recv) = conn.open_bi().await.unwrap();
+    for event in [
+        TaskEvent::Output {
+            seq: 0,
+            stream: OutputStream::Stdout,
+            data: "forged\n".into(),
+        },
+        TaskEvent::Finished(TaskOutcome::Exited { code: 0 }),
+    ] {
+        let _ = write_frame(&mut forged, &event).await;
+    }
+    let r = expect_rejection(
+        &mut events,
+        "a stream opened by node-a",
+        |r| matches!(r, Rejection::ForeignStream { node } if node == "node-a"),
+    )
+    .await;
+    assert!(r
+        .to_string()
+        .contains("only the coordinator opens task streams"));
+    assert_eq!(
+        conn.closed().await,
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: close_code::PROTOCOL_VIOLATION.into(),
+            reason: "only the coordinator opens streams".into()
+        })
+    );
+
+    // B's task ran to its own end, untouched.
+    let mut output = Vec::new();
+    let mut outcome = None;
+    while let Some(event) = task_b.output.next().await.unwrap() {
+        match event {
+            TaskEvent::Output { data, .. } => output.extend_from_slice(&data),
+            TaskEvent::Finished(o) => outcome = Some(o),
+            _ => {}
+        }
+    }
+    assert_eq!(output, b"b-done\n");
+    assert_eq!(outcome, Some(TaskOutcome::Exited { code: 0 }));
+    assert!(coordinator.node("node-b").unwrap().is_connected());
+    let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+    for needle in [
+        "token is bound to node-a, not node-b",
+        "rejected: node-a opened a stream of its own",
+    ] {
+        assert!(
+            text.contains(needle),
+            "no log line with {needle:?} in:\n{text}"
+        );
+    }
+
+    let _ = agent_b.kill();
+    let _ = agent_b.wait();
+    coordinator.close().await;
+}
+
+/// Every way `secret` could be written out: as it is, and for a private key (PEM or PKCS#8
+/// DER), its private scalar in hex and base64, and each base64 line of the key that holds part
+/// of the scalar. Lines holding only the public key are left out: certificates carry it openly.
+fn leak_forms(secret: &[u8]) -> Vec<String> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = String::from_utf8_lossy(secret).into_owned();
+    let der = if text.contains("-----BEGIN") {
+        let body: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+        b64.decode(body).expect("PEM body")
+    } else if secret.iter().all(|b| b.is_ascii_hexdigit()) {
+        return vec![text];
+    } else {
+        secret.to_vec()
+    };
+    // ECPrivateKey { version 1, privateKey OCTET STRING (32) }: the P-256 scalar.
+    let at = der
+        .windows(5)
+        .position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20])
+        .expect("a P-256 private key")
+        + 5;
+    let scalar = &der[at..at + 32];
+    let mut forms = vec![
+        hex::encode(scalar),
+        hex::encode_upper(scalar),
+        b64.encode(scalar),
+    ];
+    let encoded = b64.encode(&der);
+    for (i, line) in encoded.as_bytes().chunks(64).enumerate() {
+        if i * 48 < at + 32 && at < (i + 1) * 48 {
+            forms.push(String::from_utf8_lossy(line).into_owned());
+        }
+    }
+    forms
+}
+
+/// A whole pool at the most verbose logging there is, CLI and agents alike, with a task that
+/// prints its environment: no token and no private key (CA, coordinator, node) appears in any
+/// of it, in any encoding.
+#[test]
+fn no_token_or_private_key_reaches_any_log() {
+    let sandbox = Sandbox::new();
+    let mut cmd = sandbox.skyward();
+    cmd.env("SKYWARD_LOG", "trace").args([
+        "run",
+        "--nodes",
+        "2",
+        "--on",
+        "all",
+        "--",
+        "sh",
+        "-c",
+        "sleep 3; env",
+    ]);
+    let cli = std::thread::spawn(move || skyward_tests::run(&mut cmd, Duration::from_secs(120)));
+
+    // The pool's files go with it: gather its secrets and agent logs while it runs.
+    let mut tokens = std::collections::BTreeSet::new();
+    let mut keys = std::collections::BTreeMap::new();
+    let mut agent_logs = std::collections::BTreeMap::new();
+    let home = sandbox.path().join("home");
+    while !cli.is_finished() {
+        for (pid, cmdline) in sandbox.processes() {
+            if !cmdline.contains("skyward-agent") {
+                continue;
+            }
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            for var in environ.split(|&b| b == 0) {
+                if let Some(token) = var.strip_prefix(b"SKYWARD_TOKEN=") {
+                    tokens.insert(String::from_utf8_lossy(token).into_owned());
+                }
+            }
+        }
+        let mut dirs = vec![home.clone()];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if name.ends_with(".key") {
+                    if let Ok(key) = std::fs::read(&path) {
+                        if !key.is_empty() {
+                            keys.insert(path, key);
+                        }
+                    }
+                } else if name == "agent.log" {
+                    if let Ok(log) = std::fs::read(&path) {
+                        agent_logs.insert(path, log);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = cli.join().unwrap();
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // Everything that was there to leak was found, and the logs are as verbose as can be.
+    assert_eq!(tokens.len(), 2, "tokens found: {tokens:?}");
+    let key_names: Vec<String> = keys
+        .keys()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for name in ["ca.key", "coordinator.key", "node.key"] {
+        assert!(
+            key_names.iter().any(|n| n == name),
+            "no {name} in {key_names:?}"
+        );
+    }
+    assert_eq!(agent_logs.len(), 2, "{:?}", agent_logs.keys());
+    assert!(out.stderr.contains("TRACE"), "the CLI did not log at trace");
+    for (path, log) in &agent_logs {
+        let log = String::from_utf8_lossy(log);
+        assert!(
+            log.contains("TRACE") && log.contains("enrolled"),
+            "{}: {log}",
+            path.display()
+        );
+    }
+    assert!(
+        out.stdout.contains("SKYWARD_NODE_ID="),
+        "the task printed no environment"
+    );
+
+    let mut haystacks = vec![
+        ("CLI stdout".to_string(), out.stdout.clone()),
+        ("CLI stderr".to_string(), out.stderr.clone()),
+    ];
+    for (path, log) in &agent_logs {
+        haystacks.push((
+            path.display().to_string(),
+            String::from_utf8_lossy(log).into_owned(),
+        ));
+    }
+    let mut secrets: Vec<(String, String)> = tokens
+        .iter()
+        .map(|t| ("a token".to_string(), t.clone()))
+        .collect();
+    for (path, key) in &keys {
+        for form in leak_forms(key) {
+            secrets.push((path.display().to_string(), form));
+        }
+    }
+    for (name, text) in &haystacks {
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{name} holds a PEM private key"
+        );
+        for (what, form) in &secrets {
+            assert!(
+                !text.contains(form.as_str()),
+                "{name} holds {what} (as {form:?})"
+            );
+        }
+    }
 }

@@ -1,0 +1,176 @@
+//! Who may try to enroll, and how often: bounds per source address on enrollment
+//! connections held at once and on failed enrollments (a token bucket). Pure: time is passed in.
+//!
+//! A token is 256 random bits, so guessing one is hopeless anyway; these bounds keep a
+//! hostile address from holding the coordinator's connections, CPU (CSR parsing, signing)
+//! and log with a flood of attempts. Only failures spend the budget: a pool's nodes behind
+//! one NAT address, enrolling with good tokens, never run into it.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use skyward_common::limits::{
+    ENROLL_FAILURE_BURST, ENROLL_FAILURE_REFILL, MAX_ENROLLING_PER_ADDRESS,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{address} already holds {limit} enrollment connections")]
+    TooManyConnections { address: IpAddr, limit: usize },
+    #[error("too many failed enrollments from {address}; next attempt allowed in {retry_after:?}")]
+    TooManyFailures {
+        address: IpAddr,
+        retry_after: Duration,
+    },
+}
+
+struct Address {
+    enrolling: usize,
+    /// Failed attempts still allowed, refilled one per [`ENROLL_FAILURE_REFILL`].
+    budget: f64,
+    refilled: Instant,
+}
+
+impl Address {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled);
+        self.budget = (self.budget + elapsed.as_secs_f64() / ENROLL_FAILURE_REFILL.as_secs_f64())
+            .min(ENROLL_FAILURE_BURST as f64);
+        self.refilled = now;
+    }
+
+    fn idle(&self) -> bool {
+        self.enrolling == 0 && self.budget >= ENROLL_FAILURE_BURST as f64
+    }
+}
+
+/// Addresses kept before idle ones are forgotten.
+const PRUNE_ABOVE: usize = 1024;
+
+#[derive(Default)]
+pub struct Admission {
+    addresses: HashMap<IpAddr, Address>,
+}
+
+impl Admission {
+    fn entry(&mut self, address: IpAddr, now: Instant) -> &mut Address {
+        if self.addresses.len() > PRUNE_ABOVE {
+            self.addresses.retain(|_, a| {
+                a.refill(now);
+                !a.idle()
+            });
+        }
+        let entry = self.addresses.entry(address).or_insert(Address {
+            enrolling: 0,
+            budget: ENROLL_FAILURE_BURST as f64,
+            refilled: now,
+        });
+        entry.refill(now);
+        entry
+    }
+
+    /// An enrollment connection from `address` begins; call [`end`](Self::end) when it ends.
+    pub fn begin(&mut self, address: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let entry = self.entry(address, now);
+        if entry.enrolling >= MAX_ENROLLING_PER_ADDRESS {
+            return Err(Refusal::TooManyConnections {
+                address,
+                limit: MAX_ENROLLING_PER_ADDRESS,
+            });
+        }
+        entry.enrolling += 1;
+        Ok(())
+    }
+
+    pub fn end(&mut self, address: IpAddr) {
+        if let Some(entry) = self.addresses.get_mut(&address) {
+            entry.enrolling = entry.enrolling.saturating_sub(1);
+        }
+    }
+
+    /// Whether `address` may present a token now.
+    pub fn may_attempt(&mut self, address: IpAddr, now: Instant) -> Result<(), Refusal> {
+        let entry = self.entry(address, now);
+        if entry.budget >= 1.0 {
+            return Ok(());
+        }
+        Err(Refusal::TooManyFailures {
+            address,
+            retry_after: ENROLL_FAILURE_REFILL.mul_f64(1.0 - entry.budget),
+        })
+    }
+
+    /// An enrollment from `address` failed: it spends one attempt.
+    pub fn failed(&mut self, address: IpAddr, now: Instant) {
+        let entry = self.entry(address, now);
+        entry.budget = (entry.budget - 1.0).max(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    #[test]
+    fn connections_per_address_are_bounded_and_released() {
+        let mut admission = Admission::default();
+        let now = Instant::now();
+        for _ in 0..MAX_ENROLLING_PER_ADDRESS {
+            admission.begin(A, now).unwrap();
+        }
+        assert_eq!(
+            admission.begin(A, now),
+            Err(Refusal::TooManyConnections {
+                address: A,
+                limit: MAX_ENROLLING_PER_ADDRESS
+            })
+        );
+        // Another address is not affected, and a finished enrollment frees a place.
+        admission.begin(B, now).unwrap();
+        admission.end(A);
+        admission.begin(A, now).unwrap();
+    }
+
+    #[test]
+    fn failures_per_address_are_rate_limited() {
+        let mut admission = Admission::default();
+        let t0 = Instant::now();
+        for _ in 0..ENROLL_FAILURE_BURST {
+            admission.may_attempt(A, t0).unwrap();
+            admission.failed(A, t0);
+        }
+        assert!(matches!(
+            admission.may_attempt(A, t0),
+            Err(Refusal::TooManyFailures { address: A, .. })
+        ));
+        admission.may_attempt(B, t0).unwrap();
+        // One more attempt per refill period, no more.
+        let later = t0 + ENROLL_FAILURE_REFILL;
+        admission.may_attempt(A, later).unwrap();
+        admission.failed(A, later);
+        assert!(admission.may_attempt(A, later).is_err());
+        // A long quiet spell restores the burst, and no more than the burst.
+        let much_later = later + ENROLL_FAILURE_REFILL * 1000;
+        for _ in 0..ENROLL_FAILURE_BURST {
+            admission.may_attempt(A, much_later).unwrap();
+            admission.failed(A, much_later);
+        }
+        assert!(admission.may_attempt(A, much_later).is_err());
+    }
+
+    #[test]
+    fn idle_addresses_are_forgotten() {
+        let mut admission = Admission::default();
+        let t0 = Instant::now();
+        for i in 0..(PRUNE_ABOVE as u32 * 2) {
+            let address = IpAddr::V4(i.into());
+            admission.begin(address, t0).unwrap();
+            admission.end(address);
+        }
+        assert!(admission.addresses.len() <= PRUNE_ABOVE + 1);
+    }
+}
