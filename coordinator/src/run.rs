@@ -208,6 +208,10 @@ pub async fn run_job(
                 joined = running.join_next() => break joined,
                 event = node_events.recv(), if node_events_open => match event {
                     Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
+                        // Its running tasks go on while they can; it takes no new one.
+                        if let Some(index) = nodes.iter().position(|n| n.node_id == node_id) {
+                            scheduler.retire(index);
+                        }
                         let _ = events
                             .send(RunEvent::NodeInterrupted { node: node_id, notice })
                             .await;
@@ -221,6 +225,9 @@ pub async fn run_job(
             break;
         };
         if let Err(reason) = &report.outcome {
+            if !nodes[node].is_connected() {
+                scheduler.retire(node);
+            }
             let plan = &job.tasks[task];
             let movable = plan.node.is_none() && plan.gpus.is_none() && !fed_stdin[task];
             let elsewhere = movable && attempts[task] < job.retries;
@@ -264,7 +271,7 @@ pub async fn run_job(
         .map(|r| {
             r.unwrap_or_else(|| TaskReport {
                 node: String::new(),
-                outcome: Err("never ran".into()),
+                outcome: Err("never ran: no node could take it (every one left was lost or about to be taken away)".into()),
             })
         })
         .collect()

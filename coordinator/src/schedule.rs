@@ -12,6 +12,8 @@ pub struct Scheduler {
     queue: VecDeque<(usize, Option<usize>)>,
     finished: usize,
     total: usize,
+    /// Nodes that take no new free task (lost, or about to be taken away).
+    retired: Vec<bool>,
 }
 
 impl Scheduler {
@@ -23,6 +25,14 @@ impl Scheduler {
             total: pins.len(),
             queue: pins.into_iter().enumerate().collect(),
             finished: 0,
+            retired: vec![false; node_count],
+        }
+    }
+
+    /// `node` takes no new free task from now on; tasks pinned to it still go there.
+    pub fn retire(&mut self, node: usize) {
+        if let Some(retired) = self.retired.get_mut(node) {
+            *retired = true;
         }
     }
 
@@ -68,7 +78,7 @@ impl Scheduler {
         self.running
             .iter()
             .enumerate()
-            .filter(|(_, &load)| load < self.per_node)
+            .filter(|(i, &load)| load < self.per_node && !self.retired[*i])
             .min_by_key(|(i, &load)| (load, *i))
             .map(|(i, _)| i)
     }
@@ -94,6 +104,18 @@ mod tests {
             s.finished(node);
         }
         assert!(s.done());
+    }
+
+    #[test]
+    fn a_retired_node_takes_no_new_free_task_but_keeps_its_pinned_ones() {
+        let mut s = Scheduler::new(2, 1, vec![None, None, None, Some(0)]);
+        assert_eq!(s.assign(), vec![(0, 0), (1, 1)]);
+        s.retire(0);
+        s.finished(0);
+        s.finished(1);
+        // Task 2 waits for node 1 rather than take node 0; the pinned task 3 still runs there.
+        assert_eq!(s.assign(), vec![(2, 1), (3, 0)]);
+        s.retire(7);
     }
 
     #[test]

@@ -266,9 +266,20 @@ pub struct SlotScheduler {
     running: HashMap<usize, (usize, Vec<usize>)>,
     gpu_total: usize,
     gpu_finished: usize,
+    /// Nodes that take no new unpinned task.
+    retired: Vec<bool>,
 }
 
 impl SlotScheduler {
+    /// `node` takes no new task that could go elsewhere (it was lost, or is about to be
+    /// taken away); tasks pinned to it still go there.
+    pub fn retire(&mut self, node: usize) {
+        self.plain.retire(node);
+        if let Some(retired) = self.retired.get_mut(node) {
+            *retired = true;
+        }
+    }
+
     /// `slots[n]` is node `n`'s slots; `per_node` limits tasks without a GPU request only.
     /// Fails, naming the fix, when a task could never start on its nodes.
     pub fn new(slots: Vec<Vec<Slot>>, per_node: usize, tasks: &[SlotTask]) -> Result<Self, String> {
@@ -288,6 +299,7 @@ impl SlotScheduler {
             plain: Scheduler::new(slots.len(), per_node, plain_pins),
             plain_tasks,
             free: slots.iter().map(|s| vec![true; s.len()]).collect(),
+            retired: vec![false; slots.len()],
             slots,
             gpu_total: waiting.len(),
             waiting,
@@ -348,6 +360,7 @@ impl SlotScheduler {
             None => 0..self.slots.len(),
         };
         nodes
+            .filter(|&node| pin.is_some() || !self.retired.get(node).copied().unwrap_or(false))
             .filter_map(|node| {
                 let free = self.free.get(node)?;
                 let taken = request.pick(&self.slots[node], free)?;
@@ -618,6 +631,23 @@ mod tests {
         };
         let err = fits_nodes(&missing, None, &slots).unwrap_err();
         assert!(err.contains("use one of 1g.10gb, 3g.40gb"), "{err}");
+    }
+
+    #[test]
+    fn a_retired_node_gets_no_new_gpu_task() {
+        let slots = vec![
+            node_slots(&inventory(0, 2, 0)),
+            node_slots(&inventory(1, 2, 0)),
+        ];
+        let one_gpu = SlotTask {
+            pin: None,
+            gpus: GpuRequest::Gpus(1),
+        };
+        let mut s = SlotScheduler::new(slots, 1, &vec![one_gpu; 3]).unwrap();
+        s.retire(0);
+        let placed: Vec<(usize, usize)> = s.assign().iter().map(|p| (p.task, p.node)).collect();
+        // Node 0's two free GPUs are not used: only node 1's two.
+        assert_eq!(placed, vec![(0, 1), (1, 1)]);
     }
 
     #[test]
