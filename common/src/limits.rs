@@ -49,6 +49,8 @@ pub const MAX_NODE_ID_LEN: usize = 63;
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 /// A connection silent for this long is dead.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A node that sends no health report (nor any message) this long is lost, by default.
+pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often an agent sends a health message on its control stream.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// How long an agent keeps trying to reach a silent coordinator before it gives up.

@@ -223,6 +223,10 @@ struct RunArgs {
     /// Kill each task after this long (e.g. 30s, 5m); it then exits with 124.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// A node silent this long (no health report) is lost: its tasks fail, or run again
+    /// elsewhere with --retries.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    node_timeout: Duration,
     /// Run a task again on another node this many times if its node is lost (not tasks
     /// pinned to a node by --on all, nor tasks holding GPU slots, nor one fed stdin).
     #[arg(long, default_value_t = 0)]
@@ -313,6 +317,7 @@ struct Plan {
     gpus: GpuRequest,
     timeout: Option<Duration>,
     retries: u32,
+    node_timeout: Duration,
     mode: OutputMode,
     forward_stdin: bool,
 }
@@ -395,6 +400,7 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         gpus,
         timeout: args.timeout,
         retries: args.retries,
+        node_timeout: args.node_timeout,
         mode,
         forward_stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
     })
@@ -539,6 +545,7 @@ async fn run(args: RunArgs) -> i32 {
             return FAILURE;
         }
     };
+    coordinator.set_node_timeout(plan.node_timeout);
     let mut renderer = Renderer::terminal(plan.mode);
     let remote = providers.iter().any(|p| p.name() != "local");
     if remote && !plan.spec.reverse && coordinator.advertised_addr().ip().is_loopback() {

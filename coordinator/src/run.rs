@@ -239,7 +239,7 @@ pub async fn run_job(
                         from: nodes[node].node_id.clone(),
                         to: nodes[other].node_id.clone(),
                         attempt: attempts[task],
-                        reason: reason.clone(),
+                        reason: nodes[node].lost_reason().unwrap_or_else(|| reason.clone()),
                     })
                     .await;
                 let spec = TaskSpec::command(

@@ -17,8 +17,9 @@ use skyward_common::frame::{read_frame, write_frame, FrameError};
 use skyward_common::identity::{node_id_from_cert, write_private, PoolCa};
 use skyward_common::inventory::Inventory;
 use skyward_common::limits::{
-    DEFAULT_LEASE, DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT, HEALTH_INTERVAL, HELLO_TIMEOUT,
-    MAX_CONTROL_FRAME, MAX_ENROLL_FRAME, MAX_TASK_FRAME, MAX_TASK_SPEC, NODE_CERT_VALIDITY,
+    DEFAULT_LEASE, DEFAULT_NODE_TIMEOUT, DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT,
+    HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME, MAX_ENROLL_FRAME, MAX_TASK_FRAME,
+    MAX_TASK_SPEC, NODE_CERT_VALIDITY,
 };
 use skyward_common::protocol::{
     close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
@@ -129,6 +130,8 @@ pub struct NodeHandle {
     health: Arc<Mutex<Option<Health>>>,
     /// The provider's notice that the machine goes away, once one came.
     interruption: Arc<Mutex<Option<Interruption>>>,
+    /// Why this coordinator gave the node up, once it did.
+    lost: Arc<Mutex<Option<String>>>,
     control: mpsc::Sender<CoordinatorMessage>,
 }
 
@@ -136,6 +139,11 @@ impl NodeHandle {
     /// Tasks this coordinator has running on the node now.
     pub fn running(&self) -> u32 {
         self.running.load(Ordering::Relaxed)
+    }
+
+    /// Why the coordinator gave the node up (`no health report for 30s`), if it did.
+    pub fn lost_reason(&self) -> Option<String> {
+        self.lost.lock().expect("lost lock").clone()
     }
 
     /// The notice that the node's machine goes away, if one came.
@@ -170,6 +178,8 @@ struct Inner {
     /// Client configs for dialing listening agents: to enroll them, and once enrolled.
     dial_enroll: quinn::ClientConfig,
     dial_node: quinn::ClientConfig,
+    /// A node silent this long (no health report, no message) is lost, in milliseconds.
+    node_timeout_ms: AtomicU64,
 }
 
 /// One pool's coordinator endpoint.
@@ -270,6 +280,7 @@ impl Coordinator {
             enrolled: Mutex::new(Default::default()),
             dial_enroll,
             dial_node,
+            node_timeout_ms: AtomicU64::new(DEFAULT_NODE_TIMEOUT.as_millis() as u64),
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
         Ok(Coordinator {
@@ -344,6 +355,13 @@ impl Coordinator {
             .expect("nodes lock")
             .get(node_id)
             .cloned()
+    }
+
+    /// How long a node may stay silent (missed health reports) before it counts as lost and
+    /// its connection is closed; nodes connecting from now on report health often enough.
+    pub fn set_node_timeout(&self, timeout: Duration) {
+        let ms = timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
+        self.inner.node_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     /// A task id no other task of this coordinator has (ids start at 1: 0 asks for one).
@@ -893,9 +911,14 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         }
         Ok(Err(e)) => return Err(frame_rejection(&conn, &node_id, e)),
     };
+    let node_timeout = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
+    // Three reports fit in the timeout, so one lost datagram's worth of delay is not a loss.
+    let health_interval = HEALTH_INTERVAL
+        .min(node_timeout / 3)
+        .max(Duration::from_millis(100));
     let welcome = CoordinatorMessage::Welcome {
         pool: inner.pool.clone(),
-        health_interval_ms: HEALTH_INTERVAL.as_millis() as u32,
+        health_interval_ms: health_interval.as_millis() as u32,
     };
     write_frame(&mut control_send, &welcome)
         .await
@@ -913,6 +936,7 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         running: Arc::new(AtomicU32::new(0)),
         health: Arc::new(Mutex::new(None)),
         interruption: Arc::new(Mutex::new(None)),
+        lost: Arc::new(Mutex::new(None)),
         control: control_tx,
     };
     if let Some(old) = inner
@@ -950,7 +974,24 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         }
     });
     let result = loop {
-        match read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await {
+        // A node that misses its health reports past the timeout is lost, whatever the
+        // connection's own idle timer says. The partly read frame does not matter: the
+        // connection is closed.
+        let Ok(message) = tokio::time::timeout(
+            node_timeout,
+            read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME),
+        )
+        .await
+        else {
+            let reason = format!(
+                "no health report for {}",
+                humantime::format_duration(node_timeout)
+            );
+            *handle.lost.lock().expect("lost lock") = Some(reason.clone());
+            conn.close(close_code::NORMAL.into(), b"missed health reports");
+            break Ok(reason);
+        };
+        match message {
             Ok(Some(AgentMessage::Health(health))) => {
                 *handle.health.lock().expect("health lock") = Some(health);
             }

@@ -780,6 +780,9 @@ fn a_task_whose_node_is_lost_runs_again_on_another_node() {
             "2",
             "--retries",
             "1",
+            // Lost after 3 s without a health report, rather than QUIC's 30 s of silence.
+            "--node-timeout",
+            "3s",
             // Stdin forwarded once cannot be forwarded again: a task fed it is not moved.
             "--no-stdin",
             "--",
@@ -821,8 +824,9 @@ fn a_task_whose_node_is_lost_runs_again_on_another_node() {
     assert!(rest.contains(&format!("finished on {other}")), "{rest}");
     assert!(!rest.contains(&format!("finished on {lost}")), "{rest}");
     assert!(
-        stderr.contains(&format!("skyward: task 0 lost {lost} ("))
-            && stderr.contains(&format!("); running it again on {other} (attempt 1)")),
+        stderr.contains(&format!(
+            "skyward: task 0 lost {lost} (no health report for 3s)"
+        )) && stderr.contains(&format!("); running it again on {other} (attempt 1)")),
         "{stderr}"
     );
 }
