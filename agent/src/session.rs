@@ -202,6 +202,14 @@ async fn stay_listening(
             }
             Err(e) => tracing::warn!("coordinator session failed: {e:#}"),
         }
+        // The certificate may have been renewed during the session.
+        if let Some(identity) = crate::enroll::load(&config.work_dir)? {
+            endpoint.set_server_config(Some(transport::agent_listener_config(
+                &config.ca_pin,
+                &identity,
+                ALPN_NODE,
+            )?));
+        }
         last_contact = Instant::now();
     }
 }
@@ -221,11 +229,15 @@ async fn stay_connected(
     tasks: &Arc<Tasks>,
     notices: &Notices,
 ) -> Result<()> {
-    let identity = crate::enroll::load_or_enroll(config, endpoint, coordinator).await?;
-    let client = transport::node_client_config(&config.ca_pin, &identity)?;
+    let mut identity = crate::enroll::load_or_enroll(config, endpoint, coordinator).await?;
     let mut last_contact = Instant::now();
     let mut failures = 0u32;
     loop {
+        // The certificate may have been renewed during the last session.
+        if let Some(renewed) = crate::enroll::load(&config.work_dir)? {
+            identity = renewed;
+        }
+        let client = transport::node_client_config(&config.ca_pin, &identity)?;
         // A connection attempt never outlasts the lease: a silent coordinator must not keep
         // the agent (and its node's bill) alive past it.
         let remaining = config.lease.saturating_sub(last_contact.elapsed());
@@ -278,6 +290,28 @@ fn backoff(failures: u32) -> Duration {
         .min(BACKOFF_MAX);
     let half = exp / 2;
     half + half.mul_f64(rand::random::<f64>())
+}
+
+/// How long after a refused renewal the agent asks again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+
+/// When to renew the certificate in the work dir: two thirds of the way from now to its
+/// expiry. `None` without one.
+fn renewal_time(config: &AgentConfig) -> Option<tokio::time::Instant> {
+    let identity = crate::enroll::load(&config.work_dir).ok()??;
+    let expires = skyward_common::identity::not_after(identity.chain.first()?).ok()?;
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    Some(tokio::time::Instant::now() + left * 2 / 3)
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The latest interruption notice, once one came.
@@ -350,6 +384,9 @@ async fn serve_session(
             Duration::from_millis(health_interval_ms.max(100) as u64)
         }
         Some(CoordinatorMessage::Shutdown { reason }) => return Ok(Session::Shutdown(reason)),
+        Some(CoordinatorMessage::Renewed { .. }) => {
+            bail!("the coordinator sent a certificate before welcoming us")
+        }
         None => bail!("the coordinator closed the control stream before welcoming us"),
     };
 
@@ -370,6 +407,9 @@ async fn serve_session(
     if let Some(notice) = notices.borrow_and_update().clone() {
         write_frame(&mut control_send, &AgentMessage::Interruption(notice)).await?;
     }
+    // The certificate is renewed two thirds of the way to its expiry, over this connection.
+    let mut renew_at = renewal_time(config);
+    let mut renewing: Option<skyward_common::identity::NodeKey> = None;
     let mut health = tokio::time::interval(health_interval.min(HEALTH_INTERVAL * 12));
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let session = loop {
@@ -379,6 +419,14 @@ async fn serve_session(
                 if let Err(e) = write_frame(&mut control_send, &msg).await {
                     break Session::Lost { was_connected: true, reason: e.to_string() };
                 }
+            }
+            _ = sleep_until_some(renew_at), if renewing.is_none() => {
+                let key = skyward_common::identity::NodeKey::generate(&config.node_id)?;
+                let msg = AgentMessage::Renew { csr_der: key.csr_der.clone().into() };
+                if let Err(e) = write_frame(&mut control_send, &msg).await {
+                    break Session::Lost { was_connected: true, reason: e.to_string() };
+                }
+                renewing = Some(key);
             }
             Ok(()) = notices.changed() => {
                 let notice = notices.borrow_and_update().clone();
@@ -392,6 +440,24 @@ async fn serve_session(
                 Some(Ok(Some(CoordinatorMessage::Shutdown { reason }))) => break Session::Shutdown(reason),
                 Some(Ok(Some(CoordinatorMessage::Welcome { .. }))) => {
                     tracing::warn!("unexpected second welcome ignored");
+                }
+                Some(Ok(Some(CoordinatorMessage::Renewed { result }))) => {
+                    match (renewing.take(), result) {
+                        (Some(key), Ok(cert_der)) => {
+                            let identity = skyward_common::identity::CertifiedKey {
+                                chain: vec![rustls_pki_types::CertificateDer::from(cert_der.to_vec())],
+                                key_pkcs8_der: key.key.serialize_der(),
+                            };
+                            crate::enroll::save(config, &identity)?;
+                            tracing::info!("certificate renewed");
+                            renew_at = renewal_time(config);
+                        }
+                        (Some(_), Err(e)) => {
+                            tracing::warn!("the coordinator did not renew the certificate: {e}");
+                            renew_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
+                        }
+                        (None, _) => tracing::warn!("a certificate nobody asked for, ignored"),
+                    }
                 }
                 Some(Ok(None)) | None => break Session::Lost { was_connected: true, reason: "control stream closed".into() },
                 Some(Err(e)) => break Session::Lost { was_connected: true, reason: e.to_string() },

@@ -224,6 +224,14 @@ impl NodeKey {
     }
 }
 
+/// When a certificate stops being valid.
+pub fn not_after(der: &[u8]) -> Result<std::time::SystemTime, IdentityError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::BadCertificate)?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+}
+
 /// The node id a certificate names (its common name), if it is a valid one.
 pub fn node_id_from_cert(der: &[u8]) -> Result<String, IdentityError> {
     let (_, cert) =

@@ -63,6 +63,11 @@ pub enum AgentMessage {
     Health(Health),
     /// The machine is about to be taken away (a spot interruption notice).
     Interruption(Interruption),
+    /// A new certificate for this node, for a fresh key (its DER CSR), before the current
+    /// one expires.
+    Renew {
+        csr_der: Bytes,
+    },
 }
 
 /// A provider's notice that the node's machine will be reclaimed.
@@ -98,6 +103,8 @@ pub enum CoordinatorMessage {
     },
     /// The pool is going away: stop every task and exit.
     Shutdown { reason: String },
+    /// The renewed certificate (DER), or why there is none.
+    Renewed { result: Result<Bytes, String> },
 }
 
 /// A task's identity: retries and duplicate dispatches are told apart by `attempt`.

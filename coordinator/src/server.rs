@@ -180,6 +180,8 @@ struct Inner {
     dial_node: quinn::ClientConfig,
     /// A node silent this long (no health report, no message) is lost, in milliseconds.
     node_timeout_ms: AtomicU64,
+    /// How long the node certificates this coordinator signs are valid, in seconds.
+    node_cert_secs: AtomicU64,
 }
 
 /// One pool's coordinator endpoint.
@@ -281,6 +283,7 @@ impl Coordinator {
             dial_enroll,
             dial_node,
             node_timeout_ms: AtomicU64::new(DEFAULT_NODE_TIMEOUT.as_millis() as u64),
+            node_cert_secs: AtomicU64::new(NODE_CERT_VALIDITY.as_secs()),
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
         Ok(Coordinator {
@@ -362,6 +365,14 @@ impl Coordinator {
     pub fn set_node_timeout(&self, timeout: Duration) {
         let ms = timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
         self.inner.node_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long the node certificates signed from now on are valid (agents renew theirs
+    /// two thirds of the way through).
+    pub fn set_node_cert_validity(&self, validity: Duration) {
+        self.inner
+            .node_cert_secs
+            .store(validity.as_secs().max(1), Ordering::Relaxed);
     }
 
     /// A task id no other task of this coordinator has (ids start at 1: 0 asks for one).
@@ -809,6 +820,12 @@ fn answer_enrollment(
     sign_enrollment(inner, request)
 }
 
+impl Inner {
+    fn node_cert_validity(&self) -> Duration {
+        Duration::from_secs(self.node_cert_secs.load(Ordering::Relaxed))
+    }
+}
+
 fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollResponse, Rejection> {
     if !is_valid_node_id(&request.node_id) {
         return Err(Rejection::BadEnrollment(format!(
@@ -830,7 +847,11 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
         .map_err(token_error)?;
     let (cert, not_after) = inner
         .ca
-        .sign_node_csr(&request.csr_der, &request.node_id, NODE_CERT_VALIDITY)
+        .sign_node_csr(
+            &request.csr_der,
+            &request.node_id,
+            inner.node_cert_validity(),
+        )
         .map_err(|e| Rejection::BadEnrollment(e.to_string()))?;
     inner
         .tokens
@@ -994,6 +1015,25 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         match message {
             Ok(Some(AgentMessage::Health(health))) => {
                 *handle.health.lock().expect("health lock") = Some(health);
+            }
+            Ok(Some(AgentMessage::Renew { csr_der })) => {
+                // The certificate names the node this connection authenticated as, whatever
+                // the request says.
+                let result = inner
+                    .ca
+                    .sign_node_csr(&csr_der, &node_id, inner.node_cert_validity())
+                    .map(|(cert, _)| bytes::Bytes::from(cert.to_vec()))
+                    .map_err(|e| e.to_string());
+                match &result {
+                    Ok(_) => tracing::info!(node = %node_id, "renewed the node's certificate"),
+                    Err(e) => {
+                        tracing::warn!(node = %node_id, "refused to renew the node's certificate: {e}")
+                    }
+                }
+                let _ = handle
+                    .control
+                    .send(CoordinatorMessage::Renewed { result })
+                    .await;
             }
             Ok(Some(AgentMessage::Interruption(notice))) => {
                 tracing::warn!(node = %node_id, "{} interruption notice: {} at {}", notice.source, notice.action, notice.at);

@@ -652,3 +652,62 @@ async fn reversed_across_a_network_namespace_the_coordinator_reaches_the_node() 
     let _ = agent.wait();
     coordinator.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_is_renewed_over_the_live_connection_before_it_expires() {
+    use skyward_common::identity::{node_id_from_cert, not_after};
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    coordinator.set_node_cert_validity(Duration::from_secs(12));
+    let mut events = coordinator.subscribe();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    wait_connected(&coordinator, "node-1").await;
+    let cert_path = sandbox.path().join("node-1/node.crt");
+    let first = std::fs::read(&cert_path).unwrap();
+    let first_expiry = not_after(&first).unwrap();
+
+    // Two thirds of the way, the agent asks for a new one on the connection it has.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let renewed = loop {
+        let now = std::fs::read(&cert_path).unwrap_or_default();
+        if !now.is_empty() && now != first {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "no renewal");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(node_id_from_cert(&renewed).unwrap(), "node-1");
+    assert!(not_after(&renewed).unwrap() > first_expiry);
+
+    // Past the first certificate's end, a new connection gets in with the renewed one.
+    let wait = first_expiry
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_secs(1)).await;
+    assert!(coordinator.disconnect("node-1", "test"));
+    let reconnected = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut seen_disconnect = false;
+        loop {
+            match events.recv().await {
+                Ok(CoordinatorEvent::NodeDisconnected { node_id, .. }) if node_id == "node-1" => {
+                    seen_disconnect = true
+                }
+                Ok(CoordinatorEvent::NodeConnected(node))
+                    if seen_disconnect && node.node_id == "node-1" =>
+                {
+                    return node
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the agent reconnected with its renewed certificate");
+    let mut task = coordinator
+        .start_task(&reconnected, command(&["echo", "renewed"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"renewed\n");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
