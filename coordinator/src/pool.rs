@@ -250,6 +250,11 @@ impl Pool {
         self.coordinator.pool()
     }
 
+    /// The provider the pool's machines come from.
+    pub fn provider(&self) -> Arc<dyn Provider> {
+        self.provider.clone()
+    }
+
     /// The offer the pool runs on, and how it is paid for.
     pub fn offer(&self) -> (&Offer, Market) {
         (&self.offer, self.market)

@@ -167,6 +167,13 @@ pub async fn run_job(
     let timeout_ms = job.timeout.map(|t| t.as_millis() as u64);
     let mut node_events = pool.shared_coordinator().subscribe();
     let mut node_events_open = true;
+    // The provider says when a machine is gone (reclaimed, offline) sooner than its silence.
+    let (gone_tx, mut gone) = mpsc::channel(16);
+    let watcher = tokio::spawn(watch_machines(
+        pool.provider(),
+        pool.name().to_string(),
+        gone_tx,
+    ));
     let coordinator = pool.shared_coordinator();
     // Each task's id, its attempts so far, and whether it was fed stdin (which cannot be
     // fed again).
@@ -219,6 +226,14 @@ pub async fn run_job(
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => node_events_open = false,
                 },
+                Some((node_id, why)) = gone.recv() => {
+                    if let Some(index) = nodes.iter().position(|n| n.node_id == node_id) {
+                        if nodes[index].is_connected() {
+                            coordinator.disconnect(&node_id, &why);
+                        }
+                        scheduler.retire(index);
+                    }
+                },
             }
         };
         let Some(Ok((task, node, report))) = joined else {
@@ -265,6 +280,7 @@ pub async fn run_job(
         reports[task] = Some(report);
     }
     running.shutdown().await;
+    watcher.abort();
     let _ = pool.lifecycle().handle(Event::RunFinished);
     reports
         .into_iter()
@@ -275,6 +291,29 @@ pub async fn run_job(
             })
         })
         .collect()
+}
+
+/// How often a run asks the provider which of its machines are gone.
+const MACHINE_POLL: Duration = Duration::from_secs(10);
+
+/// Reports each node whose machine the provider says is gone (once each), with why.
+async fn watch_machines(
+    provider: std::sync::Arc<dyn crate::provider::Provider>,
+    pool: String,
+    gone: mpsc::Sender<(String, String)>,
+) {
+    let mut told = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(MACHINE_POLL).await;
+        for (node, why) in provider.failed_nodes(&pool).await {
+            if told.insert(node.clone()) {
+                let why = format!("{}: {why}", provider.name());
+                if gone.send((node, why)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The connected node other than `lost` with the fewest running tasks.

@@ -441,6 +441,7 @@ impl Coordinator {
     pub fn disconnect(&self, node_id: &str, reason: &str) -> bool {
         match self.node(node_id) {
             Some(node) => {
+                *node.lost.lock().expect("lost lock") = Some(reason.to_string());
                 node.connection
                     .close(close_code::NORMAL.into(), reason.as_bytes());
                 true
