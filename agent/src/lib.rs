@@ -8,6 +8,7 @@ pub mod enroll;
 pub mod gpu;
 pub mod interruption;
 pub mod inventory;
+pub mod journal;
 pub mod mig;
 pub mod neuron;
 pub mod probe;

@@ -1,7 +1,7 @@
 //! Runs one task per stream: a command in its own process group, its output streamed back
 //! in sequence-numbered chunks as it is produced, its end reported exactly once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
-use skyward_common::frame::{read_frame, write_frame, FrameError};
+use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::limits::{KILL_GRACE, MAX_TASK_FRAME, OUTPUT_CHUNK};
 use skyward_common::protocol::{
-    OutputStream, TaskEvent, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
+    OutputStream, TaskEvent, TaskId, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::journal::{Journal, PumpEnd, Stop};
 
 /// How long to wait for a task's first frame once its stream is open.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +30,9 @@ pub struct Tasks {
     pub node_id: String,
     pub work_dir: PathBuf,
     groups: Mutex<HashSet<i32>>,
+    /// Every command task's journal until its end was delivered: a lost connection's
+    /// tasks run on, and a coordinator back on another resumes them.
+    live: Mutex<HashMap<TaskId, Arc<Journal>>>,
 }
 
 impl Tasks {
@@ -37,6 +41,7 @@ impl Tasks {
             node_id,
             work_dir,
             groups: Mutex::new(HashSet::new()),
+            live: Mutex::new(HashMap::new()),
         })
     }
 
@@ -82,6 +87,9 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
     let spec =
         match tokio::time::timeout(START_TIMEOUT, read_frame(&mut recv, MAX_TASK_FRAME)).await {
             Ok(Ok(Some(TaskRequest::Start(spec)))) => spec,
+            Ok(Ok(Some(TaskRequest::Resume { task, next_seq }))) => {
+                return resume(send, recv, tasks, task, next_seq).await;
+            }
             Ok(Ok(Some(other))) => {
                 tracing::warn!("task stream began with {other:?} instead of Start; dropping it");
                 return;
@@ -98,9 +106,7 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
         };
     let outcome = match &spec.kind {
         TaskKind::Noop => Some(TaskOutcome::Exited { code: 0 }),
-        TaskKind::Command { argv, cwd, stdin } => {
-            run_command(&spec, argv, cwd.as_deref(), *stdin, &mut send, recv, &tasks).await
-        }
+        TaskKind::Command { .. } => return start_command(spec, send, recv, tasks).await,
         TaskKind::Probe(probe) => crate::probe::run(probe, spec.timeout_ms, &mut send, recv).await,
     };
     if let Some(outcome) = outcome {
@@ -114,6 +120,117 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
     }
 }
 
+/// Starts a command task whose journal outlives this stream, and pumps its output here.
+async fn start_command(spec: TaskSpec, mut send: SendStream, recv: RecvStream, tasks: Arc<Tasks>) {
+    let journal = Arc::new(Journal::new());
+    let fresh = {
+        let mut live = tasks.live.lock().expect("task table poisoned");
+        match live.contains_key(&spec.task) {
+            true => false,
+            false => {
+                live.insert(spec.task, journal.clone());
+                true
+            }
+        }
+    };
+    if !fresh {
+        // The same attempt is never run twice on a node.
+        let outcome = TaskOutcome::FailedToStart {
+            error: format!("{} already ran on this node", spec.task),
+        };
+        if write_frame(&mut send, &TaskEvent::Finished(outcome))
+            .await
+            .is_ok()
+        {
+            let _ = send.finish();
+        }
+        return;
+    }
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let task_id = spec.task;
+    tokio::spawn(run_command(
+        spec,
+        recv,
+        journal.clone(),
+        tasks.clone(),
+        started_tx,
+    ));
+    match started.await {
+        Ok(Ok(pid)) => {
+            if write_frame(&mut send, &TaskEvent::Started { pid })
+                .await
+                .is_err()
+            {
+                // Its coordinator may come back for it on another connection.
+                return;
+            }
+        }
+        // It did not start: its journal already holds the outcome.
+        Ok(Err(())) | Err(_) => {}
+    }
+    let Some(generation) = journal.attach(0) else {
+        return;
+    };
+    let end = journal.pump(&mut send, generation, 0).await;
+    after_pump(&tasks, task_id, &journal, end);
+}
+
+/// A coordinator back on a new connection goes on with a task from chunk `next_seq`.
+async fn resume(
+    mut send: SendStream,
+    recv: RecvStream,
+    tasks: Arc<Tasks>,
+    task: TaskId,
+    next_seq: u64,
+) {
+    let journal = tasks
+        .live
+        .lock()
+        .expect("task table poisoned")
+        .get(&task)
+        .cloned();
+    let Some(journal) = journal else {
+        // Unknown here (never ran, or its end was delivered): the stream just ends.
+        tracing::warn!(%task, "resume of a task this node does not have");
+        let _ = send.finish();
+        return;
+    };
+    let Some(generation) = journal.attach(next_seq) else {
+        tracing::warn!(%task, next_seq, "resume from output this node no longer keeps");
+        let _ = send.finish();
+        return;
+    };
+    tracing::info!(%task, next_seq, "resuming a task on a new connection");
+    tokio::spawn(forward_requests(recv, None, journal.clone()));
+    let end = journal.pump(&mut send, generation, next_seq).await;
+    after_pump(&tasks, task, &journal, end);
+}
+
+fn after_pump(tasks: &Tasks, task: TaskId, journal: &Journal, end: PumpEnd) {
+    match end {
+        PumpEnd::Delivered => {
+            tasks
+                .live
+                .lock()
+                .expect("task table poisoned")
+                .remove(&task);
+        }
+        PumpEnd::Stopped => {
+            // Nobody reads its output any more: the task has no reason to run.
+            let _ = journal.stop.send(Some(Stop::Abandoned));
+            tasks
+                .live
+                .lock()
+                .expect("task table poisoned")
+                .remove(&task);
+        }
+        PumpEnd::ConnectionLost => {
+            tracing::info!(%task, "connection lost; the task runs on for its coordinator to resume");
+        }
+        PumpEnd::Replaced => {}
+    }
+}
+
 enum KillReason {
     TimedOut,
     Cancelled,
@@ -121,20 +238,54 @@ enum KillReason {
     Abandoned,
 }
 
-/// Runs a command; returns the outcome to report, or `None` when nobody is left to tell.
+/// Runs a command, its output and outcome going to `journal`; `started` says its pid, or
+/// that it did not start.
 async fn run_command(
+    spec: TaskSpec,
+    recv: RecvStream,
+    journal: Arc<Journal>,
+    tasks: Arc<Tasks>,
+    started: tokio::sync::oneshot::Sender<Result<u32, ()>>,
+) {
+    let TaskKind::Command {
+        argv,
+        cwd,
+        stdin: wants_stdin,
+    } = &spec.kind
+    else {
+        return;
+    };
+    let (argv, cwd, wants_stdin) = (argv.clone(), cwd.clone(), *wants_stdin);
+    let outcome = command_outcome(
+        &spec,
+        &argv,
+        cwd.as_deref(),
+        wants_stdin,
+        recv,
+        &journal,
+        &tasks,
+        started,
+    )
+    .await;
+    journal.finish(outcome);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn command_outcome(
     spec: &TaskSpec,
     argv: &[String],
     cwd: Option<&str>,
     wants_stdin: bool,
-    send: &mut SendStream,
     recv: RecvStream,
+    journal: &Arc<Journal>,
     tasks: &Tasks,
-) -> Option<TaskOutcome> {
+    started: tokio::sync::oneshot::Sender<Result<u32, ()>>,
+) -> TaskOutcome {
     let Some(program) = argv.first() else {
-        return Some(TaskOutcome::FailedToStart {
+        let _ = started.send(Err(()));
+        return TaskOutcome::FailedToStart {
             error: "empty command".into(),
-        });
+        };
     };
     let dir = resolve_cwd(&tasks.work_dir, cwd);
     let mut command = tokio::process::Command::new(program);
@@ -166,9 +317,10 @@ async fn run_command(
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(e) => {
-            return Some(TaskOutcome::FailedToStart {
+            let _ = started.send(Err(()));
+            return TaskOutcome::FailedToStart {
                 error: format!("{program}: {e}"),
-            })
+            };
         }
     };
     let pid = child.id().unwrap_or(0) as i32;
@@ -185,17 +337,13 @@ async fn run_command(
             .remove(&pid);
     });
 
-    let (cancel_tx, mut cancel_rx) = watch::channel(false);
-    let requests = tokio::spawn(forward_requests(recv, child.stdin.take(), cancel_tx));
-
-    let mut listening = write_frame(send, &TaskEvent::Started { pid: pid as u32 })
-        .await
-        .is_ok();
+    let mut stop_rx = journal.stop.subscribe();
+    let requests = tokio::spawn(forward_requests(recv, child.stdin.take(), journal.clone()));
+    let _ = started.send(Ok(pid as u32));
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let (mut out_buf, mut err_buf) = (vec![0u8; OUTPUT_CHUNK], vec![0u8; OUTPUT_CHUNK]);
     let (mut out_open, mut err_open) = (true, true);
-    let mut seq = 0u64;
     let mut status: Option<std::io::Result<ExitStatus>> = None;
     let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
     let deadline = spec
@@ -212,10 +360,10 @@ async fn run_command(
     while status.is_none() || out_open || err_open {
         tokio::select! {
             chunk = read_chunk(&mut stdout, &mut out_buf), if out_open => {
-                out_open = relay(chunk, OutputStream::Stdout, send, &mut seq, &mut listening, &mut killer).await;
+                out_open = keep(chunk, OutputStream::Stdout, journal).await;
             },
             chunk = read_chunk(&mut stderr, &mut err_buf), if err_open => {
-                err_open = relay(chunk, OutputStream::Stderr, send, &mut seq, &mut listening, &mut killer).await;
+                err_open = keep(chunk, OutputStream::Stderr, journal).await;
             },
             exit = child.wait(), if status.is_none() => {
                 status = Some(exit);
@@ -223,12 +371,11 @@ async fn run_command(
                 signal_group(pid, libc::SIGKILL);
                 drain_until = Instant::now() + DRAIN_AFTER_EXIT;
             },
-            changed = cancel_rx.changed(), if killer.reason.is_none() && status.is_none() => {
-                if changed.is_ok() && *cancel_rx.borrow() {
-                    killer.kill(KillReason::Cancelled);
-                } else {
-                    listening = false;
-                    killer.kill(KillReason::Abandoned);
+            Ok(()) = stop_rx.changed(), if killer.reason.is_none() && status.is_none() => {
+                match *stop_rx.borrow() {
+                    Some(Stop::Cancelled) => killer.kill(KillReason::Cancelled),
+                    Some(Stop::Abandoned) => killer.kill(KillReason::Abandoned),
+                    None => {}
                 }
             },
             _ = tokio::time::sleep_until(deadline), if killer.reason.is_none() && status.is_none() => {
@@ -245,10 +392,7 @@ async fn run_command(
         }
     }
     requests.abort();
-    if !listening {
-        return None;
-    }
-    Some(match (killer.reason, status) {
+    match (killer.reason, status) {
         (Some(KillReason::TimedOut), _) => TaskOutcome::TimedOut,
         (Some(KillReason::Cancelled), _) => TaskOutcome::Cancelled,
         (_, Some(Ok(status))) => outcome_of(status),
@@ -256,7 +400,7 @@ async fn run_command(
             error: format!("waiting for {program}: {e}"),
         },
         (_, None) => TaskOutcome::Cancelled,
-    })
+    }
 }
 
 /// TERM now, KILL at `kill_at` unless the group is gone by then; the first reason sticks.
@@ -276,23 +420,12 @@ impl Killer {
     }
 }
 
-/// Sends one chunk of output if anyone is listening; returns whether the pipe is still open.
-/// A failed send means the coordinator dropped the task, which then has no reason to run.
-async fn relay(
-    chunk: Option<Bytes>,
-    stream: OutputStream,
-    send: &mut SendStream,
-    seq: &mut u64,
-    listening: &mut bool,
-    killer: &mut Killer,
-) -> bool {
+/// Keeps one chunk of output in the journal; returns whether the pipe is still open.
+async fn keep(chunk: Option<Bytes>, stream: OutputStream, journal: &Journal) -> bool {
     let Some(data) = chunk else {
         return false;
     };
-    if *listening && send_output(send, seq, stream, data).await.is_err() {
-        *listening = false;
-        killer.kill(KillReason::Abandoned);
-    }
+    journal.push(stream, data).await;
     true
 }
 
@@ -319,27 +452,13 @@ async fn read_chunk<R: AsyncRead + Unpin>(pipe: &mut R, buf: &mut [u8]) -> Optio
     }
 }
 
-async fn send_output(
-    send: &mut SendStream,
-    seq: &mut u64,
-    stream: OutputStream,
-    data: Bytes,
-) -> Result<(), FrameError> {
-    let event = TaskEvent::Output {
-        seq: *seq,
-        stream,
-        data,
-    };
-    *seq += 1;
-    write_frame(send, &event).await
-}
-
-/// Reads the coordinator's frames after `Start`: stdin data, end of stdin, cancel.
-/// A broken stream counts as cancellation: nobody is left to read the task's output.
+/// Reads the coordinator's frames after `Start` (or `Resume`): stdin data, end of stdin,
+/// cancel. A stream the coordinator reset counts as cancellation; one whose connection broke
+/// does not (the coordinator may resume on another).
 async fn forward_requests(
     mut recv: RecvStream,
     mut stdin: Option<tokio::process::ChildStdin>,
-    cancel: watch::Sender<bool>,
+    journal: Arc<Journal>,
 ) {
     loop {
         match read_frame::<_, TaskRequest>(&mut recv, MAX_TASK_FRAME).await {
@@ -352,10 +471,10 @@ async fn forward_requests(
             }
             Ok(Some(TaskRequest::StdinEof)) => stdin = None,
             Ok(Some(TaskRequest::Cancel)) => {
-                let _ = cancel.send(true);
+                let _ = journal.stop.send(Some(Stop::Cancelled));
                 return;
             }
-            Ok(Some(TaskRequest::Start(_))) => {
+            Ok(Some(TaskRequest::Start(_) | TaskRequest::Resume { .. })) => {
                 tracing::warn!("second Start on one task stream ignored");
             }
             // The coordinator finished its side: no more requests, the task runs on.
@@ -363,9 +482,10 @@ async fn forward_requests(
                 stdin = None;
                 std::future::pending::<()>().await;
             }
+            Err(e) if e.is_connection_lost() => return,
             Err(e) => {
                 tracing::debug!("task stream from coordinator broke: {e}");
-                drop(cancel);
+                let _ = journal.stop.send(Some(Stop::Abandoned));
                 return;
             }
         }

@@ -31,6 +31,12 @@ impl FrameError {
             FrameError::TooLarge { .. } | FrameError::Codec(_) | FrameError::Truncated
         )
     }
+
+    /// True when the stream broke because its connection did (the peer may come back on
+    /// another), as opposed to the peer stopping or resetting this one stream.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, FrameError::Io(e) if e.kind() == std::io::ErrorKind::NotConnected)
+    }
 }
 
 /// Encodes `msg` as one frame appended to `out`.

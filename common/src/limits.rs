@@ -8,6 +8,9 @@ pub const MAX_ENROLL_FRAME: usize = 16 * 1024;
 pub const MAX_CONTROL_FRAME: usize = 256 * 1024;
 /// Largest frame on a task stream: a task spec with its argv and env, or one output chunk.
 pub const MAX_TASK_FRAME: usize = 1024 * 1024;
+/// Output a task keeps for a coordinator that lost its connection: what was not sent yet,
+/// and what was sent last (it may not have arrived). Past it, the task's pipes wait.
+pub const MAX_TASK_JOURNAL: usize = 16 * 1024 * 1024;
 /// Output is read from a task's pipes and sent in chunks of at most this many bytes.
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
 /// Largest argv + env a task may carry, checked before the task is sent.

@@ -231,6 +231,12 @@ pub enum TaskRequest {
     StdinEof,
     /// Stop the task: TERM to its process group, KILL after a grace period.
     Cancel,
+    /// On a new stream after the connection was lost: go on with this task from the output
+    /// chunk numbered `next_seq` (every earlier one arrived), then its end.
+    Resume {
+        task: TaskId,
+        next_seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -229,7 +229,7 @@ pub async fn run_job(
                 Some((node_id, why)) = gone.recv() => {
                     if let Some(index) = nodes.iter().position(|n| n.node_id == node_id) {
                         if nodes[index].is_connected() {
-                            coordinator.disconnect(&node_id, &why);
+                            coordinator.give_up(&node_id, &why);
                         }
                         scheduler.retire(index);
                     }

@@ -23,7 +23,8 @@ use skyward_common::limits::{
 };
 use skyward_common::protocol::{
     close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
-    Health, Interruption, TaskEvent, TaskRequest, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+    Health, Interruption, TaskEvent, TaskId, TaskKind, TaskRequest, TaskSpec, ALPN_ENROLL,
+    ALPN_NODE,
 };
 use skyward_common::transport;
 use tokio::sync::{broadcast, mpsc};
@@ -402,13 +403,20 @@ impl Coordinator {
         write_frame(&mut send, &TaskRequest::Start(spec.clone()))
             .await
             .map_err(|e| TaskError::Lost(format!("{}: {e}", node.node_id)))?;
+        let send = Arc::new(tokio::sync::Mutex::new(send));
         Ok(RemoteTask {
-            input: TaskInput { send },
+            input: TaskInput { send: send.clone() },
             output: TaskOutput {
                 node_id: node.node_id.clone(),
                 recv,
                 progress: TaskProgress::default(),
                 _running: running,
+                inner: self.inner.clone(),
+                task: spec.task,
+                resumable: matches!(spec.kind, TaskKind::Command { .. }),
+                connection: node.connection.clone(),
+                given_up: node.lost.clone(),
+                send,
             },
         })
     }
@@ -439,6 +447,19 @@ impl Coordinator {
 
     /// Drops a node's connection (its agent reconnects by itself); false if it was not connected.
     pub fn disconnect(&self, node_id: &str, reason: &str) -> bool {
+        match self.node(node_id) {
+            Some(node) => {
+                node.connection
+                    .close(close_code::NORMAL.into(), reason.as_bytes());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives a node up for `reason` (its machine is gone): its connection is closed and its
+    /// tasks are lost at once, not waited for; false if it was not connected.
+    pub fn give_up(&self, node_id: &str, reason: &str) -> bool {
         match self.node(node_id) {
             Some(node) => {
                 *node.lost.lock().expect("lost lock") = Some(reason.to_string());
@@ -541,20 +562,21 @@ pub struct RemoteTask {
 
 /// The coordinator's side of a task's input: stdin and cancellation.
 pub struct TaskInput {
-    send: SendStream,
+    /// The task's current stream: a resumed task's is replaced by the output side.
+    send: Arc<tokio::sync::Mutex<SendStream>>,
 }
 
 impl TaskInput {
     pub async fn stdin(&mut self, data: Bytes) -> Result<(), FrameError> {
-        write_frame(&mut self.send, &TaskRequest::Stdin(data)).await
+        write_frame(&mut *self.send.lock().await, &TaskRequest::Stdin(data)).await
     }
 
     pub async fn close_stdin(&mut self) -> Result<(), FrameError> {
-        write_frame(&mut self.send, &TaskRequest::StdinEof).await
+        write_frame(&mut *self.send.lock().await, &TaskRequest::StdinEof).await
     }
 
     pub async fn cancel(&mut self) -> Result<(), FrameError> {
-        write_frame(&mut self.send, &TaskRequest::Cancel).await
+        write_frame(&mut *self.send.lock().await, &TaskRequest::Cancel).await
     }
 }
 
@@ -564,6 +586,14 @@ pub struct TaskOutput {
     recv: RecvStream,
     progress: TaskProgress,
     _running: RunningGuard,
+    inner: Arc<Inner>,
+    task: TaskId,
+    /// Commands outlive a lost connection on their node and are resumed on its next one.
+    resumable: bool,
+    connection: Connection,
+    /// Why the coordinator gave the node up, once it did: then there is nothing to resume.
+    given_up: Arc<Mutex<Option<String>>>,
+    send: Arc<tokio::sync::Mutex<SendStream>>,
 }
 
 impl TaskOutput {
@@ -573,8 +603,14 @@ impl TaskOutput {
             if self.progress.outcome().is_some() {
                 return Ok(None);
             }
-            let event = read_frame::<_, TaskEvent>(&mut self.recv, MAX_TASK_FRAME)
-                .await
+            let event = match read_frame::<_, TaskEvent>(&mut self.recv, MAX_TASK_FRAME).await {
+                Err(e) if e.is_connection_lost() && self.resumable => {
+                    self.resume().await?;
+                    continue;
+                }
+                other => other,
+            };
+            let event = event
                 .map_err(|e| self.error(e.to_string()))?
                 .ok_or_else(|| {
                     TaskError::Lost(format!(
@@ -590,6 +626,64 @@ impl TaskOutput {
                 }
             }
         }
+    }
+
+    /// Waits (up to the node timeout) for the node to come back on a new connection and
+    /// goes on with the task there, from the first output chunk not yet seen.
+    async fn resume(&mut self) -> Result<(), TaskError> {
+        let wait = Duration::from_millis(self.inner.node_timeout_ms.load(Ordering::Relaxed));
+        let deadline = tokio::time::Instant::now() + wait;
+        let old = self.connection.stable_id();
+        let mut events = self.inner.events.subscribe();
+        let lost = |node: &str, why: String| TaskError::Lost(format!("{node}: {why}"));
+        let node = loop {
+            if let Some(reason) = self.given_up.lock().expect("lost lock").clone() {
+                return Err(lost(&self.node_id, reason));
+            }
+            let current = self
+                .inner
+                .nodes
+                .lock()
+                .expect("nodes lock")
+                .get(&self.node_id)
+                .cloned();
+            if let Some(node) =
+                current.filter(|n| n.connection.stable_id() != old && n.is_connected())
+            {
+                break node;
+            }
+            if tokio::time::timeout_at(deadline, events.recv())
+                .await
+                .is_err()
+            {
+                return Err(lost(
+                    &self.node_id,
+                    format!(
+                        "connection lost and not back within {}",
+                        humantime::format_duration(wait)
+                    ),
+                ));
+            }
+        };
+        let (mut send, recv) = node
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| lost(&self.node_id, e.to_string()))?;
+        let resume = TaskRequest::Resume {
+            task: self.task,
+            next_seq: self.progress.next_seq(),
+        };
+        write_frame(&mut send, &resume)
+            .await
+            .map_err(|e| lost(&self.node_id, e.to_string()))?;
+        tracing::info!(node = %self.node_id, task = %self.task, "resumed the task on the node's new connection");
+        *self.send.lock().await = send;
+        self.recv = recv;
+        self.connection = node.connection.clone();
+        self.given_up = node.lost.clone();
+        self._running = RunningGuard::new(node.running.clone());
+        Ok(())
     }
 
     fn error(&self, error: String) -> TaskError {

@@ -711,3 +711,47 @@ async fn a_certificate_is_renewed_over_the_live_connection_before_it_expires() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_outlives_a_lost_connection_and_its_output_arrives_once() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let script = "i=1; while [ $i -le 30 ]; do echo line $i; i=$((i+1)); sleep 0.1; done";
+    let mut task = coordinator
+        .start_task(&node, command(&["sh", "-c", script]))
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    let mut blipped = false;
+    let outcome = loop {
+        match task
+            .output
+            .next()
+            .await
+            .expect("the task is resumed, not lost")
+        {
+            Some(TaskEvent::Output { data, .. }) => {
+                output.extend_from_slice(&data);
+                // A few lines in, the connection drops; the agent comes back on a new one.
+                if !blipped && output.iter().filter(|&&b| b == b'\n').count() >= 5 {
+                    assert!(coordinator.disconnect("node-1", "a network blip"));
+                    blipped = true;
+                }
+            }
+            Some(TaskEvent::Finished(outcome)) => break outcome,
+            Some(_) => {}
+            None => panic!("the task stream ended without an outcome"),
+        }
+    };
+    assert!(blipped);
+    assert_eq!(outcome, TaskOutcome::Exited { code: 0 });
+    // Every line once, in order: none lost while disconnected, none repeated after.
+    let expected: String = (1..=30).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(String::from_utf8(output).unwrap(), expected);
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(log.contains("resuming a task on a new connection"), "{log}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
