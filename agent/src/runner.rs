@@ -155,18 +155,15 @@ async fn start_command(spec: TaskSpec, mut send: SendStream, recv: RecvStream, t
         tasks.clone(),
         started_tx,
     ));
-    match started.await {
-        Ok(Ok(pid)) => {
-            if write_frame(&mut send, &TaskEvent::Started { pid })
-                .await
-                .is_err()
-            {
-                // Its coordinator may come back for it on another connection.
-                return;
-            }
+    // A task that did not start has its outcome in the journal already.
+    if let Ok(Ok(pid)) = started.await {
+        if write_frame(&mut send, &TaskEvent::Started { pid })
+            .await
+            .is_err()
+        {
+            // Its coordinator may come back for it on another connection.
+            return;
         }
-        // It did not start: its journal already holds the outcome.
-        Ok(Err(())) | Err(_) => {}
     }
     let Some(generation) = journal.attach(0) else {
         return;
