@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use skyward_common::frame::{read_frame, write_frame};
-use skyward_common::limits::{KILL_GRACE, MAX_TASK_FRAME, OUTPUT_CHUNK};
+use skyward_common::limits::{KILL_GRACE, MAX_REMEMBERED_TASKS, MAX_TASK_FRAME, OUTPUT_CHUNK};
 use skyward_common::protocol::{
     OutputStream, TaskEvent, TaskId, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
@@ -33,6 +33,8 @@ pub struct Tasks {
     /// Every command task's journal until its end was delivered: a lost connection's
     /// tasks run on, and a coordinator back on another resumes them.
     live: Mutex<HashMap<TaskId, Arc<Journal>>>,
+    /// Every attempt started here (the latest [`MAX_REMEMBERED_TASKS`]), to refuse one twice.
+    started: Mutex<(HashSet<TaskId>, std::collections::VecDeque<TaskId>)>,
 }
 
 impl Tasks {
@@ -42,6 +44,7 @@ impl Tasks {
             work_dir,
             groups: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
+            started: Mutex::new(Default::default()),
         })
     }
 
@@ -124,11 +127,22 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
 async fn start_command(spec: TaskSpec, mut send: SendStream, recv: RecvStream, tasks: Arc<Tasks>) {
     let journal = Arc::new(Journal::new());
     let fresh = {
-        let mut live = tasks.live.lock().expect("task table poisoned");
-        match live.contains_key(&spec.task) {
-            true => false,
-            false => {
-                live.insert(spec.task, journal.clone());
+        let mut started = tasks.started.lock().expect("task table poisoned");
+        let (seen, order) = &mut *started;
+        match seen.insert(spec.task) {
+            false => false,
+            true => {
+                order.push_back(spec.task);
+                if order.len() > MAX_REMEMBERED_TASKS {
+                    if let Some(oldest) = order.pop_front() {
+                        seen.remove(&oldest);
+                    }
+                }
+                tasks
+                    .live
+                    .lock()
+                    .expect("task table poisoned")
+                    .insert(spec.task, journal.clone());
                 true
             }
         }

@@ -11,6 +11,9 @@ pub const MAX_TASK_FRAME: usize = 1024 * 1024;
 /// Output a task keeps for a coordinator that lost its connection: what was not sent yet,
 /// and what was sent last (it may not have arrived). Past it, the task's pipes wait.
 pub const MAX_TASK_JOURNAL: usize = 16 * 1024 * 1024;
+/// How many task attempts an agent remembers having started, to refuse a duplicated
+/// dispatch of one (the oldest are forgotten first).
+pub const MAX_REMEMBERED_TASKS: usize = 100_000;
 /// Output is read from a task's pipes and sent in chunks of at most this many bytes.
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
 /// Largest argv + env a task may carry, checked before the task is sent.

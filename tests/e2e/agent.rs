@@ -755,3 +755,44 @@ async fn a_task_outlives_a_lost_connection_and_its_output_arrives_once() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_attempt_of_a_task_never_runs_twice_on_a_node() {
+    use skyward_common::protocol::TaskSpec;
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let id = coordinator.next_task_id();
+    let spec = |attempt| {
+        TaskSpec::command(
+            id,
+            attempt,
+            vec!["sh".into(), "-c".into(), "echo ran >> ran.log".into()],
+            Vec::new(),
+            None,
+            false,
+        )
+    };
+    let mut first = coordinator.start_task(&node, spec(0)).await.unwrap();
+    assert_eq!(task_output(&mut first).await, b"");
+    // A duplicated dispatch of the same attempt is refused; the next attempt runs.
+    let mut again = coordinator.start_task(&node, spec(0)).await.unwrap();
+    let refused = loop {
+        match again.output.next().await.unwrap() {
+            Some(TaskEvent::Finished(outcome)) => break outcome,
+            Some(_) => {}
+            None => panic!("no outcome"),
+        }
+    };
+    assert!(
+        matches!(&refused, TaskOutcome::FailedToStart { error } if error.contains("already ran on this node")),
+        "{refused:?}"
+    );
+    let mut retry = coordinator.start_task(&node, spec(1)).await.unwrap();
+    task_output(&mut retry).await;
+    let ran = std::fs::read_to_string(sandbox.path().join("node-1/ran.log")).unwrap();
+    assert_eq!(ran, "ran\nran\n", "attempts 0 and 1, once each");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
