@@ -125,7 +125,11 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
 
 /// Starts a command task whose journal outlives this stream, and pumps its output here.
 async fn start_command(spec: TaskSpec, mut send: SendStream, recv: RecvStream, tasks: Arc<Tasks>) {
-    let journal = Arc::new(Journal::new());
+    let spill = tasks
+        .work_dir
+        .join(".skyward-spill")
+        .join(format!("{}.out", spec.task));
+    let journal = Arc::new(Journal::new(spill));
     let fresh = {
         let mut started = tasks.started.lock().expect("task table poisoned");
         let (seen, order) = &mut *started;

@@ -8,9 +8,12 @@ pub const MAX_ENROLL_FRAME: usize = 16 * 1024;
 pub const MAX_CONTROL_FRAME: usize = 256 * 1024;
 /// Largest frame on a task stream: a task spec with its argv and env, or one output chunk.
 pub const MAX_TASK_FRAME: usize = 1024 * 1024;
-/// Output a task keeps for a coordinator that lost its connection: what was not sent yet,
-/// and what was sent last (it may not have arrived). Past it, the task's pipes wait.
+/// Output a task keeps in memory for a coordinator that lost its connection: what was not
+/// sent yet, and what was sent last (it may not have arrived). Past it, output spills to disk.
 pub const MAX_TASK_JOURNAL: usize = 16 * 1024 * 1024;
+/// Output a task keeps on disk (in the agent's work dir) past [`MAX_TASK_JOURNAL`]; past it,
+/// the task's pipes wait until a coordinator takes its output.
+pub const MAX_TASK_SPILL: u64 = 1024 * 1024 * 1024;
 /// How many task attempts an agent remembers having started, to refuse a duplicated
 /// dispatch of one (the oldest are forgotten first).
 pub const MAX_REMEMBERED_TASKS: usize = 100_000;

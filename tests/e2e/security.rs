@@ -492,16 +492,19 @@ async fn an_agent_cannot_open_more_streams_than_the_limit() {
     coordinator.close().await;
 }
 
-/// A task's output is held back on its node while the coordinator does not read it: what it
-/// buffers is bounded by the stream's window, however much the task writes.
+/// A task's output that the coordinator does not read is held on its node within bounds:
+/// at most `MAX_TASK_JOURNAL` in the agent's memory, the rest in a spill file in its work
+/// dir (up to `MAX_TASK_SPILL`, past which the task waits), all of it delivered once read,
+/// and the spill file gone after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unread_task_output_waits_on_the_node() {
+async fn unread_task_output_is_held_on_the_node_within_bounds() {
+    use skyward_common::limits::MAX_TASK_JOURNAL;
     let sandbox = Sandbox::new();
     let coordinator = hostile_coordinator("sec-output");
     let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
     let node = wait_connected(&coordinator, "node-1").await;
     let marker = sandbox.path().join("all-written");
-    let total = 64 * 1024 * 1024;
+    let total = 4 * MAX_TASK_JOURNAL;
     let mut task = coordinator
         .start_task(
             &node,
@@ -520,15 +523,55 @@ async fn unread_task_output_waits_on_the_node() {
         )
         .await
         .unwrap();
-    // Loopback moves 64 MiB in well under this, were anything to take it.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nobody reads: the task writes everything anyway (bounded in time: loopback and a
+    // local disk take 64 MiB in well under this).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task never finished writing"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spill_dir = sandbox.path().join("node-1/.skyward-spill");
+    let spilled: u64 = std::fs::read_dir(&spill_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
     assert!(
-        !marker.exists(),
-        "64 MiB of unread output was taken off the task: nothing held it back"
+        spilled >= (total - MAX_TASK_JOURNAL) as u64 / 2,
+        "past its memory bound the output went to disk: {spilled} bytes spilled"
+    );
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", agent.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        (rss_kib as usize) * 1024 < total,
+        "the agent holds {rss_kib} KiB: not the {total} bytes of output"
     );
     let out = task_output(&mut task).await;
     assert_eq!(out.len(), total);
-    assert!(marker.exists());
+    drop(task);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&spill_dir)
+        .map(|d| d.count())
+        .unwrap_or(0)
+        > 0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spill file stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let _ = agent.kill();
     let _ = agent.wait();
     coordinator.close().await;
