@@ -68,6 +68,9 @@ struct State {
     generation: u64,
 }
 
+/// A chunk ready to go out: its sequence number, stream and bytes.
+type SendableChunk = (u64, OutputStream, Bytes);
+
 /// How a stream's pump ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum PumpEnd {
@@ -155,7 +158,7 @@ impl Journal {
         &self,
         generation: u64,
         next: u64,
-    ) -> Option<(Vec<(u64, OutputStream, Bytes)>, Option<TaskOutcome>)> {
+    ) -> Option<(Vec<SendableChunk>, Option<TaskOutcome>)> {
         let state = self.state.lock().expect("journal lock");
         if state.generation != generation {
             return None;
