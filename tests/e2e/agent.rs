@@ -796,3 +796,53 @@ async fn the_same_attempt_of_a_task_never_runs_twice_on_a_node() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_produced_while_disconnected_is_delivered_once_on_reconnect() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(
+            &node,
+            command(&["sh", "-c", "echo before; sleep 0.5; echo after; exit 3"]),
+        )
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    while !output.ends_with(b"before\n") {
+        match task.output.next().await.unwrap() {
+            Some(TaskEvent::Output { data, .. }) => output.extend_from_slice(&data),
+            Some(_) => {}
+            None => panic!("ended early"),
+        }
+    }
+    // The connection drops and the agent is frozen while its task ends: the rest of the
+    // output and the exit code happen with nobody connected.
+    assert!(coordinator.disconnect("node-1", "a network blip"));
+    // SAFETY: signalling the agent this test started.
+    unsafe {
+        libc::kill(agent.id() as i32, libc::SIGSTOP);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    unsafe {
+        libc::kill(agent.id() as i32, libc::SIGCONT);
+    }
+    let outcome = loop {
+        match task.output.next().await.expect("resumed, not lost") {
+            Some(TaskEvent::Output { data, .. }) => output.extend_from_slice(&data),
+            Some(TaskEvent::Finished(outcome)) => break outcome,
+            Some(_) => {}
+            None => panic!("no outcome"),
+        }
+    };
+    assert_eq!(outcome, TaskOutcome::Exited { code: 3 });
+    assert_eq!(output, b"before\nafter\n");
+    assert!(
+        task.output.next().await.unwrap().is_none(),
+        "delivered once"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
