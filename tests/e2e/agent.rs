@@ -90,6 +90,31 @@ async fn cancel_kills_the_whole_process_group() {
     let _ = agent.wait();
 }
 
+/// `node_id`'s handle once it has disconnected and connected again (within 20 s).
+async fn reconnected(
+    events: &mut tokio::sync::broadcast::Receiver<CoordinatorEvent>,
+    node_id: &str,
+) -> Option<skyward_coordinator::NodeHandle> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let mut seen_disconnect = false;
+        loop {
+            match events.recv().await {
+                Ok(CoordinatorEvent::NodeDisconnected { node_id: id, .. }) if id == node_id => {
+                    seen_disconnect = true
+                }
+                Ok(CoordinatorEvent::NodeConnected(node))
+                    if seen_disconnect && node.node_id == node_id =>
+                {
+                    return node
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_is_re_established_with_the_same_certificate() {
     let sandbox = Sandbox::new();
@@ -99,24 +124,9 @@ async fn a_dropped_connection_is_re_established_with_the_same_certificate() {
     wait_connected(&coordinator, "node-1").await;
     assert!(coordinator.disconnect("node-1", "test"));
     // The token is spent: reconnecting must use the certificate in the work dir.
-    let reconnected = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut seen_disconnect = false;
-        loop {
-            match events.recv().await.unwrap() {
-                CoordinatorEvent::NodeDisconnected { node_id, .. } if node_id == "node-1" => {
-                    seen_disconnect = true
-                }
-                CoordinatorEvent::NodeConnected(node)
-                    if seen_disconnect && node.node_id == "node-1" =>
-                {
-                    return node
-                }
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the agent did not reconnect");
+    let reconnected = reconnected(&mut events, "node-1")
+        .await
+        .expect("the agent did not reconnect");
     let mut task = coordinator
         .start_task(&reconnected, command(&["echo", "back"]))
         .await
@@ -685,24 +695,9 @@ async fn a_certificate_is_renewed_over_the_live_connection_before_it_expires() {
         .unwrap_or_default();
     tokio::time::sleep(wait + Duration::from_secs(1)).await;
     assert!(coordinator.disconnect("node-1", "test"));
-    let reconnected = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut seen_disconnect = false;
-        loop {
-            match events.recv().await {
-                Ok(CoordinatorEvent::NodeDisconnected { node_id, .. }) if node_id == "node-1" => {
-                    seen_disconnect = true
-                }
-                Ok(CoordinatorEvent::NodeConnected(node))
-                    if seen_disconnect && node.node_id == "node-1" =>
-                {
-                    return node
-                }
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("the agent reconnected with its renewed certificate");
+    let reconnected = reconnected(&mut events, "node-1")
+        .await
+        .expect("the agent reconnected with its renewed certificate");
     let mut task = coordinator
         .start_task(&reconnected, command(&["echo", "renewed"]))
         .await

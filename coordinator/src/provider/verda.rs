@@ -308,17 +308,23 @@ impl Verda {
         })
     }
 
-    /// Every instance of `pool` the API lists, deleted ones included.
-    async fn pool_instances(&self, pool: &str) -> Result<Vec<Value>, ProviderError> {
-        let all = self.api.get_json("/instances", &[]).await?;
-        let Value::Array(all) = all else {
-            return Err(self.api.unexpected(
+    /// Every instance the API lists, deleted ones included.
+    async fn all_instances(&self) -> Result<Vec<Value>, ProviderError> {
+        match self.api.get_json("/instances", &[]).await? {
+            Value::Array(all) => Ok(all),
+            _ => Err(self.api.unexpected(
                 "GET /instances",
                 StatusCode::OK,
                 "did not answer with a list",
-            ));
-        };
-        Ok(all
+            )),
+        }
+    }
+
+    /// Every instance of `pool` the API lists, deleted ones included.
+    async fn pool_instances(&self, pool: &str) -> Result<Vec<Value>, ProviderError> {
+        Ok(self
+            .all_instances()
+            .await?
             .into_iter()
             .filter(|instance| belongs_to(instance, pool))
             .collect())
@@ -850,15 +856,9 @@ impl Provider for Verda {
 
     async fn pools(&self) -> Result<Vec<String>, ProviderError> {
         self.api.credentials()?;
-        let all = self.api.get_json("/instances", &[]).await?;
-        let Value::Array(all) = all else {
-            return Err(self.api.unexpected(
-                "GET /instances",
-                StatusCode::OK,
-                "did not answer with a list",
-            ));
-        };
-        let pools: std::collections::BTreeSet<String> = all
+        let pools: std::collections::BTreeSet<String> = self
+            .all_instances()
+            .await?
             .iter()
             .filter(|i| !is_gone(i))
             .filter_map(pool_of)
