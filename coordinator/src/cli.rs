@@ -15,7 +15,7 @@ use crate::output::{OutputMode, Renderer};
 use crate::pool::{self, Pool, PoolProgress};
 use crate::preflight::Preflight;
 use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
-use crate::run::{run_job, Job, TaskPlan, TaskReport};
+use crate::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
 use crate::selection::Selection;
 use crate::server::{Coordinator, CoordinatorConfig};
 use crate::slots::{self, GpuRequest};
@@ -1096,7 +1096,35 @@ async fn execute(
     let (events_tx, mut events_rx) = mpsc::channel(64);
     let running = run_job(&mut pool, job, events_tx);
     let rendering = async {
+        // Each task's current attempt, for the state store.
+        let mut attempts: std::collections::HashMap<usize, u32> = Default::default();
         while let Some(event) = events_rx.recv().await {
+            match &event {
+                RunEvent::Started { task, node } => {
+                    let attempt = attempts.get(task).copied().unwrap_or(0);
+                    record(store, |s| {
+                        s.task_started(&pool_name, *task as u64, attempt, node)
+                    });
+                }
+                RunEvent::Retrying { task, attempt, .. } => {
+                    let lost = attempt.saturating_sub(1);
+                    attempts.insert(*task, *attempt);
+                    record(store, |s| {
+                        s.task_ended(&pool_name, *task as u64, lost, "lost", None)
+                    });
+                }
+                RunEvent::Finished { task, report } => {
+                    let attempt = attempts.get(task).copied().unwrap_or(0);
+                    let (state, code) = match &report.outcome {
+                        Ok(outcome) => ("finished", Some(outcome.exit_code())),
+                        Err(_) => ("lost", None),
+                    };
+                    record(store, |s| {
+                        s.task_ended(&pool_name, *task as u64, attempt, state, code)
+                    });
+                }
+                _ => {}
+            }
             renderer.event(&event);
         }
     };
@@ -1168,7 +1196,7 @@ fn pool_list(args: PoolListArgs) -> i32 {
         .unwrap_or(0);
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
-    table.set_header(["pool", "condition", "age", "where", "instances"]);
+    table.set_header(["pool", "condition", "age", "where", "instances", "tasks"]);
     for pool in &pools {
         let places: Vec<String> = pool
             .placements
@@ -1189,10 +1217,30 @@ fn pool_list(args: PoolListArgs) -> i32 {
                 places.join(", ")
             },
             pool.instances.len().to_string(),
+            task_summary(&pool.tasks),
         ]);
     }
     println!("{table}");
     0
+}
+
+/// `2 running, 5 finished, 1 lost`: a pool's task attempts by state.
+fn task_summary(tasks: &[crate::store::TaskRecord]) -> String {
+    let mut counts: Vec<(&str, usize)> = Vec::new();
+    for task in tasks {
+        match counts.iter_mut().find(|(state, _)| *state == task.state) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((&task.state, 1)),
+        }
+    }
+    match counts.is_empty() {
+        true => "-".into(),
+        false => counts
+            .iter()
+            .map(|(state, n)| format!("{n} {state}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
 }
 
 /// How long `down` waits for a running skyward to tear its own pool down.

@@ -35,6 +35,15 @@ CREATE TABLE IF NOT EXISTS placements (
     at INTEGER NOT NULL,
     PRIMARY KEY (pool, provider, region)
 );
+CREATE TABLE IF NOT EXISTS tasks (
+    pool TEXT NOT NULL REFERENCES pools(name) ON DELETE CASCADE,
+    task INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    state TEXT NOT NULL,
+    exit_code INTEGER,
+    PRIMARY KEY (pool, task, attempt)
+);
 CREATE TABLE IF NOT EXISTS instances (
     pool TEXT NOT NULL REFERENCES pools(name) ON DELETE CASCADE,
     provider TEXT NOT NULL,
@@ -141,6 +150,19 @@ pub struct PoolRecord {
     pub dir: PathBuf,
     pub placements: Vec<Placement>,
     pub instances: Vec<InstanceRecord>,
+    pub tasks: Vec<TaskRecord>,
+}
+
+/// One attempt of one of a pool's tasks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TaskRecord {
+    /// The task's place in its job (input order).
+    pub task: u64,
+    pub attempt: u32,
+    pub node: String,
+    /// `running`, `finished` (with its exit code) or `lost` (its node was).
+    pub state: String,
+    pub exit_code: Option<i32>,
 }
 
 pub struct Store {
@@ -229,6 +251,43 @@ impl Store {
             .map_err(|e| format!("recording pool {pool}'s instance: {e}"))
     }
 
+    /// Records a task attempt as running on `node`.
+    pub fn task_started(
+        &self,
+        pool: &str,
+        task: u64,
+        attempt: u32,
+        node: &str,
+    ) -> Result<(), String> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO tasks (pool, task, attempt, node, state, exit_code)
+                 VALUES (?1, ?2, ?3, ?4, 'running', NULL)",
+                params![pool, task as i64, attempt, node],
+            )
+            .map(drop)
+            .map_err(|e| format!("recording pool {pool}'s task: {e}"))
+    }
+
+    /// Records how a task attempt ended: `finished` with its exit code, or `lost`.
+    pub fn task_ended(
+        &self,
+        pool: &str,
+        task: u64,
+        attempt: u32,
+        state: &str,
+        exit_code: Option<i32>,
+    ) -> Result<(), String> {
+        self.conn
+            .execute(
+                "UPDATE tasks SET state = ?4, exit_code = ?5
+                 WHERE pool = ?1 AND task = ?2 AND attempt = ?3",
+                params![pool, task as i64, attempt, state, exit_code],
+            )
+            .map(drop)
+            .map_err(|e| format!("recording pool {pool}'s task: {e}"))
+    }
+
     pub fn set_state(&self, pool: &str, state: PoolState) -> Result<(), String> {
         self.conn
             .execute(
@@ -276,6 +335,7 @@ impl Store {
                     dir: PathBuf::from(row.get::<_, String>(7)?),
                     placements: Vec::new(),
                     instances: Vec::new(),
+                    tasks: Vec::new(),
                 })
             })
             .map_err(fail)?;
@@ -311,6 +371,25 @@ impl Store {
                             region: row.get(1)?,
                             node: row.get(2)?,
                             provider_id: row.get(3)?,
+                        })
+                    })?
+                    .collect()
+                })
+                .map_err(fail)?;
+            pool.tasks = self
+                .conn
+                .prepare(
+                    "SELECT task, attempt, node, state, exit_code FROM tasks
+                     WHERE pool = ?1 ORDER BY task, attempt",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![pool.name], |row| {
+                        Ok(TaskRecord {
+                            task: row.get::<_, i64>(0)? as u64,
+                            attempt: row.get(1)?,
+                            node: row.get(2)?,
+                            state: row.get(3)?,
+                            exit_code: row.get(4)?,
                         })
                     })?
                     .collect()
@@ -386,6 +465,23 @@ mod tests {
         assert_eq!(pool.placements, [attempt]);
         assert_eq!(pool.instances[0].provider_id, "i-0123");
         assert_eq!(pool.state, PoolState::Up);
+        store.task_started("sky-1", 0, 0, "node-1").unwrap();
+        store.task_ended("sky-1", 0, 0, "lost", None).unwrap();
+        store.task_started("sky-1", 0, 1, "node-2").unwrap();
+        store
+            .task_ended("sky-1", 0, 1, "finished", Some(3))
+            .unwrap();
+        let tasks = other.pool("sky-1").unwrap().unwrap().tasks;
+        assert_eq!(
+            tasks
+                .iter()
+                .map(|t| (t.attempt, t.node.as_str(), t.state.as_str(), t.exit_code))
+                .collect::<Vec<_>>(),
+            [
+                (0, "node-1", "lost", None),
+                (1, "node-2", "finished", Some(3))
+            ]
+        );
         other.set_state("sky-1", PoolState::TeardownFailed).unwrap();
         assert_eq!(
             store.pool("sky-1").unwrap().unwrap().state,
@@ -400,7 +496,8 @@ mod tests {
         let left: i64 = store
             .conn
             .query_row(
-                "SELECT (SELECT COUNT(*) FROM placements) + (SELECT COUNT(*) FROM instances)",
+                "SELECT (SELECT COUNT(*) FROM placements) + (SELECT COUNT(*) FROM instances)
+                    + (SELECT COUNT(*) FROM tasks)",
                 [],
                 |row| row.get(0),
             )

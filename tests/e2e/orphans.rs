@@ -113,9 +113,15 @@ async fn a_killed_skyward_leaves_a_pool_that_pool_list_shows_and_down_removes() 
         .collect();
     droplets.sort();
     assert_eq!(ids, droplets, "the store has the droplets' ids");
+    // And what ran on them: both tasks, still running when it was killed.
+    let tasks = pool["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    assert!(tasks.iter().all(|t| t["state"] == "running"), "{tasks:?}");
     let table = run(sandbox.skyward().args(["pool", "list"]), LIMIT);
     assert!(
-        table.stdout.contains(&name) && table.stdout.contains("left behind"),
+        table.stdout.contains(&name)
+            && table.stdout.contains("left behind")
+            && table.stdout.contains("2 running"),
         "{}",
         table.stdout
     );
