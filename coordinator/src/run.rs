@@ -1,5 +1,6 @@
 //! Runs a job (one task, a broadcast, or a map) on a pool's nodes and streams its events.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -7,7 +8,7 @@ use skyward_common::limits::OUTPUT_CHUNK;
 use skyward_common::protocol::{OutputStream, TaskEvent, TaskOutcome, TaskSpec};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{broadcast, mpsc};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::lifecycle::Event;
 use crate::pool::Pool;
@@ -182,13 +183,17 @@ pub async fn run_job(
         .collect();
     let mut attempts = vec![0u32; job.tasks.len()];
     let mut fed_stdin = vec![false; job.tasks.len()];
+    // Where each running task's current attempt runs, and how to stop it.
+    let mut current: HashMap<usize, (usize, AbortHandle)> = HashMap::new();
+    // Nodes that take no new task (lost, or about to be taken away).
+    let mut retired = vec![false; nodes.len()];
     let start = |running: &mut JoinSet<_>, task: usize, node: usize, spec: TaskSpec, stdin| {
         let (coordinator, handle, events) =
             (coordinator.clone(), nodes[node].clone(), events.clone());
         running.spawn(async move {
             let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
             (task, node, report)
-        });
+        })
     };
     loop {
         for placement in scheduler.assign() {
@@ -205,7 +210,8 @@ pub async fn run_job(
                 timeout_ms,
                 stdin.is_some(),
             );
-            start(&mut running, task, node, spec, stdin);
+            let handle = start(&mut running, task, node, spec, stdin);
+            current.insert(task, (node, handle));
         }
         if scheduler.done() {
             break;
@@ -215,13 +221,58 @@ pub async fn run_job(
                 joined = running.join_next() => break joined,
                 event = node_events.recv(), if node_events_open => match event {
                     Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
-                        // Its running tasks go on while they can; it takes no new one.
-                        if let Some(index) = nodes.iter().position(|n| n.node_id == node_id) {
-                            scheduler.retire(index);
-                        }
+                        let why = format!(
+                            "{} interruption notice: {} at {}",
+                            notice.source, notice.action, notice.at
+                        );
                         let _ = events
-                            .send(RunEvent::NodeInterrupted { node: node_id, notice })
+                            .send(RunEvent::NodeInterrupted { node: node_id.clone(), notice })
                             .await;
+                        let Some(index) = nodes.iter().position(|n| n.node_id == node_id) else {
+                            continue;
+                        };
+                        // It takes no new task; its tasks that may move (retries left) start
+                        // again elsewhere now rather than when the machine goes.
+                        scheduler.retire(index);
+                        retired[index] = true;
+                        let here: Vec<usize> = current
+                            .iter()
+                            .filter(|(_, (node, _))| *node == index)
+                            .map(|(task, _)| *task)
+                            .collect();
+                        for task in here {
+                            let plan = &job.tasks[task];
+                            let movable = plan.node.is_none() && plan.gpus.is_none() && !fed_stdin[task];
+                            if !movable || attempts[task] >= job.retries {
+                                continue;
+                            }
+                            let Some(other) = other_live_node(&nodes, index, &retired) else {
+                                continue;
+                            };
+                            if let Some((_, stop)) = current.remove(&task) {
+                                stop.abort();
+                            }
+                            attempts[task] += 1;
+                            let _ = events
+                                .send(RunEvent::Retrying {
+                                    task,
+                                    from: node_id.clone(),
+                                    to: nodes[other].node_id.clone(),
+                                    attempt: attempts[task],
+                                    reason: why.clone(),
+                                })
+                                .await;
+                            let spec = TaskSpec::command(
+                                ids[task],
+                                attempts[task],
+                                plan.argv.clone(),
+                                plan.env.clone(),
+                                timeout_ms,
+                                false,
+                            );
+                            let handle = start(&mut running, task, other, spec, None);
+                            current.insert(task, (other, handle));
+                        }
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => node_events_open = false,
@@ -232,21 +283,34 @@ pub async fn run_job(
                             coordinator.give_up(&node_id, &why);
                         }
                         scheduler.retire(index);
+                        retired[index] = true;
                     }
                 },
             }
         };
-        let Some(Ok((task, node, report))) = joined else {
-            break;
+        let (task, node, report) = match joined {
+            Some(Ok(done)) => done,
+            // An attempt stopped because its task moved elsewhere.
+            Some(Err(e)) if e.is_cancelled() => continue,
+            _ => break,
         };
+        if current.get(&task).map(|(n, _)| *n) != Some(node) {
+            // An attempt that moved elsewhere ended anyway: the current one speaks for it.
+            continue;
+        }
+        current.remove(&task);
         if let Err(reason) = &report.outcome {
             if !nodes[node].is_connected() {
                 scheduler.retire(node);
+                retired[node] = true;
             }
             let plan = &job.tasks[task];
             let movable = plan.node.is_none() && plan.gpus.is_none() && !fed_stdin[task];
             let elsewhere = movable && attempts[task] < job.retries;
-            if let Some(other) = elsewhere.then(|| other_live_node(&nodes, node)).flatten() {
+            if let Some(other) = elsewhere
+                .then(|| other_live_node(&nodes, node, &retired))
+                .flatten()
+            {
                 attempts[task] += 1;
                 let _ = events
                     .send(RunEvent::Retrying {
@@ -266,7 +330,8 @@ pub async fn run_job(
                     false,
                 );
                 // The scheduler still counts it on its first node, which is gone anyway.
-                start(&mut running, task, other, spec, None);
+                let handle = start(&mut running, task, other, spec, None);
+                current.insert(task, (other, handle));
                 continue;
             }
         }
@@ -316,10 +381,10 @@ async fn watch_machines(
     }
 }
 
-/// The connected node other than `lost` with the fewest running tasks.
-fn other_live_node(nodes: &[NodeHandle], lost: usize) -> Option<usize> {
+/// The connected node other than `lost`, and not retired, with the fewest running tasks.
+fn other_live_node(nodes: &[NodeHandle], lost: usize, retired: &[bool]) -> Option<usize> {
     (0..nodes.len())
-        .filter(|&n| n != lost && nodes[n].is_connected())
+        .filter(|&n| n != lost && !retired[n] && nodes[n].is_connected())
         .min_by_key(|&n| nodes[n].running())
 }
 

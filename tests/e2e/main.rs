@@ -13,6 +13,7 @@ mod readme;
 mod security;
 mod selection;
 mod slots;
+mod spot;
 mod training;
 mod vastai;
 mod verda;

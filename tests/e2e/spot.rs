@@ -1,0 +1,193 @@
+//! A spot interruption notice on one node of a pool: the run moves that node's tasks (those
+//! with retries left) to another node at once, rather than when the machine goes, and
+//! places nothing new there. Nodes boot from their user-data, as a cloud's do; only node-2
+//! watches a metadata service, a stand-in on loopback.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use skyward_common::protocol::TaskOutcome;
+use skyward_coordinator::offer::{Market, Offer};
+use skyward_coordinator::pool::PoolProgress;
+use skyward_coordinator::provider::{
+    Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest,
+};
+use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan};
+use skyward_coordinator::slots::GpuRequest;
+use skyward_coordinator::{Pool, PoolSpec, Selection};
+use skyward_tests::imds::Imds;
+use skyward_tests::node::BootedNode;
+use skyward_tests::Sandbox;
+use tokio::sync::mpsc;
+
+/// Boots each node from its user-data on this machine; node-2's agent watches `imds`.
+struct SpotCloud {
+    root: std::path::PathBuf,
+    imds: String,
+    booted: Mutex<Vec<BootedNode>>,
+}
+
+#[async_trait]
+impl Provider for SpotCloud {
+    fn name(&self) -> &str {
+        "spotcloud"
+    }
+
+    async fn offers(&self, _spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
+        Ok(vec![Offer {
+            provider: "spotcloud".into(),
+            region: "test-1".into(),
+            instance_type: "small".into(),
+            accelerator: None,
+            vcpus: 1,
+            memory_gb: 1.0,
+            on_demand_per_hour: Some(0.1),
+            spot_per_hour: None,
+            available: true,
+            spot_available: None,
+            provider_ref: String::new(),
+        }])
+    }
+
+    async fn provision(
+        &self,
+        request: &ProvisionRequest,
+        _offer: &Offer,
+        _market: Market,
+    ) -> Result<Vec<Instance>, ProviderError> {
+        let mut instances = Vec::new();
+        for node in &request.nodes {
+            let mut bootstrap = request.bootstrap.clone();
+            if node.node_id == "node-2" {
+                bootstrap.spot_watch = Some(format!("aws={}", self.imds));
+            }
+            let user_data = bootstrap.user_data(&request.pool, node);
+            let booted = BootedNode::boot(&self.root, &node.node_id, &user_data).map_err(|e| {
+                ProviderError::new(
+                    "spotcloud",
+                    skyward_coordinator::provider::ErrorKind::Api,
+                    e,
+                )
+            })?;
+            self.booted.lock().unwrap().push(booted);
+            instances.push(Instance {
+                node_id: node.node_id.clone(),
+                provider_id: node.node_id.clone(),
+                address: None,
+            });
+        }
+        Ok(instances)
+    }
+
+    async fn failed_nodes(&self, _pool: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    async fn teardown(&self, _pool: &str) -> Result<(), ProviderError> {
+        for node in self.booted.lock().unwrap().drain(..) {
+            node.destroy();
+        }
+        Ok(())
+    }
+
+    async fn status(&self) -> ProviderStatus {
+        ProviderStatus {
+            provider: "spotcloud".into(),
+            configured: true,
+            working: true,
+            detail: String::new(),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
+    let sandbox = Sandbox::new();
+    let imds = Imds::start();
+    let cloud = Arc::new(SpotCloud {
+        root: sandbox.path().join("machines"),
+        imds: imds.address.to_string(),
+        booted: Mutex::new(Vec::new()),
+    });
+    let providers: Vec<Arc<dyn Provider>> = vec![cloud.clone()];
+    let mut pool = Pool::up(
+        skyward_tests::loopback_coordinator("spot"),
+        &providers,
+        &Selection::First,
+        &PoolSpec::new(2),
+        &mut |_: PoolProgress<'_>| {},
+    )
+    .await
+    .expect("a pool of two booted nodes");
+
+    // One long task per node; each prints where it runs.
+    let task = TaskPlan {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo on $SKYWARD_NODE_ID; sleep 12; echo done on $SKYWARD_NODE_ID".into(),
+        ],
+        env: Vec::new(),
+        node: None,
+        gpus: GpuRequest::None,
+    };
+    let job = Job {
+        tasks: vec![task.clone(), task],
+        retries: 1,
+        per_node: 1,
+        timeout: Some(Duration::from_secs(60)),
+        stdin: None,
+    };
+    let (events_tx, mut events) = mpsc::channel(64);
+    let collecting = async {
+        let mut seen = Vec::new();
+        let mut noticed = false;
+        while let Some(event) = events.recv().await {
+            if let RunEvent::Output { data, .. } = &event {
+                let text = String::from_utf8_lossy(data).into_owned();
+                // Both tasks run: now AWS says node-2 is about to go.
+                if !noticed
+                    && seen
+                        .iter()
+                        .filter(|l: &&String| l.starts_with("on "))
+                        .count()
+                        == 1
+                    && text.starts_with("on ")
+                {
+                    imds.post_instance_action("terminate", "2026-11-27T15:00:00Z");
+                    noticed = true;
+                }
+                seen.push(text);
+            }
+            if let RunEvent::Retrying {
+                from, to, reason, ..
+            } = &event
+            {
+                seen.push(format!("moved from {from} to {to}: {reason}"));
+            }
+        }
+        seen
+    };
+    let (reports, seen) = tokio::join!(run_job(&mut pool, job, events_tx), collecting);
+    let text = seen.concat();
+    assert!(
+        reports
+            .iter()
+            .all(|r| matches!(r.outcome, Ok(TaskOutcome::Exited { code: 0 }))),
+        "{reports:?}\n{text}"
+    );
+    assert!(
+        text.contains(
+            "moved from node-2 to node-1: aws spot interruption notice: terminate at 2026-11-27T15:00:00Z"
+        ),
+        "{text}"
+    );
+    // Both tasks ended on node-1; the one on node-2 never got to its end there.
+    assert_eq!(text.matches("done on node-1").count(), 2, "{text}");
+    assert!(!text.contains("done on node-2"), "{text}");
+    pool.down().await;
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
+}
