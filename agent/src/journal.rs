@@ -57,6 +57,8 @@ struct State {
     next_seq: u64,
     memory_bytes: usize,
     memory_limit: usize,
+    /// How many kept chunks are in the spill file (counted, not searched for on every push).
+    spilled: usize,
     /// The spill file, its path, and how far it is written.
     spill: Option<(std::fs::File, PathBuf, u64)>,
     spill_path: PathBuf,
@@ -98,6 +100,7 @@ impl Journal {
                 next_seq: 0,
                 memory_bytes: 0,
                 memory_limit,
+                spilled: 0,
                 spill: None,
                 spill_path,
                 spill_limit,
@@ -254,18 +257,17 @@ impl State {
     /// Keeps `data` in memory, or in the spill file once memory is full (and for as long as
     /// spilled chunks wait, so that order holds); false when both are full.
     fn try_push(&mut self, stream: OutputStream, data: &Bytes) -> bool {
-        let spilling = self
-            .chunks
-            .iter()
-            .any(|c| matches!(c.body, Body::Spilled { .. }));
-        let body = if !spilling
+        let body = if self.spilled == 0
             && (self.memory_bytes + data.len() <= self.memory_limit || self.chunks.is_empty())
         {
             self.memory_bytes += data.len();
             Body::Memory(data.clone())
         } else {
             match self.spill_write(data) {
-                Some(body) => body,
+                Some(body) => {
+                    self.spilled += 1;
+                    body
+                }
                 None => return false,
             }
         };
@@ -321,8 +323,9 @@ impl State {
         {
             match self.chunks.front() {
                 Some(chunk) if chunk.seq < self.sent => {
-                    if let Body::Memory(data) = &chunk.body {
-                        self.memory_bytes -= data.len();
+                    match &chunk.body {
+                        Body::Memory(data) => self.memory_bytes -= data.len(),
+                        Body::Spilled { .. } => self.spilled -= 1,
                     }
                     self.first_seq = chunk.seq + 1;
                     self.chunks.pop_front();
@@ -330,11 +333,7 @@ impl State {
                 _ => break,
             }
         }
-        let spilled = self
-            .chunks
-            .iter()
-            .any(|c| matches!(c.body, Body::Spilled { .. }));
-        if !spilled {
+        if self.spilled == 0 {
             if let Some((file, _, end)) = self.spill.as_mut() {
                 if *end > 0 && file.set_len(0).is_ok() {
                     *end = 0;

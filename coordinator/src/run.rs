@@ -1,6 +1,7 @@
 //! Runs a job (one task, a broadcast, or a map) on a pool's nodes and streams its events.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -164,8 +165,6 @@ pub async fn run_job(
             ];
         }
     };
-    let mut running = JoinSet::new();
-    let timeout_ms = job.timeout.map(|t| t.as_millis() as u64);
     let mut node_events = pool.shared_coordinator().subscribe();
     let mut node_events_open = true;
     // The provider says when a machine is gone (reclaimed, offline) sooner than its silence.
@@ -176,49 +175,24 @@ pub async fn run_job(
         gone_tx,
     ));
     let coordinator = pool.shared_coordinator();
-    // Each task's id, its attempts so far, and whether it was fed stdin (which cannot be
-    // fed again).
-    let ids: Vec<u64> = (0..job.tasks.len())
-        .map(|_| coordinator.next_task_id())
-        .collect();
-    let mut attempts = vec![0u32; job.tasks.len()];
-    let mut fed_stdin = vec![false; job.tasks.len()];
-    // Where each running task's current attempt runs, and how to stop it.
-    let mut current: HashMap<usize, (usize, AbortHandle)> = HashMap::new();
-    // Nodes that take no new task (lost, or about to be taken away).
-    let mut retired = vec![false; nodes.len()];
-    let start = |running: &mut JoinSet<_>, task: usize, node: usize, spec: TaskSpec, stdin| {
-        let (coordinator, handle, events) =
-            (coordinator.clone(), nodes[node].clone(), events.clone());
-        running.spawn(async move {
-            let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
-            (task, node, report)
-        })
-    };
+    let mut stdin = job.stdin.take();
+    let mut attempts = Attempts::new(coordinator.clone(), &nodes, &job, events.clone());
     loop {
         for placement in scheduler.assign() {
-            let (task, node) = (placement.task, placement.node);
-            let mut plan = job.tasks[task].clone();
-            plan.env.extend(placement.env());
-            let stdin = if task == 0 { job.stdin.take() } else { None };
-            fed_stdin[task] = stdin.is_some();
-            let spec = TaskSpec::command(
-                ids[task],
-                0,
-                plan.argv,
-                plan.env,
-                timeout_ms,
-                stdin.is_some(),
-            );
-            let handle = start(&mut running, task, node, spec, stdin);
-            current.insert(task, (node, handle));
+            // Only the first task is fed stdin.
+            let input = if placement.task == 0 {
+                stdin.take()
+            } else {
+                None
+            };
+            attempts.start(placement.task, placement.node, placement.env(), input);
         }
         if scheduler.done() {
             break;
         }
         let joined = loop {
             tokio::select! {
-                joined = running.join_next() => break joined,
+                joined = attempts.running.join_next() => break joined,
                 event = node_events.recv(), if node_events_open => match event {
                     Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
                         let why = format!(
@@ -231,47 +205,11 @@ pub async fn run_job(
                         let Some(index) = nodes.iter().position(|n| n.node_id == node_id) else {
                             continue;
                         };
-                        // It takes no new task; its tasks that may move (retries left) start
-                        // again elsewhere now rather than when the machine goes.
+                        // It takes no new task; its tasks that may move start again elsewhere
+                        // now rather than when the machine goes.
                         scheduler.retire(index);
-                        retired[index] = true;
-                        let here: Vec<usize> = current
-                            .iter()
-                            .filter(|(_, (node, _))| *node == index)
-                            .map(|(task, _)| *task)
-                            .collect();
-                        for task in here {
-                            let plan = &job.tasks[task];
-                            let movable = plan.node.is_none() && plan.gpus.is_none() && !fed_stdin[task];
-                            if !movable || attempts[task] >= job.retries {
-                                continue;
-                            }
-                            let Some(other) = other_live_node(&nodes, index, &retired) else {
-                                continue;
-                            };
-                            if let Some((_, stop)) = current.remove(&task) {
-                                stop.abort();
-                            }
-                            attempts[task] += 1;
-                            let _ = events
-                                .send(RunEvent::Retrying {
-                                    task,
-                                    from: node_id.clone(),
-                                    to: nodes[other].node_id.clone(),
-                                    attempt: attempts[task],
-                                    reason: why.clone(),
-                                })
-                                .await;
-                            let spec = TaskSpec::command(
-                                ids[task],
-                                attempts[task],
-                                plan.argv.clone(),
-                                plan.env.clone(),
-                                timeout_ms,
-                                false,
-                            );
-                            let handle = start(&mut running, task, other, spec, None);
-                            current.insert(task, (other, handle));
+                        for task in attempts.running_on(index) {
+                            attempts.move_elsewhere(task, index, &scheduler, why.clone()).await;
                         }
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -283,7 +221,6 @@ pub async fn run_job(
                             coordinator.give_up(&node_id, &why);
                         }
                         scheduler.retire(index);
-                        retired[index] = true;
                     }
                 },
             }
@@ -294,44 +231,20 @@ pub async fn run_job(
             Some(Err(e)) if e.is_cancelled() => continue,
             _ => break,
         };
-        if current.get(&task).map(|(n, _)| *n) != Some(node) {
+        if !attempts.ended(task, node) {
             // An attempt that moved elsewhere ended anyway: the current one speaks for it.
             continue;
         }
-        current.remove(&task);
         if let Err(reason) = &report.outcome {
             if !nodes[node].is_connected() {
                 scheduler.retire(node);
-                retired[node] = true;
             }
-            let plan = &job.tasks[task];
-            let movable = plan.node.is_none() && plan.gpus.is_none() && !fed_stdin[task];
-            let elsewhere = movable && attempts[task] < job.retries;
-            if let Some(other) = elsewhere
-                .then(|| other_live_node(&nodes, node, &retired))
-                .flatten()
+            let reason = nodes[node].lost_reason().unwrap_or_else(|| reason.clone());
+            // The scheduler still counts it on its first node, which is gone anyway.
+            if attempts
+                .move_elsewhere(task, node, &scheduler, reason)
+                .await
             {
-                attempts[task] += 1;
-                let _ = events
-                    .send(RunEvent::Retrying {
-                        task,
-                        from: nodes[node].node_id.clone(),
-                        to: nodes[other].node_id.clone(),
-                        attempt: attempts[task],
-                        reason: nodes[node].lost_reason().unwrap_or_else(|| reason.clone()),
-                    })
-                    .await;
-                let spec = TaskSpec::command(
-                    ids[task],
-                    attempts[task],
-                    plan.argv.clone(),
-                    plan.env.clone(),
-                    timeout_ms,
-                    false,
-                );
-                // The scheduler still counts it on its first node, which is gone anyway.
-                let handle = start(&mut running, task, other, spec, None);
-                current.insert(task, (other, handle));
                 continue;
             }
         }
@@ -344,7 +257,7 @@ pub async fn run_job(
             .await;
         reports[task] = Some(report);
     }
-    running.shutdown().await;
+    attempts.running.shutdown().await;
     watcher.abort();
     let _ = pool.lifecycle().handle(Event::RunFinished);
     reports
@@ -356,6 +269,133 @@ pub async fn run_job(
             })
         })
         .collect()
+}
+
+/// The attempts of a job's tasks: each task's id, its attempts so far, where its current one
+/// runs, and the moves of those whose node is lost or about to be.
+struct Attempts<'a> {
+    coordinator: Arc<Coordinator>,
+    nodes: &'a [NodeHandle],
+    job: &'a Job,
+    events: mpsc::Sender<RunEvent>,
+    ids: Vec<u64>,
+    count: Vec<u32>,
+    /// Fed stdin, which cannot be fed again: such a task does not move.
+    fed_stdin: Vec<bool>,
+    current: HashMap<usize, (usize, AbortHandle)>,
+    running: JoinSet<(usize, usize, TaskReport)>,
+}
+
+impl<'a> Attempts<'a> {
+    fn new(
+        coordinator: Arc<Coordinator>,
+        nodes: &'a [NodeHandle],
+        job: &'a Job,
+        events: mpsc::Sender<RunEvent>,
+    ) -> Self {
+        let tasks = job.tasks.len();
+        Attempts {
+            ids: (0..tasks).map(|_| coordinator.next_task_id()).collect(),
+            coordinator,
+            nodes,
+            job,
+            events,
+            count: vec![0; tasks],
+            fed_stdin: vec![false; tasks],
+            current: HashMap::new(),
+            running: JoinSet::new(),
+        }
+    }
+
+    /// Starts `task`'s current attempt on `node`, with `env` (its GPU slots') added.
+    fn start(
+        &mut self,
+        task: usize,
+        node: usize,
+        env: Vec<(String, String)>,
+        stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    ) {
+        let plan = &self.job.tasks[task];
+        let mut task_env = plan.env.clone();
+        task_env.extend(env);
+        self.fed_stdin[task] |= stdin.is_some();
+        let spec = TaskSpec::command(
+            self.ids[task],
+            self.count[task],
+            plan.argv.clone(),
+            task_env,
+            self.job.timeout.map(|t| t.as_millis() as u64),
+            stdin.is_some(),
+        );
+        let (coordinator, handle, events) = (
+            self.coordinator.clone(),
+            self.nodes[node].clone(),
+            self.events.clone(),
+        );
+        let stop = self.running.spawn(async move {
+            let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
+            (task, node, report)
+        });
+        self.current.insert(task, (node, stop));
+    }
+
+    /// The tasks whose current attempt runs on `node`.
+    fn running_on(&self, node: usize) -> Vec<usize> {
+        self.current
+            .iter()
+            .filter(|(_, (n, _))| *n == node)
+            .map(|(task, _)| *task)
+            .collect()
+    }
+
+    /// An attempt of `task` on `node` ended: whether it was the current one.
+    fn ended(&mut self, task: usize, node: usize) -> bool {
+        let current = self.current.get(&task).map(|(n, _)| *n) == Some(node);
+        if current {
+            self.current.remove(&task);
+        }
+        current
+    }
+
+    /// Starts `task`'s next attempt on the least-loaded live node other than `from` that the
+    /// scheduler has not retired, stopping the one on `from` if it runs, and says why;
+    /// false when the task may not move (pinned, holding GPU slots, fed stdin, no retries
+    /// left) or no node can take it.
+    async fn move_elsewhere(
+        &mut self,
+        task: usize,
+        from: usize,
+        scheduler: &SlotScheduler,
+        reason: String,
+    ) -> bool {
+        let plan = &self.job.tasks[task];
+        let movable = plan.node.is_none() && plan.gpus.is_none() && !self.fed_stdin[task];
+        if !movable || self.count[task] >= self.job.retries {
+            return false;
+        }
+        let Some(to) = (0..self.nodes.len())
+            .filter(|&n| n != from && !scheduler.is_retired(n) && self.nodes[n].is_connected())
+            .min_by_key(|&n| self.nodes[n].running())
+        else {
+            return false;
+        };
+        if let Some((_, stop)) = self.current.remove(&task) {
+            stop.abort();
+        }
+        self.count[task] += 1;
+        let _ = self
+            .events
+            .send(RunEvent::Retrying {
+                task,
+                from: self.nodes[from].node_id.clone(),
+                to: self.nodes[to].node_id.clone(),
+                attempt: self.count[task],
+                reason,
+            })
+            .await;
+        self.start(task, to, Vec::new(), None);
+        true
+    }
 }
 
 /// How often a run asks the provider which of its machines are gone.
@@ -379,13 +419,6 @@ async fn watch_machines(
             }
         }
     }
-}
-
-/// The connected node other than `lost`, and not retired, with the fewest running tasks.
-fn other_live_node(nodes: &[NodeHandle], lost: usize, retired: &[bool]) -> Option<usize> {
-    (0..nodes.len())
-        .filter(|&n| n != lost && !retired[n] && nodes[n].is_connected())
-        .min_by_key(|&n| nodes[n].running())
 }
 
 async fn drive_task(

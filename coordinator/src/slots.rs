@@ -280,6 +280,10 @@ impl SlotScheduler {
         }
     }
 
+    pub fn is_retired(&self, node: usize) -> bool {
+        self.retired.get(node).copied().unwrap_or(false)
+    }
+
     /// `slots[n]` is node `n`'s slots; `per_node` limits tasks without a GPU request only.
     /// Fails, naming the fix, when a task could never start on its nodes.
     pub fn new(slots: Vec<Vec<Slot>>, per_node: usize, tasks: &[SlotTask]) -> Result<Self, String> {

@@ -770,38 +770,24 @@ fn a_spot_interruption_notice_reaches_the_user_at_once() {
 
 #[test]
 fn a_task_whose_node_is_lost_runs_again_on_another_node() {
-    use std::io::{BufRead, BufReader};
     let sandbox = Sandbox::new();
-    let mut skyward = sandbox
-        .skyward()
-        .args([
-            "run",
-            "--nodes",
-            "2",
-            "--retries",
-            "1",
-            // Lost after 3 s without a health report, rather than QUIC's 30 s of silence.
-            "--node-timeout",
-            "3s",
-            // Stdin forwarded once cannot be forwarded again: a task fed it is not moved.
-            "--no-stdin",
-            "--",
-            "sh",
-            "-c",
-            "echo on $SKYWARD_NODE_ID; sleep 2; echo finished on $SKYWARD_NODE_ID",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(skyward.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let lost = first
-        .trim()
-        .strip_prefix("on ")
-        .expect("on node-N")
-        .to_string();
+    let run = skyward_tests::MovingRun::start(sandbox.skyward().args([
+        "run",
+        "--nodes",
+        "2",
+        "--retries",
+        "1",
+        // Lost after 3 s without a health report, rather than QUIC's 30 s of silence.
+        "--node-timeout",
+        "3s",
+        // Stdin forwarded once cannot be forwarded again: a task fed it is not moved.
+        "--no-stdin",
+        "--",
+        "sh",
+        "-c",
+        "echo on $SKYWARD_NODE_ID; sleep 2; echo finished on $SKYWARD_NODE_ID",
+    ]));
+    let lost = run.first.clone();
     // The node's machine goes away: its agent dies without a word (and its task with it).
     let agents: Vec<i32> = skyward_tests::processes_under(sandbox.path())
         .into_iter()
@@ -815,18 +801,5 @@ fn a_task_whose_node_is_lost_runs_again_on_another_node() {
     unsafe {
         libc::kill(agents[0], libc::SIGKILL);
     }
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let out = skyward.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{rest}\n{stderr}");
-    let other = if lost == "node-1" { "node-2" } else { "node-1" };
-    assert!(rest.contains(&format!("finished on {other}")), "{rest}");
-    assert!(!rest.contains(&format!("finished on {lost}")), "{rest}");
-    assert!(
-        stderr.contains(&format!(
-            "skyward: task 0 lost {lost} (no health report for 3s)"
-        )) && stderr.contains(&format!("); running it again on {other} (attempt 1)")),
-        "{stderr}"
-    );
+    run.assert_moved("no health report for 3s)");
 }

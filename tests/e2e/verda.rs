@@ -967,7 +967,6 @@ async fn the_standin_answers_with_verdas_quirks() {
 
 #[test]
 fn a_machine_verda_reports_offline_loses_its_node_and_the_task_moves() {
-    use std::io::{BufRead, BufReader};
     let sandbox = Sandbox::new();
     let standin = VerdaStandin::start(sandbox.path());
     let url = standin.url();
@@ -976,53 +975,29 @@ fn a_machine_verda_reports_offline_loses_its_node_and_the_task_moves() {
         ("VERDA_CLIENT_ID", CLIENT_ID),
         ("VERDA_CLIENT_SECRET", CLIENT_SECRET),
     ];
-    let mut skyward = skyward(&sandbox, &env)
-        .args([
-            "run",
-            "--provider",
-            "verda",
-            "--selection",
-            "cheapest",
-            "--nodes",
-            "2",
-            "--retries",
-            "1",
-            "-n",
-            "--",
-            "sh",
-            "-c",
-            "echo on $SKYWARD_NODE_ID; sleep 15; echo finished on $SKYWARD_NODE_ID",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(skyward.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let lost = first
-        .trim()
-        .strip_prefix("on ")
-        .expect("on node-N")
-        .to_string();
+    let run = skyward_tests::MovingRun::start(skyward(&sandbox, &env).args([
+        "run",
+        "--provider",
+        "verda",
+        "--selection",
+        "cheapest",
+        "--nodes",
+        "2",
+        "--retries",
+        "1",
+        "-n",
+        "--",
+        "sh",
+        "-c",
+        "echo on $SKYWARD_NODE_ID; sleep 15; echo finished on $SKYWARD_NODE_ID",
+    ]));
     // Verda takes the machine away (its agent, here, does not even notice).
     let instance = standin
         .instances()
         .into_iter()
-        .find(|i| i.hostname.ends_with(&format!("-{lost}")))
+        .find(|i| i.hostname.ends_with(&format!("-{}", run.first)))
         .expect("the node's instance");
     standin.set_status(&instance.id, "offline");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let out = skyward.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{rest}\n{stderr}");
-    let other = if lost == "node-1" { "node-2" } else { "node-1" };
-    assert!(rest.contains(&format!("finished on {other}")), "{rest}");
-    assert!(
-        stderr.contains(&format!("skyward: task 0 lost {lost} (verda: "))
-            && stderr.contains(&format!("running it again on {other} (attempt 1)")),
-        "{stderr}"
-    );
+    run.assert_moved("verda: ");
     assert_nothing_left(&standin, &sandbox);
 }

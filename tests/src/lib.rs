@@ -314,3 +314,58 @@ pub fn agent_listening() -> skyward_coordinator::bootstrap::Reverse {
         allow_from: None,
     }
 }
+
+/// A `skyward run` of one task on two nodes, `echo on $SKYWARD_NODE_ID; sleep ...; echo
+/// finished on $SKYWARD_NODE_ID`, whose node a test takes away once it has started.
+pub struct MovingRun {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// The node the task started on.
+    pub first: String,
+}
+
+impl MovingRun {
+    /// Spawns `cmd` (its task printing as above) and waits for the task's first line.
+    pub fn start(cmd: &mut Command) -> MovingRun {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("skyward starts");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("the task's first line");
+        let first = line
+            .trim()
+            .strip_prefix("on ")
+            .unwrap_or_else(|| panic!("expected `on node-N`, got {line:?}"))
+            .to_string();
+        MovingRun {
+            child,
+            stdout,
+            first,
+        }
+    }
+
+    /// Waits for the run to end and checks that it succeeded, the task finishing on the
+    /// other node only, and that stderr said it lost the first for a reason starting
+    /// with `reason`. Returns stderr.
+    pub fn assert_moved(mut self, reason: &str) -> String {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut rest).expect("the run's output");
+        let out = self.child.wait_with_output().expect("the run ends");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{rest}\n{stderr}");
+        let lost = &self.first;
+        let other = if lost == "node-1" { "node-2" } else { "node-1" };
+        assert!(rest.contains(&format!("finished on {other}")), "{rest}");
+        assert!(!rest.contains(&format!("finished on {lost}")), "{rest}");
+        assert!(
+            stderr.contains(&format!("skyward: task 0 lost {lost} ({reason}"))
+                && stderr.contains(&format!("running it again on {other} (attempt 1)")),
+            "{stderr}"
+        );
+        stderr
+    }
+}

@@ -1151,22 +1151,10 @@ impl Aws {
             let Some(name) = group.group_name() else {
                 continue;
             };
-            let mut tries = 0;
-            loop {
-                match client
-                    .delete_placement_group()
-                    .group_name(name)
-                    .send()
-                    .await
-                {
-                    Ok(_) => break,
-                    Err(e) if e.code() == Some("InvalidPlacementGroup.InUse") && tries < 60 => {
-                        tries += 1;
-                        tokio::time::sleep(POLL).await;
-                    }
-                    Err(e) => return Err(api_error(e)),
-                }
-            }
+            retry_while_in_use("InvalidPlacementGroup.InUse", || {
+                client.delete_placement_group().group_name(name).send()
+            })
+            .await?;
         }
         // The group can only go once no instance uses it: retry while EC2 says so.
         let groups = client
@@ -1177,20 +1165,34 @@ impl Aws {
             .map_err(api_error)?;
         for group in groups.security_groups() {
             let Some(id) = group.group_id() else { continue };
-            let mut tries = 0;
-            loop {
-                match client.delete_security_group().group_id(id).send().await {
-                    Ok(_) => break,
-                    Err(e) if e.code() == Some("DependencyViolation") && tries < 60 => {
-                        tries += 1;
-                        tokio::time::sleep(POLL).await;
-                    }
-                    Err(e) => return Err(api_error(e)),
-                }
-            }
+            retry_while_in_use("DependencyViolation", || {
+                client.delete_security_group().group_id(id).send()
+            })
+            .await?;
         }
         Ok(())
     }
+}
+
+/// Runs a delete, again every [`POLL`] (for up to a minute or two) while EC2 answers `code`:
+/// what is deleted can only go once the pool's instances are gone.
+async fn retry_while_in_use<T, E, R, F>(
+    code: &str,
+    mut delete: impl FnMut() -> F,
+) -> Result<(), ProviderError>
+where
+    F: std::future::Future<Output = Result<T, aws_sdk_ec2::error::SdkError<E, R>>>,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    for _ in 0..60 {
+        match delete().await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.code() == Some(code) => tokio::time::sleep(POLL).await,
+            Err(e) => return Err(api_error(e)),
+        }
+    }
+    delete().await.map(drop).map_err(api_error)
 }
 
 /// The accelerators of an instance type, through the catalog.
