@@ -6,7 +6,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // The AWS credential chain warns about every source it tried when none has
+                // credentials; `skyward providers` says that in one line with the fix.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("warn,aws_config::meta::credentials=error")
+                }),
         )
         .init();
     skyward_common::install_crypto_provider();
