@@ -6,26 +6,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use clap::{Args, Parser, Subcommand};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
+use crate::job::{exit_code, JobRequest, On};
 use crate::output::{OutputMode, Renderer};
-use crate::pool::{self, Pool, PoolProgress};
+use crate::persistent;
+use crate::pool;
 use crate::preflight::Preflight;
 use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
-use crate::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
+use crate::run::TaskReport;
 use crate::selection::Selection;
-use crate::server::{Coordinator, CoordinatorConfig};
+use crate::session::{forget, record, PoolSession, FAILURE, USAGE};
 use crate::slots::{self, GpuRequest};
 use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
-use crate::store::{InstanceRecord, Owner, Placement, PoolRecord, PoolState, Store};
-
-/// Exit code for a command line that was wrong (nothing was started).
-const USAGE: i32 = 2;
-/// Exit code when Skyward itself failed (as ssh uses 255).
-const FAILURE: i32 = 255;
+use crate::store::{PoolRecord, PoolState, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,9 +43,14 @@ enum Command {
     Providers(ProvidersArgs),
     /// Check that nodes can reach this machine and get an agent, and say how they connect.
     Doctor(DoctorArgs),
-    /// The pools this machine's coordinators made that still exist.
+    /// Pools that outlive a command (`pool up`, `pool status`, `pool down`), and the list of
+    /// every pool this machine's coordinators made that still exists.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Run a command on a pool started with `skyward pool up`, streaming its output.
+    Exec(Box<persistent::ExecArgs>),
+    /// The output of a task run on a pool started with `skyward pool up`.
+    Logs(persistent::LogsArgs),
     /// Remove pools a skyward left behind (killed, crashed, or its teardown failed): their
     /// machines and everything made for them.
     Down(DownArgs),
@@ -60,6 +60,16 @@ enum Command {
 enum PoolCommand {
     /// List the pools recorded here: running ones and ones left behind.
     List(PoolListArgs),
+    /// Start a pool that stays up after this command returns, served by a background
+    /// coordinator; `skyward exec NAME -- CMD` runs on it, `skyward pool down NAME` ends it.
+    Up(Box<persistent::UpArgs>),
+    /// A pool's nodes, their accelerators, its tasks and what it has cost so far.
+    Status(persistent::StatusArgs),
+    /// Tear pools down (the same as `skyward down`).
+    Down(DownArgs),
+    /// The background coordinator of `pool up` (started by it, not by hand).
+    #[command(hide = true)]
+    Serve(Box<persistent::UpArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -70,7 +80,7 @@ struct PoolListArgs {
 }
 
 #[derive(Args, Debug)]
-struct DownArgs {
+pub(crate) struct DownArgs {
     /// The pools to remove (`skyward pool list` names them).
     #[arg(
         value_name = "POOL",
@@ -183,22 +193,20 @@ struct ProvidersArgs {
     json: bool,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum On {
-    /// One node: the least loaded.
-    One,
-    /// Every node (broadcast), each told its rank.
-    All,
-}
-
 #[derive(Args, Debug)]
 #[command(
     after_help = "Examples:\n  skyward run -- python3 -c 'print(6*7)'\n  skyward run --nodes 3 --on all -- hostname\n  skyward run --nodes 4 --map 'sh -c \"echo {}\"' 1 2 3 4 5 6 7 8"
 )]
 struct RunArgs {
-    /// Number of nodes in the pool.
-    #[arg(long, default_value_t = 1)]
-    nodes: usize,
+    #[command(flatten)]
+    job: JobArgs,
+    #[command(flatten)]
+    pool: PoolArgs,
+}
+
+/// What runs, and how (shared by `run` and `exec`).
+#[derive(Args, Debug)]
+pub struct JobArgs {
     /// Where the command runs.
     #[arg(long, value_enum, default_value = "one")]
     on: On,
@@ -223,10 +231,6 @@ struct RunArgs {
     /// Kill each task after this long (e.g. 30s, 5m); it then exits with 124.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
-    /// A node silent this long (no health report) is lost: its tasks fail, or run again
-    /// elsewhere with --retries.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    node_timeout: Duration,
     /// Run a task again on another node this many times if its node is lost (not tasks
     /// pinned to a node by --on all, nor tasks holding GPU slots, nor one fed stdin).
     #[arg(long, default_value_t = 0)]
@@ -234,6 +238,30 @@ struct RunArgs {
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// One JSON object per event on stdout (node ready, output, task exit, pool down).
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Do not forward this terminal's stdin to the task.
+    #[arg(short = 'n', long)]
+    no_stdin: bool,
+    /// Inputs for --map.
+    #[arg(value_name = "INPUT")]
+    inputs: Vec<String>,
+    /// The command to run, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+/// What the pool is (shared by `run` and `pool up`).
+#[derive(Args, Debug)]
+pub struct PoolArgs {
+    /// Number of nodes in the pool.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// A node silent this long (no health report) is lost: its tasks fail, or run again
+    /// elsewhere with --retries.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    node_timeout: Duration,
     #[command(flatten)]
     spec: SpecArgs,
     /// How long nodes get to come up and connect (default: 60s for local nodes, 5m for cloud
@@ -270,18 +298,6 @@ struct RunArgs {
     /// stops its tasks and powers itself off (cloud) even if this skyward is gone.
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
-    /// One JSON object per event on stdout (node ready, output, task exit, pool down).
-    #[arg(long)]
-    json: bool,
-    /// Do not forward this terminal's stdin to the task.
-    #[arg(short = 'n', long)]
-    no_stdin: bool,
-    /// Inputs for --map.
-    #[arg(value_name = "INPUT")]
-    inputs: Vec<String>,
-    /// The command to run, after `--`.
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
 }
 
 pub async fn main(cli: Cli) -> i32 {
@@ -291,45 +307,66 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Providers(args) => providers(args).await,
         Command::Doctor(args) => doctor(args).await,
         Command::Pool(PoolCommand::List(args)) => pool_list(args),
+        Command::Pool(PoolCommand::Up(args)) => persistent::up(*args).await,
+        Command::Pool(PoolCommand::Serve(args)) => persistent::serve(*args).await,
+        Command::Pool(PoolCommand::Status(args)) => persistent::status(args).await,
+        Command::Pool(PoolCommand::Down(args)) => down(args).await,
+        Command::Exec(args) => persistent::exec(*args).await,
+        Command::Logs(args) => persistent::logs(args).await,
         Command::Down(args) => down(args).await,
     }
 }
 
-/// What `skyward run` will do, checked before anything is created.
-struct Plan {
-    provider_options: ProviderOptions,
+/// How `skyward run` and `skyward pool up` make a pool, checked before anything is created.
+pub struct PoolPlan {
+    pub(crate) provider_options: ProviderOptions,
     /// The `--provider-opt` settings as given, for the state store.
-    provider_opts: Vec<String>,
-    listen: Option<SocketAddr>,
-    advertise: Option<SocketAddr>,
-    agent_binary: Option<PathBuf>,
-    agent_url: Option<String>,
-    spec: PoolSpec,
-    selection: Selection,
-    providers: String,
-    on: On,
-    preflight: Preflight,
-    /// argv per task for a map, or the one argv otherwise.
-    argvs: Vec<Vec<String>>,
-    env: Vec<(String, String)>,
-    per_node: usize,
-    /// GPU slots each task needs.
-    gpus: GpuRequest,
-    timeout: Option<Duration>,
-    retries: u32,
-    node_timeout: Duration,
-    mode: OutputMode,
-    forward_stdin: bool,
+    pub(crate) provider_opts: Vec<String>,
+    pub(crate) listen: Option<SocketAddr>,
+    pub(crate) advertise: Option<SocketAddr>,
+    pub(crate) agent_binary: Option<PathBuf>,
+    pub(crate) agent_url: Option<String>,
+    pub(crate) spec: PoolSpec,
+    pub(crate) selection: Selection,
+    pub(crate) providers: String,
+    pub(crate) node_timeout: Duration,
 }
 
-fn plan(args: RunArgs) -> Result<Plan, String> {
+pub(crate) fn pool_plan(args: &PoolArgs) -> Result<PoolPlan, String> {
     if args.nodes == 0 {
         return Err("--nodes must be at least 1".into());
     }
+    Ok(PoolPlan {
+        provider_options: args.spec.provider_options()?,
+        provider_opts: args.spec.provider_opt.clone(),
+        listen: args.listen,
+        advertise: args.advertise,
+        agent_binary: args.agent_binary.clone(),
+        agent_url: args.agent_url.clone(),
+        spec: {
+            let connect_timeout = args.connect_timeout.unwrap_or_else(|| {
+                default_connect_timeout(&args.spec.provider, args.mig.is_some())
+            });
+            let mut spec = args.spec.spec(args.nodes, connect_timeout)?;
+            spec.reverse = args.reverse;
+            spec.public_ip = args.public_ip;
+            spec.mig = args.mig.clone();
+            spec.ttl = args.ttl;
+            spec
+        },
+        selection: args.spec.selection.clone(),
+        providers: args.spec.provider.clone(),
+        node_timeout: args.node_timeout,
+    })
+}
+
+/// The job the command line asks for. `pool`: the pool's own arguments when the pool is made
+/// for this job (`run`), so that a GPU request no node of it could meet is refused now.
+pub(crate) fn job_request(args: &JobArgs, pool: Option<&PoolArgs>) -> Result<JobRequest, String> {
     if args.per_node == 0 {
         return Err("--per-node must be at least 1".into());
     }
-    let gpus = gpu_request(&args)?;
+    let gpus = gpu_request(args, pool)?;
     let env = args
         .env
         .iter()
@@ -365,33 +402,8 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
     } else {
         vec![args.command.clone()]
     };
-    let many = args.nodes > 1 && (args.on == On::All || args.map.is_some());
-    let mode = match (args.json, many) {
-        (true, _) => OutputMode::Json,
-        (false, true) => OutputMode::Prefixed,
-        (false, false) => OutputMode::Raw,
-    };
     let single = args.map.is_none() && args.on == On::One;
-    Ok(Plan {
-        provider_options: args.spec.provider_options()?,
-        provider_opts: args.spec.provider_opt.clone(),
-        listen: args.listen,
-        advertise: args.advertise,
-        agent_binary: args.agent_binary.clone(),
-        agent_url: args.agent_url.clone(),
-        spec: {
-            let connect_timeout = args.connect_timeout.unwrap_or_else(|| {
-                default_connect_timeout(&args.spec.provider, args.mig.is_some())
-            });
-            let mut spec = args.spec.spec(args.nodes, connect_timeout)?;
-            spec.reverse = args.reverse;
-            spec.public_ip = args.public_ip;
-            spec.mig = args.mig.clone();
-            spec.ttl = args.ttl;
-            spec
-        },
-        selection: args.spec.selection.clone(),
-        providers: args.spec.provider.clone(),
+    Ok(JobRequest {
         on: args.on,
         preflight: args.preflight,
         argvs,
@@ -400,16 +412,23 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         gpus,
         timeout: args.timeout,
         retries: args.retries,
-        node_timeout: args.node_timeout,
-        mode,
-        forward_stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
+        stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
     })
+}
+
+/// How a job's events are shown on a pool of `nodes`.
+pub(crate) fn output_mode(json: bool, request: &JobRequest, nodes: usize) -> OutputMode {
+    match (json, request.spans_nodes(nodes)) {
+        (true, _) => OutputMode::Json,
+        (false, true) => OutputMode::Prefixed,
+        (false, false) => OutputMode::Raw,
+    }
 }
 
 /// The GPU request of `--gpus` / `--slice`, refused now if the spec's nodes cannot meet it.
 /// A local pool without `--accelerator` has whatever GPUs this machine has: it is checked
 /// against the nodes' inventories once they are up.
-fn gpu_request(args: &RunArgs) -> Result<GpuRequest, String> {
+fn gpu_request(args: &JobArgs, pool: Option<&PoolArgs>) -> Result<GpuRequest, String> {
     let request = match (&args.gpus, &args.slice) {
         (Some(0), _) => return Err("--gpus must be at least 1 (or drop it)".into()),
         (Some(n), _) => GpuRequest::Gpus(*n),
@@ -423,9 +442,11 @@ fn gpu_request(args: &RunArgs) -> Result<GpuRequest, String> {
         },
         (None, None) => GpuRequest::None,
     };
-    let only_local = args.spec.provider.split(',').all(|p| p.trim() == "local");
-    if args.spec.accelerator.is_some() || !only_local {
-        slots::fits(&request, args.spec.accelerator.as_ref())?;
+    if let Some(pool) = pool {
+        let only_local = pool.spec.provider.split(',').all(|p| p.trim() == "local");
+        if pool.spec.accelerator.is_some() || !only_local {
+            slots::fits(&request, pool.spec.accelerator.as_ref())?;
+        }
     }
     Ok(request)
 }
@@ -448,7 +469,7 @@ fn map_argvs(template: &str, inputs: &[String]) -> Result<Vec<Vec<String>>, Stri
 }
 
 /// `SKYWARD_HOME`, else `$XDG_DATA_HOME/skyward`, else `~/.local/share/skyward`.
-fn skyward_home() -> Result<PathBuf, String> {
+pub(crate) fn skyward_home() -> Result<PathBuf, String> {
     if let Some(home) = std::env::var_os("SKYWARD_HOME") {
         return Ok(PathBuf::from(home));
     }
@@ -460,115 +481,64 @@ fn skyward_home() -> Result<PathBuf, String> {
         .ok_or_else(|| "cannot find a data directory: set SKYWARD_HOME".into())
 }
 
-async fn run(args: RunArgs) -> i32 {
-    let plan = match plan(args) {
-        Ok(plan) => plan,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
-    let home = match skyward_home() {
-        Ok(home) => home,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
-    let pool_name = format!("sky-{:08x}", rand::random::<u32>());
-    let pool_dir = home.join("pools").join(&pool_name);
-    let providers = match make_providers(
-        &plan.providers,
-        &plan.provider_options,
-        pool_dir.join("nodes"),
-        true,
-    ) {
-        Ok(providers) => providers,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
-    let (mut sigint, mut sigterm) = match (
+/// SIGINT and SIGTERM, as a command that tears down on either takes them.
+pub(crate) fn interrupt_signals() -> Result<(Signal, Signal), String> {
+    match (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
     ) {
-        (Ok(i), Ok(t)) => (i, t),
-        _ => {
-            eprintln!("skyward: cannot install signal handlers");
-            return FAILURE;
-        }
-    };
-    if let Err(message) = pool::check(&plan.spec, &providers) {
-        eprintln!("skyward: {message}");
-        return USAGE;
+        (Ok(i), Ok(t)) => Ok((i, t)),
+        _ => Err("cannot install signal handlers".into()),
     }
-    let advertise = match advertise(&plan, &providers) {
-        Ok(advertise) => advertise,
+}
+
+async fn run(args: RunArgs) -> i32 {
+    let planned = pool_plan(&args.pool)
+        .and_then(|plan| Ok((plan, job_request(&args.job, Some(&args.pool))?)))
+        .and_then(|planned| Ok((planned, skyward_home()?)));
+    let ((plan, request), home) = match planned {
+        Ok(planned) => planned,
         Err(message) => {
             eprintln!("skyward: {message}");
             return USAGE;
         }
     };
-    // Recorded before anything exists, so that nothing this run creates can go unrecorded.
-    let store = match Store::open(&home).and_then(|store| {
-        store
-            .add_pool(
-                &pool_name,
-                Owner::this_process(),
-                &plan.providers,
-                &plan.provider_opts,
-                &pool_dir,
-            )
-            .map(|()| store)
-    }) {
-        Ok(store) => std::sync::Mutex::new(store),
+    let (mut sigint, mut sigterm) = match interrupt_signals() {
+        Ok(signals) => signals,
         Err(message) => {
             eprintln!("skyward: {message}");
             return FAILURE;
         }
     };
-    let coordinator = match Coordinator::start_advertised(
-        CoordinatorConfig {
-            pool: pool_name.clone(),
-            bind: plan
-                .listen
-                .unwrap_or_else(|| default_listen(&plan, &providers)),
-            state_dir: Some(pool_dir.join("identity")),
-        },
-        advertise,
-    ) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("skyward: starting the coordinator: {e}");
-            forget(&store, &pool_name);
-            return FAILURE;
+    let pool_name = format!("sky-{:08x}", rand::random::<u32>());
+    let session = match PoolSession::start(&plan, &home, &pool_name) {
+        Ok(session) => session,
+        Err((message, code)) => {
+            eprintln!("skyward: {message}");
+            return code;
         }
     };
-    coordinator.set_node_timeout(plan.node_timeout);
-    let mut renderer = Renderer::terminal(plan.mode);
-    let remote = providers.iter().any(|p| p.name() != "local");
-    if remote && !plan.spec.reverse && coordinator.advertised_addr().ip().is_loopback() {
-        renderer.note(&format!(
-            "cloud nodes cannot reach {}: pass --listen 0.0.0.0:7443 --advertise PUBLIC_IP:7443 (UDP and TCP open)",
-            coordinator.advertised_addr()
-        ));
+    let mut renderer = Renderer::terminal(output_mode(args.job.json, &request, plan.spec.nodes));
+    if let Some(warning) = session.unreachable_warning(&plan) {
+        renderer.note(&warning);
     }
-    let labels: Vec<String> = plan
-        .argvs
-        .iter()
-        .map(|argv| {
-            shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
-        })
-        .collect();
-
-    let work = execute(
-        &plan,
-        coordinator.clone(),
-        &providers,
-        &mut renderer,
-        &store,
-    );
+    let labels = request.labels();
+    let stdin = request
+        .stdin
+        .then(|| Box::new(tokio::io::stdin()) as crate::run::TaskInput);
+    let work = async {
+        let pool = session.bring_up(&plan, &mut renderer, true).await?;
+        let (events, mut shown) = tokio::sync::mpsc::channel(64);
+        let running = session.run(&pool, &request, stdin, 0, events);
+        let showing = async {
+            while let Some(event) = shown.recv().await {
+                renderer.event(&event);
+            }
+        };
+        let (reports, ()) = tokio::join!(running, showing);
+        pool.down().await;
+        reports
+    };
     let ttl = async {
         match plan.spec.ttl {
             Some(ttl) => tokio::time::sleep(ttl).await,
@@ -586,30 +556,7 @@ async fn run(args: RunArgs) -> i32 {
             "{name}: stopping tasks and tearing down pool {pool_name}"
         ));
     }
-    record(&store, |s| s.set_state(&pool_name, PoolState::TearingDown));
-    // A second Ctrl-C does not abandon the teardown: it says what is still going on.
-    let teardown = pool::teardown(&coordinator, &providers);
-    tokio::pin!(teardown);
-    let torn_down = loop {
-        tokio::select! {
-            result = &mut teardown => break result,
-            _ = sigint.recv() => eprintln!("skyward: still removing the nodes of pool {pool_name}; they will be gone in a few seconds"),
-        }
-    };
-    match torn_down {
-        Ok(()) => {
-            let _ = std::fs::remove_dir_all(&pool_dir);
-            forget(&store, &pool_name);
-        }
-        Err(_) => {
-            record(&store, |s| {
-                s.set_state(&pool_name, PoolState::TeardownFailed)
-            });
-            eprintln!(
-                "skyward: pool {pool_name} may have left machines behind: `skyward down {pool_name}` tries again"
-            );
-        }
-    }
+    session.finish(&mut sigint).await;
     renderer.pool_down(&pool_name);
 
     match ended {
@@ -627,7 +574,7 @@ async fn run(args: RunArgs) -> i32 {
 
 /// Loopback, unless the coordinator dials cloud nodes (`--reverse`): then from any address,
 /// on a port of the system's choosing (nodes never dial it).
-fn default_listen(plan: &Plan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
+pub(crate) fn default_listen(plan: &PoolPlan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
     let cloud = providers.iter().any(|p| p.name() != "local");
     match plan.spec.reverse && cloud {
         true => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -637,7 +584,10 @@ fn default_listen(plan: &Plan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
 
 /// How cloud nodes reach this coordinator and get the agent. Only needed when a provider
 /// other than `local` is in the list.
-fn advertise(plan: &Plan, providers: &[Arc<dyn Provider>]) -> Result<crate::Advertise, String> {
+pub(crate) fn advertise(
+    plan: &PoolPlan,
+    providers: &[Arc<dyn Provider>],
+) -> Result<crate::Advertise, String> {
     if providers.iter().all(|p| p.name() == "local") {
         return Ok(crate::Advertise::default());
     }
@@ -673,7 +623,7 @@ fn advertise(plan: &Plan, providers: &[Arc<dyn Provider>]) -> Result<crate::Adve
 
 /// The agent built for old glibc by `scripts/build-agent.sh`, beside this `skyward`: it runs
 /// on every image, where the plain build needs this machine's glibc.
-fn portable_agent() -> Option<PathBuf> {
+pub(crate) fn portable_agent() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let portable = exe.with_file_name(format!("skyward-agent-linux-{}", std::env::consts::ARCH));
     portable.is_file().then_some(portable)
@@ -681,7 +631,7 @@ fn portable_agent() -> Option<PathBuf> {
 
 /// The providers named on the command line. `need_agent`: refuse up front when the local
 /// provider is asked to start nodes without an agent binary to run.
-fn make_providers(
+pub(crate) fn make_providers(
     names: &str,
     options: &ProviderOptions,
     local_root: PathBuf,
@@ -935,222 +885,8 @@ enum Ended {
     Signal(&'static str, i32),
 }
 
-/// The task's own code for one task; for many, 0 only if all succeeded, else the first
-/// failing task's code (in input order).
-fn exit_code(reports: &[TaskReport]) -> i32 {
-    match reports {
-        [one] => one.exit_code(),
-        many => many
-            .iter()
-            .find(|r| !r.success())
-            .map(|r| match r.exit_code() {
-                0 => 1,
-                code => code,
-            })
-            .unwrap_or(0),
-    }
-}
-
-async fn execute(
-    plan: &Plan,
-    coordinator: Arc<Coordinator>,
-    providers: &[Arc<dyn Provider>],
-    renderer: &mut Renderer<std::io::Stdout, std::io::Stderr>,
-    store: &std::sync::Mutex<Store>,
-) -> Result<Vec<TaskReport>, String> {
-    let pool_name = coordinator.pool().to_string();
-    let progress = (plan.mode != OutputMode::Json && std::io::stderr().is_terminal()).then(|| {
-        let bar = ProgressBar::new(plan.spec.nodes as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} {pos}/{len} nodes ready ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-        );
-        bar.enable_steady_tick(Duration::from_millis(100));
-        bar
-    });
-    let mut pool = {
-        let mut on_progress = |event: PoolProgress<'_>| match event {
-            PoolProgress::Searching { providers } => {
-                if let Some(bar) = &progress {
-                    bar.set_message(format!("asking {providers} provider(s) for offers:"));
-                }
-            }
-            PoolProgress::Provisioning { attempt, nodes } => {
-                record(store, |s| {
-                    s.add_placement(
-                        &pool_name,
-                        &Placement {
-                            provider: attempt.offer.provider.clone(),
-                            region: attempt.offer.region.clone(),
-                            instance_type: attempt.offer.instance_type.clone(),
-                        },
-                    )
-                });
-                if let Some(bar) = &progress {
-                    bar.set_message(format!(
-                        "starting {nodes} x {} on {} ({}):",
-                        attempt.offer.instance_type, attempt.offer.provider, attempt.market
-                    ));
-                }
-            }
-            PoolProgress::Provisioned { attempt, instances } => {
-                for instance in instances {
-                    record(store, |s| {
-                        s.add_instance(
-                            &pool_name,
-                            &InstanceRecord {
-                                provider: attempt.offer.provider.clone(),
-                                region: attempt.offer.region.clone(),
-                                node: instance.node_id.clone(),
-                                provider_id: instance.provider_id.clone(),
-                            },
-                        )
-                    });
-                }
-            }
-            PoolProgress::AttemptFailed { attempt, error } => {
-                renderer.attempt_failed(attempt, error);
-            }
-            PoolProgress::NodeReady { node, .. } => match &progress {
-                // Lines printed while the bar is drawn would be garbled by it.
-                Some(bar) => {
-                    bar.inc(1);
-                    bar.suspend(|| renderer.node_ready(node));
-                }
-                None => renderer.node_ready(node),
-            },
-        };
-        let up = Pool::up(
-            coordinator,
-            providers,
-            &plan.selection,
-            &plan.spec,
-            &mut on_progress,
-        )
-        .await;
-        if let Some(bar) = &progress {
-            bar.finish_and_clear();
-        }
-        up.map_err(|e| e.to_string())?
-    };
-    // Refused before any task starts when no node of the pool could ever take it.
-    let slots: Vec<_> = pool
-        .nodes()
-        .iter()
-        .map(|n| slots::node_slots(&n.inventory))
-        .collect();
-    let pins: Vec<Option<usize>> = match plan.on {
-        On::All => (0..slots.len()).map(Some).collect(),
-        On::One => vec![None],
-    };
-    if let Some(message) = pins
-        .into_iter()
-        .find_map(|pin| slots::fits_nodes(&plan.gpus, pin, &slots).err())
-    {
-        pool.down().await;
-        return Err(message);
-    }
-    let mut tasks = match plan.on {
-        // The preflight checks that the nodes reach each other before any task starts.
-        On::All => match Job::broadcast(
-            &pool,
-            plan.argvs[0].clone(),
-            plan.env.clone(),
-            plan.preflight,
-        )
-        .await
-        {
-            Ok(tasks) => tasks,
-            Err(e) => {
-                pool.down().await;
-                return Err(e.to_string());
-            }
-        },
-        On::One => plan
-            .argvs
-            .iter()
-            .map(|argv| TaskPlan {
-                argv: argv.clone(),
-                env: plan.env.clone(),
-                node: None,
-                gpus: GpuRequest::None,
-            })
-            .collect(),
-    };
-    for task in &mut tasks {
-        task.gpus = plan.gpus.clone();
-    }
-    let job = Job {
-        tasks,
-        retries: plan.retries,
-        per_node: if plan.argvs.len() == 1 {
-            usize::MAX
-        } else {
-            plan.per_node
-        },
-        timeout: plan.timeout,
-        stdin: plan
-            .forward_stdin
-            .then(|| Box::new(tokio::io::stdin()) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-    };
-    let (events_tx, mut events_rx) = mpsc::channel(64);
-    let running = run_job(&mut pool, job, events_tx);
-    let rendering = async {
-        // Each task's current attempt, for the state store.
-        let mut attempts: std::collections::HashMap<usize, u32> = Default::default();
-        while let Some(event) = events_rx.recv().await {
-            match &event {
-                RunEvent::Started { task, node } => {
-                    let attempt = attempts.get(task).copied().unwrap_or(0);
-                    record(store, |s| {
-                        s.task_started(&pool_name, *task as u64, attempt, node)
-                    });
-                }
-                RunEvent::Retrying { task, attempt, .. } => {
-                    let lost = attempt.saturating_sub(1);
-                    attempts.insert(*task, *attempt);
-                    record(store, |s| {
-                        s.task_ended(&pool_name, *task as u64, lost, "lost", None)
-                    });
-                }
-                RunEvent::Finished { task, report } => {
-                    let attempt = attempts.get(task).copied().unwrap_or(0);
-                    let (state, code) = match &report.outcome {
-                        Ok(outcome) => ("finished", Some(outcome.exit_code())),
-                        Err(_) => ("lost", None),
-                    };
-                    record(store, |s| {
-                        s.task_ended(&pool_name, *task as u64, attempt, state, code)
-                    });
-                }
-                _ => {}
-            }
-            renderer.event(&event);
-        }
-    };
-    let (reports, ()) = tokio::join!(running, rendering);
-    pool.down().await;
-    Ok(reports)
-}
-
-/// Writes to the state store; a failed write is said, not fatal: the run goes on.
-fn record(store: &std::sync::Mutex<Store>, write: impl FnOnce(&Store) -> Result<(), String>) {
-    let store = store
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Err(message) = write(&store) {
-        tracing::warn!("{message}");
-        eprintln!("skyward: {message}");
-    }
-}
-
-/// Forgets a pool of which nothing is left.
-fn forget(store: &std::sync::Mutex<Store>, pool: &str) {
-    record(store, |s| s.remove_pool(pool));
-}
-
 /// The state store under the user's data dir.
-fn open_store() -> Result<Store, String> {
+pub(crate) fn open_store() -> Result<Store, String> {
     Store::open(&skyward_home()?)
 }
 
@@ -1246,7 +982,7 @@ fn task_summary(tasks: &[crate::store::TaskRecord]) -> String {
 /// How long `down` waits for a running skyward to tear its own pool down.
 const OWNER_TEARDOWN_WAIT: Duration = Duration::from_secs(600);
 
-async fn down(args: DownArgs) -> i32 {
+pub(crate) async fn down(args: DownArgs) -> i32 {
     let store = match open_store() {
         Ok(store) => std::sync::Mutex::new(store),
         Err(message) => {
@@ -1465,51 +1201,57 @@ fn mig_layout(text: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
-    fn args(argv: &[&str]) -> Result<Plan, String> {
+    /// What `skyward run ARGV...` asks for, and how its output would be shown.
+    fn args(argv: &[&str]) -> Result<(JobRequest, OutputMode), String> {
         let mut full = vec!["skyward", "run"];
         full.extend_from_slice(argv);
         match Cli::try_parse_from(full)
             .map_err(|e| e.to_string())?
             .command
         {
-            Command::Run(a) => plan(*a),
+            Command::Run(a) => {
+                let plan = pool_plan(&a.pool)?;
+                let request = job_request(&a.job, Some(&a.pool))?;
+                let mode = output_mode(a.job.json, &request, plan.spec.nodes);
+                Ok((request, mode))
+            }
             other => panic!("parsed as {other:?}"),
         }
     }
 
     #[test]
     fn map_fills_the_template() {
-        let plan = args(&["--nodes", "4", "--map", "sh -c \"echo {}\"", "1", "2"]).unwrap();
+        let (plan, mode) = args(&["--nodes", "4", "--map", "sh -c \"echo {}\"", "1", "2"]).unwrap();
         assert_eq!(
             plan.argvs,
             vec![vec!["sh", "-c", "echo 1"], vec!["sh", "-c", "echo 2"]]
         );
-        assert_eq!(plan.mode, OutputMode::Prefixed);
-        let appended = args(&["--map", "echo", "a"]).unwrap();
+        assert_eq!(mode, OutputMode::Prefixed);
+        let (appended, _) = args(&["--map", "echo", "a"]).unwrap();
         assert_eq!(appended.argvs, vec![vec!["echo", "a"]]);
     }
 
     #[test]
     fn gpu_flags_become_the_request_of_every_task() {
         // A bare --slice takes no value, so the inputs after it stay inputs.
-        let plan = args(&["--map", "echo", "--slice", "a", "b"]).unwrap();
+        let (plan, _) = args(&["--map", "echo", "--slice", "a", "b"]).unwrap();
         assert_eq!(plan.gpus, GpuRequest::Slice { profile: None });
         assert_eq!(plan.argvs, vec![vec!["echo", "a"], vec!["echo", "b"]]);
-        let plan = args(&["--slice=1g.10gb", "--", "true"]).unwrap();
+        let (plan, _) = args(&["--slice=1g.10gb", "--", "true"]).unwrap();
         assert_eq!(
             plan.gpus,
             GpuRequest::Slice {
                 profile: Some("1g.10gb".into())
             }
         );
-        let plan = args(&["--accelerator", "H100:8", "--gpus", "8", "--", "true"]).unwrap();
+        let (plan, _) = args(&["--accelerator", "H100:8", "--gpus", "8", "--", "true"]).unwrap();
         assert_eq!(plan.gpus, GpuRequest::Gpus(8));
         // A local pool gets this machine's GPUs: checked once its nodes are up.
         assert_eq!(
-            args(&["--gpus", "4", "--", "true"]).unwrap().gpus,
+            args(&["--gpus", "4", "--", "true"]).unwrap().0.gpus,
             GpuRequest::Gpus(4)
         );
-        assert_eq!(args(&["--", "true"]).unwrap().gpus, GpuRequest::None);
+        assert_eq!(args(&["--", "true"]).unwrap().0.gpus, GpuRequest::None);
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub struct Pool {
     offer: Offer,
     market: Market,
     nodes: Vec<NodeHandle>,
-    lifecycle: Lifecycle,
+    /// Behind a lock so that several jobs can run on one pool at once (a persistent pool).
+    lifecycle: std::sync::Mutex<Lifecycle>,
 }
 
 /// Asks every provider for offers at once; one provider's failure is its candidate's error.
@@ -224,7 +225,7 @@ impl Pool {
                 offer: chosen.offer,
                 market: chosen.market,
                 nodes,
-                lifecycle,
+                lifecycle: std::sync::Mutex::new(lifecycle),
             }),
             Err(message) => {
                 let _ = teardown(&coordinator, std::slice::from_ref(&provider)).await;
@@ -260,15 +261,18 @@ impl Pool {
         (&self.offer, self.market)
     }
 
-    pub(crate) fn lifecycle(&mut self) -> &mut Lifecycle {
-        &mut self.lifecycle
+    /// Tells the pool's state machine what happened; a refusal (a run starting while another
+    /// runs) is not an error for the async shell.
+    pub(crate) fn lifecycle_event(&self, event: Event) {
+        let mut lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = lifecycle.handle(event);
     }
 
     /// Stops every task and removes every node.
-    pub async fn down(mut self) {
-        let _ = self.lifecycle.handle(Event::TeardownRequested);
+    pub async fn down(self) {
+        self.lifecycle_event(Event::TeardownRequested);
         let _ = teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
-        let _ = self.lifecycle.handle(Event::TeardownFinished);
+        self.lifecycle_event(Event::TeardownFinished);
     }
 }
 

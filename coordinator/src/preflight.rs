@@ -38,7 +38,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct PreflightError(pub String);
 
 /// How much of the network a broadcast's preflight checks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Preflight {
     /// Every node reaches rank 0 at `MASTER_ADDR:MASTER_PORT`.
     #[default]

@@ -18,6 +18,10 @@ use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
 use crate::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
 use crate::training::{training_env, Mesh};
 
+/// What feeds a task's stdin. `Sync` so that a job (and the future running it) can move
+/// between threads.
+pub type TaskInput = Box<dyn AsyncRead + Send + Sync + Unpin>;
+
 /// One task of a job.
 #[derive(Debug, Clone)]
 pub struct TaskPlan {
@@ -38,7 +42,7 @@ pub struct Job {
     pub per_node: usize,
     pub timeout: Option<Duration>,
     /// Fed to the first task's stdin.
-    pub stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    pub stdin: Option<TaskInput>,
 }
 
 impl Job {
@@ -78,7 +82,7 @@ impl Job {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum RunEvent {
     Started {
         task: usize,
@@ -110,7 +114,7 @@ pub enum RunEvent {
 }
 
 /// How a task ended: its outcome on the node, or why the coordinator lost track of it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TaskReport {
     pub node: String,
     pub outcome: Result<TaskOutcome, String>,
@@ -133,12 +137,8 @@ impl TaskReport {
 
 /// Runs every task of `job` on `pool`, sending events as they happen; returns one report per
 /// task, in input order. Dropping the future cancels every task still running.
-pub async fn run_job(
-    pool: &mut Pool,
-    mut job: Job,
-    events: mpsc::Sender<RunEvent>,
-) -> Vec<TaskReport> {
-    let _ = pool.lifecycle().handle(Event::RunStarted);
+pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
+    pool.lifecycle_event(Event::RunStarted);
     let nodes = pool.nodes().to_vec();
     let loads = nodes.iter().map(|n| n.running() as usize).collect();
     let slots = nodes.iter().map(|n| node_slots(&n.inventory)).collect();
@@ -155,7 +155,7 @@ pub async fn run_job(
         Ok(scheduler) => scheduler.with_running(loads),
         // A task no node could ever take: none starts (the CLI checks this before).
         Err(message) => {
-            let _ = pool.lifecycle().handle(Event::RunFinished);
+            pool.lifecycle_event(Event::RunFinished);
             return vec![
                 TaskReport {
                     node: String::new(),
@@ -259,7 +259,7 @@ pub async fn run_job(
     }
     attempts.running.shutdown().await;
     watcher.abort();
-    let _ = pool.lifecycle().handle(Event::RunFinished);
+    pool.lifecycle_event(Event::RunFinished);
     reports
         .into_iter()
         .map(|r| {
@@ -313,7 +313,7 @@ impl<'a> Attempts<'a> {
         task: usize,
         node: usize,
         env: Vec<(String, String)>,
-        stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+        stdin: Option<TaskInput>,
     ) {
         let plan = &self.job.tasks[task];
         let mut task_env = plan.env.clone();
@@ -426,7 +426,7 @@ async fn drive_task(
     node: &NodeHandle,
     task: usize,
     spec: TaskSpec,
-    stdin: Option<Box<dyn AsyncRead + Send + Unpin>>,
+    stdin: Option<TaskInput>,
     events: &mpsc::Sender<RunEvent>,
 ) -> TaskReport {
     let report = |outcome| TaskReport {
@@ -438,6 +438,8 @@ async fn drive_task(
         Err(e) => return report(Err(e.to_string())),
     };
     let (mut input, mut output) = (remote.input, remote.output);
+    // Should this driver be dropped (its job's future was), the task stops on its node too.
+    let mut cancel_on_drop = input.cancel_on_drop();
     let node_id = node.node_id.clone();
     // Stdin flows while output is read; the input half stays alive until the task ends.
     let feeding = async move {
@@ -491,8 +493,10 @@ async fn drive_task(
             }
         }
     };
-    tokio::select! {
+    let ended = tokio::select! {
         r = reading => r,
         _ = feeding => report(Err("stdin forwarding stopped unexpectedly".into())),
-    }
+    };
+    cancel_on_drop.disarm();
+    ended
 }

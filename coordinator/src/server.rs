@@ -578,6 +578,42 @@ impl TaskInput {
     pub async fn cancel(&mut self) -> Result<(), FrameError> {
         write_frame(&mut *self.send.lock().await, &TaskRequest::Cancel).await
     }
+
+    /// A guard that cancels the task when dropped, unless disarmed first. A task outlives
+    /// its stream (so that it survives a lost connection): without this, a task whose
+    /// caller went away would run on, unwatched, on its node.
+    pub fn cancel_on_drop(&self) -> CancelOnDrop {
+        CancelOnDrop {
+            send: Some(self.send.clone()),
+        }
+    }
+}
+
+/// See [`TaskInput::cancel_on_drop`].
+pub struct CancelOnDrop {
+    send: Option<Arc<tokio::sync::Mutex<SendStream>>>,
+}
+
+impl CancelOnDrop {
+    /// The task ended: nothing to cancel.
+    pub fn disarm(&mut self) {
+        self.send = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(send) = self.send.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let mut send = send.lock().await;
+                let _ = write_frame(&mut *send, &TaskRequest::Cancel).await;
+                let _ = send.finish();
+            });
+        }
+    }
 }
 
 /// The coordinator's side of a task's output.

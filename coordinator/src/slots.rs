@@ -51,7 +51,7 @@ pub fn node_slots(inventory: &Inventory) -> Vec<Slot> {
 }
 
 /// What a task asks for.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GpuRequest {
     #[default]
     None,

@@ -9,6 +9,7 @@ mod gpu;
 mod mig;
 mod orphans;
 mod output;
+mod pools;
 mod readme;
 mod security;
 mod selection;

@@ -111,7 +111,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         booted: Mutex::new(Vec::new()),
     });
     let providers: Vec<Arc<dyn Provider>> = vec![cloud.clone()];
-    let mut pool = Pool::up(
+    let pool = Pool::up(
         skyward_tests::loopback_coordinator("spot"),
         &providers,
         &Selection::First,
@@ -169,7 +169,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         }
         seen
     };
-    let (reports, seen) = tokio::join!(run_job(&mut pool, job, events_tx), collecting);
+    let (reports, seen) = tokio::join!(run_job(&pool, job, events_tx), collecting);
     let text = seen.concat();
     assert!(
         reports

@@ -107,7 +107,8 @@ impl Drop for Sandbox {
     }
 }
 
-/// Every live process (not a zombie) whose argv mentions `dir` or whose cwd is inside it.
+/// Every live process (not a zombie) whose argv or environment mentions `dir` or whose cwd
+/// is inside it (a background coordinator is known by its `SKYWARD_HOME`).
 pub fn processes_under(dir: &Path) -> Vec<(i32, String)> {
     let needle = dir.to_string_lossy().into_owned();
     let mut found = Vec::new();
@@ -135,7 +136,10 @@ pub fn processes_under(dir: &Path) -> Vec<(i32, String)> {
         let cwd = std::fs::read_link(proc_dir.join("cwd"))
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if cmdline.contains(&needle) || cwd.starts_with(&needle) {
+        let environ = std::fs::read(proc_dir.join("environ"))
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .unwrap_or_default();
+        if cmdline.contains(&needle) || cwd.starts_with(&needle) || environ.contains(&needle) {
             found.push((pid, format!("{} (cwd {cwd})", cmdline.trim())));
         }
     }

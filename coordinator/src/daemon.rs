@@ -1,0 +1,713 @@
+//! The background coordinator of a pool that outlives a command (`skyward pool up`): it owns
+//! the pool (its record, its coordinator endpoint, its nodes), serves `exec`, `pool status`
+//! and `logs` on a Unix socket only its user can open, keeps every task's output in a log
+//! file of the pool's, and tears the pool down on SIGTERM (`skyward pool down`) or when its
+//! TTL ends.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use skyward_common::frame::{read_frame, write_frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+use crate::cli::{interrupt_signals, pool_plan, skyward_home};
+use crate::job::JobRequest;
+use crate::output::{accelerator_lines, OutputMode, Renderer};
+use crate::persistent::{
+    check_pool_name, socket_path, ControlReply, ControlRequest, NodeStatus, PoolStatus, TaskStatus,
+    UpArgs, MAX_CONTROL_FRAME,
+};
+use crate::pool::Pool;
+use crate::run::RunEvent;
+use crate::session::{PoolSession, FAILURE, USAGE};
+
+/// A task's log stops growing past this (the task runs on); the log says so.
+const MAX_TASK_LOG: u64 = 256 * 1024 * 1024;
+/// `pool status` lists this many of the most recent tasks.
+const STATUS_TASKS: usize = 100;
+/// How long a client has to say what it wants.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// How much of a log one reply carries.
+const LOG_CHUNK: usize = 64 * 1024;
+
+/// Where the pool is in its life.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Starting,
+    Ready,
+    Failed(String),
+    Stopping,
+}
+
+#[derive(Debug)]
+struct TaskEntry {
+    command: String,
+    node: Option<String>,
+    /// `None` until the task ends; then how it ended and its exit code.
+    ended: Option<(String, Option<i32>)>,
+    started: bool,
+    since: Instant,
+    log_bytes: u64,
+}
+
+struct Daemon {
+    session: PoolSession,
+    pool: OnceLock<Pool>,
+    started: Instant,
+    ttl: Option<Duration>,
+    phase: Mutex<Phase>,
+    /// Progress lines while the pool comes up, for `pool up` to show.
+    notes: Mutex<Vec<String>>,
+    /// Bumped on every note, phase change and task event: what watchers and log followers
+    /// wait on.
+    changed: watch::Sender<u64>,
+    tasks: Mutex<BTreeMap<u64, TaskEntry>>,
+    next_task: Mutex<u64>,
+    logs: PathBuf,
+    /// Detached jobs, stopped when the pool goes.
+    detached: Mutex<Vec<AbortHandle>>,
+}
+
+/// `skyward pool serve NAME ...`: run the pool until SIGTERM or its TTL.
+pub async fn serve(args: UpArgs) -> i32 {
+    let checked = check_pool_name(&args.name)
+        .and_then(|()| pool_plan(&args.pool))
+        .and_then(|plan| Ok((plan, skyward_home()?)));
+    let (plan, home) = match checked {
+        Ok(checked) => checked,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    };
+    let (mut sigint, mut sigterm) = match interrupt_signals() {
+        Ok(signals) => signals,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
+    let socket = socket_path(&home, &args.name);
+    // A socket left by a coordinator that died: `pool up` checked that none is alive.
+    let _ = std::fs::remove_file(&socket);
+    let listener = match bind_owner_only(&socket) {
+        Ok(listener) => listener,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+    };
+    let session = match PoolSession::start(&plan, &home, &args.name) {
+        Ok(session) => session,
+        Err((message, code)) => {
+            eprintln!("skyward: {message}");
+            return code;
+        }
+    };
+    let logs = session.dir.join("logs");
+    let daemon = Arc::new(Daemon {
+        session,
+        pool: OnceLock::new(),
+        started: Instant::now(),
+        ttl: plan.spec.ttl,
+        phase: Mutex::new(Phase::Starting),
+        notes: Mutex::new(Vec::new()),
+        changed: watch::channel(0).0,
+        tasks: Mutex::new(BTreeMap::new()),
+        next_task: Mutex::new(1),
+        logs,
+        detached: Mutex::new(Vec::new()),
+    });
+    let accepting = tokio::spawn(accept(listener, daemon.clone()));
+    if let Some(warning) = daemon.session.unreachable_warning(&plan) {
+        daemon.note(format!("skyward: {warning}"));
+    }
+    let mut renderer = Renderer::new(
+        OutputMode::Raw,
+        NoteWriter::new(&daemon),
+        NoteWriter::new(&daemon),
+    );
+    let up = tokio::select! {
+        up = daemon.session.bring_up(&plan, &mut renderer, false) => up,
+        _ = sigint.recv() => Err("stopped (SIGINT) before the pool was up".into()),
+        _ = sigterm.recv() => Err("stopped (SIGTERM) before the pool was up".into()),
+    };
+    let code = match up {
+        Ok(pool) => {
+            let _ = daemon.pool.set(pool);
+            daemon.set_phase(Phase::Ready);
+            eprintln!("skyward: pool {} is up", args.name);
+            let ttl = async {
+                match plan.spec.ttl {
+                    Some(ttl) => {
+                        tokio::time::sleep(ttl.saturating_sub(daemon.started.elapsed())).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let why = tokio::select! {
+                _ = ttl => "the pool's TTL passed",
+                _ = sigint.recv() => "SIGINT",
+                _ = sigterm.recv() => "SIGTERM",
+            };
+            eprintln!("skyward: {why}: tearing down pool {}", args.name);
+            0
+        }
+        Err(message) => {
+            daemon.set_phase(Phase::Failed(message.clone()));
+            eprintln!("skyward: {message}");
+            FAILURE
+        }
+    };
+    if code == 0 {
+        daemon.set_phase(Phase::Stopping);
+    }
+    for job in daemon
+        .detached
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
+        job.abort();
+    }
+    let clean = daemon.session.finish(&mut sigint).await;
+    accepting.abort();
+    let _ = std::fs::remove_file(&socket);
+    match clean {
+        true => code,
+        false => FAILURE,
+    }
+}
+
+/// Binds the control socket so that only this user can connect: the directory is 0700 and
+/// the socket 0600 (and each client's uid is checked as well).
+fn bind_owner_only(socket: &std::path::Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = socket.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let listener = UnixListener::bind(socket).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e}; a shorter SKYWARD_HOME helps if the path is long",
+            socket.display()
+        )
+    })?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: {e}", socket.display()))?;
+    Ok(listener)
+}
+
+async fn accept(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_client(daemon.clone(), stream));
+            }
+            Err(e) => {
+                tracing::warn!("control socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_client(daemon: Arc<Daemon>, stream: UnixStream) {
+    // SAFETY: getuid cannot fail and touches no memory.
+    let me = unsafe { libc::getuid() };
+    match stream.peer_cred() {
+        Ok(peer) if peer.uid() == me => {}
+        _ => return,
+    }
+    let (mut from_client, mut to_client) = stream.into_split();
+    let first = tokio::time::timeout(
+        REQUEST_WAIT,
+        read_frame::<_, ControlRequest>(&mut from_client, MAX_CONTROL_FRAME),
+    )
+    .await;
+    let Ok(Ok(Some(request))) = first else {
+        return;
+    };
+    let _ = match request {
+        ControlRequest::Watch => watch_startup(&daemon, &mut to_client).await,
+        ControlRequest::Status => {
+            let reply = match daemon.status() {
+                Ok(status) => ControlReply::Status(Box::new(status)),
+                Err(why) => ControlReply::Refused(why),
+            };
+            write_frame(&mut to_client, &reply).await
+        }
+        ControlRequest::Exec { job, detach } => {
+            exec(daemon, job, detach, from_client, &mut to_client).await
+        }
+        ControlRequest::Logs { task, follow } => logs(&daemon, task, follow, &mut to_client).await,
+        ControlRequest::Stdin(_) | ControlRequest::StdinEof => {
+            let reply = ControlReply::Refused("stdin without a job".into());
+            write_frame(&mut to_client, &reply).await
+        }
+    };
+}
+
+type Sent = Result<(), skyward_common::frame::FrameError>;
+
+/// Sends the progress notes so far and as they come, until the pool is up or has failed.
+async fn watch_startup(daemon: &Daemon, to_client: &mut OwnedWriteHalf) -> Sent {
+    let mut changed = daemon.changed.subscribe();
+    let mut seen = 0;
+    loop {
+        let (notes, phase) = {
+            let notes = daemon.notes.lock().unwrap_or_else(|p| p.into_inner());
+            (notes[seen..].to_vec(), daemon.phase())
+        };
+        seen += notes.len();
+        for note in notes {
+            write_frame(to_client, &ControlReply::Note(note)).await?;
+        }
+        let last = match phase {
+            Phase::Starting => None,
+            Phase::Ready => Some(ControlReply::Ready),
+            Phase::Failed(why) => Some(ControlReply::Failed(why)),
+            Phase::Stopping => Some(ControlReply::Failed("the pool is being torn down".into())),
+        };
+        if let Some(last) = last {
+            return write_frame(to_client, &last).await;
+        }
+        if changed.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs a job. Attached, its events go to the client as they come and the client leaving
+/// cancels it; detached, it runs on by itself and only its logs keep its output.
+async fn exec(
+    daemon: Arc<Daemon>,
+    job: JobRequest,
+    detach: bool,
+    from_client: OwnedReadHalf,
+    to_client: &mut OwnedWriteHalf,
+) -> Sent {
+    let nodes = match daemon.ready_pool() {
+        Ok(pool) => pool.nodes().len(),
+        Err(why) => return write_frame(to_client, &ControlReply::Refused(why)).await,
+    };
+    let numbers = daemon.admit(&job, nodes);
+    let first = numbers[0];
+    let accepted = ControlReply::Accepted {
+        tasks: numbers.clone(),
+        nodes,
+    };
+    write_frame(to_client, &accepted).await?;
+    if detach {
+        let running = daemon.clone();
+        let handle = tokio::spawn(async move {
+            let Ok(pool) = running.ready_pool() else {
+                return;
+            };
+            let (events, mut received) = mpsc::channel(64);
+            let job_run = running.session.run(pool, &job, None, first, events);
+            let logging = async {
+                while let Some(event) = received.recv().await {
+                    running.observe(first, &event);
+                }
+            };
+            let (result, ()) = tokio::join!(job_run, logging);
+            if let Err(message) = result {
+                running.end_all(&numbers, &format!("did not start: {message}"));
+            }
+            running.end_all(&numbers, "cancelled");
+        });
+        daemon
+            .detached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle.abort_handle());
+        return Ok(());
+    }
+    let Ok(pool) = daemon.ready_pool() else {
+        return Ok(());
+    };
+    // Frames from the client are read apart from the job: a read cut short by another
+    // branch would lose bytes of a frame.
+    let (client_tx, mut client_rx) = mpsc::channel::<Option<ControlRequest>>(8);
+    let reader = tokio::spawn(read_requests(from_client, client_tx));
+    let (stdin, mut stdin_writer) = match job.stdin {
+        true => {
+            let (reader, writer) = tokio::io::duplex(256 * 1024);
+            (
+                Some(Box::new(reader) as crate::run::TaskInput),
+                Some(writer),
+            )
+        }
+        false => (None, None),
+    };
+    let (events, mut received) = mpsc::channel(64);
+    let sent = {
+        let job_run = daemon.session.run(pool, &job, stdin, first, events);
+        tokio::pin!(job_run);
+        let result = loop {
+            tokio::select! {
+                result = &mut job_run => break Some(result),
+                Some(event) = received.recv() => {
+                    daemon.observe(first, &event);
+                    if write_frame(to_client, &ControlReply::Event(event)).await.is_err() {
+                        break None;
+                    }
+                }
+                request = client_rx.recv() => match request {
+                    Some(Some(ControlRequest::Stdin(data))) => {
+                        if let Some(writer) = &mut stdin_writer {
+                            if writer.write_all(&data).await.is_err() {
+                                stdin_writer = None;
+                            }
+                        }
+                    }
+                    // Dropping the writer is the task's end of input.
+                    Some(Some(ControlRequest::StdinEof)) => stdin_writer = None,
+                    Some(Some(_)) => {}
+                    // The client left: the job's future goes, which cancels its tasks.
+                    Some(None) | None => break None,
+                },
+            }
+        };
+        match result {
+            Some(result) => {
+                // Events sent before the job's end may still wait in the channel.
+                while let Ok(event) = received.try_recv() {
+                    daemon.observe(first, &event);
+                    write_frame(to_client, &ControlReply::Event(event)).await?;
+                }
+                match result {
+                    Ok(reports) => write_frame(to_client, &ControlReply::Done(reports)).await,
+                    Err(message) => {
+                        daemon.end_all(&numbers, &format!("did not start: {message}"));
+                        write_frame(to_client, &ControlReply::Failed(message)).await
+                    }
+                }
+            }
+            None => Ok(()),
+        }
+    };
+    reader.abort();
+    daemon.end_all(&numbers, "cancelled");
+    sent
+}
+
+async fn read_requests(
+    mut from_client: OwnedReadHalf,
+    requests: mpsc::Sender<Option<ControlRequest>>,
+) {
+    loop {
+        let request = read_frame::<_, ControlRequest>(&mut from_client, MAX_CONTROL_FRAME)
+            .await
+            .ok()
+            .flatten();
+        let end = request.is_none();
+        if requests.send(request).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Sends task `task`'s log so far, and with `follow`, what it adds until the task ends.
+async fn logs(daemon: &Daemon, task: u64, follow: bool, to_client: &mut OwnedWriteHalf) -> Sent {
+    let name = &daemon.session.name;
+    let mut changed = daemon.changed.subscribe();
+    let Some(mut ended) = daemon.task_ended(task) else {
+        let why =
+            format!("pool {name} has no task {task}: `skyward pool status {name}` lists its tasks");
+        return write_frame(to_client, &ControlReply::Refused(why)).await;
+    };
+    let path = daemon.log_path(task);
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; LOG_CHUNK];
+    loop {
+        // Whatever the task wrote before it was seen to end is in the file by now.
+        if let Ok(mut file) = tokio::fs::File::open(&path).await {
+            use tokio::io::AsyncSeekExt;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(skyward_common::frame::FrameError::Io)?;
+            loop {
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(skyward_common::frame::FrameError::Io)?;
+                if n == 0 {
+                    break;
+                }
+                offset += n as u64;
+                let chunk = ControlReply::Log(Bytes::copy_from_slice(&buf[..n]));
+                write_frame(to_client, &chunk).await?;
+            }
+        }
+        if ended.is_some() || !follow {
+            return write_frame(to_client, &ControlReply::LogEnd { ended }).await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), changed.changed()).await;
+        ended = daemon.task_ended(task).flatten();
+    }
+}
+
+impl Daemon {
+    fn phase(&self) -> Phase {
+        self.phase.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn note(&self, line: String) {
+        eprintln!("{line}");
+        self.notes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(line);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The pool, once it is up and until it goes.
+    fn ready_pool(&self) -> Result<&Pool, String> {
+        let name = &self.session.name;
+        match (self.phase(), self.pool.get()) {
+            (Phase::Ready, Some(pool)) => Ok(pool),
+            (Phase::Starting, _) => Err(format!("pool {name} is still coming up")),
+            _ => Err(format!("pool {name} is being torn down")),
+        }
+    }
+
+    /// Numbers the job's tasks, pool-wide.
+    fn admit(&self, job: &JobRequest, nodes: usize) -> Vec<u64> {
+        let labels = job.labels();
+        let count = job.task_count(nodes);
+        let mut next = self.next_task.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        (0..count)
+            .map(|i| {
+                let number = *next;
+                *next += 1;
+                tasks.insert(
+                    number,
+                    TaskEntry {
+                        command: labels
+                            .get(i)
+                            .or(labels.first())
+                            .cloned()
+                            .unwrap_or_default(),
+                        node: None,
+                        ended: None,
+                        started: false,
+                        since: Instant::now(),
+                        log_bytes: 0,
+                    },
+                );
+                number
+            })
+            .collect()
+    }
+
+    fn log_path(&self, task: u64) -> PathBuf {
+        self.logs.join(format!("{task}.log"))
+    }
+
+    /// Keeps what an event says about task `first + its index`: its node, its state, its
+    /// output (in its log).
+    fn observe(&self, first: u64, event: &RunEvent) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        match event {
+            RunEvent::Started { task, node } => {
+                if let Some(entry) = tasks.get_mut(&(first + *task as u64)) {
+                    entry.node = Some(node.clone());
+                    entry.started = true;
+                    entry.since = Instant::now();
+                }
+            }
+            RunEvent::Retrying { task, to, .. } => {
+                if let Some(entry) = tasks.get_mut(&(first + *task as u64)) {
+                    entry.node = Some(to.clone());
+                }
+            }
+            RunEvent::Output { task, data, .. } => {
+                let number = first + *task as u64;
+                if let Some(entry) = tasks.get_mut(&number) {
+                    self.append_log(number, entry, data);
+                }
+            }
+            RunEvent::Finished { task, report } => {
+                if let Some(entry) = tasks.get_mut(&(first + *task as u64)) {
+                    if !report.node.is_empty() {
+                        entry.node = Some(report.node.clone());
+                    }
+                    entry.ended = Some(match &report.outcome {
+                        Ok(outcome) => (outcome.to_string(), Some(outcome.exit_code())),
+                        Err(why) => (format!("lost: {why}"), None),
+                    });
+                }
+            }
+            RunEvent::NodeInterrupted { .. } => {}
+        }
+        drop(tasks);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn append_log(&self, task: u64, entry: &mut TaskEntry, data: &[u8]) {
+        if entry.log_bytes >= MAX_TASK_LOG {
+            return;
+        }
+        let room = (MAX_TASK_LOG - entry.log_bytes) as usize;
+        let mut bytes = data[..data.len().min(room)].to_vec();
+        if bytes.len() < data.len() {
+            bytes.extend_from_slice(
+                format!(
+                    "\n[skyward: the log stops here at {MAX_TASK_LOG} bytes; the task runs on]\n"
+                )
+                .as_bytes(),
+            );
+        }
+        entry.log_bytes += data.len().min(room) as u64;
+        let written = std::fs::create_dir_all(&self.logs).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path(task))?
+                .write_all(&bytes)
+        });
+        if let Err(e) = written {
+            tracing::warn!("task {task}'s log: {e}");
+        }
+    }
+
+    /// Ends every task of `numbers` that has not ended, saying how.
+    fn end_all(&self, numbers: &[u64], how: &str) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        for number in numbers {
+            if let Some(entry) = tasks.get_mut(number) {
+                entry.ended.get_or_insert_with(|| (how.to_string(), None));
+            }
+        }
+        drop(tasks);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// `None`: no such task; `Some(None)`: it has not ended; otherwise how it ended.
+    fn task_ended(&self, task: u64) -> Option<Option<String>> {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks
+            .get(&task)
+            .map(|entry| entry.ended.as_ref().map(|(how, _)| how.clone()))
+    }
+
+    fn status(&self) -> Result<PoolStatus, String> {
+        let pool = self.ready_pool()?;
+        let (offer, market) = pool.offer();
+        let price = offer.price(market);
+        let up = self.started.elapsed();
+        let coordinator = &self.session.coordinator;
+        let nodes = pool
+            .nodes()
+            .iter()
+            .map(|node| {
+                // The node's current connection: it may have reconnected since it came up.
+                let node = coordinator
+                    .node(&node.node_id)
+                    .unwrap_or_else(|| node.clone());
+                let health = node.health();
+                NodeStatus {
+                    node: node.node_id.clone(),
+                    address: node.address.to_string(),
+                    state: match (node.lost_reason(), node.interruption()) {
+                        (Some(why), _) => format!("lost: {why}"),
+                        (None, Some(notice)) => format!(
+                            "interrupted: {} {} at {}",
+                            notice.source, notice.action, notice.at
+                        ),
+                        (None, None) if node.is_connected() => "connected".into(),
+                        (None, None) => "reconnecting".into(),
+                    },
+                    running_tasks: node.running(),
+                    cpus: node.inventory.cpu_count,
+                    memory_bytes: node.inventory.memory_bytes,
+                    accelerators: accelerator_lines(&node.node_id, &node.inventory),
+                    load_avg_1m: health.as_ref().map(|h| h.load_avg_1m),
+                    memory_available_bytes: health.map(|h| h.memory_available_bytes),
+                }
+            })
+            .collect::<Vec<_>>();
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let recent: Vec<TaskStatus> = tasks
+            .iter()
+            .rev()
+            .take(STATUS_TASKS)
+            .rev()
+            .map(|(number, entry)| TaskStatus {
+                task: *number,
+                command: entry.command.clone(),
+                node: entry.node.clone(),
+                state: match (&entry.ended, entry.started) {
+                    (Some((how, _)), _) => how.clone(),
+                    (None, true) => "running".into(),
+                    (None, false) => "queued".into(),
+                },
+                exit_code: entry.ended.as_ref().and_then(|(_, code)| *code),
+                age_seconds: entry.since.elapsed().as_secs(),
+            })
+            .collect();
+        Ok(PoolStatus {
+            name: self.session.name.clone(),
+            pid: std::process::id(),
+            provider: offer.provider.clone(),
+            region: offer.region.clone(),
+            instance_type: offer.instance_type.clone(),
+            market: market.to_string(),
+            price_per_hour: price,
+            up_seconds: up.as_secs(),
+            cost_so_far: price.map(|p| p * nodes.len() as f64 * up.as_secs_f64() / 3600.0),
+            ttl_left_seconds: self.ttl.map(|ttl| ttl.saturating_sub(up).as_secs()),
+            nodes,
+            tasks: recent,
+        })
+    }
+}
+
+/// Lines the renderer writes while the pool comes up, kept as notes for `pool up` to show.
+struct NoteWriter {
+    daemon: Arc<Daemon>,
+    line: Vec<u8>,
+}
+
+impl NoteWriter {
+    fn new(daemon: &Arc<Daemon>) -> Self {
+        NoteWriter {
+            daemon: daemon.clone(),
+            line: Vec::new(),
+        }
+    }
+}
+
+impl Write for NoteWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.line.extend_from_slice(buf);
+        while let Some(end) = self.line.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.line.drain(..=end).collect();
+            self.daemon
+                .note(String::from_utf8_lossy(&line[..end]).into_owned());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! Pools that outlive a command: `skyward pool up`, then `exec`, `pool status`, `logs` and
+//! `pool down` from separate CLI processes, against the real background coordinator and
+//! real agents.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use skyward_tests::{run, Finished, Sandbox};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn sky(sandbox: &Sandbox, args: &[&str]) -> Finished {
+    run(sandbox.skyward().args(args), LIMIT)
+}
+
+fn status(sandbox: &Sandbox, pool: &str) -> serde_json::Value {
+    let out = sky(sandbox, &["pool", "status", pool, "--json"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
+}
+
+/// The states of the pool's tasks, by number.
+fn task_states(status: &serde_json::Value) -> Vec<(u64, String)> {
+    status["tasks"]
+        .as_array()
+        .expect("tasks")
+        .iter()
+        .map(|t| {
+            (
+                t["task"].as_u64().expect("number"),
+                t["state"].as_str().expect("state").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn no_pools(sandbox: &Sandbox) {
+    let out = sky(sandbox, &["pool", "list"]);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stdout.trim(), "no pools", "{out:?}");
+}
+
+#[test]
+fn a_pool_outlives_its_commands() {
+    let sandbox = Sandbox::new();
+    let up = sky(&sandbox, &["pool", "up", "demo", "--nodes", "2"]);
+    assert_eq!(up.code, Some(0), "{up:?}");
+    assert!(up.stderr.contains("pool demo is up (2 nodes)"), "{up:?}");
+    let again = sky(&sandbox, &["pool", "up", "demo"]);
+    assert_eq!(again.code, Some(2), "{again:?}");
+    assert!(again.stderr.contains("already up"), "{again:?}");
+
+    // Past the runtime's idle-thread keep-alive (10 s): local agents die with the thread that
+    // started them, so this catches one that was started from a passing thread.
+    std::thread::sleep(Duration::from_secs(11));
+
+    let all = sky(
+        &sandbox,
+        &[
+            "exec",
+            "demo",
+            "--on",
+            "all",
+            "--",
+            "sh",
+            "-c",
+            "echo rank=$SKYWARD_NODE_RANK",
+        ],
+    );
+    assert_eq!(all.code, Some(0), "{all:?}");
+    let mut lines: Vec<&str> = all.stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["[node-1] rank=0", "[node-2] rank=1"], "{all:?}");
+
+    let failing = sky(
+        &sandbox,
+        &[
+            "exec",
+            "demo",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ],
+    );
+    assert_eq!(failing.code, Some(3), "{failing:?}");
+    assert_eq!(failing.stdout, "out\n");
+    assert!(failing.stderr.contains("err"), "{failing:?}");
+
+    let input = sandbox.path().join("input.txt");
+    std::fs::write(&input, "fed through the pool\n").unwrap();
+    let fed = run(
+        sandbox
+            .skyward()
+            .args(["exec", "demo", "--", "cat"])
+            .stdin(std::fs::File::open(&input).unwrap()),
+        LIMIT,
+    );
+    assert_eq!(fed.code, Some(0), "{fed:?}");
+    assert_eq!(fed.stdout, "fed through the pool\n");
+
+    let detached = sky(
+        &sandbox,
+        &[
+            "exec",
+            "demo",
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line $i; sleep 0.3; done; exit 4",
+        ],
+    );
+    assert_eq!(detached.code, Some(0), "{detached:?}");
+    let number = detached.stdout.trim().to_string();
+    assert_eq!(
+        number, "5",
+        "tasks are numbered across the pool: {detached:?}"
+    );
+    let followed = sky(&sandbox, &["logs", "demo", &number, "--follow"]);
+    assert_eq!(followed.code, Some(0), "{followed:?}");
+    assert_eq!(followed.stdout, "line 1\nline 2\nline 3\n");
+    assert!(
+        followed.stderr.contains("task 5 exit code 4"),
+        "{followed:?}"
+    );
+    // Read again once it has ended: the same log.
+    let again = sky(&sandbox, &["logs", "demo", &number]);
+    assert_eq!(again.stdout, followed.stdout);
+    let unknown = sky(&sandbox, &["logs", "demo", "99"]);
+    assert_eq!(unknown.code, Some(2), "{unknown:?}");
+    assert!(unknown.stderr.contains("no task 99"), "{unknown:?}");
+
+    let status = status(&sandbox, "demo");
+    assert_eq!(status["provider"], "local");
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 2);
+    assert!(nodes.iter().all(|n| n["state"] == "connected"), "{status}");
+    let expected: Vec<(u64, String)> = [(1, 0), (2, 0), (3, 3), (4, 0), (5, 4)]
+        .iter()
+        .map(|(task, code)| (*task, format!("exit code {code}")))
+        .collect();
+    assert_eq!(task_states(&status), expected, "{status}");
+    let list = sky(&sandbox, &["pool", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(list[0]["name"], "demo");
+    assert_eq!(list[0]["condition"], "running");
+
+    let down = sky(&sandbox, &["pool", "down", "demo"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+    no_pools(&sandbox);
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[test]
+fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
+    let sandbox = Sandbox::new();
+    let up = sky(&sandbox, &["pool", "up", "held"]);
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let mut exec = sandbox
+        .skyward()
+        .args([
+            "exec",
+            "held",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 97",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let mut first = String::new();
+    BufReader::new(exec.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert_eq!(first, "started\n");
+    let sleeping = |sandbox: &Sandbox| {
+        sandbox
+            .processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.starts_with("sleep 97"))
+            .count()
+    };
+    assert_eq!(sleeping(&sandbox), 1, "{:?}", sandbox.processes());
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(exec.id() as i32, libc::SIGINT);
+    }
+    let code = exec.wait().expect("wait").code();
+    assert_eq!(code, Some(130));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeping(&sandbox) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sleeping(&sandbox), 0, "the task outlived its exec");
+    let status = status(&sandbox, "held");
+    assert_eq!(task_states(&status), [(1, "cancelled".to_string())]);
+
+    // The background coordinator dies: every command says so, and how to clean up.
+    let pid = status["pid"].as_i64().expect("pid") as i32;
+    // SAFETY: signalling the background coordinator by the pid it reported.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for args in [
+        &["exec", "held", "--", "true"][..],
+        &["pool", "status", "held"][..],
+    ] {
+        let out = sky(&sandbox, args);
+        assert_eq!(out.code, Some(255), "{args:?}: {out:?}");
+        assert!(out.stderr.contains("is gone"), "{out:?}");
+        assert!(out.stderr.contains("skyward down held"), "{out:?}");
+    }
+    let again = sky(&sandbox, &["pool", "up", "held"]);
+    assert_eq!(again.code, Some(2), "{again:?}");
+    assert!(again.stderr.contains("left behind"), "{again:?}");
+    let down = sky(&sandbox, &["down", "held"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+    no_pools(&sandbox);
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[test]
+fn pool_up_refuses_bad_input_and_leaves_nothing_when_it_fails() {
+    let sandbox = Sandbox::new();
+    for (args, hint) in [
+        (&["pool", "up", "Bad_Name"][..], "lowercase letters"),
+        (
+            &["pool", "up", "ok", "--nodes", "0"][..],
+            "--nodes must be at least 1",
+        ),
+        (
+            &["pool", "up", "ok", "--accelerator", "H1000"][..],
+            "unknown accelerator",
+        ),
+        (
+            &["exec", "nowhere", "--", "true"][..],
+            "skyward pool up nowhere",
+        ),
+        (&["exec", "nowhere"][..], "nothing to run"),
+    ] {
+        let out = sky(&sandbox, args);
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        let first = out.stderr.lines().next().unwrap_or_default();
+        assert!(first.contains(hint), "{args:?}: {out:?}");
+    }
+    no_pools(&sandbox);
+
+    // Agents that cannot start: the pool fails, says why, and nothing is left of it.
+    let failing = run(
+        sandbox
+            .skyward()
+            .args(["pool", "up", "broken", "--connect-timeout", "10s"])
+            .env("SKYWARD_AGENT_BIN", "/bin/false"),
+        LIMIT,
+    );
+    assert_eq!(failing.code, Some(255), "{failing:?}");
+    assert!(failing.stderr.contains("agent exited"), "{failing:?}");
+    no_pools(&sandbox);
+
+    // A TTL ends the pool by itself.
+    let short = sky(&sandbox, &["pool", "up", "brief", "--ttl", "2s"]);
+    assert_eq!(short.code, Some(0), "{short:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = sky(&sandbox, &["pool", "list"]);
+        if list.stdout.trim() == "no pools" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the TTL did not end it: {list:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}
