@@ -54,6 +54,37 @@ enum Command {
     /// Remove pools a skyward left behind (killed, crashed, or its teardown failed): their
     /// machines and everything made for them.
     Down(DownArgs),
+    /// The settings `run` (or `pool up NAME`) would take from skyward.toml, the user's config
+    /// file and SKYWARD_* variables, and where each comes from.
+    Config(ConfigArgs),
+    /// A shell completion script on stdout (e.g. `skyward completions bash > ~/.local/share/bash-completion/completions/skyward`).
+    Completions(CompletionsArgs),
+    /// Man pages for skyward and each of its commands, written into a directory.
+    Man(ManArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConfigArgs {
+    /// As `skyward pool up NAME` would see them, with the [pools.NAME] sections.
+    #[arg(long, value_name = "NAME")]
+    pool: Option<String>,
+    /// One JSON array on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+struct ManArgs {
+    /// Where to write skyward.1, skyward-run.1, ... (created if missing).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -314,6 +345,135 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Exec(args) => persistent::exec(*args).await,
         Command::Logs(args) => persistent::logs(args).await,
         Command::Down(args) => down(args).await,
+        Command::Config(args) => config(args),
+        Command::Completions(args) => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(args.shell, &mut command, "skyward", &mut std::io::stdout());
+            0
+        }
+        Command::Man(args) => man(args),
+    }
+}
+
+/// Parses the command line with the settings of config files and `SKYWARD_*` variables
+/// added (see [`crate::config`]); on a refusal, says why and returns the exit code.
+pub fn parse(argv: Vec<std::ffi::OsString>) -> Result<Cli, i32> {
+    use clap::Parser;
+    let files = crate::config::Files::load();
+    let expanded = match crate::config::expand(argv, &files) {
+        Ok(expanded) => expanded,
+        Err(crate::config::ExpandError::CommandLine(error)) => {
+            let _ = error.print();
+            return Err(error.exit_code());
+        }
+        Err(crate::config::ExpandError::Config(message)) => {
+            eprintln!("skyward: {message}");
+            return Err(USAGE);
+        }
+    };
+    Cli::try_parse_from(&expanded.argv).map_err(|error| {
+        match expanded.blame(&error) {
+            Some(source) => {
+                let text = error.kind().as_str().unwrap_or("invalid setting");
+                let detail = error.to_string();
+                let first = detail.lines().next().unwrap_or(text);
+                eprintln!(
+                    "skyward: {} (set in {source})",
+                    first.trim_start_matches("error: ")
+                );
+            }
+            None => {
+                let _ = error.print();
+            }
+        }
+        error.exit_code()
+    })
+}
+
+fn config(args: ConfigArgs) -> i32 {
+    let files = crate::config::Files::load();
+    if let Some(error) = &files.error {
+        eprintln!("skyward: {error}");
+        return USAGE;
+    }
+    if let Some(pool) = &args.pool {
+        if let Err(message) = persistent::check_pool_name(pool) {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+    }
+    let resolved = crate::config::resolve(&files, args.pool.as_deref());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&resolved).unwrap_or_else(|_| "[]".into())
+        );
+        return 0;
+    }
+    let (project, user) = files.paths();
+    let shown = |path: Option<&std::path::Path>| match path {
+        Some(path) if path.is_file() => path.display().to_string(),
+        Some(path) => format!("{} (none)", path.display()),
+        None => format!("none ({} here or above)", crate::config::PROJECT_FILE),
+    };
+    println!("project file: {}", shown(project));
+    println!("user file:    {}", shown(user.as_deref()));
+    if let Some(pool) = &args.pool {
+        if !files.has_pool(pool) {
+            println!("no [pools.{pool}] section: the defaults apply");
+        }
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    table.set_header(["key", "value", "from", "variable"]);
+    for setting in &resolved {
+        table.add_row([
+            setting.key.to_string(),
+            setting.value.clone().unwrap_or_else(|| "-".into()),
+            setting.source.clone(),
+            setting.env_var.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{table}");
+    0
+}
+
+fn man(args: ManArgs) -> i32 {
+    let command = <Cli as clap::CommandFactory>::command();
+    let write = || -> std::io::Result<usize> {
+        std::fs::create_dir_all(&args.out)?;
+        let mut pages = 0;
+        let mut render = |command: clap::Command, name: String| -> std::io::Result<()> {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(
+                command
+                    .display_name(name.clone())
+                    .bin_name(name.replace('-', " ")),
+            )
+            .render(&mut page)?;
+            std::fs::write(args.out.join(format!("{name}.1")), page)?;
+            pages += 1;
+            Ok(())
+        };
+        render(command.clone(), "skyward".into())?;
+        for sub in command.get_subcommands().filter(|c| !c.is_hide_set()) {
+            let name = format!("skyward-{}", sub.get_name());
+            render(sub.clone(), name.clone())?;
+            for nested in sub.get_subcommands().filter(|c| !c.is_hide_set()) {
+                render(nested.clone(), format!("{name}-{}", nested.get_name()))?;
+            }
+        }
+        Ok(pages)
+    };
+    match write() {
+        Ok(pages) => {
+            println!("{pages} man pages in {}", args.out.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("skyward: writing man pages to {}: {e}", args.out.display());
+            FAILURE
+        }
     }
 }
 

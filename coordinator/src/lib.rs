@@ -9,6 +9,7 @@ pub mod admission;
 pub mod bootstrap;
 pub mod catalog;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod download;
 pub mod job;

@@ -1,7 +1,8 @@
-use clap::Parser;
-
 fn main() {
-    let cli = skyward_coordinator::cli::Cli::parse();
+    let cli = match skyward_coordinator::cli::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(code) => std::process::exit(code),
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

@@ -4,6 +4,7 @@
 mod agent;
 mod aws;
 mod cli;
+mod config;
 mod digitalocean;
 mod gpu;
 mod mig;

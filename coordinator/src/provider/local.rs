@@ -108,6 +108,12 @@ impl LocalProvider {
             // Its own group, so a Ctrl-C at the terminal reaches the CLI, which tears down in order.
             .process_group(0)
             .kill_on_drop(true);
+        // The CLI's settings variables (SKYWARD_LISTEN: where the coordinator listens) are
+        // not the agent's, which has some of the same names (SKYWARD_LISTEN: listen instead
+        // of dialing); its settings come as the flags above.
+        for var in crate::config::KEYS.iter().filter_map(|key| key.env_var()) {
+            command.env_remove(var);
+        }
         // SAFETY: prctl is async-signal-safe and touches no parent memory.
         unsafe {
             command.pre_exec(|| {
