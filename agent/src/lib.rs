@@ -12,6 +12,7 @@ pub mod journal;
 pub mod mig;
 pub mod neuron;
 pub mod probe;
+pub mod pty;
 pub mod runner;
 pub mod session;
 pub mod tool;

@@ -14,7 +14,9 @@ use skyward_common::limits::{KILL_GRACE, MAX_REMEMBERED_TASKS, MAX_TASK_FRAME, O
 use skyward_common::protocol::{
     OutputStream, TaskEvent, TaskId, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use std::os::fd::OwnedFd;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::journal::{Journal, PumpEnd, Stop};
@@ -109,7 +111,9 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
         };
     let outcome = match &spec.kind {
         TaskKind::Noop => Some(TaskOutcome::Exited { code: 0 }),
-        TaskKind::Command { .. } => return start_command(spec, send, recv, tasks).await,
+        TaskKind::Command { .. } | TaskKind::Terminal { .. } => {
+            return start_command(spec, send, recv, tasks).await
+        }
         TaskKind::Probe(probe) => crate::probe::run(probe, spec.timeout_ms, &mut send, recv).await,
     };
     if let Some(outcome) = outcome {
@@ -216,7 +220,12 @@ async fn resume(
         return;
     };
     tracing::info!(%task, next_seq, "resuming a task on a new connection");
-    tokio::spawn(forward_requests(recv, None, journal.clone()));
+    // A resumed task's stdin stayed with the stream it started on.
+    let input = Input {
+        stdin: None,
+        window: None,
+    };
+    tokio::spawn(forward_requests(recv, input, journal.clone()));
     let end = journal.pump(&mut send, generation, next_seq).await;
     after_pump(&tasks, task, &journal, end);
 }
@@ -253,6 +262,52 @@ enum KillReason {
     Abandoned,
 }
 
+/// What a command task runs, and how.
+struct Launch {
+    argv: Vec<String>,
+    cwd: Option<String>,
+    wants_stdin: bool,
+    /// A terminal task: `TERM` and the window's rows and columns.
+    terminal: Option<(String, u16, u16)>,
+}
+
+impl Launch {
+    fn of(kind: &TaskKind) -> Option<Launch> {
+        match kind {
+            TaskKind::Command { argv, cwd, stdin } => Some(Launch {
+                argv: argv.clone(),
+                cwd: cwd.clone(),
+                wants_stdin: *stdin,
+                terminal: None,
+            }),
+            TaskKind::Terminal {
+                argv,
+                term,
+                rows,
+                cols,
+            } => Some(Launch {
+                argv: match argv.is_empty() {
+                    true => login_shell(),
+                    false => argv.clone(),
+                },
+                cwd: None,
+                wants_stdin: true,
+                terminal: Some((term.clone(), *rows, *cols)),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The node's login shell: bash where there is one.
+fn login_shell() -> Vec<String> {
+    let shell = ["/bin/bash", "/usr/bin/bash"]
+        .into_iter()
+        .find(|path| Path::new(path).exists())
+        .unwrap_or("/bin/sh");
+    vec![shell.to_string(), "-l".to_string()]
+}
+
 /// Runs a command, its output and outcome going to `journal`; `started` says its pid, or
 /// that it did not start.
 async fn run_command(
@@ -262,74 +317,92 @@ async fn run_command(
     tasks: Arc<Tasks>,
     started: tokio::sync::oneshot::Sender<Result<u32, ()>>,
 ) {
-    let TaskKind::Command {
-        argv,
-        cwd,
-        stdin: wants_stdin,
-    } = &spec.kind
-    else {
+    let Some(launch) = Launch::of(&spec.kind) else {
         return;
     };
-    let (argv, cwd, wants_stdin) = (argv.clone(), cwd.clone(), *wants_stdin);
-    let outcome = command_outcome(
-        &spec,
-        &argv,
-        cwd.as_deref(),
-        wants_stdin,
-        recv,
-        &journal,
-        &tasks,
-        started,
-    )
-    .await;
+    let outcome = command_outcome(&spec, &launch, recv, &journal, &tasks, started).await;
     journal.finish(outcome);
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn command_outcome(
     spec: &TaskSpec,
-    argv: &[String],
-    cwd: Option<&str>,
-    wants_stdin: bool,
+    launch: &Launch,
     recv: RecvStream,
     journal: &Arc<Journal>,
     tasks: &Tasks,
     started: tokio::sync::oneshot::Sender<Result<u32, ()>>,
 ) -> TaskOutcome {
-    let Some(program) = argv.first() else {
+    let Some(program) = launch.argv.first() else {
         let _ = started.send(Err(()));
         return TaskOutcome::FailedToStart {
             error: "empty command".into(),
         };
     };
-    let dir = resolve_cwd(&tasks.work_dir, cwd);
+    let dir = resolve_cwd(&tasks.work_dir, launch.cwd.as_deref());
     let mut command = tokio::process::Command::new(program);
     command
-        .args(&argv[1..])
+        .args(&launch.argv[1..])
         .current_dir(&dir)
         // The agent's enrollment token is its secret, not the task's (spent or not, it would
         // end up in whatever the task prints or logs).
         .env_remove("SKYWARD_TOKEN")
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("SKYWARD_NODE_ID", &tasks.node_id)
-        .env("SKYWARD_TASK_ID", spec.task.id.to_string())
-        .stdin(if wants_stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+        .env("SKYWARD_TASK_ID", spec.task.id.to_string());
+    // A terminal task's stdio is the slave side of a pseudo-terminal; the agent keeps the
+    // master side, through which output comes, input goes and the window is resized.
+    let mut master = None;
+    match &launch.terminal {
+        None => {
+            command
+                .stdin(if launch.wants_stdin {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+        }
+        Some((term, rows, cols)) => {
+            let stdio = crate::pty::open(*rows, *cols).and_then(|pty| {
+                let (a, b) = (pty.slave.try_clone()?, pty.slave.try_clone()?);
+                command
+                    .stdin(pty.slave)
+                    .stdout(a)
+                    .stderr(b)
+                    .env("TERM", term);
+                Ok(pty.master)
+            });
+            match stdio {
+                Ok(fd) => master = Some(fd),
+                Err(e) => {
+                    let _ = started.send(Err(()));
+                    return TaskOutcome::FailedToStart {
+                        error: format!("no pseudo-terminal: {e}"),
+                    };
+                }
+            }
+        }
+    }
+    let terminal = master.is_some();
+    // SAFETY: prctl, setsid and ioctl are async-signal-safe; the closure touches no memory
+    // of the parent.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             // If the agent dies without cleaning up, the task's leader dies with it.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // Its own session (and so its own process group, as for every task).
+            if terminal {
+                crate::pty::become_session_leader()?;
+            }
             Ok(())
         });
     }
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    // The slave side stays open only in the child: its end is the master's end of output.
+    drop(command);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
             let _ = started.send(Err(()));
@@ -353,12 +426,47 @@ async fn command_outcome(
     });
 
     let mut stop_rx = journal.stop.subscribe();
-    let requests = tokio::spawn(forward_requests(recv, child.stdin.take(), journal.clone()));
+    let (input, mut stdout, mut stderr): (Input, Output, Output) = match master {
+        Some(master) => {
+            let resize = Arc::new(master);
+            let file = |fd: &OwnedFd| -> Option<tokio::fs::File> {
+                Some(tokio::fs::File::from_std(std::fs::File::from(
+                    fd.try_clone().ok()?,
+                )))
+            };
+            let writer = file(&resize).map(|f| Box::new(f) as Box<dyn AsyncWrite + Send + Unpin>);
+            let reader = file(&resize).map(|f| Box::new(f) as Box<dyn AsyncRead + Send + Unpin>);
+            (
+                Input {
+                    stdin: writer,
+                    window: Some(resize),
+                },
+                reader,
+                None,
+            )
+        }
+        None => (
+            Input {
+                stdin: child
+                    .stdin
+                    .take()
+                    .map(|pipe| Box::new(pipe) as Box<dyn AsyncWrite + Send + Unpin>),
+                window: None,
+            },
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn AsyncRead + Send + Unpin>),
+        ),
+    };
+    let requests = tokio::spawn(forward_requests(recv, input, journal.clone()));
     let _ = started.send(Ok(pid as u32));
-    let mut stdout = child.stdout.take().expect("stdout is piped");
-    let mut stderr = child.stderr.take().expect("stderr is piped");
     let (mut out_buf, mut err_buf) = (vec![0u8; OUTPUT_CHUNK], vec![0u8; OUTPUT_CHUNK]);
-    let (mut out_open, mut err_open) = (true, true);
+    let (mut out_open, mut err_open) = (stdout.is_some(), stderr.is_some());
     let mut status: Option<std::io::Result<ExitStatus>> = None;
     let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
     let deadline = spec
@@ -460,7 +568,18 @@ fn resolve_cwd(work_dir: &Path, cwd: Option<&str>) -> PathBuf {
     }
 }
 
-async fn read_chunk<R: AsyncRead + Unpin>(pipe: &mut R, buf: &mut [u8]) -> Option<Bytes> {
+type Output = Option<Box<dyn AsyncRead + Send + Unpin>>;
+
+/// Where a task's requests go: its stdin, and for a terminal task its window.
+struct Input {
+    stdin: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    window: Option<Arc<OwnedFd>>,
+}
+
+/// The next chunk of a task's output; `None` at its end. A terminal's master side ends with
+/// EIO once no process holds the slave side.
+async fn read_chunk(pipe: &mut Output, buf: &mut [u8]) -> Option<Bytes> {
+    let pipe = pipe.as_mut()?;
     match pipe.read(buf).await {
         Ok(0) | Err(_) => None,
         Ok(n) => Some(Bytes::copy_from_slice(&buf[..n])),
@@ -470,21 +589,34 @@ async fn read_chunk<R: AsyncRead + Unpin>(pipe: &mut R, buf: &mut [u8]) -> Optio
 /// Reads the coordinator's frames after `Start` (or `Resume`): stdin data, end of stdin,
 /// cancel. A stream the coordinator reset counts as cancellation; one whose connection broke
 /// does not (the coordinator may resume on another).
-async fn forward_requests(
-    mut recv: RecvStream,
-    mut stdin: Option<tokio::process::ChildStdin>,
-    journal: Arc<Journal>,
-) {
+async fn forward_requests(mut recv: RecvStream, input: Input, journal: Arc<Journal>) {
+    let Input { mut stdin, window } = input;
     loop {
         match read_frame::<_, TaskRequest>(&mut recv, MAX_TASK_FRAME).await {
             Ok(Some(TaskRequest::Stdin(data))) => {
                 if let Some(pipe) = stdin.as_mut() {
-                    if pipe.write_all(&data).await.is_err() {
+                    // A terminal's master side is a file: flush, or the keys wait.
+                    if pipe.write_all(&data).await.is_err() || pipe.flush().await.is_err() {
                         stdin = None;
                     }
                 }
             }
-            Ok(Some(TaskRequest::StdinEof)) => stdin = None,
+            Ok(Some(TaskRequest::StdinEof)) => {
+                // A terminal's input never ends but by the EOF character, at a line's start.
+                if let (Some(pipe), Some(_)) = (stdin.as_mut(), &window) {
+                    let _ = pipe.write_all(b"\x04").await;
+                    let _ = pipe.flush().await;
+                }
+                stdin = None;
+            }
+            Ok(Some(TaskRequest::Resize { rows, cols })) => {
+                if let Some(fd) = &window {
+                    use std::os::fd::AsRawFd;
+                    if let Err(e) = crate::pty::resize(fd.as_raw_fd(), rows, cols) {
+                        tracing::debug!("resizing a terminal: {e}");
+                    }
+                }
+            }
             Ok(Some(TaskRequest::Cancel)) => {
                 let _ = journal.stop.send(Some(Stop::Cancelled));
                 return;

@@ -135,6 +135,17 @@ pub enum TaskKind {
     /// A network check between nodes before a distributed job: see [`Probe`]. Last, so that
     /// the variants before it keep their tags in the binary encoding.
     Probe(Probe),
+    /// A program on a pseudo-terminal of its own (`skyward shell`): its session's
+    /// controlling terminal, sized `rows` x `cols` (changed by [`TaskRequest::Resize`]);
+    /// what it writes comes back as stdout, [`TaskRequest::Stdin`] is typed into it. An empty
+    /// `argv` is the node's login shell. Appended for the encoding's sake.
+    Terminal {
+        argv: Vec<String>,
+        /// `TERM` for the program, e.g. `xterm-256color`.
+        term: String,
+        rows: u16,
+        cols: u16,
+    },
 }
 
 /// What a probe task does: listen on a port and greet whoever connects, or connect to
@@ -213,6 +224,21 @@ impl TaskSpec {
         }
     }
 
+    /// A program on a pseudo-terminal (`argv` empty: the node's login shell).
+    pub fn terminal(id: u64, argv: Vec<String>, term: String, rows: u16, cols: u16) -> Self {
+        TaskSpec {
+            task: TaskId { id, attempt: 0 },
+            kind: TaskKind::Terminal {
+                argv,
+                term,
+                rows,
+                cols,
+            },
+            env: Vec::new(),
+            timeout_ms: None,
+        }
+    }
+
     pub fn noop(id: u64) -> Self {
         TaskSpec {
             task: TaskId { id, attempt: 0 },
@@ -236,6 +262,11 @@ pub enum TaskRequest {
     Resume {
         task: TaskId,
         next_seq: u64,
+    },
+    /// A [`TaskKind::Terminal`]'s window has a new size. Appended for the encoding's sake.
+    Resize {
+        rows: u16,
+        cols: u16,
     },
 }
 

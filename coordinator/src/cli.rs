@@ -51,6 +51,9 @@ enum Command {
     Exec(Box<persistent::ExecArgs>),
     /// The output of a task run on a pool started with `skyward pool up`.
     Logs(persistent::LogsArgs),
+    /// An interactive terminal on a node of a pool started with `skyward pool up`, over the
+    /// agent's own connection (no SSH key, no open port).
+    Shell(persistent::ShellArgs),
     /// Remove pools a skyward left behind (killed, crashed, or its teardown failed): their
     /// machines and everything made for them.
     Down(DownArgs),
@@ -344,6 +347,7 @@ pub async fn main(cli: Cli) -> i32 {
         Command::Pool(PoolCommand::Down(args)) => down(args).await,
         Command::Exec(args) => persistent::exec(*args).await,
         Command::Logs(args) => persistent::logs(args).await,
+        Command::Shell(args) => persistent::shell(args).await,
         Command::Down(args) => down(args).await,
         Command::Config(args) => config(args),
         Command::Completions(args) => {

@@ -26,8 +26,9 @@ use crate::persistent::{
     UpArgs, MAX_CONTROL_FRAME,
 };
 use crate::pool::Pool;
-use crate::run::RunEvent;
+use crate::run::{RunEvent, TaskReport};
 use crate::session::{PoolSession, FAILURE, USAGE};
+use skyward_common::protocol::TaskEvent;
 
 /// A task's log stops growing past this (the task runs on); the log says so.
 const MAX_TASK_LOG: u64 = 256 * 1024 * 1024;
@@ -251,7 +252,23 @@ async fn serve_client(daemon: Arc<Daemon>, stream: UnixStream) {
             exec(daemon, job, detach, from_client, &mut to_client).await
         }
         ControlRequest::Logs { task, follow } => logs(&daemon, task, follow, &mut to_client).await,
-        ControlRequest::Stdin(_) | ControlRequest::StdinEof => {
+        ControlRequest::Shell {
+            node,
+            argv,
+            term,
+            rows,
+            cols,
+        } => {
+            let terminal = Terminal {
+                node,
+                argv,
+                term,
+                rows,
+                cols,
+            };
+            shell(&daemon, terminal, from_client, &mut to_client).await
+        }
+        ControlRequest::Stdin(_) | ControlRequest::StdinEof | ControlRequest::Resize { .. } => {
             let reply = ControlReply::Refused("stdin without a job".into());
             write_frame(&mut to_client, &reply).await
         }
@@ -403,6 +420,154 @@ async fn exec(
     sent
 }
 
+/// What `skyward shell` asked for.
+struct Terminal {
+    node: Option<String>,
+    argv: Vec<String>,
+    term: String,
+    rows: u16,
+    cols: u16,
+}
+
+/// A terminal task on a node, its output going to the client as it comes and the client's
+/// keys and window sizes to it, until it ends; the client leaving cancels it.
+async fn shell(
+    daemon: &Daemon,
+    terminal: Terminal,
+    from_client: OwnedReadHalf,
+    to_client: &mut OwnedWriteHalf,
+) -> Sent {
+    let pool = match daemon.ready_pool() {
+        Ok(pool) => pool,
+        Err(why) => return write_frame(to_client, &ControlReply::Refused(why)).await,
+    };
+    let coordinator = &daemon.session.coordinator;
+    // The node's current connection (it may have reconnected since the pool came up).
+    let live: Vec<_> = pool
+        .nodes()
+        .iter()
+        .filter_map(|n| coordinator.node(&n.node_id))
+        .filter(|n| n.is_connected() && n.lost_reason().is_none())
+        .collect();
+    let node = match &terminal.node {
+        Some(id) => live.iter().find(|n| &n.node_id == id),
+        None => live.iter().min_by_key(|n| n.running()),
+    };
+    let Some(node) = node.cloned() else {
+        let names: Vec<&str> = live.iter().map(|n| n.node_id.as_str()).collect();
+        let why = match &terminal.node {
+            Some(id) => format!(
+                "pool {} has no connected node {id}; its nodes: {}",
+                daemon.session.name,
+                names.join(", ")
+            ),
+            None => format!("pool {} has no connected node", daemon.session.name),
+        };
+        return write_frame(to_client, &ControlReply::Refused(why)).await;
+    };
+    let label = match terminal.argv.is_empty() {
+        true => "(shell)".to_string(),
+        false => shlex::try_join(terminal.argv.iter().map(String::as_str))
+            .unwrap_or_else(|_| terminal.argv.join(" ")),
+    };
+    let number = daemon.admit_labels(vec![label])[0];
+    let spec = skyward_common::protocol::TaskSpec::terminal(
+        0,
+        terminal.argv,
+        terminal.term,
+        terminal.rows,
+        terminal.cols,
+    );
+    let remote = match coordinator.start_task(&node, spec).await {
+        Ok(remote) => remote,
+        Err(e) => {
+            daemon.end_all(&[number], &format!("did not start: {e}"));
+            return write_frame(to_client, &ControlReply::Failed(e.to_string())).await;
+        }
+    };
+    let accepted = ControlReply::Accepted {
+        tasks: vec![number],
+        nodes: 1,
+    };
+    write_frame(to_client, &accepted).await?;
+    let node_id = node.node_id.clone();
+    daemon.observe(
+        number,
+        &RunEvent::Started {
+            task: 0,
+            node: node_id.clone(),
+        },
+    );
+    let (mut input, mut output) = (remote.input, remote.output);
+    let mut cancel_on_drop = input.cancel_on_drop();
+    // Both directions are read apart from this loop: a read cut short would lose bytes.
+    let (events_tx, mut events) = mpsc::channel(16);
+    let reading = tokio::spawn(async move {
+        loop {
+            let event = output.next().await;
+            let more = matches!(
+                event,
+                Ok(Some(TaskEvent::Output { .. } | TaskEvent::Started { .. }))
+            );
+            if events_tx.send(event).await.is_err() || !more {
+                return;
+            }
+        }
+    });
+    let (client_tx, mut client_rx) = mpsc::channel::<Option<ControlRequest>>(8);
+    let requests = tokio::spawn(read_requests(from_client, client_tx));
+    let ended = |outcome| RunEvent::Finished {
+        task: 0,
+        report: TaskReport {
+            node: node_id.clone(),
+            outcome,
+        },
+    };
+    let sent = loop {
+        tokio::select! {
+            event = events.recv() => {
+                let event = match event {
+                    Some(Ok(Some(TaskEvent::Output { stream, data, .. }))) => RunEvent::Output {
+                        task: 0,
+                        node: node_id.clone(),
+                        stream,
+                        data,
+                    },
+                    Some(Ok(Some(TaskEvent::Started { .. } | TaskEvent::Probe(_)))) => continue,
+                    Some(Ok(Some(TaskEvent::Finished(outcome)))) => ended(Ok(outcome)),
+                    Some(Ok(None)) | None => ended(Err("the terminal ended without an outcome".into())),
+                    Some(Err(e)) => ended(Err(e.to_string())),
+                };
+                daemon.observe(number, &event);
+                if let RunEvent::Finished { report, .. } = event {
+                    cancel_on_drop.disarm();
+                    break write_frame(to_client, &ControlReply::Done(vec![report])).await;
+                }
+                if let Err(e) = write_frame(to_client, &ControlReply::Event(event)).await {
+                    break Err(e);
+                }
+            }
+            request = client_rx.recv() => {
+                let sent = match request {
+                    Some(Some(ControlRequest::Stdin(data))) => input.stdin(data).await,
+                    Some(Some(ControlRequest::StdinEof)) => input.close_stdin().await,
+                    Some(Some(ControlRequest::Resize { rows, cols })) => input.resize(rows, cols).await,
+                    Some(Some(_)) => Ok(()),
+                    // The client left: the guard cancels the terminal.
+                    Some(None) | None => break Ok(()),
+                };
+                if let Err(e) = sent {
+                    tracing::debug!("shell input: {e}");
+                }
+            }
+        }
+    };
+    reading.abort();
+    requests.abort();
+    daemon.end_all(&[number], "cancelled");
+    sent
+}
+
 async fn read_requests(
     mut from_client: OwnedReadHalf,
     requests: mpsc::Sender<Option<ControlRequest>>,
@@ -491,21 +656,31 @@ impl Daemon {
     /// Numbers the job's tasks, pool-wide.
     fn admit(&self, job: &JobRequest, nodes: usize) -> Vec<u64> {
         let labels = job.labels();
-        let count = job.task_count(nodes);
+        let labels = (0..job.task_count(nodes))
+            .map(|i| {
+                labels
+                    .get(i)
+                    .or(labels.first())
+                    .cloned()
+                    .unwrap_or_default()
+            })
+            .collect();
+        self.admit_labels(labels)
+    }
+
+    /// Numbers tasks with these command lines, pool-wide.
+    fn admit_labels(&self, labels: Vec<String>) -> Vec<u64> {
         let mut next = self.next_task.lock().unwrap_or_else(|p| p.into_inner());
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        (0..count)
-            .map(|i| {
+        labels
+            .into_iter()
+            .map(|command| {
                 let number = *next;
                 *next += 1;
                 tasks.insert(
                     number,
                     TaskEntry {
-                        command: labels
-                            .get(i)
-                            .or(labels.first())
-                            .cloned()
-                            .unwrap_or_default(),
+                        command,
                         node: None,
                         ended: None,
                         started: false,

@@ -15,17 +15,19 @@ fn main() {
         )
         .init();
     skyward_common::install_crypto_provider();
-    let code = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime.block_on(skyward_coordinator::cli::main(cli)),
+        Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("skyward: cannot start the async runtime: {e}");
-            255
+            std::process::exit(255);
         }
     };
-    // Exit without waiting on a stdin reader blocked in a background thread.
+    let code = runtime.block_on(skyward_coordinator::cli::main(cli));
+    // Exit without dropping the runtime: that would wait for a stdin reader blocked in a
+    // background thread (a terminal's, for `skyward shell`).
     std::process::exit(code);
 }

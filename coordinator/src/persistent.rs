@@ -54,6 +54,22 @@ pub struct ExecArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(
+    after_help = "Examples:\n  skyward shell train             # a login shell on the least busy node\n  skyward shell train node-2 -- htop"
+)]
+pub struct ShellArgs {
+    /// The pool (`skyward pool up NAME` started it).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The node (`skyward pool status NAME` lists them); default: the least busy.
+    #[arg(value_name = "NODE")]
+    pub node: Option<String>,
+    /// A program to run on the terminal instead of the login shell, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct StatusArgs {
     #[arg(value_name = "NAME")]
     pub name: String,
@@ -93,6 +109,19 @@ pub enum ControlRequest {
     Logs {
         task: u64,
         follow: bool,
+    },
+    /// A terminal on a node (any node: `None`); then `Stdin` and `Resize` until it ends.
+    Shell {
+        node: Option<String>,
+        argv: Vec<String>,
+        term: String,
+        rows: u16,
+        cols: u16,
+    },
+    /// The shell's window has a new size.
+    Resize {
+        rows: u16,
+        cols: u16,
     },
 }
 
@@ -544,6 +573,143 @@ async fn forward_stdin(mut to_pool: tokio::net::unix::OwnedWriteHalf) {
         };
         let end = matches!(message, ControlRequest::StdinEof);
         if write_frame(&mut to_pool, &message).await.is_err() || end {
+            // Closing the write half would read as the client leaving.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// This terminal's size, rows by columns (24 x 80 when it has none).
+fn window_size() -> (u16, u16) {
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ writes one winsize into `size`, which outlives the call.
+    let ok = unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    match ok && size.ws_row > 0 && size.ws_col > 0 {
+        true => (size.ws_row, size.ws_col),
+        false => (24, 80),
+    }
+}
+
+/// This terminal in raw mode (keys go to the remote terminal as typed, Ctrl-C included)
+/// until dropped, which restores it.
+struct RawMode(libc::termios);
+
+impl RawMode {
+    fn enter() -> Option<RawMode> {
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: tcgetattr/tcsetattr read and write one termios each, owned here.
+        unsafe {
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut saved) != 0 {
+                return None;
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) != 0 {
+                return None;
+            }
+        }
+        Some(RawMode(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter`.
+        unsafe {
+            libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &self.0);
+        }
+    }
+}
+
+/// `skyward shell NAME [NODE] [-- CMD]`: a terminal on a node over the agent's connection.
+pub async fn shell(args: ShellArgs) -> i32 {
+    use std::io::{IsTerminal, Write};
+    let mut stream = match connect(&args.name).await {
+        Ok(stream) => stream,
+        Err(unreachable) => return unreachable.report(),
+    };
+    let (rows, cols) = window_size();
+    let open = ControlRequest::Shell {
+        node: args.node.clone(),
+        argv: args.command.clone(),
+        term: std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+        rows,
+        cols,
+    };
+    if let Err(message) = request(&mut stream, &open).await {
+        eprintln!("skyward: {message}");
+        return FAILURE;
+    }
+    match reply(&mut stream).await {
+        Ok(ControlReply::Accepted { .. }) => {}
+        Ok(ControlReply::Refused(message)) => {
+            eprintln!("skyward: {message}");
+            return USAGE;
+        }
+        Ok(ControlReply::Failed(message)) | Err(message) => {
+            eprintln!("skyward: {message}");
+            return FAILURE;
+        }
+        Ok(other) => {
+            eprintln!("skyward: unexpected answer {other:?}");
+            return FAILURE;
+        }
+    }
+    let terminal = std::io::stdin().is_terminal();
+    let raw = terminal.then(RawMode::enter).flatten();
+    let (mut from_pool, to_pool) = stream.into_split();
+    let forwarding = tokio::spawn(forward_keys(to_pool));
+    let mut stdout = std::io::stdout();
+    let code = loop {
+        match reply(&mut from_pool).await {
+            Ok(ControlReply::Event(RunEvent::Output { data, .. })) => {
+                let _ = stdout.write_all(&data);
+                let _ = stdout.flush();
+            }
+            Ok(ControlReply::Event(_)) => {}
+            Ok(ControlReply::Done(reports)) => break exit_code(&reports),
+            Ok(ControlReply::Failed(message)) | Err(message) => {
+                drop(raw);
+                eprintln!("skyward: {message}");
+                forwarding.abort();
+                return FAILURE;
+            }
+            Ok(other) => {
+                drop(raw);
+                eprintln!("skyward: unexpected answer {other:?}");
+                forwarding.abort();
+                return FAILURE;
+            }
+        }
+    };
+    forwarding.abort();
+    drop(raw);
+    code
+}
+
+/// Sends this process's stdin (keys, in raw mode) and window size changes to the shell.
+async fn forward_keys(mut to_pool: tokio::net::unix::OwnedWriteHalf) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut resized = signal(SignalKind::window_change()).ok();
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 4096];
+    let mut open = true;
+    loop {
+        let message = tokio::select! {
+            read = stdin.read(&mut buf), if open => match read {
+                Ok(0) | Err(_) => {
+                    open = false;
+                    ControlRequest::StdinEof
+                }
+                Ok(n) => ControlRequest::Stdin(Bytes::copy_from_slice(&buf[..n])),
+            },
+            Some(()) = async { resized.as_mut()?.recv().await } => {
+                let (rows, cols) = window_size();
+                ControlRequest::Resize { rows, cols }
+            }
+            else => std::future::pending::<ControlRequest>().await,
+        };
+        if write_frame(&mut to_pool, &message).await.is_err() {
             // Closing the write half would read as the client leaving.
             std::future::pending::<()>().await;
         }

@@ -413,7 +413,10 @@ impl Coordinator {
                 _running: running,
                 inner: self.inner.clone(),
                 task: spec.task,
-                resumable: matches!(spec.kind, TaskKind::Command { .. }),
+                resumable: matches!(
+                    spec.kind,
+                    TaskKind::Command { .. } | TaskKind::Terminal { .. }
+                ),
                 connection: node.connection.clone(),
                 given_up: node.lost.clone(),
                 send,
@@ -504,7 +507,8 @@ impl Coordinator {
 
 fn spec_size(spec: &TaskSpec) -> usize {
     let argv = match &spec.kind {
-        skyward_common::protocol::TaskKind::Command { argv, .. } => {
+        skyward_common::protocol::TaskKind::Command { argv, .. }
+        | skyward_common::protocol::TaskKind::Terminal { argv, .. } => {
             argv.iter().map(String::len).sum()
         }
         skyward_common::protocol::TaskKind::Noop => 0,
@@ -577,6 +581,12 @@ impl TaskInput {
 
     pub async fn cancel(&mut self) -> Result<(), FrameError> {
         write_frame(&mut *self.send.lock().await, &TaskRequest::Cancel).await
+    }
+
+    /// A terminal task's window has a new size.
+    pub async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), FrameError> {
+        let resize = TaskRequest::Resize { rows, cols };
+        write_frame(&mut *self.send.lock().await, &resize).await
     }
 
     /// A guard that cancels the task when dropped, unless disarmed first. A task outlives

@@ -14,6 +14,7 @@ mod pools;
 mod readme;
 mod security;
 mod selection;
+mod shell;
 mod slots;
 mod spot;
 mod training;
