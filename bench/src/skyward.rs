@@ -85,7 +85,8 @@ pub async fn round_trips(
     limits: &Limits,
 ) -> Result<Latency> {
     let coordinator = pool.coordinator();
-    let node = pool.nodes().first().context("empty pool")?;
+    let nodes = pool.nodes();
+    let node = nodes.first().context("empty pool")?;
     let work = async {
         for _ in 0..warmup {
             noop(coordinator, node).await?;

@@ -75,6 +75,8 @@ struct Daemon {
     logs: PathBuf,
     /// Detached jobs, stopped when the pool goes.
     detached: Mutex<Vec<AbortHandle>>,
+    /// What became of each node replaced to keep the pool's size, oldest first.
+    replacements: Mutex<Vec<String>>,
 }
 
 /// `skyward pool serve NAME ...`: run the pool until SIGTERM or its TTL.
@@ -126,6 +128,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         next_task: Mutex::new(1),
         logs,
         detached: Mutex::new(Vec::new()),
+        replacements: Mutex::new(Vec::new()),
     });
     let accepting = tokio::spawn(accept(listener, daemon.clone()));
     if let Some(warning) = daemon.session.unreachable_warning(&plan) {
@@ -146,6 +149,12 @@ pub async fn serve(args: UpArgs) -> i32 {
             let _ = daemon.pool.set(pool);
             daemon.set_phase(Phase::Ready);
             eprintln!("skyward: pool {} is up", args.name);
+            let keeping = tokio::spawn(keep_node_count(daemon.clone()));
+            daemon
+                .detached
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(keeping.abort_handle());
             let ttl = async {
                 match plan.spec.ttl {
                     Some(ttl) => {
@@ -185,6 +194,73 @@ pub async fn serve(args: UpArgs) -> i32 {
     match clean {
         true => code,
         false => FAILURE,
+    }
+}
+
+/// How often the pool's nodes are checked for ones to replace (besides interruption notices,
+/// which are acted on as they come).
+const NODE_CHECK: Duration = Duration::from_secs(5);
+
+/// Keeps the pool at its size: a node that is interrupted (a spot notice), lost (silent
+/// past the node timeout) or gone by its provider's word is replaced by a new one from the
+/// same provider and offer. Each node is replaced once; a failed replacement is reported in
+/// `pool status` and the pool goes on smaller.
+async fn keep_node_count(daemon: Arc<Daemon>) {
+    use crate::server::CoordinatorEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    let Ok(pool) = daemon.ready_pool() else {
+        return;
+    };
+    let coordinator = &daemon.session.coordinator;
+    let mut events = coordinator.subscribe();
+    let mut tick = tokio::time::interval(NODE_CHECK);
+    let mut handled = std::collections::HashSet::new();
+    loop {
+        let mut doomed: Vec<(String, String)> = Vec::new();
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => doomed.push((
+                    node_id,
+                    format!("{} interruption notice: {} at {}", notice.source, notice.action, notice.at),
+                )),
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                let nodes = pool.nodes();
+                for node in &nodes {
+                    if let Some(why) = coordinator.node(&node.node_id).and_then(|n| n.lost_reason()) {
+                        doomed.push((node.node_id.clone(), why));
+                    }
+                }
+                let provider = pool.provider();
+                for (node, why) in provider.failed_nodes(pool.name()).await {
+                    if nodes.iter().any(|n| n.node_id == node) {
+                        doomed.push((node, format!("{}: {why}", provider.name())));
+                    }
+                }
+            }
+        }
+        for (node, why) in doomed {
+            if !handled.insert(node.clone()) || !pool.nodes().iter().any(|n| n.node_id == node) {
+                continue;
+            }
+            eprintln!("skyward: {node} ({why}): starting a node in its place");
+            let outcome = match pool
+                .replace(&node, &mut |event| daemon.session.record_progress(&event))
+                .await
+            {
+                Ok(new) => format!("{node} ({why}) replaced by {}", new.node_id),
+                Err(e) => format!("{node} ({why}) not replaced: {e}"),
+            };
+            eprintln!("skyward: {outcome}");
+            daemon
+                .replacements
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(outcome);
+            daemon.changed.send_modify(|n| *n += 1);
+        }
     }
 }
 
@@ -852,6 +928,11 @@ impl Daemon {
             ttl_left_seconds: self.ttl.map(|ttl| ttl.saturating_sub(up).as_secs()),
             nodes,
             tasks: recent,
+            replacements: self
+                .replacements
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         })
     }
 }

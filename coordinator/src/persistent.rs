@@ -171,6 +171,8 @@ pub struct PoolStatus {
     pub nodes: Vec<NodeStatus>,
     /// The most recent tasks, newest last.
     pub tasks: Vec<TaskStatus>,
+    /// Nodes replaced to keep the pool's size (or that could not be), oldest first.
+    pub replacements: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -804,6 +806,9 @@ fn print_status(status: &PoolStatus) {
         ]);
     }
     println!("{nodes}");
+    for replacement in &status.replacements {
+        println!("{replacement}");
+    }
     if status.tasks.is_empty() {
         println!("no tasks yet");
         return;
@@ -915,6 +920,7 @@ mod tests {
                 exit_code: None,
                 age_seconds: 4,
             }],
+            replacements: vec!["node-2 (lost) replaced by node-3".into()],
         };
         let mut frame = Vec::new();
         skyward_common::frame::encode_frame(

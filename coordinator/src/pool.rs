@@ -58,7 +58,13 @@ pub struct Pool {
     provider: Arc<dyn Provider>,
     offer: Offer,
     market: Market,
-    nodes: Vec<NodeHandle>,
+    /// In rank order; a replaced node's successor takes its place.
+    nodes: std::sync::RwLock<Vec<NodeHandle>>,
+    /// What the pool was asked for, and the nodes' own deadline: a replacement gets the same.
+    spec: PoolSpec,
+    deadline: Option<u64>,
+    /// The number of the next node id (`node-N`) a replacement gets.
+    next_node: std::sync::atomic::AtomicUsize,
     /// Behind a lock so that several jobs can run on one pool at once (a persistent pool).
     lifecycle: std::sync::Mutex<Lifecycle>,
 }
@@ -139,17 +145,7 @@ impl Pool {
         for attempt in &attempts {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
-            let mut bootstrap = coordinator.bootstrap();
-            bootstrap.mig = spec.mig.clone();
-            bootstrap.deadline = deadline;
-            bootstrap.reverse = reverse_of(spec);
-            if spec.reverse {
-                // Nodes cannot reach this coordinator to download the agent from it: the
-                // image has it, or the user's own --agent-url serves it.
-                if bootstrap.agent_url_pinned {
-                    bootstrap.agent_url = None;
-                }
-            }
+            let bootstrap = node_bootstrap(&coordinator, spec, deadline);
             let request = ProvisionRequest {
                 pool: pool.clone(),
                 bootstrap,
@@ -224,7 +220,10 @@ impl Pool {
                 provider,
                 offer: chosen.offer,
                 market: chosen.market,
-                nodes,
+                nodes: std::sync::RwLock::new(nodes),
+                spec: spec.clone(),
+                deadline,
+                next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
                 lifecycle: std::sync::Mutex::new(lifecycle),
             }),
             Err(message) => {
@@ -234,9 +233,86 @@ impl Pool {
         }
     }
 
-    /// The nodes in order: `node-1` first.
-    pub fn nodes(&self) -> &[NodeHandle] {
-        &self.nodes
+    /// The nodes in rank order (`node-1` first, a replacement in its predecessor's place).
+    pub fn nodes(&self) -> Vec<NodeHandle> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Provisions a node in place of `lost` (lost, interrupted, or gone by its provider's
+    /// word), from the pool's own provider and offer, and waits for its agent; the new node
+    /// (`node-N`, a number not used before) then takes `lost`'s place in [`Pool::nodes`].
+    /// The lost node's machine is not removed here: a spot machine goes by itself, and a
+    /// silent agent powers its machine off once its lease passes (teardown removes it).
+    pub async fn replace(
+        &self,
+        lost: &str,
+        on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
+    ) -> Result<NodeHandle, String> {
+        let number = self
+            .next_node
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let node_id = format!("node-{number}");
+        let coordinator = &self.coordinator;
+        let mut spec = self.spec.clone();
+        spec.nodes = 1;
+        let request = ProvisionRequest {
+            pool: self.name().to_string(),
+            bootstrap: node_bootstrap(coordinator, &spec, self.deadline),
+            nodes: vec![NodeBootstrap {
+                node_id: node_id.clone(),
+                token: coordinator.issue_token(&node_id),
+            }],
+            spec: spec.clone(),
+        };
+        let attempt = Attempt {
+            candidate: 0,
+            offer: self.offer.clone(),
+            market: self.market,
+            price: self.offer.price(self.market).unwrap_or(0.0),
+        };
+        let mut events = coordinator.subscribe();
+        on_progress(PoolProgress::Provisioning {
+            attempt: &attempt,
+            nodes: 1,
+        });
+        let instances = self
+            .provider
+            .provision(&request, &self.offer, self.market)
+            .await
+            .map_err(|e| format!("replacing {lost}: {e}"))?;
+        on_progress(PoolProgress::Provisioned {
+            attempt: &attempt,
+            instances: &instances,
+        });
+        if spec.reverse {
+            for instance in &instances {
+                if let Some(address) = instance.address {
+                    coordinator.dial(&instance.node_id, address);
+                }
+            }
+        }
+        let ids = [node_id.clone()];
+        let mut lifecycle = Lifecycle::new(ids.to_vec());
+        let mut ready = wait_for_agents(
+            coordinator,
+            self.provider.as_ref(),
+            &spec,
+            &ids,
+            &mut lifecycle,
+            &mut events,
+            on_progress,
+        )
+        .await
+        .map_err(|e| format!("replacing {lost} with {node_id}: {e}"))?;
+        let node = ready
+            .pop()
+            .ok_or_else(|| format!("replacing {lost}: {node_id} never connected"))?;
+        let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
+        match nodes.iter().position(|n| n.node_id == lost) {
+            Some(index) => nodes[index] = node.clone(),
+            None => nodes.push(node.clone()),
+        }
+        Ok(node)
     }
 
     pub fn coordinator(&self) -> &Coordinator {
@@ -274,6 +350,24 @@ impl Pool {
         let _ = teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
         self.lifecycle_event(Event::TeardownFinished);
     }
+}
+
+/// What a node of `spec` boots with, with tokens to be issued per node.
+fn node_bootstrap(
+    coordinator: &Coordinator,
+    spec: &PoolSpec,
+    deadline: Option<u64>,
+) -> crate::bootstrap::Bootstrap {
+    let mut bootstrap = coordinator.bootstrap();
+    bootstrap.mig = spec.mig.clone();
+    bootstrap.deadline = deadline;
+    bootstrap.reverse = reverse_of(spec);
+    // Reversed, nodes cannot reach this coordinator to download the agent from it: the image
+    // has it, or the user's own --agent-url serves it.
+    if spec.reverse && bootstrap.agent_url_pinned {
+        bootstrap.agent_url = None;
+    }
+    bootstrap
 }
 
 /// Why a MIG layout cannot be had, known before anything is provisioned.
@@ -381,13 +475,14 @@ async fn wait_for_agents(
             _ = tokio::time::sleep(POLL) => {
                 // Asking a cloud provider is an API call: do it every few seconds only.
                 let checking_now = last_failure_check.elapsed() >= FAILED_NODES_POLL;
-                let failed = if checking_now {
+                let failed: Vec<(String, String)> = if checking_now {
                     last_failure_check = Instant::now();
-                    provider.failed_nodes(pool).await
+                    // Only the nodes waited for: a node being replaced may be failed too.
+                    provider.failed_nodes(pool).await.into_iter().filter(|(node, _)| node_ids.contains(node)).collect()
                 } else {
                     Vec::new()
                 };
-                if let Some(reverse) = reverse_of(spec).filter(|_| checking_now && coordinator.dialing() < node_ids.len()) {
+                if let Some(reverse) = reverse_of(spec).filter(|_| checking_now && !lifecycle.missing().is_empty()) {
                     dial_listening_nodes(coordinator, provider, &reverse).await;
                 }
                 if !failed.is_empty() {

@@ -56,7 +56,7 @@ impl Job {
         preflight: Preflight,
     ) -> Result<Vec<TaskPlan>, PreflightError> {
         let mesh =
-            crate::preflight::check(&pool.shared_coordinator(), pool.nodes(), &env, preflight)
+            crate::preflight::check(&pool.shared_coordinator(), &pool.nodes(), &env, preflight)
                 .await?;
         Ok(Self::broadcast_on(&mesh, argv, env))
     }
@@ -139,7 +139,7 @@ impl TaskReport {
 /// task, in input order. Dropping the future cancels every task still running.
 pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
     pool.lifecycle_event(Event::RunStarted);
-    let nodes = pool.nodes().to_vec();
+    let nodes = pool.nodes();
     let loads = nodes.iter().map(|n| n.running() as usize).collect();
     let slots = nodes.iter().map(|n| node_slots(&n.inventory)).collect();
     let slot_tasks: Vec<SlotTask> = job

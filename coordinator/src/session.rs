@@ -124,7 +124,6 @@ impl PoolSession {
         renderer: &mut Renderer<O, E>,
         bar: bool,
     ) -> Result<Pool, String> {
-        let pool_name = &self.name;
         let progress = (bar && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(plan.spec.nodes as u64);
             bar.set_style(
@@ -134,7 +133,6 @@ impl PoolSession {
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
-        let store = &self.store;
         let mut on_progress = |event: PoolProgress<'_>| match event {
             PoolProgress::Searching { providers } => {
                 if let Some(bar) = &progress {
@@ -142,16 +140,7 @@ impl PoolSession {
                 }
             }
             PoolProgress::Provisioning { attempt, nodes } => {
-                record(store, |s| {
-                    s.add_placement(
-                        pool_name,
-                        &Placement {
-                            provider: attempt.offer.provider.clone(),
-                            region: attempt.offer.region.clone(),
-                            instance_type: attempt.offer.instance_type.clone(),
-                        },
-                    )
-                });
+                self.record_progress(&event);
                 if let Some(bar) = &progress {
                     bar.set_message(format!(
                         "starting {nodes} x {} on {} ({}):",
@@ -159,21 +148,7 @@ impl PoolSession {
                     ));
                 }
             }
-            PoolProgress::Provisioned { attempt, instances } => {
-                for instance in instances {
-                    record(store, |s| {
-                        s.add_instance(
-                            pool_name,
-                            &InstanceRecord {
-                                provider: attempt.offer.provider.clone(),
-                                region: attempt.offer.region.clone(),
-                                node: instance.node_id.clone(),
-                                provider_id: instance.provider_id.clone(),
-                            },
-                        )
-                    });
-                }
-            }
+            PoolProgress::Provisioned { .. } => self.record_progress(&event),
             PoolProgress::AttemptFailed { attempt, error } => {
                 renderer.attempt_failed(attempt, error);
             }
@@ -198,6 +173,39 @@ impl PoolSession {
             bar.finish_and_clear();
         }
         up.map_err(|e| e.to_string())
+    }
+
+    /// Records what provisioning is about to create (before the call) and what it created.
+    pub fn record_progress(&self, event: &PoolProgress<'_>) {
+        let pool = &self.name;
+        match event {
+            PoolProgress::Provisioning { attempt, .. } => record(&self.store, |s| {
+                s.add_placement(
+                    pool,
+                    &Placement {
+                        provider: attempt.offer.provider.clone(),
+                        region: attempt.offer.region.clone(),
+                        instance_type: attempt.offer.instance_type.clone(),
+                    },
+                )
+            }),
+            PoolProgress::Provisioned { attempt, instances } => {
+                for instance in instances.iter() {
+                    record(&self.store, |s| {
+                        s.add_instance(
+                            pool,
+                            &InstanceRecord {
+                                provider: attempt.offer.provider.clone(),
+                                region: attempt.offer.region.clone(),
+                                node: instance.node_id.clone(),
+                                provider_id: instance.provider_id.clone(),
+                            },
+                        )
+                    });
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Runs `request` on `pool`, recording each task attempt under the pool-wide number

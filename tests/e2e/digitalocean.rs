@@ -1138,7 +1138,8 @@ async fn a_reverse_pool_is_dialed_behind_a_firewall_open_to_the_coordinator_alon
             panic!("{address} is no IPv4 address");
         };
         assert_eq!(ip.octets()[..2], [10, 251], "{node} at {address}");
-        let handle = pool.nodes().iter().find(|n| n.node_id == *node).unwrap();
+        let nodes = pool.nodes();
+        let handle = nodes.iter().find(|n| n.node_id == *node).unwrap();
         assert_eq!(handle.address, address.ip(), "{node}");
     }
 

@@ -227,6 +227,65 @@ fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
 }
 
 #[test]
+fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
+    let sandbox = Sandbox::new();
+    let up = sky(&sandbox, &["pool", "up", "kept", "--nodes", "2"]);
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let agent_of_node_2: Vec<i32> = sandbox
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains("nodes/node-2 "))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(agent_of_node_2.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: killing the agent process found above.
+    unsafe {
+        libc::kill(agent_of_node_2[0], libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = status(&sandbox, "kept");
+        let nodes: Vec<(&str, &str)> = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["node"].as_str().unwrap(), n["state"].as_str().unwrap()))
+            .collect();
+        if nodes == [("node-1", "connected"), ("node-3", "connected")] {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "not replaced: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let replaced = status["replacements"][0].as_str().unwrap_or_default();
+    assert!(
+        replaced.starts_with("node-2 (") && replaced.ends_with("replaced by node-3"),
+        "{status}"
+    );
+    let all = sky(
+        &sandbox,
+        &[
+            "exec",
+            "kept",
+            "--on",
+            "all",
+            "--",
+            "sh",
+            "-c",
+            "echo $SKYWARD_NODE_ID",
+        ],
+    );
+    assert_eq!(all.code, Some(0), "{all:?}");
+    let mut lines: Vec<&str> = all.stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["[node-1] node-1", "[node-3] node-3"], "{all:?}");
+    let down = sky(&sandbox, &["pool", "down", "kept"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[test]
 fn pool_up_refuses_bad_input_and_leaves_nothing_when_it_fails() {
     let sandbox = Sandbox::new();
     for (args, hint) in [

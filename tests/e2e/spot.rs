@@ -186,6 +186,32 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
     // Both tasks ended on node-1; the one on node-2 never got to its end there.
     assert_eq!(text.matches("done on node-1").count(), 2, "{text}");
     assert!(!text.contains("done on node-2"), "{text}");
+
+    // A pool that keeps its size (`skyward pool up`) replaces the interrupted node: the new
+    // one comes from the same provider, boots from its own user-data and takes its place.
+    let mut provisioned = Vec::new();
+    let replacement = pool
+        .replace("node-2", &mut |event: PoolProgress<'_>| {
+            if let PoolProgress::Provisioned { instances, .. } = event {
+                provisioned.extend(instances.iter().map(|i| i.node_id.clone()));
+            }
+        })
+        .await
+        .expect("a replacement node");
+    assert_eq!(replacement.node_id, "node-3");
+    assert_eq!(provisioned, ["node-3"]);
+    let ids: Vec<String> = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
+    assert_eq!(ids, ["node-1", "node-3"]);
+    let mut on_new = pool
+        .shared_coordinator()
+        .start_task(
+            &replacement,
+            skyward_tests::command(&["sh", "-c", "echo on $SKYWARD_NODE_ID"]),
+        )
+        .await
+        .expect("a task on the new node");
+    let printed = skyward_tests::task_output(&mut on_new).await;
+    assert_eq!(String::from_utf8_lossy(&printed), "on node-3\n");
     pool.down().await;
     assert!(sandbox
         .wait_for_no_processes(Duration::from_secs(10))

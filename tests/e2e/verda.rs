@@ -651,8 +651,8 @@ async fn a_reversed_pool_listens_on_its_instances_ips_and_is_dialed_there() {
         assert!(env.contains("SKYWARD_LISTEN=0.0.0.0:7444\n"), "{env}");
         assert!(!env.contains("SKYWARD_COORDINATOR"), "{env}");
         // Its connection comes from the address the stand-in reported: the coordinator dialed it.
-        let handle = pool
-            .nodes()
+        let nodes = pool.nodes();
+        let handle = nodes
             .iter()
             .find(|n| n.node_id == node)
             .unwrap_or_else(|| panic!("{node} is not in the pool"));
