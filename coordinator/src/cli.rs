@@ -448,7 +448,7 @@ fn map_argvs(template: &str, inputs: &[String]) -> Result<Vec<Vec<String>>, Stri
 }
 
 /// `SKYWARD_HOME`, else `$XDG_DATA_HOME/skyward`, else `~/.local/share/skyward`.
-fn skyward_home() -> Result<PathBuf, String> {
+pub(crate) fn skyward_home() -> Result<PathBuf, String> {
     if let Some(home) = std::env::var_os("SKYWARD_HOME") {
         return Ok(PathBuf::from(home));
     }
