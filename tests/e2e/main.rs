@@ -15,5 +15,6 @@ mod selection;
 mod slots;
 mod spot;
 mod training;
+mod typed;
 mod vastai;
 mod verda;
