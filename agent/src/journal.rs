@@ -206,7 +206,16 @@ impl Journal {
                 return PumpEnd::Replaced;
             };
             if batch.is_empty() && outcome.is_none() {
-                waiting.await;
+                // A silent task's coordinator may give it up (drop its stream) meanwhile.
+                tokio::select! {
+                    _ = waiting => {}
+                    stopped = send.stopped() => {
+                        return match stopped {
+                            Ok(_) => PumpEnd::Stopped,
+                            Err(_) => PumpEnd::ConnectionLost,
+                        };
+                    }
+                }
                 continue;
             }
             for (seq, stream, data) in batch {

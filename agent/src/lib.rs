@@ -3,7 +3,9 @@
 //! It enrolls with a single-use token (its key never leaves the node), keeps one mutually
 //! authenticated QUIC connection to the coordinator, reports its inventory and health, and
 //! runs each task it is sent in a process group of its own, streaming output as it comes.
+//! A custom agent adds typed tasks ([`skyward_common::typed::Task`]) to it: see [`Agent`].
 
+pub mod cli;
 pub mod enroll;
 pub mod gpu;
 pub mod interruption;
@@ -16,6 +18,7 @@ pub mod pty;
 pub mod runner;
 pub mod session;
 pub mod tool;
+pub mod typed;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -89,7 +92,9 @@ impl std::fmt::Debug for AgentConfig {
     }
 }
 
-pub use session::run;
+pub use cli::Agent;
+pub use session::{run, run_with};
+pub use typed::Registry;
 
 #[cfg(test)]
 mod tests {

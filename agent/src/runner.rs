@@ -10,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use skyward_common::frame::{read_frame, write_frame};
-use skyward_common::limits::{KILL_GRACE, MAX_REMEMBERED_TASKS, MAX_TASK_FRAME, OUTPUT_CHUNK};
+use skyward_common::limits::{
+    KILL_GRACE, MAX_REMEMBERED_TASKS, MAX_TASK_FRAME, MAX_TASK_START_FRAME, OUTPUT_CHUNK,
+};
 use skyward_common::protocol::{
     OutputStream, TaskEvent, TaskId, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
@@ -37,16 +39,28 @@ pub struct Tasks {
     live: Mutex<HashMap<TaskId, Arc<Journal>>>,
     /// Every attempt started here (the latest [`MAX_REMEMBERED_TASKS`]), to refuse one twice.
     started: Mutex<(HashSet<TaskId>, std::collections::VecDeque<TaskId>)>,
+    /// The typed tasks this agent knows.
+    pub registry: Arc<crate::typed::Registry>,
 }
 
 impl Tasks {
     pub fn new(node_id: String, work_dir: PathBuf) -> Arc<Self> {
+        Self::with_registry(node_id, work_dir, Default::default())
+    }
+
+    /// A runner that also knows the typed tasks of `registry`.
+    pub fn with_registry(
+        node_id: String,
+        work_dir: PathBuf,
+        registry: Arc<crate::typed::Registry>,
+    ) -> Arc<Self> {
         Arc::new(Tasks {
             node_id,
             work_dir,
             groups: Mutex::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
             started: Mutex::new(Default::default()),
+            registry,
         })
     }
 
@@ -90,7 +104,10 @@ fn signal_group(pgid: i32, signal: i32) {
 /// Serves one task stream opened by the coordinator.
 pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>) {
     let spec =
-        match tokio::time::timeout(START_TIMEOUT, read_frame(&mut recv, MAX_TASK_FRAME)).await {
+        // A typed task's Start carries its whole input: the one larger frame.
+        match tokio::time::timeout(START_TIMEOUT, read_frame(&mut recv, MAX_TASK_START_FRAME))
+            .await
+        {
             Ok(Ok(Some(TaskRequest::Start(spec)))) => spec,
             Ok(Ok(Some(TaskRequest::Resume { task, next_seq }))) => {
                 return resume(send, recv, tasks, task, next_seq).await;
@@ -115,6 +132,22 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
             return start_command(spec, send, recv, tasks).await
         }
         TaskKind::Probe(probe) => crate::probe::run(probe, spec.timeout_ms, &mut send, recv).await,
+        TaskKind::Typed {
+            name,
+            version,
+            payload,
+        } => {
+            crate::typed::run(
+                &spec,
+                name,
+                *version,
+                payload.clone(),
+                &mut send,
+                recv,
+                tasks,
+            )
+            .await
+        }
     };
     if let Some(outcome) = outcome {
         tracing::debug!(task = %spec.task, %outcome, "task finished");

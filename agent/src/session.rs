@@ -26,6 +26,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the agent until it is told to stop. Every running task is stopped before it returns.
 pub async fn run(config: AgentConfig) -> Result<()> {
+    run_with(config, crate::typed::Registry::default()).await
+}
+
+/// [`run`], with the typed tasks of `registry` (a custom agent's).
+pub async fn run_with(config: AgentConfig, registry: crate::typed::Registry) -> Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating work dir {}", config.work_dir.display()))?;
     // Before any inventory is read: the node reports the MIG devices the layout made. A
@@ -36,7 +41,11 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     {
         tracing::warn!("applying the MIG layout failed: {e}");
     }
-    let tasks = Tasks::new(config.node_id.clone(), config.work_dir.clone());
+    let tasks = Tasks::with_registry(
+        config.node_id.clone(),
+        config.work_dir.clone(),
+        Arc::new(registry),
+    );
     // Spot interruption notices, when watched; the unused sender keeps an unwatched channel
     // quiet rather than closed.
     let (_no_watch, unwatched) = tokio::sync::watch::channel(None);

@@ -1,7 +1,8 @@
 //! Shared ground between the Skyward coordinator and agent: the wire protocol
 //! ([`protocol`], framed by [`frame`], encoded by [`codec`], bounded by [`limits`]),
 //! identities and TLS configuration ([`identity`], [`transport`]) and the
-//! inventory model ([`inventory`], with the MIG layout a pool asks for in [`mig`]).
+//! inventory model ([`inventory`], with the MIG layout a pool asks for in [`mig`]), and the
+//! [`typed`] task trait that a coordinator program and its custom agent share.
 
 pub mod codec;
 pub mod frame;
@@ -11,6 +12,7 @@ pub mod limits;
 pub mod mig;
 pub mod protocol;
 pub mod transport;
+pub mod typed;
 
 /// The version every Skyward binary reports; agents and coordinators compare it on connect.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

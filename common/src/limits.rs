@@ -21,6 +21,17 @@ pub const MAX_REMEMBERED_TASKS: usize = 100_000;
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
 /// Largest argv + env a task may carry, checked before the task is sent.
 pub const MAX_TASK_SPEC: usize = 512 * 1024;
+/// Largest encoded input of a typed task, checked by the coordinator before it sends the
+/// task and by the agent before it reads it.
+pub const MAX_TYPED_INPUT: usize = 64 * 1024 * 1024;
+/// Largest encoded output of a typed task, checked by the agent before it sends it (past
+/// it the task fails) and by the coordinator as the pieces arrive.
+pub const MAX_TYPED_OUTPUT: usize = 64 * 1024 * 1024;
+/// A typed task's output travels in pieces of at most this many bytes, each a frame.
+pub const TYPED_RESULT_CHUNK: usize = 512 * 1024;
+/// Largest first frame of a task stream: a typed task's `Start` carries its whole input.
+/// Only the coordinator, authenticated by the pinned CA, can send one.
+pub const MAX_TASK_START_FRAME: usize = MAX_TYPED_INPUT + MAX_TASK_FRAME;
 
 /// Task streams the coordinator may have open to one agent at once.
 pub const MAX_TASK_STREAMS_PER_AGENT: u32 = 512;

@@ -146,6 +146,15 @@ pub enum TaskKind {
         rows: u16,
         cols: u16,
     },
+    /// A typed task ([`crate::typed::Task`]): the agent runs the task registered under
+    /// `name` at `version` on `payload` (the task value, encoded) and answers its encoded
+    /// output in [`TaskEvent::Result`] frames. Appended, for the encoding's sake.
+    Typed {
+        name: String,
+        version: u32,
+        /// At most [`MAX_TYPED_INPUT`](crate::limits::MAX_TYPED_INPUT) bytes.
+        payload: Bytes,
+    },
 }
 
 /// What a probe task does: listen on a port and greet whoever connects, or connect to
@@ -292,15 +301,33 @@ pub enum TaskEvent {
     Finished(TaskOutcome),
     /// What a [`TaskKind::Probe`] found; before `Finished`. Last, for the encoding's sake.
     Probe(ProbeReport),
+    /// One piece of a [`TaskKind::Typed`] task's encoded output, before `Finished`: the
+    /// pieces in order make the output (each at most [`TYPED_RESULT_CHUNK`]
+    /// bytes, together at most [`MAX_TYPED_OUTPUT`]). Appended, for the encoding's sake.
+    ///
+    /// [`TYPED_RESULT_CHUNK`]: crate::limits::TYPED_RESULT_CHUNK
+    /// [`MAX_TYPED_OUTPUT`]: crate::limits::MAX_TYPED_OUTPUT
+    Result(Bytes),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskOutcome {
-    Exited { code: i32 },
-    Signaled { signal: i32 },
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
     TimedOut,
     Cancelled,
-    FailedToStart { error: String },
+    FailedToStart {
+        error: String,
+    },
+    /// A typed task returned an error or panicked (the panic's message); appended, for the
+    /// encoding's sake.
+    Failed {
+        error: String,
+    },
 }
 
 impl TaskOutcome {
@@ -316,6 +343,7 @@ impl TaskOutcome {
             TaskOutcome::TimedOut => 124,
             TaskOutcome::Cancelled => 130,
             TaskOutcome::FailedToStart { .. } => 127,
+            TaskOutcome::Failed { .. } => 1,
         }
     }
 }
@@ -328,6 +356,7 @@ impl std::fmt::Display for TaskOutcome {
             TaskOutcome::TimedOut => write!(f, "timed out"),
             TaskOutcome::Cancelled => write!(f, "cancelled"),
             TaskOutcome::FailedToStart { error } => write!(f, "failed to start: {error}"),
+            TaskOutcome::Failed { error } => write!(f, "failed: {error}"),
         }
     }
 }

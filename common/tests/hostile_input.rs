@@ -294,6 +294,13 @@ fn arb_task_request() -> impl Strategy<Value = TaskRequest> {
                 connect,
                 nonce
             })),
+        (short_string(), any::<u32>(), arb_bytes(300)).prop_map(|(name, version, payload)| {
+            TaskKind::Typed {
+                name,
+                version,
+                payload,
+            }
+        }),
     ];
     let spec = (
         any::<u64>(),
@@ -323,6 +330,7 @@ fn arb_task_event() -> impl Strategy<Value = TaskEvent> {
         Just(TaskOutcome::TimedOut),
         Just(TaskOutcome::Cancelled),
         short_string().prop_map(|error| TaskOutcome::FailedToStart { error }),
+        short_string().prop_map(|error| TaskOutcome::Failed { error }),
     ];
     let reach = (
         arb_addr(),
@@ -346,6 +354,7 @@ fn arb_task_event() -> impl Strategy<Value = TaskEvent> {
         arb_addr().prop_map(|address| TaskEvent::Probe(ProbeReport::Listening { address })),
         proptest::collection::vec(reach, 0..4)
             .prop_map(|r| TaskEvent::Probe(ProbeReport::Reached(r))),
+        arb_bytes(300).prop_map(TaskEvent::Result),
     ]
 }
 

@@ -609,7 +609,7 @@ async fn shell(
                         stream,
                         data,
                     },
-                    Some(Ok(Some(TaskEvent::Started { .. } | TaskEvent::Probe(_)))) => continue,
+                    Some(Ok(Some(TaskEvent::Started { .. } | TaskEvent::Probe(_) | TaskEvent::Result(_)))) => continue,
                     Some(Ok(Some(TaskEvent::Finished(outcome)))) => ended(Ok(outcome)),
                     Some(Ok(None)) | None => ended(Err("the terminal ended without an outcome".into())),
                     Some(Err(e)) => ended(Err(e.to_string())),

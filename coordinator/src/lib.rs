@@ -3,9 +3,11 @@
 //!
 //! The pure parts ([`lifecycle`], [`schedule`], [`slots`], [`task`], [`tokens`],
 //! [`training`]) hold every rule and do no I/O; [`server`], [`pool`], [`run`] and
-//! [`preflight`] are the async shell that moves bytes and timers.
+//! [`preflight`] are the async shell that moves bytes and timers. [`api`] is the library
+//! API for programs: `ComputePool::builder()...build()`, commands and typed tasks.
 
 pub mod admission;
+pub mod api;
 pub mod bootstrap;
 pub mod catalog;
 pub mod cli;

@@ -486,8 +486,8 @@ async fn drive_task(
                         .await;
                 }
                 Ok(Some(TaskEvent::Finished(outcome))) => return report(Ok(outcome)),
-                // Only probe tasks report these; a command has nothing to say with one.
-                Ok(Some(TaskEvent::Probe(_))) => {}
+                // Only probe and typed tasks report these; a command has nothing to say with one.
+                Ok(Some(TaskEvent::Probe(_) | TaskEvent::Result(_))) => {}
                 Ok(None) => return report(Err("task stream ended without an outcome".into())),
                 Err(e) => return report(Err(e.to_string())),
             }

@@ -19,7 +19,7 @@ use skyward_common::inventory::Inventory;
 use skyward_common::limits::{
     DEFAULT_LEASE, DEFAULT_NODE_TIMEOUT, DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT,
     HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME, MAX_ENROLL_FRAME, MAX_TASK_FRAME,
-    MAX_TASK_SPEC, NODE_CERT_VALIDITY,
+    MAX_TASK_SPEC, MAX_TYPED_INPUT, NODE_CERT_VALIDITY,
 };
 use skyward_common::protocol::{
     close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
@@ -394,6 +394,11 @@ impl Coordinator {
         if size > MAX_TASK_SPEC {
             return Err(TaskError::TooLarge(size));
         }
+        if let TaskKind::Typed { payload, .. } = &spec.kind {
+            if payload.len() > MAX_TYPED_INPUT {
+                return Err(TaskError::InputTooLarge(payload.len()));
+            }
+        }
         let running = RunningGuard::new(node.running.clone());
         let (mut send, recv) = node
             .connection
@@ -513,6 +518,8 @@ fn spec_size(spec: &TaskSpec) -> usize {
         }
         skyward_common::protocol::TaskKind::Noop => 0,
         skyward_common::protocol::TaskKind::Probe(probe) => probe.connect.len() * 32,
+        // The input has a limit of its own, checked apart.
+        skyward_common::protocol::TaskKind::Typed { name, .. } => name.len(),
     };
     argv + spec
         .env
@@ -552,6 +559,8 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {
 pub enum TaskError {
     #[error("task spec is {0} bytes of argv and env; the limit is {MAX_TASK_SPEC}")]
     TooLarge(usize),
+    #[error("typed task input is {0} bytes; the limit is {MAX_TYPED_INPUT} (send less per task)")]
+    InputTooLarge(usize),
     #[error("connection to {0}")]
     Lost(String),
     #[error("{node}: {error}")]

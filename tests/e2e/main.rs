@@ -18,5 +18,6 @@ mod shell;
 mod slots;
 mod spot;
 mod training;
+mod typed;
 mod vastai;
 mod verda;

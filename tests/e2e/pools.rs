@@ -185,6 +185,11 @@ fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
             .filter(|(_, cmd)| cmd.starts_with("sleep 97"))
             .count()
     };
+    // `started` may arrive before the shell has become `sleep`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sleeping(&sandbox) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(sleeping(&sandbox), 1, "{:?}", sandbox.processes());
     // SAFETY: signalling our own child.
     unsafe {
