@@ -110,6 +110,9 @@ impl Agent {
         };
         tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
+            // Colours only for a person: a log file (agent.log, the journal) gets plain text,
+            // which is also what the coordinator quotes when an agent dies.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG")
                     .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

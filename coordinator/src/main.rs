@@ -5,6 +5,8 @@ fn main() {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // A background coordinator's log is a file: plain text there.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SKYWARD_LOG")
                 // The AWS credential chain warns about every source it tried when none has
