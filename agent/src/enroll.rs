@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use rustls_pki_types::CertificateDer;
 use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::identity::{write_private, CertifiedKey, NodeKey};
@@ -32,14 +32,77 @@ pub async fn load_or_enroll(
     }
     let token = require_token(config)?;
     let client = transport::enroll_client_config(&config.ca_pin)?;
-    let conn = endpoint
-        .connect_with(client, coordinator, COORDINATOR_SERVER_NAME)?
-        .await
-        .with_context(|| format!("connecting to coordinator {coordinator} to enroll"))?;
-    let identity = exchange(config, token, &conn).await?;
-    save(config, &identity)?;
-    Ok(identity)
+    // A coordinator not up yet, a network blip or a busy address pass: try again, with
+    // backoff, for as long as the lease lasts. A judged rejection (a bad token) does not.
+    let started = tokio::time::Instant::now();
+    let mut backoff = FIRST_RETRY;
+    loop {
+        let attempt = async {
+            let conn = endpoint
+                .connect_with(client.clone(), coordinator, COORDINATOR_SERVER_NAME)?
+                .await
+                .with_context(|| format!("connecting to coordinator {coordinator} to enroll"))?;
+            exchange(config, token, &conn).await
+        };
+        let error = match attempt.await {
+            Ok(identity) => {
+                save(config, &identity)?;
+                return Ok(identity);
+            }
+            Err(error) if !transient(&error) => return Err(error),
+            Err(error) => error,
+        };
+        let wait = match error.downcast_ref::<Busy>() {
+            Some(busy) => busy.0.max(FIRST_RETRY),
+            None => backoff,
+        };
+        if started.elapsed() + wait >= config.lease {
+            return Err(error.context(format!(
+                "still not enrolled after {}s (the lease)",
+                config.lease.as_secs()
+            )));
+        }
+        tracing::warn!("enrollment: {error:#}; trying again in {wait:?}");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_RETRY);
+    }
 }
+
+/// Whether an enrollment failure may pass by itself: the coordinator busy or unreachable
+/// for now, the connection lost or closed by the coordinator's admission limit. A judged
+/// rejection and a failed handshake (the wrong CA pin) do not.
+fn transient(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        if cause.is::<Busy>() || cause.is::<tokio::time::error::Elapsed>() {
+            return true;
+        }
+        if let Some(frame) = cause.downcast_ref::<skyward_common::frame::FrameError>() {
+            return frame.is_connection_lost();
+        }
+        matches!(
+            cause.downcast_ref::<quinn::ConnectionError>(),
+            Some(
+                quinn::ConnectionError::TimedOut
+                    | quinn::ConnectionError::Reset
+                    | quinn::ConnectionError::ApplicationClosed(_)
+            )
+        )
+    })
+}
+
+/// The first pause between enrollment attempts, doubled up to [`MAX_RETRY`].
+const FIRST_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+const MAX_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The coordinator judged the request and said no: trying again cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("enrollment rejected: {0}")]
+pub struct Rejected(String);
+
+/// The coordinator did not judge the request yet: try again after this long.
+#[derive(Debug, thiserror::Error)]
+#[error("enrollment refused for now ({1}); retry after {0:?}")]
+pub struct Busy(std::time::Duration, String);
 
 /// The token, or the error that says how to give one.
 pub fn require_token(config: &AgentConfig) -> Result<&str> {
@@ -107,6 +170,10 @@ pub async fn exchange(
                 key_pkcs8_der: node_key.key.serialize_der(),
             })
         }
-        EnrollResponse::Rejected { reason } => bail!("enrollment rejected: {reason}"),
+        EnrollResponse::Rejected { reason } => Err(Rejected(reason).into()),
+        EnrollResponse::Busy {
+            reason,
+            retry_after_ms,
+        } => Err(Busy(std::time::Duration::from_millis(retry_after_ms), reason).into()),
     }
 }

@@ -54,6 +54,13 @@ pub enum EnrollResponse {
     Rejected {
         reason: String,
     },
+    /// Not judged: the address has spent its enrollment budget for now. Try again after
+    /// `retry_after_ms` (the token was not looked at, so it is still good). Appended for the
+    /// encoding's sake.
+    Busy {
+        reason: String,
+        retry_after_ms: u64,
+    },
 }
 
 /// Control-stream messages from agent to coordinator.

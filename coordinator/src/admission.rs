@@ -25,6 +25,17 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// When the address may try again: once its budget refills, or (for connections) once
+    /// one of its enrollments in flight is likely done.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Refusal::TooManyConnections { .. } => Duration::from_secs(1),
+            Refusal::TooManyFailures { retry_after, .. } => *retry_after,
+        }
+    }
+}
+
 struct Address {
     enrolling: usize,
     /// Failed attempts still allowed, refilled one per [`ENROLL_FAILURE_REFILL`].

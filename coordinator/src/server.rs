@@ -914,6 +914,11 @@ async fn enroll(
         }
         let response = match &outcome {
             Ok(response) => response.clone(),
+            // Refused unread: the agent may come back once the address's budget refills.
+            Err(rejection @ Rejection::Refused(refusal)) => EnrollResponse::Busy {
+                reason: rejection.to_string(),
+                retry_after_ms: refusal.retry_after().as_millis() as u64,
+            },
             Err(rejection) => EnrollResponse::Rejected {
                 reason: rejection.to_string(),
             },

@@ -107,6 +107,10 @@ impl Attacker {
                 key_pkcs8_der: key.key.serialize_der(),
             }),
             EnrollResponse::Rejected { reason } => Err(reason),
+            EnrollResponse::Busy {
+                reason,
+                retry_after_ms,
+            } => Err(format!("busy, retry after {retry_after_ms} ms: {reason}")),
         }
     }
 }
@@ -447,6 +451,8 @@ async fn failed_enrollments_per_address_are_rate_limited() {
     }
     let token = coordinator.issue_token("node-1");
     let reason = attacker.enroll("node-1", &token).await.unwrap_err();
+    // Refused unread, and told when to come back.
+    assert!(reason.starts_with("busy, retry after "), "{reason}");
     assert!(reason.contains("too many failed enrollments"), "{reason}");
     expect_rejection(&mut events, "rate-limited enrollment", |r| {
         matches!(r, Rejection::Refused(Refusal::TooManyFailures { .. }))
@@ -458,6 +464,46 @@ async fn failed_enrollments_per_address_are_rate_limited() {
         .enroll("node-1", &token)
         .await
         .expect("the refill allows one more attempt, and the token is unspent");
+    coordinator.close().await;
+}
+
+/// A real agent refused by the enrollment limits is not turned away for good: it tries
+/// again with backoff, within its lease, and enrolls once its address has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_refused_for_now_enrolls_once_its_address_has_room() {
+    let sandbox = Sandbox::new();
+    let coordinator = hostile_coordinator("sec-busy");
+    let attacker = attacker_against(&coordinator);
+    // The agent shares the attacker's address (loopback), which holds every enrollment
+    // connection it may.
+    let mut held = Vec::new();
+    for _ in 0..MAX_ENROLLING_PER_ADDRESS {
+        let conn = attacker.connect(None, ALPN_ENROLL).await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        held.push((conn, send, recv));
+    }
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-2", "60s");
+    let log_path = sandbox.path().join("node-2.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("trying again") {
+            break log;
+        }
+        assert!(std::time::Instant::now() < deadline, "no retry: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        log.contains("too many enrollments from this address"),
+        "{log}"
+    );
+    assert!(coordinator.node("node-2").is_none());
+    drop(held);
+    let node = wait_connected(&coordinator, "node-2").await;
+    assert_eq!(node.node_id, "node-2");
+    let _ = agent.kill();
+    let _ = agent.wait();
     coordinator.close().await;
 }
 
