@@ -751,6 +751,98 @@ async fn a_task_outlives_a_lost_connection_and_its_output_arrives_once() {
     let _ = agent.wait();
 }
 
+/// A partition: the node's link goes down for 30 s while its task prints continuously. Once
+/// the link is back, the output has arrived complete and in order (the same hash as what the
+/// task printed) and the task's end exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thirty_second_partition_loses_and_repeats_no_output() {
+    use sha2::Digest;
+    use skyward_coordinator::provider::NodeBootstrap;
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let net = std::sync::Arc::new(
+        skyward_tests::netns::TestNet::create().expect("a network namespace for the node"),
+    );
+    let coordinator = Coordinator::start_advertised(
+        CoordinatorConfig {
+            pool: "partition".into(),
+            bind: (net.host_ip, 0).into(),
+            state_dir: None,
+        },
+        skyward_coordinator::Advertise {
+            agent_binaries: vec![bin("skyward-agent")],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The node is not given up while it is cut off.
+    coordinator.set_node_timeout(Duration::from_secs(120));
+    let node = NodeBootstrap {
+        node_id: "node-1".into(),
+        token: coordinator.issue_token("node-1"),
+    };
+    let user_data = coordinator.bootstrap().user_data("partition", &node);
+    let booted = skyward_tests::node::BootedNode::boot_on(
+        sandbox.path(),
+        "ns-vm",
+        &user_data,
+        false,
+        Some(&net),
+    )
+    .unwrap();
+    let handle = connected_within(&coordinator, "node-1", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("node never connected; agent log:\n{}", booted.agent_log()));
+    // About 40 s of output, a line every 10 ms or so.
+    let lines = 3000;
+    let script =
+        format!("i=1; while [ $i -le {lines} ]; do echo line $i; i=$((i+1)); sleep 0.01; done");
+    let mut task = coordinator
+        .start_task(&handle, command(&["sh", "-c", &script]))
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    let mut partition = None;
+    let outcome = loop {
+        match task
+            .output
+            .next()
+            .await
+            .expect("the task is resumed, not lost")
+        {
+            Some(TaskEvent::Output { data, .. }) => {
+                output.extend_from_slice(&data);
+                if partition.is_none() && output.iter().filter(|&&b| b == b'\n').count() >= 100 {
+                    net.set_link(false).expect("link down");
+                    let net = net.clone();
+                    partition = Some(tokio::task::spawn_blocking(move || {
+                        std::thread::sleep(Duration::from_secs(30));
+                        net.set_link(true)
+                    }));
+                }
+            }
+            Some(TaskEvent::Finished(outcome)) => break outcome,
+            Some(_) => {}
+            None => panic!("the task stream ended without an outcome"),
+        }
+    };
+    let partition = partition.expect("the link went down");
+    partition.await.unwrap().expect("link up again");
+    assert_eq!(outcome, TaskOutcome::Exited { code: 0 });
+    assert!(task.output.next().await.unwrap().is_none(), "one end, once");
+    let expected: String = (1..=lines).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        hex::encode(sha2::Sha256::digest(&output)),
+        hex::encode(sha2::Sha256::digest(expected.as_bytes())),
+        "{} bytes arrived, {} printed",
+        output.len(),
+        expected.len()
+    );
+    booted.destroy();
+    drop(booted);
+    coordinator.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_attempt_of_a_task_never_runs_twice_on_a_node() {
     use skyward_common::protocol::TaskSpec;

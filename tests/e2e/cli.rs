@@ -803,3 +803,78 @@ fn a_task_whose_node_is_lost_runs_again_on_another_node() {
     }
     run.assert_moved("no health report for 3s)");
 }
+
+/// Load: 1,000 tasks at once over 8 agents, each printing, through the real CLI: every line
+/// arrives exactly once, and the coordinator's memory stays bounded.
+#[test]
+fn a_thousand_concurrent_printing_tasks_over_eight_agents_lose_no_line() {
+    let sandbox = Sandbox::new();
+    let inputs: Vec<String> = (1..=1000).map(|i| i.to_string()).collect();
+    let mut command = sandbox.skyward();
+    command
+        .args(["run", "--nodes", "8", "--per-node", "125", "--map"])
+        // Each task prints, then stays a moment, so that all 1,000 run at once.
+        .arg("sh -c 'for i in 1 2 3 4 5; do echo task-{} line-$i; done; sleep 2'")
+        .args(&inputs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("spawn skyward");
+    let pid = child.id();
+    let mut stdout = child.stdout.take().unwrap();
+    let reading = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).unwrap();
+        text
+    });
+    let mut stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    // The peak resident set so far (VmHWM), read until the process is gone.
+    let mut peak_kib = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = reading.join().unwrap();
+    let errors = errors.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{errors}");
+    let mut lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5000, "{errors}");
+    lines.sort_unstable();
+    lines.dedup();
+    assert_eq!(lines.len(), 5000, "a line came twice");
+    for task in [1, 500, 1000] {
+        for line in 1..=5 {
+            let wanted = format!("task-{task} line-{line}");
+            assert!(
+                lines.iter().any(|l| l.ends_with(&wanted)),
+                "missing {wanted}"
+            );
+        }
+    }
+    // Bounded: output streams through, nothing piles up per task (a debug build).
+    assert!(
+        peak_kib > 0 && peak_kib < 200 * 1024,
+        "peak RSS {peak_kib} KiB"
+    );
+    eprintln!("peak coordinator RSS: {} MiB", peak_kib / 1024);
+}

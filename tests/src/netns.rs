@@ -112,6 +112,11 @@ impl Drop for TestNet {
 }
 
 impl TestNet {
+    /// Takes the link between this host and the namespace down (a partition) or up again.
+    pub fn set_link(&self, up: bool) -> Result<(), String> {
+        ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }])
+    }
+
     /// The namespace's name, for `ip -n` and `ip netns exec`.
     pub fn namespace(&self) -> &str {
         &self.name
