@@ -77,9 +77,10 @@ use crate::provider::local::LocalProvider;
 use crate::provider::{self, Provider, ProviderContext, ProviderOptions};
 use crate::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
 use crate::server::{Coordinator, CoordinatorConfig, NodeHandle};
+use crate::session::record;
 use crate::slots::GpuRequest;
 use crate::spec::{AcceleratorRequest, PoolSpec};
-use crate::store::{InstanceRecord, Owner, Placement, PoolState, Store};
+use crate::store::{Owner, Store};
 
 pub use crate::selection::Selection;
 pub use crate::spec::Allocation;
@@ -536,33 +537,8 @@ impl ComputePoolBuilder {
             coordinator.set_node_timeout(timeout);
         }
         let up = {
-            let mut on_progress = |event: PoolProgress<'_>| match event {
-                PoolProgress::Provisioning { attempt, .. } => record(&store, |s| {
-                    s.add_placement(
-                        &pool_name,
-                        &Placement {
-                            provider: attempt.offer.provider.clone(),
-                            region: attempt.offer.region.clone(),
-                            instance_type: attempt.offer.instance_type.clone(),
-                        },
-                    )
-                }),
-                PoolProgress::Provisioned { attempt, instances } => {
-                    for instance in instances {
-                        record(&store, |s| {
-                            s.add_instance(
-                                &pool_name,
-                                &InstanceRecord {
-                                    provider: attempt.offer.provider.clone(),
-                                    region: attempt.offer.region.clone(),
-                                    node: instance.node_id.clone(),
-                                    provider_id: instance.provider_id.clone(),
-                                },
-                            )
-                        });
-                    }
-                }
-                _ => {}
+            let mut on_progress = |event: PoolProgress<'_>| {
+                crate::session::record_progress(&store, &pool_name, &event)
             };
             Pool::up(
                 coordinator.clone(),
@@ -617,35 +593,15 @@ impl Shared {
         if self.torn_down.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        record(&self.store, |s| {
-            s.set_state(&self.name, PoolState::TearingDown)
-        });
-        match pool::teardown(&self.coordinator, &self.providers).await {
-            Ok(()) => {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                record(&self.store, |s| s.remove_pool(&self.name));
-                Ok(())
-            }
-            Err(e) => {
-                record(&self.store, |s| {
-                    s.set_state(&self.name, PoolState::TeardownFailed)
-                });
-                Err(Error::Pool(format!(
-                    "pool {} may have left machines behind ({e}): `skyward down {}` tries again",
-                    self.name, self.name
-                )))
-            }
-        }
-    }
-}
-
-/// Writes to the state store; a failed write is logged, not fatal.
-fn record(store: &Mutex<Store>, write: impl FnOnce(&Store) -> Result<(), String>) {
-    let store = store
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Err(message) = write(&store) {
-        tracing::warn!("state store: {message}");
+        crate::session::tear_down(
+            &self.name,
+            &self.dir,
+            &self.coordinator,
+            &self.providers,
+            &self.store,
+        )
+        .await
+        .map_err(Error::Pool)
     }
 }
 

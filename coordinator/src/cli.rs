@@ -17,7 +17,7 @@ use crate::preflight::Preflight;
 use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
 use crate::run::TaskReport;
 use crate::selection::Selection;
-use crate::session::{forget, record, PoolSession, FAILURE, USAGE};
+use crate::session::{forget, or_exit, record, PoolSession, FAILURE, USAGE};
 use crate::slots::{self, GpuRequest};
 use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
 use crate::store::{PoolRecord, PoolState, Store};
@@ -660,20 +660,8 @@ async fn run(args: RunArgs) -> i32 {
     let planned = pool_plan(&args.pool)
         .and_then(|plan| Ok((plan, job_request(&args.job, Some(&args.pool))?)))
         .and_then(|planned| Ok((planned, skyward_home()?)));
-    let ((plan, request), home) = match planned {
-        Ok(planned) => planned,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
-    let (mut sigint, mut sigterm) = match interrupt_signals() {
-        Ok(signals) => signals,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let ((plan, request), home) = or_exit!(planned, USAGE);
+    let (mut sigint, mut sigterm) = or_exit!(interrupt_signals(), FAILURE);
     let pool_name = format!("sky-{:08x}", rand::random::<u32>());
     let session = match PoolSession::start(&plan, &home, &pool_name) {
         Ok(session) => session,
@@ -818,13 +806,7 @@ pub(crate) fn make_providers(
 }
 
 async fn offers(args: OffersArgs) -> i32 {
-    let spec = match args.spec.spec(1, Duration::from_secs(60)) {
-        Ok(spec) => spec,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
+    let spec = or_exit!(args.spec.spec(1, Duration::from_secs(60)), USAGE);
     let providers = match args.spec.provider_options().and_then(|options| {
         make_providers(&args.spec.provider, &options, std::env::temp_dir(), false)
     }) {
@@ -904,18 +886,15 @@ async fn offers(args: OffersArgs) -> i32 {
 }
 
 async fn providers(args: ProvidersArgs) -> i32 {
-    let providers = match make_providers(
-        &provider::KNOWN.join(","),
-        &ProviderOptions::default(),
-        std::env::temp_dir(),
-        false,
-    ) {
-        Ok(providers) => providers,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let providers = or_exit!(
+        make_providers(
+            &provider::KNOWN.join(","),
+            &ProviderOptions::default(),
+            std::env::temp_dir(),
+            false,
+        ),
+        FAILURE
+    );
     let mut statuses = Vec::new();
     for provider in &providers {
         statuses.push(provider.status().await);
@@ -1066,13 +1045,7 @@ fn pool_condition(pool: &PoolRecord) -> &'static str {
 }
 
 fn pool_list(args: PoolListArgs) -> i32 {
-    let pools = match open_store().and_then(|store| store.pools()) {
-        Ok(pools) => pools,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let pools = or_exit!(open_store().and_then(|store| store.pools()), FAILURE);
     if args.json {
         let list: Vec<serde_json::Value> = pools
             .iter()
@@ -1154,24 +1127,17 @@ pub(crate) async fn down(args: DownArgs) -> i32 {
             return FAILURE;
         }
     };
-    let recorded = match store
-        .lock()
-        .map_err(|e| e.to_string())
-        .and_then(|s| s.pools())
-    {
-        Ok(pools) => pools,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
-    let scan_options = match ProviderOptions::parse(args.provider_opt.iter().map(String::as_str)) {
-        Ok(options) => options,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
+    let recorded = or_exit!(
+        store
+            .lock()
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.pools()),
+        FAILURE
+    );
+    let scan_options = or_exit!(
+        ProviderOptions::parse(args.provider_opt.iter().map(String::as_str)),
+        USAGE
+    );
     let targets: Vec<PoolRecord> = if args.all {
         recorded
     } else {

@@ -27,7 +27,7 @@ use crate::persistent::{
 };
 use crate::pool::Pool;
 use crate::run::{RunEvent, TaskReport};
-use crate::session::{PoolSession, FAILURE, USAGE};
+use crate::session::{or_exit, PoolSession, FAILURE, USAGE};
 use skyward_common::protocol::TaskEvent;
 
 /// A task's log stops growing past this (the task runs on); the log says so.
@@ -84,30 +84,12 @@ pub async fn serve(args: UpArgs) -> i32 {
     let checked = check_pool_name(&args.name)
         .and_then(|()| pool_plan(&args.pool))
         .and_then(|plan| Ok((plan, skyward_home()?)));
-    let (plan, home) = match checked {
-        Ok(checked) => checked,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
-    let (mut sigint, mut sigterm) = match interrupt_signals() {
-        Ok(signals) => signals,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let (plan, home) = or_exit!(checked, USAGE);
+    let (mut sigint, mut sigterm) = or_exit!(interrupt_signals(), FAILURE);
     let socket = socket_path(&home, &args.name);
     // A socket left by a coordinator that died: `pool up` checked that none is alive.
     let _ = std::fs::remove_file(&socket);
-    let listener = match bind_owner_only(&socket) {
-        Ok(listener) => listener,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let listener = or_exit!(bind_owner_only(&socket), FAILURE);
     let session = match PoolSession::start(&plan, &home, &args.name) {
         Ok(session) => session,
         Err((message, code)) => {

@@ -21,7 +21,7 @@ use crate::cli::{
 use crate::job::{exit_code, JobRequest};
 use crate::output::Renderer;
 use crate::run::{RunEvent, TaskReport};
-use crate::session::{PoolSession, FAILURE, USAGE};
+use crate::session::{or_exit, PoolSession, FAILURE, USAGE};
 
 /// The largest control message: an output chunk or a status with its task list.
 pub const MAX_CONTROL_FRAME: usize = 4 * 1024 * 1024;
@@ -292,13 +292,7 @@ pub async fn up(args: UpArgs) -> i32 {
     let checked = check_pool_name(&args.name)
         .and_then(|()| pool_plan(&args.pool))
         .and_then(|plan| Ok((plan, skyward_home()?)));
-    let (plan, home) = match checked {
-        Ok(checked) => checked,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
+    let (plan, home) = or_exit!(checked, USAGE);
     if let Err(message) = PoolSession::check(&plan, &home, &args.name) {
         eprintln!("skyward: {message}");
         return USAGE;
@@ -326,20 +320,8 @@ pub async fn up(args: UpArgs) -> i32 {
     }
     let dir = home.join("pools").join(&args.name);
     let log = dir.join("coordinator.log");
-    let mut child = match spawn_background(&dir, &log) {
-        Ok(child) => child,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
-    let (mut sigint, mut sigterm) = match interrupt_signals() {
-        Ok(signals) => signals,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let mut child = or_exit!(spawn_background(&dir, &log), FAILURE);
+    let (mut sigint, mut sigterm) = or_exit!(interrupt_signals(), FAILURE);
     let socket = socket_path(&home, &args.name);
     let watching = async {
         let deadline = tokio::time::Instant::now() + SOCKET_WAIT;
@@ -477,24 +459,12 @@ pub async fn serve(args: UpArgs) -> i32 {
 
 /// `skyward exec NAME ...`: runs a job on the pool, streaming it as `skyward run` would.
 pub async fn exec(args: ExecArgs) -> i32 {
-    let job = match job_request(&args.job, None) {
-        Ok(job) => job,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return USAGE;
-        }
-    };
+    let job = or_exit!(job_request(&args.job, None), USAGE);
     let mut stream = match connect(&args.name).await {
         Ok(stream) => stream,
         Err(unreachable) => return unreachable.report(),
     };
-    let (mut sigint, mut sigterm) = match interrupt_signals() {
-        Ok(signals) => signals,
-        Err(message) => {
-            eprintln!("skyward: {message}");
-            return FAILURE;
-        }
-    };
+    let (mut sigint, mut sigterm) = or_exit!(interrupt_signals(), FAILURE);
     let exec = ControlRequest::Exec {
         job: job.clone(),
         detach: args.detach,

@@ -20,6 +20,21 @@ use crate::run::{run_job, RunEvent, TaskReport};
 use crate::server::{Coordinator, CoordinatorConfig};
 use crate::store::{InstanceRecord, Owner, Placement, PoolState, Store};
 
+/// The value of a `Result<_, String>`, or: say why on stderr and return `$code` from the
+/// calling command.
+macro_rules! or_exit {
+    ($result:expr, $code:expr) => {
+        match $result {
+            Ok(value) => value,
+            Err(message) => {
+                eprintln!("skyward: {message}");
+                return $code;
+            }
+        }
+    };
+}
+pub(crate) use or_exit;
+
 /// Exit code for a command line that was wrong (nothing was started).
 pub const USAGE: i32 = 2;
 /// Exit code when Skyward itself failed (as ssh uses 255).
@@ -177,35 +192,7 @@ impl PoolSession {
 
     /// Records what provisioning is about to create (before the call) and what it created.
     pub fn record_progress(&self, event: &PoolProgress<'_>) {
-        let pool = &self.name;
-        match event {
-            PoolProgress::Provisioning { attempt, .. } => record(&self.store, |s| {
-                s.add_placement(
-                    pool,
-                    &Placement {
-                        provider: attempt.offer.provider.clone(),
-                        region: attempt.offer.region.clone(),
-                        instance_type: attempt.offer.instance_type.clone(),
-                    },
-                )
-            }),
-            PoolProgress::Provisioned { attempt, instances } => {
-                for instance in instances.iter() {
-                    record(&self.store, |s| {
-                        s.add_instance(
-                            pool,
-                            &InstanceRecord {
-                                provider: attempt.offer.provider.clone(),
-                                region: attempt.offer.region.clone(),
-                                node: instance.node_id.clone(),
-                                provider_id: instance.provider_id.clone(),
-                            },
-                        )
-                    });
-                }
-            }
-            _ => {}
-        }
+        record_progress(&self.store, &self.name, event);
     }
 
     /// Runs `request` on `pool`, recording each task attempt under the pool-wide number
@@ -265,8 +252,13 @@ impl PoolSession {
     /// failed, for `skyward down`. Returns whether everything is gone.
     pub async fn finish(&self, interrupts: &mut tokio::signal::unix::Signal) -> bool {
         let name = &self.name;
-        record(&self.store, |s| s.set_state(name, PoolState::TearingDown));
-        let teardown = pool::teardown(&self.coordinator, &self.providers);
+        let teardown = tear_down(
+            name,
+            &self.dir,
+            &self.coordinator,
+            &self.providers,
+            &self.store,
+        );
         tokio::pin!(teardown);
         let torn_down = loop {
             tokio::select! {
@@ -275,32 +267,81 @@ impl PoolSession {
             }
         };
         match torn_down {
-            Ok(()) => {
-                let _ = std::fs::remove_dir_all(&self.dir);
-                forget(&self.store, name);
-                true
-            }
-            Err(_) => {
-                record(&self.store, |s| {
-                    s.set_state(name, PoolState::TeardownFailed)
-                });
-                eprintln!(
-                    "skyward: pool {name} may have left machines behind: `skyward down {name}` tries again"
-                );
+            Ok(()) => true,
+            Err(message) => {
+                eprintln!("skyward: {message}");
                 false
             }
         }
     }
 }
 
-/// Writes to the state store; a failed write is said, not fatal: the run goes on.
+/// Tears pool `name` down; once nothing is left its files (`dir`) and record go, otherwise
+/// the record says the teardown failed, for `skyward down`, and the error says so.
+pub async fn tear_down(
+    name: &str,
+    dir: &Path,
+    coordinator: &Coordinator,
+    providers: &[Arc<dyn Provider>],
+    store: &Mutex<Store>,
+) -> Result<(), String> {
+    record(store, |s| s.set_state(name, PoolState::TearingDown));
+    match pool::teardown(coordinator, providers).await {
+        Ok(()) => {
+            let _ = std::fs::remove_dir_all(dir);
+            forget(store, name);
+            Ok(())
+        }
+        Err(e) => {
+            record(store, |s| s.set_state(name, PoolState::TeardownFailed));
+            Err(format!(
+                "pool {name} may have left machines behind ({e}): `skyward down {name}` tries again"
+            ))
+        }
+    }
+}
+
+/// Records what provisioning pool `pool` is about to create (before the call) and what it
+/// created, so that `skyward down` finds it after a crash.
+pub fn record_progress(store: &Mutex<Store>, pool: &str, event: &PoolProgress<'_>) {
+    match event {
+        PoolProgress::Provisioning { attempt, .. } => record(store, |s| {
+            s.add_placement(
+                pool,
+                &Placement {
+                    provider: attempt.offer.provider.clone(),
+                    region: attempt.offer.region.clone(),
+                    instance_type: attempt.offer.instance_type.clone(),
+                },
+            )
+        }),
+        PoolProgress::Provisioned { attempt, instances } => {
+            for instance in instances.iter() {
+                record(store, |s| {
+                    s.add_instance(
+                        pool,
+                        &InstanceRecord {
+                            provider: attempt.offer.provider.clone(),
+                            region: attempt.offer.region.clone(),
+                            node: instance.node_id.clone(),
+                            provider_id: instance.provider_id.clone(),
+                        },
+                    )
+                });
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Writes to the state store; a failed write is logged (the CLI shows warnings), not fatal:
+/// the run goes on.
 pub fn record(store: &Mutex<Store>, write: impl FnOnce(&Store) -> Result<(), String>) {
     let store = store
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Err(message) = write(&store) {
-        tracing::warn!("{message}");
-        eprintln!("skyward: {message}");
+        tracing::warn!("state store: {message}");
     }
 }
 
