@@ -15,6 +15,7 @@ pub mod probe;
 pub mod runner;
 pub mod session;
 pub mod tool;
+pub mod workdir;
 
 use std::path::PathBuf;
 use std::time::Duration;

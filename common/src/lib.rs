@@ -11,6 +11,7 @@ pub mod limits;
 pub mod mig;
 pub mod protocol;
 pub mod transport;
+pub mod workdir;
 
 /// The version every Skyward binary reports; agents and coordinators compare it on connect.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

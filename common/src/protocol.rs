@@ -135,6 +135,12 @@ pub enum TaskKind {
     /// A network check between nodes before a distributed job: see [`Probe`]. Last, so that
     /// the variants before it keep their tags in the binary encoding.
     Probe(Probe),
+    /// Syncs a working tree into the agent's work dir (see [`crate::workdir`]); the stream
+    /// then carries `SyncRequest`s and `SyncEvent`s instead of task frames. Appended last.
+    Sync(crate::workdir::SyncStart),
+    /// Sends files back (see [`crate::workdir`]): the stream carries `DownloadEvent`s.
+    /// Appended last.
+    Download(crate::workdir::DownloadSpec),
 }
 
 /// What a probe task does: listen on a port and greet whoever connects, or connect to
