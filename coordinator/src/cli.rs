@@ -234,6 +234,23 @@ struct RunArgs {
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Add the variables of a dotenv-style file (KEY=VALUE lines; repeatable; --env wins).
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Sync this directory to every node before the tasks start (honouring .gitignore;
+    /// unchanged files are not sent again) and run the tasks inside it.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// After the tasks, bring this file or directory (relative to the task's directory) back
+    /// from each node that ran a task, into DOWNLOAD_TO/NODE_ID/PATH (repeatable).
+    #[arg(long, value_name = "PATH")]
+    download: Vec<String>,
+    /// Where --download puts each node's files.
+    #[arg(long, value_name = "DIR", default_value = "skyward-downloads")]
+    download_to: PathBuf,
+    /// Most bytes --download brings back from one node (e.g. 500M, 10GiB).
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = crate::workdir::parse_size)]
+    download_limit: u64,
     #[command(flatten)]
     spec: SpecArgs,
     /// How long nodes get to come up and connect (default: 60s for local nodes, 5m for cloud
@@ -320,6 +337,11 @@ struct Plan {
     node_timeout: Duration,
     mode: OutputMode,
     forward_stdin: bool,
+    /// `--workdir`, `--download`, `--download-to`, `--download-limit`.
+    workdir: Option<PathBuf>,
+    downloads: Vec<String>,
+    download_to: PathBuf,
+    download_limit: u64,
 }
 
 fn plan(args: RunArgs) -> Result<Plan, String> {
@@ -330,15 +352,34 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         return Err("--per-node must be at least 1".into());
     }
     let gpus = gpu_request(&args)?;
-    let env = args
-        .env
+    let mut env = Vec::new();
+    for file in &args.env_file {
+        env.extend(crate::envfile::read(file)?);
+    }
+    // Later entries win in the task's environment: --env over --env-file.
+    env.extend(
+        args.env
+            .iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+                _ => Err(format!(
+                    "--env {kv:?} is not KEY=VALUE: write e.g. --env FOO=bar"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    );
+    if let Some(dir) = &args.workdir {
+        if !dir.is_dir() {
+            return Err(format!(
+                "--workdir {} is not a directory: give the directory to sync",
+                dir.display()
+            ));
+        }
+    }
+    let downloads = args
+        .download
         .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(format!(
-                "--env {kv:?} is not KEY=VALUE: write e.g. --env FOO=bar"
-            )),
-        })
+        .map(|path| crate::workdir::check_download_path(path))
         .collect::<Result<Vec<_>, _>>()?;
     let argvs = if let Some(template) = &args.map {
         if !args.command.is_empty() {
@@ -403,6 +444,10 @@ fn plan(args: RunArgs) -> Result<Plan, String> {
         node_timeout: args.node_timeout,
         mode,
         forward_stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
+        workdir: args.workdir.clone(),
+        downloads,
+        download_to: args.download_to.clone(),
+        download_limit: args.download_limit,
     })
 }
 
@@ -1050,6 +1095,23 @@ async fn execute(
         pool.down().await;
         return Err(message);
     }
+    // The tree is on every node before any task (or preflight) starts.
+    let cwd = match &plan.workdir {
+        Some(dir) => {
+            match crate::workdir::sync_workdir(&pool.shared_coordinator(), pool.nodes(), dir).await
+            {
+                Ok(report) => {
+                    synced(renderer, &report);
+                    Some(report.dir)
+                }
+                Err(message) => {
+                    pool.down().await;
+                    return Err(message);
+                }
+            }
+        }
+        None => None,
+    };
     let mut tasks = match plan.on {
         // The preflight checks that the nodes reach each other before any task starts.
         On::All => match Job::broadcast(
@@ -1074,11 +1136,13 @@ async fn execute(
                 env: plan.env.clone(),
                 node: None,
                 gpus: GpuRequest::None,
+                cwd: None,
             })
             .collect(),
     };
     for task in &mut tasks {
         task.gpus = plan.gpus.clone();
+        task.cwd.clone_from(&cwd);
     }
     let job = Job {
         tasks,
@@ -1129,8 +1193,94 @@ async fn execute(
         }
     };
     let (reports, ()) = tokio::join!(running, rendering);
+    let downloaded = download_results(plan, &pool, &reports, cwd.as_deref(), renderer).await;
     pool.down().await;
-    Ok(reports)
+    downloaded.map(|()| reports)
+}
+
+/// Says what a workdir sync sent to each node.
+fn synced(
+    renderer: &mut Renderer<std::io::Stdout, std::io::Stderr>,
+    report: &crate::workdir::SyncReport,
+) {
+    use crate::workdir::human_bytes;
+    for node in &report.nodes {
+        renderer.transfer(
+            &format!(
+                "{}: workdir synced ({} files, {}): sent {} files, {} in {:.1}s",
+                node.node,
+                report.files,
+                human_bytes(report.bytes),
+                node.sent_files,
+                human_bytes(node.sent_bytes),
+                node.seconds
+            ),
+            serde_json::json!({
+                "event": "workdir_synced",
+                "node": node.node,
+                "tree": report.tree,
+                "files": report.files,
+                "bytes": report.bytes,
+                "sent_files": node.sent_files,
+                "sent_bytes": node.sent_bytes,
+                "seconds": node.seconds,
+            }),
+        );
+    }
+}
+
+/// `--download`: each node that ran a task sends the paths back into
+/// `<download-to>/<node id>/`. A path a node lacks is said, not fatal.
+async fn download_results(
+    plan: &Plan,
+    pool: &Pool,
+    reports: &[TaskReport],
+    cwd: Option<&str>,
+    renderer: &mut Renderer<std::io::Stdout, std::io::Stderr>,
+) -> Result<(), String> {
+    if plan.downloads.is_empty() {
+        return Ok(());
+    }
+    let ran: std::collections::BTreeSet<&str> = reports.iter().map(|r| r.node.as_str()).collect();
+    let nodes: Vec<_> = pool
+        .nodes()
+        .iter()
+        .filter(|n| ran.contains(n.node_id.as_str()))
+        .cloned()
+        .collect();
+    let downloads = crate::workdir::download_all(
+        &nodes,
+        cwd,
+        &plan.downloads,
+        &plan.download_to,
+        plan.download_limit,
+    )
+    .await?;
+    for download in downloads {
+        for (path, why) in &download.missing {
+            renderer.transfer(
+                &format!("{}: nothing to download at {path}: {why}", download.node),
+                serde_json::json!({"event": "download_missing", "node": download.node, "path": path, "why": why}),
+            );
+        }
+        renderer.transfer(
+            &format!(
+                "{}: downloaded {} files ({}) into {}",
+                download.node,
+                download.files,
+                crate::workdir::human_bytes(download.bytes),
+                download.into.display()
+            ),
+            serde_json::json!({
+                "event": "downloaded",
+                "node": download.node,
+                "files": download.files,
+                "bytes": download.bytes,
+                "into": download.into,
+            }),
+        );
+    }
+    Ok(())
 }
 
 /// Writes to the state store; a failed write is said, not fatal: the run goes on.

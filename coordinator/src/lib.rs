@@ -10,6 +10,7 @@ pub mod bootstrap;
 pub mod catalog;
 pub mod cli;
 pub mod download;
+pub mod envfile;
 pub mod lifecycle;
 pub mod offer;
 pub mod output;
@@ -26,6 +27,7 @@ pub mod store;
 pub mod task;
 pub mod tokens;
 pub mod training;
+pub mod workdir;
 
 pub use pool::Pool;
 pub use selection::Selection;

@@ -195,6 +195,16 @@ impl<O: Write, E: Write> Renderer<O, E> {
         }
     }
 
+    /// A transfer's outcome (a workdir sync, a download): `line` to stderr, or `event` as
+    /// JSON in JSON mode.
+    pub fn transfer(&mut self, line: &str, event: serde_json::Value) {
+        if self.mode == OutputMode::Json {
+            self.json(event);
+        } else {
+            let _ = writeln!(self.stderr, "skyward: {line}");
+        }
+    }
+
     /// One line to stderr about the run itself (not task output); silent in JSON mode.
     pub fn note(&mut self, message: &str) {
         if self.mode != OutputMode::Json {
