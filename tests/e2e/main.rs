@@ -17,3 +17,4 @@ mod spot;
 mod training;
 mod vastai;
 mod verda;
+mod workdir;
