@@ -32,6 +32,10 @@ pub const MAX_AGENT_OPENED_STREAMS: u32 = 4;
 /// the node (its process blocked on a full pipe) until the coordinator reads it, so this is
 /// what one task's output can hold in the reader's memory. Quinn's default, made explicit.
 pub const MAX_STREAM_BUFFER: u32 = 1280 * 1024;
+/// What the agent lets one stream from the coordinator hold unread: a workdir sync streams
+/// into one, and at 1.25 MiB a 100 ms link would carry only 12.5 MB/s; 16 MiB carries
+/// 160 MB/s there. [`MAX_CONNECTION_BUFFER`] still bounds all streams together.
+pub const MAX_TRANSFER_STREAM_BUFFER: u32 = 16 * 1024 * 1024;
 /// The same over all streams of one connection together.
 pub const MAX_CONNECTION_BUFFER: u32 = 64 * 1024 * 1024;
 
