@@ -1098,7 +1098,13 @@ async fn execute(
     // The tree is on every node before any task (or preflight) starts.
     let cwd = match &plan.workdir {
         Some(dir) => {
-            match crate::workdir::sync_workdir(&pool.shared_coordinator(), pool.nodes(), dir).await
+            match crate::workdir::sync_workdir(
+                &pool.shared_coordinator(),
+                pool.nodes(),
+                dir,
+                std::slice::from_ref(&plan.download_to),
+            )
+            .await
             {
                 Ok(report) => {
                     synced(renderer, &report);

@@ -43,6 +43,12 @@ impl Tree {
     /// Walks `root` (honouring `.gitignore`, `.ignore` and git's excludes, leaving `.git/`
     /// out, following no link) and hashes every file. Blocking.
     pub fn scan(root: &Path) -> Result<Tree, String> {
+        Self::scan_excluding(root, &[])
+    }
+
+    /// [`Tree::scan`], leaving out `exclude` too where it lies inside `root` (the downloads
+    /// folder, lest results travel back out on the next run).
+    pub fn scan_excluding(root: &Path, exclude: &[PathBuf]) -> Result<Tree, String> {
         let shown = root.display();
         let meta = std::fs::metadata(root).map_err(|e| format!("--workdir {shown}: {e}"))?;
         if !meta.is_dir() {
@@ -50,11 +56,22 @@ impl Tree {
                 "--workdir {shown} is not a directory: give the directory to sync"
             ));
         }
+        let root = &std::fs::canonicalize(root).map_err(|e| format!("--workdir {shown}: {e}"))?;
+        let exclude: Vec<PathBuf> = exclude
+            .iter()
+            .filter_map(|p| {
+                std::fs::canonicalize(p)
+                    .or_else(|_| std::path::absolute(p))
+                    .ok()
+            })
+            .collect();
         let walk = ignore::WalkBuilder::new(root)
             .hidden(false)
             .require_git(false)
             .follow_links(false)
-            .filter_entry(|entry| entry.file_name() != ".git")
+            .filter_entry(move |entry| {
+                entry.file_name() != ".git" && !exclude.iter().any(|e| e == entry.path())
+            })
             .sort_by_file_name(|a, b| a.cmp(b))
             .build();
         let mut entries = Vec::new();
@@ -181,14 +198,15 @@ pub struct NodeSync {
     pub seconds: f64,
 }
 
-/// Scans `root` and syncs it to every node of `nodes` at once.
+/// Scans `root` (leaving `exclude` out) and syncs it to every node of `nodes` at once.
 pub async fn sync_workdir(
     coordinator: &Coordinator,
     nodes: &[NodeHandle],
     root: &Path,
+    exclude: &[PathBuf],
 ) -> Result<SyncReport, String> {
-    let root = root.to_path_buf();
-    let tree = tokio::task::spawn_blocking(move || Tree::scan(&root))
+    let (root, exclude) = (root.to_path_buf(), exclude.to_vec());
+    let tree = tokio::task::spawn_blocking(move || Tree::scan_excluding(&root, &exclude))
         .await
         .map_err(|e| format!("scanning the workdir: {e}"))??;
     sync_tree(coordinator, nodes, Arc::new(tree)).await
@@ -730,8 +748,18 @@ mod tests {
             .iter()
             .any(|e| e.path == "run.sh" && matches!(e.kind, EntryKind::File { mode: 0o755, .. })));
         assert_eq!(tree.bytes(), 13 + 1 + 10);
-        // The same tree scanned again is the same tree.
+        // The same tree scanned again is the same tree, and a downloads folder inside it
+        // (given relative to where skyward runs, as --download-to is) stays out.
         assert_eq!(Tree::scan(root).unwrap().id(), tree.id());
+        std::fs::create_dir_all(root.join("results/node-1")).unwrap();
+        std::fs::write(root.join("results/node-1/out.txt"), "result").unwrap();
+        assert_ne!(Tree::scan(root).unwrap().id(), tree.id());
+        let relative = root.join("src/../results");
+        assert_eq!(
+            Tree::scan_excluding(root, &[relative]).unwrap().id(),
+            tree.id()
+        );
+        std::fs::remove_dir_all(root.join("results")).unwrap();
 
         std::os::unix::fs::symlink("../../etc", root.join("out")).unwrap();
         let err = Tree::scan(root).unwrap_err();

@@ -96,7 +96,9 @@ async fn a_tree_reaches_every_node_once_and_then_only_what_changed() {
     make_tree(&tree);
 
     let started = std::time::Instant::now();
-    let first = sync_workdir(&coordinator, &nodes, &tree).await.unwrap();
+    let first = sync_workdir(&coordinator, &nodes, &tree, &[])
+        .await
+        .unwrap();
     eprintln!("first sync in {:?}: {first:?}", started.elapsed());
     assert_eq!(first.nodes.len(), 2);
     for node in &first.nodes {
@@ -121,7 +123,9 @@ async fn a_tree_reaches_every_node_once_and_then_only_what_changed() {
     }
 
     // Unchanged: nothing but the announcement goes.
-    let again = sync_workdir(&coordinator, &nodes, &tree).await.unwrap();
+    let again = sync_workdir(&coordinator, &nodes, &tree, &[])
+        .await
+        .unwrap();
     assert_eq!(again.tree, first.tree);
     for node in &again.nodes {
         assert_eq!(node.sent_files, 0, "{node:?}");
@@ -130,7 +134,9 @@ async fn a_tree_reaches_every_node_once_and_then_only_what_changed() {
 
     // One file changed: only that file goes (the new manifest with it).
     std::fs::write(tree.join("src/deep/data.txt"), "version 2\n".repeat(1000)).unwrap();
-    let changed = sync_workdir(&coordinator, &nodes, &tree).await.unwrap();
+    let changed = sync_workdir(&coordinator, &nodes, &tree, &[])
+        .await
+        .unwrap();
     assert_ne!(changed.tree, first.tree);
     for node in &changed.nodes {
         assert_eq!(node.sent_files, 1, "{node:?}");
