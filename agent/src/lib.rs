@@ -19,6 +19,7 @@ pub mod runner;
 pub mod session;
 pub mod tool;
 pub mod typed;
+pub mod workdir;
 
 use std::path::PathBuf;
 use std::time::Duration;

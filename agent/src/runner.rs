@@ -127,6 +127,14 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
             }
         };
     let outcome = match &spec.kind {
+        TaskKind::Sync(start) => {
+            let work_dir = tasks.work_dir.clone();
+            return crate::workdir::serve_sync(start.clone(), send, recv, work_dir).await;
+        }
+        TaskKind::Download(download) => {
+            let work_dir = tasks.work_dir.clone();
+            return crate::workdir::serve_download(download.clone(), send, work_dir).await;
+        }
         TaskKind::Noop => Some(TaskOutcome::Exited { code: 0 }),
         TaskKind::Command { .. } | TaskKind::Terminal { .. } => {
             return start_command(spec, send, recv, tasks).await

@@ -13,6 +13,7 @@ pub mod mig;
 pub mod protocol;
 pub mod transport;
 pub mod typed;
+pub mod workdir;
 
 /// The version every Skyward binary reports; agents and coordinators compare it on connect.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -43,6 +43,10 @@ pub const MAX_AGENT_OPENED_STREAMS: u32 = 4;
 /// the node (its process blocked on a full pipe) until the coordinator reads it, so this is
 /// what one task's output can hold in the reader's memory. Quinn's default, made explicit.
 pub const MAX_STREAM_BUFFER: u32 = 1280 * 1024;
+/// What the agent lets one stream from the coordinator hold unread: a workdir sync streams
+/// into one, and at 1.25 MiB a 100 ms link would carry only 12.5 MB/s; 16 MiB carries
+/// 160 MB/s there. [`MAX_CONNECTION_BUFFER`] still bounds all streams together.
+pub const MAX_TRANSFER_STREAM_BUFFER: u32 = 16 * 1024 * 1024;
 /// The same over all streams of one connection together.
 pub const MAX_CONNECTION_BUFFER: u32 = 64 * 1024 * 1024;
 
@@ -90,3 +94,26 @@ pub const MAX_PROBE_TARGETS: usize = 64;
 /// left. Enrollment messages hold only strings and bytes and cost their size.
 /// `common/tests/hostile_input.rs` measures every message type against it.
 pub const MAX_DECODE_AMPLIFICATION: usize = 64;
+
+/// Most entries (files, directories, links) in one synced tree's manifest.
+pub const MAX_SYNC_ENTRIES: u32 = 200_000;
+/// Longest path in a synced tree or a download, and longest name in it.
+pub const MAX_SYNC_PATH: usize = 4096;
+pub const MAX_SYNC_COMPONENT: usize = 255;
+/// A file's contents travel in chunks of at most this many bytes (before compression),
+/// so that every chunk fits a task frame.
+pub const SYNC_CHUNK: usize = 512 * 1024;
+/// Bytes of manifest entries per frame.
+pub const SYNC_ENTRIES_FRAME: usize = 512 * 1024;
+/// The agent's content cache of synced files: past this many bytes after a sync, the
+/// files used least recently (and not by the tree just synced) are removed. A tree larger
+/// than this is refused.
+pub const WORKDIR_CACHE_MAX: u64 = 32 * 1024 * 1024 * 1024;
+/// Synced trees an agent keeps written out (the latest ones); older ones are removed.
+pub const WORKDIR_TREES_KEPT: usize = 4;
+/// How long a sync or download stream may stay silent.
+pub const TRANSFER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default most bytes one node's downloads may bring back.
+pub const DEFAULT_DOWNLOAD_LIMIT: u64 = 10 * 1024 * 1024 * 1024;
+/// Most files and directories one node's downloads may bring back.
+pub const MAX_DOWNLOAD_ENTRIES: u64 = 1_000_000;

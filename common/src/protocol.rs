@@ -162,6 +162,12 @@ pub enum TaskKind {
         /// At most [`MAX_TYPED_INPUT`](crate::limits::MAX_TYPED_INPUT) bytes.
         payload: Bytes,
     },
+    /// Syncs a working tree into the agent's work dir (see [`crate::workdir`]); the stream
+    /// then carries `SyncRequest`s and `SyncEvent`s instead of task frames. Appended last.
+    Sync(crate::workdir::SyncStart),
+    /// Sends files back (see [`crate::workdir`]): the stream carries `DownloadEvent`s.
+    /// Appended last.
+    Download(crate::workdir::DownloadSpec),
 }
 
 /// What a probe task does: listen on a port and greet whoever connects, or connect to

@@ -82,8 +82,17 @@ fn quic_server(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = base_transport();
     transport.max_concurrent_bidi_streams(peer_streams.into());
+    receive_transfers(&mut transport, peer_streams);
     config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// On the side that accepts task streams (the agent's), a stream may carry a workdir sync:
+/// it gets a window large enough for a long link's bandwidth-delay product.
+fn receive_transfers(transport: &mut quinn::TransportConfig, peer_streams: u32) {
+    if peer_streams == limits::MAX_TASK_STREAMS_PER_AGENT {
+        transport.stream_receive_window(limits::MAX_TRANSFER_STREAM_BUFFER.into());
+    }
 }
 
 /// A quinn client config for `tls`, speaking `alpn`, letting the peer open `peer_streams`
@@ -97,6 +106,7 @@ fn quic_client(
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
     let mut transport = base_transport();
     transport.max_concurrent_bidi_streams(peer_streams.into());
+    receive_transfers(&mut transport, peer_streams);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

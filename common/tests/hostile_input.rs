@@ -22,6 +22,9 @@ use skyward_common::protocol::{
     AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse, Health, Hello, OutputStream,
     Probe, ProbeReport, Reach, TaskEvent, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
+use skyward_common::workdir::{
+    Chunk, DownloadEvent, DownloadSpec, EntryKind, SyncEvent, SyncRequest, SyncStart, TreeEntry,
+};
 
 /// Counts the bytes this thread has allocated, so a test can measure one decode's peak.
 struct Counting;
@@ -124,6 +127,9 @@ fn decode_as_every_message(bytes: &[u8]) -> Result<(), TestCaseError> {
     decode_hostile::<CoordinatorMessage>(bytes, MAX_CONTROL_FRAME)?;
     decode_hostile::<TaskRequest>(bytes, MAX_TASK_FRAME)?;
     decode_hostile::<TaskEvent>(bytes, MAX_TASK_FRAME)?;
+    decode_hostile::<SyncRequest>(bytes, MAX_TASK_FRAME)?;
+    decode_hostile::<SyncEvent>(bytes, MAX_TASK_FRAME)?;
+    decode_hostile::<DownloadEvent>(bytes, MAX_TASK_FRAME)?;
     Ok(())
 }
 
@@ -301,6 +307,23 @@ fn arb_task_request() -> impl Strategy<Value = TaskRequest> {
                 payload,
             }
         }),
+        (any::<[u8; 32]>(), any::<u32>(), any::<u64>()).prop_map(|(tree, entries, bytes)| {
+            TaskKind::Sync(SyncStart {
+                tree,
+                entries,
+                bytes,
+            })
+        }),
+        (
+            proptest::option::of(short_string()),
+            proptest::collection::vec(short_string(), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(cwd, paths, limit)| TaskKind::Download(DownloadSpec {
+                cwd,
+                paths,
+                limit
+            })),
     ];
     let spec = (
         any::<u64>(),
@@ -320,6 +343,40 @@ fn arb_task_request() -> impl Strategy<Value = TaskRequest> {
         arb_bytes(300).prop_map(TaskRequest::Stdin),
         Just(TaskRequest::StdinEof),
         Just(TaskRequest::Cancel),
+    ]
+}
+
+fn arb_chunk() -> impl Strategy<Value = Chunk> {
+    (any::<bool>(), arb_bytes(300)).prop_map(|(compressed, data)| Chunk { compressed, data })
+}
+
+fn arb_sync_request() -> impl Strategy<Value = SyncRequest> {
+    let kind = prop_oneof![
+        Just(EntryKind::Dir),
+        (any::<u32>(), any::<u64>(), any::<[u8; 32]>())
+            .prop_map(|(mode, size, sha256)| { EntryKind::File { mode, size, sha256 } }),
+        short_string().prop_map(|target| EntryKind::Symlink { target }),
+    ];
+    prop_oneof![
+        proptest::collection::vec(
+            (short_string(), kind).prop_map(|(path, kind)| TreeEntry { path, kind }),
+            0..6
+        )
+        .prop_map(SyncRequest::Entries),
+        arb_chunk().prop_map(SyncRequest::Chunk),
+    ]
+}
+
+fn arb_transfer_event() -> impl Strategy<Value = DownloadEvent> {
+    prop_oneof![
+        short_string().prop_map(|path| DownloadEvent::Dir { path }),
+        (short_string(), any::<u32>(), any::<u64>())
+            .prop_map(|(path, mode, size)| DownloadEvent::File { path, mode, size }),
+        arb_chunk().prop_map(DownloadEvent::Chunk),
+        (short_string(), short_string())
+            .prop_map(|(path, why)| DownloadEvent::Missing { path, why }),
+        Just(DownloadEvent::Done),
+        short_string().prop_map(DownloadEvent::Failed),
     ]
 }
 
@@ -467,6 +524,15 @@ proptest! {
 
     #[test]
     fn mutated_task_messages(bytes in prop_oneof![mutated(arb_task_request()), mutated(arb_task_event())]) {
+        decode_as_every_message(&bytes)?;
+    }
+
+    #[test]
+    fn mutated_transfer_messages(bytes in prop_oneof![
+        mutated(arb_sync_request()),
+        mutated(arb_transfer_event()),
+        mutated(proptest::collection::vec(any::<u32>(), 0..8).prop_map(SyncEvent::Want)),
+    ]) {
         decode_as_every_message(&bytes)?;
     }
 }

@@ -214,6 +214,7 @@ impl Command {
             env: self.env.clone(),
             node,
             gpus: GpuRequest::None,
+            cwd: None,
         }
     }
 }

@@ -272,6 +272,23 @@ pub struct JobArgs {
     /// Set an environment variable for the task (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// Add the variables of a dotenv-style file (KEY=VALUE lines; repeatable; --env wins).
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Sync this directory to every node before the tasks start (honouring .gitignore;
+    /// unchanged files are not sent again) and run the tasks inside it.
+    #[arg(long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// After the tasks, bring this file or directory (relative to the task's directory) back
+    /// from each node that ran a task, into DOWNLOAD_TO/NODE_ID/PATH (repeatable).
+    #[arg(long, value_name = "PATH")]
+    download: Vec<String>,
+    /// Where --download puts each node's files.
+    #[arg(long, value_name = "DIR", default_value = "skyward-downloads")]
+    download_to: PathBuf,
+    /// Most bytes --download brings back from one node (e.g. 500M, 10GiB).
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = crate::workdir::parse_size)]
+    download_limit: u64,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
     pub(crate) json: bool,
@@ -531,15 +548,39 @@ pub(crate) fn job_request(args: &JobArgs, pool: Option<&PoolArgs>) -> Result<Job
         return Err("--per-node must be at least 1".into());
     }
     let gpus = gpu_request(args, pool)?;
-    let env = args
-        .env
+    let mut env = Vec::new();
+    for file in &args.env_file {
+        env.extend(crate::envfile::read(file)?);
+    }
+    // Later entries win in the task's environment: --env over --env-file.
+    for kv in &args.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
+            _ => {
+                return Err(format!(
+                    "--env {kv:?} is not KEY=VALUE: write e.g. --env FOO=bar"
+                ))
+            }
+        }
+    }
+    // Absolute, so that a background coordinator (`exec`) reads and writes the same places.
+    let absolute = |path: &std::path::Path| {
+        std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let workdir = match &args.workdir {
+        Some(dir) if !dir.is_dir() => {
+            return Err(format!(
+                "--workdir {} is not a directory: give the directory to sync",
+                dir.display()
+            ))
+        }
+        Some(dir) => Some(absolute(dir)?),
+        None => None,
+    };
+    let downloads = args
+        .download
         .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-            _ => Err(format!(
-                "--env {kv:?} is not KEY=VALUE: write e.g. --env FOO=bar"
-            )),
-        })
+        .map(|path| crate::workdir::check_download_path(path))
         .collect::<Result<Vec<_>, _>>()?;
     let argvs = if let Some(template) = &args.map {
         if !args.command.is_empty() {
@@ -577,6 +618,10 @@ pub(crate) fn job_request(args: &JobArgs, pool: Option<&PoolArgs>) -> Result<Job
         timeout: args.timeout,
         retries: args.retries,
         stdin: single && !args.no_stdin && !std::io::stdin().is_terminal(),
+        workdir,
+        downloads,
+        download_to: absolute(&args.download_to)?,
+        download_limit: args.download_limit,
     })
 }
 

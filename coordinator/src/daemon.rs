@@ -789,7 +789,7 @@ impl Daemon {
                     });
                 }
             }
-            RunEvent::NodeInterrupted { .. } => {}
+            RunEvent::NodeInterrupted { .. } | RunEvent::Transfer { .. } => {}
         }
         drop(tasks);
         self.changed.send_modify(|n| *n += 1);

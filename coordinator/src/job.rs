@@ -2,6 +2,7 @@
 //! pool that outlives a command (sent to its background coordinator): checked against the
 //! pool's nodes and turned into a [`Job`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,13 @@ pub struct JobRequest {
     pub retries: u32,
     /// Whether the caller feeds the (single) task's stdin.
     pub stdin: bool,
+    /// A directory (absolute) synced to every node before the tasks, which run inside it.
+    pub workdir: Option<PathBuf>,
+    /// Paths (relative to the tasks' directory) brought back from every node that ran a
+    /// task, into `download_to/NODE_ID/`, at most `download_limit` bytes a node.
+    pub downloads: Vec<String>,
+    pub download_to: PathBuf,
+    pub download_limit: u64,
 }
 
 impl JobRequest {
@@ -63,12 +71,14 @@ impl JobRequest {
     }
 }
 
-/// The job `request` asks for on `pool`: refused when no node could ever take its tasks, and,
-/// for a broadcast, only once the preflight has checked the network it will use.
+/// The job `request` asks for on `pool`, its tasks running in `cwd` (relative to each
+/// agent's work dir): refused when no node could ever take its tasks, and, for a broadcast,
+/// only once the preflight has checked the network it will use.
 pub async fn build_job(
     pool: &Pool,
     request: &JobRequest,
     stdin: Option<crate::run::TaskInput>,
+    cwd: Option<String>,
 ) -> Result<Job, String> {
     let node_slots: Vec<_> = pool
         .nodes()
@@ -102,11 +112,13 @@ pub async fn build_job(
                 env: request.env.clone(),
                 node: None,
                 gpus: GpuRequest::None,
+                cwd: None,
             })
             .collect(),
     };
     for task in &mut tasks {
         task.gpus = request.gpus.clone();
+        task.cwd.clone_from(&cwd);
     }
     Ok(Job {
         tasks,

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod download;
+pub mod envfile;
 pub mod job;
 pub mod lifecycle;
 pub mod offer;
@@ -33,6 +34,7 @@ pub mod store;
 pub mod task;
 pub mod tokens;
 pub mod training;
+pub mod workdir;
 
 pub use pool::Pool;
 pub use selection::Selection;

@@ -191,7 +191,21 @@ impl<O: Write, E: Write> Renderer<O, E> {
                     notice.source, notice.action, notice.at
                 );
             }
+            (_, RunEvent::Transfer { line, json }) => {
+                let json = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
+                self.transfer(line, json);
+            }
             (OutputMode::Raw | OutputMode::Prefixed, _) => {}
+        }
+    }
+
+    /// A transfer's outcome (a workdir sync, a download): `line` to stderr, or `event` as
+    /// JSON in JSON mode.
+    pub fn transfer(&mut self, line: &str, event: serde_json::Value) {
+        if self.mode == OutputMode::Json {
+            self.json(event);
+        } else {
+            let _ = writeln!(self.stderr, "skyward: {line}");
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use skyward_common::limits::OUTPUT_CHUNK;
-use skyward_common::protocol::{OutputStream, TaskEvent, TaskOutcome, TaskSpec};
+use skyward_common::protocol::{OutputStream, TaskEvent, TaskKind, TaskOutcome, TaskSpec};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
@@ -31,6 +31,9 @@ pub struct TaskPlan {
     pub node: Option<usize>,
     /// GPU slots the task needs; it starts only once they are free.
     pub gpus: GpuRequest,
+    /// Where the task runs, relative to the agent's work dir (a synced workdir's
+    /// [`SyncReport::dir`](crate::workdir::SyncReport)); `None` is the work dir itself.
+    pub cwd: Option<String>,
 }
 
 pub struct Job {
@@ -76,6 +79,7 @@ impl Job {
                     env: task_env,
                     node: Some(rank),
                     gpus: GpuRequest::None,
+                    cwd: None,
                 }
             })
             .collect()
@@ -110,6 +114,12 @@ pub enum RunEvent {
     NodeInterrupted {
         node: String,
         notice: skyward_common::protocol::Interruption,
+    },
+    /// A workdir sync or a download reached a node: a line for people, and the same as a
+    /// JSON object (text, so that the event keeps a compact binary encoding).
+    Transfer {
+        line: String,
+        json: String,
     },
 }
 
@@ -319,7 +329,7 @@ impl<'a> Attempts<'a> {
         let mut task_env = plan.env.clone();
         task_env.extend(env);
         self.fed_stdin[task] |= stdin.is_some();
-        let spec = TaskSpec::command(
+        let mut spec = TaskSpec::command(
             self.ids[task],
             self.count[task],
             plan.argv.clone(),
@@ -327,6 +337,9 @@ impl<'a> Attempts<'a> {
             self.job.timeout.map(|t| t.as_millis() as u64),
             stdin.is_some(),
         );
+        if let TaskKind::Command { cwd, .. } = &mut spec.kind {
+            cwd.clone_from(&plan.cwd);
+        }
         let (coordinator, handle, events) = (
             self.coordinator.clone(),
             self.nodes[node].clone(),

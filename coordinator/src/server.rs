@@ -160,6 +160,32 @@ impl NodeHandle {
     pub fn is_connected(&self) -> bool {
         self.connection.close_reason().is_none()
     }
+
+    /// Opens a stream for a file transfer ([`TaskKind::Sync`], [`TaskKind::Download`]) and
+    /// sends its `Start`; the caller goes on in that transfer's frames
+    /// (`skyward_common::workdir`). Returns the streams and the bytes sent so far.
+    pub async fn open_transfer(
+        &self,
+        spec: TaskSpec,
+    ) -> Result<(SendStream, RecvStream, usize), TaskError> {
+        let size = spec_size(&spec);
+        if size > MAX_TASK_SPEC {
+            return Err(TaskError::TooLarge(size));
+        }
+        let lost = |e: String| TaskError::Lost(format!("{}: {e}", self.node_id));
+        let (mut send, recv) = self
+            .connection
+            .open_bi()
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        let mut frame = Vec::new();
+        skyward_common::frame::encode_frame(&TaskRequest::Start(spec), &mut frame)
+            .map_err(|e| lost(e.to_string()))?;
+        send.write_all(&frame)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
+        Ok((send, recv, frame.len()))
+    }
 }
 
 struct Inner {
@@ -520,6 +546,11 @@ fn spec_size(spec: &TaskSpec) -> usize {
         skyward_common::protocol::TaskKind::Probe(probe) => probe.connect.len() * 32,
         // The input has a limit of its own, checked apart.
         skyward_common::protocol::TaskKind::Typed { name, .. } => name.len(),
+        skyward_common::protocol::TaskKind::Sync(_) => 64,
+        skyward_common::protocol::TaskKind::Download(download) => {
+            download.paths.iter().map(String::len).sum::<usize>()
+                + download.cwd.as_ref().map_or(0, String::len)
+        }
     };
     argv + spec
         .env

@@ -197,7 +197,8 @@ impl PoolSession {
 
     /// Runs `request` on `pool`, recording each task attempt under the pool-wide number
     /// `first_task + its index` and sending every event to `events` as it happens (a slow
-    /// reader slows the job down rather than piling its output up here).
+    /// reader slows the job down rather than piling its output up here). Its `--workdir` is
+    /// on every node before any task starts; its `--download`s come back once they ended.
     pub async fn run(
         &self,
         pool: &Pool,
@@ -206,7 +207,23 @@ impl PoolSession {
         first_task: u64,
         events: mpsc::Sender<RunEvent>,
     ) -> Result<Vec<TaskReport>, String> {
-        let job = build_job(pool, request, stdin).await?;
+        let cwd = match &request.workdir {
+            Some(dir) => {
+                let report = crate::workdir::sync_workdir(
+                    &pool.shared_coordinator(),
+                    &pool.nodes(),
+                    dir,
+                    std::slice::from_ref(&request.download_to),
+                )
+                .await?;
+                for event in crate::workdir::sync_events(&report) {
+                    let _ = events.send(event).await;
+                }
+                Some(report.dir)
+            }
+            None => None,
+        };
+        let job = build_job(pool, request, stdin, cwd.clone()).await?;
         let (events_tx, mut events_rx) = mpsc::channel(64);
         let running = run_job(pool, job, events_tx);
         let recording = async {
@@ -244,6 +261,26 @@ impl PoolSession {
             }
         };
         let (reports, ()) = tokio::join!(running, recording);
+        if !request.downloads.is_empty() {
+            let ran: std::collections::BTreeSet<&str> =
+                reports.iter().map(|r| r.node.as_str()).collect();
+            let nodes: Vec<_> = pool
+                .nodes()
+                .into_iter()
+                .filter(|n| ran.contains(n.node_id.as_str()))
+                .collect();
+            let downloads = crate::workdir::download_all(
+                &nodes,
+                cwd.as_deref(),
+                &request.downloads,
+                &request.download_to,
+                request.download_limit,
+            )
+            .await?;
+            for event in crate::workdir::download_events(&downloads) {
+                let _ = events.send(event).await;
+            }
+        }
         Ok(reports)
     }
 

@@ -21,3 +21,4 @@ mod training;
 mod typed;
 mod vastai;
 mod verda;
+mod workdir;

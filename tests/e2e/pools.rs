@@ -291,6 +291,47 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
 }
 
 #[test]
+fn a_pool_is_sent_an_unchanged_workdir_once_and_results_come_back() {
+    let sandbox = Sandbox::new();
+    let tree = sandbox.path().join("project");
+    std::fs::create_dir_all(tree.join("src")).unwrap();
+    std::fs::write(tree.join("src/data.txt"), "the data\n").unwrap();
+    let up = sky(&sandbox, &["pool", "up", "code", "--nodes", "2"]);
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let tree_arg = tree.to_string_lossy().into_owned();
+    let into = sandbox.path().join("results");
+    let into_arg = into.to_string_lossy().into_owned();
+    let exec = |args: &[&str]| {
+        let mut all = vec!["exec", "code", "--on", "all", "--workdir", &tree_arg];
+        all.extend_from_slice(args);
+        sky(&sandbox, &all)
+    };
+    let first = exec(&[
+        "--download",
+        "out",
+        "--download-to",
+        &into_arg,
+        "--",
+        "sh",
+        "-c",
+        "mkdir out; cp src/data.txt out/copy.txt; cat src/data.txt",
+    ]);
+    assert_eq!(first.code, Some(0), "{first:?}");
+    assert_eq!(first.stdout.matches("the data").count(), 2, "{first:?}");
+    assert_eq!(first.stderr.matches("sent 1 files").count(), 2, "{first:?}");
+    for node in ["node-1", "node-2"] {
+        let copy = std::fs::read_to_string(into.join(node).join("out/copy.txt")).unwrap();
+        assert_eq!(copy, "the data\n");
+    }
+    // The nodes keep it: the same tree again sends no file.
+    let again = exec(&["--", "cat", "src/data.txt"]);
+    assert_eq!(again.code, Some(0), "{again:?}");
+    assert_eq!(again.stderr.matches("sent 0 files").count(), 2, "{again:?}");
+    let down = sky(&sandbox, &["pool", "down", "code"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
+
+#[test]
 fn pool_up_refuses_bad_input_and_leaves_nothing_when_it_fails() {
     let sandbox = Sandbox::new();
     for (args, hint) in [

@@ -787,23 +787,29 @@ fn leak_forms(secret: &[u8]) -> Vec<String> {
 }
 
 /// A whole pool at the most verbose logging there is, CLI and agents alike, with a task that
-/// prints its environment: no token and no private key (CA, coordinator, node) appears in any
-/// of it, in any encoding.
+/// prints its environment: no token, no private key (CA, coordinator, node) and no value
+/// from an `--env-file` appears in any of it, in any encoding (the task prints its
+/// environment but that value, and the value's hash to show it arrived).
 #[test]
 fn no_token_or_private_key_reaches_any_log() {
     let sandbox = Sandbox::new();
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    let env_secret = format!("env-file-secret-{nonce:016x}");
+    let env_file = sandbox.path().join("secrets.env");
+    std::fs::write(&env_file, format!("API_KEY=\"{env_secret}\"\n")).unwrap();
     let mut cmd = sandbox.skyward();
-    cmd.env("SKYWARD_LOG", "trace").args([
-        "run",
-        "--nodes",
-        "2",
-        "--on",
-        "all",
-        "--",
-        "sh",
-        "-c",
-        "sleep 3; env",
-    ]);
+    cmd.env("SKYWARD_LOG", "trace")
+        .args(["run", "--nodes", "2", "--on", "all", "--env-file"])
+        .arg(&env_file)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "sleep 3; env | grep -v '^API_KEY='; printf %s \"$API_KEY\" | sha256sum",
+        ]);
     let cli = std::thread::spawn(move || skyward_tests::run(&mut cmd, Duration::from_secs(120)));
 
     // The pool's files go with it: gather its secrets and agent logs while it runs.
@@ -874,6 +880,15 @@ fn no_token_or_private_key_reaches_any_log() {
         out.stdout.contains("SKYWARD_NODE_ID="),
         "the task printed no environment"
     );
+    let arrived = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        env_secret.as_bytes(),
+    ));
+    assert_eq!(
+        out.stdout.matches(&arrived).count(),
+        2,
+        "the --env-file value did not reach both tasks: {}",
+        out.stdout
+    );
 
     let mut haystacks = vec![
         ("CLI stdout".to_string(), out.stdout.clone()),
@@ -889,6 +904,7 @@ fn no_token_or_private_key_reaches_any_log() {
         .iter()
         .map(|t| ("a token".to_string(), t.clone()))
         .collect();
+    secrets.push(("the --env-file value".to_string(), env_secret.clone()));
     for (path, key) in &keys {
         for form in leak_forms(key) {
             secrets.push((path.display().to_string(), form));

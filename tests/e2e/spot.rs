@@ -131,6 +131,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         env: Vec::new(),
         node: None,
         gpus: GpuRequest::None,
+        cwd: None,
     };
     let job = Job {
         tasks: vec![task.clone(), task],
