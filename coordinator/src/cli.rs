@@ -352,6 +352,26 @@ pub struct PoolArgs {
 }
 
 pub async fn main(cli: Cli) -> i32 {
+    // Commands that only print (tables, scripts, logs) end quietly when their reader does
+    // (`skyward pool list | head`), as other command-line tools do. The others keep SIGPIPE
+    // ignored: they write to sockets, where a gone peer must be an error, not their death.
+    let only_prints = matches!(
+        cli.command,
+        Command::Offers(_)
+            | Command::Providers(_)
+            | Command::Doctor(_)
+            | Command::Config(_)
+            | Command::Completions(_)
+            | Command::Man(_)
+            | Command::Logs(_)
+            | Command::Pool(PoolCommand::List(_) | PoolCommand::Status(_))
+    );
+    if only_prints {
+        // SAFETY: restoring a signal's default disposition before any thread writes.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Offers(args) => offers(args).await,
