@@ -9,7 +9,7 @@ use skyward_common::inventory::{Gpu, Inventory, NetworkInterface, NeuronDevice};
 use skyward_common::protocol::Health;
 
 /// Read once per connection. Accelerator detection may run tools for seconds, never longer
-/// than [`ACCELERATOR_BUDGET`]; see [`accelerators`].
+/// than [`ACCELERATOR_BUDGET`] (GPUs, MIG devices, Neuron devices).
 pub fn collect(work_dir: &Path) -> Inventory {
     let (disk_total_bytes, disk_available_bytes) = disk_space(work_dir).unwrap_or((0, 0));
     let (gpus, neuron_devices) = accelerators();

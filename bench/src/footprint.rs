@@ -273,7 +273,7 @@ pub fn cmdline_args(raw: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// argv[0] ends with `skyward-agent` and some argument mentions `root`.
+/// `argv[0]` ends with `skyward-agent` and some argument mentions `root`.
 pub fn is_agent_under(args: &[String], root: &str) -> bool {
     !root.is_empty()
         && args.first().is_some_and(|a| a.ends_with("skyward-agent"))

@@ -1424,12 +1424,12 @@ pub fn pool_tag(pool: &str) -> Result<String, ProviderError> {
     tag(POOL_TAG, pool)
 }
 
-/// The name of `pool`'s Cloud Firewall (see [`pool_resource_name`]).
+/// The name of `pool`'s Cloud Firewall: `skyward-` and the pool name, escaped where needed.
 pub fn firewall_name(pool: &str) -> Result<String, ProviderError> {
     pool_resource_name(pool, "firewall")
 }
 
-/// The name of `pool`'s VPC (see [`pool_resource_name`]).
+/// The name of `pool`'s VPC: `skyward-` and the pool name, escaped where needed.
 pub fn vpc_name(pool: &str) -> Result<String, ProviderError> {
     pool_resource_name(pool, "VPC")
 }
