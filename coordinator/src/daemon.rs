@@ -77,6 +77,10 @@ struct Daemon {
     detached: Mutex<Vec<AbortHandle>>,
     /// What became of each node replaced to keep the pool's size, oldest first.
     replacements: Mutex<Vec<String>>,
+    /// What the pool was asked for and how offers are chosen: where replacements may come
+    /// from when the pool's own offer has none.
+    spec: crate::spec::PoolSpec,
+    selection: crate::selection::Selection,
 }
 
 /// `skyward pool serve NAME ...`: run the pool until SIGTERM or its TTL.
@@ -111,6 +115,8 @@ pub async fn serve(args: UpArgs) -> i32 {
         logs,
         detached: Mutex::new(Vec::new()),
         replacements: Mutex::new(Vec::new()),
+        spec: plan.spec.clone(),
+        selection: plan.selection.clone(),
     });
     let accepting = tokio::spawn(accept(listener, daemon.clone()));
     if let Some(warning) = daemon.session.unreachable_warning(&plan) {
@@ -215,10 +221,11 @@ async fn keep_node_count(daemon: Arc<Daemon>) {
                         doomed.push((node.node_id.clone(), why));
                     }
                 }
-                let provider = pool.provider();
-                for (node, why) in provider.failed_nodes(pool.name()).await {
-                    if nodes.iter().any(|n| n.node_id == node) {
-                        doomed.push((node, format!("{}: {why}", provider.name())));
+                for provider in pool.providers() {
+                    for (node, why) in provider.failed_nodes(pool.name()).await {
+                        if nodes.iter().any(|n| n.node_id == node) {
+                            doomed.push((node, format!("{}: {why}", provider.name())));
+                        }
                     }
                 }
             }
@@ -228,8 +235,11 @@ async fn keep_node_count(daemon: Arc<Daemon>) {
                 continue;
             }
             eprintln!("skyward: {node} ({why}): starting a node in its place");
+            let fallbacks = daemon.fallbacks().await;
             let outcome = match pool
-                .replace(&node, &mut |event| daemon.session.record_progress(&event))
+                .replace(&node, &fallbacks, &mut |event| {
+                    daemon.session.record_progress(&event)
+                })
                 .await
             {
                 Ok(new) => format!("{node} ({why}) replaced by {}", new.node_id),
@@ -683,6 +693,24 @@ async fn logs(daemon: &Daemon, task: u64, follow: bool, to_client: &mut OwnedWri
 }
 
 impl Daemon {
+    /// Every offer of the pool's providers that could take one node, in the selection's
+    /// order: where a replacement goes when the pool's own offer has no machine.
+    async fn fallbacks(
+        &self,
+    ) -> Vec<(
+        Arc<dyn crate::provider::Provider>,
+        crate::selection::Attempt,
+    )> {
+        let mut spec = self.spec.clone();
+        spec.nodes = 1;
+        let providers = &self.session.providers;
+        let candidates = crate::pool::candidates(providers, &spec).await;
+        crate::selection::plan(&self.selection, &candidates, &spec)
+            .into_iter()
+            .filter_map(|attempt| Some((providers.get(attempt.candidate)?.clone(), attempt)))
+            .collect()
+    }
+
     fn phase(&self) -> Phase {
         self.phase.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -61,6 +61,13 @@ pub struct Offer {
 }
 
 impl Offer {
+    /// Whether `other` is the same machine type in the same place at the same provider.
+    pub fn same_as(&self, other: &Offer) -> bool {
+        self.provider == other.provider
+            && self.region == other.region
+            && self.instance_type == other.instance_type
+    }
+
     pub fn price(&self, market: Market) -> Option<f64> {
         match market {
             Market::Spot => self.spot_per_hour,

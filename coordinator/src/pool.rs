@@ -65,6 +65,9 @@ pub struct Pool {
     deadline: Option<u64>,
     /// The number of the next node id (`node-N`) a replacement gets.
     next_node: std::sync::atomic::AtomicUsize,
+    /// Every provider with machines of this pool: `provider`, and any a replacement fell
+    /// back to.
+    providers: std::sync::RwLock<Vec<Arc<dyn Provider>>>,
     /// Behind a lock so that several jobs can run on one pool at once (a persistent pool).
     lifecycle: std::sync::Mutex<Lifecycle>,
 }
@@ -217,6 +220,7 @@ impl Pool {
         match wait {
             Ok(nodes) => Ok(Pool {
                 coordinator,
+                providers: std::sync::RwLock::new(vec![provider.clone()]),
                 provider,
                 offer: chosen.offer,
                 market: chosen.market,
@@ -239,13 +243,65 @@ impl Pool {
     }
 
     /// Provisions a node in place of `lost` (lost, interrupted, or gone by its provider's
-    /// word), from the pool's own provider and offer, and waits for its agent; the new node
-    /// (`node-N`, a number not used before) then takes `lost`'s place in [`Pool::nodes`].
-    /// The lost node's machine is not removed here: a spot machine goes by itself, and a
-    /// silent agent powers its machine off once its lease passes (teardown removes it).
+    /// word) and waits for its agent; the new node (`node-N`, a number not used before) then
+    /// takes `lost`'s place in [`Pool::nodes`]. The pool's own provider and offer are tried
+    /// first, then each of `fallbacks` in order (other providers' offers, as the selection
+    /// ordered them). The lost node's machine is not removed here: a spot machine goes by
+    /// itself, and a silent agent powers its machine off once its lease passes (teardown
+    /// removes it).
     pub async fn replace(
         &self,
         lost: &str,
+        fallbacks: &[(Arc<dyn Provider>, Attempt)],
+        on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
+    ) -> Result<NodeHandle, String> {
+        let own = Attempt {
+            candidate: 0,
+            offer: self.offer.clone(),
+            market: self.market,
+            price: self.offer.price(self.market).unwrap_or(0.0),
+        };
+        let mut failures = Vec::new();
+        let tries = std::iter::once((&self.provider, &own)).chain(
+            fallbacks
+                .iter()
+                .filter(|(_, a)| !(a.offer.same_as(&own.offer) && a.market == own.market))
+                .map(|(p, a)| (p, a)),
+        );
+        for (provider, attempt) in tries {
+            match self
+                .replace_from(lost, provider, attempt, on_progress)
+                .await
+            {
+                Ok(node) => {
+                    let mut providers = self.providers.write().unwrap_or_else(|p| p.into_inner());
+                    if !providers.iter().any(|p| Arc::ptr_eq(p, provider)) {
+                        providers.push(provider.clone());
+                    }
+                    return Ok(node);
+                }
+                Err(e) => {
+                    on_progress(PoolProgress::AttemptFailed {
+                        attempt,
+                        error: &ProviderError::new(
+                            provider.name(),
+                            crate::provider::ErrorKind::Api,
+                            e.clone(),
+                        ),
+                    });
+                    failures.push(e);
+                }
+            }
+        }
+        Err(format!("replacing {lost}: {}", failures.join("; ")))
+    }
+
+    /// One try of [`Pool::replace`]: one node from `attempt`'s offer at `provider`.
+    async fn replace_from(
+        &self,
+        lost: &str,
+        provider: &Arc<dyn Provider>,
+        attempt: &Attempt,
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
     ) -> Result<NodeHandle, String> {
         let number = self
@@ -264,24 +320,19 @@ impl Pool {
             }],
             spec: spec.clone(),
         };
-        let attempt = Attempt {
-            candidate: 0,
-            offer: self.offer.clone(),
-            market: self.market,
-            price: self.offer.price(self.market).unwrap_or(0.0),
-        };
         let mut events = coordinator.subscribe();
-        on_progress(PoolProgress::Provisioning {
-            attempt: &attempt,
-            nodes: 1,
-        });
-        let instances = self
-            .provider
-            .provision(&request, &self.offer, self.market)
+        on_progress(PoolProgress::Provisioning { attempt, nodes: 1 });
+        let instances = provider
+            .provision(&request, &attempt.offer, attempt.market)
             .await
-            .map_err(|e| format!("replacing {lost}: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "{} {} in {}: {e}",
+                    attempt.offer.provider, attempt.offer.instance_type, attempt.offer.region
+                )
+            })?;
         on_progress(PoolProgress::Provisioned {
-            attempt: &attempt,
+            attempt,
             instances: &instances,
         });
         if spec.reverse {
@@ -295,7 +346,7 @@ impl Pool {
         let mut lifecycle = Lifecycle::new(ids.to_vec());
         let mut ready = wait_for_agents(
             coordinator,
-            self.provider.as_ref(),
+            provider.as_ref(),
             &spec,
             &ids,
             &mut lifecycle,
@@ -303,10 +354,10 @@ impl Pool {
             on_progress,
         )
         .await
-        .map_err(|e| format!("replacing {lost} with {node_id}: {e}"))?;
+        .map_err(|e| format!("{node_id}: {e}"))?;
         let node = ready
             .pop()
-            .ok_or_else(|| format!("replacing {lost}: {node_id} never connected"))?;
+            .ok_or_else(|| format!("{node_id} never connected"))?;
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         match nodes.iter().position(|n| n.node_id == lost) {
             Some(index) => nodes[index] = node.clone(),
@@ -327,9 +378,18 @@ impl Pool {
         self.coordinator.pool()
     }
 
-    /// The provider the pool's machines come from.
+    /// The provider the pool's machines came from when it came up.
     pub fn provider(&self) -> Arc<dyn Provider> {
         self.provider.clone()
+    }
+
+    /// Every provider with machines of this pool: [`Pool::provider`], and any a replacement
+    /// fell back to.
+    pub fn providers(&self) -> Vec<Arc<dyn Provider>> {
+        self.providers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The offer the pool runs on, and how it is paid for.
@@ -347,7 +407,7 @@ impl Pool {
     /// Stops every task and removes every node.
     pub async fn down(self) {
         self.lifecycle_event(Event::TeardownRequested);
-        let _ = teardown(&self.coordinator, std::slice::from_ref(&self.provider)).await;
+        let _ = teardown(&self.coordinator, &self.providers()).await;
         self.lifecycle_event(Event::TeardownFinished);
     }
 }

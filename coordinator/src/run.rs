@@ -180,7 +180,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     // The provider says when a machine is gone (reclaimed, offline) sooner than its silence.
     let (gone_tx, mut gone) = mpsc::channel(16);
     let watcher = tokio::spawn(watch_machines(
-        pool.provider(),
+        pool.providers(),
         pool.name().to_string(),
         gone_tx,
     ));
@@ -416,18 +416,20 @@ const MACHINE_POLL: Duration = Duration::from_secs(10);
 
 /// Reports each node whose machine the provider says is gone (once each), with why.
 async fn watch_machines(
-    provider: std::sync::Arc<dyn crate::provider::Provider>,
+    providers: Vec<std::sync::Arc<dyn crate::provider::Provider>>,
     pool: String,
     gone: mpsc::Sender<(String, String)>,
 ) {
     let mut told = std::collections::HashSet::new();
     loop {
         tokio::time::sleep(MACHINE_POLL).await;
-        for (node, why) in provider.failed_nodes(&pool).await {
-            if told.insert(node.clone()) {
-                let why = format!("{}: {why}", provider.name());
-                if gone.send((node, why)).await.is_err() {
-                    return;
+        for provider in &providers {
+            for (node, why) in provider.failed_nodes(&pool).await {
+                if told.insert(node.clone()) {
+                    let why = format!("{}: {why}", provider.name());
+                    if gone.send((node, why)).await.is_err() {
+                        return;
+                    }
                 }
             }
         }

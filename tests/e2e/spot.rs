@@ -23,20 +23,23 @@ use tokio::sync::mpsc;
 
 /// Boots each node from its user-data on this machine; node-2's agent watches `imds`.
 struct SpotCloud {
+    name: &'static str,
     root: std::path::PathBuf,
     imds: String,
     booted: Mutex<Vec<BootedNode>>,
+    /// Whether it has machines to give; a replacement falls back elsewhere when not.
+    capacity: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
 impl Provider for SpotCloud {
     fn name(&self) -> &str {
-        "spotcloud"
+        self.name
     }
 
     async fn offers(&self, _spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
         Ok(vec![Offer {
-            provider: "spotcloud".into(),
+            provider: self.name.into(),
             region: "test-1".into(),
             instance_type: "small".into(),
             accelerator: None,
@@ -56,6 +59,13 @@ impl Provider for SpotCloud {
         _offer: &Offer,
         _market: Market,
     ) -> Result<Vec<Instance>, ProviderError> {
+        if !self.capacity.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ProviderError::new(
+                self.name,
+                skyward_coordinator::provider::ErrorKind::Capacity,
+                "no capacity",
+            ));
+        }
         let mut instances = Vec::new();
         for node in &request.nodes {
             let mut bootstrap = request.bootstrap.clone();
@@ -64,11 +74,7 @@ impl Provider for SpotCloud {
             }
             let user_data = bootstrap.user_data(&request.pool, node);
             let booted = BootedNode::boot(&self.root, &node.node_id, &user_data).map_err(|e| {
-                ProviderError::new(
-                    "spotcloud",
-                    skyward_coordinator::provider::ErrorKind::Api,
-                    e,
-                )
+                ProviderError::new(self.name, skyward_coordinator::provider::ErrorKind::Api, e)
             })?;
             self.booted.lock().unwrap().push(booted);
             instances.push(Instance {
@@ -93,7 +99,7 @@ impl Provider for SpotCloud {
 
     async fn status(&self) -> ProviderStatus {
         ProviderStatus {
-            provider: "spotcloud".into(),
+            provider: self.name.into(),
             configured: true,
             working: true,
             detail: String::new(),
@@ -106,9 +112,11 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
     let sandbox = Sandbox::new();
     let imds = Imds::start();
     let cloud = Arc::new(SpotCloud {
+        name: "spotcloud",
         root: sandbox.path().join("machines"),
         imds: imds.address.to_string(),
         booted: Mutex::new(Vec::new()),
+        capacity: true.into(),
     });
     let providers: Vec<Arc<dyn Provider>> = vec![cloud.clone()];
     let pool = Pool::up(
@@ -192,7 +200,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
     // one comes from the same provider, boots from its own user-data and takes its place.
     let mut provisioned = Vec::new();
     let replacement = pool
-        .replace("node-2", &mut |event: PoolProgress<'_>| {
+        .replace("node-2", &[], &mut |event: PoolProgress<'_>| {
             if let PoolProgress::Provisioned { instances, .. } = event {
                 provisioned.extend(instances.iter().map(|i| i.node_id.clone()));
             }
@@ -213,7 +221,51 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         .expect("a task on the new node");
     let printed = skyward_tests::task_output(&mut on_new).await;
     assert_eq!(String::from_utf8_lossy(&printed), "on node-3\n");
+    // The same offer has no machine left: the next replacement comes from the next
+    // provider's offer, as the selection orders them, and that provider joins the pool.
+    cloud
+        .capacity
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let other = Arc::new(SpotCloud {
+        name: "othercloud",
+        root: sandbox.path().join("other-machines"),
+        imds: imds.address.to_string(),
+        booted: Mutex::new(Vec::new()),
+        capacity: true.into(),
+    });
+    let other_offer = other.offers(&PoolSpec::new(1)).await.unwrap().remove(0);
+    let fallback = skyward_coordinator::selection::Attempt {
+        candidate: 1,
+        price: 0.2,
+        offer: other_offer,
+        market: Market::OnDemand,
+    };
+    let mut failed = Vec::new();
+    let fallen_back = pool
+        .replace(
+            "node-3",
+            &[(other.clone() as Arc<dyn Provider>, fallback)],
+            &mut |event: PoolProgress<'_>| {
+                if let PoolProgress::AttemptFailed { error, .. } = event {
+                    failed.push(error.to_string());
+                }
+            },
+        )
+        .await
+        .expect("a replacement from the other provider");
+    assert_eq!(fallen_back.node_id, "node-5", "node-4 was the failed try");
+    assert!(failed[0].contains("no capacity"), "{failed:?}");
+    let providers: Vec<String> = pool
+        .providers()
+        .iter()
+        .map(|p| p.name().to_string())
+        .collect();
+    assert_eq!(providers, ["spotcloud", "othercloud"]);
+    let ids: Vec<String> = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
+    assert_eq!(ids, ["node-1", "node-5"]);
+    // Teardown reaches every provider with a machine of the pool.
     pool.down().await;
+    assert!(other.booted.lock().unwrap().is_empty());
     assert!(sandbox
         .wait_for_no_processes(Duration::from_secs(10))
         .is_empty());
