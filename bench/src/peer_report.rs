@@ -390,14 +390,14 @@ pub fn bulk_method(r: &Results) -> String {
 /// Written from the numbers of the runs recorded here; the verdicts above are per run.
 pub const GAPS: &str = "### Gaps, causes and plans
 
-- **Ray round trip (target 20x, ~13x) and pipelined throughput (target 50x, ~42x)**: Ray's
+- **Ray round trip (target 20x, about 12-13x in these runs) and pipelined throughput (target 50x, about 38-42x)**: Ray's
   side is a local Ray with its driver, raylet and 2 workers on the same 2 cores; Skyward's
   no-op round trip is already within ~1.1x of bare quinn, so the gap to 20x is the QUIC round
   trip itself (~90 µs on this loopback), not Skyward's code. Plan: measure on a machine with
   more cores (Ray's own overhead is CPU-bound and grows with contention, ours is mostly
   latency); the pipelined side can gain from fewer allocations per task stream (the 1-agent
   pipelined ratio to bare quinn is ~1.7x, the headroom).
-- **Upload to 4 nodes at once (target < 2x the 1-node time, ~5x)**: on one machine the
+- **Upload to 4 nodes at once (target < 2x the 1-node time, about 5x)**: on one machine the
   coordinator encrypts every byte once per node (4 GiB for 4 nodes) and the 4 agents
   decrypt, hash and write them, all on the same 2 cores, so the fan-out is CPU-bound by
   construction. Plan: relay trees between nodes (the coordinator sends each chunk once, nodes
