@@ -42,6 +42,12 @@ impl Baseline {
     /// Starts a server on loopback and `peers` echo peer processes (this same executable,
     /// run as `echo-peer`), each with its own CA-signed node certificate in `dir`.
     pub async fn start(exe: &Path, dir: &Path, peers: usize) -> Result<Baseline> {
+        Self::start_as(exe, dir, peers, "echo-peer").await
+    }
+
+    /// [`Baseline::start`] with peers run as `role`: `echo-peer` or `sink-peer` (which takes
+    /// a whole stream, then answers with the byte count; see [`Baseline::bulk`]).
+    pub async fn start_as(exe: &Path, dir: &Path, peers: usize, role: &str) -> Result<Baseline> {
         let ca = PoolCa::generate("bench-bare")?;
         let server_identity = ca.issue_server_cert()?;
         let server = transport::server_config(ca.cert_der(), &server_identity)?;
@@ -57,7 +63,7 @@ impl Baseline {
             write_private(&key_path, &key.key.serialize_der())?;
             std::fs::write(&cert_path, &cert).with_context(|| cert_path.display().to_string())?;
             let child = tokio::process::Command::new(exe)
-                .arg("echo-peer")
+                .arg(role)
                 .arg(addr.to_string())
                 .arg(ca.pin())
                 .arg(&cert_path)
@@ -179,6 +185,43 @@ impl Baseline {
             }
         }
     }
+
+    /// The contents of `file` (`bytes` long) over one new stream to the first peer, a sink;
+    /// the time until the sink confirms it received every byte.
+    pub async fn bulk(&self, file: &Path, bytes: u64, limits: &Limits) -> Result<Duration> {
+        use tokio::io::AsyncReadExt as _;
+        let conn = self.connections.first().context("no peer")?;
+        let start = Instant::now();
+        let work = async {
+            let mut source = tokio::fs::File::open(file).await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
+            // The same chunk size the workdir sync reads files in.
+            let mut buf = vec![0u8; skyward_common::limits::SYNC_CHUNK];
+            loop {
+                let n = source.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                send.write_all(&buf[..n]).await?;
+            }
+            send.finish()?;
+            let answer = recv.read_to_end(8).await?;
+            let received = u64::from_le_bytes(
+                answer
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("the sink's answer is not 8 bytes"))?,
+            );
+            ensure!(
+                received == bytes,
+                "the sink received {received} of {bytes} bytes"
+            );
+            anyhow::Ok(())
+        };
+        tokio::time::timeout(limits.phase, work)
+            .await
+            .with_context(|| format!("a bulk transfer took longer than {:?}", limits.phase))??;
+        Ok(start.elapsed())
+    }
 }
 
 /// One request: a new stream, 32 bytes out, the echo back.
@@ -195,12 +238,14 @@ async fn request(conn: &quinn::Connection) -> Result<()> {
     Ok(())
 }
 
-/// The peer process: `echo-peer ADDR PIN CERT KEY`. Dials like an agent, then echoes every
-/// stream the server opens until the connection closes (or [`PEER_LIFETIME`] passes).
-pub fn echo_peer_main(args: &[String]) -> Result<()> {
+/// The peer process: `echo-peer ADDR PIN CERT KEY` (or `sink-peer ...`). Dials like an
+/// agent, then echoes (or sinks) every stream the server opens until the connection closes
+/// (or [`PEER_LIFETIME`] passes).
+pub fn peer_main(role: &str, args: &[String]) -> Result<()> {
     let [addr, pin, cert, key] = args else {
-        bail!("usage: skyward-bench echo-peer ADDR PIN CERT KEY");
+        bail!("usage: skyward-bench {role} ADDR PIN CERT KEY");
     };
+    let sink = role == "sink-peer";
     let addr: SocketAddr = addr.parse().context("peer address")?;
     let identity = CertifiedKey {
         chain: vec![CertificateDer::from(
@@ -222,7 +267,11 @@ pub fn echo_peer_main(args: &[String]) -> Result<()> {
                 .await
                 .context("connecting to the bench server")?;
             while let Ok((send, recv)) = conn.accept_bi().await {
-                tokio::spawn(echo(send, recv));
+                if sink {
+                    tokio::spawn(sink_stream(send, recv));
+                } else {
+                    tokio::spawn(echo(send, recv));
+                }
             }
             anyhow::Ok(())
         };
@@ -241,5 +290,16 @@ async fn echo(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
         if send.write_all(&data).await.is_ok() {
             let _ = send.finish();
         }
+    }
+}
+
+/// Reads a stream to its end, keeping nothing, and answers with the byte count (u64 LE).
+async fn sink_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut received: u64 = 0;
+    while let Ok(Some(chunk)) = recv.read_chunk(usize::MAX, true).await {
+        received += chunk.bytes.len() as u64;
+    }
+    if send.write_all(&received.to_le_bytes()).await.is_ok() {
+        let _ = send.finish();
     }
 }

@@ -7,7 +7,10 @@
 //! time, and all traffic stays on 127.0.0.1.
 
 mod bare;
+mod bulk;
 mod footprint;
+mod peer_report;
+mod peers;
 mod report;
 mod skyward;
 mod stats;
@@ -49,16 +52,18 @@ const LIMITS: Limits = Limits {
 struct Options {
     /// Where the report goes; `None` prints only.
     out: Option<PathBuf>,
+    /// Fail when a peer (Ray, sshd) could not be measured.
+    strict: bool,
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("echo-peer") {
+    if let Some(role @ ("echo-peer" | "sink-peer")) = args.first().map(String::as_str) {
         skyward_common::install_crypto_provider();
-        return match bare::echo_peer_main(&args[1..]) {
+        return match bare::peer_main(role, &args[1..]) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("skyward-bench echo-peer: {e:#}");
+                eprintln!("skyward-bench {role}: {e:#}");
                 ExitCode::FAILURE
             }
         };
@@ -67,7 +72,7 @@ fn main() -> ExitCode {
         Ok(options) => options,
         Err(e) => {
             eprintln!("skyward-bench: {e:#}");
-            eprintln!("usage: skyward-bench [--out PATH | --no-write]");
+            eprintln!("usage: skyward-bench [--out PATH | --no-write] [--strict]");
             return ExitCode::from(2);
         }
     };
@@ -97,7 +102,10 @@ fn parse_options(args: &[String]) -> Result<Options> {
     let default_out = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(|root| root.join("BENCHMARKS.md"));
-    let mut options = Options { out: default_out };
+    let mut options = Options {
+        out: default_out,
+        strict: false,
+    };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -105,6 +113,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 options.out = Some(PathBuf::from(args.next().context("--out needs a path")?))
             }
             "--no-write" => options.out = None,
+            "--strict" => options.strict = true,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -151,6 +160,12 @@ async fn run(options: Options) -> Result<()> {
     println!("{table}");
     println!("{}", report::verdicts(&results).join("\n"));
     println!();
+    println!("{}", peer_report::dispatch_table(&results));
+    println!("{}", peer_report::dispatch_verdicts(&results).join("\n"));
+    println!();
+    println!("{}", peer_report::bulk_table(&results));
+    println!("{}", peer_report::bulk_verdicts(&results).join("\n"));
+    println!();
     println!("{footprint_table}");
     println!(
         "{}",
@@ -160,6 +175,9 @@ async fn run(options: Options) -> Result<()> {
         let markdown = report::markdown(&results, &machine, &table, &footprint_table);
         std::fs::write(&out, markdown).with_context(|| format!("writing {}", out.display()))?;
         progress(&format!("wrote {}", out.display()));
+    }
+    if options.strict && peer_report::any_unmeasured(&results) {
+        bail!("--strict: a peer could not be measured (see the table)");
     }
     Ok(())
 }
@@ -179,6 +197,11 @@ async fn measure(
     let outcome = measure_with_baseline(&baseline, agent_bin, scratch).await;
     baseline.stop().await;
     let (sky_latency, bare_latency, sky_one, bare_one, sky_many, bare_many) = outcome?;
+
+    let sshd = peers::Sshd::start().await.map_err(|e| format!("{e:#}"));
+    let peers = peers::measure(agent_bin, scratch, &sshd, REPEATS, &LIMITS).await?;
+    let bulk = bulk::measure(exe, agent_bin, scratch, &sshd, &LIMITS).await?;
+    drop(sshd);
 
     let home = scratch.join("home");
     std::fs::create_dir_all(&home)?;
@@ -211,6 +234,8 @@ async fn measure(
         cold,
         cold_warmup,
         footprint,
+        peers,
+        bulk,
     })
 }
 

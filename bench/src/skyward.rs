@@ -57,24 +57,67 @@ pub async fn pool_up(agent_bin: &Path, root: &Path, nodes: usize) -> Result<Pool
 
 /// One no-op task, start to `None`: checks it finished with exit code 0.
 async fn noop(coordinator: &Coordinator, node: &NodeHandle) -> Result<()> {
-    let RemoteTask { input, mut output } = coordinator.start_task(node, TaskSpec::noop(0)).await?;
+    run_to_end(coordinator, node, TaskSpec::noop(0)).await
+}
+
+/// One task, start to `None`: checks it finished with exit code 0 and sent only a few events.
+async fn run_to_end(coordinator: &Coordinator, node: &NodeHandle, spec: TaskSpec) -> Result<()> {
+    let RemoteTask { input, mut output } = coordinator.start_task(node, spec).await?;
     let mut finished = false;
     let mut events = 0;
     while let Some(event) = output.next().await? {
         events += 1;
         ensure!(
             events <= MAX_EVENTS_PER_NOOP,
-            "no-op task sent more than {MAX_EVENTS_PER_NOOP} events"
+            "task sent more than {MAX_EVENTS_PER_NOOP} events"
         );
         if let TaskEvent::Finished(outcome) = event {
-            ensure!(outcome.success(), "no-op task ended with {outcome}");
+            ensure!(outcome.success(), "task ended with {outcome}");
             finished = true;
         }
     }
     // The input half stays open until the task ends, as `skyward run` keeps it.
     drop(input);
-    ensure!(finished, "no-op task stream ended without Finished");
+    ensure!(finished, "task stream ended without Finished");
     Ok(())
+}
+
+/// Sequential `true` commands (a real process spawned by the agent) on the pool's first
+/// node: `warmup` untimed, then `count` timed.
+pub async fn true_round_trips(
+    pool: &Pool,
+    warmup: usize,
+    count: usize,
+    limits: &Limits,
+) -> Result<Latency> {
+    let coordinator = pool.coordinator();
+    let node = pool.nodes().first().context("empty pool")?.clone();
+    // Fresh ids, as `skyward run` gives its tasks: the agent tracks commands by id.
+    let spec = || {
+        let id = coordinator.next_task_id();
+        TaskSpec::command(id, 0, vec!["true".into()], Vec::new(), None, false)
+    };
+    let work = async {
+        for _ in 0..warmup {
+            run_to_end(coordinator, &node, spec()).await?;
+        }
+        let mut samples = Vec::with_capacity(count);
+        for _ in 0..count {
+            let start = Instant::now();
+            run_to_end(coordinator, &node, spec()).await?;
+            samples.push(start.elapsed());
+        }
+        anyhow::Ok(samples)
+    };
+    let samples = tokio::time::timeout(limits.phase, work)
+        .await
+        .with_context(|| {
+            format!(
+                "sequential `true` tasks took longer than {:?}",
+                limits.phase
+            )
+        })??;
+    Ok(Latency::from_samples(samples))
 }
 
 /// Sequential no-op round trips on the pool's first node: `warmup` untimed, then `count` timed.
