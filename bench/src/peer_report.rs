@@ -387,22 +387,24 @@ pub fn bulk_method(r: &Results) -> String {
 }
 
 /// Where the side-by-side targets are missed on this 2-core machine, why, and the plan.
-/// Written from the numbers of the runs recorded here; the verdicts above are per run.
+/// The causes hold for this design on one shared 2-core machine; the numbers are in the
+/// tables and verdicts above, measured by each run (nothing here quotes a figure that a run
+/// could change).
 pub const GAPS: &str = "### Gaps, causes and plans
 
-- **Ray round trip (target 20x, about 12-13x in these runs) and pipelined throughput (target 50x, about 38-42x)**: Ray's
+- **Ray round trip (target 20x) and pipelined throughput (target 50x)**, where missed: Ray's
   side is a local Ray with its driver, raylet and 2 workers on the same 2 cores; Skyward's
-  no-op round trip is already within ~1.1x of bare quinn, so the gap to 20x is the QUIC round
-  trip itself (~90 µs on this loopback), not Skyward's code. Plan: measure on a machine with
+  no-op round trip is close to bare quinn's (the dispatch table), so the gap to 20x is the
+  QUIC round trip itself on this loopback, not Skyward's code. Plan: measure on a machine with
   more cores (Ray's own overhead is CPU-bound and grows with contention, ours is mostly
-  latency); the pipelined side can gain from fewer allocations per task stream (the 1-agent
-  pipelined ratio to bare quinn is ~1.7x, the headroom).
-- **Upload to 4 nodes at once (target < 2x the 1-node time, about 5x)**: on one machine the
+  latency); the pipelined side can gain from fewer allocations per task stream (its ratio to
+  bare quinn in the dispatch table is the headroom).
+- **Upload to 4 nodes at once (target < 2x the 1-node time)**, where missed: on one machine the
   coordinator encrypts every byte once per node (4 GiB for 4 nodes) and the 4 agents
   decrypt, hash and write them, all on the same 2 cores, so the fan-out is CPU-bound by
   construction. Plan: relay trees between nodes (the coordinator sends each chunk once, nodes
   forward it), which also helps across real links, and measure on separate machines.
-- **Upload vs bare quinn (target 80%)** and **vs rsync (target 2x)**: the agent decrypts,
+- **Upload vs bare quinn (target 80%)** and **vs rsync (target 2x)**, where missed: the agent decrypts,
   hashes (SHA-256, checked against the manifest) and writes every byte to its cache and then
   copies it into the tree, while the bare quinn sink discards the bytes; rsync and scp write
   once. Plan: hash while receiving (already streamed) and materialise the tree by reflink or
