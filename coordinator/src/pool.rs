@@ -170,17 +170,7 @@ impl Pool {
                 .await
             {
                 Ok(instances) => {
-                    on_progress(PoolProgress::Provisioned {
-                        attempt,
-                        instances: &instances,
-                    });
-                    if spec.reverse {
-                        for instance in &instances {
-                            if let Some(address) = instance.address {
-                                coordinator.dial(&instance.node_id, address);
-                            }
-                        }
-                    }
+                    provisioned(&coordinator, spec, attempt, &instances, on_progress);
                     chosen = Some(attempt.clone());
                     break;
                 }
@@ -331,17 +321,7 @@ impl Pool {
                     attempt.offer.provider, attempt.offer.instance_type, attempt.offer.region
                 )
             })?;
-        on_progress(PoolProgress::Provisioned {
-            attempt,
-            instances: &instances,
-        });
-        if spec.reverse {
-            for instance in &instances {
-                if let Some(address) = instance.address {
-                    coordinator.dial(&instance.node_id, address);
-                }
-            }
-        }
+        provisioned(coordinator, &spec, attempt, &instances, on_progress);
         let ids = [node_id.clone()];
         let mut lifecycle = Lifecycle::new(ids.to_vec());
         let mut ready = wait_for_agents(
@@ -409,6 +389,25 @@ impl Pool {
         self.lifecycle_event(Event::TeardownRequested);
         let _ = teardown(&self.coordinator, &self.providers()).await;
         self.lifecycle_event(Event::TeardownFinished);
+    }
+}
+
+/// Reports what `attempt` created, and with `--reverse` starts dialing the nodes whose
+/// addresses the provider already knows.
+fn provisioned(
+    coordinator: &Coordinator,
+    spec: &PoolSpec,
+    attempt: &Attempt,
+    instances: &[Instance],
+    on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
+) {
+    on_progress(PoolProgress::Provisioned { attempt, instances });
+    if spec.reverse {
+        for instance in instances {
+            if let Some(address) = instance.address {
+                coordinator.dial(&instance.node_id, address);
+            }
+        }
     }
 }
 
