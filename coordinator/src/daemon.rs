@@ -90,15 +90,24 @@ pub async fn serve(args: UpArgs) -> i32 {
         .and_then(|plan| Ok((plan, skyward_home()?)));
     let (plan, home) = or_exit!(checked, USAGE);
     let (mut sigint, mut sigterm) = or_exit!(interrupt_signals(), FAILURE);
-    let socket = socket_path(&home, &args.name);
-    // A socket left by a coordinator that died: `pool up` checked that none is alive.
-    let _ = std::fs::remove_file(&socket);
-    let listener = or_exit!(bind_owner_only(&socket), FAILURE);
+    // The record first: its name is unique, so of two coordinators started for one name
+    // (two `pool up` at once) the second stops here, before it touches the first's socket.
     let session = match PoolSession::start(&plan, &home, &args.name) {
         Ok(session) => session,
         Err((message, code)) => {
             eprintln!("skyward: {message}");
             return code;
+        }
+    };
+    let socket = socket_path(&home, &args.name);
+    // A socket left by a coordinator that died: `pool up` checked that none is alive.
+    let _ = std::fs::remove_file(&socket);
+    let listener = match bind_owner_only(&socket) {
+        Ok(listener) => listener,
+        Err(message) => {
+            eprintln!("skyward: {message}");
+            session.finish(&mut sigint).await;
+            return FAILURE;
         }
     };
     let logs = session.dir.join("logs");
