@@ -8,6 +8,7 @@
 
 mod bare;
 mod bulk;
+mod fanout;
 mod footprint;
 mod peer_report;
 mod peers;
@@ -37,7 +38,7 @@ const REPEATS: usize = 3;
 /// Cold `skyward run` invocations; the first is a warm-up and not counted.
 const COLD_RUNS: usize = 10;
 /// Nodes in the multi-agent measurements and the cold run.
-const MANY: usize = 4;
+const MANY: usize = 8;
 
 /// Time bounds shared by the measurements.
 pub struct Limits {
@@ -136,7 +137,7 @@ fn binaries() -> Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((exe, skyward, agent))
 }
 
-fn progress(message: &str) {
+pub(crate) fn progress(message: &str) {
     eprintln!("skyward-bench: {message}");
 }
 
@@ -165,6 +166,9 @@ async fn run(options: Options) -> Result<()> {
     println!();
     println!("{}", peer_report::bulk_table(&results));
     println!("{}", peer_report::bulk_verdicts(&results).join("\n"));
+    println!();
+    println!("{}", fanout::table(&results.fan_out));
+    println!("{}", fanout::verdicts(&results.fan_out).join("\n"));
     println!();
     println!("{footprint_table}");
     println!(
@@ -203,6 +207,8 @@ async fn measure(
     let bulk = bulk::measure(exe, agent_bin, scratch, &sshd, &LIMITS).await?;
     drop(sshd);
 
+    let fan_out = fanout::measure(agent_bin, scratch, &LIMITS).await?;
+
     let home = scratch.join("home");
     std::fs::create_dir_all(&home)?;
     let mut cold = Vec::with_capacity(COLD_RUNS - 1);
@@ -236,6 +242,7 @@ async fn measure(
         footprint,
         peers,
         bulk,
+        fan_out,
     })
 }
 

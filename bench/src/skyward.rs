@@ -56,7 +56,7 @@ pub async fn pool_up(agent_bin: &Path, root: &Path, nodes: usize) -> Result<Pool
 }
 
 /// One no-op task, start to `None`: checks it finished with exit code 0.
-async fn noop(coordinator: &Coordinator, node: &NodeHandle) -> Result<()> {
+pub async fn noop(coordinator: &Coordinator, node: &NodeHandle) -> Result<()> {
     run_to_end(coordinator, node, TaskSpec::noop(0)).await
 }
 
@@ -191,7 +191,7 @@ pub async fn throughput(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
-/// `skyward run --nodes 4 --on all -- true`, from spawning the process to its exit.
+/// `skyward run --nodes N --on all -- true`, from spawning the process to its exit.
 pub async fn cold_run(skyward_bin: &Path, home: &Path, nodes: usize) -> Result<Duration> {
     let mut command = tokio::process::Command::new(skyward_bin);
     command

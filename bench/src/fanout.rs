@@ -1,0 +1,131 @@
+//! Fan-out (the item 3): a no-op broadcast to every node of a pool of real agent
+//! processes, timed from the first task's start to the last task's end.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::task::JoinSet;
+
+use crate::report::{met, render};
+use crate::stats::Latency;
+use crate::Limits;
+
+/// Pool sizes measured with one real agent process per node.
+pub const SIZES: [usize; 2] = [10, 100];
+/// Untimed broadcasts before the timed ones.
+const WARMUP: usize = 3;
+/// Timed broadcasts per pool size.
+pub const ROUNDS: usize = 20;
+/// The target: 1,000 agents gathered within this.
+const TARGET_AGENTS: usize = 1000;
+const TARGET: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone)]
+pub struct FanOut {
+    pub nodes: usize,
+    pub latency: Latency,
+}
+
+/// One pool per size in [`SIZES`]: `WARMUP` untimed broadcasts, then [`ROUNDS`] timed.
+pub async fn measure(agent_bin: &Path, scratch: &Path, limits: &Limits) -> Result<Vec<FanOut>> {
+    let mut results = Vec::new();
+    for nodes in SIZES {
+        crate::progress(&format!(
+            "bringing up a local pool of {nodes} agents for fan-out"
+        ));
+        let pool = crate::skyward::pool_up(agent_bin, scratch, nodes).await?;
+        let timed = tokio::time::timeout(limits.phase, async {
+            for _ in 0..WARMUP {
+                broadcast(&pool).await?;
+            }
+            let mut samples = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                samples.push(broadcast(&pool).await?);
+            }
+            anyhow::Ok(samples)
+        })
+        .await;
+        pool.down().await;
+        let samples = timed.with_context(|| {
+            format!(
+                "fan-out to {nodes} agents took longer than {:?}",
+                limits.phase
+            )
+        })??;
+        let latency = Latency::from_samples(samples);
+        crate::progress(&format!(
+            "  fan-out to {nodes} agents: p50 {:.1} ms, p99 {:.1} ms",
+            latency.p50.as_secs_f64() * 1e3,
+            latency.p99.as_secs_f64() * 1e3
+        ));
+        results.push(FanOut { nodes, latency });
+    }
+    Ok(results)
+}
+
+/// A no-op on every node at once; the time until the last one has ended.
+async fn broadcast(pool: &skyward_coordinator::Pool) -> Result<Duration> {
+    let coordinator = pool.shared_coordinator();
+    let start = Instant::now();
+    let mut running = JoinSet::new();
+    for node in pool.nodes() {
+        let coordinator = coordinator.clone();
+        running.spawn(async move { crate::skyward::noop(&coordinator, &node).await });
+    }
+    while let Some(done) = running.join_next().await {
+        done.context("a no-op task panicked")??;
+    }
+    Ok(start.elapsed())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+pub fn table(fan_out: &[FanOut]) -> String {
+    let mut rows: Vec<[String; 4]> = fan_out
+        .iter()
+        .map(|f| {
+            [
+                format!("{} agents (one process each)", f.nodes),
+                ms(f.latency.p50),
+                ms(f.latency.p99),
+                "—".into(),
+            ]
+        })
+        .collect();
+    rows.push([
+        format!("{TARGET_AGENTS} agents"),
+        "not measured".into(),
+        "not measured".into(),
+        format!("≤ {} ms", TARGET.as_millis()),
+    ]);
+    render(
+        [
+            "broadcast a no-op, gather every result",
+            "p50",
+            "p99",
+            "target",
+        ],
+        &rows,
+    )
+}
+
+pub fn verdicts(fan_out: &[FanOut]) -> Vec<String> {
+    let largest = fan_out.iter().max_by_key(|f| f.nodes);
+    let mut lines = vec![format!(
+        "- {TARGET_AGENTS} agents ≤ {} ms: **not measured**: {TARGET_AGENTS} agent processes do not fit this 2-core machine; it needs many agents in one process (not built yet).",
+        TARGET.as_millis()
+    )];
+    if let Some(f) = largest {
+        lines.push(format!(
+            "- {} agents ≤ {} ms (the same target at a tenth of the size, informational): **{}** (p50 {}).",
+            f.nodes,
+            TARGET.as_millis(),
+            met(f.latency.p50 <= TARGET),
+            ms(f.latency.p50)
+        ));
+    }
+    lines
+}
