@@ -680,10 +680,28 @@ mod tests {
         assert!(ft.contains("| 0.20%"), "{ft}");
         let fv = footprint_verdicts(&r.footprint).join("\n");
         assert!(
-            fv.contains("≤ 10 MB: **met** (5.01 MB, 5,010,368 bytes)"),
+            fv.contains("≤ 8 MB: **met** (5.01 MB, 5,010,368 bytes)"),
             "{fv}"
         );
-        assert!(fv.contains("≤ 20 MB: **met** (8.39 MB VmRSS"), "{fv}");
+        assert!(fv.contains("≤ 15 MB: **met** (8.39 MB VmRSS"), "{fv}");
+        let fan = crate::fanout::table(&r.fan_out);
+        assert!(
+            fan.contains("| 100 agents (one process each) | 40.0 ms"),
+            "{fan}"
+        );
+        let fan_verdicts = crate::fanout::verdicts(&r.fan_out).join("\n");
+        assert!(
+            fan_verdicts.contains("1000 agents ≤ 250 ms: **not measured**"),
+            "{fan_verdicts}"
+        );
+        assert!(
+            fan_verdicts.contains("100 agents ≤ 250 ms"),
+            "{fan_verdicts}"
+        );
+        assert!(
+            fan_verdicts.contains("**met** (p50 40.0 ms)"),
+            "{fan_verdicts}"
+        );
         assert!(
             fv.contains("**met** (0.20%: 1 clock ticks in 5.00 s"),
             "{fv}"
