@@ -57,6 +57,8 @@ struct TaskEntry {
     started: bool,
     since: Instant,
     log_bytes: u64,
+    /// The task's log file, open while the task runs (opened at its first output).
+    log: Option<std::fs::File>,
 }
 
 struct Daemon {
@@ -781,6 +783,7 @@ impl Daemon {
                         started: false,
                         since: Instant::now(),
                         log_bytes: 0,
+                        log: None,
                     },
                 );
                 number
@@ -817,6 +820,7 @@ impl Daemon {
             }
             RunEvent::Finished { task, report } => {
                 if let Some(entry) = tasks.get_mut(&(first + *task as u64)) {
+                    entry.log = None;
                     if !report.node.is_empty() {
                         entry.node = Some(report.node.clone());
                     }
@@ -836,24 +840,29 @@ impl Daemon {
         if entry.log_bytes >= MAX_TASK_LOG {
             return;
         }
-        let room = (MAX_TASK_LOG - entry.log_bytes) as usize;
-        let mut bytes = data[..data.len().min(room)].to_vec();
-        if bytes.len() < data.len() {
-            bytes.extend_from_slice(
-                format!(
+        let kept = &data[..data.len().min((MAX_TASK_LOG - entry.log_bytes) as usize)];
+        entry.log_bytes += kept.len() as u64;
+        let written = (|| {
+            if entry.log.is_none() {
+                std::fs::create_dir_all(&self.logs)?;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path(task))?;
+                entry.log = Some(file);
+            }
+            let Some(log) = entry.log.as_mut() else {
+                return Ok(());
+            };
+            log.write_all(kept)?;
+            if kept.len() < data.len() {
+                let note = format!(
                     "\n[skyward: the log stops here at {MAX_TASK_LOG} bytes; the task runs on]\n"
-                )
-                .as_bytes(),
-            );
-        }
-        entry.log_bytes += data.len().min(room) as u64;
-        let written = std::fs::create_dir_all(&self.logs).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.log_path(task))?
-                .write_all(&bytes)
-        });
+                );
+                log.write_all(note.as_bytes())?;
+            }
+            std::io::Result::Ok(())
+        })();
         if let Err(e) = written {
             tracing::warn!("task {task}'s log: {e}");
         }
@@ -864,6 +873,7 @@ impl Daemon {
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         for number in numbers {
             if let Some(entry) = tasks.get_mut(number) {
+                entry.log = None;
                 entry.ended.get_or_insert_with(|| (how.to_string(), None));
             }
         }

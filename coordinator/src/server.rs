@@ -1333,20 +1333,29 @@ mod tests {
         inner.enrolled.lock().unwrap().clone()
     }
 
+    /// A coordinator on loopback and the runtime it needs, for judging requests directly.
+    fn fuzz_coordinator() -> (tokio::runtime::Runtime, Coordinator) {
+        skyward_common::install_crypto_provider();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let coordinator = {
+            let _guard = rt.enter();
+            Coordinator::start(CoordinatorConfig {
+                pool: "fuzz".into(),
+                bind: ([127, 0, 0, 1], 0).into(),
+                state_dir: None,
+            })
+            .unwrap()
+        };
+        (rt, coordinator)
+    }
+
     /// Malformed and hostile enrollment requests, judged by the handler itself: each gets the
     /// rejection it deserves, nothing panics, and a rejection changes nothing (no node enrolled
     /// or connected, no token spent).
     #[test]
     fn hostile_enrollment_requests_get_the_right_rejection_and_change_nothing() {
-        skyward_common::install_crypto_provider();
-        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (rt, coordinator) = fuzz_coordinator();
         let _guard = rt.enter();
-        let coordinator = Coordinator::start(CoordinatorConfig {
-            pool: "fuzz".into(),
-            bind: ([127, 0, 0, 1], 0).into(),
-            state_dir: None,
-        })
-        .unwrap();
         let inner = &coordinator.inner;
         let mine = NodeKey::generate("node-mine").unwrap();
         let theirs = NodeKey::generate("node-someone-else").unwrap();
@@ -1452,15 +1461,8 @@ mod tests {
 
     #[test]
     fn an_address_over_its_failure_budget_is_refused_unread() {
-        skyward_common::install_crypto_provider();
-        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (rt, coordinator) = fuzz_coordinator();
         let _guard = rt.enter();
-        let coordinator = Coordinator::start(CoordinatorConfig {
-            pool: "fuzz".into(),
-            bind: ([127, 0, 0, 1], 0).into(),
-            state_dir: None,
-        })
-        .unwrap();
         let inner = &coordinator.inner;
         let address: IpAddr = [198, 51, 100, 9].into();
         let now = Instant::now();

@@ -56,7 +56,23 @@ struct Attacker {
     pin: String,
 }
 
+/// An enrollment connection held open, stream and all.
+type Held = (quinn::Connection, quinn::SendStream, quinn::RecvStream);
+
 impl Attacker {
+    /// Opens as many enrollment connections as one address may hold, each with its stream
+    /// open and a byte sent (the coordinator counts it from then), and keeps them.
+    async fn hold_every_enrollment_connection(&self) -> Vec<Held> {
+        let mut held = Vec::new();
+        for _ in 0..MAX_ENROLLING_PER_ADDRESS {
+            let conn = self.connect(None, ALPN_ENROLL).await.unwrap();
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            send.write_all(&[0]).await.unwrap();
+            held.push((conn, send, recv));
+        }
+        held
+    }
+
     async fn connect(
         &self,
         identity: Option<&CertifiedKey>,
@@ -384,14 +400,7 @@ async fn enrollment_connections_per_address_are_bounded() {
     let coordinator = hostile_coordinator("sec-conns");
     let mut events = coordinator.subscribe();
     let attacker = attacker_against(&coordinator);
-    let mut held = Vec::new();
-    for _ in 0..MAX_ENROLLING_PER_ADDRESS {
-        let conn = attacker.connect(None, ALPN_ENROLL).await.unwrap();
-        // The coordinator has it once the stream is open and a byte has arrived.
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[0]).await.unwrap();
-        held.push((conn, send, recv));
-    }
+    let mut held = attacker.hold_every_enrollment_connection().await;
     let extra = attacker.connect(None, ALPN_ENROLL).await.unwrap();
     let r = expect_rejection(&mut events, "one enrollment connection too many", |r| {
         matches!(
@@ -476,13 +485,7 @@ async fn an_agent_refused_for_now_enrolls_once_its_address_has_room() {
     let attacker = attacker_against(&coordinator);
     // The agent shares the attacker's address (loopback), which holds every enrollment
     // connection it may.
-    let mut held = Vec::new();
-    for _ in 0..MAX_ENROLLING_PER_ADDRESS {
-        let conn = attacker.connect(None, ALPN_ENROLL).await.unwrap();
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        send.write_all(&[0]).await.unwrap();
-        held.push((conn, send, recv));
-    }
+    let held = attacker.hold_every_enrollment_connection().await;
     let mut agent = spawn_agent(&sandbox, &coordinator, "node-2", "60s");
     let log_path = sandbox.path().join("node-2.log");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
