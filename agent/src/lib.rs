@@ -94,7 +94,7 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 pub use cli::Agent;
-pub use session::{run, run_with};
+pub use session::{run, run_on, run_with};
 pub use typed::Registry;
 
 #[cfg(test)]

@@ -115,6 +115,29 @@ pub async fn run_with(config: AgentConfig, registry: crate::typed::Registry) -> 
     }
 }
 
+/// One agent dialing its coordinator on an endpoint it may share with other agents of the
+/// same process, until the coordinator says shut down or the lease passes. The benchmark's
+/// swarm runs thousands this way on one UDP socket; signals, the MIG layout, spot notices and
+/// the deadline belong to the host process and are not handled here.
+pub async fn run_on(
+    config: AgentConfig,
+    registry: Arc<crate::typed::Registry>,
+    endpoint: &quinn::Endpoint,
+) -> Result<()> {
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating work dir {}", config.work_dir.display()))?;
+    let coordinator = config
+        .coordinator
+        .as_deref()
+        .context("run_on dials the coordinator: give its address")?;
+    let coordinator = resolve(coordinator).await?;
+    let tasks = Tasks::with_registry(config.node_id.clone(), config.work_dir.clone(), registry);
+    let (_no_watch, unwatched) = tokio::sync::watch::channel(None);
+    let result = stay_connected(&config, endpoint, coordinator, &tasks, &unwatched).await;
+    tasks.stop_all().await;
+    result
+}
+
 /// The pool is over without the coordinator having said so.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -413,7 +436,9 @@ async fn serve_session(
     });
     // A notice that came while disconnected is told now; later ones as they come.
     let mut notices = notices.clone();
-    if let Some(notice) = notices.borrow_and_update().clone() {
+    // Read first: the borrow must not be held across the write's await.
+    let pending = notices.borrow_and_update().clone();
+    if let Some(notice) = pending {
         write_frame(&mut control_send, &AgentMessage::Interruption(notice)).await?;
     }
     // The certificate is renewed two thirds of the way to its expiry, over this connection.
