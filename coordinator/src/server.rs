@@ -515,13 +515,25 @@ impl Coordinator {
             .values()
             .cloned()
             .collect();
-        for node in nodes {
+        for node in &nodes {
             let _ = node
                 .control
                 .send(CoordinatorMessage::Shutdown {
                     reason: reason.to_string(),
                 })
                 .await;
+        }
+        // Each agent closes its connection once it has the message. Closing the endpoint
+        // before then could drop a queued message, and an agent that never heard it keeps
+        // dialing until its lease runs out.
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+        for node in &nodes {
+            if tokio::time::timeout_at(deadline, node.connection.closed())
+                .await
+                .is_err()
+            {
+                break;
+            }
         }
     }
 
@@ -808,6 +820,8 @@ async fn accept_loop(endpoint: quinn::Endpoint, inner: Arc<Inner>) {
 }
 
 /// How long one dial attempt may take, and the longest wait between attempts.
+/// How long [`Coordinator::shutdown_nodes`] waits for the agents to close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
