@@ -260,7 +260,7 @@ pub fn find_agents(root: &Path) -> Result<Vec<u32>> {
     Ok(pids)
 }
 
-fn read_proc(pid: u32, file: &str) -> Result<String> {
+pub(crate) fn read_proc(pid: u32, file: &str) -> Result<String> {
     let path = PathBuf::from(format!("/proc/{pid}/{file}"));
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
@@ -306,7 +306,7 @@ pub fn stat_cpu_ticks(stat: &str) -> Option<u64> {
 }
 
 /// Clock ticks per second (`getconf CLK_TCK`), else Linux's usual 100.
-fn clock_ticks() -> u64 {
+pub(crate) fn clock_ticks() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .stdin(Stdio::null())

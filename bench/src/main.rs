@@ -15,6 +15,7 @@ mod peers;
 mod report;
 mod skyward;
 mod stats;
+mod swarm;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -69,6 +70,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(role @ ("swarm" | "swarm-coordinator")) = args.first().map(String::as_str) {
+        return run_role(role, &args[1..]);
+    }
     let options = match parse_options(&args) {
         Ok(options) => options,
         Err(e) => {
@@ -78,12 +82,7 @@ fn main() -> ExitCode {
         }
     };
     skyward_common::install_crypto_provider();
-    // The same runtime shape as the `skyward` CLI, which hosts the coordinator.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("skyward-bench: cannot start the async runtime: {e}");
@@ -97,6 +96,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The processes of the many-agent measurement (see [`swarm`]).
+fn run_role(role: &str, args: &[String]) -> ExitCode {
+    skyward_common::install_crypto_provider();
+    swarm::init_logging();
+    let outcome = runtime().map_err(anyhow::Error::from).and_then(|runtime| {
+        runtime.block_on(async {
+            match role {
+                "swarm" => swarm::swarm_main(args).await,
+                _ => swarm::coordinator_main(args).await,
+            }
+        })
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("skyward-bench {role}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The same runtime shape as the `skyward` CLI, which hosts the coordinator.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
 }
 
 fn parse_options(args: &[String]) -> Result<Options> {
@@ -167,8 +195,11 @@ async fn run(options: Options) -> Result<()> {
     println!("{}", peer_report::bulk_table(&results));
     println!("{}", peer_report::bulk_verdicts(&results).join("\n"));
     println!();
-    println!("{}", fanout::table(&results.fan_out));
-    println!("{}", fanout::verdicts(&results.fan_out).join("\n"));
+    println!("{}", fanout::table(&results.fan_out, &results.swarms));
+    println!("{}", fanout::verdicts(&results.swarms).join("\n"));
+    println!();
+    println!("{}", swarm::table(&results.swarms));
+    println!("{}", swarm::verdicts(&results.swarms).join("\n"));
     println!();
     println!("{footprint_table}");
     println!(
@@ -208,6 +239,7 @@ async fn measure(
     drop(sshd);
 
     let fan_out = fanout::measure(agent_bin, scratch, &LIMITS).await?;
+    let swarms = swarm::measure(exe, scratch).await?;
 
     let home = scratch.join("home");
     std::fs::create_dir_all(&home)?;
@@ -243,6 +275,7 @@ async fn measure(
         peers,
         bulk,
         fan_out,
+        swarms,
     })
 }
 
