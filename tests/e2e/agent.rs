@@ -933,3 +933,56 @@ async fn a_result_produced_while_disconnected_is_delivered_once_on_reconnect() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// Many agents in one process (the benchmark's swarm): the real agent code, each with its own
+/// token, key, certificate and connection, on one shared UDP socket. All run work, and all
+/// hear the pool's shutdown and end at once, long before their lease: none keeps dialing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_agents_share_a_socket_and_all_hear_the_shutdown() {
+    const AGENTS: usize = 20;
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let endpoint = skyward_common::transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+    let registry = std::sync::Arc::new(skyward_agent::Registry::default());
+    let mut agents = tokio::task::JoinSet::new();
+    for i in 1..=AGENTS {
+        let node_id = format!("node-{i}");
+        let config = skyward_agent::AgentConfig {
+            coordinator: Some(coordinator.local_addr().to_string()),
+            listen: None,
+            ca_pin: coordinator.ca_pin(),
+            token: Some(coordinator.issue_token(&node_id)),
+            work_dir: sandbox.path().join(&node_id),
+            node_id,
+            lease: Duration::from_secs(600),
+            mig: None,
+            deadline: None,
+            on_pool_end: skyward_agent::OnPoolEnd::Exit,
+            spot_watch: None,
+        };
+        let (endpoint, registry) = (endpoint.clone(), registry.clone());
+        agents.spawn(async move { skyward_agent::run_on(config, registry, &endpoint).await });
+    }
+    for i in 1..=AGENTS {
+        let node = wait_connected(&coordinator, &format!("node-{i}")).await;
+        let mut task = coordinator
+            .start_task(&node, command(&["true"]))
+            .await
+            .unwrap();
+        task_output(&mut task).await;
+        assert_eq!(node.address.to_string(), "127.0.0.1");
+    }
+    coordinator.shutdown_nodes("test over").await;
+    coordinator.close().await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut ended = 0;
+        while let Some(result) = agents.join_next().await {
+            result.unwrap().expect("an agent ended with an error");
+            ended += 1;
+        }
+        ended
+    })
+    .await
+    .expect("agents still running after the shutdown: some never heard it");
+    assert_eq!(ended, AGENTS);
+}
