@@ -7,7 +7,9 @@
 //! time, and all traffic stays on 127.0.0.1.
 
 mod bare;
+mod boot;
 mod bulk;
+mod check;
 mod fanout;
 mod footprint;
 mod peer_report;
@@ -56,6 +58,8 @@ struct Options {
     out: Option<PathBuf>,
     /// Fail when a peer (Ray, sshd) could not be measured.
     strict: bool,
+    /// Only the CI's short regression check against the ratios recorded in this file.
+    check: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +81,9 @@ fn main() -> ExitCode {
         Ok(options) => options,
         Err(e) => {
             eprintln!("skyward-bench: {e:#}");
-            eprintln!("usage: skyward-bench [--out PATH | --no-write] [--strict]");
+            eprintln!(
+                "usage: skyward-bench [--out PATH | --no-write] [--strict] | --check BENCHMARKS.md"
+            );
             return ExitCode::from(2);
         }
     };
@@ -134,6 +140,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
     let mut options = Options {
         out: default_out,
         strict: false,
+        check: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -143,6 +150,12 @@ fn parse_options(args: &[String]) -> Result<Options> {
             }
             "--no-write" => options.out = None,
             "--strict" => options.strict = true,
+            "--check" => {
+                options.check = Some(PathBuf::from(
+                    args.next()
+                        .context("--check needs the BENCHMARKS.md to compare with")?,
+                ))
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -171,6 +184,13 @@ pub(crate) fn progress(message: &str) {
 
 async fn run(options: Options) -> Result<()> {
     let (exe, skyward_bin, agent_bin) = binaries()?;
+    if let Some(recorded) = &options.check {
+        let scratch = tempfile::Builder::new()
+            .prefix("skyward-bench-check-")
+            .tempdir()
+            .context("creating a temp dir")?;
+        return check::run(&exe, &agent_bin, recorded, scratch.path()).await;
+    }
     let mut machine = report::Machine::probe();
     progress(&format!("load average at start: {}", machine.load_before));
     let scratch = tempfile::Builder::new()
@@ -201,6 +221,9 @@ async fn run(options: Options) -> Result<()> {
     println!("{}", swarm::table(&results.swarms));
     println!("{}", swarm::verdicts(&results.swarms).join("\n"));
     println!();
+    println!("{}", boot::table(&results.boot));
+    println!("{}", boot::verdicts(&results.boot).join("\n"));
+    println!();
     println!("{footprint_table}");
     println!(
         "{}",
@@ -223,6 +246,7 @@ async fn measure(
     agent_bin: &Path,
     scratch: &Path,
 ) -> Result<Results> {
+    let boot = boot::measure(agent_bin, scratch).await?;
     let peers_dir = scratch.join("bare");
     std::fs::create_dir_all(&peers_dir)?;
     progress(&format!(
@@ -276,6 +300,7 @@ async fn measure(
         bulk,
         fan_out,
         swarms,
+        boot,
     })
 }
 

@@ -43,6 +43,8 @@ pub struct Results {
     pub fan_out: Vec<crate::fanout::FanOut>,
     /// Swarms of in-process agents: fan-out at 1,000 and the coordinator's cost at 10,000.
     pub swarms: Vec<crate::swarm::Scale>,
+    /// A cloud node's bootstrap script, from its start to the agent connected.
+    pub boot: crate::boot::Boot,
 }
 
 impl Results {
@@ -540,6 +542,19 @@ next {rest_window} s; broadcasts = {rounds} timed no-op broadcasts to every agen
 
 {scale_verdicts}
 
+## Time to ready on a node
+
+{boot_table}
+
+Each boot runs the real user-data script (`deploy/bootstrap.sh`, as the coordinator fills it
+in) on the test harness's simulated machine (`skyward_tests::node::BootedNode`: its own
+directory, the fakes of a cloud image's tools, loopback network), with a coordinator in the
+bench process; timed from the script's start until the coordinator has the node connected.
+The stock image fetches the agent from the coordinator over HTTPS, checked against the pool
+CA. {boots} boots of each; median and max.
+
+{boot_verdicts}
+
 ## Footprint
 
 {footprint_table}
@@ -618,6 +633,9 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
         fan_out_rounds = crate::fanout::ROUNDS,
         fan_out_verdicts = crate::fanout::verdicts(&r.swarms).join("\n"),
         scale_table = crate::swarm::table(&r.swarms),
+        boot_table = crate::boot::table(&r.boot),
+        boot_verdicts = crate::boot::verdicts(&r.boot).join("\n"),
+        boots = crate::boot::BOOTS,
         scale_verdicts = crate::swarm::verdicts(&r.swarms).join("\n"),
         per_address = crate::swarm::AGENTS_PER_ADDRESS,
         rest = crate::swarm::SETTLE.as_secs(),
@@ -701,6 +719,10 @@ mod tests {
                 latency: lat(40_000, 90_000),
             }],
             swarms: Vec::new(),
+            boot: crate::boot::Boot {
+                preinstalled: vec![Duration::from_millis(400); 3],
+                downloaded: vec![Duration::from_millis(900); 3],
+            },
             bulk: crate::bulk::BulkResults {
                 scan: vec![Duration::from_secs(1); 3],
                 upload_one: vec![Duration::from_secs(3); 3],

@@ -16,8 +16,14 @@ use std::time::{Duration, Instant};
 /// as this test. `scripts/test.sh` builds them before the tests run.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>; a binary of the
+    // workspace (the benchmark's) runs from target/<profile>/ itself.
+    let dir = exe.parent().expect("target dir");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("target dir")
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),
