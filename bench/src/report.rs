@@ -485,7 +485,9 @@ It runs `cargo build --release` (which builds target/release/skyward and skyward
 then `cargo run --release -p skyward-bench`, which prints the tables and rewrites this file.
 `--no-write` prints the tables without touching this file; `--out PATH` writes elsewhere;
 `--strict` fails the run when a peer (Ray, sshd) could not be measured, which is otherwise
-written in the table as \"not measured\" with the reason.
+written in the table as \"not measured\" with the reason. `--check BENCHMARKS.md` (what CI
+runs after the tests) reruns the two dispatch comparisons with bare quinn briefly and fails
+when a ratio is more than 25% worse than the one recorded here.
 Everything runs on 127.0.0.1.
 
 ## Results
@@ -522,8 +524,9 @@ time to 1).
 
 {fan_out_table}
 
-Each size is a local pool of real `skyward-agent` processes; one round starts a no-op task on
-every node at once and ends when the last has finished; {fan_out_rounds} timed rounds after 3
+The first sizes are local pools of real `skyward-agent` processes, the swarm rows are
+described under Coordinator scale. One round starts a no-op task on every node at once and
+ends when the last has finished; for the agent processes, {fan_out_rounds} timed rounds after 3
 untimed.
 
 {fan_out_verdicts}
