@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::skyward::Noop;
 use crate::stats::median;
 use crate::{IN_FLIGHT, LIMITS};
 
@@ -100,12 +101,16 @@ async fn measure(exe: &Path, agent_bin: &Path, scratch: &Path) -> Result<[f64; 2
     let outcome = async {
         let pool = pool?;
         let measured = async {
-            let sky = crate::skyward::round_trips(&pool, WARMUP, SEQUENTIAL, &LIMITS).await?;
+            let sky =
+                crate::skyward::round_trips(&pool, Noop::Builtin, WARMUP, SEQUENTIAL, &LIMITS)
+                    .await?;
             let bare = baseline.round_trips(WARMUP, SEQUENTIAL, &LIMITS).await?;
             let (mut sky_tput, mut bare_tput) = (Vec::new(), Vec::new());
             for _ in 0..REPEATS {
-                sky_tput
-                    .push(crate::skyward::throughput(&pool, PIPELINED, IN_FLIGHT, &LIMITS).await?);
+                sky_tput.push(
+                    crate::skyward::throughput(&pool, Noop::Builtin, PIPELINED, IN_FLIGHT, &LIMITS)
+                        .await?,
+                );
                 bare_tput.push(
                     baseline
                         .throughput(1, PIPELINED, IN_FLIGHT, &LIMITS)

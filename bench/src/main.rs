@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::report::Results;
+use crate::skyward::Noop;
 use crate::stats::Latency;
 
 /// Untimed no-op tasks before the sequential measurement.
@@ -73,6 +74,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if args.first().map(String::as_str) == Some("typed-agent") {
+        // The stock agent's program with the typed no-op registered, under its usual name.
+        let agent_args = std::iter::once("skyward-agent".to_string()).chain(args[1..].to_vec());
+        return skyward_agent::Agent::new()
+            .register::<skyward::TypedNoop>()
+            .run_from_args(agent_args);
     }
     if let Some(role @ ("swarm" | "swarm-coordinator")) = args.first().map(String::as_str) {
         return run_role(role, &args[1..]);
@@ -256,6 +264,7 @@ async fn measure(
     let outcome = measure_with_baseline(&baseline, agent_bin, scratch).await;
     baseline.stop().await;
     let (sky_latency, bare_latency, sky_one, bare_one, sky_many, bare_many) = outcome?;
+    let (typed_latency, typed_one) = measure_typed(exe, scratch).await?;
 
     let sshd = peers::Sshd::start().await.map_err(|e| format!("{e:#}"));
     let peers = peers::measure(agent_bin, scratch, &sshd, REPEATS, &LIMITS).await?;
@@ -293,6 +302,8 @@ async fn measure(
         bare_one,
         sky_many,
         bare_many,
+        typed_latency,
+        typed_one,
         cold,
         cold_warmup,
         footprint,
@@ -318,7 +329,8 @@ async fn measure_with_baseline(
         progress(&format!(
             "sequential no-op round trips: {WARMUP} warm-up + {SEQUENTIAL} timed"
         ));
-        let sky_latency = skyward::round_trips(&pool, WARMUP, SEQUENTIAL, &LIMITS).await?;
+        let sky_latency =
+            skyward::round_trips(&pool, Noop::Builtin, WARMUP, SEQUENTIAL, &LIMITS).await?;
         let bare_latency = baseline.round_trips(WARMUP, SEQUENTIAL, &LIMITS).await?;
         progress(&format!(
             "  skyward p50 {:.0} us p99 {:.0} us; bare quinn p50 {:.0} us p99 {:.0} us",
@@ -349,6 +361,41 @@ async fn measure_with_baseline(
     ))
 }
 
+/// The typed no-op on a pool of 1 agent that registered it: this executable run as
+/// `typed-agent`, through a wrapper script (the local provider starts a program by path).
+async fn measure_typed(exe: &Path, scratch: &Path) -> Result<(Latency, Vec<f64>)> {
+    use std::os::unix::fs::PermissionsExt;
+    let wrapper = scratch.join("typed-agent");
+    let quoted = exe.display().to_string().replace('\'', "'\\''");
+    std::fs::write(
+        &wrapper,
+        format!("#!/bin/sh\nexec '{quoted}' typed-agent \"$@\"\n"),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    progress("bringing up a local pool of 1 agent with a typed no-op registered");
+    let root = scratch.join("typed");
+    let pool = skyward::pool_up(&wrapper, &root, 1).await?;
+    let measured = async {
+        let latency = skyward::round_trips(&pool, Noop::Typed, WARMUP, SEQUENTIAL, &LIMITS).await?;
+        let mut tput = Vec::with_capacity(REPEATS);
+        for _ in 0..REPEATS {
+            tput.push(
+                skyward::throughput(&pool, Noop::Typed, PIPELINED, IN_FLIGHT, &LIMITS).await?,
+            );
+        }
+        progress(&format!(
+            "  typed no-op p50 {:.0} us p99 {:.0} us; pipelined {} tasks/s",
+            stats::micros(latency.p50),
+            stats::micros(latency.p99),
+            stats::thousands(stats::median(&tput))
+        ));
+        anyhow::Ok((latency, tput))
+    }
+    .await;
+    pool.down().await;
+    measured
+}
+
 async fn throughputs(
     pool: &skyward_coordinator::Pool,
     baseline: &bare::Baseline,
@@ -356,7 +403,7 @@ async fn throughputs(
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let (mut sky, mut bare) = (Vec::with_capacity(REPEATS), Vec::with_capacity(REPEATS));
     for rep in 1..=REPEATS {
-        let s = skyward::throughput(pool, PIPELINED, IN_FLIGHT, &LIMITS).await?;
+        let s = skyward::throughput(pool, Noop::Builtin, PIPELINED, IN_FLIGHT, &LIMITS).await?;
         let b = baseline
             .throughput(nodes, PIPELINED, IN_FLIGHT, &LIMITS)
             .await?;

@@ -31,6 +31,9 @@ pub struct Results {
     pub bare_one: Vec<f64>,
     pub sky_many: Vec<f64>,
     pub bare_many: Vec<f64>,
+    /// The typed no-op ([`crate::skyward::TypedNoop`]) on 1 agent, beside the bare figures.
+    pub typed_latency: Latency,
+    pub typed_one: Vec<f64>,
     /// Counted cold runs (the warm-up excluded).
     pub cold: Vec<Duration>,
     pub cold_warmup: Duration,
@@ -134,6 +137,33 @@ pub fn table(r: &Results) -> String {
                 thousands(TARGET_TASKS_PER_S),
                 TARGET_THROUGHPUT_SHARE * 100.0
             ),
+        ],
+        [
+            "typed no-op round trip p50, 1 agent".into(),
+            us(r.typed_latency.p50),
+            us(r.bare_latency.p50),
+            format!(
+                "{:.2}x",
+                latency_ratio(r.typed_latency.p50, r.bare_latency.p50)
+            ),
+            "—".into(),
+        ],
+        [
+            "typed no-op round trip p99, 1 agent".into(),
+            us(r.typed_latency.p99),
+            us(r.bare_latency.p99),
+            format!(
+                "{:.2}x",
+                latency_ratio(r.typed_latency.p99, r.bare_latency.p99)
+            ),
+            "—".into(),
+        ],
+        [
+            format!("pipelined typed no-op, 1 agent, {IN_FLIGHT} in flight"),
+            per_s(median(&r.typed_one)),
+            per_s(median(&r.bare_one)),
+            format!("{:.2}x", median(&r.bare_one) / median(&r.typed_one)),
+            "—".into(),
         ],
         [
             format!("cold `skyward run --nodes {MANY} --on all -- true`, median"),
@@ -283,6 +313,7 @@ pub fn verdicts(r: &Results) -> Vec<String> {
     let within = ratios.iter().all(|(_, ratio)| *ratio <= TARGET_RATIO);
     // Throughput ratios are bare / skyward: their inverse is Skyward's share of bare's.
     let (share_one, share_many) = (1.0 / ratios[2].1, 1.0 / ratios[3].1);
+    let typed = latency_ratio(r.typed_latency.p50, r.bare_latency.p50);
     let ratio_detail: Vec<String> = ratios
         .iter()
         .map(|(what, ratio)| format!("{what} {ratio:.2}x"))
@@ -315,6 +346,10 @@ pub fn verdicts(r: &Results) -> Vec<String> {
             "- p50 round trip within {TARGET_ROUND_TRIP_RATIO}x of bare quinn's (the performance issue's): **{}** ({:.2}x).",
             met(ratios[0].1 <= TARGET_ROUND_TRIP_RATIO),
             ratios[0].1
+        ),
+        format!(
+            "- the same for the typed no-op: **{}** ({typed:.2}x).",
+            met(typed <= TARGET_ROUND_TRIP_RATIO)
         ),
         format!(
             "- pipelined throughput ≥ {:.0}% of bare quinn's (the performance issue's): **{}** ({:.0}% with 1 agent, {:.0}% with {MANY}).",
@@ -590,6 +625,12 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
 - **Pipelined no-op**: {PIPELINED} no-op tasks with {IN_FLIGHT} in flight (a tokio `JoinSet`),
   round-robin over the pool's nodes, with 1 and with {MANY} agents; tasks/s over the whole
   batch, median of {REPEATS} runs (runs: 1 agent {sky_one}; {MANY} agents {sky_many}).
+- **Typed no-op**: the same counts ({WARMUP} + {SEQUENTIAL} sequential; {PIPELINED} with
+  {IN_FLIGHT} in flight, median of {REPEATS}) on a pool of 1 agent that is this bench run as
+  `typed-agent` (the stock agent program with its `TypedNoop` task registered, started
+  through a wrapper script): `TaskKind::Typed` with the encoded unit value, run on the
+  agent's blocking pool, its encoded `()` sent back in a `Result` frame before `Finished`.
+  Its ratios are to the bare quinn figures above, measured earlier in the same run.
 - **Cold end-to-end**: `target/release/skyward run --nodes {MANY} --on all -- true` from process
   spawn to exit (exit status 0 asserted), `SKYWARD_HOME` in a fresh temp dir. {COLD_RUNS} runs,
   the first a warm-up ({warmup:.3} s, not counted); counted runs in seconds: {cold}.
@@ -695,6 +736,8 @@ mod tests {
             bare_one: vec![40_000.0; 3],
             sky_many: vec![35_000.0; 3],
             bare_many: vec![50_000.0; 3],
+            typed_latency: lat(240, 500),
+            typed_one: vec![18_000.0; 3],
             cold: vec![
                 Duration::from_millis(800),
                 Duration::from_millis(1200),
@@ -739,6 +782,14 @@ mod tests {
         let t = table(&r);
         assert!(t.contains("| 200 µs"), "{t}");
         assert!(t.contains("22,000/s"), "{t}");
+        let typed = t
+            .lines()
+            .find(|l| l.contains("typed no-op round trip p50"))
+            .unwrap_or_default();
+        assert!(
+            typed.contains("| 240 µs") && typed.contains("| 3.00x"),
+            "{t}"
+        );
         let v = verdicts(&r).join("\n");
         assert!(v.contains("≤ 250 µs: **met** (200 µs)"), "{v}");
         assert!(v.contains("**partly met**"), "{v}");

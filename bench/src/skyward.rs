@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use skyward_common::protocol::{TaskEvent, TaskSpec};
+use serde::{Deserialize, Serialize};
+use skyward_common::protocol::{TaskEvent, TaskId, TaskKind, TaskSpec};
+use skyward_common::typed::{Task, TaskContext, TaskResult};
 use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::provider::{LocalProvider, Provider};
 use skyward_coordinator::server::RemoteTask;
@@ -53,6 +55,52 @@ pub async fn pool_up(agent_bin: &Path, root: &Path, nodes: usize) -> Result<Pool
         pool.nodes().len()
     );
     Ok(pool)
+}
+
+/// The typed task that does nothing: what a typed no-op costs beyond the built-in one is the
+/// typed path itself (decode the input, run on a blocking thread, encode the output).
+#[derive(Serialize, Deserialize)]
+pub struct TypedNoop;
+
+impl Task for TypedNoop {
+    const NAME: &'static str = "bench-noop";
+    const VERSION: u32 = 1;
+    type Output = ();
+    fn run(self, _: &TaskContext) -> TaskResult<()> {
+        Ok(())
+    }
+}
+
+/// Which no-op a measurement sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Noop {
+    /// `TaskKind::Noop`, answered by the agent's runner itself.
+    Builtin,
+    /// [`TypedNoop`], for an agent that registered it (`skyward-bench typed-agent`).
+    Typed,
+}
+
+impl Noop {
+    fn spec(self) -> Result<TaskSpec> {
+        Ok(match self {
+            Noop::Builtin => TaskSpec::noop(0),
+            Noop::Typed => TaskSpec {
+                task: TaskId { id: 0, attempt: 0 },
+                kind: TaskKind::Typed {
+                    name: TypedNoop::NAME.into(),
+                    version: TypedNoop::VERSION,
+                    payload: skyward_common::typed::encode_input(&TypedNoop)?,
+                },
+                env: Vec::new(),
+                timeout_ms: None,
+            },
+        })
+    }
+}
+
+/// One no-op task of `kind`, start to `None`: checks it finished successfully.
+async fn noop_of(coordinator: &Coordinator, node: &NodeHandle, kind: Noop) -> Result<()> {
+    run_to_end(coordinator, node, kind.spec()?).await
 }
 
 /// One no-op task, start to `None`: checks it finished with exit code 0.
@@ -123,6 +171,7 @@ pub async fn true_round_trips(
 /// Sequential no-op round trips on the pool's first node: `warmup` untimed, then `count` timed.
 pub async fn round_trips(
     pool: &Pool,
+    kind: Noop,
     warmup: usize,
     count: usize,
     limits: &Limits,
@@ -132,12 +181,12 @@ pub async fn round_trips(
     let node = nodes.first().context("empty pool")?;
     let work = async {
         for _ in 0..warmup {
-            noop(coordinator, node).await?;
+            noop_of(coordinator, node, kind).await?;
         }
         let mut samples = Vec::with_capacity(count);
         for _ in 0..count {
             let start = Instant::now();
-            noop(coordinator, node).await?;
+            noop_of(coordinator, node, kind).await?;
             samples.push(start.elapsed());
         }
         anyhow::Ok(samples)
@@ -152,6 +201,7 @@ pub async fn round_trips(
 /// returns tasks per second.
 pub async fn throughput(
     pool: &Pool,
+    kind: Noop,
     total: usize,
     in_flight: usize,
     limits: &Limits,
@@ -167,7 +217,7 @@ pub async fn throughput(
             while started < total && running.len() < in_flight {
                 let coordinator = coordinator.clone();
                 let node = nodes[started % nodes.len()].clone();
-                running.spawn(async move { noop(&coordinator, &node).await });
+                running.spawn(async move { noop_of(&coordinator, &node, kind).await });
                 started += 1;
             }
             match running.join_next().await {
