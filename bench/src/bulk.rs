@@ -13,7 +13,7 @@ use skyward_coordinator::workdir::{download_all, sync_tree, Tree};
 use tokio::process::Command;
 
 use crate::bare::Baseline;
-use crate::peers::{run_timed, Sshd};
+use crate::peers::{run_timed, Sshd, SSH_COMMAND_TIMEOUT};
 use crate::Limits;
 
 /// The data set: one file of this many seeded pseudo-random bytes.
@@ -304,7 +304,7 @@ async fn scp(sshd: &Sshd, data: &Path, dest: PathBuf) -> Result<Duration> {
         .args(sshd.ssh_options())
         .arg(data)
         .arg(format!("{}:{}/", sshd.destination(), dest.display()));
-    run_timed(command, "scp").await
+    run_timed(command, "scp", SSH_COMMAND_TIMEOUT).await
 }
 
 async fn rsync(sshd: &Sshd, data: &Path, dest: PathBuf) -> Result<Duration> {
@@ -313,5 +313,5 @@ async fn rsync(sshd: &Sshd, data: &Path, dest: PathBuf) -> Result<Duration> {
         .args(["-a", "-e", &sshd.ssh_for_rsync()])
         .arg(data)
         .arg(format!("{}:{}/", sshd.destination(), dest.display()));
-    run_timed(command, "rsync -e ssh").await
+    run_timed(command, "rsync -e ssh", SSH_COMMAND_TIMEOUT).await
 }

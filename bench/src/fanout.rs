@@ -2,10 +2,9 @@
 //! processes, timed from the first task's start to the last task's end.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::task::JoinSet;
 
 use crate::report::{met, render};
 use crate::stats::Latency;
@@ -65,19 +64,9 @@ pub async fn measure(agent_bin: &Path, scratch: &Path, limits: &Limits) -> Resul
     Ok(results)
 }
 
-/// A no-op on every node at once; the time until the last one has ended.
+/// A no-op on every node of the pool at once; the time until the last one has ended.
 async fn broadcast(pool: &skyward_coordinator::Pool) -> Result<Duration> {
-    let coordinator = pool.shared_coordinator();
-    let start = Instant::now();
-    let mut running = JoinSet::new();
-    for node in pool.nodes() {
-        let coordinator = coordinator.clone();
-        running.spawn(async move { crate::skyward::noop(&coordinator, &node).await });
-    }
-    while let Some(done) = running.join_next().await {
-        done.context("a no-op task panicked")??;
-    }
-    Ok(start.elapsed())
+    crate::swarm::broadcast(&pool.shared_coordinator(), &pool.nodes()).await
 }
 
 fn ms(d: Duration) -> String {

@@ -289,7 +289,7 @@ impl Sshd {
                 .args(self.ssh_options())
                 .arg(self.destination())
                 .arg("true");
-            let elapsed = run_timed(command, "ssh host true").await?;
+            let elapsed = run_timed(command, "ssh host true", SSH_COMMAND_TIMEOUT).await?;
             if i >= SSH_WARMUP {
                 samples.push(elapsed);
             }
@@ -304,8 +304,8 @@ impl Drop for Sshd {
     }
 }
 
-/// Runs `command` to completion (bounded), checking it succeeded; returns its wall time.
-pub async fn run_timed(mut command: Command, what: &str) -> Result<Duration> {
+/// Runs `command` to completion within `limit`, checking it succeeded; returns its wall time.
+pub async fn run_timed(mut command: Command, what: &str, limit: Duration) -> Result<Duration> {
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -315,9 +315,9 @@ pub async fn run_timed(mut command: Command, what: &str) -> Result<Duration> {
     let child = command
         .spawn()
         .with_context(|| format!("starting {what}"))?;
-    let output = tokio::time::timeout(SSH_COMMAND_TIMEOUT, child.wait_with_output())
+    let output = tokio::time::timeout(limit, child.wait_with_output())
         .await
-        .with_context(|| format!("{what} took longer than {SSH_COMMAND_TIMEOUT:?}"))??;
+        .with_context(|| format!("{what} took longer than {limit:?}"))??;
     let elapsed = start.elapsed();
     ensure!(
         output.status.success(),

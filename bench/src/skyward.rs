@@ -2,7 +2,6 @@
 //! and the cold `skyward run` command line.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -255,25 +254,11 @@ pub async fn cold_run(skyward_bin: &Path, home: &Path, nodes: usize) -> Result<D
             "true",
         ])
         .env("SKYWARD_HOME", home)
-        .env_remove("SKYWARD_AGENT_BIN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let start = Instant::now();
-    let child = command
-        .spawn()
-        .with_context(|| format!("starting {}", skyward_bin.display()))?;
-    let output = tokio::time::timeout(COLD_RUN_TIMEOUT, child.wait_with_output())
-        .await
-        .with_context(|| format!("skyward run took longer than {COLD_RUN_TIMEOUT:?}"))??;
-    let elapsed = start.elapsed();
-    if !output.status.success() {
-        bail!(
-            "skyward run --nodes {nodes} --on all -- true exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(elapsed)
+        .env_remove("SKYWARD_AGENT_BIN");
+    crate::peers::run_timed(
+        command,
+        &format!("skyward run --nodes {nodes} --on all -- true"),
+        COLD_RUN_TIMEOUT,
+    )
+    .await
 }

@@ -61,18 +61,17 @@ pub fn server_config(
         client_verifier,
         identity,
         &[ALPN_NODE, ALPN_ENROLL],
-        limits::MAX_AGENT_OPENED_STREAMS,
+        Side::Coordinator,
     )
 }
 
-/// A quinn server config: TLS 1.3, `verifier` for clients, and how many bidirectional streams
-/// the peer may open at once.
+/// A quinn server config for `side`: TLS 1.3, `verifier` for clients.
 fn quic_server(
     provider: Arc<CryptoProvider>,
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     identity: &CertifiedKey,
     alpns: &[&[u8]],
-    peer_streams: u32,
+    side: Side,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -80,21 +79,19 @@ fn quic_server(
         .with_single_cert(identity.chain.clone(), identity.private_key())?;
     tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    let transport = transport(peer_streams);
-    config.transport_config(Arc::new(transport));
+    config.transport_config(Arc::new(transport(side)));
     Ok(config)
 }
 
-/// A quinn client config for `tls`, speaking `alpn`, letting the peer open `peer_streams`
-/// bidirectional streams at once.
+/// A quinn client config for `side` and `tls`, speaking `alpn`.
 fn quic_client(
     mut tls: rustls::ClientConfig,
     alpn: &[u8],
-    peer_streams: u32,
+    side: Side,
 ) -> Result<quinn::ClientConfig, TransportError> {
     tls.alpn_protocols = vec![alpn.to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    let transport = transport(peer_streams);
+    let transport = transport(side);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -143,13 +140,25 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     // The agent is the client here: the coordinator opens task streams towards it.
-    quic_client(tls, alpn, limits::MAX_TASK_STREAMS_PER_AGENT)
+    quic_client(tls, alpn, Side::Agent)
 }
 
-/// One side's transport settings. The sides are told apart by how many streams each lets
-/// its peer open: the agent's side accepts the coordinator's task streams.
-fn transport(peer_streams: u32) -> quinn::TransportConfig {
-    let agent_side = peer_streams == limits::MAX_TASK_STREAMS_PER_AGENT;
+/// Which end of a pool connection a config is for, whichever of them dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Coordinator,
+    Agent,
+}
+
+/// One side's transport settings.
+fn transport(side: Side) -> quinn::TransportConfig {
+    let agent_side = side == Side::Agent;
+    // The coordinator opens the task streams; the agent only its control stream (plus slack).
+    let peer_streams = if agent_side {
+        limits::MAX_TASK_STREAMS_PER_AGENT
+    } else {
+        limits::MAX_AGENT_OPENED_STREAMS
+    };
     let mut transport = quinn::TransportConfig::default();
     // Only the agent pings. Its health reports already show the coordinator it is there,
     // and its own packets keep a NAT mapping open. Pings from the coordinator as well would
@@ -194,13 +203,7 @@ pub fn agent_listener_config(
         provider: provider.clone(),
     });
     // The coordinator, the client here, opens the task streams.
-    quic_server(
-        provider,
-        verifier,
-        identity,
-        &[alpn],
-        limits::MAX_TASK_STREAMS_PER_AGENT,
-    )
+    quic_server(provider, verifier, identity, &[alpn], Side::Agent)
 }
 
 /// Coordinator side, direction reversed: dialing an agent that has enrolled. The agent must
@@ -216,7 +219,7 @@ pub fn coordinator_dial_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
-    quic_client(tls, ALPN_NODE, limits::MAX_AGENT_OPENED_STREAMS)
+    quic_client(tls, ALPN_NODE, Side::Coordinator)
 }
 
 /// Coordinator side, direction reversed: dialing an agent that has not enrolled yet. Its
@@ -231,7 +234,7 @@ pub fn coordinator_enroll_dial_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(UncheckedEnrollmentServer { provider }))
         .with_client_auth_cert(identity.chain.clone(), identity.private_key())?;
-    quic_client(tls, ALPN_ENROLL, limits::MAX_AGENT_OPENED_STREAMS)
+    quic_client(tls, ALPN_ENROLL, Side::Coordinator)
 }
 
 /// Binds a UDP socket with enlarged buffers and wraps it in a quinn endpoint.
