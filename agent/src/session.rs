@@ -346,6 +346,16 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// A session's helper task, aborted when the session ends, whichever way it ends: the
+/// task holds the connection, which would otherwise outlive the session.
+struct EndsWithSession<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for EndsWithSession<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The latest interruption notice, once one came.
 type Notices = tokio::sync::watch::Receiver<Option<skyward_common::protocol::Interruption>>;
 
@@ -424,7 +434,7 @@ async fn serve_session(
 
     // The control stream is read in its own task: a frame read is not cancel-safe.
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(8);
-    let control_reader = tokio::spawn(async move {
+    let _control_reader = EndsWithSession(tokio::spawn(async move {
         loop {
             let msg =
                 read_frame::<_, CoordinatorMessage>(&mut control_recv, MAX_CONTROL_FRAME).await;
@@ -433,7 +443,21 @@ async fn serve_session(
                 return;
             }
         }
-    });
+    }));
+    // Task streams are taken in a loop of their own: one wake per stream, with no timers
+    // or other branches to poll again each time.
+    let task_conn = conn.clone();
+    let task_table = tasks.clone();
+    let mut accepting = EndsWithSession(tokio::spawn(async move {
+        loop {
+            match task_conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    tokio::spawn(runner::serve(send, recv, task_table.clone()));
+                }
+                Err(e) => return e.to_string(),
+            }
+        }
+    }));
     // A notice that came while disconnected is told now; later ones as they come.
     let mut notices = notices.clone();
     // Read first: the borrow must not be held across the write's await.
@@ -496,13 +520,12 @@ async fn serve_session(
                 Some(Ok(None)) | None => break Session::Lost { was_connected: true, reason: "control stream closed".into() },
                 Some(Err(e)) => break Session::Lost { was_connected: true, reason: e.to_string() },
             },
-            stream = conn.accept_bi() => match stream {
-                Ok((send, recv)) => { tokio::spawn(runner::serve(send, recv, tasks.clone())); }
-                Err(e) => break Session::Lost { was_connected: true, reason: e.to_string() },
-            },
+            ended = &mut accepting.0 => {
+                let reason = ended.unwrap_or_else(|e| format!("task stream loop ended: {e}"));
+                break Session::Lost { was_connected: true, reason };
+            }
         }
     };
-    control_reader.abort();
     if let Session::Shutdown(_) = session {
         conn.close(close_code::NORMAL.into(), b"shutting down");
     }
