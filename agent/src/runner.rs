@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
-use skyward_common::frame::{read_frame, write_frame};
+use skyward_common::frame::{encode_frame, read_frame, write_frame};
 use skyward_common::limits::{
     KILL_GRACE, MAX_REMEMBERED_TASKS, MAX_TASK_FRAME, MAX_TASK_START_FRAME, OUTPUT_CHUNK,
 };
 use skyward_common::protocol::{
     OutputStream, TaskEvent, TaskId, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
+use skyward_common::transport::take_end_if_here;
 use std::os::fd::OwnedFd;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -126,6 +127,8 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
                 return;
             }
         };
+    // The task's last frames before `Finished`, to go out with it in one write.
+    let mut tail = Vec::new();
     let outcome = match &spec.kind {
         TaskKind::Sync(start) => {
             let work_dir = tasks.work_dir.clone();
@@ -135,7 +138,12 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
             let work_dir = tasks.work_dir.clone();
             return crate::workdir::serve_download(download.clone(), send, work_dir).await;
         }
-        TaskKind::Noop => Some(TaskOutcome::Exited { code: 0 }),
+        TaskKind::Noop => {
+            // The coordinator ends a no-op's stream with the task: read to its end, the
+            // stream is dropped quietly, not stopped (a frame, and a wake to send it).
+            take_end_if_here(&mut recv);
+            Some(TaskOutcome::Exited { code: 0 })
+        }
         TaskKind::Command { .. } | TaskKind::Terminal { .. } => {
             return start_command(spec, send, recv, tasks).await
         }
@@ -144,24 +152,32 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
             name,
             version,
             payload,
-        } => {
-            crate::typed::run(
-                &spec,
-                name,
-                *version,
-                payload.clone(),
-                &mut send,
-                recv,
-                tasks,
-            )
-            .await
-        }
+        } => crate::typed::run(
+            &spec,
+            name,
+            *version,
+            payload.clone(),
+            &mut send,
+            recv,
+            tasks,
+        )
+        .await
+        .map(|(outcome, last_piece)| {
+            match last_piece.map(|piece| encode_frame(&TaskEvent::Result(piece), &mut tail)) {
+                Some(Err(e)) => {
+                    tail.clear();
+                    TaskOutcome::Failed {
+                        error: format!("cannot send the task's output: {e}"),
+                    }
+                }
+                _ => outcome,
+            }
+        }),
     };
     if let Some(outcome) = outcome {
         tracing::debug!(task = %spec.task, %outcome, "task finished");
-        if write_frame(&mut send, &TaskEvent::Finished(outcome))
-            .await
-            .is_ok()
+        if encode_frame(&TaskEvent::Finished(outcome), &mut tail).is_ok()
+            && send.write_all(&tail).await.is_ok()
         {
             let _ = send.finish();
         }

@@ -112,10 +112,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Runs a typed task from its stream and sends its output; returns its outcome, or `None`
-/// when nobody is left to tell. The caller giving up (a `Cancel`, its side of the stream
-/// closed or reset, or it stopped reading) ends the task as cancelled at once; the task's
-/// thread is told through [`TaskContext::is_cancelled`] and its output is dropped.
+/// Runs a typed task from its stream and sends its output but for the last piece; returns
+/// its outcome and that piece, for the caller to send with `Finished` in one write (a small
+/// output then costs one write in all), or `None` when nobody is left to tell.
+///
+/// The caller giving up (a `Cancel`, its side of the stream reset, or it stopped reading)
+/// ends the task as cancelled at once; the task's thread is told through
+/// [`TaskContext::is_cancelled`] and its output is dropped.
 pub async fn run(
     spec: &TaskSpec,
     name: &str,
@@ -124,16 +127,10 @@ pub async fn run(
     send: &mut SendStream,
     mut recv: RecvStream,
     tasks: Arc<Tasks>,
-) -> Option<TaskOutcome> {
+) -> Option<(TaskOutcome, Option<Bytes>)> {
+    // No `Started`: the task runs in this agent's process, so there is no pid to tell, and
+    // a frame of its own would cost each short task a write and often a packet.
     let ctx = TaskContext::new(tasks.node_id.clone(), tasks.work_dir.clone(), spec.task);
-    write_frame(
-        send,
-        &TaskEvent::Started {
-            pid: std::process::id(),
-        },
-    )
-    .await
-    .ok()?;
     let (thread_ctx, registry, task_name) = (ctx.clone(), tasks.registry.clone(), name.to_string());
     let mut work = tokio::task::spawn_blocking(move || {
         registry.run(&task_name, version, &payload, &thread_ctx)
@@ -153,7 +150,7 @@ pub async fn run(
         _ = gave_up(&mut recv) => {
             ctx.cancel();
             tracing::debug!(task = %spec.task, "typed task cancelled by its caller");
-            return Some(TaskOutcome::Cancelled);
+            return Some((TaskOutcome::Cancelled, None));
         }
         _ = send.stopped() => {
             ctx.cancel();
@@ -161,27 +158,31 @@ pub async fn run(
         }
         _ = timeout => {
             ctx.cancel();
-            return Some(TaskOutcome::TimedOut);
+            return Some((TaskOutcome::TimedOut, None));
         }
     };
     match result {
         Ok(output) => {
-            for piece in output.chunks(TYPED_RESULT_CHUNK) {
-                let piece = output.slice_ref(piece);
-                write_frame(send, &TaskEvent::Result(piece)).await.ok()?;
+            let mut pieces = output.chunks(TYPED_RESULT_CHUNK);
+            let last = pieces.next_back().map(|piece| output.slice_ref(piece));
+            for piece in pieces {
+                let piece = TaskEvent::Result(output.slice_ref(piece));
+                write_frame(send, &piece).await.ok()?;
             }
-            Some(TaskOutcome::Exited { code: 0 })
+            Some((TaskOutcome::Exited { code: 0 }, last))
         }
-        Err(failure) => Some(failure.outcome()),
+        Err(failure) => Some((failure.outcome(), None)),
     }
 }
 
-/// Returns once the caller no longer wants the task: it sent `Cancel`, or closed or reset
-/// its side of the stream (typed tasks take no input, so any end is the end).
+/// Returns once the caller no longer wants the task: it sent `Cancel` or reset its side of
+/// the stream. The stream's clean end is not one: a typed task takes no input, and its
+/// caller ends the stream with the task (and cancels by stopping the output).
 async fn gave_up(recv: &mut RecvStream) {
     loop {
         match read_frame::<_, TaskRequest>(recv, MAX_TASK_FRAME).await {
-            Ok(Some(TaskRequest::Cancel)) | Ok(None) | Err(_) => return,
+            Ok(None) => return std::future::pending().await,
+            Ok(Some(TaskRequest::Cancel)) | Err(_) => return,
             Ok(Some(other)) => tracing::debug!("typed task ignores {other:?}"),
         }
     }

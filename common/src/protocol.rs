@@ -170,6 +170,16 @@ pub enum TaskKind {
     Download(crate::workdir::DownloadSpec),
 }
 
+impl TaskKind {
+    /// Whether the task reads its stream after `Start` (stdin, `Cancel`, `Resize`...). The
+    /// coordinator ends the stream of a task that takes none with its `Start`; such a task
+    /// is cancelled by its caller stopping its output (or resetting the stream), and the
+    /// stream's end means only that nothing more comes.
+    pub fn takes_input(&self) -> bool {
+        !matches!(self, TaskKind::Noop | TaskKind::Typed { .. })
+    }
+}
+
 /// What a probe task does: listen on a port and greet whoever connects, or connect to
 /// addresses and check the greeting, reporting each result as a [`TaskEvent::Probe`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

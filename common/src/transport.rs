@@ -404,3 +404,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
 
     provider_signature_checks!();
 }
+
+/// Reads `recv`'s end if it has already arrived, without waiting. A stream read to its end
+/// is dropped quietly; one that is not gets stopped, and its connection woken to send that.
+/// A chunk of data still unread, if any, is given up.
+pub fn take_end_if_here(recv: &mut quinn::RecvStream) {
+    use std::future::Future;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let _ = std::pin::pin!(recv.read_chunk(usize::MAX, true)).poll(&mut cx);
+}

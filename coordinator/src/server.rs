@@ -425,15 +425,27 @@ impl Coordinator {
                 return Err(TaskError::InputTooLarge(payload.len()));
             }
         }
+        let lost = |e: String| TaskError::Lost(format!("{}: {e}", node.node_id));
         let running = RunningGuard::new(node.running.clone());
         let (mut send, recv) = node
             .connection
             .open_bi()
             .await
-            .map_err(|e| TaskError::Lost(format!("{}: {e}", node.node_id)))?;
-        write_frame(&mut send, &TaskRequest::Start(spec.clone()))
+            .map_err(|e| lost(e.to_string()))?;
+        let task = spec.task;
+        let resumable = matches!(
+            spec.kind,
+            TaskKind::Command { .. } | TaskKind::Terminal { .. }
+        );
+        // A task that takes no input has its stream's end go with it: then the agent need not
+        // stop the stream, nor this side reset it, when the task is done.
+        let takes_input = spec.kind.takes_input();
+        write_frame(&mut send, &TaskRequest::Start(spec))
             .await
-            .map_err(|e| TaskError::Lost(format!("{}: {e}", node.node_id)))?;
+            .map_err(|e| lost(e.to_string()))?;
+        if !takes_input {
+            send.finish().map_err(|e| lost(e.to_string()))?;
+        }
         let send = Arc::new(tokio::sync::Mutex::new(send));
         Ok(RemoteTask {
             input: TaskInput { send: send.clone() },
@@ -443,11 +455,8 @@ impl Coordinator {
                 progress: TaskProgress::default(),
                 _running: running,
                 inner: self.inner.clone(),
-                task: spec.task,
-                resumable: matches!(
-                    spec.kind,
-                    TaskKind::Command { .. } | TaskKind::Terminal { .. }
-                ),
+                task,
+                resumable,
                 connection: node.connection.clone(),
                 given_up: node.lost.clone(),
                 send,
@@ -616,7 +625,9 @@ pub struct RemoteTask {
     pub output: TaskOutput,
 }
 
-/// The coordinator's side of a task's input: stdin and cancellation.
+/// The coordinator's side of a task's input: stdin and cancellation. A task that takes no
+/// input ([`TaskKind::takes_input`]: no-op and typed tasks) has it ended at its start, so
+/// these calls fail; such a task is cancelled by dropping its [`TaskOutput`].
 pub struct TaskInput {
     /// The task's current stream: a resumed task's is replaced by the output side.
     send: Arc<tokio::sync::Mutex<SendStream>>,
@@ -717,7 +728,13 @@ impl TaskOutput {
                     ))
                 })?;
             match self.progress.observe(&event) {
-                Ok(Delivery::Deliver) => return Ok(Some(event)),
+                Ok(Delivery::Deliver) => {
+                    if let TaskEvent::Finished(_) = event {
+                        // Nothing follows `Finished`; its stream's end came with it.
+                        transport::take_end_if_here(&mut self.recv);
+                    }
+                    return Ok(Some(event));
+                }
                 Ok(Delivery::Duplicate) => continue,
                 Err(e @ (TaskProtocolError::Gap { .. } | TaskProtocolError::AfterFinish)) => {
                     return Err(self.error(e.to_string()))

@@ -986,3 +986,182 @@ async fn in_process_agents_share_a_socket_and_all_hear_the_shutdown() {
     .expect("agents still running after the shutdown: some never heard it");
     assert_eq!(ended, AGENTS);
 }
+
+/// A typed task whose output is `len` bytes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Fill {
+    len: usize,
+}
+
+impl skyward_common::typed::Task for Fill {
+    const NAME: &'static str = "fill";
+    const VERSION: u32 = 1;
+    type Output = Vec<u8>;
+    fn run(
+        self,
+        _: &skyward_common::typed::TaskContext,
+    ) -> skyward_common::typed::TaskResult<Vec<u8>> {
+        Ok((0..self.len).map(|i| (i % 251) as u8).collect())
+    }
+}
+
+/// Set by [`Wait`] once it runs, and once it saw its cancellation.
+static WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static SAW_CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A typed task that waits `ms` and answers `true`, or `false` once cancelled.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wait {
+    ms: u64,
+}
+
+impl skyward_common::typed::Task for Wait {
+    const NAME: &'static str = "wait";
+    const VERSION: u32 = 1;
+    type Output = bool;
+    fn run(
+        self,
+        ctx: &skyward_common::typed::TaskContext,
+    ) -> skyward_common::typed::TaskResult<bool> {
+        use std::sync::atomic::Ordering;
+        WAITING.store(true, Ordering::SeqCst);
+        let end = std::time::Instant::now() + Duration::from_millis(self.ms);
+        while std::time::Instant::now() < end {
+            if ctx.is_cancelled() {
+                SAW_CANCEL.store(true, Ordering::SeqCst);
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(true)
+    }
+}
+
+fn typed_spec<T: skyward_common::typed::Task>(task: &T) -> skyward_common::protocol::TaskSpec {
+    use skyward_common::protocol::{TaskId, TaskKind, TaskSpec};
+    TaskSpec {
+        task: TaskId { id: 0, attempt: 0 },
+        kind: TaskKind::Typed {
+            name: T::NAME.into(),
+            version: T::VERSION,
+            payload: skyward_common::typed::encode_input(task).unwrap(),
+        },
+        env: Vec::new(),
+        timeout_ms: None,
+    }
+}
+
+/// Every event of one task, start to end.
+async fn all_events(
+    coordinator: &Coordinator,
+    node: &skyward_coordinator::NodeHandle,
+    spec: skyward_common::protocol::TaskSpec,
+) -> Vec<TaskEvent> {
+    let mut task = coordinator.start_task(node, spec).await.unwrap();
+    let mut events = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(10), task.output.next())
+        .await
+        .expect("the task's next event took over 10s")
+        .unwrap()
+    {
+        events.push(event);
+    }
+    events
+}
+
+/// The lean task streams: a no-op answers `Finished` alone; a typed task (which runs in the
+/// agent's own process: no `Started`) sends its output in pieces, in order, the last one
+/// with `Finished`. Neither takes input: the coordinator ends their streams with the task,
+/// which is no cancellation; dropping the task's output is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_op_answers_finished_alone_and_a_typed_output_comes_in_pieces() {
+    use skyward_common::limits::TYPED_RESULT_CHUNK;
+    use skyward_common::protocol::TaskSpec;
+    use std::sync::atomic::Ordering;
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let endpoint = skyward_common::transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+    let mut registry = skyward_agent::Registry::default();
+    registry.register::<Fill>();
+    registry.register::<Wait>();
+    let config = skyward_agent::AgentConfig {
+        coordinator: Some(coordinator.local_addr().to_string()),
+        listen: None,
+        ca_pin: coordinator.ca_pin(),
+        token: Some(coordinator.issue_token("node-1")),
+        work_dir: sandbox.path().join("node-1"),
+        node_id: "node-1".into(),
+        lease: Duration::from_secs(600),
+        mig: None,
+        deadline: None,
+        on_pool_end: skyward_agent::OnPoolEnd::Exit,
+        spot_watch: None,
+    };
+    let agent = tokio::spawn(async move {
+        skyward_agent::run_on(config, std::sync::Arc::new(registry), &endpoint).await
+    });
+    let node = wait_connected(&coordinator, "node-1").await;
+    let finished = TaskEvent::Finished(TaskOutcome::Exited { code: 0 });
+
+    assert_eq!(
+        all_events(&coordinator, &node, TaskSpec::noop(0)).await,
+        std::slice::from_ref(&finished)
+    );
+
+    for len in [0, 100, 2 * TYPED_RESULT_CHUNK + 7] {
+        let mut events = all_events(&coordinator, &node, typed_spec(&Fill { len })).await;
+        assert_eq!(events.pop(), Some(finished.clone()), "len {len}");
+        let mut output = Vec::new();
+        for event in &events {
+            match event {
+                TaskEvent::Result(piece) => output.extend_from_slice(piece),
+                other => panic!("len {len}: {other:?} before Finished"),
+            }
+        }
+        // The encoded output: its length, then the bytes.
+        assert_eq!(
+            events.len(),
+            output.len().div_ceil(TYPED_RESULT_CHUNK),
+            "len {len}"
+        );
+        let decoded = skyward_common::typed::decode_output::<Fill>(&output).unwrap();
+        assert_eq!(
+            decoded,
+            (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>()
+        );
+    }
+
+    // The stream's end, sent with the task, does not cancel it: it runs its 300 ms out.
+    let events = all_events(&coordinator, &node, typed_spec(&Wait { ms: 300 })).await;
+    let ran_out = skyward_common::typed::encode_output::<Wait>(&true).unwrap();
+    assert_eq!(events, [TaskEvent::Result(ran_out), finished]);
+    assert!(!SAW_CANCEL.load(Ordering::SeqCst));
+
+    // Dropping the task (its output) cancels it.
+    WAITING.store(false, Ordering::SeqCst);
+    let task = coordinator
+        .start_task(&node, typed_spec(&Wait { ms: 60_000 }))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !WAITING.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the task never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(task);
+    while !SAW_CANCEL.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dropped task was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    coordinator.shutdown_nodes("test over").await;
+    coordinator.close().await;
+    tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("the agent did not end after the shutdown")
+        .unwrap()
+        .unwrap();
+}
