@@ -41,7 +41,14 @@ impl Failure {
 /// The typed tasks this agent runs, by name; the stock agent's is empty.
 #[derive(Default)]
 pub struct Registry {
-    tasks: BTreeMap<&'static str, (u32, Runner)>,
+    tasks: BTreeMap<&'static str, Registered>,
+}
+
+struct Registered {
+    version: u32,
+    /// [`Task::BLOCKING`].
+    blocking: bool,
+    runner: Runner,
 }
 
 impl Registry {
@@ -55,7 +62,18 @@ impl Registry {
                 .map_err(|e| Failure::Failed(format!("task `{}` failed: {e}", T::NAME)))?;
             typed::encode_output::<T>(&output).map_err(|e| Failure::Failed(e.to_string()))
         });
-        self.tasks.insert(T::NAME, (T::VERSION, runner));
+        let registered = Registered {
+            version: T::VERSION,
+            blocking: T::BLOCKING,
+            runner,
+        };
+        self.tasks.insert(T::NAME, registered);
+    }
+
+    /// Whether task `name` is run in place, on the async threads: one that declared it never
+    /// blocks, or a name this agent does not know (refused at once).
+    pub fn runs_in_place(&self, name: &str) -> bool {
+        self.tasks.get(name).is_none_or(|task| !task.blocking)
     }
 
     /// The registered names, sorted.
@@ -72,7 +90,12 @@ impl Registry {
         payload: &[u8],
         ctx: &TaskContext,
     ) -> Result<Bytes, Failure> {
-        let Some((known_version, runner)) = self.tasks.get(name) else {
+        let Some(Registered {
+            version: known_version,
+            runner,
+            ..
+        }) = self.tasks.get(name)
+        else {
             let known = match self.names() {
                 names if names.is_empty() => "no typed tasks".to_string(),
                 names => names.join(", "),
@@ -116,9 +139,11 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// its outcome and that piece, for the caller to send with `Finished` in one write (a small
 /// output then costs one write in all), or `None` when nobody is left to tell.
 ///
-/// The caller giving up (a `Cancel`, its side of the stream reset, or it stopped reading)
-/// ends the task as cancelled at once; the task's thread is told through
-/// [`TaskContext::is_cancelled`] and its output is dropped.
+/// A task that may block ([`Task::BLOCKING`], the default) runs on a blocking thread: the
+/// caller giving up (a `Cancel`, its side of the stream reset, or it stopped reading) ends
+/// it as cancelled at once; the task's thread is told through
+/// [`TaskContext::is_cancelled`] and its output is dropped. One that declared it never
+/// blocks runs here, in place, to its end.
 pub async fn run(
     spec: &TaskSpec,
     name: &str,
@@ -131,34 +156,39 @@ pub async fn run(
     // No `Started`: the task runs in this agent's process, so there is no pid to tell, and
     // a frame of its own would cost each short task a write and often a packet.
     let ctx = TaskContext::new(tasks.node_id.clone(), tasks.work_dir.clone(), spec.task);
-    let (thread_ctx, registry, task_name) = (ctx.clone(), tasks.registry.clone(), name.to_string());
-    let mut work = tokio::task::spawn_blocking(move || {
-        registry.run(&task_name, version, &payload, &thread_ctx)
-    });
-    let limit = spec.timeout_ms.map(std::time::Duration::from_millis);
-    let timeout = async {
-        match limit {
-            Some(limit) => tokio::time::sleep(limit).await,
-            None => std::future::pending().await,
-        }
-    };
-    let result = tokio::select! {
-        joined = &mut work => match joined {
-            Ok(result) => result,
-            Err(e) => Err(Failure::Failed(format!("task `{name}` did not finish: {e}"))),
-        },
-        _ = gave_up(&mut recv) => {
-            ctx.cancel();
-            tracing::debug!(task = %spec.task, "typed task cancelled by its caller");
-            return Some((TaskOutcome::Cancelled, None));
-        }
-        _ = send.stopped() => {
-            ctx.cancel();
-            return None;
-        }
-        _ = timeout => {
-            ctx.cancel();
-            return Some((TaskOutcome::TimedOut, None));
+    let result = if tasks.registry.runs_in_place(name) {
+        tasks.registry.run(name, version, &payload, &ctx)
+    } else {
+        let (thread_ctx, registry, task_name) =
+            (ctx.clone(), tasks.registry.clone(), name.to_string());
+        let mut work = tokio::task::spawn_blocking(move || {
+            registry.run(&task_name, version, &payload, &thread_ctx)
+        });
+        let limit = spec.timeout_ms.map(std::time::Duration::from_millis);
+        let timeout = async {
+            match limit {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            joined = &mut work => match joined {
+                Ok(result) => result,
+                Err(e) => Err(Failure::Failed(format!("task `{name}` did not finish: {e}"))),
+            },
+            _ = gave_up(&mut recv) => {
+                ctx.cancel();
+                tracing::debug!(task = %spec.task, "typed task cancelled by its caller");
+                return Some((TaskOutcome::Cancelled, None));
+            }
+            _ = send.stopped() => {
+                ctx.cancel();
+                return None;
+            }
+            _ = timeout => {
+                ctx.cancel();
+                return Some((TaskOutcome::TimedOut, None));
+            }
         }
     };
     match result {
@@ -223,6 +253,32 @@ mod tests {
 
     fn input(n: u64) -> Bytes {
         typed::encode_input(&Half(n)).unwrap()
+    }
+
+    /// `Half`, declared never to block.
+    #[derive(Serialize, Deserialize)]
+    struct QuickHalf(u64);
+
+    impl Task for QuickHalf {
+        const NAME: &'static str = "quick-half";
+        const VERSION: u32 = 1;
+        const BLOCKING: bool = false;
+        type Output = u64;
+        fn run(self, _ctx: &TaskContext) -> TaskResult<u64> {
+            Ok(self.0 / 2)
+        }
+    }
+
+    #[test]
+    fn only_tasks_declared_never_to_block_and_unknown_names_run_in_place() {
+        let mut registry = registry();
+        registry.register::<QuickHalf>();
+        assert!(!registry.runs_in_place("half"));
+        assert!(registry.runs_in_place("quick-half"));
+        assert!(registry.runs_in_place("sum"));
+        let input = typed::encode_input(&QuickHalf(8)).unwrap();
+        let out = registry.run("quick-half", 1, &input, &ctx()).unwrap();
+        assert_eq!(typed::decode_output::<QuickHalf>(&out).unwrap(), 4);
     }
 
     #[test]

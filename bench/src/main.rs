@@ -76,10 +76,11 @@ fn main() -> ExitCode {
         };
     }
     if args.first().map(String::as_str) == Some("typed-agent") {
-        // The stock agent's program with the typed no-op registered, under its usual name.
+        // The stock agent's program with the typed no-ops registered, under its usual name.
         let agent_args = std::iter::once("skyward-agent".to_string()).chain(args[1..].to_vec());
         return skyward_agent::Agent::new()
             .register::<skyward::TypedNoop>()
+            .register::<skyward::TypedInPlaceNoop>()
             .run_from_args(agent_args);
     }
     if let Some(role @ ("swarm" | "swarm-coordinator")) = args.first().map(String::as_str) {
@@ -264,7 +265,8 @@ async fn measure(
     let outcome = measure_with_baseline(&baseline, agent_bin, scratch).await;
     baseline.stop().await;
     let (sky_latency, bare_latency, sky_one, bare_one, sky_many, bare_many) = outcome?;
-    let (typed_latency, typed_one) = measure_typed(exe, scratch).await?;
+    let [(typed_latency, typed_one), (typed_in_place_latency, typed_in_place_one)] =
+        measure_typed(exe, scratch).await?;
 
     let sshd = peers::Sshd::start().await.map_err(|e| format!("{e:#}"));
     let peers = peers::measure(agent_bin, scratch, &sshd, REPEATS, &LIMITS).await?;
@@ -304,6 +306,8 @@ async fn measure(
         bare_many,
         typed_latency,
         typed_one,
+        typed_in_place_latency,
+        typed_in_place_one,
         cold,
         cold_warmup,
         footprint,
@@ -361,9 +365,10 @@ async fn measure_with_baseline(
     ))
 }
 
-/// The typed no-op on a pool of 1 agent that registered it: this executable run as
-/// `typed-agent`, through a wrapper script (the local provider starts a program by path).
-async fn measure_typed(exe: &Path, scratch: &Path) -> Result<(Latency, Vec<f64>)> {
+/// The typed no-ops, on a blocking thread and in place, on a pool of 1 agent that registered
+/// them: this executable run as `typed-agent`, through a wrapper script (the local provider
+/// starts a program by path).
+async fn measure_typed(exe: &Path, scratch: &Path) -> Result<[(Latency, Vec<f64>); 2]> {
     use std::os::unix::fs::PermissionsExt;
     let wrapper = scratch.join("typed-agent");
     let quoted = exe.display().to_string().replace('\'', "'\\''");
@@ -372,24 +377,30 @@ async fn measure_typed(exe: &Path, scratch: &Path) -> Result<(Latency, Vec<f64>)
         format!("#!/bin/sh\nexec '{quoted}' typed-agent \"$@\"\n"),
     )?;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
-    progress("bringing up a local pool of 1 agent with a typed no-op registered");
+    progress("bringing up a local pool of 1 agent with the typed no-ops registered");
     let root = scratch.join("typed");
     let pool = skyward::pool_up(&wrapper, &root, 1).await?;
-    let measured = async {
-        let latency = skyward::round_trips(&pool, Noop::Typed, WARMUP, SEQUENTIAL, &LIMITS).await?;
-        let mut tput = Vec::with_capacity(REPEATS);
-        for _ in 0..REPEATS {
-            tput.push(
-                skyward::throughput(&pool, Noop::Typed, PIPELINED, IN_FLIGHT, &LIMITS).await?,
-            );
+    let measure = |kind: Noop, label: &'static str| {
+        let pool = &pool;
+        async move {
+            let latency = skyward::round_trips(pool, kind, WARMUP, SEQUENTIAL, &LIMITS).await?;
+            let mut tput = Vec::with_capacity(REPEATS);
+            for _ in 0..REPEATS {
+                tput.push(skyward::throughput(pool, kind, PIPELINED, IN_FLIGHT, &LIMITS).await?);
+            }
+            progress(&format!(
+                "  {label} p50 {:.0} us p99 {:.0} us; pipelined {} tasks/s",
+                stats::micros(latency.p50),
+                stats::micros(latency.p99),
+                stats::thousands(stats::median(&tput))
+            ));
+            anyhow::Ok((latency, tput))
         }
-        progress(&format!(
-            "  typed no-op p50 {:.0} us p99 {:.0} us; pipelined {} tasks/s",
-            stats::micros(latency.p50),
-            stats::micros(latency.p99),
-            stats::thousands(stats::median(&tput))
-        ));
-        anyhow::Ok((latency, tput))
+    };
+    let measured = async {
+        let blocking = measure(Noop::Typed, "typed no-op").await?;
+        let in_place = measure(Noop::TypedInPlace, "typed no-op run in place").await?;
+        anyhow::Ok([blocking, in_place])
     }
     .await;
     pool.down().await;

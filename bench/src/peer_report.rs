@@ -394,11 +394,10 @@ pub const GAPS: &str = "### Gaps, causes and plans
 
 - **Ray round trip (target 20x) and pipelined throughput (target 50x)**, where missed: Ray's
   side is a local Ray with its driver, raylet and 2 workers on the same 2 cores; Skyward's
-  no-op round trip is close to bare quinn's (the dispatch table), so the gap to 20x is the
-  QUIC round trip itself on this loopback, not Skyward's code. Plan: measure on a machine with
-  more cores (Ray's own overhead is CPU-bound and grows with contention, ours is mostly
-  latency); the pipelined side can gain from fewer allocations per task stream (its ratio to
-  bare quinn in the dispatch table is the headroom).
+  no-op round trip and pipelined throughput are within a few percent of bare quinn's (the
+  dispatch table), so what is left of the gap is the QUIC round trip itself on this
+  loopback, not Skyward's code. Plan: measure on a machine with more cores (Ray's own
+  overhead is CPU-bound and grows with contention, ours is mostly latency).
 - **Upload to 4 nodes at once (target < 2x the 1-node time)**, where missed: on one machine the
   coordinator encrypts every byte once per node (4 GiB for 4 nodes) and the 4 agents
   decrypt, hash and write them, all on the same 2 cores, so the fan-out is CPU-bound by
@@ -407,18 +406,18 @@ pub const GAPS: &str = "### Gaps, causes and plans
 - **Upload vs bare quinn (target 80%)** and **vs rsync (target 2x)**, where missed: the agent decrypts,
   hashes (SHA-256, checked against the manifest) and writes every byte to its cache and then
   copies it into the tree, while the bare quinn sink discards the bytes; rsync and scp write
-  once. Plan: hash while receiving (already streamed) and materialise the tree by reflink or
-  hard link from the cache instead of a copy, then try a TCP+TLS side channel for bulk if
-  QUIC's per-packet crypto still caps it (the issue's ~3.3x CPU per byte).
-- **Pipelined throughput vs bare quinn (target: at least 80% of bare quinn's)**, missed (the
-  dispatch verdicts): a no-op's stream carries three frames (`Start`, `Started`, `Finished`),
-  each encoded and written on its own, where bare quinn writes 32 bytes each way; the
-  coordinator's task driver and the agent's runner each spawn a task per stream. Plan: count
-  instructions per task with callgrind (stable where timings are not), send `Started` and
-  `Finished` together for a task that ends at once, and drop an allocation per frame.
-- **Typed no-op, pipelined (the same 80% of bare quinn)**, missed (the typed rows): on top of
-  the built-in no-op's frames, each typed task decodes its input, runs on the agent's
-  blocking pool (a hand-off to another thread and back, since a task may block as long as it
-  likes) and sends its output in a `Result` frame before `Finished`. Its round trip is within
-  the 1.5x. Plan: send the last `Result` piece and `Finished` in one write, and measure the
-  hand-off against running short tasks in place with callgrind's instruction counts.";
+  once. The copy is kernel-side (`copy_file_range`, a reflink where the filesystem has
+  them); a hard link instead would let a task's write change the cached file under its
+  hash. Plan: a TCP+TLS side channel for bulk with the pool's identities, since QUIC's
+  per-packet crypto is the larger cost (the issue's ~3.3x CPU per byte), then relays for
+  the 4-node case.
+- **Typed no-op on a blocking thread, pipelined (80% of bare quinn)**, where missed (the
+  typed rows): a typed task may block, by default, so the agent runs it on its blocking
+  pool: a hand-off to another thread and back for each task, two thread wake-ups, which on
+  2 cores cost about as much as the rest of the dispatch. The frames are not the cause:
+  since the task streams were made lean (input ended with `Start`, the last `Result` piece
+  sent with `Finished`, no `Started`, both ends read to their end), the same no-op declared
+  `BLOCKING = false`, run in place, does what the built-in no-op does. A task that may block
+  cannot run on the async threads without stalling the agent's networking, so the hand-off
+  stays for those. Plan: a hand-off that batches under load (task threads that take the
+  next task without parking while one is queued), measured against tokio's blocking pool.";

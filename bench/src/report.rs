@@ -34,6 +34,9 @@ pub struct Results {
     /// The typed no-op ([`crate::skyward::TypedNoop`]) on 1 agent, beside the bare figures.
     pub typed_latency: Latency,
     pub typed_one: Vec<f64>,
+    /// The same declared never to block ([`crate::skyward::TypedInPlaceNoop`]).
+    pub typed_in_place_latency: Latency,
+    pub typed_in_place_one: Vec<f64>,
     /// Counted cold runs (the warm-up excluded).
     pub cold: Vec<Duration>,
     pub cold_warmup: Duration,
@@ -146,7 +149,7 @@ pub fn table(r: &Results) -> String {
                 "{:.2}x",
                 latency_ratio(r.typed_latency.p50, r.bare_latency.p50)
             ),
-            "—".into(),
+            format!("≤ {TARGET_ROUND_TRIP_RATIO}x bare"),
         ],
         [
             "typed no-op round trip p99, 1 agent".into(),
@@ -163,7 +166,27 @@ pub fn table(r: &Results) -> String {
             per_s(median(&r.typed_one)),
             per_s(median(&r.bare_one)),
             format!("{:.2}x", median(&r.bare_one) / median(&r.typed_one)),
-            "—".into(),
+            format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0),
+        ],
+        [
+            "typed no-op run in place, round trip p50".into(),
+            us(r.typed_in_place_latency.p50),
+            us(r.bare_latency.p50),
+            format!(
+                "{:.2}x",
+                latency_ratio(r.typed_in_place_latency.p50, r.bare_latency.p50)
+            ),
+            format!("≤ {TARGET_ROUND_TRIP_RATIO}x bare"),
+        ],
+        [
+            format!("pipelined typed no-op run in place, {IN_FLIGHT} in flight"),
+            per_s(median(&r.typed_in_place_one)),
+            per_s(median(&r.bare_one)),
+            format!(
+                "{:.2}x",
+                median(&r.bare_one) / median(&r.typed_in_place_one)
+            ),
+            format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0),
         ],
         [
             format!("cold `skyward run --nodes {MANY} --on all -- true`, median"),
@@ -314,6 +337,10 @@ pub fn verdicts(r: &Results) -> Vec<String> {
     // Throughput ratios are bare / skyward: their inverse is Skyward's share of bare's.
     let (share_one, share_many) = (1.0 / ratios[2].1, 1.0 / ratios[3].1);
     let typed = latency_ratio(r.typed_latency.p50, r.bare_latency.p50);
+    let typed_in_place = latency_ratio(r.typed_in_place_latency.p50, r.bare_latency.p50);
+    let bare_one = median(&r.bare_one);
+    let typed_share = median(&r.typed_one) / bare_one;
+    let typed_in_place_share = median(&r.typed_in_place_one) / bare_one;
     let ratio_detail: Vec<String> = ratios
         .iter()
         .map(|(what, ratio)| format!("{what} {ratio:.2}x"))
@@ -348,8 +375,8 @@ pub fn verdicts(r: &Results) -> Vec<String> {
             ratios[0].1
         ),
         format!(
-            "- the same for the typed no-op: **{}** ({typed:.2}x).",
-            met(typed <= TARGET_ROUND_TRIP_RATIO)
+            "- the same for the typed no-op: **{}** ({typed:.2}x on a blocking thread, {typed_in_place:.2}x run in place).",
+            met(typed <= TARGET_ROUND_TRIP_RATIO && typed_in_place <= TARGET_ROUND_TRIP_RATIO)
         ),
         format!(
             "- pipelined throughput ≥ {:.0}% of bare quinn's (the performance issue's): **{}** ({:.0}% with 1 agent, {:.0}% with {MANY}).",
@@ -357,6 +384,13 @@ pub fn verdicts(r: &Results) -> Vec<String> {
             met(share_one >= TARGET_THROUGHPUT_SHARE && share_many >= TARGET_THROUGHPUT_SHARE),
             share_one * 100.0,
             share_many * 100.0
+        ),
+        format!(
+            "- the same for the typed no-op, 1 agent: on a blocking thread (a task that may block, the default) **{}** ({:.0}%); run in place (one declared never to block) **{}** ({:.0}%).",
+            met(typed_share >= TARGET_THROUGHPUT_SHARE),
+            typed_share * 100.0,
+            met(typed_in_place_share >= TARGET_THROUGHPUT_SHARE),
+            typed_in_place_share * 100.0
         ),
     ]
 }
@@ -629,10 +663,12 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
   batch, median of {REPEATS} runs (runs: 1 agent {sky_one}; {MANY} agents {sky_many}).
 - **Typed no-op**: the same counts ({WARMUP} + {SEQUENTIAL} sequential; {PIPELINED} with
   {IN_FLIGHT} in flight, median of {REPEATS}) on a pool of 1 agent that is this bench run as
-  `typed-agent` (the stock agent program with its `TypedNoop` task registered, started
-  through a wrapper script): `TaskKind::Typed` with the encoded unit value, run on the
-  agent's blocking pool, its encoded `()` sent back in a `Result` frame before `Finished`.
-  Its ratios are to the bare quinn figures above, measured earlier in the same run.
+  `typed-agent` (the stock agent program with its `TypedNoop` and `TypedInPlaceNoop` tasks
+  registered, started through a wrapper script): `TaskKind::Typed` with the encoded unit
+  value, answered with `Finished` (the encoded `()` is empty: no `Result` piece). `TypedNoop`
+  may block, as a task does by default, so the agent runs it on its blocking pool;
+  `TypedInPlaceNoop` declares `BLOCKING = false` and runs in place, on the agent's async
+  threads. Their ratios are to the bare quinn figures above, measured earlier in the same run.
 - **Cold end-to-end**: `target/release/skyward run --nodes {MANY} --on all -- true` from process
   spawn to exit (exit status 0 asserted), `SKYWARD_HOME` in a fresh temp dir. {COLD_RUNS} runs,
   the first a warm-up ({warmup:.3} s, not counted); counted runs in seconds: {cold}.
@@ -740,6 +776,8 @@ mod tests {
             bare_many: vec![50_000.0; 3],
             typed_latency: lat(240, 500),
             typed_one: vec![18_000.0; 3],
+            typed_in_place_latency: lat(120, 300),
+            typed_in_place_one: vec![27_000.0; 3],
             cold: vec![
                 Duration::from_millis(800),
                 Duration::from_millis(1200),

@@ -70,6 +70,21 @@ impl Task for TypedNoop {
     }
 }
 
+/// [`TypedNoop`] declared never to block ([`Task::BLOCKING`]): the agent runs it in place,
+/// without the hand-off to a blocking thread and back.
+#[derive(Serialize, Deserialize)]
+pub struct TypedInPlaceNoop;
+
+impl Task for TypedInPlaceNoop {
+    const NAME: &'static str = "bench-noop-in-place";
+    const VERSION: u32 = 1;
+    const BLOCKING: bool = false;
+    type Output = ();
+    fn run(self, _: &TaskContext) -> TaskResult<()> {
+        Ok(())
+    }
+}
+
 /// Which no-op a measurement sends.
 #[derive(Debug, Clone, Copy)]
 pub enum Noop {
@@ -77,24 +92,31 @@ pub enum Noop {
     Builtin,
     /// [`TypedNoop`], for an agent that registered it (`skyward-bench typed-agent`).
     Typed,
+    /// [`TypedInPlaceNoop`], likewise.
+    TypedInPlace,
 }
 
 impl Noop {
     fn spec(self) -> Result<TaskSpec> {
         Ok(match self {
             Noop::Builtin => TaskSpec::noop(0),
-            Noop::Typed => TaskSpec {
-                task: TaskId { id: 0, attempt: 0 },
-                kind: TaskKind::Typed {
-                    name: TypedNoop::NAME.into(),
-                    version: TypedNoop::VERSION,
-                    payload: skyward_common::typed::encode_input(&TypedNoop)?,
-                },
-                env: Vec::new(),
-                timeout_ms: None,
-            },
+            Noop::Typed => typed_spec(&TypedNoop)?,
+            Noop::TypedInPlace => typed_spec(&TypedInPlaceNoop)?,
         })
     }
+}
+
+fn typed_spec<T: Task>(task: &T) -> Result<TaskSpec> {
+    Ok(TaskSpec {
+        task: TaskId { id: 0, attempt: 0 },
+        kind: TaskKind::Typed {
+            name: T::NAME.into(),
+            version: T::VERSION,
+            payload: skyward_common::typed::encode_input(task)?,
+        },
+        env: Vec::new(),
+        timeout_ms: None,
+    })
 }
 
 /// One no-op task of `kind`, start to `None`: checks it finished successfully.

@@ -51,6 +51,13 @@ pub trait Task: Serialize + DeserializeOwned + Send + 'static {
     const NAME: &'static str;
     /// The version of the task's type and behaviour; both ends must agree.
     const VERSION: u32;
+    /// Whether `run` may block: sleep, wait on I/O or a lock, or compute for more than some
+    /// microseconds. The agent runs such a task on a blocking thread, which costs each task
+    /// a hand-off to that thread and back (the larger part of a short task's dispatch). A
+    /// task that does none of that may say `false`: the agent then runs it in place, on its
+    /// async threads. Such a task cannot be cancelled or timed out while it runs, and one
+    /// that blocks after all stalls the agent's networking, health reports included.
+    const BLOCKING: bool = true;
     /// What the task sends back.
     type Output: Serialize + DeserializeOwned + Send + 'static;
     /// Runs the task on the node.

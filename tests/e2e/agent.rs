@@ -987,7 +987,7 @@ async fn in_process_agents_share_a_socket_and_all_hear_the_shutdown() {
     assert_eq!(ended, AGENTS);
 }
 
-/// A typed task whose output is `len` bytes.
+/// A typed task whose output is `len` bytes; it never blocks, so the agent runs it in place.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Fill {
     len: usize,
@@ -996,6 +996,7 @@ struct Fill {
 impl skyward_common::typed::Task for Fill {
     const NAME: &'static str = "fill";
     const VERSION: u32 = 1;
+    const BLOCKING: bool = false;
     type Output = Vec<u8>;
     fn run(
         self,
@@ -1009,7 +1010,8 @@ impl skyward_common::typed::Task for Fill {
 static WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static SAW_CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// A typed task that waits `ms` and answers `true`, or `false` once cancelled.
+/// A typed task that waits `ms` and answers `true`, or `false` once cancelled: it blocks,
+/// so the agent runs it on a blocking thread.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Wait {
     ms: u64,
@@ -1071,8 +1073,9 @@ async fn all_events(
 
 /// The lean task streams: a no-op answers `Finished` alone; a typed task (which runs in the
 /// agent's own process: no `Started`) sends its output in pieces, in order, the last one
-/// with `Finished`. Neither takes input: the coordinator ends their streams with the task,
-/// which is no cancellation; dropping the task's output is.
+/// with `Finished`, whether it runs in place or on a blocking thread. Neither takes input:
+/// the coordinator ends their streams with the task, which is no cancellation; dropping
+/// the task's output is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_op_answers_finished_alone_and_a_typed_output_comes_in_pieces() {
     use skyward_common::limits::TYPED_RESULT_CHUNK;
