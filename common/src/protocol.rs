@@ -311,6 +311,7 @@ pub enum OutputStream {
 /// Task-stream frames from agent to coordinator. `Finished` is always the last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskEvent {
+    /// A command's or terminal's process started; no-op, probe and typed tasks send none.
     Started {
         pid: u32,
     },
