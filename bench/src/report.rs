@@ -89,6 +89,29 @@ fn latency_ratio(sky: Duration, bare: Duration) -> f64 {
     sky.as_secs_f64() / bare.as_secs_f64().max(f64::MIN_POSITIVE)
 }
 
+/// A results row comparing a latency with bare quinn's.
+fn latency_row(what: &str, sky: Duration, bare: Duration, target: String) -> [String; 5] {
+    [
+        what.into(),
+        us(sky),
+        us(bare),
+        format!("{:.2}x", latency_ratio(sky, bare)),
+        target,
+    ]
+}
+
+/// A results row comparing pipelined throughput (medians of runs) with bare quinn's, judged
+/// against the share of bare's.
+fn throughput_row(what: String, sky: &[f64], bare: &[f64]) -> [String; 5] {
+    [
+        what,
+        per_s(median(sky)),
+        per_s(median(bare)),
+        format!("{:.2}x", median(bare) / median(sky)),
+        format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0),
+    ]
+}
+
 fn us(d: Duration) -> String {
     format!("{:.0} µs", micros(d))
 }
@@ -141,53 +164,34 @@ pub fn table(r: &Results) -> String {
                 TARGET_THROUGHPUT_SHARE * 100.0
             ),
         ],
-        [
-            "typed no-op round trip p50, 1 agent".into(),
-            us(r.typed_latency.p50),
-            us(r.bare_latency.p50),
-            format!(
-                "{:.2}x",
-                latency_ratio(r.typed_latency.p50, r.bare_latency.p50)
-            ),
+        latency_row(
+            "typed no-op round trip p50, 1 agent",
+            r.typed_latency.p50,
+            r.bare_latency.p50,
             format!("≤ {TARGET_ROUND_TRIP_RATIO}x bare"),
-        ],
-        [
-            "typed no-op round trip p99, 1 agent".into(),
-            us(r.typed_latency.p99),
-            us(r.bare_latency.p99),
-            format!(
-                "{:.2}x",
-                latency_ratio(r.typed_latency.p99, r.bare_latency.p99)
-            ),
+        ),
+        latency_row(
+            "typed no-op round trip p99, 1 agent",
+            r.typed_latency.p99,
+            r.bare_latency.p99,
             "—".into(),
-        ],
-        [
+        ),
+        throughput_row(
             format!("pipelined typed no-op, 1 agent, {IN_FLIGHT} in flight"),
-            per_s(median(&r.typed_one)),
-            per_s(median(&r.bare_one)),
-            format!("{:.2}x", median(&r.bare_one) / median(&r.typed_one)),
-            format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0),
-        ],
-        [
-            "typed no-op run in place, round trip p50".into(),
-            us(r.typed_in_place_latency.p50),
-            us(r.bare_latency.p50),
-            format!(
-                "{:.2}x",
-                latency_ratio(r.typed_in_place_latency.p50, r.bare_latency.p50)
-            ),
+            &r.typed_one,
+            &r.bare_one,
+        ),
+        latency_row(
+            "typed no-op run in place, round trip p50",
+            r.typed_in_place_latency.p50,
+            r.bare_latency.p50,
             format!("≤ {TARGET_ROUND_TRIP_RATIO}x bare"),
-        ],
-        [
+        ),
+        throughput_row(
             format!("pipelined typed no-op run in place, {IN_FLIGHT} in flight"),
-            per_s(median(&r.typed_in_place_one)),
-            per_s(median(&r.bare_one)),
-            format!(
-                "{:.2}x",
-                median(&r.bare_one) / median(&r.typed_in_place_one)
-            ),
-            format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0),
-        ],
+            &r.typed_in_place_one,
+            &r.bare_one,
+        ),
         [
             format!("cold `skyward run --nodes {MANY} --on all -- true`, median"),
             secs(r.cold_median()),
