@@ -45,9 +45,17 @@ pub fn recorded_ratio(markdown: &str, row: &str) -> Result<f64> {
         .with_context(|| format!("row {row:?}: ratio {ratio:?} is not a number"))
 }
 
-/// Whether `now` regressed from `recorded` beyond [`TOLERANCE`] (ratios: larger is slower).
+/// The most `now` may be: [`TOLERANCE`] over the recorded ratio, or over parity where the
+/// recorded run had Skyward ahead of bare quinn. Bare quinn is this design's ceiling, so a
+/// ratio under 1 was that run's noise (the loopback round trip is bimodal here: 62 or 84 µs
+/// for either, by where the threads land), not a level to hold later runs to.
+pub fn limit(recorded: f64) -> f64 {
+    recorded.max(1.0) * TOLERANCE
+}
+
+/// Whether `now` regressed from `recorded` beyond [`limit`] (ratios: larger is slower).
 pub fn regressed(recorded: f64, now: f64) -> bool {
-    now > recorded * TOLERANCE
+    now > limit(recorded)
 }
 
 pub async fn run(exe: &Path, agent_bin: &Path, recorded_at: &Path, scratch: &Path) -> Result<()> {
@@ -74,7 +82,7 @@ pub async fn run(exe: &Path, agent_bin: &Path, recorded_at: &Path, scratch: &Pat
             println!(
                 "{} ratio to bare quinn: {now:.2}x now, {recorded:.2}x recorded (limit {:.2}x): {verdict}",
                 row.trim_end_matches(','),
-                recorded * TOLERANCE
+                limit(recorded)
             );
         }
         if failed.is_empty() {
@@ -171,5 +179,10 @@ mod tests {
         assert!(!regressed(1.14, 1.42));
         assert!(regressed(1.14, 1.43));
         assert!(!regressed(1.64, 1.0), "faster is never a regression");
+        assert!(
+            !regressed(0.73, 1.2),
+            "a recorded ratio under parity holds later runs to parity"
+        );
+        assert!(regressed(0.73, 1.26));
     }
 }

@@ -560,7 +560,8 @@ then `cargo run --release -p skyward-bench`, which prints the tables and rewrite
 `--strict` fails the run when a peer (Ray, sshd) could not be measured, which is otherwise
 written in the table as \"not measured\" with the reason. `--check BENCHMARKS.md` (what CI
 runs after the tests) reruns the two dispatch comparisons with bare quinn briefly and fails
-when a ratio is more than 25% worse than the one recorded here. For profiles,
+when a ratio is more than 25% worse than the one recorded here (or than parity, where the
+recorded run had Skyward ahead of bare quinn: noise, since bare quinn is the ceiling). For profiles,
 `cargo build --profile profiling --workspace` builds the same optimised code with symbols
 and line tables into target/profiling/ (for `perf record` or `valgrind --tool=callgrind`).
 Everything runs on 127.0.0.1.
