@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
-use skyward_common::protocol::{TaskEvent, TaskId, TaskKind, TaskSpec};
+use skyward_common::protocol::{TaskEvent, TaskSpec};
 use skyward_common::typed::{Task, TaskContext, TaskResult};
 use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::provider::{LocalProvider, Provider};
@@ -100,23 +100,10 @@ impl Noop {
     fn spec(self) -> Result<TaskSpec> {
         Ok(match self {
             Noop::Builtin => TaskSpec::noop(0),
-            Noop::Typed => typed_spec(&TypedNoop)?,
-            Noop::TypedInPlace => typed_spec(&TypedInPlaceNoop)?,
+            Noop::Typed => skyward_common::typed::spec(&TypedNoop)?,
+            Noop::TypedInPlace => skyward_common::typed::spec(&TypedInPlaceNoop)?,
         })
     }
-}
-
-fn typed_spec<T: Task>(task: &T) -> Result<TaskSpec> {
-    Ok(TaskSpec {
-        task: TaskId { id: 0, attempt: 0 },
-        kind: TaskKind::Typed {
-            name: T::NAME.into(),
-            version: T::VERSION,
-            payload: skyward_common::typed::encode_input(task)?,
-        },
-        env: Vec::new(),
-        timeout_ms: None,
-    })
 }
 
 /// One no-op task of `kind`, start to `None`: checks it finished successfully.

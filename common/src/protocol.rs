@@ -279,6 +279,21 @@ impl TaskSpec {
             timeout_ms: None,
         }
     }
+
+    /// A typed task of an encoded value (see [`crate::typed::spec`]), its id given by the
+    /// coordinator.
+    pub fn typed(name: &str, version: u32, payload: Bytes) -> Self {
+        TaskSpec {
+            task: TaskId { id: 0, attempt: 0 },
+            kind: TaskKind::Typed {
+                name: name.to_string(),
+                version,
+                payload,
+            },
+            env: Vec::new(),
+            timeout_ms: None,
+        }
+    }
 }
 
 /// Task-stream frames from coordinator to agent. The first is always `Start`.

@@ -68,7 +68,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use skyward_common::limits::MAX_TYPED_OUTPUT;
-use skyward_common::protocol::{TaskEvent, TaskId, TaskKind, TaskSpec};
+use skyward_common::protocol::{TaskEvent, TaskSpec};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::pool::{self, Pool, PoolProgress};
@@ -946,18 +946,8 @@ async fn run_typed(
     version: u32,
     payload: Bytes,
 ) -> Result<Bytes, Error> {
-    let spec = TaskSpec {
-        task: TaskId { id: 0, attempt: 0 },
-        kind: TaskKind::Typed {
-            name: name.to_string(),
-            version,
-            payload,
-        },
-        env: Vec::new(),
-        timeout_ms: None,
-    };
     let remote = coordinator
-        .start_task(node, spec)
+        .start_task(node, TaskSpec::typed(name, version, payload))
         .await
         .map_err(|e| Error::Lost(e.to_string()))?;
     let (_input, mut output) = (remote.input, remote.output);

@@ -1040,17 +1040,7 @@ impl skyward_common::typed::Task for Wait {
 }
 
 fn typed_spec<T: skyward_common::typed::Task>(task: &T) -> skyward_common::protocol::TaskSpec {
-    use skyward_common::protocol::{TaskId, TaskKind, TaskSpec};
-    TaskSpec {
-        task: TaskId { id: 0, attempt: 0 },
-        kind: TaskKind::Typed {
-            name: T::NAME.into(),
-            version: T::VERSION,
-            payload: skyward_common::typed::encode_input(task).unwrap(),
-        },
-        env: Vec::new(),
-        timeout_ms: None,
-    }
+    skyward_common::typed::spec(task).unwrap()
 }
 
 /// Every event of one task, start to end.
