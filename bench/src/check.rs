@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::skyward::Noop;
 use crate::stats::median;
-use crate::{IN_FLIGHT, LIMITS};
+use crate::{IN_FLIGHT, LIMITS, PIPELINED};
 
 /// A ratio may grow this much over the recorded one before the check fails.
 pub const TOLERANCE: f64 = 1.25;
@@ -19,7 +19,6 @@ const WARMUP: usize = 200;
 const SEQUENTIAL_PAIRS: usize = 5;
 const SEQUENTIAL: usize = 500;
 const PIPELINED_PAIRS: usize = 5;
-const PIPELINED: usize = 20_000;
 /// A failed comparison is measured once more before the check fails: a real regression
 /// shows twice, a noisy neighbour seldom does.
 const ATTEMPTS: usize = 2;
@@ -127,17 +126,9 @@ async fn measure(exe: &Path, agent_bin: &Path, scratch: &Path) -> Result<[f64; 2
                 round_trip
                     .push(sky.p50.as_secs_f64() / bare.p50.as_secs_f64().max(f64::MIN_POSITIVE));
             }
-            let mut pipelined = Vec::with_capacity(PIPELINED_PAIRS);
-            for _ in 0..PIPELINED_PAIRS {
-                let sky =
-                    crate::skyward::throughput(&pool, Noop::Builtin, PIPELINED, IN_FLIGHT, &LIMITS)
-                        .await?;
-                let bare = baseline
-                    .throughput(1, PIPELINED, IN_FLIGHT, &LIMITS)
-                    .await?;
-                pipelined.push(bare / sky.max(f64::MIN_POSITIVE));
-            }
-            anyhow::Ok([median(&round_trip), median(&pipelined)])
+            let pipelined =
+                crate::pipelined_pairs(&pool, Noop::Builtin, &baseline, 1, PIPELINED_PAIRS).await?;
+            anyhow::Ok([median(&round_trip), pipelined.slowdown()])
         }
         .await;
         pool.down().await;

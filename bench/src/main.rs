@@ -27,7 +27,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::report::Results;
 use crate::skyward::Noop;
-use crate::stats::Latency;
+use crate::stats::{Latency, Pairs};
 
 /// Untimed no-op tasks before the sequential measurement.
 const WARMUP: usize = 500;
@@ -37,8 +37,11 @@ const SEQUENTIAL: usize = 5_000;
 const PIPELINED: usize = 20_000;
 /// Tasks (requests) outstanding at once in a pipelined measurement.
 const IN_FLIGHT: usize = 256;
-/// Repetitions of each throughput measurement; the median is reported.
+/// Repetitions of each peer measurement (Ray, ssh); the median is reported.
 const REPEATS: usize = 3;
+/// Skyward/bare quinn pairs of each pipelined measurement (see [`stats::Pairs`]); odd, so
+/// that the median is one pair's.
+const PAIRS: usize = 9;
 /// Cold `skyward run` invocations; the first is a warm-up and not counted.
 const COLD_RUNS: usize = 10;
 /// Nodes in the multi-agent measurements and the cold run.
@@ -262,11 +265,17 @@ async fn measure(
         "starting the bare quinn baseline with {MANY} echo peers"
     ));
     let baseline = bare::Baseline::start(exe, &peers_dir, MANY).await?;
-    let outcome = measure_with_baseline(&baseline, agent_bin, scratch).await;
+    let outcome = async {
+        let builtin = measure_with_baseline(&baseline, agent_bin, scratch).await?;
+        let typed = measure_typed(exe, &baseline, scratch).await?;
+        anyhow::Ok((builtin, typed))
+    }
+    .await;
     baseline.stop().await;
-    let (sky_latency, bare_latency, sky_one, bare_one, sky_many, bare_many) = outcome?;
-    let [(typed_latency, typed_one), (typed_in_place_latency, typed_in_place_one)] =
-        measure_typed(exe, scratch).await?;
+    let (
+        (sky_latency, bare_latency, one, many),
+        [(typed_latency, typed_one), (typed_in_place_latency, typed_in_place_one)],
+    ) = outcome?;
 
     let sshd = peers::Sshd::start().await.map_err(|e| format!("{e:#}"));
     let peers = peers::measure(agent_bin, scratch, &sshd, REPEATS, &LIMITS).await?;
@@ -300,10 +309,8 @@ async fn measure(
     Ok(Results {
         sky_latency,
         bare_latency,
-        sky_one,
-        bare_one,
-        sky_many,
-        bare_many,
+        one,
+        many,
         typed_latency,
         typed_one,
         typed_in_place_latency,
@@ -319,7 +326,7 @@ async fn measure(
     })
 }
 
-type Measured = (Latency, Latency, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
+type Measured = (Latency, Latency, Pairs, Pairs);
 
 /// Skyward and bare quinn, alternating so that both see the same machine state.
 async fn measure_with_baseline(
@@ -343,32 +350,28 @@ async fn measure_with_baseline(
             stats::micros(bare_latency.p50),
             stats::micros(bare_latency.p99)
         ));
-        let (sky_one, bare_one) = throughputs(&pool, baseline, 1).await?;
-        anyhow::Ok((sky_latency, bare_latency, sky_one, bare_one))
+        let one = pipelined_pairs(&pool, Noop::Builtin, baseline, 1, PAIRS).await?;
+        anyhow::Ok((sky_latency, bare_latency, one))
     }
     .await;
     pool.down().await;
-    let (sky_latency, bare_latency, sky_one, bare_one) = one?;
+    let (sky_latency, bare_latency, one) = one?;
 
     progress(&format!("bringing up a local pool of {MANY} agents"));
     let pool = skyward::pool_up(agent_bin, scratch, MANY).await?;
-    let many = throughputs(&pool, baseline, MANY).await;
+    let many = pipelined_pairs(&pool, Noop::Builtin, baseline, MANY, PAIRS).await;
     pool.down().await;
-    let (sky_many, bare_many) = many?;
-    Ok((
-        sky_latency,
-        bare_latency,
-        sky_one,
-        bare_one,
-        sky_many,
-        bare_many,
-    ))
+    Ok((sky_latency, bare_latency, one, many?))
 }
 
 /// The typed no-ops, on a blocking thread and in place, on a pool of 1 agent that registered
 /// them: this executable run as `typed-agent`, through a wrapper script (the local provider
-/// starts a program by path).
-async fn measure_typed(exe: &Path, scratch: &Path) -> Result<[(Latency, Vec<f64>); 2]> {
+/// starts a program by path). Their pipelined runs are paired with 1-peer bare quinn runs.
+async fn measure_typed(
+    exe: &Path,
+    baseline: &bare::Baseline,
+    scratch: &Path,
+) -> Result<[(Latency, Pairs); 2]> {
     use std::os::unix::fs::PermissionsExt;
     let wrapper = scratch.join("typed-agent");
     let quoted = exe.display().to_string().replace('\'', "'\\''");
@@ -384,17 +387,13 @@ async fn measure_typed(exe: &Path, scratch: &Path) -> Result<[(Latency, Vec<f64>
         let pool = &pool;
         async move {
             let latency = skyward::round_trips(pool, kind, WARMUP, SEQUENTIAL, &LIMITS).await?;
-            let mut tput = Vec::with_capacity(REPEATS);
-            for _ in 0..REPEATS {
-                tput.push(skyward::throughput(pool, kind, PIPELINED, IN_FLIGHT, &LIMITS).await?);
-            }
             progress(&format!(
-                "  {label} p50 {:.0} us p99 {:.0} us; pipelined {} tasks/s",
+                "  {label} p50 {:.0} us p99 {:.0} us",
                 stats::micros(latency.p50),
                 stats::micros(latency.p99),
-                stats::thousands(stats::median(&tput))
             ));
-            anyhow::Ok((latency, tput))
+            let pairs = pipelined_pairs(pool, kind, baseline, 1, PAIRS).await?;
+            anyhow::Ok((latency, pairs))
         }
     };
     let measured = async {
@@ -407,24 +406,27 @@ async fn measure_typed(exe: &Path, scratch: &Path) -> Result<[(Latency, Vec<f64>
     measured
 }
 
-async fn throughputs(
+/// `pairs` pipelined runs of `kind` on `pool`, each followed at once by bare quinn's over as
+/// many peer connections as the pool has nodes.
+pub(crate) async fn pipelined_pairs(
     pool: &skyward_coordinator::Pool,
+    kind: Noop,
     baseline: &bare::Baseline,
     nodes: usize,
-) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (mut sky, mut bare) = (Vec::with_capacity(REPEATS), Vec::with_capacity(REPEATS));
-    for rep in 1..=REPEATS {
-        let s = skyward::throughput(pool, Noop::Builtin, PIPELINED, IN_FLIGHT, &LIMITS).await?;
-        let b = baseline
+    pairs: usize,
+) -> Result<Pairs> {
+    let mut measured = Pairs::default();
+    for pair in 1..=pairs {
+        let sky = skyward::throughput(pool, kind, PIPELINED, IN_FLIGHT, &LIMITS).await?;
+        let bare = baseline
             .throughput(nodes, PIPELINED, IN_FLIGHT, &LIMITS)
             .await?;
         progress(&format!(
-            "pipelined x{nodes} run {rep}/{REPEATS}: skyward {} tasks/s, bare quinn {} req/s",
-            stats::thousands(s),
-            stats::thousands(b)
+            "pipelined {kind:?} x{nodes} pair {pair}/{pairs}: skyward {} tasks/s, bare quinn {} req/s",
+            stats::thousands(sky),
+            stats::thousands(bare)
         ));
-        sky.push(s);
-        bare.push(b);
+        measured.push(sky, bare);
     }
-    Ok((sky, bare))
+    Ok(measured)
 }

@@ -49,7 +49,7 @@ fn dispatch_ratios(r: &Results) -> Vec<(&'static str, Option<f64>, f64)> {
         ),
         (
             "pipelined throughput vs Ray",
-            ray.map(|ray| median(&r.sky_one) / median(&ray.pipelined_per_s)),
+            ray.map(|ray| r.one.sky_median() / median(&ray.pipelined_per_s)),
             TARGET_VS_RAY_THROUGHPUT,
         ),
         (
@@ -85,9 +85,9 @@ pub fn dispatch_table(r: &Results) -> String {
             ]);
             rows.push([
                 "pipelined no-op, 1 agent vs 1 Ray node".into(),
-                format!("{}/s", thousands(median(&r.sky_one))),
+                format!("{}/s", thousands(r.one.sky_median())),
                 format!("{}/s", thousands(median(&ray.pipelined_per_s))),
-                times(median(&r.sky_one) / median(&ray.pipelined_per_s)),
+                times(r.one.sky_median() / median(&ray.pipelined_per_s)),
                 target(TARGET_VS_RAY_THROUGHPUT),
             ]);
         }
@@ -100,7 +100,7 @@ pub fn dispatch_table(r: &Results) -> String {
             ));
             rows.push(unmeasured(
                 "pipelined no-op vs Ray".into(),
-                format!("{}/s", thousands(median(&r.sky_one))),
+                format!("{}/s", thousands(r.one.sky_median())),
                 why,
                 target(TARGET_VS_RAY_THROUGHPUT),
             ));

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::footprint::{self, mb, Footprint, CLI_NODES, CLI_SAMPLE_AT, CLI_SLEEP_S};
-use crate::stats::{median, median_duration, micros, thousands, Latency};
-use crate::{COLD_RUNS, IN_FLIGHT, MANY, PIPELINED, REPEATS, SEQUENTIAL, WARMUP};
+use crate::stats::{median_duration, micros, thousands, Latency, Pairs};
+use crate::{COLD_RUNS, IN_FLIGHT, MANY, PAIRS, PIPELINED, SEQUENTIAL, WARMUP};
 
 /// Targets from the issue.
 const TARGET_P50_US: f64 = 250.0;
@@ -26,17 +26,16 @@ const TARGET_AGENT_CPU_PERCENT: f64 = 0.5;
 pub struct Results {
     pub sky_latency: Latency,
     pub bare_latency: Latency,
-    /// Tasks (requests) per second, one value per repetition.
-    pub sky_one: Vec<f64>,
-    pub bare_one: Vec<f64>,
-    pub sky_many: Vec<f64>,
-    pub bare_many: Vec<f64>,
+    /// Pipelined tasks (requests) per second, Skyward paired with bare quinn: 1 agent (peer)
+    /// and [`MANY`].
+    pub one: Pairs,
+    pub many: Pairs,
     /// The typed no-op ([`crate::skyward::TypedNoop`]) on 1 agent, beside the bare figures.
     pub typed_latency: Latency,
-    pub typed_one: Vec<f64>,
+    pub typed_one: Pairs,
     /// The same declared never to block ([`crate::skyward::TypedInPlaceNoop`]).
     pub typed_in_place_latency: Latency,
-    pub typed_in_place_one: Vec<f64>,
+    pub typed_in_place_one: Pairs,
     /// Counted cold runs (the warm-up excluded).
     pub cold: Vec<Duration>,
     pub cold_warmup: Duration,
@@ -73,14 +72,8 @@ impl Results {
                 "p99 round trip",
                 latency_ratio(self.sky_latency.p99, self.bare_latency.p99),
             ),
-            (
-                "1-agent throughput",
-                median(&self.bare_one) / median(&self.sky_one),
-            ),
-            (
-                "many-agent throughput",
-                median(&self.bare_many) / median(&self.sky_many),
-            ),
+            ("1-agent throughput", self.one.slowdown()),
+            ("many-agent throughput", self.many.slowdown()),
         ]
     }
 }
@@ -100,15 +93,15 @@ fn latency_row(what: &str, sky: Duration, bare: Duration, target: String) -> [St
     ]
 }
 
-/// A results row comparing pipelined throughput (medians of runs) with bare quinn's, judged
-/// against the share of bare's.
-fn throughput_row(what: String, sky: &[f64], bare: &[f64]) -> [String; 5] {
+/// A results row comparing pipelined throughput with bare quinn's: the medians of each side's
+/// runs, and the median of the pairs' ratios.
+fn throughput_row(what: String, pairs: &Pairs, target: String) -> [String; 5] {
     [
         what,
-        per_s(median(sky)),
-        per_s(median(bare)),
-        format!("{:.2}x", median(bare) / median(sky)),
-        format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0),
+        per_s(pairs.sky_median()),
+        per_s(pairs.peer_median()),
+        format!("{:.2}x", pairs.slowdown()),
+        target,
     ]
 }
 
@@ -127,6 +120,8 @@ fn secs(d: Duration) -> String {
 /// The table, as Markdown (which also reads fine in a terminal).
 pub fn table(r: &Results) -> String {
     let ratios = r.ratios();
+    let share_target = format!("≥ {:.0}% of bare", TARGET_THROUGHPUT_SHARE * 100.0);
+    let builtin_target = format!("≥ {}/s; {share_target}", thousands(TARGET_TASKS_PER_S));
     let rows: Vec<[String; 5]> = vec![
         [
             "no-op round trip p50, 1 agent".into(),
@@ -142,28 +137,16 @@ pub fn table(r: &Results) -> String {
             format!("{:.2}x", ratios[1].1),
             format!("≤ {TARGET_RATIO:.0}x bare"),
         ],
-        [
+        throughput_row(
             format!("pipelined no-op, 1 agent, {IN_FLIGHT} in flight"),
-            per_s(median(&r.sky_one)),
-            per_s(median(&r.bare_one)),
-            format!("{:.2}x", ratios[2].1),
-            format!(
-                "≥ {}/s; ≥ {:.0}% of bare",
-                thousands(TARGET_TASKS_PER_S),
-                TARGET_THROUGHPUT_SHARE * 100.0
-            ),
-        ],
-        [
+            &r.one,
+            builtin_target.clone(),
+        ),
+        throughput_row(
             format!("pipelined no-op, {MANY} agents, {IN_FLIGHT} in flight"),
-            per_s(median(&r.sky_many)),
-            per_s(median(&r.bare_many)),
-            format!("{:.2}x", ratios[3].1),
-            format!(
-                "≥ {}/s; ≥ {:.0}% of bare",
-                thousands(TARGET_TASKS_PER_S),
-                TARGET_THROUGHPUT_SHARE * 100.0
-            ),
-        ],
+            &r.many,
+            builtin_target,
+        ),
         latency_row(
             "typed no-op round trip p50, 1 agent",
             r.typed_latency.p50,
@@ -179,7 +162,7 @@ pub fn table(r: &Results) -> String {
         throughput_row(
             format!("pipelined typed no-op, 1 agent, {IN_FLIGHT} in flight"),
             &r.typed_one,
-            &r.bare_one,
+            share_target.clone(),
         ),
         latency_row(
             "typed no-op run in place, round trip p50",
@@ -190,7 +173,7 @@ pub fn table(r: &Results) -> String {
         throughput_row(
             format!("pipelined typed no-op run in place, {IN_FLIGHT} in flight"),
             &r.typed_in_place_one,
-            &r.bare_one,
+            share_target,
         ),
         [
             format!("cold `skyward run --nodes {MANY} --on all -- true`, median"),
@@ -330,7 +313,7 @@ pub fn met(ok: bool) -> &'static str {
 /// One line per target.
 pub fn verdicts(r: &Results) -> Vec<String> {
     let p50 = micros(r.sky_latency.p50);
-    let (one, many) = (median(&r.sky_one), median(&r.sky_many));
+    let (one, many) = (r.one.sky_median(), r.many.sky_median());
     let throughput = match (one >= TARGET_TASKS_PER_S, many >= TARGET_TASKS_PER_S) {
         (true, true) => "met",
         (false, false) => "not met",
@@ -342,9 +325,8 @@ pub fn verdicts(r: &Results) -> Vec<String> {
     let (share_one, share_many) = (1.0 / ratios[2].1, 1.0 / ratios[3].1);
     let typed = latency_ratio(r.typed_latency.p50, r.bare_latency.p50);
     let typed_in_place = latency_ratio(r.typed_in_place_latency.p50, r.bare_latency.p50);
-    let bare_one = median(&r.bare_one);
-    let typed_share = median(&r.typed_one) / bare_one;
-    let typed_in_place_share = median(&r.typed_in_place_one) / bare_one;
+    let typed_share = r.typed_one.share();
+    let typed_in_place_share = r.typed_in_place_one.share();
     let ratio_detail: Vec<String> = ratios
         .iter()
         .map(|(what, ratio)| format!("{what} {ratio:.2}x"))
@@ -526,10 +508,13 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-fn list(values: &[f64]) -> String {
-    values
+/// `131,000/170,000, ...`: each pair's Skyward and bare quinn figures.
+fn pair_list(pairs: &Pairs) -> String {
+    pairs
+        .sky
         .iter()
-        .map(|v| thousands(*v))
+        .zip(&pairs.peer)
+        .map(|(sky, peer)| format!("{}/{}", thousands(*sky), thousands(*peer)))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -571,7 +556,8 @@ Everything runs on 127.0.0.1.
 {table}
 
 Ratio = how many times slower Skyward is than bare quinn (latency: skyward / bare;
-throughput: bare / skyward), so ≤ 2.00x means \"within 2x of bare quinn\".
+throughput: bare / skyward, the median of paired runs' ratios), so ≤ 2.00x means \"within 2x
+of bare quinn\".
 
 ### Verdicts
 
@@ -665,15 +651,20 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
   {SEQUENTIAL} timed sequential tasks; nearest-rank p50 / p99.
 - **Pipelined no-op**: {PIPELINED} no-op tasks with {IN_FLIGHT} in flight (a tokio `JoinSet`),
   round-robin over the pool's nodes, with 1 and with {MANY} agents; tasks/s over the whole
-  batch, median of {REPEATS} runs (runs: 1 agent {sky_one}; {MANY} agents {sky_many}).
-- **Typed no-op**: the same counts ({WARMUP} + {SEQUENTIAL} sequential; {PIPELINED} with
-  {IN_FLIGHT} in flight, median of {REPEATS}) on a pool of 1 agent that is this bench run as
+  batch. {PAIRS} runs, each followed at once by a bare quinn run over as many peer
+  connections: a pair shares the machine's state of the moment. The table gives each side's
+  median run and the median of the pairs' ratios, which the verdicts judge (runs as
+  Skyward/bare quinn tasks/s: 1 agent {one}; {MANY} agents {many}).
+- **Typed no-op**: the same counts ({WARMUP} + {SEQUENTIAL} sequential; {PAIRS} pipelined
+  runs of {PIPELINED} with {IN_FLIGHT} in flight, each paired with a 1-peer bare quinn run:
+  {typed_one} on a blocking thread, {typed_in_place_one} in place) on a pool of 1 agent that is this bench run as
   `typed-agent` (the stock agent program with its `TypedNoop` and `TypedInPlaceNoop` tasks
   registered, started through a wrapper script): `TaskKind::Typed` with the encoded unit
   value, answered with `Finished` (the encoded `()` is empty: no `Result` piece). `TypedNoop`
   may block, as a task does by default, so the agent runs it on its blocking pool;
   `TypedInPlaceNoop` declares `BLOCKING = false` and runs in place, on the agent's async
-  threads. Their ratios are to the bare quinn figures above, measured earlier in the same run.
+  threads. Their round-trip ratios are to the bare quinn p50 above, measured earlier in the
+  same run.
 - **Cold end-to-end**: `target/release/skyward run --nodes {MANY} --on all -- true` from process
   spawn to exit (exit status 0 asserted), `SKYWARD_HOME` in a fresh temp dir. {COLD_RUNS} runs,
   the first a warm-up ({warmup:.3} s, not counted); counted runs in seconds: {cold}.
@@ -685,9 +676,9 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
   bidirectional stream per request (the coordinator opens task streams towards the agent):
   32 bytes out, stream finished, 32 bytes echoed back. Same counts: {WARMUP} + {SEQUENTIAL}
   sequential; {PIPELINED} with {IN_FLIGHT} in flight over 1 and over {MANY} peer connections,
-  median of {REPEATS} (runs: 1 peer {bare_one}; {MANY} peers {bare_many}).
+  paired with Skyward's runs as above.
 - The bench process uses a 2-worker tokio runtime, as the `skyward` CLI does. While one
-  side is measured the other side's processes sit idle (the 4 echo peers stay connected
+  side is measured the other side's processes sit idle (the {MANY} echo peers stay connected
   throughout; the Skyward pools are brought up one at a time).
 - With few CPUs the coordinator, the agents and the peers share cores, so the multi-agent
   rows measure contention between processes as much as fan-out across nodes.
@@ -740,10 +731,10 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
         source = machine.source,
         load_before = machine.load_before,
         load_after = machine.load_after,
-        sky_one = list(&r.sky_one),
-        sky_many = list(&r.sky_many),
-        bare_one = list(&r.bare_one),
-        bare_many = list(&r.bare_many),
+        one = pair_list(&r.one),
+        many = pair_list(&r.many),
+        typed_one = pair_list(&r.typed_one),
+        typed_in_place_one = pair_list(&r.typed_in_place_one),
         warmup = r.cold_warmup.as_secs_f64(),
         cold = cold.join(", "),
         footprint_verdicts = footprint_verdicts(&r.footprint).join("\n"),
@@ -772,17 +763,26 @@ mod tests {
             p50: Duration::from_micros(p50),
             p99: Duration::from_micros(p99),
         };
+        let pairs = |runs: &[(f64, f64)]| {
+            let mut pairs = Pairs::default();
+            for (sky, bare) in runs {
+                pairs.push(*sky, *bare);
+            }
+            pairs
+        };
         let r = Results {
             sky_latency: lat(200, 400),
             bare_latency: lat(80, 300),
-            sky_one: vec![20_000.0, 25_000.0, 22_000.0],
-            bare_one: vec![40_000.0; 3],
-            sky_many: vec![35_000.0; 3],
-            bare_many: vec![50_000.0; 3],
+            one: pairs(&[
+                (20_000.0, 40_000.0),
+                (25_000.0, 40_000.0),
+                (22_000.0, 40_000.0),
+            ]),
+            many: pairs(&[(35_000.0, 50_000.0); 3]),
             typed_latency: lat(240, 500),
-            typed_one: vec![18_000.0; 3],
+            typed_one: pairs(&[(18_000.0, 40_000.0); 3]),
             typed_in_place_latency: lat(120, 300),
-            typed_in_place_one: vec![27_000.0; 3],
+            typed_in_place_one: pairs(&[(27_000.0, 40_000.0); 3]),
             cold: vec![
                 Duration::from_millis(800),
                 Duration::from_millis(1200),

@@ -35,6 +35,48 @@ pub fn median(values: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Throughputs (per second) measured in pairs: Skyward's run, then the peer's straight after,
+/// so that each pair shares the machine's state of the moment. They are compared by the
+/// median of the pairs' ratios, not by medians taken apart, where one slow run on one side
+/// against a fast one on the other would make the verdict.
+#[derive(Debug, Clone, Default)]
+pub struct Pairs {
+    pub sky: Vec<f64>,
+    pub peer: Vec<f64>,
+}
+
+impl Pairs {
+    pub fn push(&mut self, sky: f64, peer: f64) {
+        self.sky.push(sky);
+        self.peer.push(peer);
+    }
+
+    /// How many times the peer's throughput is Skyward's (larger is slower): the median of
+    /// the pairs' ratios.
+    pub fn slowdown(&self) -> f64 {
+        let ratios: Vec<f64> = self
+            .sky
+            .iter()
+            .zip(&self.peer)
+            .map(|(sky, peer)| peer / sky.max(f64::MIN_POSITIVE))
+            .collect();
+        median(&ratios)
+    }
+
+    /// Skyward's share of the peer's throughput: the inverse of [`Pairs::slowdown`].
+    pub fn share(&self) -> f64 {
+        1.0 / self.slowdown().max(f64::MIN_POSITIVE)
+    }
+
+    pub fn sky_median(&self) -> f64 {
+        median(&self.sky)
+    }
+
+    pub fn peer_median(&self) -> f64 {
+        median(&self.peer)
+    }
+}
+
 pub fn median_duration(values: &[Duration]) -> Duration {
     let mut sorted = values.to_vec();
     sorted.sort_unstable();
@@ -77,5 +119,20 @@ mod tests {
         assert_eq!(thousands(1234567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(thousands(1000.0), "1,000");
+    }
+
+    #[test]
+    fn pairs_are_compared_by_the_median_of_their_ratios() {
+        let mut pairs = Pairs::default();
+        // A recorded run's three pairs: medians taken apart compare 131 with 170 (1.30x),
+        // although that 170 ran beside a Skyward run as slow as the one beside 157.
+        for (sky, peer) in [(131.0, 170.0), (168.0, 184.0), (131.0, 157.0)] {
+            pairs.push(sky, peer);
+        }
+        assert_eq!(pairs.sky_median(), 131.0);
+        assert_eq!(pairs.peer_median(), 170.0);
+        assert!((pairs.slowdown() - 157.0 / 131.0).abs() < 1e-12);
+        assert!((pairs.share() - 131.0 / 157.0).abs() < 1e-12);
+        assert_eq!(Pairs::default().slowdown(), 0.0);
     }
 }
