@@ -14,6 +14,7 @@ use tokio::process::Command;
 
 use crate::bare::Baseline;
 use crate::peers::{run_timed, Sshd, SSH_COMMAND_TIMEOUT};
+use crate::tls::TlsBaseline;
 use crate::Limits;
 
 /// The data set: one file of this many seeded pseudo-random bytes.
@@ -40,6 +41,9 @@ pub struct BulkResults {
     pub download: Vec<Duration>,
     /// The same bytes over one bare quinn stream.
     pub bare: Vec<Duration>,
+    /// The same bytes over one bare TCP+TLS connection ([`crate::tls`]), each run right
+    /// after a bare quinn run.
+    pub tls: Vec<Duration>,
     pub scp: Result<Vec<Duration>, String>,
     pub rsync: Result<Vec<Duration>, String>,
 }
@@ -120,23 +124,31 @@ async fn measure_in(
         upload_many: Vec::new(),
         download: Vec::new(),
         bare: Vec::new(),
+        tls: Vec::new(),
         scp: Ok(Vec::new()),
         rsync: Ok(Vec::new()),
     };
     let peers_dir = dir.join("bare");
     std::fs::create_dir_all(&peers_dir)?;
     let baseline = Baseline::start_as(exe, &peers_dir, 1, "sink-peer").await?;
+    let tls = TlsBaseline::start(exe, &peers_dir).await;
     let bare = async {
-        let mut runs = Vec::new();
+        let tls = tls.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let (mut quinn, mut tcp) = (Vec::new(), Vec::new());
         for _ in 0..BULK_RUNS {
-            runs.push(baseline.bulk(&data, BULK_BYTES, limits).await?);
+            quinn.push(baseline.bulk(&data, BULK_BYTES, limits).await?);
+            tcp.push(tls.bulk(&data, BULK_BYTES, limits).await?);
         }
-        anyhow::Ok(runs)
+        anyhow::Ok((quinn, tcp))
     }
     .await;
     baseline.stop().await;
-    r.bare = bare?;
+    if let Ok(tls) = tls {
+        tls.stop().await;
+    }
+    (r.bare, r.tls) = bare?;
     crate::progress(&format!("  bare quinn: {}", rates(&r.bare)));
+    crate::progress(&format!("  bare TCP+TLS: {}", rates(&r.tls)));
 
     for run in 0..BULK_RUNS {
         let (scan, one, download) =

@@ -18,6 +18,7 @@ mod report;
 mod skyward;
 mod stats;
 mod swarm;
+mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -74,6 +75,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("skyward-bench {role}: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if args.first().map(String::as_str) == Some("tls-sink-peer") {
+        return match tls::peer_main(&args[1..]) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("skyward-bench tls-sink-peer: {e:#}");
                 ExitCode::FAILURE
             }
         };

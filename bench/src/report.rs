@@ -820,6 +820,7 @@ mod tests {
                 upload_many: vec![Duration::from_secs(9); 3],
                 download: vec![Duration::from_secs(4); 3],
                 bare: vec![Duration::from_secs(2); 3],
+                tls: vec![Duration::from_secs(1); 3],
                 scp: Ok(vec![Duration::from_secs(4); 3]),
                 rsync: Err("rsync is not installed".into()),
             },
@@ -892,5 +893,6 @@ mod tests {
         );
         assert!(md.contains("time < 2x: **not met** (3.00x)"), "{md}");
         assert!(md.contains("`rsync -e ssh`: **not measured**"), "{md}");
+        assert!(md.contains("| TCP+TLS 2.0x"), "{md}");
     }
 }
