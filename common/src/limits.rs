@@ -49,6 +49,11 @@ pub const MAX_STREAM_BUFFER: u32 = 1280 * 1024;
 pub const MAX_TRANSFER_STREAM_BUFFER: u32 = 16 * 1024 * 1024;
 /// The same over all streams of one connection together.
 pub const MAX_CONNECTION_BUFFER: u32 = 64 * 1024 * 1024;
+/// What one end keeps sent but unacknowledged over all streams of a connection. Quinn's
+/// default (10 MB) would hold a workdir sync under the agent's 16 MiB stream window: 100 MB/s
+/// on a 100 ms link at most. Memory only while that much is in flight.
+pub const MAX_SEND_BUFFER: u32 = 64 * 1024 * 1024;
+const _: () = assert!(MAX_SEND_BUFFER >= MAX_TRANSFER_STREAM_BUFFER);
 
 /// Enrollment connections one source address may hold at once.
 pub const MAX_ENROLLING_PER_ADDRESS: usize = 32;

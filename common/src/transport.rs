@@ -179,6 +179,7 @@ fn transport(side: Side) -> quinn::TransportConfig {
         limits::MAX_STREAM_BUFFER.into()
     });
     transport.receive_window(limits::MAX_CONNECTION_BUFFER.into());
+    transport.send_window(limits::MAX_SEND_BUFFER.into());
     transport
 }
 
@@ -412,4 +413,18 @@ pub fn take_end_if_here(recv: &mut quinn::RecvStream) {
     use std::future::Future;
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     let _ = std::pin::pin!(recv.read_chunk(usize::MAX, true)).poll(&mut cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn either_end_may_keep_more_in_flight_than_quinns_default() {
+        for side in [Side::Coordinator, Side::Agent] {
+            let shown = format!("{:?}", transport(side));
+            let expected = format!("send_window: {}", limits::MAX_SEND_BUFFER);
+            assert!(shown.contains(&expected), "{side:?}: {shown}");
+        }
+    }
 }
