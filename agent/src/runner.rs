@@ -102,8 +102,13 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
-/// Serves one task stream opened by the coordinator.
-pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>) {
+/// Serves one task stream opened by the coordinator; `bulk` says how to reach its TCP port.
+pub async fn serve(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    tasks: Arc<Tasks>,
+    bulk: Arc<crate::workdir::BulkDial>,
+) {
     let spec =
         // A typed task's Start carries its whole input: the one larger frame.
         match tokio::time::timeout(START_TIMEOUT, read_frame(&mut recv, MAX_TASK_START_FRAME))
@@ -132,7 +137,7 @@ pub async fn serve(mut send: SendStream, mut recv: RecvStream, tasks: Arc<Tasks>
     let outcome = match &spec.kind {
         TaskKind::Sync(start) => {
             let work_dir = tasks.work_dir.clone();
-            return crate::workdir::serve_sync(start.clone(), send, recv, work_dir).await;
+            return crate::workdir::serve_sync(start.clone(), send, recv, work_dir, &bulk).await;
         }
         TaskKind::Download(download) => {
             let work_dir = tasks.work_dir.clone();

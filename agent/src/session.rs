@@ -448,11 +448,17 @@ async fn serve_session(
     // or other branches to poll again each time.
     let task_conn = conn.clone();
     let task_table = tasks.clone();
+    // A sync's contents may come over the coordinator's TCP port, at the address this
+    // connection reaches it at.
+    let bulk = Arc::new(crate::workdir::BulkDial {
+        coordinator: coordinator.ip(),
+        ca_pin: config.ca_pin.clone(),
+    });
     let mut accepting = EndsWithSession(tokio::spawn(async move {
         loop {
             match task_conn.accept_bi().await {
                 Ok((send, recv)) => {
-                    tokio::spawn(runner::serve(send, recv, task_table.clone()));
+                    tokio::spawn(runner::serve(send, recv, task_table.clone(), bulk.clone()));
                 }
                 Err(e) => return e.to_string(),
             }

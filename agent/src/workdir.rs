@@ -15,21 +15,27 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use quinn::{RecvStream, SendStream};
+use rustls_pki_types::ServerName;
 use sha2::{Digest as _, Sha256};
 use skyward_common::frame::{read_frame, write_frame};
 use skyward_common::limits::{
-    MAX_SYNC_ENTRIES, MAX_SYNC_PATH, MAX_TASK_FRAME, SYNC_CHUNK, TRANSFER_IDLE_TIMEOUT,
-    WORKDIR_CACHE_MAX, WORKDIR_TREES_KEPT,
+    BULK_DIAL_TIMEOUT, MAX_SYNC_ENTRIES, MAX_SYNC_PATH, MAX_TASK_FRAME, SYNC_CHUNK,
+    TRANSFER_IDLE_TIMEOUT, WORKDIR_CACHE_MAX, WORKDIR_TREES_KEPT,
 };
+use skyward_common::protocol::COORDINATOR_SERVER_NAME;
+use skyward_common::transport;
 use skyward_common::workdir::{
-    check_relative_path, check_symlink_target, tree_digest, Chunk, Digest, DownloadEvent,
-    DownloadSpec, EntryKind, Packer, SyncEvent, SyncRequest, SyncStart, TreeEntry,
+    check_relative_path, check_symlink_target, tree_digest, BulkOffer, Chunk, Digest,
+    DownloadEvent, DownloadSpec, EntryKind, Packer, SyncEvent, SyncRequest, SyncStart, TreeEntry,
 };
+use tokio::io::{AsyncRead, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// Most bytes of manifest (paths and link targets) one sync may hold in memory.
@@ -41,15 +47,25 @@ const STALE_INCOMING: Duration = Duration::from_secs(3600);
 /// Most paths one download may ask for.
 const MAX_DOWNLOAD_PATHS: usize = 1024;
 
+/// How to reach the coordinator's TCP port for a sync's contents.
+#[derive(Debug, Clone)]
+pub struct BulkDial {
+    /// The address this session's connection reaches the coordinator at.
+    pub coordinator: IpAddr,
+    /// The pool CA's pin, which the coordinator's certificate must chain to.
+    pub ca_pin: String,
+}
+
 /// Serves one sync stream to its end: answers `Ready` or `Failed`.
 pub async fn serve_sync(
     start: SyncStart,
     mut send: SendStream,
     mut recv: RecvStream,
     work_dir: PathBuf,
+    bulk: &BulkDial,
 ) {
     let tree = hex::encode(start.tree);
-    let event = match sync(start, &mut send, &mut recv, &work_dir).await {
+    let event = match sync(start, &mut send, &mut recv, &work_dir, bulk).await {
         Ok(dir) => {
             tracing::info!(%tree, %dir, "working tree synced");
             SyncEvent::Ready { dir }
@@ -71,6 +87,7 @@ async fn sync(
     send: &mut SendStream,
     recv: &mut RecvStream,
     work_dir: &Path,
+    bulk: &BulkDial,
 ) -> Result<String, String> {
     if start.entries > MAX_SYNC_ENTRIES {
         return Err(format!(
@@ -113,11 +130,35 @@ async fn sync(
         let (cache, entries) = (cache.clone(), entries.clone());
         blocking(move || Ok(cache.wanted(&entries))).await?
     };
-    write_frame(send, &SyncEvent::Want(wanted.clone()))
-        .await
-        .map_err(|e| format!("sending to the coordinator: {e}"))?;
-    if !wanted.is_empty() {
-        receive_files(&cache, &entries, wanted, recv).await?;
+    let over_tcp = match &start.bulk {
+        Some(offer) if !wanted.is_empty() => match dial_bulk(offer, bulk, work_dir).await {
+            Ok(tcp) => Some(tcp),
+            Err(why) => {
+                tracing::info!(
+                    "the coordinator's TCP port {}: {why}; taking the contents over QUIC",
+                    offer.port
+                );
+                None
+            }
+        },
+        _ => None,
+    };
+    let sent_to = |e: skyward_common::frame::FrameError| format!("sending to the coordinator: {e}");
+    match over_tcp {
+        Some(mut tcp) => {
+            write_frame(send, &SyncEvent::WantBulk(wanted.clone()))
+                .await
+                .map_err(sent_to)?;
+            receive_files(&cache, &entries, wanted, &mut tcp).await?;
+        }
+        None => {
+            write_frame(send, &SyncEvent::Want(wanted.clone()))
+                .await
+                .map_err(sent_to)?;
+            if !wanted.is_empty() {
+                receive_files(&cache, &entries, wanted, recv).await?;
+            }
+        }
     }
     let tree = hex::encode(start.tree);
     let work_dir = work_dir.to_path_buf();
@@ -138,7 +179,37 @@ async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(format!("sync worker failed: {e}")))
 }
 
-async fn next_request(recv: &mut RecvStream) -> Result<Option<SyncRequest>, String> {
+/// Dials the coordinator's TCP port as `offer` says, shows the node's certificate, and
+/// names the sync with the offer's ticket; within [`BULK_DIAL_TIMEOUT`].
+async fn dial_bulk(
+    offer: &BulkOffer,
+    bulk: &BulkDial,
+    work_dir: &Path,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let identity = crate::enroll::load(work_dir)
+        .map_err(|e| format!("the node's certificate: {e:#}"))?
+        .ok_or("this node has no certificate of its own")?;
+    let tls = transport::bulk_client_config(&bulk.ca_pin, &identity).map_err(|e| e.to_string())?;
+    let address = SocketAddr::new(bulk.coordinator, offer.port);
+    let name = ServerName::try_from(COORDINATOR_SERVER_NAME).map_err(|e| e.to_string())?;
+    let dial = async {
+        let tcp = TcpStream::connect(address).await?;
+        tcp.set_nodelay(true)?;
+        let mut stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        stream.write_all(&offer.ticket).await?;
+        stream.flush().await?;
+        std::io::Result::Ok(stream)
+    };
+    match tokio::time::timeout(BULK_DIAL_TIMEOUT, dial).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", BULK_DIAL_TIMEOUT.as_secs())),
+    }
+}
+
+async fn next_request<R: AsyncRead + Unpin>(recv: &mut R) -> Result<Option<SyncRequest>, String> {
     match tokio::time::timeout(
         TRANSFER_IDLE_TIMEOUT,
         read_frame::<_, SyncRequest>(recv, MAX_TASK_FRAME),
@@ -251,11 +322,11 @@ pub fn validate_manifest(start: &SyncStart, entries: &[TreeEntry]) -> Result<(),
 
 /// Receives the wanted files' contents into the cache: the network is read here while a
 /// blocking worker checks, hashes and writes them.
-async fn receive_files(
+async fn receive_files<R: AsyncRead + Unpin>(
     cache: &Cache,
     entries: &std::sync::Arc<Vec<TreeEntry>>,
     wanted: Vec<u32>,
-    recv: &mut RecvStream,
+    recv: &mut R,
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::channel::<Chunk>(8);
     let writer = {
@@ -838,6 +909,7 @@ mod tests {
                     _ => 0,
                 })
                 .sum(),
+            bulk: None,
         }
     }
 

@@ -122,6 +122,16 @@ pub const WORKDIR_CACHE_MAX: u64 = 32 * 1024 * 1024 * 1024;
 pub const WORKDIR_TREES_KEPT: usize = 4;
 /// How long a sync or download stream may stay silent.
 pub const TRANSFER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an agent tries to reach the coordinator's TCP port for a sync's contents before
+/// it takes them on the QUIC stream instead (a firewall that passes only UDP drops the
+/// dial silently).
+pub const BULK_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the coordinator waits for the TCP connection an agent said it dialed, and for
+/// the ticket on a new one.
+pub const BULK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS connections the coordinator's TCP port serves at once (agent downloads and syncs'
+/// contents); more wait to be accepted.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
 /// Default most bytes one node's downloads may bring back.
 pub const DEFAULT_DOWNLOAD_LIMIT: u64 = 10 * 1024 * 1024 * 1024;
 /// Most files and directories one node's downloads may bring back.

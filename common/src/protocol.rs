@@ -19,6 +19,9 @@ use crate::inventory::Inventory;
 pub const ALPN_NODE: &[u8] = b"skyward/1";
 /// ALPN of an enrollment connection (no client certificate yet).
 pub const ALPN_ENROLL: &[u8] = b"skyward-enroll/1";
+/// TLS on TCP, a node dialing the coordinator for a sync's contents
+/// ([`crate::workdir::BulkOffer`]); node certificate required.
+pub const ALPN_BULK: &[u8] = b"skyward-bulk/1";
 /// The name in the coordinator's certificate; agents connect to any address under this name
 /// and trust it through the pinned pool CA, so a coordinator's IP may change freely.
 pub const COORDINATOR_SERVER_NAME: &str = "coordinator.skyward.invalid";

@@ -17,7 +17,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::identity::{fingerprint, CertifiedKey};
 use crate::limits;
-use crate::protocol::{ALPN_ENROLL, ALPN_NODE};
+use crate::protocol::{ALPN_BULK, ALPN_ENROLL, ALPN_NODE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -96,16 +96,37 @@ fn quic_client(
     Ok(config)
 }
 
-/// Coordinator side: TLS over TCP for the agent download (no client certificate: the
-/// binary is public, the channel only has to be the coordinator's).
-pub fn https_server_config(
+/// Coordinator side: TLS over TCP on its TCP port. The agent download (HTTP/1.1) takes no
+/// client certificate: the binary is public, the channel only has to be the coordinator's.
+/// A sync's contents ([`ALPN_BULK`]) need a node certificate of the pool CA, checked after
+/// the handshake as for [`ALPN_NODE`]; one that is shown is always checked here.
+pub fn tcp_server_config(
+    ca: &CertificateDer<'static>,
     identity: &CertifiedKey,
 ) -> Result<Arc<rustls::ServerConfig>, TransportError> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier)
         .with_single_cert(identity.chain.clone(), identity.private_key())?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.alpn_protocols = vec![b"http/1.1".to_vec(), ALPN_BULK.to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// Agent side: TLS over TCP to the coordinator's TCP port for a sync's contents: the
+/// coordinator checked against the pinned pool CA, as on QUIC; the node's certificate shown.
+pub fn bulk_client_config(
+    ca_pin: &str,
+    identity: &CertifiedKey,
+) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+    let mut tls = pinned_client(ca_pin, Some(identity))?;
+    tls.alpn_protocols = vec![ALPN_BULK.to_vec()];
     Ok(Arc::new(tls))
 }
 
@@ -129,18 +150,26 @@ pub fn client_config(
     identity: Option<&CertifiedKey>,
     alpn: &[u8],
 ) -> Result<quinn::ClientConfig, TransportError> {
+    let tls = pinned_client(ca_pin, identity)?;
+    // The agent is the client here: the coordinator opens task streams towards it.
+    quic_client(tls, alpn, Side::Agent)
+}
+
+/// TLS 1.3 to the coordinator, checked against the pinned pool CA, showing `identity`.
+fn pinned_client(
+    ca_pin: &str,
+    identity: Option<&CertifiedKey>,
+) -> Result<rustls::ClientConfig, TransportError> {
     let provider = provider();
     let pin = parse_pin(ca_pin)?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin, provider }));
-    let tls = match identity {
+    Ok(match identity {
         Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.private_key())?,
         None => builder.with_no_client_auth(),
-    };
-    // The agent is the client here: the coordinator opens task streams towards it.
-    quic_client(tls, alpn, Side::Agent)
+    })
 }
 
 /// Which end of a pool connection a config is for, whichever of them dials.

@@ -8,6 +8,13 @@
 //! 2. the agent answers [`SyncEvent::Want`]: the entries whose contents its cache lacks;
 //! 3. the coordinator sends those contents, in that order, as [`SyncRequest::Chunk`]s (each
 //!    file's chunks add up to exactly its declared size);
+//!
+//!    or, where the `Start` offered a [`BulkOffer`] and the agent could take it up: the agent
+//!    dials the coordinator's TCP port with TLS (its node certificate, ALPN
+//!    [`ALPN_BULK`](crate::protocol::ALPN_BULK)), writes the offer's ticket there, and answers
+//!    [`SyncEvent::WantBulk`] instead; the same `Chunk` frames then come over that connection,
+//!    which ends after the last. TLS records on TCP cost far less CPU per byte than QUIC's
+//!    per-packet encryption. The control (this list) stays on the stream;
 //! 4. the agent writes the tree out and answers [`SyncEvent::Ready`] (or
 //!    [`SyncEvent::Failed`] at any point), and the stream ends.
 //!
@@ -31,6 +38,17 @@ pub struct SyncStart {
     pub entries: u32,
     /// Sum of the files' sizes.
     pub bytes: u64,
+    /// Where the contents may come over TCP instead, if the coordinator offers it.
+    pub bulk: Option<BulkOffer>,
+}
+
+/// A coordinator's offer to send a sync's contents over TLS on TCP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkOffer {
+    /// The TCP port, at the address the agent reaches the coordinator at.
+    pub port: u16,
+    /// Names this sync on the connection; good once, and only with the node's certificate.
+    pub ticket: [u8; 16],
 }
 
 /// One entry of a tree's manifest. Paths are relative, `/`-separated, in walk order (a
@@ -139,6 +157,8 @@ pub enum SyncEvent {
     NeedManifest,
     /// Send the contents of these entries (indices into the manifest, ascending, files only).
     Want(Vec<u32>),
+    /// The same, over the TCP connection this agent dialed with the offer's ticket.
+    WantBulk(Vec<u32>),
     /// The tree is written out at `dir`, relative to the agent's work dir.
     Ready { dir: String },
     /// Why the sync failed; the stream ends.

@@ -23,7 +23,8 @@ use skyward_common::protocol::{
     Probe, ProbeReport, Reach, TaskEvent, TaskKind, TaskOutcome, TaskRequest, TaskSpec,
 };
 use skyward_common::workdir::{
-    Chunk, DownloadEvent, DownloadSpec, EntryKind, SyncEvent, SyncRequest, SyncStart, TreeEntry,
+    BulkOffer, Chunk, DownloadEvent, DownloadSpec, EntryKind, SyncEvent, SyncRequest, SyncStart,
+    TreeEntry,
 };
 
 /// Counts the bytes this thread has allocated, so a test can measure one decode's peak.
@@ -307,13 +308,20 @@ fn arb_task_request() -> impl Strategy<Value = TaskRequest> {
                 payload,
             }
         }),
-        (any::<[u8; 32]>(), any::<u32>(), any::<u64>()).prop_map(|(tree, entries, bytes)| {
-            TaskKind::Sync(SyncStart {
-                tree,
-                entries,
-                bytes,
-            })
-        }),
+        (
+            any::<[u8; 32]>(),
+            any::<u32>(),
+            any::<u64>(),
+            proptest::option::of((any::<u16>(), any::<[u8; 16]>()))
+        )
+            .prop_map(|(tree, entries, bytes, bulk)| {
+                TaskKind::Sync(SyncStart {
+                    tree,
+                    entries,
+                    bytes,
+                    bulk: bulk.map(|(port, ticket)| BulkOffer { port, ticket }),
+                })
+            }),
         (
             proptest::option::of(short_string()),
             proptest::collection::vec(short_string(), 0..4),
@@ -532,6 +540,7 @@ proptest! {
         mutated(arb_sync_request()),
         mutated(arb_transfer_event()),
         mutated(proptest::collection::vec(any::<u32>(), 0..8).prop_map(SyncEvent::Want)),
+        mutated(proptest::collection::vec(any::<u32>(), 0..8).prop_map(SyncEvent::WantBulk)),
     ]) {
         decode_as_every_message(&bytes)?;
     }

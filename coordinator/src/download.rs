@@ -3,24 +3,20 @@
 //! their user-data (`curl --cacert`), the certificate naming the coordinator's address.
 //!
 //! Deliberately tiny: one `GET /agent/linux-<arch>` route, bounded request size, bounded
-//! time, bounded concurrency; anything else gets a one-line error.
+//! time, bounded concurrency (the TCP port's, [`crate::tcp`]); anything else gets a one-line
+//! error.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 /// Longest request head accepted.
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// Time for the TLS handshake and the request head together.
+/// Time for the request head, once the TLS handshake is done.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for the whole transfer (a 10 MB agent over a slow link).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
-/// Downloads served at once; more wait for a slot.
-const MAX_CONCURRENT: usize = 64;
 
 /// An agent binary and the `uname -m` name of the machines it runs on.
 #[derive(Debug, Clone)]
@@ -64,46 +60,15 @@ pub fn elf_arch(path: &Path) -> Result<&'static str, String> {
     }
 }
 
-/// Serves `binaries` on `listener` until the task is dropped.
-pub async fn serve(
-    listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
-    binaries: Arc<Vec<AgentBinary>>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT));
-    loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (acceptor, binaries) = (acceptor.clone(), binaries.clone());
-        tokio::spawn(async move {
-            if let Err(e) = handle(tcp, acceptor, &binaries).await {
-                tracing::warn!(%peer, "agent download: {e}");
-            }
-            drop(slot);
-        });
-    }
-}
-
-async fn handle(
-    tcp: tokio::net::TcpStream,
-    acceptor: tokio_rustls::TlsAcceptor,
+/// Answers one HTTPS request on a connection the TCP port has taken through its TLS
+/// handshake (see [`crate::tcp`]).
+pub async fn handle(
+    mut stream: crate::tcp::TlsStream,
     binaries: &[AgentBinary],
 ) -> Result<(), String> {
-    let (mut stream, head) = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let mut stream = acceptor
-            .accept(tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let head = read_head(&mut stream).await?;
-        Ok::<_, String>((stream, head))
-    })
-    .await
-    .map_err(|_| "request not received in time".to_string())??;
+    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| "request not received in time".to_string())??;
     let response = route(&head, binaries);
     let result = match response {
         Ok(binary) => {

@@ -32,6 +32,7 @@ pub mod slots;
 pub mod spec;
 pub mod store;
 pub mod task;
+pub mod tcp;
 pub mod tokens;
 pub mod training;
 pub mod workdir;

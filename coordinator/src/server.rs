@@ -31,6 +31,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::admission::{Admission, Refusal};
 use crate::task::{Delivery, TaskProgress, TaskProtocolError};
+use crate::tcp::{BulkTicket, BulkTickets};
 use crate::tokens::{TokenRejection, TokenStore};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,9 @@ pub struct NodeHandle {
     /// Why this coordinator gave the node up, once it did.
     lost: Arc<Mutex<Option<String>>>,
     control: mpsc::Sender<CoordinatorMessage>,
+    /// Where the node may fetch a sync's contents over TCP: the port and the tickets. Only
+    /// for a node that dialed in (one this coordinator dials may not reach it).
+    bulk: Option<(u16, Arc<BulkTickets>)>,
 }
 
 impl NodeHandle {
@@ -159,6 +163,12 @@ impl NodeHandle {
 
     pub fn is_connected(&self) -> bool {
         self.connection.close_reason().is_none()
+    }
+
+    /// A ticket for one sync's contents over the TCP port, if the node may use it.
+    pub fn bulk_ticket(&self) -> Option<BulkTicket> {
+        let (port, tickets) = self.bulk.as_ref()?;
+        Some(tickets.issue(&self.node_id, *port))
     }
 
     /// Opens a stream for a file transfer ([`TaskKind::Sync`], [`TaskKind::Download`]) and
@@ -209,6 +219,8 @@ struct Inner {
     node_timeout_ms: AtomicU64,
     /// How long the node certificates this coordinator signs are valid, in seconds.
     node_cert_secs: AtomicU64,
+    /// The TCP port and the syncs waiting on it, if it could be bound.
+    bulk: Option<(u16, Arc<BulkTickets>)>,
 }
 
 /// One pool's coordinator endpoint.
@@ -218,12 +230,17 @@ pub struct Coordinator {
     next_task: AtomicU64,
     /// Tasks dialing listening agents, stopped with the coordinator.
     dialers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// The TCP port's accept loop, stopped with the coordinator.
+    tcp_server: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
         for (_, dialer) in self.dialers.lock().expect("dialers lock").drain() {
             dialer.abort();
+        }
+        if let Some(server) = &self.tcp_server {
+            server.abort();
         }
     }
 }
@@ -267,31 +284,54 @@ impl Coordinator {
             Some(addr) => addr,
             None => bound,
         };
-        let agent_url = match (&advertise.agent_url, advertise.agent_binaries.is_empty()) {
-            (Some(url), _) => Some(url.clone()),
-            (None, true) => None,
-            (None, false) => {
-                let binaries = advertise
-                    .agent_binaries
-                    .iter()
-                    .map(|path| crate::download::AgentBinary::new(path.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(StartError::Agent)?;
-                let listener = bind_download_listener(bound)?;
-                let port = listener
-                    .local_addr()
-                    .map_err(|source| StartError::Bind {
-                        addr: bound,
-                        source,
-                    })?
-                    .port();
-                let tls = transport::https_server_config(&server_identity)?;
-                tokio::spawn(crate::download::serve(listener, tls, Arc::new(binaries)));
-                Some(format!(
-                    "https://{}/agent/linux-{{arch}}",
-                    SocketAddr::new(advertised.ip(), port)
-                ))
+        // Agent binaries are served where no URL of the user's own is given.
+        let serve_binaries = advertise.agent_url.is_none() && !advertise.agent_binaries.is_empty();
+        let binaries = if serve_binaries {
+            advertise
+                .agent_binaries
+                .iter()
+                .map(|path| crate::download::AgentBinary::new(path.clone()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(StartError::Agent)?
+        } else {
+            Vec::new()
+        };
+        // The TCP port: agent downloads where served, and syncs' contents. Without it the
+        // contents go on the QUIC streams, so only the downloads make it a must.
+        let mut tcp_server = None;
+        let tcp_port = match crate::tcp::bind(bound).and_then(|l| Ok((l.local_addr()?.port(), l))) {
+            Ok((port, listener)) => {
+                let tickets = Arc::new(BulkTickets::default());
+                let tls = transport::tcp_server_config(ca.cert_der(), &server_identity)?;
+                let binaries = serve_binaries.then(|| Arc::new(binaries));
+                tcp_server = Some(tokio::spawn(crate::tcp::serve(
+                    listener,
+                    tls,
+                    binaries,
+                    tickets.clone(),
+                )));
+                Some((port, tickets))
             }
+            Err(source) if serve_binaries => {
+                return Err(StartError::Bind {
+                    addr: bound,
+                    source,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no TCP port beside {bound} ({e}): syncs send their contents over QUIC"
+                );
+                None
+            }
+        };
+        let agent_url = match (&advertise.agent_url, &tcp_port) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some((port, _))) if serve_binaries => Some(format!(
+                "https://{}/agent/linux-{{arch}}",
+                SocketAddr::new(advertised.ip(), *port)
+            )),
+            _ => None,
         };
         let (events, _) = broadcast::channel(4096);
         let dial_enroll = transport::coordinator_enroll_dial_config(&server_identity)?;
@@ -299,7 +339,7 @@ impl Coordinator {
         let inner = Arc::new(Inner {
             pool: config.pool,
             advertised,
-            serves_agent: advertise.agent_url.is_none() && agent_url.is_some(),
+            serves_agent: serve_binaries,
             agent_url,
             ca,
             tokens: Mutex::new(TokenStore::default()),
@@ -311,10 +351,12 @@ impl Coordinator {
             dial_node,
             node_timeout_ms: AtomicU64::new(DEFAULT_NODE_TIMEOUT.as_millis() as u64),
             node_cert_secs: AtomicU64::new(NODE_CERT_VALIDITY.as_secs()),
+            bulk: tcp_port,
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
         Ok(Coordinator {
             dialers: Mutex::new(HashMap::new()),
+            tcp_server,
             inner,
             endpoint,
             next_task: AtomicU64::new(1),
@@ -551,6 +593,9 @@ impl Coordinator {
         for (_, dialer) in self.dialers.lock().expect("dialers lock").drain() {
             dialer.abort();
         }
+        if let Some(server) = &self.tcp_server {
+            server.abort();
+        }
         self.endpoint
             .close(close_code::POOL_SHUTDOWN.into(), b"pool down");
         let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
@@ -578,21 +623,6 @@ fn spec_size(spec: &TaskSpec) -> usize {
         .iter()
         .map(|(k, v)| k.len() + v.len())
         .sum::<usize>()
-}
-
-/// The agent download listens on TCP at the QUIC port number when it is free, else on any.
-fn bind_download_listener(bound: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
-    let bind = |addr: SocketAddr| {
-        let socket = std::net::TcpListener::bind(addr)?;
-        socket.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(socket)
-    };
-    bind(bound)
-        .or_else(|_| bind(SocketAddr::new(bound.ip(), 0)))
-        .map_err(|source| StartError::Bind {
-            addr: bound,
-            source,
-        })
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {
@@ -881,7 +911,7 @@ async fn dial_loop(
                 Some(Ok(conn)) => {
                     failures = 0;
                     let served = if enrolled {
-                        serve_node(conn, &inner).await
+                        serve_node(conn, &inner, false).await
                     } else {
                         enroll(conn, &inner, None).await
                     };
@@ -937,7 +967,7 @@ async fn handle_connection(incoming: quinn::Incoming, inner: &Arc<Inner>) -> Res
             inner.admission.lock().expect("admission lock").end(address);
             result
         }
-        a if a == ALPN_NODE => serve_node(conn, inner).await,
+        a if a == ALPN_NODE => serve_node(conn, inner, true).await,
         other => {
             conn.close(close_code::PROTOCOL_VIOLATION.into(), b"unknown protocol");
             Err(Rejection::UnknownAlpn(
@@ -1102,7 +1132,13 @@ fn frame_rejection(conn: &Connection, node: &str, error: FrameError) -> Rejectio
     }
 }
 
-async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejection> {
+/// Serves an enrolled node's connection; `dialed_in`: the node dialed this coordinator (so
+/// it can reach the TCP port too), rather than the other way round.
+async fn serve_node(
+    conn: Connection,
+    inner: &Arc<Inner>,
+    dialed_in: bool,
+) -> Result<(), Rejection> {
     let cert = conn
         .peer_identity()
         .and_then(|id| {
@@ -1176,6 +1212,7 @@ async fn serve_node(conn: Connection, inner: &Arc<Inner>) -> Result<(), Rejectio
         interruption: Arc::new(Mutex::new(None)),
         lost: Arc::new(Mutex::new(None)),
         control: control_tx,
+        bulk: inner.bulk.clone().filter(|_| dialed_in),
     };
     if let Some(old) = inner
         .nodes

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quinn::{RecvStream, SendStream};
+use quinn::RecvStream;
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use skyward_common::frame::{encode_frame, read_frame};
@@ -26,6 +26,7 @@ use skyward_common::workdir::{
     check_relative_path, check_symlink_target, tree_digest, Chunk, Digest, DownloadEvent,
     DownloadSpec, EntryKind, Packer, SyncEvent, SyncRequest, SyncStart, TreeEntry,
 };
+use tokio::io::{AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 
 use crate::server::{Coordinator, NodeHandle};
@@ -195,6 +196,8 @@ pub struct NodeSync {
     pub sent_files: usize,
     /// Bytes put on the stream: manifest, contents (compressed) and framing.
     pub sent_bytes: u64,
+    /// The contents went over the TCP port (the node dialed it), not the QUIC stream.
+    pub over_tcp: bool,
     pub seconds: f64,
 }
 
@@ -254,7 +257,10 @@ pub async fn sync_tree(
 }
 
 /// Writes one frame and returns its size on the wire.
-async fn send_frame<T: Serialize>(send: &mut SendStream, msg: &T) -> Result<u64, String> {
+async fn send_frame<T: Serialize, W: AsyncWrite + Unpin>(
+    send: &mut W,
+    msg: &T,
+) -> Result<u64, String> {
     let mut frame = Vec::new();
     encode_frame(msg, &mut frame).map_err(|e| e.to_string())?;
     send.write_all(&frame).await.map_err(|e| e.to_string())?;
@@ -276,12 +282,15 @@ async fn sync_node(node: &NodeHandle, tree: &Tree, id: u64) -> Result<(String, N
     let started = Instant::now();
     let name = &node.node_id;
     let fail = |why: String| format!("syncing the workdir to {name}: {why}");
+    // Nothing to offer for an empty tree: no contents to send.
+    let mut ticket = node.bulk_ticket().filter(|_| tree.bytes > 0);
     let spec = TaskSpec {
         task: TaskId { id, attempt: 0 },
         kind: TaskKind::Sync(SyncStart {
             tree: tree.digest,
             entries: tree.entries.len() as u32,
             bytes: tree.bytes,
+            bulk: ticket.as_ref().map(|t| t.offer()),
         }),
         env: Vec::new(),
         timeout_ms: None,
@@ -292,6 +301,7 @@ async fn sync_node(node: &NodeHandle, tree: &Tree, id: u64) -> Result<(String, N
         .map_err(|e| fail(e.to_string()))?;
     let mut sent = start_bytes as u64;
     let mut sent_files = 0;
+    let mut over_tcp = false;
     let mut manifest_sent = false;
     // Writing a large tree out takes the node a while after the last byte arrives.
     let mut wait = TRANSFER_IDLE_TIMEOUT;
@@ -325,18 +335,27 @@ async fn sync_node(node: &NodeHandle, tree: &Tree, id: u64) -> Result<(String, N
             Some(SyncEvent::Want(wanted)) => {
                 check_wanted(&tree.entries, &wanted).map_err(fail)?;
                 sent_files = wanted.len();
-                match send_files(&mut send, tree, wanted).await {
-                    Ok(bytes) => sent += bytes,
-                    // A node that gave up says why before it stops reading.
-                    Err(why) => {
-                        return Err(fail(
-                            match next_event::<SyncEvent>(&mut recv, Duration::from_secs(5)).await {
-                                Ok(Some(SyncEvent::Failed(reason))) => reason,
-                                _ => why,
-                            },
-                        ))
-                    }
+                // The offer, if any, was not taken up.
+                ticket = None;
+                let sending = send_files(&mut send, tree, wanted).await;
+                sent += sent_or_why(sending, &mut recv).await.map_err(fail)?;
+                wait = TRANSFER_IDLE_TIMEOUT + Duration::from_secs(tree.bytes / (50 << 20));
+            }
+            Some(SyncEvent::WantBulk(wanted)) => {
+                let offered = ticket.take().ok_or_else(|| {
+                    fail("the node asked for the contents over TCP, which was not offered".into())
+                })?;
+                check_wanted(&tree.entries, &wanted).map_err(fail)?;
+                sent_files = wanted.len();
+                over_tcp = true;
+                let mut tcp = offered.connection().await.map_err(fail)?;
+                let sending = async {
+                    let bytes = send_files(&mut tcp, tree, wanted).await?;
+                    tcp.shutdown().await.map_err(|e| e.to_string())?;
+                    Ok(bytes)
                 }
+                .await;
+                sent += sent_or_why(sending, &mut recv).await.map_err(fail)?;
                 wait = TRANSFER_IDLE_TIMEOUT + Duration::from_secs(tree.bytes / (50 << 20));
             }
             Some(SyncEvent::Ready { dir }) => {
@@ -344,13 +363,14 @@ async fn sync_node(node: &NodeHandle, tree: &Tree, id: u64) -> Result<(String, N
                     .map_err(|why| fail(format!("the node put the tree at {why}")))?;
                 let _ = send.finish();
                 let seconds = started.elapsed().as_secs_f64();
-                tracing::info!(node = %name, tree = %tree.id(), sent, sent_files, seconds, "workdir synced");
+                tracing::info!(node = %name, tree = %tree.id(), sent, sent_files, over_tcp, seconds, "workdir synced");
                 return Ok((
                     dir,
                     NodeSync {
                         node: name.clone(),
                         sent_files,
                         sent_bytes: sent,
+                        over_tcp,
                         seconds,
                     },
                 ));
@@ -385,9 +405,27 @@ fn check_wanted(entries: &[TreeEntry], wanted: &[u32]) -> Result<(), String> {
     Ok(())
 }
 
+/// What sending the contents came to: the bytes sent, or, where it failed, why. A node that
+/// gave up says why on the stream before it stops reading, which beats the write's error.
+async fn sent_or_why(sending: Result<u64, String>, recv: &mut RecvStream) -> Result<u64, String> {
+    match sending {
+        Ok(bytes) => Ok(bytes),
+        Err(why) => Err(
+            match next_event::<SyncEvent>(recv, Duration::from_secs(5)).await {
+                Ok(Some(SyncEvent::Failed(reason))) => reason,
+                _ => why,
+            },
+        ),
+    }
+}
+
 /// Streams the contents of the `wanted` entries: a blocking reader reads and compresses
 /// while this sends. Returns the bytes sent.
-async fn send_files(send: &mut SendStream, tree: &Tree, wanted: Vec<u32>) -> Result<u64, String> {
+async fn send_files<W: AsyncWrite + Unpin>(
+    send: &mut W,
+    tree: &Tree,
+    wanted: Vec<u32>,
+) -> Result<u64, String> {
     let files: Vec<(PathBuf, u64)> = wanted
         .iter()
         .filter_map(|&i| match &tree.entries[i as usize] {
@@ -717,13 +755,14 @@ pub fn sync_events(report: &SyncReport) -> Vec<crate::run::RunEvent> {
         .iter()
         .map(|node| crate::run::RunEvent::Transfer {
             line: format!(
-                "{}: workdir synced ({} files, {}): sent {} files, {} in {:.1}s",
+                "{}: workdir synced ({} files, {}): sent {} files, {} in {:.1}s{}",
                 node.node,
                 report.files,
                 human_bytes(report.bytes),
                 node.sent_files,
                 human_bytes(node.sent_bytes),
-                node.seconds
+                node.seconds,
+                if node.over_tcp { " over TCP" } else { "" }
             ),
             json: serde_json::json!({
                 "event": "workdir_synced",
@@ -733,6 +772,7 @@ pub fn sync_events(report: &SyncReport) -> Vec<crate::run::RunEvent> {
                 "bytes": report.bytes,
                 "sent_files": node.sent_files,
                 "sent_bytes": node.sent_bytes,
+                "over_tcp": node.over_tcp,
                 "seconds": node.seconds,
             })
             .to_string(),

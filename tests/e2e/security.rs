@@ -926,3 +926,112 @@ fn no_token_or_private_key_reaches_any_log() {
         }
     }
 }
+
+/// Dials the coordinator's TCP port for a sync's contents as an agent would, showing
+/// `identity` and naming `ticket`; then reads what comes. `Ok(bytes)`: the connection ended
+/// cleanly after `bytes`; `Err`: the handshake or the connection failed.
+async fn dial_tcp_port(
+    address: SocketAddr,
+    ca_pin: &str,
+    identity: &CertifiedKey,
+    ticket: &[u8; 16],
+) -> Result<usize, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tls = transport::bulk_client_config(ca_pin, identity).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from(COORDINATOR_SERVER_NAME).unwrap();
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(address).await?;
+        let mut stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        stream.write_all(ticket).await?;
+        stream.flush().await?;
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).await?;
+        std::io::Result::Ok(rest.len())
+    };
+    tokio::time::timeout(Duration::from_secs(15), attempt)
+        .await
+        .expect("the coordinator answered the TCP port in time")
+        .map_err(|e| e.to_string())
+}
+
+/// The TCP port hands a connection to a sync only for a node certificate of the pool and a
+/// live ticket issued to that very node: a foreign certificate fails the handshake, a
+/// made-up ticket or another node's gets the connection closed unread, and a ticket is
+/// good once. The right node with its own ticket gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_port_takes_sync_contents_only_from_the_node_a_ticket_names() {
+    let sandbox = Sandbox::new();
+    let coordinator = skyward_tests::loopback_coordinator("tcp-port");
+    let mut agents = [
+        spawn_agent(&sandbox, &coordinator, "node-1", "1m"),
+        spawn_agent(&sandbox, &coordinator, "node-2", "1m"),
+    ];
+    let node_1 = wait_connected(&coordinator, "node-1").await;
+    let node_2 = wait_connected(&coordinator, "node-2").await;
+    let pin = coordinator.ca_pin();
+    let identity = |node: &str| {
+        let dir = sandbox.path().join(node);
+        CertifiedKey {
+            chain: vec![std::fs::read(dir.join("node.crt")).unwrap().into()],
+            key_pkcs8_der: std::fs::read(dir.join("node.key")).unwrap(),
+        }
+    };
+    let (own_1, own_2) = (identity("node-1"), identity("node-2"));
+
+    let ticket = node_1
+        .bulk_ticket()
+        .expect("a node that dialed in is offered the TCP port");
+    let address = SocketAddr::new(coordinator.local_addr().ip(), ticket.offer().port);
+
+    // Another pool's certificate, naming the same node.
+    let foreign_ca = PoolCa::generate("foreign").unwrap();
+    let key = NodeKey::generate("node-1").unwrap();
+    let (cert, _) = foreign_ca
+        .sign_node_csr(&key.csr_der, "node-1", Duration::from_secs(600))
+        .unwrap();
+    let foreign = CertifiedKey {
+        chain: vec![cert],
+        key_pkcs8_der: key.key.serialize_der(),
+    };
+    let refused = dial_tcp_port(address, &pin, &foreign, &ticket.offer().ticket).await;
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("alert")),
+        "a foreign certificate: {refused:?}"
+    );
+    // The pool's own certificate with a made-up ticket.
+    let made_up = dial_tcp_port(address, &pin, &own_1, &[7; 16]).await;
+    assert!(matches!(made_up, Ok(0) | Err(_)), "{made_up:?}");
+    // Node 2's certificate with node 1's ticket: refused, and the ticket is spent.
+    let stolen = dial_tcp_port(address, &pin, &own_2, &ticket.offer().ticket).await;
+    assert!(matches!(stolen, Ok(0) | Err(_)), "{stolen:?}");
+    let late = tokio::spawn(async move { ticket.connection().await.map(|_| ()) });
+    let again = dial_tcp_port(address, &pin, &own_1, &[0; 16]).await;
+    assert!(matches!(again, Ok(0) | Err(_)), "{again:?}");
+    assert!(
+        late.await.unwrap().is_err(),
+        "a spent ticket delivers nothing"
+    );
+
+    // Node 2 with a ticket of its own gets its connection to the sync.
+    let ticket = node_2.bulk_ticket().unwrap();
+    let offer = ticket.offer();
+    let dialed =
+        tokio::spawn(async move { dial_tcp_port(address, &pin, &own_2, &offer.ticket).await });
+    let mut delivered = ticket
+        .connection()
+        .await
+        .expect("the sync got its node's connection");
+    tokio::io::AsyncWriteExt::write_all(&mut delivered, b"contents")
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::shutdown(&mut delivered)
+        .await
+        .unwrap();
+    assert_eq!(dialed.await.unwrap(), Ok(8));
+    for agent in &mut agents {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+}

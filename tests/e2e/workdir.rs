@@ -102,8 +102,10 @@ async fn a_tree_reaches_every_node_once_and_then_only_what_changed() {
     eprintln!("first sync in {:?}: {first:?}", started.elapsed());
     assert_eq!(first.nodes.len(), 2);
     for node in &first.nodes {
-        // Everything went, incompressible as it is, and nothing ignored went.
+        // Everything went, incompressible as it is, and nothing ignored went, over the
+        // coordinator's TCP port (the nodes dialed in).
         assert_eq!(node.sent_files, 4, "{node:?}");
+        assert!(node.over_tcp, "{node:?}");
         assert!(node.sent_bytes > BIG as u64, "{node:?}");
         assert!(node.sent_bytes < BIG as u64 + (1 << 20), "{node:?}");
         let copy = sandbox.path().join(&node.node).join(&first.dir);
@@ -129,6 +131,7 @@ async fn a_tree_reaches_every_node_once_and_then_only_what_changed() {
     assert_eq!(again.tree, first.tree);
     for node in &again.nodes {
         assert_eq!(node.sent_files, 0, "{node:?}");
+        assert!(!node.over_tcp, "nothing to send, no connection: {node:?}");
         assert!(node.sent_bytes < 64 * 1024, "{node:?}");
     }
 
@@ -140,6 +143,7 @@ async fn a_tree_reaches_every_node_once_and_then_only_what_changed() {
     assert_ne!(changed.tree, first.tree);
     for node in &changed.nodes {
         assert_eq!(node.sent_files, 1, "{node:?}");
+        assert!(node.over_tcp, "{node:?}");
         assert!(node.sent_bytes < 64 * 1024, "{node:?}");
         let copy = sandbox.path().join(&node.node).join(&changed.dir);
         assert_same_tree(&tree, &copy);
@@ -189,6 +193,7 @@ async fn hostile_sync_and_download_streams_are_refused_and_the_agent_lives_on() 
                 .iter()
                 .filter(|e| matches!(e.kind, EntryKind::File { .. }))
                 .count() as u64,
+            bulk: None,
         };
         let spec = TaskSpec {
             task: TaskId { id: 0, attempt: 0 },
@@ -290,8 +295,13 @@ fn run_syncs_the_workdir_reads_env_files_and_downloads_per_node() {
         assert_eq!(hello, format!("hello world from {node}\n"));
         let copy = std::fs::read_to_string(downloads.join(node).join("out/copy.txt")).unwrap();
         assert_eq!(copy, "input data\n");
+        // The local node dialed in, so the contents came over the coordinator's TCP port.
+        let synced = out
+            .stderr
+            .lines()
+            .find(|l| l.contains(&format!("{node}: workdir synced")));
         assert!(
-            out.stderr.contains(&format!("{node}: workdir synced")),
+            synced.is_some_and(|l| l.ends_with("s over TCP")),
             "{}",
             out.stderr
         );
@@ -357,4 +367,56 @@ fn bad_download_paths_workdirs_and_env_files_are_refused_before_anything_starts(
                 .is_none(),
         "a pool was made"
     );
+}
+
+/// Where the node's firewall passes the QUIC port but drops every TCP packet, a sync waits
+/// out its dial of the TCP port and takes the contents on the QUIC stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_takes_the_quic_stream_where_the_tcp_port_cannot_be_reached() {
+    use skyward_coordinator::{Coordinator, CoordinatorConfig};
+    let sandbox = Sandbox::new();
+    let net = skyward_tests::netns::TestNet::create().expect("a network namespace for the node");
+    net.exec(&["iptables", "-A", "OUTPUT", "-p", "tcp", "-j", "DROP"])
+        .expect("a firewall rule in the node's namespace (install iptables)");
+    skyward_common::install_crypto_provider();
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "bulk-fallback".into(),
+        bind: (net.host_ip, 0).into(),
+        state_dir: None,
+    })
+    .unwrap();
+    let mut argv = net.exec_prefix();
+    argv.push(skyward_tests::bin("skyward-agent").display().to_string());
+    let mut agent = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .args(["--coordinator", &coordinator.local_addr().to_string()])
+        .args(["--ca-pin", &coordinator.ca_pin(), "--node-id", "node-1"])
+        .args(["--lease", "1m"])
+        .arg("--work-dir")
+        .arg(sandbox.path().join("node-1"))
+        .env("SKYWARD_TOKEN", coordinator.issue_token("node-1"))
+        .stderr(std::fs::File::create(sandbox.path().join("node-1.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let node = wait_connected(&coordinator, "node-1").await;
+    let tree = sandbox.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("data.bin"), noise(3 << 20, 7)).unwrap();
+    let synced = tokio::time::timeout(LIMIT, sync_workdir(&coordinator, &[node], &tree, &[]))
+        .await
+        .expect("the sync finished")
+        .unwrap();
+    let report = &synced.nodes[0];
+    assert_eq!(report.sent_files, 1, "{report:?}");
+    assert!(!report.over_tcp, "{report:?}");
+    let copy = sandbox.path().join("node-1").join(&synced.dir);
+    assert_eq!(
+        sha256_file(&copy.join("data.bin")),
+        sha256_file(&tree.join("data.bin"))
+    );
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(log.contains("taking the contents over QUIC"), "{log}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
 }
