@@ -213,6 +213,7 @@ async fn skyward_one(
             .await
             .map_err(anyhow::Error::msg)?;
         let uploaded = started.elapsed();
+        over_tcp(&report)?;
         let into = root.join("downloads");
         let started = Instant::now();
         let downloads = download_all(
@@ -261,6 +262,7 @@ async fn skyward_many(
             report.nodes.len(),
             report.bytes
         );
+        over_tcp(&report)?;
         anyhow::Ok(elapsed)
     };
     let outcome = tokio::time::timeout(limits.phase, work).await;
@@ -272,6 +274,17 @@ async fn skyward_many(
             limits.phase
         )
     })?
+}
+
+/// The figures are of the contents over the coordinator's TCP port, the way a node that can
+/// reach it gets them.
+fn over_tcp(report: &skyward_coordinator::workdir::SyncReport) -> Result<()> {
+    ensure!(
+        report.nodes.iter().all(|node| node.over_tcp),
+        "a node took the contents over QUIC, not the TCP port: {:?}",
+        report.nodes
+    );
+    Ok(())
 }
 
 async fn scan(source: &Path) -> Result<Arc<Tree>> {
