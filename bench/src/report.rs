@@ -893,6 +893,10 @@ mod tests {
         );
         assert!(md.contains("time < 2x: **not met** (3.00x)"), "{md}");
         assert!(md.contains("`rsync -e ssh`: **not measured**"), "{md}");
-        assert!(md.contains("| TCP+TLS 2.0x"), "{md}");
+        assert!(md.contains("| TCP+TLS 2.00x"), "{md}");
+        assert!(
+            md.contains("| 0.67x "),
+            "a bulk ratio has two decimals: {md}"
+        );
     }
 }
