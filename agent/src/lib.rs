@@ -17,6 +17,7 @@ pub mod probe;
 pub mod pty;
 pub mod runner;
 pub mod session;
+pub mod task_threads;
 pub mod tool;
 pub mod typed;
 pub mod workdir;

@@ -42,6 +42,8 @@ pub struct Tasks {
     started: Mutex<(HashSet<TaskId>, std::collections::VecDeque<TaskId>)>,
     /// The typed tasks this agent knows.
     pub registry: Arc<crate::typed::Registry>,
+    /// Where those that may block run.
+    pub task_threads: Arc<crate::task_threads::TaskThreads>,
 }
 
 impl Tasks {
@@ -62,6 +64,7 @@ impl Tasks {
             live: Mutex::new(HashMap::new()),
             started: Mutex::new(Default::default()),
             registry,
+            task_threads: Default::default(),
         })
     }
 

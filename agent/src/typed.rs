@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use skyward_common::protocol::{TaskEvent, TaskOutcome, TaskRequest, TaskSpec};
 use skyward_common::typed::{self, Task, TaskContext};
 
 use crate::runner::Tasks;
+use crate::task_threads::STARTED_WITHIN;
 
 /// Runs one registered task type: decode, run, encode. `Err` is the task's failure
 /// message; an undecodable input is `Ok(Err)` of the outer kind below.
@@ -139,8 +141,9 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// its outcome and that piece, for the caller to send with `Finished` in one write (a small
 /// output then costs one write in all), or `None` when nobody is left to tell.
 ///
-/// A task that may block ([`Task::BLOCKING`], the default) runs on a blocking thread: the
-/// caller giving up (a `Cancel`, its side of the stream reset, or it stopped reading) ends
+/// A task that may block ([`Task::BLOCKING`], the default) runs on a blocking thread, one of
+/// [`crate::task_threads::TaskThreads`]' drainers; one queued for [`STARTED_WITHIN`] without
+/// starting asks for another drainer. The caller giving up (a `Cancel`, its side of the stream reset, or it stopped reading) ends
 /// it as cancelled at once; the task's thread is told through
 /// [`TaskContext::is_cancelled`] and its output is dropped. One that declared it never
 /// blocks runs here, in place, to its end.
@@ -161,8 +164,12 @@ pub async fn run(
     } else {
         let (thread_ctx, registry, task_name) =
             (ctx.clone(), tasks.registry.clone(), name.to_string());
-        let mut work = tokio::task::spawn_blocking(move || {
-            registry.run(&task_name, version, &payload, &thread_ctx)
+        let (finished, mut work) = tokio::sync::oneshot::channel();
+        let started = tasks.task_threads.submit(move || {
+            // Given up while it was queued: nobody wants what it would make.
+            if !thread_ctx.is_cancelled() {
+                let _ = finished.send(registry.run(&task_name, version, &payload, &thread_ctx));
+            }
         });
         let limit = spec.timeout_ms.map(std::time::Duration::from_millis);
         let timeout = async {
@@ -171,23 +178,38 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            joined = &mut work => match joined {
-                Ok(result) => result,
-                Err(e) => Err(Failure::Failed(format!("task `{name}` did not finish: {e}"))),
-            },
-            _ = gave_up(&mut recv) => {
-                ctx.cancel();
-                tracing::debug!(task = %spec.task, "typed task cancelled by its caller");
-                return Some((TaskOutcome::Cancelled, None));
-            }
-            _ = send.stopped() => {
-                ctx.cancel();
-                return None;
-            }
-            _ = timeout => {
-                ctx.cancel();
-                return Some((TaskOutcome::TimedOut, None));
+        tokio::pin!(timeout);
+        let unstick = tokio::time::sleep(STARTED_WITHIN);
+        tokio::pin!(unstick);
+        let mut waiting_to_start = true;
+        // Made once, outside the loop: a frame read is not cancel-safe.
+        let gave_up = gave_up(&mut recv);
+        tokio::pin!(gave_up);
+        loop {
+            tokio::select! {
+                finished = &mut work => break match finished {
+                    Ok(result) => result,
+                    Err(_) => Err(Failure::Failed(format!("task `{name}` did not finish"))),
+                },
+                _ = &mut unstick, if waiting_to_start => {
+                    waiting_to_start = false;
+                    if !started.load(Ordering::Acquire) {
+                        tasks.task_threads.unstick();
+                    }
+                }
+                _ = &mut gave_up => {
+                    ctx.cancel();
+                    tracing::debug!(task = %spec.task, "typed task cancelled by its caller");
+                    return Some((TaskOutcome::Cancelled, None));
+                }
+                _ = send.stopped() => {
+                    ctx.cancel();
+                    return None;
+                }
+                _ = &mut timeout => {
+                    ctx.cancel();
+                    return Some((TaskOutcome::TimedOut, None));
+                }
             }
         }
     };

@@ -462,12 +462,15 @@ pub const GAPS: &str = "### Gaps, causes and plans
   profile before changing code, as was done for the lean task streams (`perf stat`, datagrams
   and context switches per task, side by side with bare quinn).
 - **Typed no-op on a blocking thread, pipelined (80% of bare quinn)**, where missed (the
-  typed rows): a typed task may block, by default, so the agent runs it on its blocking
-  pool: a hand-off to another thread and back for each task, two thread wake-ups, which on
-  2 cores cost about as much as the rest of the dispatch. The frames are not the cause:
-  since the task streams were made lean (input ended with `Start`, the last `Result` piece
-  sent with `Finished`, no `Started`, both ends read to their end), the same no-op declared
-  `BLOCKING = false`, run in place, does what the built-in no-op does. A task that may block
-  cannot run on the async threads without stalling the agent's networking, so the hand-off
-  stays for those. Plan: a hand-off that batches under load (task threads that take the
-  next task without parking while one is queued), measured against tokio's blocking pool.";
+  typed rows): a typed task may block, by default, so the agent runs it off its async
+  threads, and the hand-off there and back costs thread wake-ups, which on 2 cores cost
+  about as much as the rest of the dispatch. The frames are not the cause: the same no-op
+  declared `BLOCKING = false`, run in place, does what the built-in no-op does. tokio's
+  `spawn_blocking` woke a parked thread for every task; the agent's task threads
+  (`agent/src/task_threads.rs`) instead keep up to one drainer per core taking queued tasks
+  one after another, which took this row from about half of bare quinn's throughput to about
+  two thirds in side-by-side runs. What is left is a wake-up per task to hand the result
+  back to the async side, and one to start a drainer whenever the queue has run dry. A task
+  that may block cannot run on the async threads without stalling the agent's networking,
+  so the hand-off stays. Plan: hand results back in batches (the async side takes every
+  finished result at one wake-up), measured the same way.";

@@ -1008,6 +1008,8 @@ impl skyward_common::typed::Task for Fill {
 
 /// Set by [`Wait`] once it runs, and once it saw its cancellation.
 static WAITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// How many [`Wait`]s are running now.
+static WAITS_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static SAW_CANCEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A typed task that waits `ms` and answers `true`, or `false` once cancelled: it blocks,
@@ -1027,6 +1029,10 @@ impl skyward_common::typed::Task for Wait {
     ) -> skyward_common::typed::TaskResult<bool> {
         use std::sync::atomic::Ordering;
         WAITING.store(true, Ordering::SeqCst);
+        WAITS_RUNNING.fetch_add(1, Ordering::SeqCst);
+        let _running = scopeguard(|| {
+            WAITS_RUNNING.fetch_sub(1, Ordering::SeqCst);
+        });
         let end = std::time::Instant::now() + Duration::from_millis(self.ms);
         while std::time::Instant::now() < end {
             if ctx.is_cancelled() {
@@ -1037,6 +1043,19 @@ impl skyward_common::typed::Task for Wait {
         }
         Ok(true)
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 fn typed_spec<T: skyward_common::typed::Task>(task: &T) -> skyward_common::protocol::TaskSpec {
@@ -1065,7 +1084,8 @@ async fn all_events(
 /// agent's own process: no `Started`) sends its output in pieces, in order, the last one
 /// with `Finished`, whether it runs in place or on a blocking thread. Neither takes input:
 /// the coordinator ends their streams with the task, which is no cancellation; dropping
-/// the task's output is.
+/// the task's output is. Tasks that block hold the agent's task threads but not a task
+/// queued behind them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_op_answers_finished_alone_and_a_typed_output_comes_in_pieces() {
     use skyward_common::limits::TYPED_RESULT_CHUNK;
@@ -1127,7 +1147,10 @@ async fn a_no_op_answers_finished_alone_and_a_typed_output_comes_in_pieces() {
     // The stream's end, sent with the task, does not cancel it: it runs its 300 ms out.
     let events = all_events(&coordinator, &node, typed_spec(&Wait { ms: 300 })).await;
     let ran_out = skyward_common::typed::encode_output::<Wait>(&true).unwrap();
-    assert_eq!(events, [TaskEvent::Result(ran_out), finished]);
+    assert_eq!(
+        events,
+        [TaskEvent::Result(ran_out.clone()), finished.clone()]
+    );
     assert!(!SAW_CANCEL.load(Ordering::SeqCst));
 
     // Dropping the task (its output) cancels it.
@@ -1149,6 +1172,33 @@ async fn a_no_op_answers_finished_alone_and_a_typed_output_comes_in_pieces() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+
+    // Tasks that block hold the agent's task threads (one per core), but not the tasks
+    // queued behind them: a quick one still finishes long before the others would.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while WAITS_RUNNING.load(Ordering::SeqCst) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled task never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut blocking = Vec::new();
+    for _ in 0..cores {
+        let task = typed_spec(&Wait { ms: 60_000 });
+        blocking.push(coordinator.start_task(&node, task).await.unwrap());
+    }
+    while WAITS_RUNNING.load(Ordering::SeqCst) < cores {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocking tasks never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let events = all_events(&coordinator, &node, typed_spec(&Wait { ms: 0 })).await;
+    assert_eq!(events, [TaskEvent::Result(ran_out), finished]);
+    drop(blocking);
 
     coordinator.shutdown_nodes("test over").await;
     coordinator.close().await;
