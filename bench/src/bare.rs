@@ -62,19 +62,14 @@ impl Baseline {
             let cert_path = dir.join(format!("{node_id}.der"));
             write_private(&key_path, &key.key.serialize_der())?;
             std::fs::write(&cert_path, &cert).with_context(|| cert_path.display().to_string())?;
-            let child = tokio::process::Command::new(exe)
-                .arg(role)
-                .arg(addr.to_string())
-                .arg(ca.pin())
-                .arg(&cert_path)
-                .arg(&key_path)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("starting echo peer {}", exe.display()))?;
-            children.push(child);
+            let args = [
+                role.into(),
+                addr.to_string().into(),
+                ca.pin().into(),
+                cert_path.into_os_string(),
+                key_path.into_os_string(),
+            ];
+            children.push(spawn_peer(exe, &args)?);
         }
         let mut connections = Vec::with_capacity(peers);
         let accept = async {
@@ -222,6 +217,19 @@ impl Baseline {
             .with_context(|| format!("a bulk transfer took longer than {:?}", limits.phase))??;
         Ok(start.elapsed())
     }
+}
+
+/// A peer process: this executable run as `args[0]` with the rest; its errors reach the
+/// bench's stderr, and it is killed if the bench lets go of it.
+pub fn spawn_peer(exe: &Path, args: &[std::ffi::OsString]) -> Result<Child> {
+    tokio::process::Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {} as {:?}", exe.display(), args.first()))
 }
 
 /// One request: a new stream, 32 bytes out, the echo back.

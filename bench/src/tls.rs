@@ -10,7 +10,6 @@
 //! a connection's bytes to their end and answers with their count.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,18 +82,14 @@ impl TlsBaseline {
         std::fs::write(&ca_path, ca.cert_der()).context("writing the bench CA")?;
         std::fs::write(&cert_path, &cert).context("writing the node certificate")?;
         write_private(&key_path, &key.key.serialize_der())?;
-        let peer = tokio::process::Command::new(exe)
-            .arg("tls-sink-peer")
-            .arg(listener.local_addr()?.to_string())
-            .arg(&ca_path)
-            .arg(&cert_path)
-            .arg(&key_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting the TLS sink peer {}", exe.display()))?;
+        let args = [
+            "tls-sink-peer".into(),
+            listener.local_addr()?.to_string().into(),
+            ca_path.into_os_string(),
+            cert_path.into_os_string(),
+            key_path.into_os_string(),
+        ];
+        let peer = crate::bare::spawn_peer(exe, &args)?;
         Ok(TlsBaseline {
             listener,
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),

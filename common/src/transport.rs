@@ -50,18 +50,29 @@ pub fn server_config(
     identity: &CertifiedKey,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone())?;
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
+    let client_verifier = pool_client_verifier(ca, &provider)?;
     quic_server(
         provider,
         client_verifier,
         identity,
         &[ALPN_NODE, ALPN_ENROLL],
         Side::Coordinator,
+    )
+}
+
+/// The coordinator's check of client certificates: one that is shown must chain to the pool
+/// CA `ca`; none at all passes the handshake, for the protocols that take none, and the
+/// others refuse it after the handshake, by ALPN.
+fn pool_client_verifier(
+    ca: &CertificateDer<'static>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TransportError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.clone())?;
+    Ok(
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()?,
     )
 }
 
@@ -105,12 +116,7 @@ pub fn tcp_server_config(
     identity: &CertifiedKey,
 ) -> Result<Arc<rustls::ServerConfig>, TransportError> {
     let provider = provider();
-    let mut roots = RootCertStore::empty();
-    roots.add(ca.clone())?;
-    let client_verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .allow_unauthenticated()
-            .build()?;
+    let client_verifier = pool_client_verifier(ca, &provider)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(client_verifier)
