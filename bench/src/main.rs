@@ -282,10 +282,7 @@ async fn measure(
     }
     .await;
     baseline.stop().await;
-    let (
-        (sky_latency, bare_latency, one, many),
-        [(typed_latency, typed_one), (typed_in_place_latency, typed_in_place_one)],
-    ) = outcome?;
+    let ((sky_latency, bare_latency, one, many), [typed, typed_in_place]) = outcome?;
 
     let sshd = peers::Sshd::start().await.map_err(|e| format!("{e:#}"));
     let peers = peers::measure(agent_bin, scratch, &sshd, REPEATS, &LIMITS).await?;
@@ -321,10 +318,12 @@ async fn measure(
         bare_latency,
         one,
         many,
-        typed_latency,
-        typed_one,
-        typed_in_place_latency,
-        typed_in_place_one,
+        typed_latency: typed.latency,
+        typed_one: typed.one,
+        typed_many: typed.many,
+        typed_in_place_latency: typed_in_place.latency,
+        typed_in_place_one: typed_in_place.one,
+        typed_in_place_many: typed_in_place.many,
         cold,
         cold_warmup,
         footprint,
@@ -376,12 +375,13 @@ async fn measure_with_baseline(
 
 /// The typed no-ops, on a blocking thread and in place, on a pool of 1 agent that registered
 /// them: this executable run as `typed-agent`, through a wrapper script (the local provider
-/// starts a program by path). Their pipelined runs are paired with 1-peer bare quinn runs.
+/// starts a program by path). Their pipelined runs are paired with bare quinn runs over as
+/// many peers; then the same pipelined runs on a pool of [`MANY`].
 async fn measure_typed(
     exe: &Path,
     baseline: &bare::Baseline,
     scratch: &Path,
-) -> Result<[(Latency, Pairs); 2]> {
+) -> Result<[TypedMeasured; 2]> {
     use std::os::unix::fs::PermissionsExt;
     let wrapper = scratch.join("typed-agent");
     let quoted = exe.display().to_string().replace('\'', "'\\''");
@@ -413,7 +413,36 @@ async fn measure_typed(
     }
     .await;
     pool.down().await;
-    measured
+    let [(latency, one), (in_place_latency, in_place_one)] = measured?;
+
+    progress(&format!(
+        "bringing up a local pool of {MANY} agents with the typed no-ops registered"
+    ));
+    let pool = skyward::pool_up(&wrapper, &scratch.join("typed-many"), MANY).await?;
+    let many = async {
+        let blocking = pipelined_pairs(&pool, Noop::Typed, baseline, MANY, PAIRS).await?;
+        let in_place = pipelined_pairs(&pool, Noop::TypedInPlace, baseline, MANY, PAIRS).await?;
+        anyhow::Ok((blocking, in_place))
+    }
+    .await;
+    pool.down().await;
+    let (many, in_place_many) = many?;
+    Ok([
+        TypedMeasured { latency, one, many },
+        TypedMeasured {
+            latency: in_place_latency,
+            one: in_place_one,
+            many: in_place_many,
+        },
+    ])
+}
+
+/// One typed no-op's figures: its round trips on 1 agent, and its pipelined runs paired
+/// with bare quinn's, on 1 agent and on [`MANY`].
+struct TypedMeasured {
+    latency: Latency,
+    one: Pairs,
+    many: Pairs,
 }
 
 /// `pairs` pipelined runs of `kind` on `pool`, each followed at once by bare quinn's over as

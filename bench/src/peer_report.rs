@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use crate::bulk::{mib_per_s, BulkResults, BULK_BYTES, BULK_NODES, BULK_RUNS, SCP_CIPHER};
-use crate::peers::{RAY_PIPELINED, RAY_SEQUENTIAL, RAY_WARMUP, SSH_RUNS, TRUE_RUNS, TRUE_WARMUP};
+use crate::peers::{
+    RAY_PIPELINED, RAY_SEQUENTIAL, RAY_WARMUP, SSH_RUNS, TRUE_PIPELINED, TRUE_RUNS, TRUE_WARMUP,
+};
 use crate::report::{met, render, Results};
 use crate::stats::{median, median_duration, micros, thousands};
-use crate::IN_FLIGHT;
+use crate::{IN_FLIGHT, MANY};
 
 /// Targets from the issue: how many times faster than the peer Skyward should be.
 const TARGET_VS_RAY_ROUND_TRIP: f64 = 20.0;
@@ -112,6 +114,18 @@ pub fn dispatch_table(r: &Results) -> String {
             ));
         }
     }
+    for (nodes, runs) in [(1, &p.true_one), (MANY, &p.true_many)] {
+        rows.push([
+            format!(
+                "pipelined `true` commands, {nodes} agent{}, {IN_FLIGHT} in flight",
+                if nodes == 1 { "" } else { "s" }
+            ),
+            format!("{}/s", thousands(median(runs))),
+            "—".into(),
+            "—".into(),
+            "— (informational)".into(),
+        ]);
+    }
     match &p.ssh_true {
         Ok(ssh) => rows.push([
             "`true` on a ready node vs `ssh host true`, median".into(),
@@ -184,6 +198,13 @@ pub fn dispatch_method(r: &Results) -> String {
         ),
         Err(why) => format!("not measured: {why}"),
     };
+    let list = |runs: &[f64]| {
+        runs.iter()
+            .map(|v| thousands(*v))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (true_one, true_many) = (list(&r.peers.true_one), list(&r.peers.true_many));
     format!(
         "- **Ray** (`bench/peers/ray_noop.py`, run with the Python of the venv
   `${{SKYWARD_TOOLS_DIR:-/var/tmp/skyward-tools}}/ray`): a local Ray started with
@@ -200,7 +221,11 @@ pub fn dispatch_method(r: &Results) -> String {
   from spawn to exit (status 0 asserted), 2 warm-up runs, then {SSH_RUNS} timed; the median
   (runs in ms: {ssh_runs}). Skyward's side: a `true` command task (`TaskKind::Command`, a
   real process spawned by the agent) on a ready 1-agent pool through `start_task`, until its
-  `Finished` (exit 0 asserted): {TRUE_WARMUP} warm-up, {TRUE_RUNS} timed, the p50.
+  `Finished` (exit 0 asserted): {TRUE_WARMUP} warm-up, {TRUE_RUNS} timed, the p50. Then,
+  with no peer to set beside them (sshd limits unauthenticated connections at once), the
+  same command pipelined: {TRUE_PIPELINED} `true` tasks with {IN_FLIGHT} in flight, round-robin
+  over a pool of 1 agent and one of {MANY}, tasks/s, median of the runs (1 agent: {true_one};
+  {MANY} agents: {true_many}).
 "
     )
 }

@@ -352,10 +352,36 @@ async fn current_user() -> Result<String> {
     Ok(user)
 }
 
+/// `repeats` pipelined runs of [`TRUE_PIPELINED`] `true` commands on `pool`, in tasks/s.
+async fn true_pipelined(
+    pool: &skyward_coordinator::Pool,
+    repeats: usize,
+    limits: &Limits,
+) -> Result<Vec<f64>> {
+    let mut runs = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        runs.push(
+            crate::skyward::throughput(
+                pool,
+                crate::skyward::Noop::TrueCommand,
+                TRUE_PIPELINED,
+                crate::IN_FLIGHT,
+                limits,
+            )
+            .await?,
+        );
+    }
+    Ok(runs)
+}
+
 /// Dispatch peers' numbers, with Skyward's `true` command measured beside them.
 pub struct PeerResults {
     /// `true` as a Skyward command task on a ready node.
     pub sky_true: Latency,
+    /// [`TRUE_PIPELINED`] `true` commands at once, tasks/s per run: on 1 node and on
+    /// [`crate::MANY`].
+    pub true_one: Vec<f64>,
+    pub true_many: Vec<f64>,
     /// `ssh host true`, one wall time per run; or why SSH could not be measured.
     pub ssh_true: Result<Vec<Duration>, String>,
     pub ray: Result<RayNumbers, String>,
@@ -364,6 +390,9 @@ pub struct PeerResults {
 /// Untimed and timed Skyward `true` commands.
 pub const TRUE_WARMUP: usize = 20;
 pub const TRUE_RUNS: usize = 200;
+/// `true` commands per pipelined run (each a process on the node), [`crate::IN_FLIGHT`] at
+/// once.
+pub const TRUE_PIPELINED: usize = 2_000;
 
 /// Skyward's `true` beside `ssh host true` (alternating batches on the same machine state),
 /// then Ray's no-op. A peer that cannot run is recorded with the reason, not an error.
@@ -377,12 +406,32 @@ pub async fn measure(
     crate::progress("bringing up a local pool of 1 agent for `true` commands");
     // A root of its own: a local pool's dir is not reused by a second pool.
     let pool = crate::skyward::pool_up(agent_bin, &scratch.join("true-command"), 1).await?;
-    let sky_true = crate::skyward::true_round_trips(&pool, TRUE_WARMUP, TRUE_RUNS, limits).await;
+    let measured = async {
+        let latency =
+            crate::skyward::true_round_trips(&pool, TRUE_WARMUP, TRUE_RUNS, limits).await?;
+        let runs = true_pipelined(&pool, repeats, limits).await?;
+        anyhow::Ok((latency, runs))
+    }
+    .await;
     pool.down().await;
-    let sky_true = sky_true?;
+    let (sky_true, true_one) = measured?;
     crate::progress(&format!(
-        "  skyward `true` p50 {:.0} us",
-        crate::stats::micros(sky_true.p50)
+        "  skyward `true` p50 {:.0} us; pipelined {:?}/s",
+        crate::stats::micros(sky_true.p50),
+        true_one
+    ));
+    crate::progress(&format!(
+        "bringing up a local pool of {} agents for `true` commands",
+        crate::MANY
+    ));
+    let pool = crate::skyward::pool_up(agent_bin, &scratch.join("true-many"), crate::MANY).await?;
+    let true_many = true_pipelined(&pool, repeats, limits).await;
+    pool.down().await;
+    let true_many = true_many?;
+    crate::progress(&format!(
+        "  skyward `true` on {} agents: pipelined {:?}/s",
+        crate::MANY,
+        true_many
     ));
     let ssh_true = match sshd {
         Ok(sshd) => {
@@ -406,6 +455,8 @@ pub async fn measure(
     }
     Ok(PeerResults {
         sky_true,
+        true_one,
+        true_many,
         ssh_true,
         ray,
     })

@@ -30,12 +30,15 @@ pub struct Results {
     /// and [`MANY`].
     pub one: Pairs,
     pub many: Pairs,
-    /// The typed no-op ([`crate::skyward::TypedNoop`]) on 1 agent, beside the bare figures.
+    /// The typed no-op ([`crate::skyward::TypedNoop`]) on 1 agent, beside the bare figures,
+    /// and pipelined on [`MANY`].
     pub typed_latency: Latency,
     pub typed_one: Pairs,
+    pub typed_many: Pairs,
     /// The same declared never to block ([`crate::skyward::TypedInPlaceNoop`]).
     pub typed_in_place_latency: Latency,
     pub typed_in_place_one: Pairs,
+    pub typed_in_place_many: Pairs,
     /// Counted cold runs (the warm-up excluded).
     pub cold: Vec<Duration>,
     pub cold_warmup: Duration,
@@ -164,6 +167,11 @@ pub fn table(r: &Results) -> String {
             &r.typed_one,
             share_target.clone(),
         ),
+        throughput_row(
+            format!("pipelined typed no-op, {MANY} agents, {IN_FLIGHT} in flight"),
+            &r.typed_many,
+            share_target.clone(),
+        ),
         latency_row(
             "typed no-op run in place, round trip p50",
             r.typed_in_place_latency.p50,
@@ -171,8 +179,13 @@ pub fn table(r: &Results) -> String {
             format!("≤ {TARGET_ROUND_TRIP_RATIO}x bare"),
         ),
         throughput_row(
-            format!("pipelined typed no-op run in place, {IN_FLIGHT} in flight"),
+            format!("pipelined typed no-op run in place, 1 agent, {IN_FLIGHT} in flight"),
             &r.typed_in_place_one,
+            share_target.clone(),
+        ),
+        throughput_row(
+            format!("pipelined typed no-op run in place, {MANY} agents, {IN_FLIGHT} in flight"),
+            &r.typed_in_place_many,
             share_target,
         ),
         [
@@ -325,8 +338,9 @@ pub fn verdicts(r: &Results) -> Vec<String> {
     let (share_one, share_many) = (1.0 / ratios[2].1, 1.0 / ratios[3].1);
     let typed = latency_ratio(r.typed_latency.p50, r.bare_latency.p50);
     let typed_in_place = latency_ratio(r.typed_in_place_latency.p50, r.bare_latency.p50);
-    let typed_share = r.typed_one.share();
-    let typed_in_place_share = r.typed_in_place_one.share();
+    let percent = |pairs: &Pairs| pairs.share() * 100.0;
+    let shares_met =
+        |pairs: [&Pairs; 2]| met(pairs.iter().all(|p| p.share() >= TARGET_THROUGHPUT_SHARE));
     let ratio_detail: Vec<String> = ratios
         .iter()
         .map(|(what, ratio)| format!("{what} {ratio:.2}x"))
@@ -372,11 +386,13 @@ pub fn verdicts(r: &Results) -> Vec<String> {
             share_many * 100.0
         ),
         format!(
-            "- the same for the typed no-op, 1 agent: on a blocking thread (a task that may block, the default) **{}** ({:.0}%); run in place (one declared never to block) **{}** ({:.0}%).",
-            met(typed_share >= TARGET_THROUGHPUT_SHARE),
-            typed_share * 100.0,
-            met(typed_in_place_share >= TARGET_THROUGHPUT_SHARE),
-            typed_in_place_share * 100.0
+            "- the same for the typed no-op: on a blocking thread (a task that may block, the default) **{}** ({:.0}% with 1 agent, {:.0}% with {MANY}); run in place (one declared never to block) **{}** ({:.0}% with 1 agent, {:.0}% with {MANY}).",
+            shares_met([&r.typed_one, &r.typed_many]),
+            percent(&r.typed_one),
+            percent(&r.typed_many),
+            shares_met([&r.typed_in_place_one, &r.typed_in_place_many]),
+            percent(&r.typed_in_place_one),
+            percent(&r.typed_in_place_many)
         ),
     ]
 }
@@ -661,10 +677,12 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
   `typed-agent` (the stock agent program with its `TypedNoop` and `TypedInPlaceNoop` tasks
   registered, started through a wrapper script): `TaskKind::Typed` with the encoded unit
   value, answered with `Finished` (the encoded `()` is empty: no `Result` piece). `TypedNoop`
-  may block, as a task does by default, so the agent runs it on its blocking pool;
+  may block, as a task does by default, so the agent runs it on its task threads;
   `TypedInPlaceNoop` declares `BLOCKING = false` and runs in place, on the agent's async
   threads. Their round-trip ratios are to the bare quinn p50 above, measured earlier in the
-  same run.
+  same run. Then {PAIRS} pipelined runs of each on a pool of {MANY} such agents, each paired
+  with a bare quinn run over {MANY} peers ({typed_many} on a blocking thread,
+  {typed_in_place_many} in place).
 - **Cold end-to-end**: `target/release/skyward run --nodes {MANY} --on all -- true` from process
   spawn to exit (exit status 0 asserted), `SKYWARD_HOME` in a fresh temp dir. {COLD_RUNS} runs,
   the first a warm-up ({warmup:.3} s, not counted); counted runs in seconds: {cold}.
@@ -735,6 +753,8 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above.
         many = pair_list(&r.many),
         typed_one = pair_list(&r.typed_one),
         typed_in_place_one = pair_list(&r.typed_in_place_one),
+        typed_many = pair_list(&r.typed_many),
+        typed_in_place_many = pair_list(&r.typed_in_place_many),
         warmup = r.cold_warmup.as_secs_f64(),
         cold = cold.join(", "),
         footprint_verdicts = footprint_verdicts(&r.footprint).join("\n"),
@@ -781,8 +801,10 @@ mod tests {
             many: pairs(&[(35_000.0, 50_000.0); 3]),
             typed_latency: lat(240, 500),
             typed_one: pairs(&[(18_000.0, 40_000.0); 3]),
+            typed_many: pairs(&[(30_000.0, 50_000.0); 3]),
             typed_in_place_latency: lat(120, 300),
             typed_in_place_one: pairs(&[(27_000.0, 40_000.0); 3]),
+            typed_in_place_many: pairs(&[(45_000.0, 50_000.0); 3]),
             cold: vec![
                 Duration::from_millis(800),
                 Duration::from_millis(1200),
@@ -802,6 +824,8 @@ mod tests {
             },
             peers: crate::peers::PeerResults {
                 sky_true: lat(900, 1500),
+                true_one: vec![800.0; 3],
+                true_many: vec![1_200.0; 3],
                 ssh_true: Ok(vec![Duration::from_millis(300); 3]),
                 ray: Err("Ray is not installed".into()),
             },
@@ -894,6 +918,16 @@ mod tests {
         assert!(md.contains("time < 2x: **not met** (3.00x)"), "{md}");
         assert!(md.contains("`rsync -e ssh`: **not measured**"), "{md}");
         assert!(md.contains("| TCP+TLS 2.00x"), "{md}");
+        assert!(
+            md.contains("| pipelined `true` commands, 8 agents, 256 in flight | 1,200/s"),
+            "{md}"
+        );
+        assert!(
+            v.contains(
+                "run in place (one declared never to block) **not met** (68% with 1 agent, 90% with 8)"
+            ),
+            "{v}"
+        );
         assert!(
             md.contains("| 0.67x "),
             "a bulk ratio has two decimals: {md}"

@@ -94,21 +94,32 @@ pub enum Noop {
     Typed,
     /// [`TypedInPlaceNoop`], likewise.
     TypedInPlace,
+    /// The command `true`: a process started and reaped on the node.
+    TrueCommand,
 }
 
 impl Noop {
-    fn spec(self) -> Result<TaskSpec> {
+    fn spec(self, coordinator: &Coordinator) -> Result<TaskSpec> {
         Ok(match self {
             Noop::Builtin => TaskSpec::noop(0),
             Noop::Typed => skyward_common::typed::spec(&TypedNoop)?,
             Noop::TypedInPlace => skyward_common::typed::spec(&TypedInPlaceNoop)?,
+            // A fresh id, as `skyward run` gives its tasks: the agent tracks commands by id.
+            Noop::TrueCommand => TaskSpec::command(
+                coordinator.next_task_id(),
+                0,
+                vec!["true".into()],
+                Vec::new(),
+                None,
+                false,
+            ),
         })
     }
 }
 
 /// One no-op task of `kind`, start to `None`: checks it finished successfully.
 async fn noop_of(coordinator: &Coordinator, node: &NodeHandle, kind: Noop) -> Result<()> {
-    run_to_end(coordinator, node, kind.spec()?).await
+    run_to_end(coordinator, node, kind.spec(coordinator)?).await
 }
 
 /// One no-op task, start to `None`: checks it finished with exit code 0.
@@ -148,19 +159,14 @@ pub async fn true_round_trips(
 ) -> Result<Latency> {
     let coordinator = pool.coordinator();
     let node = pool.nodes().first().context("empty pool")?.clone();
-    // Fresh ids, as `skyward run` gives its tasks: the agent tracks commands by id.
-    let spec = || {
-        let id = coordinator.next_task_id();
-        TaskSpec::command(id, 0, vec!["true".into()], Vec::new(), None, false)
-    };
     let work = async {
         for _ in 0..warmup {
-            run_to_end(coordinator, &node, spec()).await?;
+            noop_of(coordinator, &node, Noop::TrueCommand).await?;
         }
         let mut samples = Vec::with_capacity(count);
         for _ in 0..count {
             let start = Instant::now();
-            run_to_end(coordinator, &node, spec()).await?;
+            noop_of(coordinator, &node, Noop::TrueCommand).await?;
             samples.push(start.elapsed());
         }
         anyhow::Ok(samples)
