@@ -44,6 +44,67 @@ pub struct Tasks {
     pub registry: Arc<crate::typed::Registry>,
     /// Where those that may block run.
     pub task_threads: Arc<crate::task_threads::TaskThreads>,
+    /// Where command tasks' processes are forked.
+    spawner: Spawner,
+}
+
+/// The thread that forks command tasks' processes, started with the first. A task's
+/// `PR_SET_PDEATHSIG` fires when the thread that forked it ends, so the fork must happen on a
+/// thread that lives as long as the agent (tokio's blocking threads end after 10 s idle);
+/// and on the async threads it would hold one, and the agent's networking, until the exec.
+#[derive(Default)]
+struct Spawner {
+    requests: Mutex<Option<std::sync::mpsc::Sender<SpawnRequest>>>,
+}
+
+type SpawnRequest = (
+    tokio::process::Command,
+    tokio::sync::oneshot::Sender<std::io::Result<tokio::process::Child>>,
+);
+
+impl Spawner {
+    /// Spawns `command` on the spawner thread; the command is dropped there right after,
+    /// closing the parent's copies of the child's stdio (a terminal's slave side).
+    async fn spawn(
+        &self,
+        command: tokio::process::Command,
+    ) -> std::io::Result<tokio::process::Child> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        {
+            let mut requests = self.requests.lock().expect("spawner lock");
+            if requests.is_none() {
+                *requests = Some(start_spawner(tokio::runtime::Handle::current())?);
+            }
+            let requests = requests.as_ref().expect("just started");
+            if let Err(std::sync::mpsc::SendError((mut command, _))) =
+                requests.send((command, reply))
+            {
+                return command.spawn();
+            }
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the spawner thread ended")))
+    }
+}
+
+/// The spawner thread, forking in `runtime`'s context (so the child's exit reaches it);
+/// it ends when the runner, and so the sender, goes.
+fn start_spawner(
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<std::sync::mpsc::Sender<SpawnRequest>> {
+    let (requests, incoming) = std::sync::mpsc::channel::<SpawnRequest>();
+    std::thread::Builder::new()
+        .name("skyward-spawner".into())
+        .spawn(move || {
+            let _runtime = runtime.enter();
+            for (mut command, reply) in incoming {
+                let spawned = command.spawn();
+                drop(command);
+                let _ = reply.send(spawned);
+            }
+        })?;
+    Ok(requests)
 }
 
 impl Tasks {
@@ -65,6 +126,7 @@ impl Tasks {
             started: Mutex::new(Default::default()),
             registry,
             task_threads: Default::default(),
+            spawner: Spawner::default(),
         })
     }
 
@@ -464,9 +526,9 @@ async fn command_outcome(
             Ok(())
         });
     }
-    let spawned = command.spawn();
     // The slave side stays open only in the child: its end is the master's end of output.
-    drop(command);
+    // The spawner drops the command, and the parent's copy with it, right after the fork.
+    let spawned = tasks.spawner.spawn(command).await;
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {

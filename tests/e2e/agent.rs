@@ -1208,3 +1208,48 @@ async fn a_no_op_answers_finished_alone_and_a_typed_output_comes_in_pieces() {
         .unwrap()
         .unwrap();
 }
+
+/// A command's process dies with its agent, whatever thread forked it and however long ago:
+/// here the agent is killed outright, long after its first task, and its task goes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_process_dies_with_its_agent() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut first = coordinator
+        .start_task(&node, command(&["true"]))
+        .await
+        .unwrap();
+    task_output(&mut first).await;
+    let mut task = coordinator
+        .start_task(&node, command(&["sleep", "600"]))
+        .await
+        .unwrap();
+    let pid = loop {
+        match tokio::time::timeout(Duration::from_secs(10), task.output.next())
+            .await
+            .expect("no Started within 10s")
+            .unwrap()
+        {
+            Some(TaskEvent::Started { pid }) => break pid as i32,
+            Some(_) => {}
+            None => panic!("the task ended before it started"),
+        }
+    };
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    };
+    assert!(alive(pid), "the task's process is running");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task's process outlived its agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
