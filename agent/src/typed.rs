@@ -143,10 +143,10 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 ///
 /// A task that may block ([`Task::BLOCKING`], the default) runs on a blocking thread, one of
 /// [`crate::task_threads::TaskThreads`]' drainers; one queued for [`STARTED_WITHIN`] without
-/// starting asks for another drainer. The caller giving up (a `Cancel`, its side of the stream reset, or it stopped reading) ends
-/// it as cancelled at once; the task's thread is told through
-/// [`TaskContext::is_cancelled`] and its output is dropped. One that declared it never
-/// blocks runs here, in place, to its end.
+/// starting asks for another drainer. The caller giving up (a `Cancel`, its side of the
+/// stream reset, or it stopped reading) ends it as cancelled at once; the task's thread is
+/// told through [`TaskContext::is_cancelled`] and its output is dropped. One that declared
+/// it never blocks runs here, in place, to its end.
 pub async fn run(
     spec: &TaskSpec,
     name: &str,

@@ -123,8 +123,7 @@ async fn measure(exe: &Path, agent_bin: &Path, scratch: &Path) -> Result<[f64; 2
                 let sky = crate::skyward::round_trips(&pool, Noop::Builtin, 0, SEQUENTIAL, &LIMITS)
                     .await?;
                 let bare = baseline.round_trips(0, SEQUENTIAL, &LIMITS).await?;
-                round_trip
-                    .push(sky.p50.as_secs_f64() / bare.p50.as_secs_f64().max(f64::MIN_POSITIVE));
+                round_trip.push(crate::report::latency_ratio(sky.p50, bare.p50));
             }
             let pipelined =
                 crate::pipelined_pairs(&pool, Noop::Builtin, &baseline, 1, PIPELINED_PAIRS).await?;

@@ -81,7 +81,7 @@ impl Results {
     }
 }
 
-fn latency_ratio(sky: Duration, bare: Duration) -> f64 {
+pub(crate) fn latency_ratio(sky: Duration, bare: Duration) -> f64 {
     sky.as_secs_f64() / bare.as_secs_f64().max(f64::MIN_POSITIVE)
 }
 

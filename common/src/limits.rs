@@ -126,8 +126,8 @@ pub const TRANSFER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// it takes them on the QUIC stream instead (a firewall that passes only UDP drops the
 /// dial silently).
 pub const BULK_DIAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the coordinator waits for the TCP connection an agent said it dialed, and for
-/// the ticket on a new one.
+/// How long the coordinator waits for the TCP connection an agent said it dialed; and, on
+/// its TCP port, for any TLS handshake and for the ticket on a sync's connection.
 pub const BULK_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS connections the coordinator's TCP port serves at once (agent downloads and syncs'
 /// contents); more wait to be accepted.

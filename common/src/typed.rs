@@ -145,7 +145,6 @@ fn decode_bounded<V: DeserializeOwned>(
     })
 }
 
-/// A task's value as it travels ([`MAX_TYPED_INPUT`] at most).
 /// The task spec that runs `task` on a node.
 pub fn spec<T: Task>(task: &T) -> Result<crate::protocol::TaskSpec, TypedError> {
     Ok(crate::protocol::TaskSpec::typed(
@@ -155,6 +154,7 @@ pub fn spec<T: Task>(task: &T) -> Result<crate::protocol::TaskSpec, TypedError> 
     ))
 }
 
+/// A task's value as it travels ([`MAX_TYPED_INPUT`] at most).
 pub fn encode_input<T: Task>(task: &T) -> Result<Bytes, TypedError> {
     encode_bounded(T::NAME, task, MAX_TYPED_INPUT)
 }
