@@ -810,9 +810,9 @@ mod tests {
     use crate::tool::TOOL_TIMEOUT;
     use std::path::PathBuf;
 
-    /// The captured outputs in the workspace's shared fixtures (see their README.md).
+    /// The captured outputs in `agent/testdata/nvidia-smi` (see its README.md).
     fn fixtures() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/nvidia-smi")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata/nvidia-smi")
     }
 
     fn fixture(name: &str) -> String {

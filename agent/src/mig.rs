@@ -413,7 +413,7 @@ mod tests {
 
     fn fixture(name: &str) -> String {
         let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/fixtures/nvidia-smi")
+            .join("testdata/nvidia-smi")
             .join(name);
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
     }

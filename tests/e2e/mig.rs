@@ -93,11 +93,9 @@ case "$*" in
 esac
 "#;
 
-/// The captured `nvidia-smi mig -lgip` of an H100 NVL (see the fixtures' README.md).
+/// The captured `nvidia-smi mig -lgip` of an H100 NVL (see agent/testdata/nvidia-smi/README.md).
 fn lgip_fixture() -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/fixtures/nvidia-smi/mig-lgip-h100nvl.txt");
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    include_str!("../../agent/testdata/nvidia-smi/mig-lgip-h100nvl.txt").to_string()
 }
 
 /// Installs `script` as `nvidia-smi` in `<sandbox>/bin`, with MIG mode off and no instances.

@@ -23,20 +23,20 @@ pub struct OpenApi {
     validators: Mutex<HashMap<String, Arc<jsonschema::Validator>>>,
 }
 
-/// The official DigitalOcean spec, `shared/specs/digitalocean-openapi.v2.yaml` beside the
-/// repository, loaded once per test binary.
+/// The official DigitalOcean spec, vendored as `tests/fixtures/specs/digitalocean-openapi.v2.yaml`
+/// (its source and licence beside it), loaded once per test binary.
 pub fn digitalocean() -> &'static OpenApi {
     static SPEC: OnceLock<OpenApi> = OnceLock::new();
     SPEC.get_or_init(|| {
-        let path = shared_spec("digitalocean-openapi.v2.yaml");
+        let path = vendored_spec("digitalocean-openapi.v2.yaml");
         OpenApi::load(&path).unwrap_or_else(|e| panic!("{e}"))
     })
 }
 
-/// `<repo>/../shared/specs/<name>`, where the workplace and CI keep vendor specs.
-pub fn shared_spec(name: &str) -> PathBuf {
+/// `tests/fixtures/specs/<name>`: the vendors' specs the contract checks read.
+pub fn vendored_spec(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/specs")
+        .join("fixtures/specs")
         .join(name)
 }
 
@@ -44,7 +44,7 @@ impl OpenApi {
     pub fn load(path: &Path) -> Result<OpenApi, String> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             format!(
-                "{}: {e}: the contract checks need the vendor's OpenAPI spec in shared/specs beside the repository",
+                "{}: {e}: the contract checks need the vendor's OpenAPI spec vendored in tests/fixtures/specs",
                 path.display()
             )
         })?;

@@ -1,7 +1,7 @@
 //! DigitalOcean: one droplet per node, from the sizes `GET /v2/sizes` lists, booted with the
 //! node's user-data and tagged with its pool and node so that teardown finds them by tag.
 //!
-//! The API's shapes and traps (see `shared/cloud-apis.md` and the official OpenAPI spec):
+//! The API's shapes and traps (see `docs/cloud-apis.md` and the official OpenAPI spec):
 //! - errors are `{"id", "message", "request_id"?}`; only the status and the `id` (any case)
 //!   decide what an error means, never the message text;
 //! - creating a droplet answers 202 with `status: "new"`; it is usable once `active`;

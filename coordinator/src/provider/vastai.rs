@@ -2,7 +2,7 @@
 //! nodes rents N offers; nodes of one pool are kept on one physical cluster where one has
 //! enough matching machines, and joined by an overlay network there.
 //!
-//! The API's shapes and quirks (see `shared/cloud-apis.md` and the `vastai` CLI):
+//! The API's shapes and quirks (see `docs/cloud-apis.md` and the `vastai` CLI):
 //! - search is `POST /api/v0/bundles/` with `{field: {op: value}}` filters; the CLI sends
 //!   numbers as strings, except the fields it scales (`gpu_ram`, `cpu_ram`: GB to MB), which
 //!   it sends as numbers; GPU names use spaces ("RTX 4090");

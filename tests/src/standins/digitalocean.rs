@@ -1,6 +1,6 @@
 //! A DigitalOcean API stand-in on loopback: sizes and regions with paging, droplets created
 //! (202, `new`, then `active`), listed, fetched and deleted in the real API's shapes, status
-//! codes and traps (see `shared/cloud-apis.md`):
+//! codes and traps (see `docs/cloud-apis.md`):
 //! - a plain listing, and listing or deleting by `tag_name`, leaves GPU droplets out; only
 //!   `type=gpus` lists them, and `type` with `tag_name` is refused;
 //! - a wrong token gets 401 `{"id":"Unauthorized","message":"Unable to authenticate you."}`;

@@ -1,5 +1,5 @@
 //! A VastAI API stand-in on loopback, answering in the real API's shapes, status codes and
-//! quirks (see `shared/cloud-apis.md` and the `vastai` CLI):
+//! quirks (see `docs/cloud-apis.md` and the `vastai` CLI):
 //! - offer search (`POST /api/v0/bundles/`) honours every filter it is sent, with the ops
 //!   eq, neq, gt, gte, lt, lte, in, notin, numbers given as numbers or strings, `gpu_ram` and
 //!   `cpu_ram` in MB, `geolocation` matched on the country code; an unknown field is refused;
