@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# What a cold start costs on this machine: clones the committed HEAD into an empty temporary
+# folder (nothing beside it), then times, with an empty cargo target dir,
+#   readme: the README's two commands, `cargo build --release && ./target/release/skyward run
+#           --nodes 3 --on all -- hostname`, then `scripts/test.sh` (crates are fetched
+#           first, timed apart, so a warm ~/.cargo registry changes only that line);
+#   ci:     `.ci/run`, in a target dir of its own (CARGO_TARGET_DIR, which must be empty).
+# Peak memory is the machine's memory in use (MemTotal - MemAvailable, sampled each second)
+# above what was in use before the step: run it on an otherwise idle machine.
+set -euo pipefail
+mode=${1:?usage: scripts/cold-cost.sh readme|ci}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+scratch=$(mktemp -d /var/tmp/skyward-cold.XXXXXX)
+git clone --quiet "$repo" "$scratch/skyward"
+cd "$scratch/skyward"
+echo "cold-cost $mode: $(git rev-parse --short HEAD) in $scratch/skyward, $(nproc) cores"
+
+used_kib() { awk '/^MemTotal:/ { t = $2 } /^MemAvailable:/ { a = $2 } END { print t - a }' /proc/meminfo; }
+
+# measure NAME COMMAND...: wall time and peak memory above the baseline, one line each.
+measure() {
+    local name=$1 base peak_file t0 status=0
+    shift
+    base=$(used_kib)
+    peak_file=$(mktemp)
+    echo 0 >"$peak_file"
+    ( peak=0; while :; do u=$(( $(used_kib) - base )); (( u > peak )) && { peak=$u; echo "$peak" >"$peak_file"; }; sleep 1; done ) &
+    local sampler=$!
+    t0=$(date +%s)
+    "$@" || status=$?
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
+    local secs=$(( $(date +%s) - t0 ))
+    awk -v n="$name" -v s="$secs" -v kib="$(cat "$peak_file")" -v rc="$status" 'BEGIN {
+        printf "COST %-28s %4dm%02ds  peak %.1f GB  exit %d\n", n, s / 60, s % 60, kib / 1048576, rc }' |
+        tee -a "$scratch/costs.txt"
+    rm -f "$peak_file"
+    return "$status"
+}
+
+case "$mode" in
+readme)
+    unset CARGO_TARGET_DIR
+    export SKYWARD_TOOLS_DIR="$scratch/tools"
+    measure "cargo fetch (downloads)" cargo fetch --locked
+    measure "cargo build --release" cargo build --release
+    measure "skyward run (3 nodes)" ./target/release/skyward run --nodes 3 --on all -- hostname
+    measure "scripts/test.sh" scripts/test.sh
+    ;;
+ci)
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$scratch/target}"
+    if [ -n "$(ls -A "$CARGO_TARGET_DIR" 2>/dev/null)" ]; then
+        echo "$CARGO_TARGET_DIR is not empty: a cold run needs an empty target dir" >&2
+        exit 2
+    fi
+    measure ".ci/run" bash .ci/run
+    ;;
+*) echo "usage: scripts/cold-cost.sh readme|ci" >&2; exit 2 ;;
+esac
+echo "figures in $scratch/costs.txt"
