@@ -120,8 +120,17 @@ async fn wait_booted(standin: &VerdaStandin, n: usize) {
     );
 }
 
-/// Nothing of the pool is left: no instance, no script, no process.
+/// Nothing of the pool is left: no instance, no script, no SSH key, no process.
 fn assert_nothing_left(standin: &VerdaStandin, sandbox: &Sandbox) {
+    assert!(
+        standin.ssh_keys().is_empty(),
+        "SSH keys left: {:?}",
+        standin
+            .ssh_keys()
+            .iter()
+            .map(|k| &k.name)
+            .collect::<Vec<_>>()
+    );
     assert!(
         standin.live_instances().is_empty(),
         "instances left: {:#?}",
@@ -362,6 +371,12 @@ async fn a_pool_boots_from_startup_scripts_runs_work_and_is_deleted() {
     let creates = standin.create_requests();
     assert_eq!(creates.len(), 2);
     let scripts = standin.scripts();
+    // Verda refuses a create without a key: the pool registered one of its own, once, and
+    // every instance names it.
+    let keys = standin.ssh_keys();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].name, "skyward-verda-e2e-ssh-key");
+    assert!(keys[0].key.starts_with("ssh-ed25519 "), "{}", keys[0].key);
     for (n, body) in creates.iter().enumerate() {
         let node = format!("node-{}", n + 1);
         assert_eq!(body["instance_type"], "CPU.4V.16G");
@@ -369,7 +384,7 @@ async fn a_pool_boots_from_startup_scripts_runs_work_and_is_deleted() {
         assert_eq!(body["image"], DEFAULT_IMAGE);
         assert_eq!(body["is_spot"], false);
         assert_eq!(body["hostname"], format!("verda-e2e-{node}"));
-        assert_eq!(body["ssh_key_ids"], serde_json::json!([]));
+        assert_eq!(body["ssh_key_ids"], serde_json::json!([keys[0].id]));
         assert_eq!(body["os_volume"]["size"], 100);
         assert_eq!(tag(body, POOL_TAG), Some("verda-e2e"));
         assert_eq!(tag(body, NODE_TAG), Some(node.as_str()));
@@ -963,6 +978,56 @@ async fn the_standin_answers_with_verdas_quirks() {
     let read: serde_json::Value = get(format!("/scripts/{id}")).await.json().await.unwrap();
     assert_eq!(read.as_array().unwrap().len(), 1);
     assert_eq!(read[0]["id"], id.as_str());
+
+    // A create that names no key of the account is refused, in the API's own (contradictory)
+    // words, whether the list is empty, absent or names a key that does not exist.
+    let create = |keys: Option<serde_json::Value>| {
+        let mut body = serde_json::json!({
+            "instance_type": "CPU.4V.16G", "image": "ubuntu-24.04", "hostname": "quirk-1",
+            "description": "quirks", "location_code": "FIN-01", "is_spot": false,
+        });
+        if let Some(keys) = keys {
+            body["ssh_key_ids"] = keys;
+        }
+        let request = http
+            .post(format!("{url}/instances"))
+            .bearer_auth(&bearer)
+            .json(&body);
+        async move { request.send().await.unwrap() }
+    };
+    for keys in [
+        None,
+        Some(serde_json::json!([])),
+        Some(serde_json::Value::Null),
+        Some(serde_json::json!(["00000000-0000-4000-a000-000000000000"])),
+    ] {
+        let refused = create(keys.clone()).await;
+        assert_eq!(refused.status(), 400, "ssh_key_ids {keys:?}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "invalid_request");
+        assert_eq!(
+            body["message"],
+            "SSH keys can be an array of UUID's, a single UUID string, null value or not defined"
+        );
+    }
+    // A key that is not an OpenSSH public key is refused; a real one is registered.
+    let add_key = |key: &str| {
+        let request = http
+            .post(format!("{url}/ssh-keys"))
+            .bearer_auth(&bearer)
+            .json(&serde_json::json!({"name": "k", "key": key}));
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(add_key("not a key").await.status(), 400);
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0sJ7+w2Cn5yQ1wH1N5Lr3v5Jp0wX9Wq1m0YbF6oQ5x k";
+    let added = add_key(key).await;
+    assert_eq!(added.status(), 201);
+    let key_id = added.text().await.unwrap();
+    assert_eq!(
+        create(Some(serde_json::json!([key_id]))).await.status(),
+        202
+    );
+    assert_eq!(create(Some(serde_json::json!(key_id))).await.status(), 202);
 }
 
 #[test]

@@ -4,8 +4,10 @@
 //! Offers are the instance types (`/instance-types`, prices as strings or numbers) in every
 //! location (`/locations`, codes treated as data) with capacity from `/instance-availability`.
 //! A node is a startup script (`/scripts`, the node's bootstrap) plus an instance that runs it,
-//! tagged with the pool and node; teardown finds the pool's instances by tag (hostname prefix
-//! as a fallback), deletes them with one `PUT /instances` action and then the pool's scripts.
+//! tagged with the pool and node and naming the pool's SSH key (`/ssh-keys`: Verda creates no
+//! instance without one; nobody holds its private half); teardown finds the pool's instances by
+//! tag (hostname prefix as a fallback), deletes them with one `PUT /instances` action, then the
+//! pool's scripts and its key. The API's shapes: `docs/cloud-apis.md#verda`.
 //!
 //! Reversed (`--reverse`), agents listen on their instance's public `ip` (null until it runs).
 //! Verda's API has no firewall or security-group call, so there is no rule to open and the
@@ -582,6 +584,70 @@ impl Verda {
         }
         Ok(())
     }
+
+    /// The id of the pool's SSH key, registered now unless an earlier provisioning of the
+    /// same pool did. Verda refuses to create an instance without a key of the account
+    /// (`docs/cloud-apis.md#verda`); Skyward never logs in over SSH, so the key is a fresh
+    /// Ed25519 pair whose private half is dropped here: nobody can use it to log in.
+    async fn pool_ssh_key(&self, pool: &str) -> Result<String, ProviderError> {
+        let name = ssh_key_name(pool);
+        if let Some(id) = self.pool_ssh_key_ids(pool).await?.into_iter().next() {
+            return Ok(id);
+        }
+        let key = unusable_ssh_public_key(&name).map_err(|why| {
+            ProviderError::new(
+                NAME,
+                ErrorKind::Api,
+                format!("cannot make the pool's SSH key: {why}"),
+            )
+        })?;
+        let reply = self
+            .api
+            .request(
+                Method::POST,
+                "/ssh-keys",
+                &[],
+                Some(&json!({ "name": name, "key": key })),
+            )
+            .await?;
+        parse_id(&reply.body).ok_or_else(|| {
+            self.api.unexpected(
+                "POST /ssh-keys",
+                reply.status,
+                "did not answer with an SSH key id",
+            )
+        })
+    }
+
+    /// The ids of the SSH keys registered for `pool` (by exact name, so that pool `a` never
+    /// takes pool `a-b`'s).
+    async fn pool_ssh_key_ids(&self, pool: &str) -> Result<Vec<String>, ProviderError> {
+        let name = ssh_key_name(pool);
+        Ok(self
+            .api
+            .get_json("/ssh-keys", &[])
+            .await?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|k| str_field(k, "name").as_deref() == Some(name.as_str()))
+            .filter_map(|k| str_field(k, "id"))
+            .collect())
+    }
+
+    /// Deletes the pool's SSH keys (after its instances: a key is only a name on the account,
+    /// but a user's listing should not fill up with dead pools' keys).
+    async fn delete_pool_ssh_keys(&self, pool: &str) -> Result<(), ProviderError> {
+        for id in self.pool_ssh_key_ids(pool).await? {
+            let path = format!("/ssh-keys/{}", path_segment(&id));
+            match self.api.request(Method::DELETE, &path, &[], None).await {
+                Ok(_) => {}
+                Err(e) if e.message.contains("not_found") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -729,6 +795,7 @@ impl Provider for Verda {
                 open_port_notice(reverse.agent_port, reverse.allow_from)
             );
         }
+        let ssh_key = self.pool_ssh_key(&request.pool).await?;
         let mut created: Vec<(String, String)> = Vec::new();
         for node in &request.nodes {
             let host = hostname(&request.pool, &node.node_id);
@@ -748,7 +815,7 @@ impl Provider for Verda {
                 "description": format!("skyward pool {} {}", request.pool, node.node_id),
                 "location_code": offer.region,
                 "startup_script_id": script_id,
-                "ssh_key_ids": [],
+                "ssh_key_ids": [ssh_key],
                 "is_spot": market == Market::Spot,
                 "os_volume": { "name": format!("{host}-os"), "size": disk },
                 "tags": tags,
@@ -842,12 +909,18 @@ impl Provider for Verda {
         let instances = self.delete_pool_instances(pool).await;
         // Scripts go even when some instance stayed: they hold the nodes' tokens.
         let scripts = self.delete_pool_scripts(pool).await;
+        // A key still named by a live instance stays until a later teardown removes both.
+        let keys = match &instances {
+            Ok(()) => self.delete_pool_ssh_keys(pool).await,
+            Err(_) => Ok(()),
+        };
         self.failed_cache.lock().expect("cache lock").remove(pool);
         if instances.is_ok() {
             self.current.lock().expect("current lock").remove(pool);
         }
         instances?;
-        scripts
+        scripts?;
+        keys
     }
 
     fn supports_reverse(&self) -> bool {
@@ -1571,6 +1644,34 @@ fn script_name(pool: &str, node: &NodeBootstrap) -> String {
     format!("{}{}", script_prefix(pool), node.node_id)
 }
 
+/// The name of the pool's SSH key on the account.
+fn ssh_key_name(pool: &str) -> String {
+    format!("skyward-{pool}-ssh-key")
+}
+
+/// An OpenSSH `ssh-ed25519` public key line for a fresh key pair whose private half is
+/// dropped before this returns: a key nobody can log in with.
+fn unusable_ssh_public_key(comment: &str) -> Result<String, rcgen::Error> {
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
+    Ok(openssh_ed25519_line(pair.public_key_raw(), comment))
+}
+
+/// `ssh-ed25519 <base64 of the SSH wire encoding> <comment>` (RFC 8709: the algorithm name
+/// and the 32-byte key, each as a length-prefixed string).
+fn openssh_ed25519_line(public_key: &[u8], comment: &str) -> String {
+    const ALGORITHM: &[u8] = b"ssh-ed25519";
+    let mut wire = Vec::with_capacity(8 + ALGORITHM.len() + public_key.len());
+    for part in [ALGORITHM, public_key] {
+        wire.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        wire.extend_from_slice(part);
+    }
+    use base64::Engine as _;
+    format!(
+        "ssh-ed25519 {} {comment}",
+        base64::engine::general_purpose::STANDARD.encode(wire)
+    )
+}
+
 /// 0.5 s doubling per round, at most `max`.
 fn backoff(round: u32, max: Duration) -> Duration {
     Duration::from_millis(500)
@@ -1734,6 +1835,28 @@ mod tests {
         );
         assert!(notice.contains("certificate of the pool's CA"), "{notice}");
         assert!(!open_port_notice(7444, None).contains("not only"));
+    }
+
+    #[test]
+    fn the_pool_key_is_an_openssh_ed25519_line_of_a_fresh_pair() {
+        use base64::Engine as _;
+        let line = unusable_ssh_public_key("skyward-p-ssh-key").unwrap();
+        let parts: Vec<&str> = line.split(' ').collect();
+        assert_eq!(parts.len(), 3, "{line}");
+        assert_eq!((parts[0], parts[2]), ("ssh-ed25519", "skyward-p-ssh-key"));
+        let wire = base64::engine::general_purpose::STANDARD
+            .decode(parts[1])
+            .unwrap();
+        // string "ssh-ed25519", then string <32-byte key>.
+        assert_eq!(wire.len(), 4 + 11 + 4 + 32);
+        assert_eq!(&wire[..4], &11u32.to_be_bytes());
+        assert_eq!(&wire[4..15], b"ssh-ed25519");
+        assert_eq!(&wire[15..19], &32u32.to_be_bytes());
+        let again = unusable_ssh_public_key("skyward-p-ssh-key").unwrap();
+        assert_ne!(line, again, "each pool gets a pair of its own");
+        // Exact names: pool `a` never claims pool `a-ssh`'s key.
+        assert_ne!(ssh_key_name("a-ssh"), ssh_key_name("a"));
+        assert!(!ssh_key_name("a-ssh").starts_with(&ssh_key_name("a")));
     }
 
     #[test]

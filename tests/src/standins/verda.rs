@@ -67,6 +67,7 @@ pub struct InstanceView {
     pub status: String,
     pub is_spot: bool,
     pub startup_script_id: String,
+    pub ssh_key_ids: Vec<String>,
     pub tags: Vec<(String, String)>,
     /// Its startup script ran and its node is up.
     pub booted: bool,
@@ -76,6 +77,15 @@ pub struct InstanceView {
     pub address: Option<Ipv4Addr>,
     /// Deleted (gone from listings).
     pub deleted: bool,
+}
+
+/// An SSH key registered on the account.
+#[derive(Debug, Clone)]
+pub struct SshKeyView {
+    pub id: String,
+    pub name: String,
+    /// The OpenSSH public key line, as sent.
+    pub key: String,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +134,7 @@ struct Inner {
     boot_outcome: Option<String>,
     boot_isolated: bool,
     scripts: Vec<ScriptView>,
+    ssh_keys: Vec<SshKeyView>,
     instances: Vec<StoredInstance>,
     create_bodies: Vec<Value>,
     action_bodies: Vec<Value>,
@@ -338,6 +349,11 @@ impl VerdaStandin {
     }
 
     /// The bodies of every `POST /instances`, accepted or not.
+    /// The SSH keys registered on the account now.
+    pub fn ssh_keys(&self) -> Vec<SshKeyView> {
+        self.lock().ssh_keys.clone()
+    }
+
     pub fn create_requests(&self) -> Vec<Value> {
         self.lock().create_bodies.clone()
     }
@@ -455,6 +471,7 @@ impl Inner {
             boot_outcome: None,
             boot_isolated: false,
             scripts: Vec::new(),
+            ssh_keys: Vec::new(),
             instances: Vec::new(),
             create_bodies: Vec::new(),
             action_bodies: Vec::new(),
@@ -607,6 +624,8 @@ fn router(shared: Arc<Shared>) -> Router {
             get(list_scripts).post(create_script).delete(delete_scripts),
         )
         .route("/scripts/{id}", get(get_script).delete(delete_script))
+        .route("/ssh-keys", get(list_ssh_keys).post(create_ssh_key))
+        .route("/ssh-keys/{id}", get(get_ssh_key).delete(delete_ssh_key))
         .route(
             "/instances",
             get(list_instances)
@@ -645,6 +664,8 @@ async fn gatekeeper(State(shared): State<Arc<Shared>>, request: Request, next: N
             fault.remaining -= 1;
             return error(fault.status, &fault.code, &fault.message);
         }
+        // Source: every call but the token grant carries `Authorization: Bearer` (the SDKs'
+        // http clients; docs/cloud-apis.md#verda); a missing or expired one is a 401.
         if path != "/v1/oauth2/token" {
             let bearer = request
                 .headers()
@@ -685,6 +706,8 @@ async fn token(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let field = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default();
     let grant = field("grant_type").to_string();
     let mut inner = shared.lock();
+    // Source: OAuth2 client credentials and refresh grants (the SDKs' authentication
+    // modules; docs/cloud-apis.md#verda).
     let granted = match grant.as_str() {
         "client_credentials" => {
             field("client_id") == CLIENT_ID && field("client_secret") == CLIENT_SECRET
@@ -728,6 +751,7 @@ async fn instance_types(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    // Source: the SDKs' `instance_types.get(currency)` takes "usd" or "eur".
     match query.get("currency").map(String::as_str) {
         None | Some("usd") | Some("eur") => {}
         Some(other) => {
@@ -745,7 +769,8 @@ async fn locations(State(shared): State<Arc<Shared>>) -> Response {
     Json(Value::Array(shared.lock().locations.clone())).into_response()
 }
 
-/// `is_spot` or `isSpot` ("true"/"false"); absent means on-demand.
+/// `is_spot` or `isSpot` ("true"/"false"); absent means on-demand. Source: one SDK sends each
+/// spelling (docs/cloud-apis.md#verda).
 fn spot_flag(query: &HashMap<String, String>) -> Result<bool, Box<Response>> {
     match query
         .get("is_spot")
@@ -772,6 +797,8 @@ async fn availability(
     };
     let inner = shared.lock();
     let codes: Vec<String> = match query.get("location_code") {
+        // Stand-in's own: an unknown code is refused rather than answered empty; location
+        // codes are data from `/locations` (docs/cloud-apis.md#verda), which the provider reads.
         Some(code) if !inner.location_known(code) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -841,6 +868,7 @@ async fn create_script(State(shared): State<Arc<Shared>>, body: Bytes) -> Respon
         body.get("name").and_then(Value::as_str),
         body.get("script").and_then(Value::as_str),
     ) else {
+        // Source: the SDKs' `startup_scripts.create(name, script)` sends both.
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",
@@ -881,6 +909,7 @@ async fn delete_scripts(State(shared): State<Arc<Shared>>, body: Bytes) -> Respo
         Ok(body) => body,
         Err(response) => return *response,
     };
+    // Source: the SDKs' `startup_scripts.delete(ids)` sends `{"scripts": [...]}`.
     let Some(ids) = body.get("scripts").and_then(Value::as_array) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -914,6 +943,97 @@ async fn delete_script(
     }
 }
 
+fn ssh_key_json(k: &SshKeyView) -> Value {
+    json!({"id": k.id, "name": k.name, "key": k.key})
+}
+
+async fn list_ssh_keys(State(shared): State<Arc<Shared>>) -> Response {
+    let keys: Vec<Value> = shared.lock().ssh_keys.iter().map(ssh_key_json).collect();
+    Json(Value::Array(keys)).into_response()
+}
+
+/// Whether `line` is an OpenSSH public key: a known algorithm, then base64 of the SSH wire
+/// encoding, which itself starts with the same algorithm name (RFC 4253 6.6).
+fn is_openssh_public_key(line: &str) -> bool {
+    use base64::Engine as _;
+    const ALGORITHMS: &[&str] = &[
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+    ];
+    let mut parts = line.split_whitespace();
+    let (Some(algorithm), Some(blob)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    let Ok(wire) = base64::engine::general_purpose::STANDARD.decode(blob) else {
+        return false;
+    };
+    let named = wire
+        .get(..4)
+        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+        .and_then(|n| wire.get(4..4 + n));
+    ALGORITHMS.contains(&algorithm) && named == Some(algorithm.as_bytes())
+}
+
+/// `POST /ssh-keys {name, key}`: the new id as plain text, as the Python SDK reads it
+/// (`ssh_keys.create` returns the body as the id; docs/cloud-apis.md#verda).
+async fn create_ssh_key(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let body = match parse_body(&body) {
+        Ok(body) => body,
+        Err(response) => return *response,
+    };
+    let field = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default();
+    let (name, key) = (field("name"), field("key"));
+    // Both fields are what every SDK sends; an empty name or a key that is no OpenSSH
+    // public key is refused (the console and CLI take only OpenSSH lines).
+    if name.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "name is required",
+        );
+    }
+    if !is_openssh_public_key(key) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "key must be an OpenSSH public key",
+        );
+    }
+    let mut inner = shared.lock();
+    let id = inner.new_id();
+    inner.ssh_keys.push(SshKeyView {
+        id: id.clone(),
+        name: name.to_string(),
+        key: key.to_string(),
+    });
+    text(StatusCode::CREATED, id)
+}
+
+/// A one-element array, as `GET /scripts/{id}` answers (the Python SDK reads `[0]`).
+async fn get_ssh_key(State(shared): State<Arc<Shared>>, UrlPath(id): UrlPath<String>) -> Response {
+    match shared.lock().ssh_keys.iter().find(|k| k.id == id) {
+        Some(k) => Json(json!([ssh_key_json(k)])).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", "SSH key not found"),
+    }
+}
+
+async fn delete_ssh_key(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    let mut inner = shared.lock();
+    let before = inner.ssh_keys.len();
+    inner.ssh_keys.retain(|k| k.id != id);
+    if inner.ssh_keys.len() == before {
+        error(StatusCode::NOT_FOUND, "not_found", "SSH key not found")
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
 fn instance_json(inner: &Inner, i: &StoredInstance) -> Value {
     let t = inner
         .instance_type(&i.view.instance_type)
@@ -929,7 +1049,7 @@ fn instance_json(inner: &Inner, i: &StoredInstance) -> Value {
         "description": i.description,
         "status": i.view.status,
         "created_at": i.created_at,
-        "ssh_key_ids": [],
+        "ssh_key_ids": i.view.ssh_key_ids,
         "cpu": t.get("cpu").cloned().unwrap_or(Value::Null),
         "gpu": t.get("gpu").cloned().unwrap_or(Value::Null),
         "memory": t.get("memory").cloned().unwrap_or(Value::Null),
@@ -1014,6 +1134,19 @@ async fn get_instance(State(shared): State<Arc<Shared>>, UrlPath(id): UrlPath<St
     Json(answer).into_response()
 }
 
+/// The key ids a create names: a list, or one id as a string.
+fn requested_ssh_keys(body: &Value) -> Vec<String> {
+    match body.get("ssh_key_ids") {
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        Some(Value::String(id)) => vec![id.clone()],
+        _ => Vec::new(),
+    }
+}
+
 /// Validates a create body the way the API does; `Err` is the error answer.
 fn validate_create(inner: &Inner, body: &Value) -> Result<(), Box<Response>> {
     let bad = |message: &str| {
@@ -1024,6 +1157,9 @@ fn validate_create(inner: &Inner, body: &Value) -> Result<(), Box<Response>> {
         )))
     };
     let s = |k: &str| body.get(k).and_then(Value::as_str);
+    // Source for the required fields: the SDKs' `instances.create` takes instance_type,
+    // image, ssh_key_ids, hostname, description and a location as required arguments;
+    // types, images and locations are the API's own lists.
     let Some(instance_type) = s("instance_type") else {
         return bad("instance_type is required");
     };
@@ -1057,12 +1193,25 @@ fn validate_create(inner: &Inner, body: &Value) -> Result<(), Box<Response>> {
         Some(_) => return bad("Startup script not found"),
         None => {}
     }
-    if !body.get("ssh_key_ids").is_some_and(Value::is_array) {
-        return bad("ssh_key_ids must be a list");
+    // Source: Verda's API answers a create without a key of the account with this 400,
+    // whose wording contradicts itself; Verda's own CLI classifies it as "SSH key required"
+    // (docs/cloud-apis.md#verda). A list or a single id string is accepted, as the message
+    // says, but only when it names at least one key the account has.
+    let key_ids = requested_ssh_keys(body);
+    if key_ids.is_empty()
+        || !key_ids
+            .iter()
+            .all(|id| inner.ssh_keys.iter().any(|k| k.id == *id))
+    {
+        return bad(
+            "SSH keys can be an array of UUID's, a single UUID string, null value or not defined",
+        );
     }
+    // Source: the SDKs send `is_spot` as a JSON boolean.
     if !body.get("is_spot").is_none_or(Value::is_boolean) {
         return bad("is_spot must be a boolean");
     }
+    // Source: `os_volume: {name, size}` as the SDKs build it (docs/cloud-apis.md#verda).
     if let Some(volume) = body.get("os_volume").filter(|v| !v.is_null()) {
         let named = volume.get("name").and_then(Value::as_str).is_some();
         let sized = volume
@@ -1077,6 +1226,7 @@ fn validate_create(inner: &Inner, body: &Value) -> Result<(), Box<Response>> {
         let Some(tags) = tags.as_array() else {
             return bad("tags must be a list of {key, value}");
         };
+        // Source: at most 10 `{key, value}` tags (docs/cloud-apis.md#verda).
         if tags.len() > 10 {
             return bad("At most 10 tags are allowed");
         }
@@ -1151,6 +1301,7 @@ async fn create_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
             ))
         })
         .collect();
+    let ssh_key_ids = requested_ssh_keys(&body);
     let hostname = s("hostname");
     inner.instances.push(StoredInstance {
         view: InstanceView {
@@ -1162,6 +1313,7 @@ async fn create_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
             status: "ordered".into(),
             is_spot,
             startup_script_id: script_id,
+            ssh_key_ids,
             tags,
             booted: false,
             boot_error: None,
@@ -1237,6 +1389,8 @@ async fn instance_action(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
+    // Source: the SDKs' `Actions` (start, shutdown, delete, hibernate, restore) and `boot`;
+    // `{"id": one or a list, "action", "volume_ids"}` as `instances.action` sends it.
     if !matches!(
         action.as_str(),
         "delete" | "shutdown" | "start" | "hibernate" | "restore" | "boot"
