@@ -610,6 +610,148 @@ async fn teardown_finds_gpu_droplets_that_only_type_gpus_lists() {
     standin.assert_contract();
 }
 
+/// Sends `body` to the stand-in's `path` as our client would; the status and the answer.
+async fn post_raw(
+    standin: &DigitalOceanStandIn,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
+    // reqwest finds rustls' process-wide provider; no provider made one here.
+    skyward_common::install_crypto_provider();
+    let answer = reqwest::Client::new()
+        .post(format!("{}{path}", standin.url()))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (
+        status,
+        answer.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Fails the test unless `answer` is a 422 `unprocessable_entity` in DigitalOcean's error
+/// shape whose message contains `says`.
+fn assert_unprocessable(what: &str, (status, body): &(u16, serde_json::Value), says: &str) {
+    assert_eq!(*status, 422, "{what}: {body}");
+    assert_eq!(body["id"], "unprocessable_entity", "{what}: {body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(says),
+        "{what}: {message:?} does not say {says:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_that_digitalocean_refuses_are_refused_with_422_beside_the_valid_one() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(sandbox.path()).await;
+    standin.set_boot(false);
+    let vpc = standin.default_vpc("nyc1").unwrap();
+    let names: Vec<String> = (1..=11).map(|i| format!("sky-{i}")).collect();
+    // Valid in every field a refusal below breaks: each refusal changes one field of it.
+    let valid = json!({
+        "names": &names[..10], "size": "s-1vcpu-1gb", "region": "nyc1",
+        "image": "ubuntu-24-04-x64", "tags": ["skyward-pool:sky", "node_1"],
+        "user_data": "#!/bin/sh\ntrue\n", "vpc_uuid": vpc,
+    });
+    let with = |key: &str, value: serde_json::Value| {
+        let mut body = valid.clone();
+        body[key] = value;
+        body
+    };
+    let without = |key: &str| {
+        let mut body = valid.clone();
+        body.as_object_mut().unwrap().remove(key);
+        body
+    };
+    let single = |name: &str| {
+        let mut body = without("names");
+        body["name"] = json!(name);
+        body
+    };
+    let refused = [
+        ("11 names", with("names", json!(names)), "at most 10"),
+        ("no image", without("image"), "invalid image"),
+        ("a name with _ and a space", single("sky_1 node"), "Name"),
+        (
+            "a tag with a space",
+            with("tags", json!(["bad tag"])),
+            "tag",
+        ),
+        (
+            "user_data not a string",
+            with("user_data", json!(42)),
+            "user_data",
+        ),
+        (
+            "vpc_uuid not a string",
+            with("vpc_uuid", json!(7)),
+            "vpc_uuid",
+        ),
+        (
+            "a size not available",
+            json!({"name": "x", "size": "s-8vcpu-16gb", "region": "nyc1",
+                   "image": "ubuntu-24-04-x64"}),
+            "Size is not available in this region.",
+        ),
+    ];
+    for (what, body, says) in &refused {
+        let answer = post_raw(&standin, "/v2/droplets", body).await;
+        assert_unprocessable(what, &answer, says);
+    }
+    assert!(
+        standin.droplets().is_empty(),
+        "a refused create made droplets"
+    );
+
+    let (status, created) = post_raw(&standin, "/v2/droplets", &valid).await;
+    assert_eq!(status, 202, "{created}");
+    assert_eq!(
+        created["droplets"].as_array().unwrap().len(),
+        10,
+        "{created}"
+    );
+    assert_eq!(standin.droplets().len(), 10);
+
+    // The account may hold 25 droplets: the 25th is created, the 26th refused.
+    for i in 11..=24 {
+        standin.add_droplet(&format!("sky-{i}"), "s-1vcpu-1gb", "nyc1", &[]);
+    }
+    let (status, created) = post_raw(&standin, "/v2/droplets", &single("sky-25")).await;
+    assert_eq!(status, 202, "{created}");
+    let answer = post_raw(&standin, "/v2/droplets", &single("sky-26")).await;
+    assert_unprocessable("a 26th droplet", &answer, "exceed your droplet limit");
+    assert_eq!(standin.droplets().len(), 25);
+
+    // A VPC's ip_range is a string in CIDR notation.
+    let vpc = json!({"name": "sky-vpc", "region": "nyc1"});
+    let mut bad_range = vpc.clone();
+    bad_range["ip_range"] = json!(5);
+    let answer = post_raw(&standin, "/v2/vpcs", &bad_range).await;
+    assert_unprocessable("ip_range not a string", &answer, "ip_range");
+    assert!(standin.vpcs().iter().all(|v| v.name != "sky-vpc"));
+    let mut good_range = vpc;
+    good_range["ip_range"] = json!("10.200.0.0/20");
+    let (status, made) = post_raw(&standin, "/v2/vpcs", &good_range).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["vpc"]["ip_range"], "10.200.0.0/20", "{made}");
+
+    // The refused requests break the spec (recorded as such); every answer is in its shapes.
+    let answers: Vec<String> = standin
+        .violations()
+        .into_iter()
+        .filter(|v| v.contains(" -> "))
+        .collect();
+    assert!(
+        answers.is_empty(),
+        "answers off the spec:\n  {}",
+        answers.join("\n  ")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_user_data_is_refused_before_anything_is_created() {
     let sandbox = Sandbox::new();

@@ -634,6 +634,119 @@ async fn onstart_scripts_over_4096_characters_are_refused_before_renting() {
     assert!(standin.instances().is_empty());
 }
 
+/// Fails the test unless `answer` is a `status` refusal in VastAI's error shape, with
+/// `error` as its error and a message that contains `says`.
+async fn assert_refused(
+    what: &str,
+    answer: reqwest::Response,
+    status: u16,
+    error: &str,
+    says: &str,
+) {
+    assert_eq!(answer.status().as_u16(), status, "{what}");
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["success"], false, "{what}: {body}");
+    assert_eq!(body["error"], error, "{what}: {body}");
+    let msg = body["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains(says), "{what}: {msg:?} does not say {says:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rentals_and_searches_that_vastai_refuses_are_refused_beside_the_valid_ones() {
+    let sandbox = Sandbox::new();
+    let standin = VastAiStandIn::start(sandbox.path()).await;
+    standin.add_offer(json!({"id": 1301, "rentable": false}));
+    standin.add_offer(json!({"id": 1302}));
+    // reqwest finds rustls' process-wide provider; no provider made one here.
+    skyward_common::install_crypto_provider();
+    let client = reqwest::Client::new();
+    let rent = |offer: u64, body: &Value| {
+        client
+            .put(format!("{}/api/v0/asks/{offer}/", standin.url()))
+            .bearer_auth(KEY)
+            .json(body)
+            .send()
+    };
+    // Valid, at each limit a refusal below passes by one: each refusal changes one field.
+    let valid = json!({
+        "client_id": "me", "image": "i".repeat(1024), "disk": 10, "onstart": "true",
+        "args": ["--flag"], "env": {"X": "v".repeat(256)},
+    });
+    let with = |key: &str, value: Value| {
+        let mut body = valid.clone();
+        body[key] = value;
+        body
+    };
+    let refused = [
+        (
+            "image of 1025 characters",
+            with("image", json!("i".repeat(1025))),
+            "image",
+        ),
+        ("disk not a number", with("disk", json!("lots")), "disk"),
+        (
+            "onstart not a string",
+            with("onstart", json!(42)),
+            "onstart",
+        ),
+        ("args not strings", with("args", json!([1])), "args"),
+        (
+            "an env value of 257 characters",
+            with("env", json!({"X": "v".repeat(257)})),
+            "env",
+        ),
+    ];
+    for (what, body, says) in &refused {
+        let answer = rent(1302, body).await.unwrap();
+        assert_refused(what, answer, 400, "invalid_args", says).await;
+    }
+    // A machine that is not rentable is no ask, whatever the body.
+    let answer = rent(1301, &valid).await.unwrap();
+    assert_refused("an offer not rentable", answer, 404, "no_such_ask", "1301").await;
+    assert!(
+        standin.instances().is_empty(),
+        "a refused rental made an instance"
+    );
+
+    let answer = rent(1302, &valid).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["success"], true, "{body}");
+    let id = body["new_contract"].as_u64().unwrap();
+    assert_eq!(standin.instances().len(), 1);
+
+    // An `order` entry is a field and a direction.
+    let search = |order: Value| {
+        client
+            .post(format!("{}/api/v0/bundles/", standin.url()))
+            .bearer_auth(KEY)
+            .json(&json!({"type": "on-demand", "order": order}))
+            .send()
+    };
+    let answer = search(json!([["dph_total"]])).await.unwrap();
+    assert_refused(
+        "an order without a direction",
+        answer,
+        400,
+        "invalid_args",
+        "order",
+    )
+    .await;
+    let answer = search(json!([["dph_total", "asc"]])).await.unwrap();
+    assert_eq!(answer.status().as_u16(), 200);
+    let body: Value = answer.json().await.unwrap();
+    assert!(body["offers"].is_array(), "{body}");
+
+    let gone = client
+        .delete(format!("{}/api/v0/instances/{id}/", standin.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status().as_u16(), 200);
+    assert_nothing_left(&standin, &sandbox);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_shutdown_destroys_the_instance_with_its_own_key() {
     let sandbox = Sandbox::new();

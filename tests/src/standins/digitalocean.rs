@@ -25,6 +25,10 @@
 //! active and booted. No other droplet has a public address: nothing a test could dial is
 //! ever invented. Every request and every answer is checked against the official OpenAPI
 //! spec; [`DigitalOceanStandIn::violations`] lists what did not match.
+//!
+//! Besides that record, the stand-in refuses what DigitalOcean refuses; each such rule names
+//! its source beside it (the vendored spec, `docs/cloud-apis.md#digitalocean`, or a real
+//! answer on record), and the few that have none say so.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -45,6 +49,12 @@ use crate::openapi::{self, OpenApi};
 
 /// The token the stand-in accepts.
 pub const TOKEN: &str = "dop_v1_standin_token";
+/// How many droplets the account may have at once, as `GET /v2/account` says.
+const DROPLET_LIMIT: usize = 25;
+/// How many droplets one multi-create may name.
+const MULTI_CREATE_LIMIT: usize = 10;
+/// Droplet names and tags: at most this many characters.
+const NAME_LIMIT: usize = 255;
 /// Regions the official spec's image `regions` enum allows (the others are left out there).
 const IMAGE_REGIONS: &[&str] = &[
     "ams1", "ams2", "ams3", "blr1", "fra1", "lon1", "nyc1", "nyc2", "nyc3", "sfo1", "sfo2", "sfo3",
@@ -686,6 +696,7 @@ async fn handle(
     } else {
         serde_json::from_slice(&body).ok()
     };
+    // Not an acceptance rule: what breaks the spec is recorded (`violations`), not refused.
     let mut violations =
         shared
             .contract
@@ -704,6 +715,9 @@ async fn handle(
         ));
     }
 
+    // Source: docs/cloud-apis.md#digitalocean (auth `Authorization: Bearer $DIGITALOCEAN_TOKEN`;
+    // 401 `Unauthorized` "Unable to authenticate you"); DigitalOcean OpenAPI, `bearer_auth`
+    // and the `unauthorized` response.
     let authorized = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -770,6 +784,8 @@ fn route(
 ) -> Answer {
     {
         let mut state = shared.state.lock().expect("stand-in state");
+        // Test hooks (`rate_limit_next`, `fail_next`), in the shapes of docs/cloud-apis.md
+        // (429 `too_many_requests` with `ratelimit-*` headers) and the spec's `server_error`.
         if state.rate_limited > 0 {
             state.rate_limited -= 1;
             let mut answer = Answer::error(
@@ -804,7 +820,7 @@ fn route(
         ("GET", ["", "v2", "account"]) => Answer::json(
             StatusCode::OK,
             json!({"account": {
-                "droplet_limit": 25, "floating_ip_limit": 5, "email": "ops@example.com",
+                "droplet_limit": DROPLET_LIMIT, "floating_ip_limit": 5, "email": "ops@example.com",
                 "name": "Stand-in", "uuid": "b6fr89dbf6d9156cace5f3c78dc9851d957381ef",
                 "email_verified": true, "status": "active", "status_message": "",
                 "team": {"uuid": "5df3e3004a17e242b7c20ca6c9fc25b701a47ece", "name": "My Team"}
@@ -820,6 +836,10 @@ fn route(
         }
         ("GET", ["", "v2", "droplets"]) => {
             let (tag, kind, name) = (param("tag_name"), param("type"), param("name"));
+            // Source: DigitalOcean OpenAPI, droplets_list parameters `droplet_tag_name` ("Can
+            // not be combined with `name` or `type`"), `droplet_name` and `droplet_type`;
+            // docs/cloud-apis.md#digitalocean (the `type=gpus` trap). 400 as the spec's
+            // `bad_request` error; the real status of this refusal is not documented.
             if tag.is_some() && (kind.is_some() || name.is_some()) {
                 return Answer::error(
                     StatusCode::BAD_REQUEST,
@@ -827,6 +847,8 @@ fn route(
                     "tag_name cannot be combined with name or type",
                 );
             }
+            // Source: DigitalOcean OpenAPI, `droplet_type` enum (droplets, gpus); GPU droplets
+            // are listed only with `type=gpus` (docs/cloud-apis.md#digitalocean).
             let gpus = match kind {
                 None | Some("droplets") => false,
                 Some("gpus") => true,
@@ -853,6 +875,7 @@ fn route(
         }
         ("POST", ["", "v2", "droplets"]) => create(shared, body),
         ("DELETE", ["", "v2", "droplets"]) => {
+            // Source: DigitalOcean OpenAPI, droplets_destroy_byTag (`tag_name` required).
             let Some(tag) = param("tag_name") else {
                 return Answer::error(
                     StatusCode::BAD_REQUEST,
@@ -879,6 +902,8 @@ fn route(
             drop(removed);
             Answer::no_content()
         }
+        // Source: DigitalOcean OpenAPI, droplets_get / droplets_destroy (404 `not_found` for a
+        // droplet that does not exist).
         ("GET", ["", "v2", "droplets", id]) => {
             let state = shared.state.lock().expect("state");
             match id
@@ -914,6 +939,8 @@ fn route(
             page(shared, "/v2/firewalls", "firewalls", firewalls, query)
         }
         ("POST", ["", "v2", "firewalls"]) => create_firewall(shared, body),
+        // Source: DigitalOcean OpenAPI, firewalls_get, firewalls_delete, vpcs_get, vpcs_delete
+        // and vpcs_list_members (404 `not_found` for an id that does not exist).
         ("GET", ["", "v2", "firewalls", id]) => {
             let state = shared.state.lock().expect("state");
             match state.firewalls.iter().find(|f| f["id"] == *id) {
@@ -945,6 +972,8 @@ fn route(
             let Some(vpc) = state.vpcs.iter().find(|v| v.id == *id).cloned() else {
                 return not_found();
             };
+            // Source: DigitalOcean OpenAPI, vpcs_delete ("Attempting to delete a region's
+            // default VPC or a VPC that still has members will result in a 403 Forbidden").
             if vpc.default {
                 Answer::error(
                     StatusCode::FORBIDDEN,
@@ -997,6 +1026,7 @@ fn route(
                 not_found()
             }
         }
+        // Anything else: 404 `not_found`, as the API answers an unknown path.
         _ => not_found(),
     }
 }
@@ -1025,6 +1055,11 @@ fn page(
             .unwrap_or(default)
     };
     let cap = shared.state.lock().expect("state").max_per_page;
+    // Source: DigitalOcean OpenAPI, `per_page` (default 20, maximum 200) and `page`
+    // (default 1). A larger `per_page` is served 200 items, not refused, as the real API
+    // does (digitalocean/api-v2#43, petems/tugboat#205: "The maximum number of results per
+    // page is 200"); the contract check records it as a violation. `cap` is a test hook
+    // (`set_max_per_page`).
     let per_page = number("per_page", 20).clamp(1, 200).min(cap);
     let page = number("page", 1).max(1);
     let total = items.len();
@@ -1049,8 +1084,13 @@ fn page(
     Answer::json(StatusCode::OK, body)
 }
 
+/// `POST /v2/droplets`: checks the body as DigitalOcean does (each rule names its source),
+/// creates the droplets (202, `new`) and boots them.
 fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
     let Some(body) = body else {
+        // Source: DigitalOcean OpenAPI, droplets_create (a JSON request body). The real status
+        // of an unparsable body is not documented for this operation (the spec's
+        // `bad_request` example says 400 "error parsing request body" elsewhere).
         return Answer::error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "unprocessable_entity",
@@ -1058,12 +1098,27 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         );
     };
     let text = |key: &str| body.get(key).and_then(Value::as_str).map(str::to_string);
-    let names: Vec<String> = match (text("name"), body.get("names").and_then(Value::as_array)) {
-        (Some(name), None) => vec![name],
-        (None, Some(names)) => names
-            .iter()
-            .filter_map(|n| n.as_str().map(str::to_string))
-            .collect(),
+    // Source: DigitalOcean OpenAPI, droplets_create body `oneOf` droplet_single_create
+    // (`name`, a string) and droplet_multi_create (`names`, strings): one of them, not both.
+    let names: Vec<String> = match (body.get("name"), body.get("names")) {
+        (Some(Value::String(name)), None) => vec![name.clone()],
+        (None, Some(Value::Array(names))) => {
+            // Source: DigitalOcean OpenAPI, droplets_create ("Up to ten Droplets may be
+            // created this way at a time").
+            if names.len() > MULTI_CREATE_LIMIT {
+                return unprocessable(&format!(
+                    "You may create at most {MULTI_CREATE_LIMIT} Droplets at a time."
+                ));
+            }
+            let mut list = Vec::with_capacity(names.len());
+            for name in names {
+                let Some(name) = name.as_str() else {
+                    return unprocessable("names must be strings.");
+                };
+                list.push(name.to_string());
+            }
+            list
+        }
         _ => {
             return Answer::error(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -1072,6 +1127,16 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
             )
         }
     };
+    // Source: DigitalOcean OpenAPI, droplet_single_create.name / droplet_multi_create.names
+    // items (pattern `^[a-zA-Z0-9]?[a-z0-9A-Z.\-]*[a-z0-9A-Z]$`, maxLength 255).
+    if let Some(bad) = names.iter().find(|n| !valid_droplet_name(n)) {
+        return unprocessable(&format!(
+            "Name {bad:?}: only a-z, A-Z, 0-9, . and -, ending in a letter or digit"
+        ));
+    }
+    // Source: DigitalOcean OpenAPI, droplet_create (`size` required). `region` is optional
+    // there ("the Droplet may deploy in any region", and a prefix such as `nyc` is allowed):
+    // requiring an exact region slug refuses more than the API does; Skyward always sends one.
     let (Some(size_slug), Some(region)) = (text("size"), text("region")) else {
         return Answer::error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -1079,15 +1144,20 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
             "You must specify a size and a region.",
         );
     };
-    let image = body
-        .get("image")
-        .map(|i| {
-            i.as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| i.to_string())
-        })
-        .unwrap_or_default();
-    let user_data = text("user_data");
+    // Source: DigitalOcean OpenAPI, droplet_create (`image` required, `oneOf` a slug string or
+    // an integer id). Whether the image exists is not checked: the stand-in has no images.
+    let image = match body.get("image") {
+        Some(Value::String(slug)) if !slug.trim().is_empty() => slug.clone(),
+        Some(Value::Number(id)) if id.is_u64() => id.to_string(),
+        _ => return unprocessable("You specified an invalid image for Droplet creation."),
+    };
+    // Source: DigitalOcean OpenAPI, droplet_create.user_data (a string, "plain text and may not
+    // exceed 64 KiB"); docs/cloud-apis.md#digitalocean (user_data <= 64 KiB).
+    let user_data = match body.get("user_data") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(script)) => Some(script.clone()),
+        Some(_) => return unprocessable("user_data must be a string."),
+    };
     if user_data.as_ref().is_some_and(|u| u.len() > 64 * 1024) {
         return Answer::error(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -1095,16 +1165,42 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
             "user_data must not exceed 64 KiB.",
         );
     }
-    let tags: Vec<String> = body
-        .get("tags")
-        .and_then(Value::as_array)
-        .map(|t| {
-            t.iter()
-                .filter_map(|t| t.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    // Source: DigitalOcean OpenAPI, droplet_create.tags (a nullable array of strings; new tags
+    // are made) and the `tags` schema's name (pattern `^[a-zA-Z0-9_\-\:]+$`, maxLength 255).
+    // 422 is this stand-in's choice: the real answer to a bad tag here is not documented.
+    let tags: Vec<String> = match body.get("tags") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => {
+            let mut tags = Vec::with_capacity(list.len());
+            for tag in list {
+                match tag.as_str() {
+                    Some(tag) if valid_tag(tag) => tags.push(tag.to_string()),
+                    _ => {
+                        return unprocessable(&format!(
+                            "tag {tag}: only letters, numbers, colons, dashes and underscores"
+                        ))
+                    }
+                }
+            }
+            tags
+        }
+        Some(_) => return unprocessable("tags must be an array of strings."),
+    };
+    // Source: DigitalOcean OpenAPI, droplet_create.vpc_uuid (a string).
+    let wanted_vpc = match body.get("vpc_uuid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) => Some(id.clone()),
+        Some(_) => return unprocessable("vpc_uuid must be a string."),
+    };
     let mut state = shared.state.lock().expect("state");
+    // Source: DigitalOcean OpenAPI, account.droplet_limit ("The total number of Droplets
+    // current user or team may have active at one time"); the real answer, 422
+    // `unprocessable_entity` "creating this/these droplet(s) will exceed your droplet limit",
+    // as captured in OpenRouterLabs/spawn#3059.
+    if state.droplets.len() + names.len() > DROPLET_LIMIT {
+        return unprocessable("creating this/these droplet(s) will exceed your droplet limit");
+    }
+    // Source: docs/cloud-apis.md#digitalocean (create of an unknown size answers 422).
     let Some(size) = state
         .sizes
         .iter()
@@ -1117,10 +1213,20 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
             "You specified an invalid size for Droplet creation.",
         );
     };
+    // Source: docs/cloud-apis.md#digitalocean (422 "Size is not available in this region.");
+    // DigitalOcean OpenAPI, size.regions, size.available ("whether new Droplets can be created
+    // with this size") and region.available ("whether new Droplets can be created in this
+    // region"). `unavailable` is a test hook (`make_unavailable`).
     let listed = size["regions"]
         .as_array()
         .is_some_and(|r| r.iter().any(|r| r == region.as_str()));
+    let region_closed = state
+        .regions
+        .iter()
+        .any(|r| r["slug"] == region.as_str() && r["available"] == json!(false));
     if !listed
+        || size["available"] == json!(false)
+        || region_closed
         || state
             .unavailable
             .contains(&(size_slug.clone(), region.clone()))
@@ -1132,7 +1238,11 @@ fn create(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         );
     }
     let gpu = size.get("gpu_info").is_some();
-    let vpc_uuid = match text("vpc_uuid") {
+    // Source: DigitalOcean OpenAPI, droplet_create.vpc_uuid (without it, "the Droplet will be
+    // assigned to your account's default VPC for the region") and vpc_create.region (a VPC
+    // belongs to one region). The 422 for a VPC that does not exist or is elsewhere is this
+    // stand-in's reading; the real wording is not documented.
+    let vpc_uuid = match wanted_vpc {
         None => region_default_vpc(&mut state, &region),
         Some(id) => match state.vpcs.iter().find(|v| v.id == id) {
             None => return unprocessable("The VPC does not exist."),
@@ -1194,17 +1304,36 @@ fn unprocessable(message: &str) -> Answer {
     )
 }
 
+/// Whether `name` is a droplet name the spec allows (`^[a-zA-Z0-9]?[a-z0-9A-Z.\-]*[a-z0-9A-Z]$`,
+/// at most 255 characters).
+fn valid_droplet_name(name: &str) -> bool {
+    name.len() <= NAME_LIMIT
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+}
+
+/// Whether `name` is a tag name the spec allows (`^[a-zA-Z0-9_\-\:]+$`, at most 255
+/// characters).
+fn valid_tag(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= NAME_LIMIT
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-:".contains(&b))
+}
+
 /// `POST /v2/tags`: 201 with the tag, also when it exists already.
 fn create_tag(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
+    // Source: DigitalOcean OpenAPI, tags_create (body `tags`, whose `name` is the one field
+    // given). The real status of a body without one is not documented.
     let Some(name) = body.and_then(|b| b.get("name")).and_then(Value::as_str) else {
         return unprocessable("name is required");
     };
-    let valid = !name.is_empty()
-        && name.len() <= 255
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_-:".contains(&b));
-    if !valid {
+    // Source: DigitalOcean OpenAPI, `tags` schema's name (pattern `^[a-zA-Z0-9_\-\:]+$`,
+    // maxLength 255) and tags_create's 400 `tags_bad_request` (`error_with_root_causes`).
+    if !valid_tag(name) {
         // This operation's errors have a shape of their own.
         return Answer::json(
             StatusCode::BAD_REQUEST,
@@ -1258,6 +1387,8 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         return unprocessable("The request body is not JSON.");
     };
     let name = body.get("name").and_then(Value::as_str).unwrap_or_default();
+    // Source: DigitalOcean OpenAPI, firewalls_create (`name` required) and firewall.name
+    // (pattern `^[a-zA-Z0-9][a-zA-Z0-9\.-]+$`).
     let name_valid = name.len() >= 2
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
@@ -1273,6 +1404,8 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
             .unwrap_or_default()
     };
     let (mut inbound, mut outbound) = (rules("inbound_rules"), rules("outbound_rules"));
+    // Source: DigitalOcean OpenAPI, firewalls_create ("The request must contain at least one
+    // inbound or outbound access rule"; its 400 is the spec's `bad_request`).
     if inbound.is_empty() && outbound.is_empty() {
         return Answer::error(
             StatusCode::BAD_REQUEST,
@@ -1291,6 +1424,8 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         .unwrap_or_default();
     for (rules, target) in [(&mut inbound, "sources"), (&mut outbound, "destinations")] {
         for rule in rules.iter_mut() {
+            // Source: DigitalOcean OpenAPI, firewall_rule_base (`protocol` required, enum tcp,
+            // udp, icmp; `ports` required: one port, a range, or "0" for all).
             let protocol = rule["protocol"].as_str().unwrap_or_default();
             if !["tcp", "udp", "icmp"].contains(&protocol) {
                 return unprocessable("protocol must be tcp, udp or icmp");
@@ -1301,6 +1436,9 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
             } else if !valid_ports(&ports) {
                 return unprocessable(&format!("invalid ports {ports:?}"));
             }
+            // Source: DigitalOcean OpenAPI, firewall_rules (inbound rules require `sources`,
+            // outbound ones `destinations`); firewall_rule_target.addresses (IPv4/IPv6
+            // addresses and CIDRs).
             let Some(where_) = rule.get(target).and_then(Value::as_object) else {
                 return unprocessable(&format!("every rule needs its {target}"));
             };
@@ -1319,6 +1457,8 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
                 return unprocessable(&format!("invalid address {bad:?}"));
             }
             named_tags.extend(list("tags"));
+            // No vendor source: a rule whose target names nothing is refused here (the spec
+            // does not say what the API does with one); Skyward never sends one.
             let targets = [
                 "addresses",
                 "tags",
@@ -1337,9 +1477,14 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         }
     }
     let mut state = shared.state.lock().expect("state");
+    // Source: DigitalOcean OpenAPI, existing_tags_array ("Tag names must exist in order to be
+    // referenced in a request"), for the firewall's `tags` and its rules' `tags`.
     if let Some(missing) = named_tags.iter().find(|t| !state.tags.contains(*t)) {
         return unprocessable(&format!("tag {missing} does not exist"));
     }
+    // Firewall names unique in the account, 409 `conflict` "duplicate name": the provider
+    // module's account of the API (coordinator/src/provider/digitalocean.rs); the spec does
+    // not say so.
     if state.firewalls.iter().any(|f| f["name"] == name) {
         return Answer::error(StatusCode::CONFLICT, "conflict", "duplicate name");
     }
@@ -1534,6 +1679,8 @@ fn create_vpc(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
     };
     let text = |key: &str| body.get(key).and_then(Value::as_str).unwrap_or_default();
     let (name, region) = (text("name"), text("region"));
+    // Source: DigitalOcean OpenAPI, vpcs_create (`name`, `region` required) and
+    // vpc_updatable.name (pattern `^[a-zA-Z0-9\-\.]+$`).
     if name.is_empty()
         || !name
             .chars()
@@ -1542,13 +1689,17 @@ fn create_vpc(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         return unprocessable("name may only contain alphanumeric characters, dashes, and periods");
     }
     let description = text("description");
+    // Source: DigitalOcean OpenAPI, vpc_updatable.description (maxLength 255).
     if description.chars().count() > 255 {
         return unprocessable("description may be at most 255 characters");
     }
     let mut state = shared.state.lock().expect("state");
+    // Source: DigitalOcean OpenAPI, vpc_create.region ("The slug identifier for the region").
     if !state.regions.iter().any(|r| r["slug"] == region) {
         return unprocessable("region is not a valid region");
     }
+    // Source: DigitalOcean OpenAPI, vpc_updatable.name ("Must be unique"). Comparing without
+    // regard to case is this stand-in's reading; the spec does not say.
     if state.vpcs.iter().any(|v| v.name.eq_ignore_ascii_case(name)) {
         return unprocessable("A VPC with this name already exists.");
     }
@@ -1557,6 +1708,15 @@ fn create_vpc(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         .iter()
         .filter_map(|v| parse_cidr(&v.ip_range))
         .collect();
+    // Source: DigitalOcean OpenAPI, vpc_create.ip_range (RFC 1918, no smaller than /28 nor
+    // larger than /16, overlapping no other network of the account; a /20 is picked when
+    // none is given), a string.
+    if body
+        .get("ip_range")
+        .is_some_and(|r| !r.is_string() && !r.is_null())
+    {
+        return unprocessable("ip_range must be a string in CIDR notation");
+    }
     let ip_range = match body.get("ip_range").and_then(Value::as_str) {
         Some(range) => {
             let Some(block) = parse_cidr(range).filter(|b| (16..=28).contains(&b.1) && private(*b))

@@ -15,6 +15,11 @@
 //!   instance's own `CONTAINER_API_KEY` may destroy or stop that instance only;
 //! - 429 `{"detail": ...}` with `Retry-After`, on demand.
 //!
+//! Each rule that accepts or refuses a request names its source beside it:
+//! `docs/cloud-apis.md#vastai`, VastAI's own OpenAPI pages (github.com/vast-ai/docs,
+//! `api-reference/openapi/yaml/*.yaml`, cited as "VastAI OpenAPI <page>"), or the `vastai`
+//! CLI/SDK (github.com/vast-ai/vast-cli); the few with none say so.
+//!
 //! An instance that reaches `running` boots: its `onstart` runs as a [`BootedNode`] with the
 //! container's environment (`CONTAINER_ID`, `CONTAINER_API_KEY`, the `env` it was created
 //! with) exported before it; the compressed loader is run as it is, so the system's
@@ -48,6 +53,11 @@ use crate::node::BootedNode;
 pub const KEY: &str = "vast-standin-0123456789abcdef0123456789abcdef";
 /// VastAI's limit on `onstart` + `args` + `args_str`.
 pub const ONSTART_LIMIT: usize = 4096;
+/// VastAI's limit on an image name, in characters.
+const IMAGE_LIMIT: usize = 1024;
+/// VastAI's limit on one `env` entry's key or value, and on the whole `env`, in characters.
+const ENV_ENTRY_LIMIT: usize = 256;
+const ENV_LIMIT: usize = 32 * 1024;
 
 /// Who a request came as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -497,6 +507,8 @@ async fn handle(
     let answer = {
         let mut state = shared.state.lock().expect("state");
         let answer = match &parsed {
+            // Source: VastAI OpenAPI search_offers (400 "Invalid json body") and show_instance
+            // (400 "Invalid args: invalid json").
             Err(e) => Answer::error(
                 StatusCode::BAD_REQUEST,
                 "invalid_args",
@@ -564,6 +576,10 @@ fn caller_of(headers: &HeaderMap, state: &Inner) -> Caller {
 
 /// The account's key, or the answer VastAI gives without it: 403 with no key, `wrong` (404
 /// on search, 401 elsewhere) with a wrong one.
+///
+/// Source: docs/cloud-apis.md#vastai ("no key -> 403 \"This action requires login.\"; a wrong
+/// key -> 404 on search but 401 on `instances/{id}`", body `auth_error` "Invalid user key");
+/// VastAI OpenAPI search_offers (404 "Invalid user key") and show_instance (401 `auth_error`).
 fn require_user(caller: &Caller, wrong: StatusCode) -> Result<(), Answer> {
     match caller {
         Caller::User => Ok(()),
@@ -587,6 +603,8 @@ fn route(
     caller: &Caller,
     body: Option<&Value>,
 ) -> Answer {
+    // Test hook (`rate_limit`), in the shape of docs/cloud-apis.md#vastai (429 `{"detail": ...}`)
+    // and VastAI OpenAPI create_instance's 429.
     if state.rate_limited > 0 {
         state.rate_limited -= 1;
         return Answer {
@@ -607,6 +625,9 @@ fn route(
             }
             ("GET", "/api/v0/instances/") => require_user(caller, StatusCode::UNAUTHORIZED)
                 .and_then(|()| {
+                    // docs/cloud-apis.md#vastai names the listing `?owner=me`, as the CLI
+                    // sends it; no vendor source says the API refuses a listing without it,
+                    // so this may refuse more than VastAI does (Skyward always sends it).
                     if !query.split('&').any(|p| p == "owner=me") {
                         return Err(Answer::error(
                             StatusCode::BAD_REQUEST,
@@ -627,6 +648,7 @@ fn route(
                         "credit": 25.0, "balance": 0.0, "has_billing": true
                     }))
                 }),
+            // Anything else: 404 `{"detail": "Not Found"}`, as the API answers an unknown path.
             _ => {
                 if let Some(id) = id_in(path, "/api/v0/asks/") {
                     if method == Method::PUT {
@@ -725,9 +747,13 @@ fn compare(field: &str, have: &Value, op: &str, want: &Value) -> Result<bool, St
 /// The offers a search body selects, as the API filters, orders and limits them.
 fn search(state: &Inner, query: &Value) -> Result<Vec<Value>, Answer> {
     let bad = |msg: String| Answer::error(StatusCode::BAD_REQUEST, "invalid_args", &msg);
+    // Source: VastAI OpenAPI search_offers (the body is an object; 400 otherwise).
     let query = query
         .as_object()
         .ok_or_else(|| bad("the search query must be a JSON object".into()))?;
+    // Source: the vastai CLI/SDK (vastai/api/offers.py sends "on-demand", "bid" or
+    // "reserved"). VastAI OpenAPI search_offers makes `type` optional (default on-demand):
+    // refusing a search without it refuses more than the API does; Skyward always sends it.
     let kind = query.get("type").and_then(Value::as_str).unwrap_or("");
     if !matches!(kind, "on-demand" | "bid" | "reserved") {
         return Err(bad(format!(
@@ -748,9 +774,16 @@ fn search(state: &Inner, query: &Value) -> Result<Vec<Value>, Answer> {
         ) {
             continue;
         }
+        // No vendor source for refusing an unknown field (VastAI OpenAPI show_instances refuses
+        // an invalid filter column with 400; search_offers does not say). The known fields
+        // are this stand-in's offer shape, fewer than VastAI OpenAPI search_offers lists
+        // (`datacenter`, `duration`, `cpu_arch`, ...): those are refused here though valid.
         if !fields.contains(field) {
             return Err(bad(format!("Unknown search field: {field}")));
         }
+        // Source: VastAI OpenAPI search_offers ("Each filter parameter ... should be an object
+        // specifying the operator and value"; ops eq, neq, gt, lt, gte, lte, in, notin);
+        // docs/cloud-apis.md#vastai.
         let condition = condition
             .as_object()
             .ok_or_else(|| bad(format!("{field}: expected {{op: value}}")))?;
@@ -769,12 +802,17 @@ fn search(state: &Inner, query: &Value) -> Result<Vec<Value>, Answer> {
     }
     if let Some(order) = query.get("order").and_then(Value::as_array) {
         for key in order.iter().rev() {
-            let (Some(field), direction) = (
+            // Source: VastAI OpenAPI search_offers (`order`: entries of exactly two strings,
+            // minItems 2, maxItems 2: the field, then "asc" or "desc").
+            let (Some(field), Some(direction)) = (
                 key.get(0).and_then(Value::as_str),
-                key.get(1).and_then(Value::as_str).unwrap_or("asc"),
+                key.get(1).and_then(Value::as_str),
             ) else {
                 return Err(bad("order entries are [field, direction]".into()));
             };
+            if key.as_array().map_or(0, Vec::len) != 2 {
+                return Err(bad("order entries are [field, direction]".into()));
+            }
             rows.sort_by(|a, b| {
                 let (a, b) = (
                     number(&a[field]).unwrap_or(f64::INFINITY),
@@ -796,22 +834,39 @@ fn search(state: &Inner, query: &Value) -> Result<Vec<Value>, Answer> {
 /// `PUT /api/v0/asks/{id}/`: checks the body as VastAI does, creates the instance.
 fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer> {
     let bad = |msg: &str| Answer::error(StatusCode::BAD_REQUEST, "invalid_args", msg);
+    // Source: VastAI OpenAPI create_instance (the body is an object; 400 `invalid_args`).
     let body = body
         .as_object()
         .ok_or_else(|| bad("the request body must be a JSON object"))?;
+    // Source: the vastai CLI/SDK (vastai/api/instances.py create_instance always sends
+    // `"client_id": "me"`); docs/cloud-apis.md#vastai. VastAI OpenAPI create_instance does
+    // not list `client_id`: refusing a body without it may refuse more than the API does
+    // (Skyward always sends it).
     if body.get("client_id").and_then(Value::as_str) != Some("me") {
         return Err(bad("client_id must be \"me\""));
     }
+    // Source: VastAI OpenAPI create_instance (`image` required, a string;
+    // x-input-validation image max_length 1024).
     let image = body
         .get("image")
         .and_then(Value::as_str)
         .filter(|i| !i.trim().is_empty())
         .ok_or_else(|| bad("an image is required"))?
         .to_string();
-    let disk = body.get("disk").and_then(number).unwrap_or(10.0);
+    if image.chars().count() > IMAGE_LIMIT {
+        return Err(bad("image is limited to 1024 characters"));
+    }
+    // Source: VastAI OpenAPI create_instance (`disk` a number; x-input-validation disk min
+    // 8.0); docs/cloud-apis.md#vastai (disk >= 8 GB). Left out, the CLI's default (10).
+    let disk = match body.get("disk") {
+        None | Some(Value::Null) => 10.0,
+        Some(d) => number(d).ok_or_else(|| bad("disk must be a number"))?,
+    };
     if disk < 8.0 {
         return Err(bad("disk must be at least 8 GB"));
     }
+    // Source: VastAI OpenAPI create_instance (`label` a string; x-input-validation label
+    // max_length 256); docs/cloud-apis.md#vastai (label 256).
     let label = match body.get("label") {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(l)) => l.clone(),
@@ -820,25 +875,65 @@ fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer
     if label.chars().count() > 256 {
         return Err(bad("label is limited to 256 characters"));
     }
+    // Source: VastAI OpenAPI create_instance (`onstart` and `args_str` strings, `args` an
+    // array of strings).
+    for key in ["onstart", "args_str"] {
+        if !matches!(
+            body.get(key),
+            None | Some(Value::Null) | Some(Value::String(_))
+        ) {
+            return Err(bad(&format!("{key} must be a string")));
+        }
+    }
+    match body.get("args") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(args)) if args.iter().all(Value::is_string) => {}
+        Some(_) => return Err(bad("args must be an array of strings")),
+    }
     let text_len = |key: &str| match body.get(key) {
         Some(Value::String(s)) => s.chars().count(),
         Some(Value::Array(a)) => a.iter().map(|v| v.to_string().len()).sum(),
         _ => 0,
     };
+    // Source: VastAI OpenAPI create_instance (x-input-validation args max_length 4096,
+    // "Combined length of args, args_str and onstart"); docs/cloud-apis.md#vastai.
     if text_len("onstart") + text_len("args") + text_len("args_str") > ONSTART_LIMIT {
         return Err(bad(
             "onstart, args and args_str together are limited to 4096 characters: gzip and base64 longer scripts",
         ));
     }
+    // Source: the vastai CLI/SDK (create_instance sends `env` as an object of docker options
+    // and variables, `parse_env`). VastAI OpenAPI create_instance documents `env` as a string
+    // of docker flags too: refusing that form refuses more than the API does (Skyward sends
+    // an object).
     let env = match body.get("env") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(env)) => env.clone(),
         Some(_) => return Err(bad("env must be an object")),
     };
-    if Value::Object(env.clone()).to_string().len() > 32 * 1024 {
+    // Source: VastAI OpenAPI create_instance (x-input-validation env max_length 256,
+    // max_total_length 32768); docs/cloud-apis.md#vastai (env 32 KiB). The 256 is read as
+    // the limit of one entry's key and of its value.
+    let too_long = |text: &str| text.chars().count() > ENV_ENTRY_LIMIT;
+    for (key, value) in &env {
+        let value_too_long = match value {
+            Value::String(text) => too_long(text),
+            other => too_long(&other.to_string()),
+        };
+        if too_long(key) || value_too_long {
+            return Err(bad(&format!(
+                "env entry {key:?} is over {ENV_ENTRY_LIMIT} characters"
+            )));
+        }
+    }
+    if Value::Object(env.clone()).to_string().len() > ENV_LIMIT {
         return Err(bad("env is limited to 32 KiB"));
     }
+    // Source: the vastai CLI's `-p HOST:CONTAINER[/tcp|/udp]` port options as `env` keys
+    // (docs/cloud-apis.md#vastai); a malformed one is refused here without a vendor source.
     let published = published_ports(&env).map_err(|e| bad(&e))?;
+    // Source: VastAI OpenAPI create_instance (`price` a number, minimum 0.001, maximum 128;
+    // 400 `invalid_price`); docs/cloud-apis.md#vastai. Left out: on-demand.
     let price = match body.get("price") {
         None | Some(Value::Null) => None,
         Some(p) => {
@@ -859,11 +954,16 @@ fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer
             Some(p)
         }
     };
+    // Source: VastAI OpenAPI create_instance (404 "no_such_ask Instance type by id N is not
+    // available.", 410 "no longer available"; an offer can be rented once: vastai CLI "Each
+    // offer ID can only be used to create one instance") and search_offers (`rentable`:
+    // whether the machine is rentable); docs/cloud-apis.md#vastai (a gone offer may come as
+    // `invalid_args` with `no_such_ask` only in `msg`). `gone` is a test hook (`make_gone`).
     let offer = state
         .offers
         .iter_mut()
         .find(|o| o["id"].as_u64() == Some(offer_id))
-        .filter(|o| o["rented"] != json!(true));
+        .filter(|o| o["rented"] != json!(true) && o["rentable"] != json!(false));
     let gone = state.gone.get(&offer_id).copied();
     let (Some(offer), None) = (offer, gone) else {
         let msg = format!("Instance type by id {offer_id} is not available.");
@@ -876,6 +976,8 @@ fn rent(state: &mut Inner, offer_id: u64, body: &Value) -> Result<Answer, Answer
             ),
         });
     };
+    // Source: VastAI OpenAPI search_offers (`min_bid`: "Minimum bid price ($/hour)") and
+    // create_instance (400 `invalid_price`).
     if let Some(p) = price {
         if number(&offer["min_bid"]).is_some_and(|min| p + 1e-9 < min) {
             return Err(Answer::error(
@@ -1152,10 +1254,16 @@ fn instance(
     body: Option<&Value>,
 ) -> Result<Answer, Answer> {
     // An instance's own key may destroy or stop it; reading needs the account's key.
+    // Source: VastAI docs api-reference/hello-world.mdx (`CONTAINER_API_KEY` "can only start,
+    // stop, or destroy that specific instance"). Their guides/instances/docker-environment.mdx
+    // also shows `vastai show instance $CONTAINER_ID --api-key $CONTAINER_API_KEY`: refusing
+    // a read with it may refuse more than VastAI does.
     let own = *caller == Caller::Container(id) && *method != Method::GET;
     if !own {
         require_user(caller, StatusCode::UNAUTHORIZED)?;
     }
+    // Source: VastAI OpenAPI destroy_instance and manage_instance (404 for an instance that
+    // does not exist).
     if !state.instances.contains_key(&id) {
         return Err(Answer::error(
             StatusCode::NOT_FOUND,
@@ -1180,6 +1288,9 @@ fn instance(
             answer.destroy.extend(removed);
             Ok(answer)
         }
+        // Source: VastAI OpenAPI stop_instance (`state: "stopped"`, 400 otherwise).
+        // manage_instance also allows `state: "running"` and a `label` alone, which are
+        // refused here: more than VastAI refuses (Skyward only ever stops).
         "PUT" => match body.and_then(|b| b.get("state")).and_then(Value::as_str) {
             Some("stopped") => {
                 let inst = state.instances.get_mut(&id).expect("checked");
@@ -1230,6 +1341,11 @@ fn overlay(
                 })
                 .collect(),
         ))),
+        // Source: the vastai CLI/SDK (vastai/api/clusters.py create_overlay sends `cluster_id`
+        // and `name`); docs/cloud-apis.md#vastai (overlays are made on a physical cluster,
+        // names `[a-z0-9-]`). docs/cloud-apis.md says the CLI drops other characters: the 400
+        // for them is this stand-in's, and may refuse more than VastAI does. Unique names: no
+        // vendor source, but joining and deleting address an overlay by its name.
         "POST" => {
             let cluster_id = number(&field("cluster_id"))
                 .map(|c| c as u64)
@@ -1268,6 +1384,8 @@ fn overlay(
                 "overlay_id": id
             })))
         }
+        // Source: the vastai CLI/SDK (join_overlay sends `name` and `instance_id`);
+        // docs/cloud-apis.md#vastai (overlays join instances of the same physical cluster).
         "PUT" => {
             let name = field("name").as_str().unwrap_or("").to_string();
             let instance_id = number(&field("instance_id"))
@@ -1296,6 +1414,8 @@ fn overlay(
                 json!({"success": true, "msg": "Instance added to overlay."}),
             ))
         }
+        // Source: the vastai CLI/SDK (delete_overlay sends `overlay_id` or `overlay_name`);
+        // docs/cloud-apis.md#vastai (deleting an overlay also removes its instances).
         "DELETE" => {
             let by_id = number(&field("overlay_id")).map(|i| i as u64);
             let by_name = field("overlay_name").as_str().map(str::to_string);
