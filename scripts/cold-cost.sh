@@ -6,7 +6,8 @@
 #           first, timed apart, so a warm ~/.cargo registry changes only that line);
 #   ci:     `.ci/run`, in a target dir of its own (CARGO_TARGET_DIR, which must be empty).
 # Peak memory is the machine's memory in use (MemTotal - MemAvailable, sampled each second)
-# above what was in use before the step: run it on an otherwise idle machine.
+# above what was in use before the step: run it on an otherwise idle machine. Each step's
+# figures replace its row in bench/cold-costs.tsv, which BENCHMARKS.md's footprint table shows.
 set -euo pipefail
 mode=${1:?usage: scripts/cold-cost.sh readme|ci}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,10 +31,21 @@ measure() {
     "$@" || status=$?
     kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null || true
     local secs=$(( $(date +%s) - t0 ))
-    awk -v n="$name" -v s="$secs" -v kib="$(cat "$peak_file")" -v rc="$status" 'BEGIN {
+    local kib
+    kib=$(cat "$peak_file")
+    awk -v n="$name" -v s="$secs" -v kib="$kib" -v rc="$status" 'BEGIN {
         printf "COST %-28s %4dm%02ds  peak %.1f GB  exit %d\n", n, s / 60, s % 60, kib / 1048576, rc }' |
         tee -a "$scratch/costs.txt"
     rm -f "$peak_file"
+    # The record BENCHMARKS.md's footprint table shows (skyward-bench reads it): one row per
+    # step, replaced by the newest successful measurement of that step.
+    if [ "$status" = 0 ]; then
+        local record="$repo/bench/cold-costs.tsv" row
+        row=$(printf '%s\t%d\t%d\t%s\t%s\t%d' "$name" "$secs" "$kib" "$(git rev-parse --short HEAD)" \
+            "$(date -u +%Y-%m-%d)" "$(nproc)")
+        { grep -v -F "$(printf '%s\t' "$name")" "$record" 2>/dev/null || true; echo "$row"; } >"$record.new"
+        mv "$record.new" "$record"
+    fi
     return "$status"
 }
 
@@ -44,7 +56,7 @@ readme)
     measure "cargo fetch (downloads)" cargo fetch --locked
     measure "cargo build --release" cargo build --release
     measure "skyward run (3 nodes)" ./target/release/skyward run --nodes 3 --on all -- hostname
-    measure "scripts/test.sh" scripts/test.sh
+    measure "scripts/test.sh, after the build" scripts/test.sh
     ;;
 ci)
     export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$scratch/target}"
