@@ -17,7 +17,7 @@
 //!
 //! Each rule that accepts or refuses a request names its source beside it:
 //! `docs/cloud-apis.md#vastai`, VastAI's own OpenAPI pages (github.com/vast-ai/docs,
-//! `api-reference/openapi/yaml/*.yaml`, cited as "VastAI OpenAPI <page>"), or the `vastai`
+//! `api-reference/openapi/yaml/*.yaml`, cited as "VastAI OpenAPI `<page>`"), or the `vastai`
 //! CLI/SDK (github.com/vast-ai/vast-cli); the few with none say so.
 //!
 //! An instance that reaches `running` boots: its `onstart` runs as a [`BootedNode`] with the
