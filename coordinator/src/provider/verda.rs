@@ -292,20 +292,21 @@ impl Verda {
     }
 
     async fn create_script(&self, name: &str, script: &str) -> Result<String, ProviderError> {
+        self.post_for_id("/scripts", &json!({ "name": name, "script": script }))
+            .await
+    }
+
+    /// `POST path`, answered with the new object's id (plain text, or JSON).
+    async fn post_for_id(&self, path: &str, body: &Value) -> Result<String, ProviderError> {
         let reply = self
             .api
-            .request(
-                Method::POST,
-                "/scripts",
-                &[],
-                Some(&json!({ "name": name, "script": script })),
-            )
+            .request(Method::POST, path, &[], Some(body))
             .await?;
         parse_id(&reply.body).ok_or_else(|| {
             self.api.unexpected(
-                "POST /scripts",
+                &format!("POST {path}"),
                 reply.status,
-                "did not answer with a script id",
+                "did not answer with an id",
             )
         })
     }
@@ -601,22 +602,8 @@ impl Verda {
                 format!("cannot make the pool's SSH key: {why}"),
             )
         })?;
-        let reply = self
-            .api
-            .request(
-                Method::POST,
-                "/ssh-keys",
-                &[],
-                Some(&json!({ "name": name, "key": key })),
-            )
-            .await?;
-        parse_id(&reply.body).ok_or_else(|| {
-            self.api.unexpected(
-                "POST /ssh-keys",
-                reply.status,
-                "did not answer with an SSH key id",
-            )
-        })
+        self.post_for_id("/ssh-keys", &json!({ "name": name, "key": key }))
+            .await
     }
 
     /// The ids of the SSH keys registered for `pool` (by exact name, so that pool `a` never
