@@ -54,6 +54,15 @@ struct Args {
     /// instance metadata service; SKYWARD_IMDS=HOST:PORT points elsewhere) or aws=HOST:PORT.
     #[arg(long, env = "SKYWARD_SPOT_WATCH", value_parser = crate::interruption::Watch::parse)]
     spot_watch: Option<crate::interruption::Watch>,
+    /// Bytes of one task's output held in memory before it spills to the work dir.
+    #[arg(long, env = "SKYWARD_TASK_MEMORY", value_name = "BYTES",
+          default_value_t = skyward_common::limits::MAX_TASK_JOURNAL)]
+    task_memory: usize,
+    /// Bytes of one task's output held in spill files at once; past them the task's pipes
+    /// wait until its output is taken (files go as their output does).
+    #[arg(long, env = "SKYWARD_TASK_SPILL", value_name = "BYTES",
+          default_value_t = skyward_common::limits::MAX_TASK_SPILL)]
+    task_spill: u64,
 }
 
 /// A node agent: the stock one, or a custom one with typed tasks registered.
@@ -120,6 +129,7 @@ impl Agent {
             .try_init()
             .ok();
         skyward_common::install_crypto_provider();
+        crate::journal::set_limits(args.task_memory, args.task_spill);
         let config = AgentConfig {
             coordinator: args.coordinator,
             listen: args.listen,

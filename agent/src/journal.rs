@@ -4,15 +4,17 @@
 //! once.
 //!
 //! Bounded: up to [`MAX_TASK_JOURNAL`] bytes in memory (what is not sent yet, and the last
-//! chunks sent, which a dying connection may not have delivered); past that, chunks go to a
-//! spill file in the agent's work dir, up to [`MAX_TASK_SPILL`]; past that, the task's pipes
-//! wait until a stream takes its output.
+//! chunks sent, which a dying connection may not have delivered); past that, chunks go to
+//! spill segment files in the agent's work dir, up to [`MAX_TASK_SPILL`] bytes held at once;
+//! past that, the task's pipes wait until a stream takes its output. A segment file is
+//! removed as soon as its last chunk has gone, so a task may print any amount over any time:
+//! only what is held counts against the bounds. The agent's `--task-memory` and
+//! `--task-spill` lower them (tests use that to reach them quickly).
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use bytes::Bytes;
 use quinn::SendStream;
@@ -41,7 +43,38 @@ pub struct Journal {
 #[derive(Clone)]
 enum Body {
     Memory(Bytes),
-    Spilled { offset: u64, len: usize },
+    /// In spill segment `segment`, at `offset`.
+    Spilled {
+        segment: u64,
+        offset: u64,
+        len: usize,
+    },
+}
+
+/// One spill file: chunks are written at explicit offsets, never at the file's cursor.
+struct Segment {
+    id: u64,
+    file: std::fs::File,
+    path: PathBuf,
+    written: u64,
+    /// Kept chunks stored here; at 0 the file is removed.
+    live: usize,
+}
+
+/// The spill segments, oldest first, and the bytes their files take on disk (what the
+/// spill's bound counts: a segment's space comes back when its last chunk goes).
+struct Spill {
+    segments: VecDeque<Segment>,
+    next_id: u64,
+    held: u64,
+}
+
+/// The bounds of every journal this agent makes: memory, then spill.
+static LIMITS: OnceLock<(usize, u64)> = OnceLock::new();
+
+/// Sets the agent's journal bounds (once, at start; later calls are ignored).
+pub fn set_limits(memory: usize, spill: u64) {
+    let _ = LIMITS.set((memory.max(1), spill));
 }
 
 struct Chunk {
@@ -57,10 +90,10 @@ struct State {
     next_seq: u64,
     memory_bytes: usize,
     memory_limit: usize,
-    /// How many kept chunks are in the spill file (counted, not searched for on every push).
+    /// How many kept chunks are spilled (counted, not searched for on every push).
     spilled: usize,
-    /// The spill file, its path, and how far it is written.
-    spill: Option<(std::fs::File, PathBuf, u64)>,
+    spill: Spill,
+    /// Segment `n` is `<spill_path>.<n>`.
     spill_path: PathBuf,
     spill_limit: u64,
     /// Chunks below this were written to some stream.
@@ -89,7 +122,8 @@ pub enum PumpEnd {
 impl Journal {
     /// A journal that spills to `spill_path` (made only if needed, removed with the journal).
     pub fn new(spill_path: PathBuf) -> Journal {
-        Journal::with_limits(spill_path, MAX_TASK_JOURNAL, MAX_TASK_SPILL)
+        let (memory, spill) = *LIMITS.get_or_init(|| (MAX_TASK_JOURNAL, MAX_TASK_SPILL));
+        Journal::with_limits(spill_path, memory, spill)
     }
 
     fn with_limits(spill_path: PathBuf, memory_limit: usize, spill_limit: u64) -> Journal {
@@ -101,7 +135,11 @@ impl Journal {
                 memory_bytes: 0,
                 memory_limit,
                 spilled: 0,
-                spill: None,
+                spill: Spill {
+                    segments: VecDeque::new(),
+                    next_id: 0,
+                    held: 0,
+                },
                 spill_path,
                 spill_limit,
                 sent: 0,
@@ -172,8 +210,13 @@ impl Journal {
         for chunk in state.chunks.iter().skip(skip) {
             let data = match &chunk.body {
                 Body::Memory(data) => data.clone(),
-                Body::Spilled { offset, len } => {
-                    let Some((file, _, _)) = &state.spill else {
+                Body::Spilled {
+                    segment,
+                    offset,
+                    len,
+                } => {
+                    let Some(file) = state.spill.file(*segment) else {
+                        tracing::error!("spilled task output lost its segment file");
                         break;
                     };
                     let mut buf = vec![0u8; *len];
@@ -255,19 +298,41 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         if let Ok(state) = self.state.lock() {
-            if let Some((_, path, _)) = &state.spill {
-                let _ = std::fs::remove_file(path);
+            for segment in &state.spill.segments {
+                let _ = std::fs::remove_file(&segment.path);
+            }
+        }
+    }
+}
+
+impl Spill {
+    fn file(&self, id: u64) -> Option<&std::fs::File> {
+        self.segments
+            .iter()
+            .find(|s| s.id == id)
+            .map(|segment| &segment.file)
+    }
+
+    /// A spilled chunk of segment `id` was let go; segments left empty at the front are
+    /// removed (chunks go in order, so the front empties first).
+    fn release(&mut self, id: u64) {
+        if let Some(segment) = self.segments.iter_mut().find(|s| s.id == id) {
+            segment.live -= 1;
+        }
+        while self.segments.front().is_some_and(|s| s.live == 0) {
+            if let Some(segment) = self.segments.pop_front() {
+                self.held -= segment.written;
+                let _ = std::fs::remove_file(&segment.path);
             }
         }
     }
 }
 
 impl State {
-    /// Keeps `data` in memory, or in the spill file once memory is full (and for as long as
-    /// spilled chunks wait, so that order holds); false when both are full.
+    /// Keeps `data` in memory, or spilled once memory is full (the chunks' order is the
+    /// queue's, wherever their bytes are); false when both are full.
     fn try_push(&mut self, stream: OutputStream, data: &Bytes) -> bool {
-        let body = if self.spilled == 0
-            && (self.memory_bytes + data.len() <= self.memory_limit || self.chunks.is_empty())
+        let body = if self.memory_bytes + data.len() <= self.memory_limit || self.chunks.is_empty()
         {
             self.memory_bytes += data.len();
             Body::Memory(data.clone())
@@ -286,11 +351,25 @@ impl State {
         true
     }
 
-    /// Appends `data` to the spill file (made on first use, owner-only); `None` when it is
-    /// full or cannot be written.
+    /// Writes `data` to the newest spill segment, or a new one (owner-only) when that is
+    /// full; `None` when the spill holds its limit or cannot be written.
     fn spill_write(&mut self, data: &Bytes) -> Option<Body> {
-        if self.spill.is_none() {
-            if let Some(dir) = self.spill_path.parent() {
+        if self.spill.held + data.len() as u64 > self.spill_limit {
+            return None;
+        }
+        // Segments of an eighth of the limit: space comes back an eighth at a time.
+        let segment_size = (self.spill_limit / 8).max(1);
+        let fits = self
+            .spill
+            .segments
+            .back()
+            .is_some_and(|s| s.written == 0 || s.written + data.len() as u64 <= segment_size);
+        if !fits {
+            let id = self.spill.next_id;
+            let mut path = self.spill_path.clone().into_os_string();
+            path.push(format!(".{id}"));
+            let path = PathBuf::from(path);
+            if let Some(dir) = path.parent() {
                 let _ = std::fs::create_dir_all(dir);
             }
             use std::os::unix::fs::OpenOptionsExt;
@@ -300,54 +379,52 @@ impl State {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&self.spill_path)
+                .open(&path)
                 .map_err(|e| tracing::warn!("cannot spill task output: {e}"))
                 .ok()?;
-            self.spill = Some((file, self.spill_path.clone(), 0));
+            self.spill.next_id += 1;
+            self.spill.segments.push_back(Segment {
+                id,
+                file,
+                path,
+                written: 0,
+                live: 0,
+            });
         }
-        let limit = self.spill_limit;
-        let (file, _, end) = self.spill.as_mut()?;
-        if *end + data.len() as u64 > limit {
-            return None;
-        }
-        file.write_all(data)
+        let segment = self.spill.segments.back_mut()?;
+        let offset = segment.written;
+        segment
+            .file
+            .write_all_at(data, offset)
             .map_err(|e| tracing::warn!("cannot spill task output: {e}"))
             .ok()?;
-        let body = Body::Spilled {
-            offset: *end,
+        segment.written += data.len() as u64;
+        segment.live += 1;
+        self.spill.held += data.len() as u64;
+        Some(Body::Spilled {
+            segment: segment.id,
+            offset,
             len: data.len(),
-        };
-        *end += data.len() as u64;
-        Some(body)
+        })
     }
 
-    /// Drops the oldest chunks already sent while memory is over half full; once every
-    /// spilled chunk is gone, the spill file starts over.
+    /// Drops the oldest chunks already sent: all of them while anything is spilled (the
+    /// spill's room comes back only as chunks go, oldest first, whatever holds their
+    /// bytes), else while memory is over half full.
     fn trim_sent(&mut self) {
-        while self.memory_bytes > self.memory_limit / 2
-            || self
-                .chunks
-                .front()
-                .is_some_and(|c| matches!(c.body, Body::Spilled { .. }))
-        {
-            match self.chunks.front() {
-                Some(chunk) if chunk.seq < self.sent => {
-                    match &chunk.body {
-                        Body::Memory(data) => self.memory_bytes -= data.len(),
-                        Body::Spilled { .. } => self.spilled -= 1,
-                    }
-                    self.first_seq = chunk.seq + 1;
-                    self.chunks.pop_front();
-                }
-                _ => break,
-            }
-        }
-        if self.spilled == 0 {
-            if let Some((file, _, end)) = self.spill.as_mut() {
-                if *end > 0 && file.set_len(0).is_ok() {
-                    *end = 0;
+        while self.spilled > 0 || self.memory_bytes > self.memory_limit / 2 {
+            let Some(chunk) = self.chunks.front().filter(|c| c.seq < self.sent) else {
+                break;
+            };
+            match chunk.body {
+                Body::Memory(ref data) => self.memory_bytes -= data.len(),
+                Body::Spilled { segment, .. } => {
+                    self.spilled -= 1;
+                    self.spill.release(segment);
                 }
             }
+            self.first_seq = chunk.seq + 1;
+            self.chunks.pop_front();
         }
     }
 }
@@ -358,6 +435,21 @@ mod tests {
 
     fn journal(dir: &tempfile::TempDir, memory: usize, spill: u64) -> Journal {
         Journal::with_limits(dir.path().join("spill/task-1.0.out"), memory, spill)
+    }
+
+    /// How many spill segment files are on disk.
+    fn spill_files(dir: &tempfile::TempDir) -> usize {
+        std::fs::read_dir(dir.path().join("spill"))
+            .map(|entries| entries.count())
+            .unwrap_or(0)
+    }
+
+    /// What a stream that took everything up to `next` leaves the producer: room.
+    fn mark_sent(journal: &Journal, next: u64) {
+        let mut state = journal.state.lock().unwrap();
+        state.sent = state.sent.max(next);
+        drop(state);
+        journal.changed.notify_waiters();
     }
 
     fn replay(journal: &Journal, from: u64) -> String {
@@ -395,16 +487,15 @@ mod tests {
                 .push(OutputStream::Stdout, Bytes::from(format!("line {i}\n")))
                 .await;
         }
-        let spill = dir.path().join("spill/task-1.0.out");
         assert!(
-            spill.exists(),
+            spill_files(&dir) > 0,
             "memory held one chunk; the rest went to disk"
         );
         let expected: String = (0..10).map(|i| format!("line {i}\n")).collect();
         assert_eq!(replay(&journal, 0), expected);
         assert_eq!(replay(&journal, 7), "line 7\nline 8\nline 9\n");
         drop(journal);
-        assert!(!spill.exists(), "the spill goes with the journal");
+        assert_eq!(spill_files(&dir), 0, "the spill goes with the journal");
     }
 
     #[tokio::test]
@@ -436,5 +527,116 @@ mod tests {
             .unwrap();
         assert_eq!(journal.attach(0), None, "sent chunks were let go");
         assert_eq!(replay(&journal, 3), "abcdefgh");
+    }
+
+    /// Issue 17's first case: a reader that keeps up only partly, over bursts that add up to
+    /// many times the spill's limit. The spill's room must come back as chunks go; before, the
+    /// sent chunks left in memory ahead of the spilled ones kept the spill file from ever
+    /// starting over, and the task waited for good once it was full.
+    #[tokio::test]
+    async fn a_lagging_reader_never_stops_a_task_that_prints_past_every_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal(&dir, 64, 256);
+        let chunk = Bytes::from_static(b"0123456789abcdef");
+        // 4,000 chunks of 16 bytes: 64,000 bytes, 250 times the spill's limit.
+        for i in 0..4_000u64 {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                journal.push(OutputStream::Stdout, chunk.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("chunk {i} waited for good"));
+            // The reader is 10 chunks behind (160 bytes: past memory, into the spill).
+            mark_sent(&journal, i.saturating_sub(10));
+        }
+        assert!(
+            spill_files(&dir) <= 9,
+            "{} segment files",
+            spill_files(&dir)
+        );
+        mark_sent(&journal, 4_000);
+        journal
+            .push(OutputStream::Stdout, Bytes::from_static(b"end"))
+            .await;
+        assert_eq!(replay(&journal, 4_000), "end");
+        assert_eq!(
+            spill_files(&dir),
+            0,
+            "every spilled chunk went: no file is left"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Over any sequence of pushes and sends: every chunk from the journal's first kept
+        /// one on reads back as it was pushed (spilled or not, after any reclaim), the bounds
+        /// hold, and no segment file outlives its chunks.
+        #[test]
+        fn kept_output_reads_back_exactly_and_the_bounds_hold(
+            steps in proptest::collection::vec((1usize..40, 0u64..6), 1..300),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let (memory, spill) = (64, 256);
+                let journal = journal(&dir, memory, spill);
+                let mut pushed: Vec<Vec<u8>> = Vec::new();
+                for (len, lag) in steps {
+                    let n = pushed.len() as u64;
+                    // The reader takes everything up to `lag` chunks behind, so the push
+                    // always finds room once trimmed (a chunk is at most 40 bytes).
+                    mark_sent(&journal, n.saturating_sub(lag));
+                    let data: Vec<u8> = (0..len).map(|i| b'a' + ((n as usize + i) % 26) as u8).collect();
+                    tokio::time::timeout(
+                        std::time::Duration::from_secs(5),
+                        journal.push(OutputStream::Stdout, Bytes::from(data.clone())),
+                    )
+                    .await
+                    .expect("room once sent chunks go");
+                    pushed.push(data);
+                    let state = journal.state.lock().unwrap();
+                    assert!(state.spill.held <= spill, "spill over its limit");
+                    assert!(state.memory_bytes <= memory.max(40), "memory over its limit");
+                    assert_eq!(state.spill.segments.len(), spill_files(&dir));
+                    let spilled_bytes: u64 = state
+                        .chunks
+                        .iter()
+                        .filter_map(|c| match c.body {
+                            Body::Spilled { len, .. } => Some(len as u64),
+                            Body::Memory(_) => None,
+                        })
+                        .sum();
+                    assert!(spilled_bytes <= state.spill.held);
+                    let on_disk: u64 = std::fs::read_dir(dir.path().join("spill"))
+                        .map(|d| d.flatten().map(|e| e.metadata().unwrap().len()).sum())
+                        .unwrap_or(0);
+                    assert_eq!(on_disk, state.spill.held, "the bound counts what is on disk");
+                }
+                let first = journal.state.lock().unwrap().first_seq;
+                let expected: Vec<u8> = pushed[first as usize..].concat();
+                let generation = journal.attach(first).expect("kept");
+                let mut got = Vec::new();
+                let mut next = first;
+                loop {
+                    let (batch, _) = journal.batch(generation, next).unwrap();
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for (seq, _, data) in batch {
+                        assert_eq!(seq, next, "in order, none skipped");
+                        next = seq + 1;
+                        got.extend_from_slice(&data);
+                    }
+                }
+                assert_eq!(got, expected);
+                mark_sent(&journal, pushed.len() as u64);
+                journal.push(OutputStream::Stdout, Bytes::from_static(b"z")).await;
+                assert_eq!(spill_files(&dir), 0, "segments go with their chunks");
+            });
+        }
     }
 }

@@ -12,6 +12,7 @@ mod orphans;
 mod output;
 mod pools;
 mod readme;
+mod reliability;
 mod security;
 mod selection;
 mod shell;
