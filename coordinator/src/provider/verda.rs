@@ -551,13 +551,12 @@ impl Verda {
 
     /// Deletes the startup scripts this pool registered (they hold single-use tokens).
     async fn delete_pool_scripts(&self, pool: &str) -> Result<(), ProviderError> {
-        let prefix = script_prefix(pool);
         let scripts = self.api.get_json("/scripts", &[]).await?;
         let ids: Vec<String> = scripts
             .as_array()
             .into_iter()
             .flatten()
-            .filter(|s| str_field(s, "name").is_some_and(|n| n.starts_with(&prefix)))
+            .filter(|s| str_field(s, "name").is_some_and(|n| is_pool_script(&n, pool)))
             .filter_map(|s| str_field(s, "id"))
             .collect();
         if ids.is_empty() {
@@ -1542,8 +1541,8 @@ fn pool_of(instance: &Value) -> Option<String> {
 fn belongs_to(instance: &Value, pool: &str) -> bool {
     match tag(instance, POOL_TAG) {
         Some(owner) => owner == pool,
-        None => str_field(instance, "hostname")
-            .is_some_and(|h| h.starts_with(&format!("{}-", hostname_prefix(pool)))),
+        // The whole prefix before `-node-N`, so that pool `a` never claims pool `a-b`'s.
+        None => pool_of(instance).is_some_and(|owner| owner == hostname_prefix(pool)),
     }
 }
 
@@ -1629,6 +1628,14 @@ fn script_prefix(pool: &str) -> String {
 
 fn script_name(pool: &str, node: &NodeBootstrap) -> String {
     format!("{}{}", script_prefix(pool), node.node_id)
+}
+
+/// Whether a startup script is one of `pool`'s: `skyward-<pool>-node-<n>` exactly, so that
+/// tearing down pool `a` leaves pool `a-b`'s scripts alone.
+fn is_pool_script(name: &str, pool: &str) -> bool {
+    name.strip_prefix(&script_prefix(pool))
+        .and_then(|rest| rest.strip_prefix("node-"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The name of the pool's SSH key on the account.
@@ -1822,6 +1829,19 @@ mod tests {
         );
         assert!(notice.contains("certificate of the pool's CA"), "{notice}");
         assert!(!open_port_notice(7444, None).contains("not only"));
+    }
+
+    #[test]
+    fn a_pool_never_claims_the_scripts_or_instances_of_a_pool_whose_name_it_prefixes() {
+        assert!(is_pool_script("skyward-a-node-1", "a"));
+        assert!(is_pool_script("skyward-a-b-node-12", "a-b"));
+        assert!(!is_pool_script("skyward-a-b-node-1", "a"));
+        assert!(!is_pool_script("skyward-a-node-", "a"));
+        assert!(!is_pool_script("skyward-a-ssh-key", "a"));
+        let untagged = |host: &str| json!({ "hostname": host });
+        assert!(belongs_to(&untagged("a-node-1"), "a"));
+        assert!(!belongs_to(&untagged("a-b-node-1"), "a"));
+        assert!(belongs_to(&untagged("a-b-node-1"), "a-b"));
     }
 
     #[test]
