@@ -583,15 +583,7 @@ async fn unread_task_output_is_held_on_the_node_within_bounds() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let spill_dir = sandbox.path().join("node-1/.skyward-spill");
-    let spilled: u64 = std::fs::read_dir(&spill_dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
+    let spilled = skyward_tests::dir_bytes(&spill_dir);
     assert!(
         spilled >= (total - MAX_TASK_JOURNAL) as u64 / 2,
         "past its memory bound the output went to disk: {spilled} bytes spilled"

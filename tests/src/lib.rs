@@ -199,6 +199,20 @@ pub fn run(cmd: &mut Command, limit: Duration) -> Finished {
     }
 }
 
+/// The bytes of the files directly in `dir` (0 when it does not exist): what a spill
+/// directory holds on disk.
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Starts a real `skyward-agent` for `node_id` against an in-process coordinator, logging to
 /// `<sandbox>/<node_id>.log`.
 pub fn spawn_agent(
