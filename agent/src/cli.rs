@@ -54,6 +54,11 @@ struct Args {
     /// instance metadata service; SKYWARD_IMDS=HOST:PORT points elsewhere) or aws=HOST:PORT.
     #[arg(long, env = "SKYWARD_SPOT_WATCH", value_parser = crate::interruption::Watch::parse)]
     spot_watch: Option<crate::interruption::Watch>,
+    /// How long a silent connection to the coordinator lasts before it counts as lost and
+    /// the agent dials again (QUIC's idle timeout: the shorter of the two sides' wins).
+    #[arg(long, env = "SKYWARD_IDLE_TIMEOUT", value_name = "DURATION",
+          default_value = "30s", value_parser = parse_idle_timeout)]
+    idle_timeout: Duration,
     /// Bytes of one task's output held in memory before it spills to the work dir.
     #[arg(long, env = "SKYWARD_TASK_MEMORY", value_name = "BYTES",
           default_value_t = skyward_common::limits::MAX_TASK_JOURNAL)]
@@ -130,6 +135,7 @@ impl Agent {
             .ok();
         skyward_common::install_crypto_provider();
         crate::journal::set_limits(args.task_memory, args.task_spill);
+        skyward_common::transport::set_idle_timeout(args.idle_timeout);
         let config = AgentConfig {
             coordinator: args.coordinator,
             listen: args.listen,
@@ -165,4 +171,14 @@ impl Agent {
             }
         }
     }
+}
+
+/// An idle timeout between 1 s and 10 min: shorter would drop connections on any hiccup,
+/// longer would hide a dead coordinator past a typical lease.
+fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&timeout) {
+        return Err(format!("{text} is out of range: give 1s to 10m"));
+    }
+    Ok(timeout)
 }

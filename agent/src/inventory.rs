@@ -50,9 +50,11 @@ fn accelerators() -> (Vec<Gpu>, Vec<NeuronDevice>) {
     )
 }
 
-pub fn health(running_tasks: u32) -> Health {
+pub fn health(running_tasks: u32, held: crate::journal::Held, waiting: u32) -> Health {
     Health {
         running_tasks,
+        output_held_bytes: held.bytes,
+        tasks_waiting_for_room: waiting,
         load_avg_1m: read_trimmed("/proc/loadavg")
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
             .unwrap_or(0.0),

@@ -3,13 +3,16 @@
 //! last (`TaskRequest::Resume`), and the journal sends the rest and the task's end, each
 //! once.
 //!
-//! Bounded: up to [`MAX_TASK_JOURNAL`] bytes in memory (what is not sent yet, and the last
-//! chunks sent, which a dying connection may not have delivered); past that, chunks go to
-//! spill segment files in the agent's work dir, up to [`MAX_TASK_SPILL`] bytes held at once;
-//! past that, the task's pipes wait until a stream takes its output. A segment file is
-//! removed as soon as its last chunk has gone, so a task may print any amount over any time:
-//! only what is held counts against the bounds. The agent's `--task-memory` and
-//! `--task-spill` lower them (tests use that to reach them quickly).
+//! A chunk is kept until the coordinator acknowledges it (`TaskRequest::Ack`: it handed the
+//! chunk on), not merely until it was written into a stream: a connection that dies with
+//! chunks in flight, or a coordinator frozen past the idle timeout, loses none of them.
+//!
+//! Bounded: up to [`MAX_TASK_JOURNAL`] bytes of unacknowledged output in memory; past that,
+//! chunks go to spill segment files in the agent's work dir, up to [`MAX_TASK_SPILL`] bytes
+//! held at once; past that, the task's pipes wait until acknowledgements make room. A segment
+//! file is removed as soon as its last chunk is acknowledged, so a task may print any amount
+//! over any time: only what was never acknowledged counts against the bounds. The agent's
+//! `--task-memory` and `--task-spill` lower them (tests use that to reach them quickly).
 
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
@@ -77,6 +80,14 @@ pub fn set_limits(memory: usize, spill: u64) {
     let _ = LIMITS.set((memory.max(1), spill));
 }
 
+/// Output a journal holds that was never acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub chunks: u64,
+    pub bytes: u64,
+    pub waiting_for_room: bool,
+}
+
 struct Chunk {
     seq: u64,
     stream: OutputStream,
@@ -96,9 +107,13 @@ struct State {
     /// Segment `n` is `<spill_path>.<n>`.
     spill_path: PathBuf,
     spill_limit: u64,
-    /// Chunks below this were written to some stream.
-    sent: u64,
+    /// The coordinator handed on every chunk below this: they are dropped.
+    acked: u64,
     outcome: Option<TaskOutcome>,
+    /// The task's next chunk found memory and spill full: its pipes wait for room.
+    waiting_for_room: bool,
+    /// The task waited for room since a stream last attached.
+    waited_for_room: bool,
     /// Which attached stream is current: an older one stops at its next step.
     generation: u64,
 }
@@ -142,8 +157,10 @@ impl Journal {
                 },
                 spill_path,
                 spill_limit,
-                sent: 0,
+                acked: 0,
                 outcome: None,
+                waiting_for_room: false,
+                waited_for_room: false,
                 generation: 0,
             }),
             changed: Notify::new(),
@@ -152,14 +169,16 @@ impl Journal {
     }
 
     /// Adds a chunk of output: in memory while there is room, else to the spill file, else
-    /// it waits until a stream has taken some.
+    /// it waits until acknowledgements make room.
     pub async fn push(&self, stream: OutputStream, data: Bytes) {
         loop {
             let waiting = self.changed.notified();
             {
                 let mut state = self.state.lock().expect("journal lock");
-                state.trim_sent();
-                if state.try_push(stream, &data) {
+                let pushed = state.try_push(stream, &data);
+                state.waiting_for_room = !pushed;
+                state.waited_for_room |= !pushed;
+                if pushed {
                     drop(state);
                     self.changed.notify_waiters();
                     return;
@@ -179,12 +198,55 @@ impl Journal {
         self.state.lock().expect("journal lock").outcome.is_some()
     }
 
-    /// Makes a new stream the current one, from chunk `from` on; older streams stop. `None`
+    /// The coordinator handed on every chunk below `next`: they go, and their room with
+    /// them. Never past what exists, whatever a peer says.
+    pub fn ack(&self, next: u64) {
+        let mut state = self.state.lock().expect("journal lock");
+        let next = next.min(state.next_seq);
+        if next <= state.acked {
+            return;
+        }
+        state.acked = next;
+        state.trim_acked();
+        drop(state);
+        // A producer may be waiting for room.
+        self.changed.notify_waiters();
+    }
+
+    /// What the journal holds that was never acknowledged: chunks and bytes (memory and
+    /// spill together), and whether the task is waiting for room.
+    pub fn held(&self) -> Held {
+        let state = self.state.lock().expect("journal lock");
+        Held {
+            chunks: state.chunks.len() as u64,
+            bytes: state.memory_bytes as u64 + state.spill.held,
+            waiting_for_room: state.waiting_for_room,
+        }
+    }
+
+    /// What a resumed stream says first: the output held from its resume point on, and
+    /// whether the task waited for room since the last stream attached (then forgotten).
+    pub fn resumed(&self) -> TaskEvent {
+        let held = self.held();
+        let mut state = self.state.lock().expect("journal lock");
+        let waited_for_room = std::mem::take(&mut state.waited_for_room) || held.waiting_for_room;
+        TaskEvent::Resumed {
+            held_bytes: held.bytes,
+            waited_for_room,
+        }
+    }
+
+    /// Makes a new stream the current one, from chunk `from` on (the coordinator has every
+    /// chunk before it, which counts as their acknowledgement); older streams stop. `None`
     /// when chunks from `from` on are no longer kept.
     pub fn attach(&self, from: u64) -> Option<u64> {
         let mut state = self.state.lock().expect("journal lock");
         if from < state.first_seq || from > state.next_seq {
             return None;
+        }
+        if from > state.acked {
+            state.acked = from;
+            state.trim_acked();
         }
         state.generation += 1;
         let generation = state.generation;
@@ -269,12 +331,8 @@ impl Journal {
                         false => PumpEnd::Stopped,
                     };
                 }
+                // Kept until acknowledged: this stream may die with the chunk in flight.
                 next = seq + 1;
-                let mut state = self.state.lock().expect("journal lock");
-                state.sent = state.sent.max(next);
-                drop(state);
-                // A producer may be waiting for room.
-                self.changed.notify_waiters();
             }
             if let Some(outcome) = outcome {
                 if let Err(e) = write_frame(send, &TaskEvent::Finished(outcome)).await {
@@ -408,14 +466,10 @@ impl State {
         })
     }
 
-    /// Drops the oldest chunks already sent: all of them while anything is spilled (the
-    /// spill's room comes back only as chunks go, oldest first, whatever holds their
-    /// bytes), else while memory is over half full.
-    fn trim_sent(&mut self) {
-        while self.spilled > 0 || self.memory_bytes > self.memory_limit / 2 {
-            let Some(chunk) = self.chunks.front().filter(|c| c.seq < self.sent) else {
-                break;
-            };
+    /// Drops the acknowledged chunks (the oldest: acknowledgements come in order), wherever
+    /// their bytes are; a spill segment goes with its last chunk.
+    fn trim_acked(&mut self) {
+        while let Some(chunk) = self.chunks.front().filter(|c| c.seq < self.acked) {
             match chunk.body {
                 Body::Memory(ref data) => self.memory_bytes -= data.len(),
                 Body::Spilled { segment, .. } => {
@@ -444,12 +498,15 @@ mod tests {
             .unwrap_or(0)
     }
 
-    /// What a stream that took everything up to `next` leaves the producer: room.
-    fn mark_sent(journal: &Journal, next: u64) {
-        let mut state = journal.state.lock().unwrap();
-        state.sent = state.sent.max(next);
-        drop(state);
-        journal.changed.notify_waiters();
+    /// Waits (yielding, bounded) until the task's next chunk found no room.
+    async fn until_waiting(journal: &Journal) {
+        for _ in 0..10_000 {
+            if journal.held().waiting_for_room {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the push never found the journal full");
     }
 
     fn replay(journal: &Journal, from: u64) -> String {
@@ -499,7 +556,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn output_nobody_sent_is_never_dropped_and_the_task_waits_for_room() {
+    async fn output_nobody_acknowledged_is_never_dropped_and_the_task_waits_for_room() {
         let dir = tempfile::tempdir().unwrap();
         let journal = std::sync::Arc::new(journal(&dir, 8, 16));
         // One chunk in memory, two on disk (16 bytes): full.
@@ -516,22 +573,63 @@ mod tests {
                     .await
             })
         };
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert!(!more.is_finished(), "nothing unsent is ever dropped");
-        // Once everything went out, sent chunks make room and the spill starts over.
-        journal.state.lock().unwrap().sent = 3;
-        journal.changed.notify_waiters();
+        until_waiting(&journal).await;
+        assert!(
+            !more.is_finished(),
+            "nothing unacknowledged is ever dropped"
+        );
+        assert_eq!(
+            journal.held(),
+            Held {
+                chunks: 3,
+                bytes: 24,
+                waiting_for_room: true
+            }
+        );
+        // Once the coordinator acknowledged everything, the room comes back and the spill
+        // starts over.
+        journal.ack(3);
         tokio::time::timeout(std::time::Duration::from_secs(5), more)
             .await
-            .expect("room once sent output can go")
+            .expect("room once acknowledged output can go")
             .unwrap();
-        assert_eq!(journal.attach(0), None, "sent chunks were let go");
+        assert_eq!(journal.attach(0), None, "acknowledged chunks were let go");
         assert_eq!(replay(&journal, 3), "abcdefgh");
+        assert!(!journal.held().waiting_for_room);
+    }
+
+    /// Issue 17's second case: chunks written into a stream whose connection then died (or
+    /// whose coordinator froze) were dropped as sent, and the resume found them gone. Now a
+    /// chunk stays until acknowledged, however far a stream got with it.
+    #[tokio::test]
+    async fn chunks_written_into_a_dying_stream_are_kept_until_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = journal(&dir, 16, 1024);
+        for i in 0..6 {
+            journal
+                .push(OutputStream::Stdout, Bytes::from(format!("chunk {i}\n")))
+                .await;
+        }
+        // A stream took every chunk (written into it), and the connection died.
+        let generation = journal.attach(0).unwrap();
+        let (batch, _) = journal.batch(generation, 0).unwrap();
+        assert_eq!(batch.len(), 6);
+        // The coordinator had handed on two, and received four before the link broke.
+        journal.ack(2);
+        assert_eq!(replay(&journal, 4), "chunk 4\nchunk 5\n");
+        assert_eq!(journal.attach(3), None, "the resume acknowledged chunk 3");
+        // An acknowledgement past the output that exists drops nothing that is to come.
+        journal.ack(100);
+        assert_eq!(journal.held().chunks, 0);
+        journal
+            .push(OutputStream::Stderr, Bytes::from_static(b"later\n"))
+            .await;
+        assert_eq!(replay(&journal, 6), "later\n");
     }
 
     /// Issue 17's first case: a reader that keeps up only partly, over bursts that add up to
     /// many times the spill's limit. The spill's room must come back as chunks go; before, the
-    /// sent chunks left in memory ahead of the spilled ones kept the spill file from ever
+    /// delivered chunks left in memory ahead of the spilled ones kept the spill file from ever
     /// starting over, and the task waited for good once it was full.
     #[tokio::test]
     async fn a_lagging_reader_never_stops_a_task_that_prints_past_every_limit() {
@@ -547,14 +645,14 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("chunk {i} waited for good"));
             // The reader is 10 chunks behind (160 bytes: past memory, into the spill).
-            mark_sent(&journal, i.saturating_sub(10));
+            journal.ack(i.saturating_sub(10));
         }
         assert!(
             spill_files(&dir) <= 9,
             "{} segment files",
             spill_files(&dir)
         );
-        mark_sent(&journal, 4_000);
+        journal.ack(4_000);
         journal
             .push(OutputStream::Stdout, Bytes::from_static(b"end"))
             .await;
@@ -589,54 +687,117 @@ mod tests {
                     let n = pushed.len() as u64;
                     // The reader takes everything up to `lag` chunks behind, so the push
                     // always finds room once trimmed (a chunk is at most 40 bytes).
-                    mark_sent(&journal, n.saturating_sub(lag));
+                    journal.ack(n.saturating_sub(lag));
                     let data: Vec<u8> = (0..len).map(|i| b'a' + ((n as usize + i) % 26) as u8).collect();
                     tokio::time::timeout(
                         std::time::Duration::from_secs(5),
                         journal.push(OutputStream::Stdout, Bytes::from(data.clone())),
                     )
                     .await
-                    .expect("room once sent chunks go");
+                    .expect("room once acknowledged chunks go");
                     pushed.push(data);
-                    let state = journal.state.lock().unwrap();
-                    assert!(state.spill.held <= spill, "spill over its limit");
-                    assert!(state.memory_bytes <= memory.max(40), "memory over its limit");
-                    assert_eq!(state.spill.segments.len(), spill_files(&dir));
-                    let spilled_bytes: u64 = state
-                        .chunks
-                        .iter()
-                        .filter_map(|c| match c.body {
-                            Body::Spilled { len, .. } => Some(len as u64),
-                            Body::Memory(_) => None,
-                        })
-                        .sum();
-                    assert!(spilled_bytes <= state.spill.held);
-                    let on_disk: u64 = std::fs::read_dir(dir.path().join("spill"))
-                        .map(|d| d.flatten().map(|e| e.metadata().unwrap().len()).sum())
-                        .unwrap_or(0);
-                    assert_eq!(on_disk, state.spill.held, "the bound counts what is on disk");
+                    check_bounds(&journal, &dir, memory.max(40), spill);
                 }
                 let first = journal.state.lock().unwrap().first_seq;
-                let expected: Vec<u8> = pushed[first as usize..].concat();
-                let generation = journal.attach(first).expect("kept");
-                let mut got = Vec::new();
-                let mut next = first;
-                loop {
-                    let (batch, _) = journal.batch(generation, next).unwrap();
-                    if batch.is_empty() {
-                        break;
-                    }
-                    for (seq, _, data) in batch {
-                        assert_eq!(seq, next, "in order, none skipped");
-                        next = seq + 1;
-                        got.extend_from_slice(&data);
-                    }
-                }
-                assert_eq!(got, expected);
-                mark_sent(&journal, pushed.len() as u64);
+                assert_eq!(read_all(&journal, first), pushed[first as usize..].concat());
+                journal.ack(pushed.len() as u64);
                 journal.push(OutputStream::Stdout, Bytes::from_static(b"z")).await;
                 assert_eq!(spill_files(&dir), 0, "segments go with their chunks");
             });
+        }
+
+        /// Any interleaving of a task printing, a stream writing chunks out, the coordinator
+        /// receiving and acknowledging some of them, and the connection dying with chunks in
+        /// flight: every resume finds what the coordinator has not received, byte for byte;
+        /// exactly the unacknowledged chunks are held; the bounds hold throughout.
+        #[test]
+        fn a_resume_always_finds_what_the_coordinator_did_not_receive(
+            ops in proptest::collection::vec((0u8..4, 1usize..40), 1..400),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (memory, spill) = (64, 256);
+            let journal = journal(&dir, memory, spill);
+            let mut pushed: Vec<Vec<u8>> = Vec::new();
+            // The model: what the current stream wrote, what the coordinator received, what
+            // it acknowledged (acked <= received <= written <= pushed).
+            let (mut written, mut received, mut acked) = (0usize, 0usize, 0usize);
+            let mut generation = journal.attach(0).unwrap();
+            for (op, n) in ops {
+                match op {
+                    0 => {
+                        let data: Vec<u8> =
+                            (0..n).map(|i| b'a' + ((pushed.len() + i) % 26) as u8).collect();
+                        // Full: the task would wait; nothing is kept or dropped.
+                        if journal.state.lock().unwrap().try_push(OutputStream::Stdout, &Bytes::from(data.clone())) {
+                            pushed.push(data);
+                        }
+                    }
+                    1 => {
+                        let (batch, _) = journal.batch(generation, written as u64).unwrap();
+                        for (seq, _, data) in batch.iter().take(n) {
+                            assert_eq!(*seq, written as u64);
+                            assert_eq!(data.as_ref(), pushed[written].as_slice());
+                            written += 1;
+                        }
+                        received = received.max(written.saturating_sub(n % 3));
+                    }
+                    2 => {
+                        acked = (acked + n).min(received);
+                        journal.ack(acked as u64);
+                    }
+                    _ => {
+                        // The connection dies: what was in flight is gone with it.
+                        generation = journal.attach(received as u64).expect("kept from the received point");
+                        acked = received;
+                        written = received;
+                    }
+                }
+                assert_eq!(journal.held().chunks as usize, pushed.len() - acked);
+                check_bounds(&journal, &dir, memory.max(40), spill);
+            }
+            assert_eq!(read_all(&journal, received as u64), pushed[received..].concat());
+        }
+    }
+
+    /// Memory and spill within their bounds, and the spill's count matching the disk.
+    fn check_bounds(journal: &Journal, dir: &tempfile::TempDir, memory: usize, spill: u64) {
+        let state = journal.state.lock().unwrap();
+        assert!(state.spill.held <= spill, "spill over its limit");
+        assert!(state.memory_bytes <= memory, "memory over its limit");
+        assert_eq!(state.spill.segments.len(), spill_files(dir));
+        let spilled_bytes: u64 = state
+            .chunks
+            .iter()
+            .filter_map(|c| match c.body {
+                Body::Spilled { len, .. } => Some(len as u64),
+                Body::Memory(_) => None,
+            })
+            .sum();
+        assert!(spilled_bytes <= state.spill.held);
+        let on_disk: u64 = std::fs::read_dir(dir.path().join("spill"))
+            .map(|d| d.flatten().map(|e| e.metadata().unwrap().len()).sum())
+            .unwrap_or(0);
+        assert_eq!(
+            on_disk, state.spill.held,
+            "the bound counts what is on disk"
+        );
+    }
+
+    /// Everything a stream attached at `from` would send, in order.
+    fn read_all(journal: &Journal, from: u64) -> Vec<u8> {
+        let generation = journal.attach(from).expect("kept");
+        let mut got = Vec::new();
+        let mut next = from;
+        loop {
+            let (batch, _) = journal.batch(generation, next).unwrap();
+            if batch.is_empty() {
+                return got;
+            }
+            for (seq, _, data) in batch {
+                assert_eq!(seq, next, "in order, none skipped");
+                next = seq + 1;
+                got.extend_from_slice(&data);
+            }
         }
     }
 }

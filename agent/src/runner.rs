@@ -108,6 +108,20 @@ fn start_spawner(
 }
 
 impl Tasks {
+    /// The output every live task holds unacknowledged, and how many tasks wait for room.
+    pub fn output_held(&self) -> (crate::journal::Held, u32) {
+        let live = self.live.lock().expect("task table poisoned");
+        let mut total = crate::journal::Held::default();
+        let mut waiting = 0;
+        for journal in live.values() {
+            let held = journal.held();
+            total.chunks += held.chunks;
+            total.bytes += held.bytes;
+            waiting += u32::from(held.waiting_for_room);
+        }
+        (total, waiting)
+    }
+
     pub fn new(node_id: String, work_dir: PathBuf) -> Arc<Self> {
         Self::with_registry(node_id, work_dir, Default::default())
     }
@@ -346,7 +360,11 @@ async fn resume(
         let _ = send.finish();
         return;
     };
-    tracing::info!(%task, next_seq, "resuming a task on a new connection");
+    let resumed = journal.resumed();
+    tracing::info!(%task, next_seq, ?resumed, "resuming a task on a new connection");
+    if write_frame(&mut send, &resumed).await.is_err() {
+        return;
+    }
     // A resumed task's stdin stayed with the stream it started on.
     let input = Input {
         stdin: None,
@@ -606,14 +624,25 @@ async fn command_outcome(
         kill_at: far,
     };
     let mut drain_until = far;
+    // A chunk read but not yet kept: the journal had no room. The pipes are not read
+    // meanwhile (so the task waits), but a timeout or a cancel still acts.
+    let mut unkept: Option<(OutputStream, Bytes)> = None;
 
-    while status.is_none() || out_open || err_open {
+    while status.is_none() || out_open || err_open || unkept.is_some() {
+        let keeping = unkept.clone();
         tokio::select! {
-            chunk = read_chunk(&mut stdout, &mut out_buf), if out_open => {
-                out_open = keep(chunk, OutputStream::Stdout, journal).await;
+            () = keep(keeping, journal), if unkept.is_some() => unkept = None,
+            chunk = read_chunk(&mut stdout, &mut out_buf), if out_open && unkept.is_none() => {
+                match chunk {
+                    Some(data) => unkept = Some((OutputStream::Stdout, data)),
+                    None => out_open = false,
+                }
             },
-            chunk = read_chunk(&mut stderr, &mut err_buf), if err_open => {
-                err_open = keep(chunk, OutputStream::Stderr, journal).await;
+            chunk = read_chunk(&mut stderr, &mut err_buf), if err_open && unkept.is_none() => {
+                match chunk {
+                    Some(data) => unkept = Some((OutputStream::Stderr, data)),
+                    None => err_open = false,
+                }
             },
             exit = child.wait(), if status.is_none() => {
                 status = Some(exit);
@@ -635,7 +664,8 @@ async fn command_outcome(
                 signal_group(pid, libc::SIGKILL);
                 killer.kill_at = far;
             },
-            _ = tokio::time::sleep_until(drain_until) => {
+            // Only pipes are given up on, never output read but waiting for room.
+            _ = tokio::time::sleep_until(drain_until), if unkept.is_none() => {
                 tracing::warn!(task = %spec.task, "output pipes still held open after the task exited; not waiting for them");
                 break;
             },
@@ -670,13 +700,12 @@ impl Killer {
     }
 }
 
-/// Keeps one chunk of output in the journal; returns whether the pipe is still open.
-async fn keep(chunk: Option<Bytes>, stream: OutputStream, journal: &Journal) -> bool {
-    let Some(data) = chunk else {
-        return false;
-    };
-    journal.push(stream, data).await;
-    true
+/// Keeps one chunk of output in the journal, once it has room (cancel-safe: the chunk is
+/// kept whole or not at all).
+async fn keep(chunk: Option<(OutputStream, Bytes)>, journal: &Journal) {
+    if let Some((stream, data)) = chunk {
+        journal.push(stream, data).await;
+    }
 }
 
 fn outcome_of(status: ExitStatus) -> TaskOutcome {
@@ -714,7 +743,7 @@ async fn read_chunk(pipe: &mut Output, buf: &mut [u8]) -> Option<Bytes> {
 }
 
 /// Reads the coordinator's frames after `Start` (or `Resume`): stdin data, end of stdin,
-/// cancel. A stream the coordinator reset counts as cancellation; one whose connection broke
+/// acknowledgements of output, cancel. A stream the coordinator reset counts as cancellation; one whose connection broke
 /// does not (the coordinator may resume on another).
 async fn forward_requests(mut recv: RecvStream, input: Input, journal: Arc<Journal>) {
     let Input { mut stdin, window } = input;
@@ -744,9 +773,11 @@ async fn forward_requests(mut recv: RecvStream, input: Input, journal: Arc<Journ
                     }
                 }
             }
+            Ok(Some(TaskRequest::Ack { next_seq })) => journal.ack(next_seq),
+            // Read on after it: the output up to the task's end still needs acknowledging,
+            // or a cancelled task with much to print would wait for room for good.
             Ok(Some(TaskRequest::Cancel)) => {
                 let _ = journal.stop.send(Some(Stop::Cancelled));
-                return;
             }
             Ok(Some(TaskRequest::Start(_) | TaskRequest::Resume { .. })) => {
                 tracing::warn!("second Start on one task stream ignored");

@@ -479,7 +479,8 @@ async fn serve_session(
     let session = loop {
         tokio::select! {
             _ = health.tick() => {
-                let msg = AgentMessage::Health(inventory::health(tasks.running()));
+                let (held, waiting) = tasks.output_held();
+                let msg = AgentMessage::Health(inventory::health(tasks.running(), held, waiting));
                 if let Err(e) = write_frame(&mut control_send, &msg).await {
                     break Session::Lost { was_connected: true, reason: e.to_string() };
                 }

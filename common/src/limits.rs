@@ -8,17 +8,23 @@ pub const MAX_ENROLL_FRAME: usize = 16 * 1024;
 pub const MAX_CONTROL_FRAME: usize = 256 * 1024;
 /// Largest frame on a task stream: a task spec with its argv and env, or one output chunk.
 pub const MAX_TASK_FRAME: usize = 1024 * 1024;
-/// Output a task keeps in memory for a coordinator that lost its connection: what was not
-/// sent yet, and what was sent last (it may not have arrived). Past it, output spills to disk.
+/// Output a task keeps in memory until its coordinator acknowledges it (sent or not: a
+/// chunk in flight may never arrive). Past it, output spills to disk.
 pub const MAX_TASK_JOURNAL: usize = 16 * 1024 * 1024;
-/// Output a task keeps on disk (in the agent's work dir) past [`MAX_TASK_JOURNAL`]; past it,
-/// the task's pipes wait until a coordinator takes its output.
+/// Unacknowledged output a task keeps on disk (in the agent's work dir) past
+/// [`MAX_TASK_JOURNAL`]; past it, the task's pipes wait until acknowledgements make room.
 pub const MAX_TASK_SPILL: u64 = 1024 * 1024 * 1024;
 /// How many task attempts an agent remembers having started, to refuse a duplicated
 /// dispatch of one (the oldest are forgotten first).
 pub const MAX_REMEMBERED_TASKS: usize = 100_000;
 /// Output is read from a task's pipes and sent in chunks of at most this many bytes.
 pub const OUTPUT_CHUNK: usize = 64 * 1024;
+/// The coordinator acknowledges a task's output (`TaskRequest::Ack`) once this much was
+/// handed on since its last acknowledgement, or [`OUTPUT_ACK_DELAY`] after the first chunk
+/// it has not acknowledged: one small frame per quarter MiB of a chatty task, none for a
+/// task whose end comes first.
+pub const OUTPUT_ACK_BYTES: u64 = 256 * 1024;
+pub const OUTPUT_ACK_DELAY: Duration = Duration::from_millis(10);
 /// Largest argv + env a task may carry, checked before the task is sent.
 pub const MAX_TASK_SPEC: usize = 512 * 1024;
 /// Largest encoded input of a typed task, checked by the coordinator before it sends the

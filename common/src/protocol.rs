@@ -102,6 +102,11 @@ pub struct Health {
     pub running_tasks: u32,
     pub load_avg_1m: f32,
     pub memory_available_bytes: u64,
+    /// Task output held for the coordinator, not acknowledged yet (memory and spill).
+    pub output_held_bytes: u64,
+    /// Tasks whose room for unacknowledged output is full: they wait (their readers are
+    /// slower than they print, or their coordinator is away).
+    pub tasks_waiting_for_room: u32,
 }
 
 /// Control-stream messages from coordinator to agent.
@@ -318,6 +323,13 @@ pub enum TaskRequest {
         rows: u16,
         cols: u16,
     },
+    /// Every output chunk below `next_seq` was handed on (to a terminal, a task log or a
+    /// library caller): the agent may drop them. Until then it keeps each chunk, whatever
+    /// stream it went out on, so a connection that dies with chunks in flight loses none.
+    /// Sent in batches; a `Resume` acknowledges what it names too. Appended last.
+    Ack {
+        next_seq: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -350,6 +362,13 @@ pub enum TaskEvent {
     /// [`TYPED_RESULT_CHUNK`]: crate::limits::TYPED_RESULT_CHUNK
     /// [`MAX_TYPED_OUTPUT`]: crate::limits::MAX_TYPED_OUTPUT
     Result(Bytes),
+    /// First on a resumed stream: the output the agent held from the resume point on (what
+    /// comes now), and whether the task had to wait for room meanwhile (its memory and spill
+    /// for unacknowledged output were full). Appended last.
+    Resumed {
+        held_bytes: u64,
+        waited_for_room: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@
 //! the pin of, whatever address they reach it at.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -185,6 +186,16 @@ enum Side {
     Agent,
 }
 
+/// This process's QUIC idle timeout, when set (the agent's `--idle-timeout`).
+static IDLE_TIMEOUT: OnceLock<Duration> = OnceLock::new();
+
+/// Sets this process's QUIC idle timeout (once, at start; later calls are ignored). The
+/// shorter of the two sides' applies to a connection, so an agent's setting is its
+/// connection's; keep-alives go at a third of it at most.
+pub fn set_idle_timeout(timeout: Duration) {
+    let _ = IDLE_TIMEOUT.set(timeout);
+}
+
 /// One side's transport settings.
 fn transport(side: Side) -> quinn::TransportConfig {
     let agent_side = side == Side::Agent;
@@ -198,9 +209,10 @@ fn transport(side: Side) -> quinn::TransportConfig {
     // Only the agent pings. Its health reports already show the coordinator it is there,
     // and its own packets keep a NAT mapping open. Pings from the coordinator as well would
     // double an idle pool's packets: 4,000 a second for 10,000 agents.
-    transport.keep_alive_interval(agent_side.then_some(limits::KEEP_ALIVE));
+    let idle_timeout = *IDLE_TIMEOUT.get().unwrap_or(&limits::IDLE_TIMEOUT);
+    transport.keep_alive_interval(agent_side.then_some(limits::KEEP_ALIVE.min(idle_timeout / 3)));
     transport.max_idle_timeout(Some(
-        limits::IDLE_TIMEOUT
+        idle_timeout
             .try_into()
             .expect("idle timeout fits a QUIC varint"),
     ));

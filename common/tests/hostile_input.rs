@@ -260,13 +260,22 @@ fn arb_agent_message() -> impl Strategy<Value = AgentMessage> {
                 }))
             }),
         // Finite floats only: NaN never equals itself, whatever the wire did.
-        (any::<u32>(), -1.0e6f32..1.0e6, any::<u64>()).prop_map(|(running, load, mem)| {
-            AgentMessage::Health(Health {
-                running_tasks: running,
-                load_avg_1m: load,
-                memory_available_bytes: mem,
-            })
-        }),
+        (
+            any::<u32>(),
+            -1.0e6f32..1.0e6,
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>()
+        )
+            .prop_map(|(running, load, mem, held, waiting)| {
+                AgentMessage::Health(Health {
+                    running_tasks: running,
+                    load_avg_1m: load,
+                    memory_available_bytes: mem,
+                    output_held_bytes: held,
+                    tasks_waiting_for_room: waiting,
+                })
+            }),
     ]
 }
 
@@ -351,6 +360,7 @@ fn arb_task_request() -> impl Strategy<Value = TaskRequest> {
         arb_bytes(300).prop_map(TaskRequest::Stdin),
         Just(TaskRequest::StdinEof),
         Just(TaskRequest::Cancel),
+        any::<u64>().prop_map(|next_seq| TaskRequest::Ack { next_seq }),
     ]
 }
 
@@ -420,6 +430,12 @@ fn arb_task_event() -> impl Strategy<Value = TaskEvent> {
         proptest::collection::vec(reach, 0..4)
             .prop_map(|r| TaskEvent::Probe(ProbeReport::Reached(r))),
         arb_bytes(300).prop_map(TaskEvent::Result),
+        (any::<u64>(), any::<bool>()).prop_map(|(held_bytes, waited_for_room)| {
+            TaskEvent::Resumed {
+                held_bytes,
+                waited_for_room,
+            }
+        }),
     ]
 }
 

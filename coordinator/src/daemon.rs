@@ -59,6 +59,8 @@ struct TaskEntry {
     log_bytes: u64,
     /// The task's log file, open while the task runs (opened at its first output).
     log: Option<std::fs::File>,
+    /// Since when its node has been out of reach (its output held there), until resumed.
+    unreachable_since: Option<Instant>,
 }
 
 struct Daemon {
@@ -612,7 +614,7 @@ async fn shell(
                         stream,
                         data,
                     },
-                    Some(Ok(Some(TaskEvent::Started { .. } | TaskEvent::Probe(_) | TaskEvent::Result(_)))) => continue,
+                    Some(Ok(Some(TaskEvent::Started { .. } | TaskEvent::Probe(_) | TaskEvent::Result(_) | TaskEvent::Resumed { .. }))) => continue,
                     Some(Ok(Some(TaskEvent::Finished(outcome)))) => ended(Ok(outcome)),
                     Some(Ok(None)) | None => ended(Err("the terminal ended without an outcome".into())),
                     Some(Err(e)) => ended(Err(e.to_string())),
@@ -784,6 +786,7 @@ impl Daemon {
                         since: Instant::now(),
                         log_bytes: 0,
                         log: None,
+                        unreachable_since: None,
                     },
                 );
                 number
@@ -828,6 +831,18 @@ impl Daemon {
                         Ok(outcome) => (outcome.to_string(), Some(outcome.exit_code())),
                         Err(why) => (format!("lost: {why}"), None),
                     });
+                }
+            }
+            RunEvent::NodeUnreachable { node, .. } => {
+                for entry in tasks.values_mut() {
+                    if entry.ended.is_none() && entry.node.as_ref() == Some(node) {
+                        entry.unreachable_since.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+            RunEvent::Resumed { task, .. } => {
+                if let Some(entry) = tasks.get_mut(&(first + *task as u64)) {
+                    entry.unreachable_since = None;
                 }
             }
             RunEvent::NodeInterrupted { .. } | RunEvent::Transfer { .. } => {}
@@ -913,7 +928,14 @@ impl Daemon {
                             "interrupted: {} {} at {}",
                             notice.source, notice.action, notice.at
                         ),
-                        (None, None) if node.is_connected() => "connected".into(),
+                        (None, None) if node.is_connected() => match &health {
+                            Some(h) if h.tasks_waiting_for_room > 0 => format!(
+                                "connected; {} task(s) paused, {} of output held unacknowledged (a slow reader)",
+                                h.tasks_waiting_for_room,
+                                crate::workdir::human_bytes(h.output_held_bytes)
+                            ),
+                            _ => "connected".into(),
+                        },
                         (None, None) => "reconnecting".into(),
                     },
                     running_tasks: node.running(),
@@ -921,7 +943,9 @@ impl Daemon {
                     memory_bytes: node.inventory.memory_bytes,
                     accelerators: accelerator_lines(&node.node_id, &node.inventory),
                     load_avg_1m: health.as_ref().map(|h| h.load_avg_1m),
-                    memory_available_bytes: health.map(|h| h.memory_available_bytes),
+                    memory_available_bytes: health.as_ref().map(|h| h.memory_available_bytes),
+                    output_held_bytes: health.as_ref().map(|h| h.output_held_bytes),
+                    tasks_waiting_for_room: health.map(|h| h.tasks_waiting_for_room),
                 }
             })
             .collect::<Vec<_>>();
@@ -937,7 +961,15 @@ impl Daemon {
                 node: entry.node.clone(),
                 state: match (&entry.ended, entry.started) {
                     (Some((how, _)), _) => how.clone(),
-                    (None, true) => "running".into(),
+                    (None, true) => match entry.unreachable_since {
+                        Some(since) => format!(
+                            "running; its node out of reach for {}, its output held there",
+                            humantime::format_duration(Duration::from_secs(
+                                since.elapsed().as_secs()
+                            ))
+                        ),
+                        None => "running".into(),
+                    },
                     (None, false) => "queued".into(),
                 },
                 exit_code: entry.ended.as_ref().and_then(|(_, code)| *code),

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::time::Duration;
 
 use skyward_common::inventory::Inventory;
 use skyward_common::protocol::OutputStream;
@@ -173,6 +174,79 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 let _ = writeln!(
                     self.stderr,
                     "skyward: task {task} lost {from} ({reason}); running it again on {to} (attempt {attempt})"
+                );
+            }
+            (
+                OutputMode::Json,
+                RunEvent::NodeUnreachable {
+                    node,
+                    reason,
+                    tasks,
+                    wait_ms,
+                },
+            ) => self.json(serde_json::json!({
+                "event": "node_unreachable",
+                "node": node,
+                "reason": reason,
+                "tasks": tasks,
+                "wait_ms": wait_ms,
+            })),
+            (
+                _,
+                RunEvent::NodeUnreachable {
+                    node,
+                    reason,
+                    tasks,
+                    wait_ms,
+                },
+            ) => {
+                let wait = humantime::format_duration(Duration::from_millis(*wait_ms));
+                let them = match tasks {
+                    1 => "its task runs on there, its output held",
+                    _ => "its tasks run on there, their output held",
+                };
+                let _ = writeln!(
+                    self.stderr,
+                    "skyward: {node}: connection lost ({reason}); {them} on the node until it is back (waiting up to {wait})"
+                );
+            }
+            (
+                OutputMode::Json,
+                RunEvent::Resumed {
+                    task,
+                    node,
+                    outage_ms,
+                    held_bytes,
+                    waited_for_room,
+                },
+            ) => self.json(serde_json::json!({
+                "event": "task_resumed",
+                "task": task,
+                "node": node,
+                "outage_ms": outage_ms,
+                "held_bytes": held_bytes,
+                "waited_for_room": waited_for_room,
+            })),
+            (
+                _,
+                RunEvent::Resumed {
+                    task,
+                    node,
+                    outage_ms,
+                    held_bytes,
+                    waited_for_room,
+                },
+            ) => {
+                let outage = Duration::from_millis(*outage_ms / 100 * 100);
+                let paused = match waited_for_room {
+                    true => "; the task paused while the node's room for it was full",
+                    false => "",
+                };
+                let _ = writeln!(
+                    self.stderr,
+                    "skyward: task {task}: {node} back after {}; resumed with {} of output it held{paused}",
+                    humantime::format_duration(outage),
+                    crate::workdir::human_bytes(*held_bytes),
                 );
             }
             (OutputMode::Json, RunEvent::NodeInterrupted { node, notice }) => {

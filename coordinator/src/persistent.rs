@@ -188,6 +188,11 @@ pub struct NodeStatus {
     pub accelerators: Vec<String>,
     pub load_avg_1m: Option<f32>,
     pub memory_available_bytes: Option<u64>,
+    /// Task output the node holds that the coordinator has not acknowledged (from its last
+    /// health report).
+    pub output_held_bytes: Option<u64>,
+    /// Its tasks paused because that room is full.
+    pub tasks_waiting_for_room: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

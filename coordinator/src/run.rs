@@ -110,6 +110,24 @@ pub enum RunEvent {
         attempt: u32,
         reason: String,
     },
+    /// A node's connection was lost while it ran `tasks` of this run: they run on there,
+    /// their output held on the node, and resume when it is back within `wait_ms`.
+    NodeUnreachable {
+        node: String,
+        reason: String,
+        tasks: usize,
+        wait_ms: u64,
+    },
+    /// A task went on on its node's new connection after `outage_ms` (from when the loss was
+    /// seen); `held_bytes` of its output, held on the node, come now. `waited_for_room`: the
+    /// node's room for unacknowledged output was full and the task paused meanwhile.
+    Resumed {
+        task: usize,
+        node: String,
+        outage_ms: u64,
+        held_bytes: u64,
+        waited_for_room: bool,
+    },
     /// A node's machine is about to be taken away (a spot interruption notice).
     NodeInterrupted {
         node: String,
@@ -220,6 +238,19 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                         scheduler.retire(index);
                         for task in attempts.running_on(index) {
                             attempts.move_elsewhere(task, index, &scheduler, why.clone()).await;
+                        }
+                    }
+                    Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
+                        let Some(index) = nodes.iter().position(|n| n.node_id == node_id) else {
+                            continue;
+                        };
+                        let tasks = attempts.running_on(index).len();
+                        // A node given up is reported by its tasks' retries or failures.
+                        if tasks > 0 && nodes[index].lost_reason().is_none() {
+                            let wait_ms = coordinator.node_timeout().as_millis() as u64;
+                            let _ = events
+                                .send(RunEvent::NodeUnreachable { node: node_id, reason, tasks, wait_ms })
+                                .await;
                         }
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -497,6 +528,21 @@ async fn drive_task(
                             node: node_id.clone(),
                             stream,
                             data,
+                        })
+                        .await;
+                }
+                Ok(Some(TaskEvent::Resumed {
+                    held_bytes,
+                    waited_for_room,
+                })) => {
+                    let outage = output.last_outage().unwrap_or_default();
+                    let _ = events
+                        .send(RunEvent::Resumed {
+                            task,
+                            node: node_id.clone(),
+                            outage_ms: outage.as_millis() as u64,
+                            held_bytes,
+                            waited_for_room,
                         })
                         .await;
                 }

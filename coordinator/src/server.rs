@@ -19,7 +19,7 @@ use skyward_common::inventory::Inventory;
 use skyward_common::limits::{
     DEFAULT_LEASE, DEFAULT_NODE_TIMEOUT, DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT,
     HEALTH_INTERVAL, HELLO_TIMEOUT, MAX_CONTROL_FRAME, MAX_ENROLL_FRAME, MAX_TASK_FRAME,
-    MAX_TASK_SPEC, MAX_TYPED_INPUT, NODE_CERT_VALIDITY,
+    MAX_TASK_SPEC, MAX_TYPED_INPUT, NODE_CERT_VALIDITY, OUTPUT_ACK_BYTES, OUTPUT_ACK_DELAY,
 };
 use skyward_common::protocol::{
     close_code, is_valid_node_id, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse,
@@ -431,6 +431,11 @@ impl Coordinator {
 
     /// How long a node may stay silent (missed health reports) before it counts as lost and
     /// its connection is closed; nodes connecting from now on report health often enough.
+    /// How long a node may be silent, or a task's node out of reach, before it is given up.
+    pub fn node_timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.node_timeout_ms.load(Ordering::Relaxed))
+    }
+
     pub fn set_node_timeout(&self, timeout: Duration) {
         let ms = timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
         self.inner.node_timeout_ms.store(ms, Ordering::Relaxed);
@@ -502,6 +507,9 @@ impl Coordinator {
                 connection: node.connection.clone(),
                 given_up: node.lost.clone(),
                 send,
+                handed_on: HandedOn::default(),
+                acknowledger: None,
+                last_outage: None,
             },
         })
     }
@@ -733,18 +741,39 @@ pub struct TaskOutput {
     /// Why the coordinator gave the node up, once it did: then there is nothing to resume.
     given_up: Arc<Mutex<Option<String>>>,
     send: Arc<tokio::sync::Mutex<SendStream>>,
+    /// The output chunks and bytes the caller has taken so far.
+    handed_on: HandedOn,
+    /// Tells the acknowledger what was handed on; made with the first chunk of output.
+    acknowledger: Option<tokio::sync::watch::Sender<HandedOn>>,
+    /// How long the task's node was out of reach before its last resume.
+    last_outage: Option<Duration>,
+}
+
+/// How far a task's output was handed on: chunks below `next_seq`, `bytes` in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct HandedOn {
+    next_seq: u64,
+    bytes: u64,
 }
 
 impl TaskOutput {
     /// The next event, each output chunk exactly once; `None` after `Finished`.
+    ///
+    /// Calling it again says the last event was handed on: for a command, its output up to
+    /// there is acknowledged to the agent (in batches), which then drops it. An agent keeps
+    /// unacknowledged output through any outage, within its bounds.
     pub async fn next(&mut self) -> Result<Option<TaskEvent>, TaskError> {
+        self.acknowledge();
         loop {
             if self.progress.outcome().is_some() {
+                self.acknowledger = None;
                 return Ok(None);
             }
             let event = match read_frame::<_, TaskEvent>(&mut self.recv, MAX_TASK_FRAME).await {
                 Err(e) if e.is_connection_lost() && self.resumable => {
+                    let lost_at = Instant::now();
                     self.resume().await?;
+                    self.last_outage = Some(lost_at.elapsed());
                     continue;
                 }
                 other => other,
@@ -759,9 +788,20 @@ impl TaskOutput {
                 })?;
             match self.progress.observe(&event) {
                 Ok(Delivery::Deliver) => {
-                    if let TaskEvent::Finished(_) = event {
-                        // Nothing follows `Finished`; its stream's end came with it.
-                        transport::take_end_if_here(&mut self.recv);
+                    match &event {
+                        TaskEvent::Output { data, .. } => {
+                            self.handed_on = HandedOn {
+                                next_seq: self.progress.next_seq(),
+                                bytes: self.handed_on.bytes + data.len() as u64,
+                            };
+                        }
+                        TaskEvent::Finished(_) => {
+                            // Nothing follows `Finished`; its stream's end came with it, and
+                            // the agent lets the output go with it: no acknowledgement.
+                            transport::take_end_if_here(&mut self.recv);
+                            self.acknowledger = None;
+                        }
+                        _ => {}
                     }
                     return Ok(Some(event));
                 }
@@ -769,6 +809,34 @@ impl TaskOutput {
                 Err(e @ (TaskProtocolError::Gap { .. } | TaskProtocolError::AfterFinish)) => {
                     return Err(self.error(e.to_string()))
                 }
+            }
+        }
+    }
+
+    /// How long the node was out of reach before the task's last resume (`None`: never).
+    /// Read it on [`TaskEvent::Resumed`], the first event of a resumed stream.
+    pub fn last_outage(&self) -> Option<Duration> {
+        self.last_outage
+    }
+
+    /// Tells the acknowledger how far the output was handed on (starting it at the first
+    /// chunk of a command's output; other tasks keep no journal to acknowledge).
+    fn acknowledge(&mut self) {
+        if self.handed_on.next_seq == 0 || !self.resumable || self.progress.outcome().is_some() {
+            return;
+        }
+        match &self.acknowledger {
+            Some(acknowledger) => {
+                acknowledger.send_if_modified(|last| {
+                    let changed = *last != self.handed_on;
+                    *last = self.handed_on;
+                    changed
+                });
+            }
+            None => {
+                let (tx, rx) = tokio::sync::watch::channel(self.handed_on);
+                tokio::spawn(send_acks(self.send.clone(), rx));
+                self.acknowledger = Some(tx);
             }
         }
     }
@@ -835,6 +903,44 @@ impl TaskOutput {
         TaskError::Protocol {
             node: self.node_id.clone(),
             error,
+        }
+    }
+}
+
+/// Acknowledges a task's output as it is handed on, on whichever stream the task is on now
+/// (a resume swaps it): once [`OUTPUT_ACK_BYTES`] were handed on since the last
+/// acknowledgement, or [`OUTPUT_ACK_DELAY`] after the first that was not. Ends when the task
+/// output's side drops its sender (the task ended, or nobody reads it).
+async fn send_acks(
+    send: Arc<tokio::sync::Mutex<SendStream>>,
+    mut handed_on: tokio::sync::watch::Receiver<HandedOn>,
+) {
+    let mut acked = HandedOn::default();
+    loop {
+        let deadline = tokio::time::Instant::now() + OUTPUT_ACK_DELAY;
+        loop {
+            let now = *handed_on.borrow_and_update();
+            if now.bytes - acked.bytes >= OUTPUT_ACK_BYTES {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, handed_on.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => break,
+            }
+        }
+        let now = *handed_on.borrow_and_update();
+        if now.next_seq > acked.next_seq {
+            let ack = TaskRequest::Ack {
+                next_seq: now.next_seq,
+            };
+            // A broken stream is the resume's business: the next acknowledgement goes on
+            // the stream it opens (and its `Resume` acknowledges as much).
+            let _ = write_frame(&mut *send.lock().await, &ack).await;
+            acked = now;
+        }
+        if handed_on.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -49,9 +49,10 @@ impl TaskProgress {
                 self.next_seq += 1;
                 Ok(Delivery::Deliver)
             }
-            TaskEvent::Started { .. } | TaskEvent::Probe(_) | TaskEvent::Result(_) => {
-                Ok(Delivery::Deliver)
-            }
+            TaskEvent::Started { .. }
+            | TaskEvent::Probe(_)
+            | TaskEvent::Result(_)
+            | TaskEvent::Resumed { .. } => Ok(Delivery::Deliver),
             TaskEvent::Finished(outcome) => {
                 self.outcome = Some(outcome.clone());
                 Ok(Delivery::Deliver)

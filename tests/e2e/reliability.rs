@@ -108,3 +108,334 @@ async fn a_slow_reader_gets_every_burst_through_a_spill_many_times_smaller() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// The lines a chatty test task prints: numbered, each 119 bytes, so that a line lost,
+/// repeated or out of order shows.
+fn numbered_line(i: usize) -> String {
+    format!("line {i:06} {i:0100}\n")
+}
+
+/// A shell loop printing `lines` numbered lines, 100 every 0.1 s, then exiting with `code`.
+fn chatty_script(lines: usize, code: i32) -> String {
+    format!(
+        "i=0; while [ $i -lt {lines} ]; do printf 'line %06d %0100d\\n' $i $i; i=$((i+1)); \
+         if [ $((i % 100)) = 0 ]; then sleep 0.1; fi; done; exit {code}"
+    )
+}
+
+/// Every file named `name` under `dir`, searched a few levels down.
+fn files_named(dir: &std::path::Path, name: &str, depth: usize) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() && depth > 0 {
+            found.extend(files_named(&path, name, depth - 1));
+        } else if entry.file_name() == name {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// Issue 17's second case: a background coordinator frozen (SIGSTOP) past the connection's
+/// idle timeout while a task prints. The agent's connection dies with output in flight and
+/// the task runs on; once the coordinator is back, the run goes on from what it had handed
+/// on: every line once and in order, the exit code once, the pool's task log complete.
+/// Before, a chunk was dropped once written into the stream, and the resume found it gone
+/// (`exec` ended 255 with part of the output).
+#[test]
+fn a_chatty_task_loses_nothing_while_its_coordinator_is_frozen_past_the_idle_timeout() {
+    use skyward_tests::run;
+    use std::io::BufRead;
+    use std::process::Stdio;
+    const LINES: usize = 6_000;
+    let limit = Duration::from_secs(60);
+    let sandbox = Sandbox::new();
+    // A 2 s idle timeout (the agent's setting; the shorter side's wins) and small bounds,
+    // which the frozen seconds' output overflows from memory into the spill.
+    let settings = [
+        ("SKYWARD_IDLE_TIMEOUT", "2s"),
+        ("SKYWARD_TASK_MEMORY", "65536"),
+        ("SKYWARD_TASK_SPILL", "16777216"),
+    ];
+    let up = run(
+        sandbox
+            .skyward()
+            .envs(settings)
+            .args(["pool", "up", "frozen", "--node-timeout", "1m"]),
+        limit,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let status = run(
+        sandbox
+            .skyward()
+            .args(["pool", "status", "frozen", "--json"]),
+        limit,
+    );
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+    let coordinator = status["pid"].as_i64().expect("pid") as i32;
+
+    let mut exec = sandbox
+        .skyward()
+        .args(["exec", "frozen", "--", "sh", "-c", &chatty_script(LINES, 7)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = exec.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let take = |until: usize, got: &mut Vec<String>| {
+        let deadline = Instant::now() + limit;
+        while got.len() < until {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => got.push(line),
+                Err(_) => break,
+            }
+        }
+    };
+    take(500, &mut got);
+    assert_eq!(got.len(), 500, "the task's first lines");
+    // SAFETY: signalling the background coordinator by the pid it reported.
+    unsafe { libc::kill(coordinator, libc::SIGSTOP) };
+    // The fault itself: frozen for 2.5 idle timeouts while the task prints on.
+    std::thread::sleep(Duration::from_secs(5));
+    // SAFETY: as above.
+    unsafe { libc::kill(coordinator, libc::SIGCONT) };
+    take(LINES + 1, &mut got);
+    let code = exec.wait().expect("exec").code();
+    reader.join().expect("reader");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut exec.stderr.take().unwrap(), &mut stderr).unwrap();
+    let expected: Vec<String> = (0..LINES)
+        .map(|i| numbered_line(i).trim_end().to_string())
+        .collect();
+    let first_wrong = got.iter().zip(&expected).position(|(a, b)| a != b);
+    assert!(
+        got.len() == LINES && first_wrong.is_none(),
+        "{} of {LINES} lines, first wrong at {first_wrong:?}; exec: {code:?} {stderr}",
+        got.len()
+    );
+    assert_eq!(code, Some(7), "the task's exit code, once: {stderr}");
+    // The user saw why the output stopped, and that it came back with nothing lost.
+    assert!(
+        stderr.contains("skyward: node-1: connection lost (")
+            && stderr.contains("its task runs on there, its output held on the node"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("skyward: task 0: node-1 back after")
+            && stderr.contains("of output it held"),
+        "{stderr}"
+    );
+    // The outage did break the connection: the agent resumed the task on a new one.
+    let agent_logs: String = files_named(sandbox.path(), "agent.log", 6)
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    assert!(
+        agent_logs.contains("resuming a task on a new connection"),
+        "the freeze never broke the connection: {agent_logs}"
+    );
+    let logs = run(sandbox.skyward().args(["logs", "frozen", "1"]), limit);
+    assert_eq!(logs.code, Some(0), "{logs:?}");
+    assert!(
+        logs.stdout
+            == expected
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>(),
+        "the pool's task log is not the task's output ({} bytes)",
+        logs.stdout.len()
+    );
+    let down = run(sandbox.skyward().args(["pool", "down", "frozen"]), limit);
+    assert_eq!(down.code, Some(0), "{down:?}");
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+/// Issue 17's third test: the link to a node in a network namespace cut for 2.5 idle
+/// timeouts while its task prints. The connection dies with output in flight; once the link
+/// is back and the agent has redialled, every line arrives once and in order, and the exit
+/// code once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_task_loses_nothing_through_a_cut_link() {
+    use skyward_coordinator::{Coordinator, CoordinatorConfig};
+    const LINES: usize = 6_000;
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let net = std::sync::Arc::new(
+        skyward_tests::netns::TestNet::create().expect("a network namespace for the node"),
+    );
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "rel-cut".into(),
+        bind: (net.host_ip, 0).into(),
+        state_dir: None,
+    })
+    .unwrap();
+    coordinator.set_node_timeout(Duration::from_secs(60));
+    let mut agent = skyward_tests::agent_command_in(
+        &sandbox,
+        &coordinator,
+        "node-1",
+        "10m",
+        &net.exec_prefix(),
+    )
+    .args(["--idle-timeout", "2s"])
+    .args(["--task-memory", "65536"])
+    .args(["--task-spill", "16777216"])
+    .spawn()
+    .expect("spawn skyward-agent");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(
+            &node,
+            TaskSpec::command(
+                0,
+                0,
+                vec!["sh".into(), "-c".into(), chatty_script(LINES, 7)],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    let mut output = Vec::new();
+    let mut cut = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let outcome = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, task.output.next())
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {} bytes", output.len()));
+        match event {
+            Ok(Some(TaskEvent::Output { data, .. })) => {
+                output.extend_from_slice(&data);
+                if cut.is_none() && output.len() >= 500 * numbered_line(0).len() {
+                    net.set_link(false).expect("link down");
+                    let net = net.clone();
+                    // The fault itself: 5 s without a link.
+                    cut = Some(tokio::task::spawn_blocking(move || {
+                        std::thread::sleep(Duration::from_secs(5));
+                        net.set_link(true)
+                    }));
+                }
+            }
+            Ok(Some(TaskEvent::Finished(outcome))) => break outcome,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the task stream ended without an outcome"),
+            Err(e) => panic!(
+                "lost after {} of {} bytes: {e}",
+                output.len(),
+                LINES * numbered_line(0).len()
+            ),
+        }
+    };
+    cut.expect("the link was cut")
+        .await
+        .unwrap()
+        .expect("link up again");
+    assert_eq!(outcome, TaskOutcome::Exited { code: 7 });
+    assert!(task.output.next().await.unwrap().is_none(), "one end, once");
+    let expected: String = (0..LINES).map(numbered_line).collect();
+    let first_wrong = output
+        .iter()
+        .zip(expected.as_bytes())
+        .position(|(a, b)| a != b);
+    assert!(
+        output.len() == expected.len() && first_wrong.is_none(),
+        "{} of {} bytes, first wrong at {first_wrong:?}",
+        output.len(),
+        expected.len()
+    );
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(
+        log.contains("resuming a task on a new connection"),
+        "the cut never broke the connection: {log}"
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
+}
+
+/// A reader that stops reading: the task pauses once the node's room for unacknowledged
+/// output is full, `pool status` says so (and how much is held), and once the reader reads
+/// again everything arrives, once, and the task ends.
+#[test]
+fn a_stalled_reader_pauses_its_task_and_pool_status_says_why() {
+    use skyward_tests::run;
+    use std::io::Read;
+    use std::process::Stdio;
+    const BYTES: usize = 8_000_000;
+    let limit = Duration::from_secs(60);
+    let sandbox = Sandbox::new();
+    let settings = [
+        ("SKYWARD_TASK_MEMORY", "65536"),
+        ("SKYWARD_TASK_SPILL", "1048576"),
+    ];
+    let up = run(
+        sandbox
+            .skyward()
+            .envs(settings)
+            .args(["pool", "up", "stall"]),
+        limit,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let script = format!("head -c {BYTES} /dev/zero | tr '\\0' x; exit 3");
+    let mut exec = sandbox
+        .skyward()
+        .args(["exec", "stall", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    // Nobody reads exec's output yet: the pipes, the coordinator and the node fill up. The
+    // node's next health report (every 10 s) says its task waits.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let node = loop {
+        let status = run(
+            sandbox
+                .skyward()
+                .args(["pool", "status", "stall", "--json"]),
+            limit,
+        );
+        let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+        let node = status["nodes"][0].clone();
+        if node["tasks_waiting_for_room"].as_u64() == Some(1) {
+            break node;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node never said its task waits: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let held = node["output_held_bytes"].as_u64().expect("held bytes");
+    assert!(
+        held > 1_000_000,
+        "memory and spill are full: {held} bytes held"
+    );
+    let state = node["state"].as_str().unwrap_or_default();
+    assert!(state.contains("1 task(s) paused"), "{state}");
+    // The reader reads again: everything comes, once.
+    let mut out = Vec::new();
+    exec.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let code = exec.wait().expect("exec").code();
+    assert_eq!(out.len(), BYTES);
+    assert!(out.iter().all(|&b| b == b'x'));
+    assert_eq!(code, Some(3));
+    let down = run(sandbox.skyward().args(["pool", "down", "stall"]), limit);
+    assert_eq!(down.code, Some(0), "{down:?}");
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}

@@ -233,9 +233,29 @@ pub fn agent_command(
     node_id: &str,
     lease: &str,
 ) -> Command {
+    agent_command_in(sandbox, coordinator, node_id, lease, &[])
+}
+
+/// [`agent_command`] run through `prefix` (a network namespace's
+/// [`netns::TestNet::exec_prefix`]; empty: none).
+pub fn agent_command_in(
+    sandbox: &Sandbox,
+    coordinator: &skyward_coordinator::Coordinator,
+    node_id: &str,
+    lease: &str,
+    prefix: &[String],
+) -> Command {
     let log =
         std::fs::File::create(sandbox.path().join(format!("{node_id}.log"))).expect("agent log");
-    let mut command = Command::new(bin("skyward-agent"));
+    let agent = bin("skyward-agent");
+    let mut command = match prefix.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(agent);
+            command
+        }
+        None => Command::new(agent),
+    };
     command
         .args(["--coordinator", &coordinator.local_addr().to_string()])
         .args([
