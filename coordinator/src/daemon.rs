@@ -230,7 +230,8 @@ async fn keep_node_count(daemon: Arc<Daemon>) {
             _ = tick.tick() => {
                 let nodes = pool.nodes();
                 for node in &nodes {
-                    if let Some(why) = coordinator.node(&node.node_id).and_then(|n| n.lost_reason()) {
+                    // Every handle of a node shares its state, between connections too.
+                    if let Some(why) = node.lost_reason() {
                         doomed.push((node.node_id.clone(), why));
                     }
                 }

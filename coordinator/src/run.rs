@@ -258,9 +258,8 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                 },
                 Some((node_id, why)) = gone.recv() => {
                     if let Some(index) = nodes.iter().position(|n| n.node_id == node_id) {
-                        if nodes[index].is_connected() {
-                            coordinator.give_up(&node_id, &why);
-                        }
+                        // Connected or between connections: its tasks stop waiting for it.
+                        coordinator.give_up(&node_id, &why);
                         scheduler.retire(index);
                     }
                 },

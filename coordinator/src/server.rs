@@ -127,7 +127,9 @@ pub struct NodeHandle {
     /// The address the node's connection comes from.
     pub address: IpAddr,
     pub inventory: Arc<Inventory>,
-    connection: Connection,
+    /// The node's current connection: shared by every handle of the node, swapped when it
+    /// reconnects, so a handle taken before (a pool's, a run's) reaches it where it is now.
+    connection: Arc<Mutex<Connection>>,
     running: Arc<AtomicU32>,
     health: Arc<Mutex<Option<Health>>>,
     /// The provider's notice that the machine goes away, once one came.
@@ -138,6 +140,16 @@ pub struct NodeHandle {
     /// Where the node may fetch a sync's contents over TCP: the port and the tickets. Only
     /// for a node that dialed in (one this coordinator dials may not reach it).
     bulk: Option<(u16, Arc<BulkTickets>)>,
+}
+
+/// A node's state across its connections.
+#[derive(Clone)]
+struct NodeState {
+    connection: Arc<Mutex<Connection>>,
+    running: Arc<AtomicU32>,
+    health: Arc<Mutex<Option<Health>>>,
+    interruption: Arc<Mutex<Option<Interruption>>>,
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 impl NodeHandle {
@@ -161,8 +173,13 @@ impl NodeHandle {
         self.health.lock().expect("health lock").clone()
     }
 
+    /// The node's current connection.
+    fn connection(&self) -> Connection {
+        self.connection.lock().expect("connection lock").clone()
+    }
+
     pub fn is_connected(&self) -> bool {
-        self.connection.close_reason().is_none()
+        self.connection().close_reason().is_none()
     }
 
     /// A ticket for one sync's contents over the TCP port, if the node may use it.
@@ -184,7 +201,7 @@ impl NodeHandle {
         }
         let lost = |e: String| TaskError::Lost(format!("{}: {e}", self.node_id));
         let (mut send, recv) = self
-            .connection
+            .connection()
             .open_bi()
             .await
             .map_err(|e| lost(e.to_string()))?;
@@ -209,6 +226,8 @@ struct Inner {
     /// Enrollment connections and failures per source address.
     admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
+    /// Every node that ever connected: what its handles share across its connections.
+    node_states: Mutex<HashMap<String, NodeState>>,
     events: broadcast::Sender<CoordinatorEvent>,
     /// Nodes that have enrolled (a dialer then connects as a node, not to enroll).
     enrolled: Mutex<std::collections::HashSet<String>>,
@@ -345,6 +364,7 @@ impl Coordinator {
             tokens: Mutex::new(TokenStore::default()),
             admission: Mutex::new(Admission::default()),
             nodes: Mutex::new(HashMap::new()),
+            node_states: Mutex::new(HashMap::new()),
             events,
             enrolled: Mutex::new(Default::default()),
             dial_enroll,
@@ -429,13 +449,13 @@ impl Coordinator {
             .cloned()
     }
 
-    /// How long a node may stay silent (missed health reports) before it counts as lost and
-    /// its connection is closed; nodes connecting from now on report health often enough.
     /// How long a node may be silent, or a task's node out of reach, before it is given up.
     pub fn node_timeout(&self) -> Duration {
         Duration::from_millis(self.inner.node_timeout_ms.load(Ordering::Relaxed))
     }
 
+    /// How long a node may stay silent (missed health reports) before it counts as lost and
+    /// its connection is closed; nodes connecting from now on report health often enough.
     pub fn set_node_timeout(&self, timeout: Duration) {
         let ms = timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
         self.inner.node_timeout_ms.store(ms, Ordering::Relaxed);
@@ -474,25 +494,26 @@ impl Coordinator {
         }
         let lost = |e: String| TaskError::Lost(format!("{}: {e}", node.node_id));
         let running = RunningGuard::new(node.running.clone());
-        let (mut send, recv) = node
-            .connection
-            .open_bi()
-            .await
-            .map_err(|e| lost(e.to_string()))?;
         let task = spec.task;
         let resumable = matches!(
             spec.kind,
             TaskKind::Command { .. } | TaskKind::Terminal { .. }
         );
-        // A task that takes no input has its stream's end go with it: then the agent need not
-        // stop the stream, nor this side reset it, when the task is done.
-        let takes_input = spec.kind.takes_input();
-        write_frame(&mut send, &TaskRequest::Start(spec))
-            .await
-            .map_err(|e| lost(e.to_string()))?;
-        if !takes_input {
-            send.finish().map_err(|e| lost(e.to_string()))?;
-        }
+        // A node between connections gets the task once it is back (within the node
+        // timeout), as a running task is resumed then.
+        let deadline = tokio::time::Instant::now() + self.node_timeout();
+        let (connection, send, recv) = loop {
+            self.until_connected(node, deadline).await?;
+            let connection = node.connection();
+            match open_task(&connection, &spec).await {
+                Ok((send, recv)) => break (connection, send, recv),
+                // It went between the check and the open: its next connection.
+                Err(e) if connection.close_reason().is_some() => {
+                    tracing::debug!(node = %node.node_id, %task, "start on a closing connection: {e}");
+                }
+                Err(e) => return Err(lost(e.to_string())),
+            }
+        };
         let send = Arc::new(tokio::sync::Mutex::new(send));
         Ok(RemoteTask {
             input: TaskInput { send: send.clone() },
@@ -503,15 +524,45 @@ impl Coordinator {
                 _running: running,
                 inner: self.inner.clone(),
                 task,
+                unanswered: resumable.then_some(spec),
                 resumable,
-                connection: node.connection.clone(),
+                connection,
                 given_up: node.lost.clone(),
                 send,
                 handed_on: HandedOn::default(),
                 acknowledger: None,
                 last_outage: None,
+                on_resumed_stream: false,
             },
         })
+    }
+
+    /// Waits until `node` is connected (at once when it is), unless it was given up or
+    /// `deadline` passes first.
+    async fn until_connected(
+        &self,
+        node: &NodeHandle,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), TaskError> {
+        let mut events = self.inner.events.subscribe();
+        loop {
+            if let Some(reason) = node.lost_reason() {
+                return Err(TaskError::Lost(format!("{}: {reason}", node.node_id)));
+            }
+            if node.is_connected() {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {}
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                    return Err(TaskError::Lost(format!(
+                        "{}: not connected, and not back within {}",
+                        node.node_id,
+                        humantime::format_duration(self.node_timeout())
+                    )))
+                }
+            }
+        }
     }
 
     /// Dials a listening agent (the direction reversed, for a coordinator that nodes cannot
@@ -542,7 +593,7 @@ impl Coordinator {
     pub fn disconnect(&self, node_id: &str, reason: &str) -> bool {
         match self.node(node_id) {
             Some(node) => {
-                node.connection
+                node.connection()
                     .close(close_code::NORMAL.into(), reason.as_bytes());
                 true
             }
@@ -551,17 +602,31 @@ impl Coordinator {
     }
 
     /// Gives a node up for `reason` (its machine is gone): its connection is closed and its
-    /// tasks are lost at once, not waited for; false if it was not connected.
+    /// tasks are lost at once, not waited for, whether it is connected now or between
+    /// connections; false if it never connected.
     pub fn give_up(&self, node_id: &str, reason: &str) -> bool {
-        match self.node(node_id) {
-            Some(node) => {
-                *node.lost.lock().expect("lost lock") = Some(reason.to_string());
-                node.connection
-                    .close(close_code::NORMAL.into(), reason.as_bytes());
-                true
-            }
-            None => false,
+        let state = self
+            .inner
+            .node_states
+            .lock()
+            .expect("node states lock")
+            .get(node_id)
+            .cloned();
+        let Some(state) = state else {
+            return false;
+        };
+        *state.lost.lock().expect("lost lock") = Some(reason.to_string());
+        let connection = state.connection.lock().expect("connection lock").clone();
+        if connection.close_reason().is_none() {
+            connection.close(close_code::NORMAL.into(), reason.as_bytes());
+        } else {
+            // Between connections: whoever waits for its return hears it now.
+            let _ = self.inner.events.send(CoordinatorEvent::NodeDisconnected {
+                node_id: node_id.to_string(),
+                reason: reason.to_string(),
+            });
         }
+        true
     }
 
     /// Tells every connected agent to stop its tasks and exit.
@@ -587,7 +652,7 @@ impl Coordinator {
         // dialing until its lease runs out.
         let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         for node in &nodes {
-            if tokio::time::timeout_at(deadline, node.connection.closed())
+            if tokio::time::timeout_at(deadline, node.connection().closed())
                 .await
                 .is_err()
             {
@@ -608,6 +673,23 @@ impl Coordinator {
             .close(close_code::POOL_SHUTDOWN.into(), b"pool down");
         let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
     }
+}
+
+/// Opens a task's stream on `connection` and sends its `Start`. A task that takes no input
+/// has its stream's end go with it: then the agent need not stop the stream, nor this side
+/// reset it, when the task is done.
+async fn open_task(
+    connection: &Connection,
+    spec: &TaskSpec,
+) -> Result<(SendStream, RecvStream), String> {
+    let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &TaskRequest::Start(spec.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    if !spec.kind.takes_input() {
+        send.finish().map_err(|e| e.to_string())?;
+    }
+    Ok((send, recv))
 }
 
 fn spec_size(spec: &TaskSpec) -> usize {
@@ -747,6 +829,11 @@ pub struct TaskOutput {
     acknowledger: Option<tokio::sync::watch::Sender<HandedOn>>,
     /// How long the task's node was out of reach before its last resume.
     last_outage: Option<Duration>,
+    /// A command's task while nothing came from it: should its `Start` have died with its
+    /// connection, a resume finds no such task on the node, and it is started there again.
+    unanswered: Option<TaskSpec>,
+    /// This stream came from a `Resume`.
+    on_resumed_stream: bool,
 }
 
 /// How far a task's output was handed on: chunks below `next_seq`, `bytes` in all.
@@ -776,8 +863,16 @@ impl TaskOutput {
                     self.last_outage = Some(lost_at.elapsed());
                     continue;
                 }
+                // The node never had the task (its `Start` died with the connection, unseen
+                // by the agent, which saw nothing of it): start it there now.
+                Ok(None) if self.on_resumed_stream && self.unanswered.is_some() => {
+                    self.start_again().await?;
+                    continue;
+                }
                 other => other,
             };
+            // The task answered: a resume finds it from now on.
+            self.unanswered = None;
             let event = event
                 .map_err(|e| self.error(e.to_string()))?
                 .ok_or_else(|| {
@@ -861,7 +956,7 @@ impl TaskOutput {
                 .get(&self.node_id)
                 .cloned();
             if let Some(node) =
-                current.filter(|n| n.connection.stable_id() != old && n.is_connected())
+                current.filter(|n| n.connection().stable_id() != old && n.is_connected())
             {
                 break node;
             }
@@ -878,8 +973,8 @@ impl TaskOutput {
                 ));
             }
         };
-        let (mut send, recv) = node
-            .connection
+        let connection = node.connection();
+        let (mut send, recv) = connection
             .open_bi()
             .await
             .map_err(|e| lost(&self.node_id, e.to_string()))?;
@@ -893,9 +988,26 @@ impl TaskOutput {
         tracing::info!(node = %self.node_id, task = %self.task, "resumed the task on the node's new connection");
         *self.send.lock().await = send;
         self.recv = recv;
-        self.connection = node.connection.clone();
+        self.on_resumed_stream = true;
+        self.connection = connection;
         self.given_up = node.lost.clone();
         self._running = RunningGuard::new(node.running.clone());
+        Ok(())
+    }
+
+    /// Sends the task's `Start` again on the node's current connection.
+    async fn start_again(&mut self) -> Result<(), TaskError> {
+        let spec = self
+            .unanswered
+            .as_ref()
+            .expect("a task that never answered");
+        tracing::info!(node = %self.node_id, task = %self.task, "the node never got the task; starting it there again");
+        let (send, recv) = open_task(&self.connection, spec)
+            .await
+            .map_err(|e| TaskError::Lost(format!("{}: {e}", self.node_id)))?;
+        *self.send.lock().await = send;
+        self.recv = recv;
+        self.on_resumed_stream = false;
         Ok(())
     }
 
@@ -1308,29 +1420,47 @@ async fn serve_node(
         })?;
 
     let (control_tx, mut control_rx) = mpsc::channel::<CoordinatorMessage>(8);
-    let handle = NodeHandle {
-        node_id: node_id.clone(),
-        address: conn.remote_address().ip(),
-        inventory: Arc::new(hello.inventory),
-        connection: conn.clone(),
-        running: Arc::new(AtomicU32::new(0)),
-        health: Arc::new(Mutex::new(None)),
-        interruption: Arc::new(Mutex::new(None)),
-        lost: Arc::new(Mutex::new(None)),
-        control: control_tx,
-        bulk: inner.bulk.clone().filter(|_| dialed_in),
-    };
-    if let Some(old) = inner
-        .nodes
+    // What the node's earlier connections' handles share: they follow it to this one.
+    let state = inner
+        .node_states
         .lock()
-        .expect("nodes lock")
-        .insert(node_id.clone(), handle.clone())
-    {
-        old.connection.close(
+        .expect("node states lock")
+        .entry(node_id.clone())
+        .or_insert_with(|| NodeState {
+            connection: Arc::new(Mutex::new(conn.clone())),
+            running: Arc::new(AtomicU32::new(0)),
+            health: Arc::new(Mutex::new(None)),
+            interruption: Arc::new(Mutex::new(None)),
+            lost: Arc::new(Mutex::new(None)),
+        })
+        .clone();
+    let replaced = std::mem::replace(
+        &mut *state.connection.lock().expect("connection lock"),
+        conn.clone(),
+    );
+    if replaced.stable_id() != conn.stable_id() {
+        replaced.close(
             close_code::REPLACED.into(),
             b"replaced by a newer connection",
         );
     }
+    let handle = NodeHandle {
+        node_id: node_id.clone(),
+        address: conn.remote_address().ip(),
+        inventory: Arc::new(hello.inventory),
+        connection: state.connection,
+        running: state.running,
+        health: state.health,
+        interruption: state.interruption,
+        lost: state.lost,
+        control: control_tx,
+        bulk: inner.bulk.clone().filter(|_| dialed_in),
+    };
+    inner
+        .nodes
+        .lock()
+        .expect("nodes lock")
+        .insert(node_id.clone(), handle.clone());
     tracing::info!(node = %node_id, address = %handle.address, "node connected");
     let _ = inner
         .events
@@ -1430,7 +1560,7 @@ async fn serve_node(
         let mut nodes = inner.nodes.lock().expect("nodes lock");
         if nodes
             .get(&node_id)
-            .is_some_and(|current| current.connection.stable_id() == conn.stable_id())
+            .is_some_and(|current| current.connection().stable_id() == conn.stable_id())
         {
             nodes.remove(&node_id);
         }
