@@ -117,6 +117,11 @@ impl TestNet {
         ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }])
     }
 
+    /// This machine's end of the link (what [`TestNet::set_link`] takes down and up).
+    pub fn host_interface(&self) -> &str {
+        &self.host_if
+    }
+
     /// The namespace's name, for `ip -n` and `ip netns exec`.
     pub fn namespace(&self) -> &str {
         &self.name

@@ -1,0 +1,824 @@
+//! The chaos suite (issue 17): a `pool up` pool of local nodes, some of them in network
+//! namespaces of their own, runs tasks that print verifiable streams (sequence-numbered lines
+//! with running checksums) and exit with known codes, while faults are injected at random:
+//! agents and the background coordinator frozen (SIGSTOP, SIGCONT), links cut and restored,
+//! slow and stalled readers, agents killed (the tasks run with `--retries`). At the end it
+//! checks the invariants (every line once and in order, every exit code once, no task stuck
+//! past its bound, nothing left running, no namespace left) and prints a table.
+//!
+//! Run it as `scripts/chaos.sh [--seconds N | --minutes N] [--seed N]` (root: namespaces).
+//! Every loop here is bounded in count and time; all traffic stays on loopback and on the
+//! links to the namespaces this program makes and removes.
+//!
+//! The same binary is the pool's agent launcher (`SKYWARD_AGENT_BIN`): asked to start the
+//! agent of a node it placed in a namespace, it starts it there, dialing the coordinator
+//! through that namespace's link.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use skyward_tests::netns::TestNet;
+use skyward_tests::{bin, processes_under, run, Sandbox};
+
+/// Set in the pool's environment: this binary was started as a node's agent.
+const WRAP: &str = "SKYWARD_CHAOS_WRAP";
+/// The real agent.
+const AGENT: &str = "SKYWARD_CHAOS_AGENT";
+/// `node-3=NAMESPACE@HOST_IP,...`: nodes placed in namespaces, and the address that reaches
+/// the coordinator from each.
+const PLACES: &str = "SKYWARD_CHAOS_NETNS";
+
+const POOL: &str = "chaos";
+
+fn main() -> std::process::ExitCode {
+    if std::env::var_os(WRAP).is_some() {
+        wrap_agent();
+    }
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("skyward-chaos: {e}");
+            eprintln!(
+                "usage: skyward-chaos [--seconds N | --minutes N] [--seed N] [--report FILE]"
+            );
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run_chaos(&options) {
+        Ok(report) => {
+            println!("{}", report.table());
+            if let Some(path) = &options.report {
+                if let Err(e) = std::fs::write(path, report.table()) {
+                    eprintln!("skyward-chaos: writing {}: {e}", path.display());
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+            match report.violations.is_empty() {
+                true => std::process::ExitCode::SUCCESS,
+                false => std::process::ExitCode::FAILURE,
+            }
+        }
+        Err(e) => {
+            eprintln!("skyward-chaos: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Starts the real agent with the arguments the local provider gave, inside the node's
+/// namespace when it has one (dialing the coordinator through the namespace's link), else
+/// as it is. Replaces this process: the provider's pid is the agent's.
+fn wrap_agent() -> ! {
+    let agent = std::env::var(AGENT).expect("SKYWARD_CHAOS_AGENT");
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let node = args
+        .windows(2)
+        .find(|w| w[0] == "--node-id")
+        .map(|w| w[1].clone())
+        .unwrap_or_default();
+    let place = std::env::var(PLACES).unwrap_or_default();
+    let place = place.split(',').find_map(|entry| {
+        let (id, rest) = entry.split_once('=')?;
+        let (namespace, host_ip) = rest.split_once('@')?;
+        (id == node).then(|| (namespace.to_string(), host_ip.to_string()))
+    });
+    // The coordinator listens on every address; the agent dials the one it can reach.
+    if let Some(i) = args.iter().position(|a| a == "--coordinator") {
+        if let Some(address) = args.get_mut(i + 1) {
+            let port = address.rsplit(':').next().unwrap_or_default().to_string();
+            let host = place.as_ref().map_or("127.0.0.1", |(_, ip)| ip.as_str());
+            *address = format!("{host}:{port}");
+        }
+    }
+    let error = match place {
+        Some((namespace, _)) => Command::new("ip")
+            .args(["netns", "exec", &namespace, &agent])
+            .args(&args)
+            .exec(),
+        None => Command::new(&agent).args(&args).exec(),
+    };
+    eprintln!("skyward-chaos: cannot start the agent: {error}");
+    std::process::exit(127)
+}
+
+struct Options {
+    duration: Duration,
+    seed: u64,
+    report: Option<std::path::PathBuf>,
+}
+
+impl Options {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+        let mut options = Options {
+            duration: Duration::from_secs(60),
+            seed: rand::rng().random(),
+            report: None,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+            match arg.as_str() {
+                "--seconds" => options.duration = Duration::from_secs(number(&value(&arg)?)?),
+                "--minutes" => options.duration = Duration::from_secs(60 * number(&value(&arg)?)?),
+                "--seed" => options.seed = number(&value(&arg)?)?,
+                "--report" => options.report = Some(value(&arg)?.into()),
+                other => return Err(format!("unknown argument {other}")),
+            }
+        }
+        if options.duration < Duration::from_secs(20)
+            || options.duration > Duration::from_secs(4 * 3600)
+        {
+            return Err("give 20 seconds to 4 hours".into());
+        }
+        Ok(options)
+    }
+}
+
+fn number(text: &str) -> Result<u64, String> {
+    text.parse().map_err(|_| format!("{text} is not a number"))
+}
+
+/// The kinds of fault, in the table's order.
+const KINDS: [&str; 6] = [
+    "agent frozen",
+    "coordinator frozen",
+    "link cut",
+    "agent killed",
+    "slow reader",
+    "stalled reader",
+];
+
+#[derive(Default)]
+struct Report {
+    seed: u64,
+    seconds: u64,
+    nodes: usize,
+    namespaced: usize,
+    faults: BTreeMap<&'static str, u64>,
+    tasks: u64,
+    retried: u64,
+    bytes: u64,
+    lines: u64,
+    violations: Vec<String>,
+    /// The largest output a node said it held at a resume.
+    largest_held: u64,
+    /// From a coordinator's SIGCONT to the next line at each reader that was waiting.
+    return_to_byte_ms: Vec<u64>,
+}
+
+impl Report {
+    fn table(&self) -> String {
+        let mut out = format!(
+            "chaos: {} s, seed {}, {} nodes ({} in network namespaces)\n\n| fault | injected |\n| --- | --- |\n",
+            self.seconds, self.seed, self.nodes, self.namespaced
+        );
+        for kind in KINDS {
+            out += &format!(
+                "| {kind} | {} |\n",
+                self.faults.get(kind).copied().unwrap_or(0)
+            );
+        }
+        let mut latencies = self.return_to_byte_ms.clone();
+        latencies.sort_unstable();
+        let pct = |p: f64| match latencies.is_empty() {
+            true => "-".to_string(),
+            false => {
+                let i = ((latencies.len() - 1) as f64 * p).round() as usize;
+                format!("{} ms", latencies[i])
+            }
+        };
+        out += &format!(
+            "\n| tasks | retried | lines verified | bytes verified | largest output held at a resume | coordinator back to next byte (p50, p99) | violations |\n| --- | --- | --- | --- | --- | --- | --- |\n| {} | {} | {} | {} | {} | {}, {} | {} |\n",
+            self.tasks,
+            self.retried,
+            self.lines,
+            self.bytes,
+            skyward_coordinator::workdir::human_bytes(self.largest_held),
+            pct(0.5),
+            pct(0.99),
+            self.violations.len()
+        );
+        for violation in &self.violations {
+            out += &format!("\nviolation: {violation}");
+        }
+        out
+    }
+}
+
+/// What every task checker and fault shares.
+struct Shared {
+    report: Mutex<Report>,
+    /// Set while the background coordinator is frozen; readers waiting then measure the
+    /// time from its return to their next line.
+    coordinator_back_at: Mutex<Option<Instant>>,
+    stopping: AtomicBool,
+}
+
+fn run_chaos(options: &Options) -> Result<Report, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("the chaos suite puts nodes in network namespaces: run it as root".into());
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
+    let sandbox = Sandbox::new();
+    let nodes = 4;
+    let nets: Vec<TestNet> = (0..2)
+        .map(|_| TestNet::create())
+        .collect::<Result<_, _>>()?;
+    let places: Vec<String> = nets
+        .iter()
+        .enumerate()
+        .map(|(i, net)| format!("node-{}={}@{}", nodes - i, net.namespace(), net.host_ip))
+        .collect();
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let sky = || {
+        let mut command = sandbox.skyward();
+        command
+            .env("SKYWARD_AGENT_BIN", &me)
+            .env(WRAP, "1")
+            .env(AGENT, bin("skyward-agent"))
+            .env(PLACES, places.join(","))
+            // Short enough that a fault breaks connections; bounds small enough that
+            // outages reach the spill.
+            .env("SKYWARD_IDLE_TIMEOUT", "3s")
+            .env("SKYWARD_TASK_MEMORY", "262144")
+            .env("SKYWARD_TASK_SPILL", "8388608");
+        command
+    };
+    let limit = Duration::from_secs(120);
+    let up = run(
+        sky().args([
+            "pool",
+            "up",
+            POOL,
+            "--nodes",
+            &nodes.to_string(),
+            "--node-timeout",
+            "90s",
+            "--listen",
+            "0.0.0.0:0",
+        ]),
+        limit,
+    );
+    if up.code != Some(0) {
+        return Err(format!("pool up failed: {}", up.stderr.trim()));
+    }
+    let status = run(sky().args(["pool", "status", POOL, "--json"]), limit);
+    let status: serde_json::Value =
+        serde_json::from_str(&status.stdout).map_err(|e| format!("pool status: {e}"))?;
+    let coordinator_pid = status["pid"].as_i64().ok_or("pool status has no pid")? as i32;
+
+    let shared = Arc::new(Shared {
+        report: Mutex::new(Report {
+            seed: options.seed,
+            seconds: options.duration.as_secs(),
+            nodes,
+            namespaced: nets.len(),
+            ..Report::default()
+        }),
+        coordinator_back_at: Mutex::new(None),
+        stopping: AtomicBool::new(false),
+    });
+    // The longest a fault lasts: up to a minute in a long run, a few seconds in a short one.
+    let longest = Duration::from_secs((options.duration.as_secs() / 10).clamp(3, 60));
+    let started = Instant::now();
+    let end = started + options.duration;
+    let mut workers = Vec::new();
+    let mut next_task = 0u64;
+    let mut faults: Vec<Fault> = Vec::new();
+    let mut next_fault = Instant::now() + Duration::from_secs(2);
+    // Bounded: the loop ends at `end`; each pass sleeps 100 ms.
+    while Instant::now() < end {
+        workers.retain(|w: &std::thread::JoinHandle<()>| !w.is_finished());
+        while workers.len() < 6 {
+            next_task += 1;
+            let task = Workload::random(next_task, &mut rng, longest);
+            let sky = sky();
+            let shared = shared.clone();
+            workers.push(std::thread::spawn(move || task.run(sky, &shared)));
+        }
+        faults.retain_mut(|fault| !fault.try_end());
+        if Instant::now() >= next_fault {
+            if let Some(fault) = Fault::start(
+                &mut rng,
+                &sandbox,
+                coordinator_pid,
+                &nets,
+                &faults,
+                longest,
+                &shared,
+            ) {
+                *shared
+                    .report
+                    .lock()
+                    .unwrap()
+                    .faults
+                    .entry(fault.kind)
+                    .or_default() += 1;
+                faults.push(fault);
+            }
+            next_fault = Instant::now() + Duration::from_millis(rng.random_range(300..2_000));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every fault ends now; the tasks already running finish (each within its bound).
+    for mut fault in faults.drain(..) {
+        fault.end();
+    }
+    shared.stopping.store(true, Ordering::SeqCst);
+    for worker in workers {
+        let _ = worker.join();
+    }
+    let down = run(sky().args(["pool", "down", POOL]), limit);
+    let mut report = std::mem::take(&mut *shared.report.lock().unwrap());
+    if down.code != Some(0) {
+        report
+            .violations
+            .push(format!("pool down failed: {}", down.stderr.trim()));
+    }
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(20));
+    if !left.is_empty() {
+        report.violations.push(format!("left running: {left:?}"));
+    }
+    let names: Vec<String> = nets.iter().map(|n| n.namespace().to_string()).collect();
+    drop(nets);
+    let listed = Command::new("ip").args(["netns", "list"]).output();
+    let listed = listed
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for name in names {
+        if listed
+            .lines()
+            .any(|line| line.split_whitespace().next() == Some(name.as_str()))
+        {
+            report
+                .violations
+                .push(format!("namespace {name} left behind"));
+        }
+    }
+    Ok(report)
+}
+
+/// One fault in progress.
+struct Fault {
+    kind: &'static str,
+    until: Instant,
+    undo: Box<dyn FnMut() + Send>,
+}
+
+impl Fault {
+    /// Starts a fault of a random kind not already in progress (slow and stalled readers are
+    /// the workloads' own); `None` when there was nothing to do it to.
+    fn start(
+        rng: &mut rand::rngs::StdRng,
+        sandbox: &Sandbox,
+        coordinator: i32,
+        nets: &[TestNet],
+        active: &[Fault],
+        longest: Duration,
+        shared: &Arc<Shared>,
+    ) -> Option<Fault> {
+        let kind = KINDS[rng.random_range(0..4)];
+        if active.iter().any(|f| f.kind == kind) {
+            return None;
+        }
+        let lasting = Duration::from_millis(rng.random_range(1_000..=longest.as_millis() as u64));
+        let until = Instant::now() + lasting;
+        let agents: Vec<i32> = processes_under(sandbox.path())
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains("--node-id"))
+            .map(|(pid, _)| pid)
+            .collect();
+        let signal = |pid: i32, signal: i32| {
+            // SAFETY: signalling a process of this run's pool by pid.
+            unsafe { libc::kill(pid, signal) };
+        };
+        match kind {
+            "agent frozen" => {
+                let pid = *agents.get(rng.random_range(0..agents.len().max(1)))?;
+                signal(pid, libc::SIGSTOP);
+                Some(Fault {
+                    kind,
+                    until,
+                    undo: Box::new(move || signal(pid, libc::SIGCONT)),
+                })
+            }
+            "coordinator frozen" => {
+                // Well under the node timeout (90 s), which a frozen coordinator's nodes
+                // would otherwise pass in its eyes once it is back.
+                let until = Instant::now() + lasting.min(Duration::from_secs(30));
+                signal(coordinator, libc::SIGSTOP);
+                let shared = shared.clone();
+                Some(Fault {
+                    kind,
+                    until,
+                    undo: Box::new(move || {
+                        signal(coordinator, libc::SIGCONT);
+                        *shared.coordinator_back_at.lock().unwrap() = Some(Instant::now());
+                    }),
+                })
+            }
+            "link cut" => {
+                let net = nets.get(rng.random_range(0..nets.len()))?;
+                net.set_link(false).ok()?;
+                let host_if = net.host_interface().to_string();
+                Some(Fault {
+                    kind,
+                    until,
+                    undo: Box::new(move || {
+                        let _ = Command::new("ip")
+                            .args(["link", "set", &host_if, "up"])
+                            .status();
+                    }),
+                })
+            }
+            _ => {
+                // Keep at least two agents: the tasks of the killed one run again elsewhere.
+                if agents.len() < 3 {
+                    return None;
+                }
+                let pid = agents[rng.random_range(0..agents.len())];
+                signal(pid, libc::SIGKILL);
+                Some(Fault {
+                    kind,
+                    until: Instant::now() + Duration::from_secs(15),
+                    undo: Box::new(|| {}),
+                })
+            }
+        }
+    }
+
+    /// Ends the fault if its time is up.
+    fn try_end(&mut self) -> bool {
+        if Instant::now() < self.until {
+            return false;
+        }
+        self.end();
+        true
+    }
+
+    fn end(&mut self) {
+        (self.undo)();
+    }
+}
+
+/// How a workload's reader reads.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    Prompt,
+    /// A pause every 50 lines.
+    Slow,
+    /// One long stop partway.
+    Stalled(Duration),
+}
+
+/// One task: `lines` numbered lines of `width` bytes, `per_beat` every 50 ms, then exit
+/// `code`.
+struct Workload {
+    id: u64,
+    lines: u64,
+    width: usize,
+    per_beat: u64,
+    code: i32,
+    reader: Reader,
+}
+
+impl Workload {
+    fn random(id: u64, rng: &mut rand::rngs::StdRng, longest: Duration) -> Workload {
+        let reader = match rng.random_range(0..10) {
+            0..=1 => Reader::Slow,
+            2..=3 => Reader::Stalled(Duration::from_millis(
+                rng.random_range(1_000..=longest.as_millis() as u64),
+            )),
+            _ => Reader::Prompt,
+        };
+        Workload {
+            id,
+            lines: rng.random_range(500..20_000),
+            width: rng.random_range(40..400),
+            per_beat: rng.random_range(20..400),
+            code: rng.random_range(0..100),
+            reader,
+        }
+    }
+
+    /// The generator: a Python program (the tests need python3 anyway) printing lines
+    /// `w<id> <seq> <checksum> <padding>`, the checksum running over the sequence.
+    fn script(&self) -> String {
+        format!(
+            "import sys, time\n\
+             c = 0\n\
+             out = sys.stdout\n\
+             for i in range({lines}):\n\
+             \x20   c = (c * 1000003 + i + {id}) & 0xFFFFFFFFFFFFFFFF\n\
+             \x20   out.write('w{id} %d %016x %s\\n' % (i, c, 'x' * {width}))\n\
+             \x20   if i % {beat} == {beat} - 1:\n\
+             \x20       out.flush(); time.sleep(0.05)\n\
+             out.flush()\n\
+             sys.exit({code})\n",
+            lines = self.lines,
+            id = self.id,
+            width = self.width,
+            beat = self.per_beat,
+            code = self.code,
+        )
+    }
+
+    /// The longest the task may take: its own pace, every fault's longest stretch a few
+    /// times over, and a node lost and its task run again.
+    fn bound(&self) -> Duration {
+        let beats = self.lines / self.per_beat + 1;
+        Duration::from_millis(beats * 50) * 3 + Duration::from_secs(300)
+    }
+
+    fn run(self, mut sky: Command, shared: &Shared) {
+        let started = Instant::now();
+        let mut child: Child = match sky
+            .args([
+                "exec",
+                POOL,
+                "-n",
+                "--retries",
+                "3",
+                "--",
+                "python3",
+                "-c",
+                &self.script(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                shared
+                    .report
+                    .lock()
+                    .unwrap()
+                    .violations
+                    .push(format!("w{}: spawn: {e}", self.id));
+                return;
+            }
+        };
+        let mut stderr = child.stderr.take().expect("stderr");
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
+        let pid = child.id() as i32;
+        let bound = self.bound();
+        // The watchdog: a task past its bound is stuck; its exec is killed.
+        let stuck = Arc::new(AtomicBool::new(false));
+        let watchdog = {
+            let stuck = stuck.clone();
+            let finished = Arc::new(AtomicBool::new(false));
+            let done = finished.clone();
+            let thread = std::thread::spawn(move || {
+                let deadline = started + bound;
+                while Instant::now() < deadline && !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                if !done.load(Ordering::SeqCst) {
+                    stuck.store(true, Ordering::SeqCst);
+                    // SAFETY: killing our own child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            });
+            (finished, thread)
+        };
+        let mut check = Check::new(self.id);
+        let mut stalled = false;
+        let mut slowed = false;
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut last_line_at = Instant::now();
+        for line in stdout.split(b'\n') {
+            let Ok(line) = line else { break };
+            let now = Instant::now();
+            if let Some(back) = *shared.coordinator_back_at.lock().unwrap() {
+                // A reader waiting since before the coordinator came back.
+                if last_line_at < back && now >= back {
+                    shared
+                        .report
+                        .lock()
+                        .unwrap()
+                        .return_to_byte_ms
+                        .push((now - back).as_millis() as u64);
+                }
+            }
+            last_line_at = now;
+            check.line(&line);
+            match self.reader {
+                Reader::Slow if check.next.is_multiple_of(50) => {
+                    slowed = true;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Reader::Stalled(pause) if !stalled && check.next == self.lines / 3 => {
+                    stalled = true;
+                    std::thread::sleep(pause);
+                }
+                _ => {}
+            }
+        }
+        let status = child.wait();
+        watchdog.0.store(true, Ordering::SeqCst);
+        let _ = watchdog.1.join();
+        let errors = errors.join().unwrap_or_default();
+        let mut report = shared.report.lock().unwrap();
+        report.tasks += 1;
+        if slowed {
+            *report.faults.entry("slow reader").or_default() += 1;
+        }
+        if stalled {
+            *report.faults.entry("stalled reader").or_default() += 1;
+        }
+        report.lines += check.verified_lines;
+        report.bytes += check.verified_bytes;
+        let retries = errors.matches("running it again on").count() as u64;
+        report.retried += u64::from(retries > 0);
+        for held in errors.lines().filter_map(held_at_resume) {
+            report.largest_held = report.largest_held.max(held);
+        }
+        let id = self.id;
+        let tail = || errors.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+        if stuck.load(Ordering::SeqCst) {
+            report.violations.push(format!(
+                "w{id}: stuck past its bound of {bound:?} at line {}: {}",
+                check.next,
+                tail()
+            ));
+            return;
+        }
+        if let Some(problem) = check.problem {
+            report.violations.push(format!("w{id}: {problem}"));
+        }
+        if check.restarts > retries {
+            report.violations.push(format!(
+                "w{id}: output started over {} times with {retries} retries said",
+                check.restarts
+            ));
+        }
+        if check.next != self.lines {
+            report.violations.push(format!(
+                "w{id}: {} of {} lines: {}",
+                check.next,
+                self.lines,
+                tail()
+            ));
+        }
+        match status.ok().and_then(|s| s.code()) {
+            Some(code) if code == self.code => {}
+            other => report.violations.push(format!(
+                "w{id}: exit {other:?}, the task's was {}: {}",
+                self.code,
+                tail()
+            )),
+        }
+    }
+}
+
+/// `skyward: task 0: node-3 back after 5s; resumed with 3.2 MiB of output it held`: the bytes.
+fn held_at_resume(line: &str) -> Option<u64> {
+    let (_, rest) = line.split_once("resumed with ")?;
+    let (amount, _) = rest.split_once(" of output it held")?;
+    let (value, unit) = amount.split_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let scale = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((value * scale) as u64)
+}
+
+/// Checks one task's lines as they come: its id, the next sequence number (or 0: a retry
+/// starting over), the running checksum.
+struct Check {
+    id: u64,
+    next: u64,
+    checksum: u64,
+    restarts: u64,
+    verified_lines: u64,
+    verified_bytes: u64,
+    problem: Option<String>,
+}
+
+impl Check {
+    fn new(id: u64) -> Check {
+        Check {
+            id,
+            next: 0,
+            checksum: 0,
+            restarts: 0,
+            verified_lines: 0,
+            verified_bytes: 0,
+            problem: None,
+        }
+    }
+
+    fn line(&mut self, line: &[u8]) {
+        if self.problem.is_some() {
+            return;
+        }
+        let text = String::from_utf8_lossy(line);
+        let mut fields = text.split(' ');
+        let (Some(id), Some(seq), Some(sum), Some(pad), None) = (
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+            fields.next(),
+        ) else {
+            self.problem = Some(format!(
+                "a line never printed, after line {}: {text:.80}",
+                self.next
+            ));
+            return;
+        };
+        let seq: Option<u64> = seq.parse().ok();
+        if seq == Some(0) && self.next > 0 {
+            // An attempt run again elsewhere starts over.
+            self.restarts += 1;
+            self.next = 0;
+            self.checksum = 0;
+        }
+        let expected = (self.checksum.wrapping_mul(1_000_003)).wrapping_add(self.next + self.id);
+        let good = id == format!("w{}", self.id)
+            && seq == Some(self.next)
+            && sum == format!("{expected:016x}")
+            && pad.bytes().all(|b| b == b'x');
+        if !good {
+            self.problem = Some(format!(
+                "line {} was wrong (lost, repeated or out of order): {text:.80}",
+                self.next
+            ));
+            return;
+        }
+        self.checksum = expected;
+        self.next += 1;
+        self.verified_lines += 1;
+        self.verified_bytes += line.len() as u64 + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: u64, seq: u64, sum: u64) -> Vec<u8> {
+        format!("w{id} {seq} {sum:016x} xxx").into_bytes()
+    }
+
+    /// The checker accepts exactly the generator's stream: a missing, repeated or altered
+    /// line is a violation; a retry starting over is counted, not one.
+    #[test]
+    fn the_checker_catches_a_lost_a_repeated_and_an_altered_line() {
+        let sums = |id: u64, n: u64| {
+            let mut c = 0u64;
+            (0..n)
+                .map(|i| {
+                    c = c.wrapping_mul(1_000_003).wrapping_add(i + id);
+                    c
+                })
+                .collect::<Vec<_>>()
+        };
+        let s = sums(7, 4);
+        let mut good = Check::new(7);
+        for (i, sum) in s.iter().enumerate() {
+            good.line(&line(7, i as u64, *sum));
+        }
+        assert!(good.problem.is_none());
+        assert_eq!(good.next, 4);
+        let mut lost = Check::new(7);
+        lost.line(&line(7, 0, s[0]));
+        lost.line(&line(7, 2, s[2]));
+        assert!(lost.problem.is_some());
+        let mut repeated = Check::new(7);
+        repeated.line(&line(7, 0, s[0]));
+        repeated.line(&line(7, 1, s[1]));
+        repeated.line(&line(7, 1, s[1]));
+        assert!(repeated.problem.is_some());
+        let mut altered = Check::new(7);
+        altered.line(&line(7, 0, s[0] ^ 1));
+        assert!(altered.problem.is_some());
+        let mut retried = Check::new(7);
+        retried.line(&line(7, 0, s[0]));
+        retried.line(&line(7, 1, s[1]));
+        retried.line(&line(7, 0, s[0]));
+        assert!(retried.problem.is_none());
+        assert_eq!(retried.restarts, 1);
+        assert_eq!(
+            held_at_resume(
+                "skyward: task 0: node-3 back after 5s; resumed with 3.5 MiB of output it held"
+            ),
+            Some(3_670_016)
+        );
+    }
+}
