@@ -439,3 +439,32 @@ fn a_stalled_reader_pauses_its_task_and_pool_status_says_why() {
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "left running: {left:?}");
 }
+
+/// A handle taken before its node reconnected (a pool's, a run's) reaches the node where it
+/// is now: a task started through it right after the connection dropped waits for the node
+/// and runs. Before, such a handle kept the closed connection and every task started
+/// through it failed at once (the chaos suite found it: exit 255 after any reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_handle_from_before_a_reconnect_still_starts_tasks() {
+    let sandbox = Sandbox::new();
+    let coordinator = loopback_coordinator("rel-handle");
+    let mut agent = agent_command(&sandbox, &coordinator, "node-1", "10m")
+        .spawn()
+        .expect("spawn skyward-agent");
+    let before = wait_connected(&coordinator, "node-1").await;
+    assert!(coordinator.disconnect("node-1", "test"));
+    let mut task = coordinator
+        .start_task(
+            &before,
+            skyward_tests::command(&["echo", "after the reconnect"]),
+        )
+        .await
+        .expect("the task waits for the node to be back");
+    assert_eq!(
+        skyward_tests::task_output(&mut task).await,
+        b"after the reconnect\n"
+    );
+    assert!(before.is_connected(), "the old handle follows the node");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
