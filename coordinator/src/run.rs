@@ -416,9 +416,13 @@ impl<'a> Attempts<'a> {
         if !movable || self.count[task] >= self.job.retries {
             return false;
         }
+        // A node between connections will do (the task waits for it, as for a resume), but
+        // a connected one first, then the least busy; never one given up.
         let Some(to) = (0..self.nodes.len())
-            .filter(|&n| n != from && !scheduler.is_retired(n) && self.nodes[n].is_connected())
-            .min_by_key(|&n| self.nodes[n].running())
+            .filter(|&n| {
+                n != from && !scheduler.is_retired(n) && self.nodes[n].lost_reason().is_none()
+            })
+            .min_by_key(|&n| (!self.nodes[n].is_connected(), self.nodes[n].running()))
         else {
             return false;
         };

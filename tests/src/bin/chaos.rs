@@ -444,9 +444,12 @@ impl Fault {
                 }
                 let pid = agents[rng.random_range(0..agents.len())];
                 signal(pid, libc::SIGKILL);
+                // The next kill waits 45 s: the pool replaces the node meanwhile (a job moves
+                // tasks only among the nodes it started with, so kills in quick succession
+                // would exhaust a long job's nodes rather than test a retry).
                 Some(Fault {
                     kind,
-                    until: Instant::now() + Duration::from_secs(15),
+                    until: Instant::now() + Duration::from_secs(45),
                     undo: Box::new(|| {}),
                 })
             }
