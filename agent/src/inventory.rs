@@ -50,10 +50,11 @@ fn accelerators() -> (Vec<Gpu>, Vec<NeuronDevice>) {
     )
 }
 
-pub fn health(running_tasks: u32, held: crate::journal::Held, waiting: u32) -> Health {
+/// `held` and `waiting`: the tasks' unacknowledged output, and how many wait for room.
+pub fn health(running_tasks: u32, held: u64, waiting: u32) -> Health {
     Health {
         running_tasks,
-        output_held_bytes: held.bytes,
+        output_held_bytes: held,
         tasks_waiting_for_room: waiting,
         load_avg_1m: read_trimmed("/proc/loadavg")
             .and_then(|s| s.split_whitespace().next()?.parse().ok())

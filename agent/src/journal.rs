@@ -216,19 +216,14 @@ impl Journal {
     /// What the journal holds that was never acknowledged: chunks and bytes (memory and
     /// spill together), and whether the task is waiting for room.
     pub fn held(&self) -> Held {
-        let state = self.state.lock().expect("journal lock");
-        Held {
-            chunks: state.chunks.len() as u64,
-            bytes: state.memory_bytes as u64 + state.spill.held,
-            waiting_for_room: state.waiting_for_room,
-        }
+        self.state.lock().expect("journal lock").held()
     }
 
     /// What a resumed stream says first: the output held from its resume point on, and
     /// whether the task waited for room since the last stream attached (then forgotten).
     pub fn resumed(&self) -> TaskEvent {
-        let held = self.held();
         let mut state = self.state.lock().expect("journal lock");
+        let held = state.held();
         let waited_for_room = std::mem::take(&mut state.waited_for_room) || held.waiting_for_room;
         TaskEvent::Resumed {
             held_bytes: held.bytes,
@@ -387,6 +382,14 @@ impl Spill {
 }
 
 impl State {
+    fn held(&self) -> Held {
+        Held {
+            chunks: self.chunks.len() as u64,
+            bytes: self.memory_bytes as u64 + self.spill.held,
+            waiting_for_room: self.waiting_for_room,
+        }
+    }
+
     /// Keeps `data` in memory, or spilled once memory is full (the chunks' order is the
     /// queue's, wherever their bytes are); false when both are full.
     fn try_push(&mut self, stream: OutputStream, data: &Bytes) -> bool {

@@ -108,18 +108,18 @@ fn start_spawner(
 }
 
 impl Tasks {
-    /// The output every live task holds unacknowledged, and how many tasks wait for room.
-    pub fn output_held(&self) -> (crate::journal::Held, u32) {
+    /// The bytes of output every live task holds unacknowledged, and how many tasks wait
+    /// for room.
+    pub fn output_held(&self) -> (u64, u32) {
         let live = self.live.lock().expect("task table poisoned");
-        let mut total = crate::journal::Held::default();
-        let mut waiting = 0;
-        for journal in live.values() {
-            let held = journal.held();
-            total.chunks += held.chunks;
-            total.bytes += held.bytes;
-            waiting += u32::from(held.waiting_for_room);
-        }
-        (total, waiting)
+        live.values()
+            .map(|journal| journal.held())
+            .fold((0, 0), |(bytes, waiting), held| {
+                (
+                    bytes + held.bytes,
+                    waiting + u32::from(held.waiting_for_room),
+                )
+            })
     }
 
     pub fn new(node_id: String, work_dir: PathBuf) -> Arc<Self> {
@@ -743,8 +743,9 @@ async fn read_chunk(pipe: &mut Output, buf: &mut [u8]) -> Option<Bytes> {
 }
 
 /// Reads the coordinator's frames after `Start` (or `Resume`): stdin data, end of stdin,
-/// acknowledgements of output, cancel. A stream the coordinator reset counts as cancellation; one whose connection broke
-/// does not (the coordinator may resume on another).
+/// acknowledgements of output, cancel. A stream the coordinator reset counts as
+/// cancellation; one whose connection broke does not (the coordinator may resume on
+/// another).
 async fn forward_requests(mut recv: RecvStream, input: Input, journal: Arc<Journal>) {
     let Input { mut stdin, window } = input;
     loop {

@@ -177,21 +177,6 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 );
             }
             (
-                OutputMode::Json,
-                RunEvent::NodeUnreachable {
-                    node,
-                    reason,
-                    tasks,
-                    wait_ms,
-                },
-            ) => self.json(serde_json::json!({
-                "event": "node_unreachable",
-                "node": node,
-                "reason": reason,
-                "tasks": tasks,
-                "wait_ms": wait_ms,
-            })),
-            (
                 _,
                 RunEvent::NodeUnreachable {
                     node,
@@ -205,28 +190,18 @@ impl<O: Write, E: Write> Renderer<O, E> {
                     1 => "its task runs on there, its output held",
                     _ => "its tasks run on there, their output held",
                 };
-                let _ = writeln!(
-                    self.stderr,
-                    "skyward: {node}: connection lost ({reason}); {them} on the node until it is back (waiting up to {wait})"
+                let line = format!("{node}: connection lost ({reason}); {them} on the node until it is back (waiting up to {wait})");
+                self.line_or_json(
+                    &line,
+                    serde_json::json!({
+                        "event": "node_unreachable",
+                        "node": node,
+                        "reason": reason,
+                        "tasks": tasks,
+                        "wait_ms": wait_ms,
+                    }),
                 );
             }
-            (
-                OutputMode::Json,
-                RunEvent::Resumed {
-                    task,
-                    node,
-                    outage_ms,
-                    held_bytes,
-                    waited_for_room,
-                },
-            ) => self.json(serde_json::json!({
-                "event": "task_resumed",
-                "task": task,
-                "node": node,
-                "outage_ms": outage_ms,
-                "held_bytes": held_bytes,
-                "waited_for_room": waited_for_room,
-            })),
             (
                 _,
                 RunEvent::Resumed {
@@ -242,11 +217,21 @@ impl<O: Write, E: Write> Renderer<O, E> {
                     true => "; the task paused while the node's room for it was full",
                     false => "",
                 };
-                let _ = writeln!(
-                    self.stderr,
-                    "skyward: task {task}: {node} back after {}; resumed with {} of output it held{paused}",
+                let line = format!(
+                    "task {task}: {node} back after {}; resumed with {} of output it held{paused}",
                     humantime::format_duration(outage),
                     crate::workdir::human_bytes(*held_bytes),
+                );
+                self.line_or_json(
+                    &line,
+                    serde_json::json!({
+                        "event": "task_resumed",
+                        "task": task,
+                        "node": node,
+                        "outage_ms": outage_ms,
+                        "held_bytes": held_bytes,
+                        "waited_for_room": waited_for_room,
+                    }),
                 );
             }
             (OutputMode::Json, RunEvent::NodeInterrupted { node, notice }) => {
@@ -267,15 +252,15 @@ impl<O: Write, E: Write> Renderer<O, E> {
             }
             (_, RunEvent::Transfer { line, json }) => {
                 let json = serde_json::from_str(json).unwrap_or(serde_json::Value::Null);
-                self.transfer(line, json);
+                self.line_or_json(line, json);
             }
             (OutputMode::Raw | OutputMode::Prefixed, _) => {}
         }
     }
 
-    /// A transfer's outcome (a workdir sync, a download): `line` to stderr, or `event` as
-    /// JSON in JSON mode.
-    pub fn transfer(&mut self, line: &str, event: serde_json::Value) {
+    /// A note about the run (a transfer's outcome, a node out of reach, a task resumed):
+    /// `line` to stderr, or `event` as JSON in JSON mode.
+    pub fn line_or_json(&mut self, line: &str, event: serde_json::Value) {
         if self.mode == OutputMode::Json {
             self.json(event);
         } else {

@@ -127,15 +127,9 @@ pub struct NodeHandle {
     /// The address the node's connection comes from.
     pub address: IpAddr,
     pub inventory: Arc<Inventory>,
-    /// The node's current connection: shared by every handle of the node, swapped when it
-    /// reconnects, so a handle taken before (a pool's, a run's) reaches it where it is now.
-    connection: Arc<Mutex<Connection>>,
-    running: Arc<AtomicU32>,
-    health: Arc<Mutex<Option<Health>>>,
-    /// The provider's notice that the machine goes away, once one came.
-    interruption: Arc<Mutex<Option<Interruption>>>,
-    /// Why this coordinator gave the node up, once it did.
-    lost: Arc<Mutex<Option<String>>>,
+    /// Shared by every handle of the node, across its connections: a handle taken before
+    /// it reconnected (a pool's, a run's) reaches it where it is now.
+    state: NodeState,
     control: mpsc::Sender<CoordinatorMessage>,
     /// Where the node may fetch a sync's contents over TCP: the port and the tickets. Only
     /// for a node that dialed in (one this coordinator dials may not reach it).
@@ -143,39 +137,50 @@ pub struct NodeHandle {
 }
 
 /// A node's state across its connections.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 struct NodeState {
+    /// The current connection, swapped when the node reconnects.
     connection: Arc<Mutex<Connection>>,
     running: Arc<AtomicU32>,
     health: Arc<Mutex<Option<Health>>>,
+    /// The provider's notice that the machine goes away, once one came.
     interruption: Arc<Mutex<Option<Interruption>>>,
+    /// Why this coordinator gave the node up, once it did.
     lost: Arc<Mutex<Option<String>>>,
 }
 
 impl NodeHandle {
     /// Tasks this coordinator has running on the node now.
     pub fn running(&self) -> u32 {
-        self.running.load(Ordering::Relaxed)
+        self.state.running.load(Ordering::Relaxed)
     }
 
     /// Why the coordinator gave the node up (`no health report for 30s`), if it did.
     pub fn lost_reason(&self) -> Option<String> {
-        self.lost.lock().expect("lost lock").clone()
+        self.state.lost.lock().expect("lost lock").clone()
     }
 
     /// The notice that the node's machine goes away, if one came.
     pub fn interruption(&self) -> Option<Interruption> {
-        self.interruption.lock().expect("interruption lock").clone()
+        self.state
+            .interruption
+            .lock()
+            .expect("interruption lock")
+            .clone()
     }
 
     /// The node's last health report, if one has arrived.
     pub fn health(&self) -> Option<Health> {
-        self.health.lock().expect("health lock").clone()
+        self.state.health.lock().expect("health lock").clone()
     }
 
     /// The node's current connection.
     fn connection(&self) -> Connection {
-        self.connection.lock().expect("connection lock").clone()
+        self.state
+            .connection
+            .lock()
+            .expect("connection lock")
+            .clone()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -493,7 +498,7 @@ impl Coordinator {
             }
         }
         let lost = |e: String| TaskError::Lost(format!("{}: {e}", node.node_id));
-        let running = RunningGuard::new(node.running.clone());
+        let running = RunningGuard::new(node.state.running.clone());
         let task = spec.task;
         let resumable = matches!(
             spec.kind,
@@ -502,10 +507,10 @@ impl Coordinator {
         // A node between connections gets the task once it is back (within the node
         // timeout), as a running task is resumed then.
         let deadline = tokio::time::Instant::now() + self.node_timeout();
+        let start = TaskRequest::Start(spec);
         let (connection, send, recv) = loop {
-            self.until_connected(node, deadline).await?;
-            let connection = node.connection();
-            match open_task(&connection, &spec).await {
+            let connection = open_connection(&self.inner, node, deadline, None).await?;
+            match open_task(&connection, &start).await {
                 Ok((send, recv)) => break (connection, send, recv),
                 // It went between the check and the open: its next connection.
                 Err(e) if connection.close_reason().is_some() => {
@@ -524,10 +529,10 @@ impl Coordinator {
                 _running: running,
                 inner: self.inner.clone(),
                 task,
-                unanswered: resumable.then_some(spec),
+                unanswered: resumable.then_some(start),
                 resumable,
                 connection,
-                given_up: node.lost.clone(),
+                node: node.clone(),
                 send,
                 handed_on: HandedOn::default(),
                 acknowledger: None,
@@ -535,34 +540,6 @@ impl Coordinator {
                 on_resumed_stream: false,
             },
         })
-    }
-
-    /// Waits until `node` is connected (at once when it is), unless it was given up or
-    /// `deadline` passes first.
-    async fn until_connected(
-        &self,
-        node: &NodeHandle,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), TaskError> {
-        let mut events = self.inner.events.subscribe();
-        loop {
-            if let Some(reason) = node.lost_reason() {
-                return Err(TaskError::Lost(format!("{}: {reason}", node.node_id)));
-            }
-            if node.is_connected() {
-                return Ok(());
-            }
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {}
-                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                    return Err(TaskError::Lost(format!(
-                        "{}: not connected, and not back within {}",
-                        node.node_id,
-                        humantime::format_duration(self.node_timeout())
-                    )))
-                }
-            }
-        }
     }
 
     /// Dials a listening agent (the direction reversed, for a coordinator that nodes cannot
@@ -675,18 +652,54 @@ impl Coordinator {
     }
 }
 
+/// `node`'s open connection, once it has one other than `lost` (the one a task's stream was
+/// on), waiting until `deadline` unless the node is given up first.
+async fn open_connection(
+    inner: &Inner,
+    node: &NodeHandle,
+    deadline: tokio::time::Instant,
+    lost: Option<usize>,
+) -> Result<Connection, TaskError> {
+    let mut events = inner.events.subscribe();
+    loop {
+        if let Some(reason) = node.lost_reason() {
+            return Err(TaskError::Lost(format!("{}: {reason}", node.node_id)));
+        }
+        let connection = node.connection();
+        if connection.close_reason().is_none() && Some(connection.stable_id()) != lost {
+            return Ok(connection);
+        }
+        // Every connect, disconnect and give-up is an event: check again at each.
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
+                let wait = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
+                let what = match lost {
+                    Some(_) => "connection lost",
+                    None => "not connected",
+                };
+                return Err(TaskError::Lost(format!(
+                    "{}: {what} and not back within {}",
+                    node.node_id,
+                    humantime::format_duration(wait)
+                )));
+            }
+        }
+    }
+}
+
 /// Opens a task's stream on `connection` and sends its `Start`. A task that takes no input
 /// has its stream's end go with it: then the agent need not stop the stream, nor this side
 /// reset it, when the task is done.
 async fn open_task(
     connection: &Connection,
-    spec: &TaskSpec,
+    start: &TaskRequest,
 ) -> Result<(SendStream, RecvStream), String> {
     let (mut send, recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-    write_frame(&mut send, &TaskRequest::Start(spec.clone()))
+    write_frame(&mut send, start)
         .await
         .map_err(|e| e.to_string())?;
-    if !spec.kind.takes_input() {
+    if !matches!(start, TaskRequest::Start(spec) if spec.kind.takes_input()) {
         send.finish().map_err(|e| e.to_string())?;
     }
     Ok((send, recv))
@@ -819,9 +832,10 @@ pub struct TaskOutput {
     task: TaskId,
     /// Commands outlive a lost connection on their node and are resumed on its next one.
     resumable: bool,
+    /// The connection the task's stream is on.
     connection: Connection,
-    /// Why the coordinator gave the node up, once it did: then there is nothing to resume.
-    given_up: Arc<Mutex<Option<String>>>,
+    /// The task's node: once given up, there is nothing to resume.
+    node: NodeHandle,
     send: Arc<tokio::sync::Mutex<SendStream>>,
     /// The output chunks and bytes the caller has taken so far.
     handed_on: HandedOn,
@@ -831,7 +845,7 @@ pub struct TaskOutput {
     last_outage: Option<Duration>,
     /// A command's task while nothing came from it: should its `Start` have died with its
     /// connection, a resume finds no such task on the node, and it is started there again.
-    unanswered: Option<TaskSpec>,
+    unanswered: Option<TaskRequest>,
     /// This stream came from a `Resume`.
     on_resumed_stream: bool,
 }
@@ -941,39 +955,9 @@ impl TaskOutput {
     async fn resume(&mut self) -> Result<(), TaskError> {
         let wait = Duration::from_millis(self.inner.node_timeout_ms.load(Ordering::Relaxed));
         let deadline = tokio::time::Instant::now() + wait;
-        let old = self.connection.stable_id();
-        let mut events = self.inner.events.subscribe();
         let lost = |node: &str, why: String| TaskError::Lost(format!("{node}: {why}"));
-        let node = loop {
-            if let Some(reason) = self.given_up.lock().expect("lost lock").clone() {
-                return Err(lost(&self.node_id, reason));
-            }
-            let current = self
-                .inner
-                .nodes
-                .lock()
-                .expect("nodes lock")
-                .get(&self.node_id)
-                .cloned();
-            if let Some(node) =
-                current.filter(|n| n.connection().stable_id() != old && n.is_connected())
-            {
-                break node;
-            }
-            if tokio::time::timeout_at(deadline, events.recv())
-                .await
-                .is_err()
-            {
-                return Err(lost(
-                    &self.node_id,
-                    format!(
-                        "connection lost and not back within {}",
-                        humantime::format_duration(wait)
-                    ),
-                ));
-            }
-        };
-        let connection = node.connection();
+        let old = self.connection.stable_id();
+        let connection = open_connection(&self.inner, &self.node, deadline, Some(old)).await?;
         let (mut send, recv) = connection
             .open_bi()
             .await
@@ -990,19 +974,17 @@ impl TaskOutput {
         self.recv = recv;
         self.on_resumed_stream = true;
         self.connection = connection;
-        self.given_up = node.lost.clone();
-        self._running = RunningGuard::new(node.running.clone());
         Ok(())
     }
 
     /// Sends the task's `Start` again on the node's current connection.
     async fn start_again(&mut self) -> Result<(), TaskError> {
-        let spec = self
+        let start = self
             .unanswered
             .as_ref()
             .expect("a task that never answered");
         tracing::info!(node = %self.node_id, task = %self.task, "the node never got the task; starting it there again");
-        let (send, recv) = open_task(&self.connection, spec)
+        let (send, recv) = open_task(&self.connection, start)
             .await
             .map_err(|e| TaskError::Lost(format!("{}: {e}", self.node_id)))?;
         *self.send.lock().await = send;
@@ -1448,11 +1430,7 @@ async fn serve_node(
         node_id: node_id.clone(),
         address: conn.remote_address().ip(),
         inventory: Arc::new(hello.inventory),
-        connection: state.connection,
-        running: state.running,
-        health: state.health,
-        interruption: state.interruption,
-        lost: state.lost,
+        state,
         control: control_tx,
         bulk: inner.bulk.clone().filter(|_| dialed_in),
     };
@@ -1498,13 +1476,13 @@ async fn serve_node(
                 "no health report for {}",
                 humantime::format_duration(node_timeout)
             );
-            *handle.lost.lock().expect("lost lock") = Some(reason.clone());
+            *handle.state.lost.lock().expect("lost lock") = Some(reason.clone());
             conn.close(close_code::NORMAL.into(), b"missed health reports");
             break Ok(reason);
         };
         match message {
             Ok(Some(AgentMessage::Health(health))) => {
-                *handle.health.lock().expect("health lock") = Some(health);
+                *handle.state.health.lock().expect("health lock") = Some(health);
             }
             Ok(Some(AgentMessage::Renew { csr_der })) => {
                 // The certificate names the node this connection authenticated as, whatever
@@ -1527,7 +1505,8 @@ async fn serve_node(
             }
             Ok(Some(AgentMessage::Interruption(notice))) => {
                 tracing::warn!(node = %node_id, "{} interruption notice: {} at {}", notice.source, notice.action, notice.at);
-                *handle.interruption.lock().expect("interruption lock") = Some(notice.clone());
+                *handle.state.interruption.lock().expect("interruption lock") =
+                    Some(notice.clone());
                 let _ = inner.events.send(CoordinatorEvent::NodeInterrupted {
                     node_id: node_id.clone(),
                     notice,
