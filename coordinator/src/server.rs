@@ -660,7 +660,8 @@ async fn open_connection(
     deadline: tokio::time::Instant,
     lost: Option<usize>,
 ) -> Result<Connection, TaskError> {
-    let mut events = inner.events.subscribe();
+    // Subscribed only when there is something to wait for: every dispatch comes here.
+    let mut events: Option<broadcast::Receiver<CoordinatorEvent>> = None;
     loop {
         if let Some(reason) = node.lost_reason() {
             return Err(TaskError::Lost(format!("{}: {reason}", node.node_id)));
@@ -669,7 +670,12 @@ async fn open_connection(
         if connection.close_reason().is_none() && Some(connection.stable_id()) != lost {
             return Ok(connection);
         }
-        // Every connect, disconnect and give-up is an event: check again at each.
+        // Every connect, disconnect and give-up is an event: check again at each (and once
+        // more right after subscribing, for one that came before).
+        let Some(events) = events.as_mut() else {
+            events = Some(inner.events.subscribe());
+            continue;
+        };
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {}
             Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
