@@ -65,7 +65,9 @@ pub async fn run(exe: &Path, agent_bin: &Path, recorded_at: &Path, scratch: &Pat
         recorded_ratio(&markdown, PIPELINED_ROW)?,
     ];
     for attempt in 1..=ATTEMPTS {
-        let now = measure(exe, agent_bin, scratch).await?;
+        // A folder per attempt: an agent finding the last pool's certificate in its work
+        // dir would use it, and never connect to the new pool (another CA).
+        let now = measure(exe, agent_bin, &scratch.join(format!("attempt-{attempt}"))).await?;
         let mut failed = Vec::new();
         for ((row, recorded), now) in [ROUND_TRIP_ROW, PIPELINED_ROW]
             .iter()
