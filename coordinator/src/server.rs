@@ -129,7 +129,7 @@ pub struct NodeHandle {
     pub inventory: Arc<Inventory>,
     /// Shared by every handle of the node, across its connections: a handle taken before
     /// it reconnected (a pool's, a run's) reaches it where it is now.
-    state: NodeState,
+    state: Arc<NodeState>,
     control: mpsc::Sender<CoordinatorMessage>,
     /// Where the node may fetch a sync's contents over TCP: the port and the tickets. Only
     /// for a node that dialed in (one this coordinator dials may not reach it).
@@ -137,16 +137,27 @@ pub struct NodeHandle {
 }
 
 /// A node's state across its connections.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct NodeState {
     /// The current connection, swapped when the node reconnects.
-    connection: Arc<Mutex<Connection>>,
+    connection: Mutex<Connection>,
+    /// Tasks running there (each task's guard holds the counter).
     running: Arc<AtomicU32>,
-    health: Arc<Mutex<Option<Health>>>,
+    health: Mutex<Option<Health>>,
     /// The provider's notice that the machine goes away, once one came.
-    interruption: Arc<Mutex<Option<Interruption>>>,
+    interruption: Mutex<Option<Interruption>>,
     /// Why this coordinator gave the node up, once it did.
-    lost: Arc<Mutex<Option<String>>>,
+    lost: Mutex<Option<String>>,
+}
+
+impl NodeState {
+    fn lost_reason(&self) -> Option<String> {
+        self.lost.lock().expect("lost lock").clone()
+    }
+
+    fn connection(&self) -> Connection {
+        self.connection.lock().expect("connection lock").clone()
+    }
 }
 
 impl NodeHandle {
@@ -157,7 +168,7 @@ impl NodeHandle {
 
     /// Why the coordinator gave the node up (`no health report for 30s`), if it did.
     pub fn lost_reason(&self) -> Option<String> {
-        self.state.lost.lock().expect("lost lock").clone()
+        self.state.lost_reason()
     }
 
     /// The notice that the node's machine goes away, if one came.
@@ -176,11 +187,7 @@ impl NodeHandle {
 
     /// The node's current connection.
     fn connection(&self) -> Connection {
-        self.state
-            .connection
-            .lock()
-            .expect("connection lock")
-            .clone()
+        self.state.connection()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -232,7 +239,7 @@ struct Inner {
     admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
     /// Every node that ever connected: what its handles share across its connections.
-    node_states: Mutex<HashMap<String, NodeState>>,
+    node_states: Mutex<HashMap<String, Arc<NodeState>>>,
     events: broadcast::Sender<CoordinatorEvent>,
     /// Nodes that have enrolled (a dialer then connects as a node, not to enroll).
     enrolled: Mutex<std::collections::HashSet<String>>,
@@ -509,7 +516,8 @@ impl Coordinator {
         let deadline = tokio::time::Instant::now() + self.node_timeout();
         let start = TaskRequest::Start(spec);
         let (connection, send, recv) = loop {
-            let connection = open_connection(&self.inner, node, deadline, None).await?;
+            let connection =
+                open_connection(&self.inner, &node.node_id, &node.state, deadline, None).await?;
             match open_task(&connection, &start).await {
                 Ok((send, recv)) => break (connection, send, recv),
                 // It went between the check and the open: its next connection.
@@ -532,7 +540,7 @@ impl Coordinator {
                 unanswered: resumable.then_some(start),
                 resumable,
                 connection,
-                node: node.clone(),
+                node: node.state.clone(),
                 send,
                 handed_on: HandedOn::default(),
                 acknowledger: None,
@@ -656,7 +664,8 @@ impl Coordinator {
 /// on), waiting until `deadline` unless the node is given up first.
 async fn open_connection(
     inner: &Inner,
-    node: &NodeHandle,
+    node_id: &str,
+    node: &NodeState,
     deadline: tokio::time::Instant,
     lost: Option<usize>,
 ) -> Result<Connection, TaskError> {
@@ -664,7 +673,7 @@ async fn open_connection(
     let mut events: Option<broadcast::Receiver<CoordinatorEvent>> = None;
     loop {
         if let Some(reason) = node.lost_reason() {
-            return Err(TaskError::Lost(format!("{}: {reason}", node.node_id)));
+            return Err(TaskError::Lost(format!("{node_id}: {reason}")));
         }
         let connection = node.connection();
         if connection.close_reason().is_none() && Some(connection.stable_id()) != lost {
@@ -685,8 +694,7 @@ async fn open_connection(
                     None => "not connected",
                 };
                 return Err(TaskError::Lost(format!(
-                    "{}: {what} and not back within {}",
-                    node.node_id,
+                    "{node_id}: {what} and not back within {}",
                     humantime::format_duration(wait)
                 )));
             }
@@ -841,7 +849,7 @@ pub struct TaskOutput {
     /// The connection the task's stream is on.
     connection: Connection,
     /// The task's node: once given up, there is nothing to resume.
-    node: NodeHandle,
+    node: Arc<NodeState>,
     send: Arc<tokio::sync::Mutex<SendStream>>,
     /// The output chunks and bytes the caller has taken so far.
     handed_on: HandedOn,
@@ -963,7 +971,8 @@ impl TaskOutput {
         let deadline = tokio::time::Instant::now() + wait;
         let lost = |node: &str, why: String| TaskError::Lost(format!("{node}: {why}"));
         let old = self.connection.stable_id();
-        let connection = open_connection(&self.inner, &self.node, deadline, Some(old)).await?;
+        let connection =
+            open_connection(&self.inner, &self.node_id, &self.node, deadline, Some(old)).await?;
         let (mut send, recv) = connection
             .open_bi()
             .await
@@ -1414,12 +1423,14 @@ async fn serve_node(
         .lock()
         .expect("node states lock")
         .entry(node_id.clone())
-        .or_insert_with(|| NodeState {
-            connection: Arc::new(Mutex::new(conn.clone())),
-            running: Arc::new(AtomicU32::new(0)),
-            health: Arc::new(Mutex::new(None)),
-            interruption: Arc::new(Mutex::new(None)),
-            lost: Arc::new(Mutex::new(None)),
+        .or_insert_with(|| {
+            Arc::new(NodeState {
+                connection: Mutex::new(conn.clone()),
+                running: Arc::new(AtomicU32::new(0)),
+                health: Mutex::new(None),
+                interruption: Mutex::new(None),
+                lost: Mutex::new(None),
+            })
         })
         .clone();
     let replaced = std::mem::replace(
