@@ -204,7 +204,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     ));
     let coordinator = pool.shared_coordinator();
     let mut stdin = job.stdin.take();
-    let mut attempts = Attempts::new(coordinator.clone(), &nodes, &job, events.clone());
+    let mut attempts = Attempts::new(pool, nodes, &job, events.clone());
     loop {
         for placement in scheduler.assign() {
             // Only the first task is fed stdin.
@@ -230,7 +230,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                         let _ = events
                             .send(RunEvent::NodeInterrupted { node: node_id.clone(), notice })
                             .await;
-                        let Some(index) = nodes.iter().position(|n| n.node_id == node_id) else {
+                        let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) else {
                             continue;
                         };
                         // It takes no new task; its tasks that may move start again elsewhere
@@ -241,12 +241,12 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                         }
                     }
                     Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
-                        let Some(index) = nodes.iter().position(|n| n.node_id == node_id) else {
+                        let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) else {
                             continue;
                         };
                         let tasks = attempts.running_on(index).len();
                         // A node given up is reported by its tasks' retries or failures.
-                        if tasks > 0 && nodes[index].lost_reason().is_none() {
+                        if tasks > 0 && attempts.nodes[index].lost_reason().is_none() {
                             let wait_ms = coordinator.node_timeout().as_millis() as u64;
                             let _ = events
                                 .send(RunEvent::NodeUnreachable { node: node_id, reason, tasks, wait_ms })
@@ -257,7 +257,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                     Err(broadcast::error::RecvError::Closed) => node_events_open = false,
                 },
                 Some((node_id, why)) = gone.recv() => {
-                    if let Some(index) = nodes.iter().position(|n| n.node_id == node_id) {
+                    if let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) {
                         // Connected or between connections: its tasks stop waiting for it.
                         coordinator.give_up(&node_id, &why);
                         scheduler.retire(index);
@@ -276,10 +276,12 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             continue;
         }
         if let Err(reason) = &report.outcome {
-            if !nodes[node].is_connected() {
+            if !attempts.nodes[node].is_connected() {
                 scheduler.retire(node);
             }
-            let reason = nodes[node].lost_reason().unwrap_or_else(|| reason.clone());
+            let reason = attempts.nodes[node]
+                .lost_reason()
+                .unwrap_or_else(|| reason.clone());
             // The scheduler still counts it on its first node, which is gone anyway.
             if attempts
                 .move_elsewhere(task, node, &scheduler, reason)
@@ -315,7 +317,13 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
 /// runs, and the moves of those whose node is lost or about to be.
 struct Attempts<'a> {
     coordinator: Arc<Coordinator>,
-    nodes: &'a [NodeHandle],
+    pool: &'a Pool,
+    /// The job's nodes, by the scheduler's index; a lost one's place may be taken by the
+    /// node the pool put in its place (see `adopt_replacements`).
+    nodes: Vec<NodeHandle>,
+    /// Places whose node was replaced: their new node takes tasks that move, although the
+    /// scheduler retired the place with the node it lost there.
+    replaced: Vec<bool>,
     job: &'a Job,
     events: mpsc::Sender<RunEvent>,
     ids: Vec<u64>,
@@ -328,15 +336,18 @@ struct Attempts<'a> {
 
 impl<'a> Attempts<'a> {
     fn new(
-        coordinator: Arc<Coordinator>,
-        nodes: &'a [NodeHandle],
+        pool: &'a Pool,
+        nodes: Vec<NodeHandle>,
         job: &'a Job,
         events: mpsc::Sender<RunEvent>,
     ) -> Self {
         let tasks = job.tasks.len();
+        let coordinator = pool.shared_coordinator();
         Attempts {
             ids: (0..tasks).map(|_| coordinator.next_task_id()).collect(),
             coordinator,
+            pool,
+            replaced: vec![false; nodes.len()],
             nodes,
             job,
             events,
@@ -416,11 +427,15 @@ impl<'a> Attempts<'a> {
         if !movable || self.count[task] >= self.job.retries {
             return false;
         }
+        let from_id = self.nodes[from].node_id.clone();
+        self.adopt_replacements();
         // A node between connections will do (the task waits for it, as for a resume), but
         // a connected one first, then the least busy; never one given up.
         let Some(to) = (0..self.nodes.len())
             .filter(|&n| {
-                n != from && !scheduler.is_retired(n) && self.nodes[n].lost_reason().is_none()
+                self.nodes[n].node_id != from_id
+                    && (self.replaced[n] || !scheduler.is_retired(n))
+                    && self.nodes[n].lost_reason().is_none()
             })
             .min_by_key(|&n| (!self.nodes[n].is_connected(), self.nodes[n].running()))
         else {
@@ -434,7 +449,7 @@ impl<'a> Attempts<'a> {
             .events
             .send(RunEvent::Retrying {
                 task,
-                from: self.nodes[from].node_id.clone(),
+                from: from_id,
                 to: self.nodes[to].node_id.clone(),
                 attempt: self.count[task],
                 reason,
@@ -442,6 +457,24 @@ impl<'a> Attempts<'a> {
             .await;
         self.start(task, to, Vec::new(), None);
         true
+    }
+
+    /// Takes in the nodes a pool put in place of this job's lost ones since it started (a
+    /// `pool up` pool replaces them while a long job runs), so that a task that must move
+    /// is not limited to the nodes the job started with. Only moves use them: a replacement
+    /// may differ in GPUs from the node whose place in the scheduler it takes.
+    fn adopt_replacements(&mut self) {
+        // The job started with the pool's nodes in the pool's order, and a replacement takes
+        // its lost node's place in that order.
+        for (place, now) in self.pool.nodes().into_iter().enumerate() {
+            match self.nodes.get_mut(place) {
+                Some(node) if node.node_id != now.node_id => {
+                    *node = now;
+                    self.replaced[place] = true;
+                }
+                _ => {}
+            }
+        }
     }
 }
 

@@ -468,3 +468,129 @@ async fn a_node_handle_from_before_a_reconnect_still_starts_tasks() {
     let _ = agent.kill();
     let _ = agent.wait();
 }
+
+/// A long job in a `pool up` pool whose nodes die one after another: its task moves to the
+/// node the pool started in place of the first one lost. Before, a job moved tasks only
+/// among the nodes it started with, so once both of those were gone the task failed (exit
+/// 255) although the pool had a healthy node and retries were left.
+#[test]
+fn a_task_moves_onto_the_node_that_replaced_one_its_job_lost() {
+    use skyward_tests::run;
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let limit = Duration::from_secs(60);
+    let sandbox = Sandbox::new();
+    let up = run(
+        sandbox
+            .skyward()
+            .args(["pool", "up", "moving", "--nodes", "2"]),
+        limit,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    // Local nodes share this machine's files: the task ends once the test says so.
+    let done = sandbox.path().join("done");
+    let script = format!(
+        "while [ ! -e {} ]; do echo on $SKYWARD_NODE_ID; sleep 0.1; done; echo finished on $SKYWARD_NODE_ID",
+        done.display()
+    );
+    let mut exec = sandbox
+        .skyward()
+        .args(["exec", "moving", "-n", "--retries", "2", "--", "sh", "-c"])
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let mut lines = BufReader::new(exec.stdout.take().unwrap()).lines();
+    // Bounded: each wait below ends within the deadline or fails the test.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut stderr = exec.stderr.take().unwrap();
+    // The next line, or the test fails with what exec said.
+    let mut last = String::new();
+    let mut next_line = || {
+        assert!(
+            Instant::now() < deadline,
+            "no line expected came in time; the last: {last}"
+        );
+        match lines.next() {
+            Some(Ok(line)) => {
+                last.clone_from(&line);
+                line
+            }
+            _ => {
+                let mut said = String::new();
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+                panic!("exec's output ended: {said}");
+            }
+        }
+    };
+    let kill_agent_of = |node: &str| {
+        let agents: Vec<i32> = sandbox
+            .processes()
+            .into_iter()
+            .filter(|(_, cmd)| {
+                cmd.contains("skyward-agent") && cmd.contains(&format!("nodes/{node} "))
+            })
+            .map(|(pid, _)| pid)
+            .collect();
+        assert_eq!(agents.len(), 1, "{node}'s agent: {:?}", sandbox.processes());
+        // SAFETY: killing an agent of this test's pool.
+        unsafe { libc::kill(agents[0], libc::SIGKILL) };
+    };
+    let on = |line: String| line.strip_prefix("on ").expect("on NODE").to_string();
+    let first = on(next_line());
+    kill_agent_of(&first);
+    let second = loop {
+        let node = on(next_line());
+        if node != first {
+            break node;
+        }
+    };
+    // The pool replaces the node lost (its replacement may have taken the task already);
+    // once it has a node besides the task's, that one goes too.
+    loop {
+        let status = run(
+            sandbox
+                .skyward()
+                .args(["pool", "status", "moving", "--json"]),
+            limit,
+        );
+        let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+        let other = status["nodes"].as_array().expect("nodes").iter().any(|n| {
+            let id = n["node"].as_str().unwrap_or_default();
+            id != first && id != second && n["state"].as_str() == Some("connected")
+        });
+        if other {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never replaced: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    kill_agent_of(&second);
+    let third = loop {
+        let node = on(next_line());
+        if node != second {
+            break node;
+        }
+    };
+    // Both nodes the job started with are gone: it runs on a replacement.
+    assert!(
+        !["node-1", "node-2"].contains(&third.as_str()),
+        "{first}, then {second}, then {third}"
+    );
+    std::fs::write(&done, "").unwrap();
+    while next_line() != format!("finished on {third}") {}
+    drop(next_line);
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
+    let code = exec.wait().expect("exec").code();
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        said.contains(&format!("running it again on {third}")),
+        "{said}"
+    );
+    let down = run(sandbox.skyward().args(["pool", "down", "moving"]), limit);
+    assert_eq!(down.code, Some(0), "{down:?}");
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "left running: {left:?}");
+}
