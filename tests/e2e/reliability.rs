@@ -580,7 +580,6 @@ fn a_task_moves_onto_the_node_that_replaced_one_its_job_lost() {
     );
     std::fs::write(&done, "").unwrap();
     while next_line() != format!("finished on {third}") {}
-    drop(next_line);
     let mut said = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut said).unwrap();
     let code = exec.wait().expect("exec").code();

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,11 @@ use skyward_tests::{bin, processes_under, run, Sandbox};
 const WRAP: &str = "SKYWARD_CHAOS_WRAP";
 /// The real agent.
 const AGENT: &str = "SKYWARD_CHAOS_AGENT";
-/// `node-3=NAMESPACE@HOST_IP,...`: nodes placed in namespaces, and the address that reaches
-/// the coordinator from each.
+/// `NAMESPACE@HOST_IP,...`: the namespaces nodes may be placed in, and the address that
+/// reaches the coordinator from each.
 const PLACES: &str = "SKYWARD_CHAOS_NETNS";
+/// A folder holding, per namespace, the pid of the agent placed there (`NAMESPACE.pid`).
+const CLAIMS: &str = "SKYWARD_CHAOS_CLAIMS";
 
 const POOL: &str = "chaos";
 
@@ -71,22 +73,34 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Starts the real agent with the arguments the local provider gave, inside the node's
-/// namespace when it has one (dialing the coordinator through the namespace's link), else
-/// as it is. Replaces this process: the provider's pid is the agent's.
+/// Starts the real agent with the arguments the local provider gave, inside a namespace no
+/// live agent holds (dialing the coordinator through the namespace's link), else as it is:
+/// a node that replaces one killed in a namespace takes its place there. Replaces this
+/// process: the provider's pid is the agent's.
 fn wrap_agent() -> ! {
     let agent = std::env::var(AGENT).expect("SKYWARD_CHAOS_AGENT");
     let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let node = args
-        .windows(2)
-        .find(|w| w[0] == "--node-id")
-        .map(|w| w[1].clone())
-        .unwrap_or_default();
-    let place = std::env::var(PLACES).unwrap_or_default();
-    let place = place.split(',').find_map(|entry| {
-        let (id, rest) = entry.split_once('=')?;
-        let (namespace, host_ip) = rest.split_once('@')?;
-        (id == node).then(|| (namespace.to_string(), host_ip.to_string()))
+    let places = std::env::var(PLACES).unwrap_or_default();
+    let claims = std::env::var_os(CLAIMS).map(std::path::PathBuf::from);
+    // Held until the exec (the file is opened close-on-exec), so that nodes starting at once
+    // do not take the same namespace.
+    let lock = claims
+        .as_ref()
+        .and_then(|dir| std::fs::File::create(dir.join("lock")).ok());
+    if let Some(lock) = &lock {
+        // SAFETY: locking a file this process opened.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(lock), libc::LOCK_EX) };
+    }
+    let place = claims.as_ref().and_then(|dir| {
+        places.split(',').find_map(|entry| {
+            let (namespace, host_ip) = entry.split_once('@')?;
+            let claim = dir.join(format!("{namespace}.pid"));
+            if claimant(&claim).is_some() {
+                return None;
+            }
+            std::fs::write(&claim, std::process::id().to_string()).ok()?;
+            Some((namespace.to_string(), host_ip.to_string()))
+        })
     });
     // The coordinator listens on every address; the agent dials the one it can reach.
     if let Some(i) = args.iter().position(|a| a == "--coordinator") {
@@ -105,6 +119,17 @@ fn wrap_agent() -> ! {
     };
     eprintln!("skyward-chaos: cannot start the agent: {error}");
     std::process::exit(127)
+}
+
+/// The live agent whose pid `claim` names, if it still runs (a killed one's pid names a
+/// zombie or nothing).
+fn claimant(claim: &std::path::Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(claim).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let alive = cmdline
+        .windows(b"skyward-agent".len())
+        .any(|w| w == b"skyward-agent");
+    alive.then_some(pid)
 }
 
 struct Options {
@@ -232,9 +257,10 @@ fn run_chaos(options: &Options) -> Result<Report, String> {
         .collect::<Result<_, _>>()?;
     let places: Vec<String> = nets
         .iter()
-        .enumerate()
-        .map(|(i, net)| format!("node-{}={}@{}", nodes - i, net.namespace(), net.host_ip))
+        .map(|net| format!("{}@{}", net.namespace(), net.host_ip))
         .collect();
+    let claims = sandbox.path().join("netns-claims");
+    std::fs::create_dir_all(&claims).map_err(|e| e.to_string())?;
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let sky = || {
         let mut command = sandbox.skyward();
@@ -243,6 +269,7 @@ fn run_chaos(options: &Options) -> Result<Report, String> {
             .env(WRAP, "1")
             .env(AGENT, bin("skyward-agent"))
             .env(PLACES, places.join(","))
+            .env(CLAIMS, &claims)
             // Short enough that a fault breaks connections; bounds small enough that
             // outages reach the spill.
             .env("SKYWARD_IDLE_TIMEOUT", "3s")
@@ -291,38 +318,56 @@ fn run_chaos(options: &Options) -> Result<Report, String> {
     let mut workers = Vec::new();
     let mut next_task = 0u64;
     let mut faults: Vec<Fault> = Vec::new();
-    let mut next_fault = Instant::now() + Duration::from_secs(2);
+    // When each kind of fault may start next (in `KINDS`' order).
+    let mut next_fault = [Instant::now() + Duration::from_secs(2); INJECTED.len()];
     // Bounded: the loop ends at `end`; each pass sleeps 100 ms.
     while Instant::now() < end {
         workers.retain(|w: &std::thread::JoinHandle<()>| !w.is_finished());
-        while workers.len() < 6 {
+        while workers.len() < TASKS_AT_ONCE {
             next_task += 1;
             let task = Workload::random(next_task, &mut rng, longest);
             let sky = sky();
             let shared = shared.clone();
             workers.push(std::thread::spawn(move || task.run(sky, &shared)));
         }
-        faults.retain_mut(|fault| !fault.try_end());
-        if Instant::now() >= next_fault {
-            if let Some(fault) = Fault::start(
-                &mut rng,
-                &sandbox,
-                coordinator_pid,
-                &nets,
-                &faults,
-                longest,
-                &shared,
-            ) {
-                *shared
-                    .report
-                    .lock()
-                    .unwrap()
-                    .faults
-                    .entry(fault.kind)
-                    .or_default() += 1;
-                faults.push(fault);
+        let now = Instant::now();
+        faults.retain_mut(|fault| {
+            if !fault.try_end() {
+                return true;
             }
-            next_fault = Instant::now() + Duration::from_millis(rng.random_range(300..2_000));
+            // The next of its kind comes a little after, not at once.
+            let next = &mut next_fault[fault.kind.index()];
+            *next = (*next).max(now + fault.kind.gap(&mut rng) / 2);
+            false
+        });
+        for kind in INJECTED {
+            if now < next_fault[kind.index()] {
+                continue;
+            }
+            let context = FaultContext {
+                sandbox: &sandbox,
+                coordinator: coordinator_pid,
+                nets: &nets,
+                claims: &claims,
+                active: &faults,
+                longest,
+                shared: &shared,
+            };
+            match Fault::start(kind, &mut rng, &context) {
+                Some(fault) => {
+                    *shared
+                        .report
+                        .lock()
+                        .unwrap()
+                        .faults
+                        .entry(kind.name())
+                        .or_default() += 1;
+                    faults.push(fault);
+                    next_fault[kind.index()] = now + kind.gap(&mut rng);
+                }
+                // Nothing to do it to now (all taken, too few agents): try again soon.
+                None => next_fault[kind.index()] = now + Duration::from_millis(500),
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -364,32 +409,84 @@ fn run_chaos(options: &Options) -> Result<Report, String> {
     Ok(report)
 }
 
+/// The faults the suite injects itself (readers are the workloads' own).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    AgentFrozen,
+    CoordinatorFrozen,
+    LinkCut,
+    AgentKilled,
+}
+
+const INJECTED: [Kind; 4] = [
+    Kind::AgentFrozen,
+    Kind::CoordinatorFrozen,
+    Kind::LinkCut,
+    Kind::AgentKilled,
+];
+
+/// Tasks running at any time.
+const TASKS_AT_ONCE: usize = 6;
+
+impl Kind {
+    fn index(self) -> usize {
+        INJECTED.iter().position(|k| *k == self).unwrap_or(0)
+    }
+
+    fn name(self) -> &'static str {
+        KINDS[self.index()]
+    }
+
+    /// The time from one fault of the kind starting to the next: short enough for hundreds
+    /// of each in 30 minutes, long enough that the pool does work between them.
+    fn gap(self, rng: &mut rand::rngs::StdRng) -> Duration {
+        let millis = match self {
+            Kind::AgentFrozen | Kind::LinkCut => rng.random_range(2_000..6_000),
+            Kind::CoordinatorFrozen => rng.random_range(3_000..8_000),
+            Kind::AgentKilled => rng.random_range(6_000..12_000),
+        };
+        Duration::from_millis(millis)
+    }
+}
+
+/// How long a fault lasts: mostly short (1 s to `short`), one in eight up to `longest`, and
+/// log-uniform, so that brief outages are the common case and long ones still come.
+fn lasting(rng: &mut rand::rngs::StdRng, short: Duration, longest: Duration) -> Duration {
+    let top = match rng.random_ratio(1, 8) {
+        true => longest,
+        false => short.min(longest),
+    };
+    let (low, high) = (1_000f64.ln(), (top.as_millis().max(1_001) as f64).ln());
+    Duration::from_millis(rng.random_range(low..=high).exp() as u64)
+}
+
+/// What a fault may act on.
+struct FaultContext<'a> {
+    sandbox: &'a Sandbox,
+    coordinator: i32,
+    nets: &'a [TestNet],
+    claims: &'a std::path::Path,
+    active: &'a [Fault],
+    longest: Duration,
+    shared: &'a Arc<Shared>,
+}
+
 /// One fault in progress.
 struct Fault {
-    kind: &'static str,
+    kind: Kind,
+    /// The agent frozen, or the namespace cut off.
+    target: String,
     until: Instant,
     undo: Box<dyn FnMut() + Send>,
 }
 
 impl Fault {
-    /// Starts a fault of a random kind not already in progress (slow and stalled readers are
-    /// the workloads' own); `None` when there was nothing to do it to.
-    fn start(
-        rng: &mut rand::rngs::StdRng,
-        sandbox: &Sandbox,
-        coordinator: i32,
-        nets: &[TestNet],
-        active: &[Fault],
-        longest: Duration,
-        shared: &Arc<Shared>,
-    ) -> Option<Fault> {
-        let kind = KINDS[rng.random_range(0..4)];
-        if active.iter().any(|f| f.kind == kind) {
-            return None;
-        }
-        let lasting = Duration::from_millis(rng.random_range(1_000..=longest.as_millis() as u64));
-        let until = Instant::now() + lasting;
-        let agents: Vec<i32> = processes_under(sandbox.path())
+    /// Starts a fault of `kind`; `None` when there is nothing to do it to now (two agents
+    /// frozen already, the coordinator frozen, no namespace with an agent left to cut off,
+    /// too few agents to kill one).
+    fn start(kind: Kind, rng: &mut rand::rngs::StdRng, at: &FaultContext) -> Option<Fault> {
+        let active = |k: Kind| at.active.iter().filter(move |f| f.kind == k);
+        let agents: Vec<i32> = processes_under(at.sandbox.path())
             .into_iter()
             .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains("--node-id"))
             .map(|(pid, _)| pid)
@@ -398,38 +495,68 @@ impl Fault {
             // SAFETY: signalling a process of this run's pool by pid.
             unsafe { libc::kill(pid, signal) };
         };
+        let short = Duration::from_secs(10);
         match kind {
-            "agent frozen" => {
-                let pid = *agents.get(rng.random_range(0..agents.len().max(1)))?;
+            Kind::AgentFrozen => {
+                if active(kind).count() >= 2 {
+                    return None;
+                }
+                let frozen: Vec<String> = active(kind).map(|f| f.target.clone()).collect();
+                let free: Vec<i32> = agents
+                    .into_iter()
+                    .filter(|pid| !frozen.contains(&pid.to_string()))
+                    .collect();
+                let pid = *free.get(rng.random_range(0..free.len().max(1)))?;
                 signal(pid, libc::SIGSTOP);
                 Some(Fault {
                     kind,
-                    until,
+                    target: pid.to_string(),
+                    until: Instant::now() + lasting(rng, short, at.longest),
                     undo: Box::new(move || signal(pid, libc::SIGCONT)),
                 })
             }
-            "coordinator frozen" => {
+            Kind::CoordinatorFrozen => {
+                if active(kind).count() > 0 {
+                    return None;
+                }
                 // Well under the node timeout (90 s), which a frozen coordinator's nodes
-                // would otherwise pass in its eyes once it is back.
-                let until = Instant::now() + lasting.min(Duration::from_secs(30));
+                // would otherwise pass in its eyes once it is back; mostly a few seconds.
+                let lasting = lasting(
+                    rng,
+                    Duration::from_secs(6),
+                    at.longest.min(Duration::from_secs(30)),
+                );
+                let coordinator = at.coordinator;
                 signal(coordinator, libc::SIGSTOP);
-                let shared = shared.clone();
+                let shared = at.shared.clone();
                 Some(Fault {
                     kind,
-                    until,
+                    target: "coordinator".into(),
+                    until: Instant::now() + lasting,
                     undo: Box::new(move || {
                         signal(coordinator, libc::SIGCONT);
                         *shared.coordinator_back_at.lock().unwrap() = Some(Instant::now());
                     }),
                 })
             }
-            "link cut" => {
-                let net = nets.get(rng.random_range(0..nets.len()))?;
+            Kind::LinkCut => {
+                // Only a namespace an agent is in now: a cut that cuts nobody off is no fault.
+                let cut: Vec<String> = active(kind).map(|f| f.target.clone()).collect();
+                let candidates: Vec<&TestNet> = at
+                    .nets
+                    .iter()
+                    .filter(|net| !cut.iter().any(|c| c == net.namespace()))
+                    .filter(|net| {
+                        claimant(&at.claims.join(format!("{}.pid", net.namespace()))).is_some()
+                    })
+                    .collect();
+                let net = *candidates.get(rng.random_range(0..candidates.len().max(1)))?;
                 net.set_link(false).ok()?;
                 let host_if = net.host_interface().to_string();
                 Some(Fault {
                     kind,
-                    until,
+                    target: net.namespace().to_string(),
+                    until: Instant::now() + lasting(rng, short, at.longest),
                     undo: Box::new(move || {
                         let _ = Command::new("ip")
                             .args(["link", "set", &host_if, "up"])
@@ -437,19 +564,18 @@ impl Fault {
                     }),
                 })
             }
-            _ => {
-                // Keep at least two agents: the tasks of the killed one run again elsewhere.
+            Kind::AgentKilled => {
+                // Keep at least two agents: the killed one's tasks run again elsewhere, and
+                // the pool starts a node in its place.
                 if agents.len() < 3 {
                     return None;
                 }
                 let pid = agents[rng.random_range(0..agents.len())];
                 signal(pid, libc::SIGKILL);
-                // The next kill waits 45 s: the pool replaces the node meanwhile (a job moves
-                // tasks only among the nodes it started with, so kills in quick succession
-                // would exhaust a long job's nodes rather than test a retry).
                 Some(Fault {
                     kind,
-                    until: Instant::now() + Duration::from_secs(45),
+                    target: pid.to_string(),
+                    until: Instant::now(),
                     undo: Box::new(|| {}),
                 })
             }
@@ -470,43 +596,54 @@ impl Fault {
     }
 }
 
-/// How a workload's reader reads.
-#[derive(Clone, Copy, PartialEq)]
-enum Reader {
-    Prompt,
-    /// A pause every 50 lines.
-    Slow,
-    /// One long stop partway.
-    Stalled(Duration),
+/// Something a workload's reader does at one line of its task's output.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Episode {
+    /// Reads the next `lines` lines slowly (20 ms every 10 lines: slower than most tasks
+    /// print).
+    Slow { lines: u64 },
+    /// Stops reading for a while.
+    Stall(Duration),
 }
 
+/// Retries each task runs with: kills come every 6-12 s, so a long task may lose several
+/// nodes.
+const RETRIES: u64 = 10;
+
 /// One task: `lines` numbered lines of `width` bytes, `per_beat` every 50 ms, then exit
-/// `code`.
+/// `code`; its reader's `episodes`, by the line each starts at.
 struct Workload {
     id: u64,
     lines: u64,
     width: usize,
     per_beat: u64,
     code: i32,
-    reader: Reader,
+    episodes: Vec<(u64, Episode)>,
 }
 
 impl Workload {
     fn random(id: u64, rng: &mut rand::rngs::StdRng, longest: Duration) -> Workload {
-        let reader = match rng.random_range(0..10) {
-            0..=1 => Reader::Slow,
-            2..=3 => Reader::Stalled(Duration::from_millis(
-                rng.random_range(1_000..=longest.as_millis() as u64),
-            )),
-            _ => Reader::Prompt,
-        };
+        let lines = rng.random_range(500..20_000);
+        let mut episodes: Vec<(u64, Episode)> = (0..rng.random_range(0..=3))
+            .map(|_| {
+                let at = rng.random_range(0..lines);
+                let episode = match rng.random_bool(0.5) {
+                    true => Episode::Slow {
+                        lines: rng.random_range(200..3_000),
+                    },
+                    false => Episode::Stall(lasting(rng, Duration::from_secs(10), longest)),
+                };
+                (at, episode)
+            })
+            .collect();
+        episodes.sort_by_key(|(at, _)| *at);
         Workload {
             id,
-            lines: rng.random_range(500..20_000),
+            lines,
             width: rng.random_range(40..400),
             per_beat: rng.random_range(20..400),
             code: rng.random_range(0..100),
-            reader,
+            episodes,
         }
     }
 
@@ -532,11 +669,20 @@ impl Workload {
         )
     }
 
-    /// The longest the task may take: its own pace, every fault's longest stretch a few
-    /// times over, and a node lost and its task run again.
-    fn bound(&self) -> Duration {
+    /// The longest the task may take after `restarts` retries: its own pace three times
+    /// over per attempt, its reader's own pauses, and five minutes for faults.
+    fn bound(&self, restarts: u64) -> Duration {
         let beats = self.lines / self.per_beat + 1;
-        Duration::from_millis(beats * 50) * 3 + Duration::from_secs(300)
+        let pace = Duration::from_millis(beats * 50);
+        let reader: Duration = self
+            .episodes
+            .iter()
+            .map(|(_, episode)| match episode {
+                Episode::Slow { lines } => Duration::from_millis(lines / 10 * 20),
+                Episode::Stall(pause) => *pause,
+            })
+            .sum();
+        pace * 3 * (1 + restarts as u32) + reader + Duration::from_secs(300)
     }
 
     fn run(self, mut sky: Command, shared: &Shared) {
@@ -547,7 +693,7 @@ impl Workload {
                 POOL,
                 "-n",
                 "--retries",
-                "3",
+                &RETRIES.to_string(),
                 "--",
                 "python3",
                 "-c",
@@ -575,16 +721,20 @@ impl Workload {
             text
         });
         let pid = child.id() as i32;
-        let bound = self.bound();
+        // Each retry starts the task over: its bound grows by an attempt's share.
+        let (first_bound, per_retry) = (self.bound(0), self.bound(1) - self.bound(0));
+        let restarts = Arc::new(AtomicU64::new(0));
         // The watchdog: a task past its bound is stuck; its exec is killed.
         let stuck = Arc::new(AtomicBool::new(false));
         let watchdog = {
             let stuck = stuck.clone();
+            let restarts = restarts.clone();
             let finished = Arc::new(AtomicBool::new(false));
             let done = finished.clone();
             let thread = std::thread::spawn(move || {
-                let deadline = started + bound;
-                while Instant::now() < deadline && !done.load(Ordering::SeqCst) {
+                let deadline =
+                    || started + first_bound + per_retry * restarts.load(Ordering::SeqCst) as u32;
+                while Instant::now() < deadline() && !done.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 if !done.load(Ordering::SeqCst) {
@@ -596,8 +746,9 @@ impl Workload {
             (finished, thread)
         };
         let mut check = Check::new(self.id);
-        let mut stalled = false;
-        let mut slowed = false;
+        let (mut stalls, mut slow_stretches) = (0u64, 0u64);
+        let mut episodes = self.episodes.iter().peekable();
+        let mut slow_until = 0u64;
         let stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut last_line_at = Instant::now();
         for line in stdout.split(b'\n') {
@@ -616,16 +767,22 @@ impl Workload {
             }
             last_line_at = now;
             check.line(&line);
-            match self.reader {
-                Reader::Slow if check.next.is_multiple_of(50) => {
-                    slowed = true;
-                    std::thread::sleep(Duration::from_millis(20));
+            restarts.store(check.restarts, Ordering::SeqCst);
+            // Each episode once, in whichever attempt first reaches its line.
+            while let Some((_, episode)) = episodes.next_if(|(at, _)| check.next >= *at) {
+                match *episode {
+                    Episode::Slow { lines } => {
+                        slow_stretches += 1;
+                        slow_until = check.next + lines;
+                    }
+                    Episode::Stall(pause) => {
+                        stalls += 1;
+                        std::thread::sleep(pause);
+                    }
                 }
-                Reader::Stalled(pause) if !stalled && check.next == self.lines / 3 => {
-                    stalled = true;
-                    std::thread::sleep(pause);
-                }
-                _ => {}
+            }
+            if check.next < slow_until && check.next.is_multiple_of(10) {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
         let status = child.wait();
@@ -634,12 +791,8 @@ impl Workload {
         let errors = errors.join().unwrap_or_default();
         let mut report = shared.report.lock().unwrap();
         report.tasks += 1;
-        if slowed {
-            *report.faults.entry("slow reader").or_default() += 1;
-        }
-        if stalled {
-            *report.faults.entry("stalled reader").or_default() += 1;
-        }
+        *report.faults.entry("slow reader").or_default() += slow_stretches;
+        *report.faults.entry("stalled reader").or_default() += stalls;
         report.lines += check.verified_lines;
         report.bytes += check.verified_bytes;
         let retries = errors.matches("running it again on").count() as u64;
@@ -651,7 +804,8 @@ impl Workload {
         let tail = || errors.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
         if stuck.load(Ordering::SeqCst) {
             report.violations.push(format!(
-                "w{id}: stuck past its bound of {bound:?} at line {}: {}",
+                "w{id}: stuck past its bound of {:?} at line {}: {}",
+                first_bound + per_retry * check.restarts as u32,
                 check.next,
                 tail()
             ));
