@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 # The end-to-end tests run real programs on the agents (sh, python3, coreutils), boot nodes
 # whose bootstrap fetches the agent (curl), and put nodes in network namespaces (iproute2).
 missing=()
-for tool in python3 sh cat wc sleep hostname curl ip iptables; do
+for tool in python3 sh cat wc sleep hostname curl ip tc iptables; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then

@@ -222,6 +222,7 @@ async fn skyward_one(
             &[FILE_NAME.to_string()],
             &into,
             DEFAULT_DOWNLOAD_LIMIT,
+            pool.coordinator().node_timeout(),
         )
         .await
         .map_err(anyhow::Error::msg)?;

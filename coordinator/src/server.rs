@@ -148,6 +148,9 @@ struct NodeState {
     interruption: Mutex<Option<Interruption>>,
     /// Why this coordinator gave the node up, once it did.
     lost: Mutex<Option<String>>,
+    /// Wakes whoever waits for the node (a task to start or resume, a download to start
+    /// over): it connected again, or was given up.
+    changed: tokio::sync::Notify,
 }
 
 impl NodeState {
@@ -188,6 +191,20 @@ impl NodeHandle {
     /// The node's current connection.
     fn connection(&self) -> Connection {
         self.state.connection()
+    }
+
+    /// Waits, up to `wait`, for the node to be connected (at once when it is); an error once
+    /// it is given up or not back in time.
+    pub async fn wait_connected(&self, wait: Duration) -> Result<(), TaskError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        open_connection(&self.node_id, &self.state, wait, deadline, None)
+            .await
+            .map(drop)
+    }
+
+    /// Which of the node's connections is current (a new one after each reconnect).
+    pub fn connection_id(&self) -> usize {
+        self.connection().stable_id()
     }
 
     pub fn is_connected(&self) -> bool {
@@ -513,11 +530,12 @@ impl Coordinator {
         );
         // A node between connections gets the task once it is back (within the node
         // timeout), as a running task is resumed then.
-        let deadline = tokio::time::Instant::now() + self.node_timeout();
+        let wait = self.node_timeout();
+        let deadline = tokio::time::Instant::now() + wait;
         let start = TaskRequest::Start(spec);
         let (connection, send, recv) = loop {
             let connection =
-                open_connection(&self.inner, &node.node_id, &node.state, deadline, None).await?;
+                open_connection(&node.node_id, &node.state, wait, deadline, None).await?;
             match open_task(&connection, &start).await {
                 Ok((send, recv)) => break (connection, send, recv),
                 // It went between the check and the open: its next connection.
@@ -601,11 +619,13 @@ impl Coordinator {
             return false;
         };
         *state.lost.lock().expect("lost lock") = Some(reason.to_string());
+        // Whoever waits for its return hears it now.
+        state.changed.notify_waiters();
         let connection = state.connection.lock().expect("connection lock").clone();
         if connection.close_reason().is_none() {
             connection.close(close_code::NORMAL.into(), reason.as_bytes());
         } else {
-            // Between connections: whoever waits for its return hears it now.
+            // Between connections: a run hears that it is gone.
             let _ = self.inner.events.send(CoordinatorEvent::NodeDisconnected {
                 node_id: node_id.to_string(),
                 reason: reason.to_string(),
@@ -661,43 +681,45 @@ impl Coordinator {
 }
 
 /// `node`'s open connection, once it has one other than `lost` (the one a task's stream was
-/// on), waiting until `deadline` unless the node is given up first.
+/// on), waiting until `deadline` (`wait` from when the wait began, for the error) unless
+/// the node is given up first.
 async fn open_connection(
-    inner: &Inner,
     node_id: &str,
     node: &NodeState,
+    wait: Duration,
     deadline: tokio::time::Instant,
     lost: Option<usize>,
 ) -> Result<Connection, TaskError> {
-    // Subscribed only when there is something to wait for: every dispatch comes here.
-    let mut events: Option<broadcast::Receiver<CoordinatorEvent>> = None;
-    loop {
+    // The node's connection when it is usable now; an error once it is given up.
+    let usable = || -> Result<Option<Connection>, TaskError> {
         if let Some(reason) = node.lost_reason() {
             return Err(TaskError::Lost(format!("{node_id}: {reason}")));
         }
         let connection = node.connection();
-        if connection.close_reason().is_none() && Some(connection.stable_id()) != lost {
+        let open = connection.close_reason().is_none() && Some(connection.stable_id()) != lost;
+        Ok(open.then_some(connection))
+    };
+    // Every dispatch comes here: the common case looks once and registers nothing.
+    if let Some(connection) = usable()? {
+        return Ok(connection);
+    }
+    loop {
+        // Listening before looking again: a reconnect or give-up in between is not missed.
+        let changed = node.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if let Some(connection) = usable()? {
             return Ok(connection);
         }
-        // Every connect, disconnect and give-up is an event: check again at each (and once
-        // more right after subscribing, for one that came before).
-        let Some(events) = events.as_mut() else {
-            events = Some(inner.events.subscribe());
-            continue;
-        };
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => {
-                let wait = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
-                let what = match lost {
-                    Some(_) => "connection lost",
-                    None => "not connected",
-                };
-                return Err(TaskError::Lost(format!(
-                    "{node_id}: {what} and not back within {}",
-                    humantime::format_duration(wait)
-                )));
-            }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let what = match lost {
+                Some(_) => "connection lost",
+                None => "not connected",
+            };
+            return Err(TaskError::Lost(format!(
+                "{node_id}: {what} and not back within {}",
+                humantime::format_duration(wait)
+            )));
         }
     }
 }
@@ -972,7 +994,7 @@ impl TaskOutput {
         let lost = |node: &str, why: String| TaskError::Lost(format!("{node}: {why}"));
         let old = self.connection.stable_id();
         let connection =
-            open_connection(&self.inner, &self.node_id, &self.node, deadline, Some(old)).await?;
+            open_connection(&self.node_id, &self.node, wait, deadline, Some(old)).await?;
         let (mut send, recv) = connection
             .open_bi()
             .await
@@ -1430,6 +1452,7 @@ async fn serve_node(
                 health: Mutex::new(None),
                 interruption: Mutex::new(None),
                 lost: Mutex::new(None),
+                changed: tokio::sync::Notify::new(),
             })
         })
         .clone();
@@ -1443,6 +1466,7 @@ async fn serve_node(
             b"replaced by a newer connection",
         );
     }
+    state.changed.notify_waiters();
     let handle = NodeHandle {
         node_id: node_id.clone(),
         address: conn.remote_address().ip(),
@@ -1494,6 +1518,7 @@ async fn serve_node(
                 humantime::format_duration(node_timeout)
             );
             *handle.state.lost.lock().expect("lost lock") = Some(reason.clone());
+            handle.state.changed.notify_waiters();
             conn.close(close_code::NORMAL.into(), b"missed health reports");
             break Ok(reason);
         };

@@ -275,6 +275,7 @@ impl PoolSession {
                 &request.downloads,
                 &request.download_to,
                 request.download_limit,
+                pool.shared_coordinator().node_timeout(),
             )
             .await?;
             for event in crate::workdir::download_events(&downloads) {

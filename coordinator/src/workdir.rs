@@ -486,18 +486,27 @@ pub struct DownloadReport {
     pub bytes: u64,
     /// Requested paths the node did not have, and why.
     pub missing: Vec<(String, String)>,
+    /// Times the download started over after its connection broke.
+    pub restarts: u32,
 }
+
+/// How many times one node's download is tried when its connection breaks partway; each
+/// try starts over (the files already written are written again).
+const DOWNLOAD_ATTEMPTS: u32 = 3;
 
 /// Brings `paths` (relative to `cwd` in the node's work dir; files or whole directories) back
 /// from `node` into `into` (`<download-to>/<node id>`), keeping their relative paths; at most
 /// `limit` bytes. Every path received is checked to lie under a requested one, and nothing is
-/// written through a link.
+/// written through a link. A download whose connection breaks starts over once the node is
+/// back (waiting up to `reconnect_wait`, the coordinator's node timeout), up to
+/// [`DOWNLOAD_ATTEMPTS`] tries in all.
 pub async fn download(
     node: &NodeHandle,
     cwd: Option<&str>,
     paths: &[String],
     into: &Path,
     limit: u64,
+    reconnect_wait: Duration,
 ) -> Result<DownloadReport, String> {
     let name = node.node_id.clone();
     let fail = |why: String| format!("downloading from {name}: {why}");
@@ -506,23 +515,55 @@ pub async fn download(
         .map(|p| check_download_path(p))
         .collect::<Result<_, _>>()?;
     std::fs::create_dir_all(into).map_err(|e| fail(format!("{}: {e}", into.display())))?;
+    let mut restarts = 0;
+    loop {
+        node.wait_connected(reconnect_wait)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let connection = node.connection_id();
+        match download_once(node, cwd, &requested, into, limit).await {
+            Ok(mut report) => {
+                report.node = name;
+                report.into = into.to_path_buf();
+                report.restarts = restarts;
+                return Ok(report);
+            }
+            // Whatever the transfer said as it broke off (a stream reset, a file cut short),
+            // the cause was its connection.
+            Err(why)
+                if (node.connection_id() != connection || !node.is_connected())
+                    && restarts + 1 < DOWNLOAD_ATTEMPTS =>
+            {
+                restarts += 1;
+                tracing::info!(node = %name, "the download's connection broke ({why}); starting it over once the node is back");
+            }
+            Err(why) => return Err(fail(why)),
+        }
+    }
+}
+
+/// One try of [`download`]: the files as they come, or why it stopped.
+async fn download_once(
+    node: &NodeHandle,
+    cwd: Option<&str>,
+    requested: &[String],
+    into: &Path,
+    limit: u64,
+) -> Result<DownloadReport, String> {
     let spec = TaskSpec {
         task: TaskId { id: 0, attempt: 0 },
         kind: TaskKind::Download(DownloadSpec {
             cwd: cwd.map(str::to_string),
-            paths: requested.clone(),
+            paths: requested.to_vec(),
             limit,
         }),
         env: Vec::new(),
         timeout_ms: None,
     };
-    let (send, mut recv, _) = node
-        .open_transfer(spec)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
+    let (send, mut recv, _) = node.open_transfer(spec).await.map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::channel::<DownloadEvent>(8);
     let writer = {
-        let into = into.to_path_buf();
+        let (into, requested) = (into.to_path_buf(), requested.to_vec());
         tokio::task::spawn_blocking(move || write_download(&into, &requested, limit, rx))
     };
     let mut failure = None;
@@ -554,12 +595,9 @@ pub async fn download(
         .await
         .unwrap_or_else(|e| Err(format!("download writer failed: {e}")));
     match (written, failure) {
-        (Err(why), _) | (Ok(_), Some(why)) => Err(fail(why)),
-        (Ok(mut report), None) => {
-            report.node = name;
-            report.into = into.to_path_buf();
-            Ok(report)
-        }
+        // The stream's own failure first: a file cut short is its consequence.
+        (_, Some(why)) | (Err(why), None) => Err(why),
+        (Ok(report), None) => Ok(report),
     }
 }
 
@@ -701,11 +739,12 @@ pub async fn download_all(
     paths: &[String],
     download_to: &Path,
     limit: u64,
+    reconnect_wait: Duration,
 ) -> Result<Vec<DownloadReport>, String> {
     let mut reports = Vec::new();
     for node in nodes {
         let into = download_to.join(&node.node_id);
-        reports.push(download(node, cwd, paths, &into, limit).await?);
+        reports.push(download(node, cwd, paths, &into, limit, reconnect_wait).await?);
     }
     Ok(reports)
 }
@@ -796,9 +835,13 @@ pub fn download_events(downloads: &[DownloadReport]) -> Vec<crate::run::RunEvent
                 .to_string(),
             });
         }
+        let restarted = match download.restarts {
+            0 => String::new(),
+            n => format!(" (started over {n} time(s): its connection broke)"),
+        };
         events.push(crate::run::RunEvent::Transfer {
             line: format!(
-                "{}: downloaded {} files ({}) into {}",
+                "{}: downloaded {} files ({}) into {}{restarted}",
                 download.node,
                 download.files,
                 human_bytes(download.bytes),
@@ -810,6 +853,7 @@ pub fn download_events(downloads: &[DownloadReport]) -> Vec<crate::run::RunEvent
                 "files": download.files,
                 "bytes": download.bytes,
                 "into": download.into,
+                "restarts": download.restarts,
             })
             .to_string(),
         });

@@ -368,6 +368,110 @@ async fn a_chatty_task_loses_nothing_through_a_cut_link() {
     coordinator.close().await;
 }
 
+/// A download cut off partway (the link to its node down for 2.5 idle timeouts, the link
+/// slowed so that the cut comes mid-transfer) starts over once the node is back and brings
+/// every byte. Before, the download failed with the connection (`--download` then lost the
+/// run's results).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_cut_off_partway_starts_over_once_its_node_is_back() {
+    use skyward_coordinator::{Coordinator, CoordinatorConfig};
+    const BYTES: usize = 24_000_000;
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let net = std::sync::Arc::new(
+        skyward_tests::netns::TestNet::create().expect("a network namespace for the node"),
+    );
+    // About 10 MB/s from the node: the file takes a few seconds to come.
+    net.limit_rate("80mbit").expect("slow the link");
+    let coordinator = Coordinator::start(CoordinatorConfig {
+        pool: "rel-download".into(),
+        bind: (net.host_ip, 0).into(),
+        state_dir: None,
+    })
+    .unwrap();
+    coordinator.set_node_timeout(Duration::from_secs(60));
+    let mut agent = skyward_tests::agent_command_in(
+        &sandbox,
+        &coordinator,
+        "node-1",
+        "10m",
+        &net.exec_prefix(),
+    )
+    .args(["--idle-timeout", "2s"])
+    .spawn()
+    .expect("spawn skyward-agent");
+    let node = wait_connected(&coordinator, "node-1").await;
+    let script = format!("mkdir -p out && head -c {BYTES} /dev/urandom > out/big");
+    let mut task = coordinator
+        .start_task(
+            &node,
+            TaskSpec::command(
+                0,
+                0,
+                vec!["sh".into(), "-c".into(), script],
+                vec![],
+                None,
+                false,
+            ),
+        )
+        .await
+        .unwrap();
+    loop {
+        match task.output.next().await.expect("the task's stream") {
+            Some(TaskEvent::Finished(outcome)) => {
+                assert_eq!(outcome, TaskOutcome::Exited { code: 0 });
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the task stream ended without an outcome"),
+        }
+    }
+    let into = sandbox.path().join("downloaded");
+    let download = tokio::spawn({
+        let (node, into) = (node.clone(), into.clone());
+        async move {
+            skyward_coordinator::workdir::download(
+                &node,
+                None,
+                &["out".to_string()],
+                &into,
+                1 << 30,
+                Duration::from_secs(60),
+            )
+            .await
+        }
+    });
+    // Bounded: the file grows within the deadline, or the test fails.
+    let partial = into.join("out/big");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 2_000_000 {
+        assert!(Instant::now() < deadline, "the download never got going");
+        assert!(!download.is_finished(), "the download ended before the cut");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    net.set_link(false).expect("link down");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    net.set_link(true).expect("link up");
+    let report = tokio::time::timeout(Duration::from_secs(90), download)
+        .await
+        .expect("the download finished in time")
+        .unwrap()
+        .expect("the download completed");
+    assert_eq!(report.restarts, 1, "{report:?}");
+    assert_eq!((report.files, report.bytes), (1, BYTES as u64));
+    let sent = std::fs::read(sandbox.path().join("node-1/out/big")).unwrap();
+    let got = std::fs::read(&partial).unwrap();
+    assert!(
+        sent == got,
+        "{} bytes came of {}, not the same",
+        got.len(),
+        sent.len()
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    coordinator.close().await;
+}
+
 /// A reader that stops reading: the task pauses once the node's room for unacknowledged
 /// output is full, `pool status` says so (and how much is held), and once the reader reads
 /// again everything arrives, once, and the task ends.

@@ -11,6 +11,8 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct TestNet {
     name: String,
     host_if: String,
+    /// The namespace's end of the link.
+    node_if: String,
     pub host_ip: Ipv4Addr,
     pub node_ip: Ipv4Addr,
 }
@@ -47,10 +49,11 @@ impl TestNet {
         let net = TestNet {
             name: format!("skyt{id}"),
             host_if: format!("skyh{id}"),
+            node_if: format!("skyn{id}"),
             host_ip: Ipv4Addr::new(10, 251, third, base + 1),
             node_ip: Ipv4Addr::new(10, 251, third, base + 2),
         };
-        let node_if = format!("skyn{id}");
+        let node_if = net.node_if.clone();
         ip(&["netns", "add", &net.name])?;
         let setup = (|| {
             ip(&[
@@ -115,6 +118,24 @@ impl TestNet {
     /// Takes the link between this host and the namespace down (a partition) or up again.
     pub fn set_link(&self, up: bool) -> Result<(), String> {
         ip(&["link", "set", &self.host_if, if up { "up" } else { "down" }])
+    }
+
+    /// Slows what the namespace sends to `rate` (`tc`'s units: `80mbit`), so that a transfer
+    /// lasts long enough to be cut off partway.
+    pub fn limit_rate(&self, rate: &str) -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "tc", "qdisc", "add", "dev"])
+            .args([&self.node_if, "root", "tbf", "rate", rate])
+            .args(["burst", "32kbit", "latency", "400ms"])
+            .output()
+            .map_err(|e| format!("tc: {e} (install iproute2)"))?;
+        match out.status.success() {
+            true => Ok(()),
+            false => Err(format!(
+                "tc qdisc add ... tbf rate {rate}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
     }
 
     /// This machine's end of the link (what [`TestNet::set_link`] takes down and up).
