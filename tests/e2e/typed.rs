@@ -105,6 +105,44 @@ async fn typed_map_keeps_input_order_and_panics_and_versions_are_errors() {
     nothing_left(&sandbox).await;
 }
 
+/// Typed tasks are not resumed (README, "What survives which fault"): a call whose node is
+/// lost fails with `Error::Lost` once the node timeout passes, rather than waiting on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typed_call_whose_node_is_lost_fails_as_lost() {
+    let sandbox = Sandbox::new();
+    let pool = ComputePool::builder()
+        .provider(Local)
+        .nodes(1)
+        .agent_binary(bin("typed-map-agent"))
+        .home(sandbox.path().join("home"))
+        .node_timeout(Duration::from_secs(3))
+        .build()
+        .await
+        .expect("pool comes up");
+    let agents: Vec<i32> = skyward_tests::processes_under(sandbox.path())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("typed-map-agent") && cmd.contains("--node-id"))
+        .map(|(pid, _)| pid)
+        .collect();
+    assert_eq!(agents.len(), 1, "the node's agent");
+    // SAFETY: freezing this test's own agent (thawed below).
+    unsafe { libc::kill(agents[0], libc::SIGSTOP) };
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        pool.submit(Sum { values: vec![1, 2] }),
+    )
+    .await
+    .expect("the call ends once the node is lost");
+    // SAFETY: as above.
+    unsafe { libc::kill(agents[0], libc::SIGCONT) };
+    match result {
+        Err(Error::Lost(why)) => assert!(why.contains("node-1"), "{why}"),
+        other => panic!("expected Error::Lost, got {other:?}"),
+    }
+    pool.shutdown().await.unwrap();
+    nothing_left(&sandbox).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stock_agent_refuses_typed_tasks_by_name() {
     let sandbox = Sandbox::new();
