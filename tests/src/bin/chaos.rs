@@ -317,6 +317,21 @@ fn run_chaos(options: &Options) -> Result<Report, String> {
     let end = started + options.duration;
     let mut workers = Vec::new();
     let mut next_task = 0u64;
+    // The nodes whose agents are connected, by `pool status`.
+    let connected = || -> Vec<String> {
+        let status = run(sky().args(["pool", "status", POOL, "--json"]), limit);
+        let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+        status["nodes"]
+            .as_array()
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .filter(|n| n["state"].as_str() == Some("connected"))
+                    .filter_map(|n| n["node"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
     let mut faults: Vec<Fault> = Vec::new();
     // When each kind of fault may start next (in `KINDS`' order).
     let mut next_fault = [Instant::now() + Duration::from_secs(2); INJECTED.len()];
@@ -345,6 +360,7 @@ fn run_chaos(options: &Options) -> Result<Report, String> {
                 continue;
             }
             let context = FaultContext {
+                connected: &connected,
                 sandbox: &sandbox,
                 coordinator: coordinator_pid,
                 nets: &nets,
@@ -462,6 +478,8 @@ fn lasting(rng: &mut rand::rngs::StdRng, short: Duration, longest: Duration) -> 
 
 /// What a fault may act on.
 struct FaultContext<'a> {
+    /// The nodes whose agents are connected now.
+    connected: &'a dyn Fn() -> Vec<String>,
     sandbox: &'a Sandbox,
     coordinator: i32,
     nets: &'a [TestNet],
@@ -565,12 +583,27 @@ impl Fault {
                 })
             }
             Kind::AgentKilled => {
-                // Keep at least two agents: the killed one's tasks run again elsewhere, and
-                // the pool starts a node in its place.
-                if agents.len() < 3 {
+                // `pool status` would wait for a frozen coordinator.
+                if at.active.iter().any(|f| f.kind == Kind::CoordinatorFrozen) {
                     return None;
                 }
-                let pid = agents[rng.random_range(0..agents.len())];
+                // Only a node that has connected: a pool replaces a lost node once, and gives
+                // up when the replacement dies before it connects (then goes on smaller).
+                // Keep at least two: the killed one's tasks run again elsewhere, and the pool
+                // starts a node in its place.
+                let connected = (at.connected)();
+                if connected.len() < 3 {
+                    return None;
+                }
+                let node = &connected[rng.random_range(0..connected.len())];
+                let pid = *processes_under(at.sandbox.path())
+                    .into_iter()
+                    .filter(|(_, cmd)| {
+                        cmd.contains("skyward-agent") && cmd.contains(&format!("--node-id {node} "))
+                    })
+                    .map(|(pid, _)| pid)
+                    .collect::<Vec<_>>()
+                    .first()?;
                 signal(pid, libc::SIGKILL);
                 Some(Fault {
                     kind,
