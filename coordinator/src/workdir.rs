@@ -499,7 +499,7 @@ const DOWNLOAD_ATTEMPTS: u32 = 3;
 /// `limit` bytes. Every path received is checked to lie under a requested one, and nothing is
 /// written through a link. A download whose connection breaks starts over once the node is
 /// back (waiting up to `reconnect_wait`, the coordinator's node timeout), up to
-/// [`DOWNLOAD_ATTEMPTS`] tries in all.
+/// 3 tries in all.
 pub async fn download(
     node: &NodeHandle,
     cwd: Option<&str>,
