@@ -11,6 +11,23 @@ use skyward_tests::{agent_command, dir_bytes, loopback_coordinator, wait_connect
 const MEMORY: usize = 64 * 1024;
 const SPILL: usize = 1024 * 1024;
 
+/// Starts `sh -c script` on `node`: no input, no timeout.
+async fn start_sh(
+    coordinator: &skyward_coordinator::Coordinator,
+    node: &skyward_coordinator::NodeHandle,
+    script: String,
+) -> skyward_coordinator::server::RemoteTask {
+    let spec = TaskSpec::command(
+        0,
+        0,
+        vec!["sh".into(), "-c".into(), script],
+        vec![],
+        None,
+        false,
+    );
+    coordinator.start_task(node, spec).await.unwrap()
+}
+
 /// A reader slower than its task, over bursts that add up to 23 times the spill's bound:
 /// every byte arrives in order, the exit code once, and no spill file outlives its output.
 /// Before, a sent chunk left in memory ahead of spilled ones kept the spill from ever being
@@ -31,20 +48,7 @@ async fn a_slow_reader_gets_every_burst_through_a_spill_many_times_smaller() {
     let script = format!(
         "for i in $(seq {BURSTS}); do head -c {BURST} /dev/zero | tr '\\0' x; echo; sleep 0.05; done"
     );
-    let mut task = coordinator
-        .start_task(
-            &node,
-            TaskSpec::command(
-                0,
-                0,
-                vec!["sh".into(), "-c".into(), script],
-                vec![],
-                None,
-                false,
-            ),
-        )
-        .await
-        .unwrap();
+    let mut task = start_sh(&coordinator, &node, script).await;
     let spill_dir = sandbox.path().join("node-1/.skyward-spill");
     let spill_bytes = || dir_bytes(&spill_dir);
     let (mut received, mut newlines, mut outcomes, mut most_spilled) = (0usize, 0usize, 0, 0);
@@ -263,53 +267,52 @@ fn a_chatty_task_loses_nothing_while_its_coordinator_is_frozen_past_the_idle_tim
     assert!(left.is_empty(), "left running: {left:?}");
 }
 
+/// A coordinator on this machine's end of a new network namespace's link (node timeout
+/// 60 s), and the command that starts node-1's agent inside the namespace with a 2 s idle
+/// timeout, so that a cut of a few seconds breaks the connection; the caller adds its own
+/// arguments and spawns it.
+fn across_a_link(
+    sandbox: &Sandbox,
+    pool: &str,
+) -> (
+    std::sync::Arc<skyward_tests::netns::TestNet>,
+    skyward_coordinator::Coordinator,
+    std::process::Command,
+) {
+    skyward_common::install_crypto_provider();
+    let net = std::sync::Arc::new(
+        skyward_tests::netns::TestNet::create().expect("a network namespace for the node"),
+    );
+    let coordinator =
+        skyward_coordinator::Coordinator::start(skyward_coordinator::CoordinatorConfig {
+            pool: pool.into(),
+            bind: (net.host_ip, 0).into(),
+            state_dir: None,
+        })
+        .unwrap();
+    coordinator.set_node_timeout(Duration::from_secs(60));
+    let mut agent =
+        skyward_tests::agent_command_in(sandbox, &coordinator, "node-1", "10m", &net.exec_prefix());
+    agent.args(["--idle-timeout", "2s"]);
+    (net, coordinator, agent)
+}
+
 /// Issue 17's third test: the link to a node in a network namespace cut for 2.5 idle
 /// timeouts while its task prints. The connection dies with output in flight; once the link
 /// is back and the agent has redialled, every line arrives once and in order, and the exit
 /// code once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_task_loses_nothing_through_a_cut_link() {
-    use skyward_coordinator::{Coordinator, CoordinatorConfig};
     const LINES: usize = 6_000;
-    skyward_common::install_crypto_provider();
     let sandbox = Sandbox::new();
-    let net = std::sync::Arc::new(
-        skyward_tests::netns::TestNet::create().expect("a network namespace for the node"),
-    );
-    let coordinator = Coordinator::start(CoordinatorConfig {
-        pool: "rel-cut".into(),
-        bind: (net.host_ip, 0).into(),
-        state_dir: None,
-    })
-    .unwrap();
-    coordinator.set_node_timeout(Duration::from_secs(60));
-    let mut agent = skyward_tests::agent_command_in(
-        &sandbox,
-        &coordinator,
-        "node-1",
-        "10m",
-        &net.exec_prefix(),
-    )
-    .args(["--idle-timeout", "2s"])
-    .args(["--task-memory", "65536"])
-    .args(["--task-spill", "16777216"])
-    .spawn()
-    .expect("spawn skyward-agent");
+    let (net, coordinator, mut agent) = across_a_link(&sandbox, "rel-cut");
+    let mut agent = agent
+        .args(["--task-memory", "65536"])
+        .args(["--task-spill", "16777216"])
+        .spawn()
+        .expect("spawn skyward-agent");
     let node = wait_connected(&coordinator, "node-1").await;
-    let mut task = coordinator
-        .start_task(
-            &node,
-            TaskSpec::command(
-                0,
-                0,
-                vec!["sh".into(), "-c".into(), chatty_script(LINES, 7)],
-                vec![],
-                None,
-                false,
-            ),
-        )
-        .await
-        .unwrap();
+    let mut task = start_sh(&coordinator, &node, chatty_script(LINES, 7)).await;
     let mut output = Vec::new();
     let mut cut = None;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -374,48 +377,15 @@ async fn a_chatty_task_loses_nothing_through_a_cut_link() {
 /// run's results).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_cut_off_partway_starts_over_once_its_node_is_back() {
-    use skyward_coordinator::{Coordinator, CoordinatorConfig};
     const BYTES: usize = 24_000_000;
-    skyward_common::install_crypto_provider();
     let sandbox = Sandbox::new();
-    let net = std::sync::Arc::new(
-        skyward_tests::netns::TestNet::create().expect("a network namespace for the node"),
-    );
+    let (net, coordinator, mut agent) = across_a_link(&sandbox, "rel-download");
     // About 10 MB/s from the node: the file takes a few seconds to come.
     net.limit_rate("80mbit").expect("slow the link");
-    let coordinator = Coordinator::start(CoordinatorConfig {
-        pool: "rel-download".into(),
-        bind: (net.host_ip, 0).into(),
-        state_dir: None,
-    })
-    .unwrap();
-    coordinator.set_node_timeout(Duration::from_secs(60));
-    let mut agent = skyward_tests::agent_command_in(
-        &sandbox,
-        &coordinator,
-        "node-1",
-        "10m",
-        &net.exec_prefix(),
-    )
-    .args(["--idle-timeout", "2s"])
-    .spawn()
-    .expect("spawn skyward-agent");
+    let mut agent = agent.spawn().expect("spawn skyward-agent");
     let node = wait_connected(&coordinator, "node-1").await;
     let script = format!("mkdir -p out && head -c {BYTES} /dev/urandom > out/big");
-    let mut task = coordinator
-        .start_task(
-            &node,
-            TaskSpec::command(
-                0,
-                0,
-                vec!["sh".into(), "-c".into(), script],
-                vec![],
-                None,
-                false,
-            ),
-        )
-        .await
-        .unwrap();
+    let mut task = start_sh(&coordinator, &node, script).await;
     loop {
         match task.output.next().await.expect("the task's stream") {
             Some(TaskEvent::Finished(outcome)) => {
