@@ -463,7 +463,7 @@ impl ComputePoolBuilder {
             .map_err(Error::Invalid)?;
         let home = match &self.home {
             Some(home) => home.clone(),
-            None => crate::cli::skyward_home().map_err(Error::Invalid)?,
+            None => crate::store::skyward_home().map_err(Error::Invalid)?,
         };
         let agent_bin = match &self.agent_binary {
             Some(path) if path.is_file() => Ok(path.clone()),

@@ -3,7 +3,6 @@
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -12,15 +11,16 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use crate::job::{exit_code, JobRequest, On};
 use crate::output::{OutputMode, Renderer};
 use crate::persistent;
+use crate::plan::{make_providers, portable_agent, PoolPlan};
 use crate::pool;
 use crate::preflight::Preflight;
-use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
+use crate::provider::{self, LocalProvider, ProviderOptions};
 use crate::run::TaskReport;
 use crate::selection::Selection;
 use crate::session::{forget, or_exit, record, PoolSession, FAILURE, USAGE};
 use crate::slots::{self, GpuRequest};
 use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
-use crate::store::{PoolRecord, PoolState, Store};
+use crate::store::{skyward_home, PoolRecord, PoolState, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -518,21 +518,6 @@ fn man(args: ManArgs) -> i32 {
     }
 }
 
-/// How `skyward run` and `skyward pool up` make a pool, checked before anything is created.
-pub struct PoolPlan {
-    pub(crate) provider_options: ProviderOptions,
-    /// The `--provider-opt` settings as given, for the state store.
-    pub(crate) provider_opts: Vec<String>,
-    pub(crate) listen: Option<SocketAddr>,
-    pub(crate) advertise: Option<SocketAddr>,
-    pub(crate) agent_binary: Option<PathBuf>,
-    pub(crate) agent_url: Option<String>,
-    pub(crate) spec: PoolSpec,
-    pub(crate) selection: Selection,
-    pub(crate) providers: String,
-    pub(crate) node_timeout: Duration,
-}
-
 pub(crate) fn pool_plan(args: &PoolArgs) -> Result<PoolPlan, String> {
     if args.nodes == 0 {
         return Err("--nodes must be at least 1".into());
@@ -697,19 +682,6 @@ fn map_argvs(template: &str, inputs: &[String]) -> Result<Vec<Vec<String>>, Stri
         .collect())
 }
 
-/// `SKYWARD_HOME`, else `$XDG_DATA_HOME/skyward`, else `~/.local/share/skyward`.
-pub(crate) fn skyward_home() -> Result<PathBuf, String> {
-    if let Some(home) = std::env::var_os("SKYWARD_HOME") {
-        return Ok(PathBuf::from(home));
-    }
-    if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
-        return Ok(PathBuf::from(data).join("skyward"));
-    }
-    std::env::var_os("HOME")
-        .map(|home| PathBuf::from(home).join(".local/share/skyward"))
-        .ok_or_else(|| "cannot find a data directory: set SKYWARD_HOME".into())
-}
-
 /// SIGINT and SIGTERM, as a command that tears down on either takes them.
 pub(crate) fn interrupt_signals() -> Result<(Signal, Signal), String> {
     match (
@@ -787,87 +759,6 @@ async fn run(args: RunArgs) -> i32 {
             exit_code(&reports)
         }
     }
-}
-
-/// Loopback, unless the coordinator dials cloud nodes (`--reverse`): then from any address,
-/// on a port of the system's choosing (nodes never dial it).
-pub(crate) fn default_listen(plan: &PoolPlan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
-    let cloud = providers.iter().any(|p| p.name() != "local");
-    match plan.spec.reverse && cloud {
-        true => SocketAddr::from(([0, 0, 0, 0], 0)),
-        false => SocketAddr::from(([127, 0, 0, 1], 0)),
-    }
-}
-
-/// How cloud nodes reach this coordinator and get the agent. Only needed when a provider
-/// other than `local` is in the list.
-pub(crate) fn advertise(
-    plan: &PoolPlan,
-    providers: &[Arc<dyn Provider>],
-) -> Result<crate::Advertise, String> {
-    if providers.iter().all(|p| p.name() == "local") {
-        return Ok(crate::Advertise::default());
-    }
-    if plan.spec.reverse && plan.agent_url.is_none() {
-        // Nodes cannot reach a coordinator they cannot dial to download the agent from it.
-        return match plan.spec.image {
-            Some(_) => Ok(crate::Advertise {
-                address: plan.advertise,
-                ..Default::default()
-            }),
-            None => Err("with --reverse, cloud nodes cannot download the agent from this coordinator: pass --agent-url URL (a Linux skyward-agent they can fetch) or --image with skyward-agent preinstalled".into()),
-        };
-    }
-    if plan.agent_url.is_some() {
-        return Ok(crate::Advertise {
-            address: plan.advertise,
-            agent_binaries: Vec::new(),
-            agent_url: plan.agent_url.clone(),
-        });
-    }
-    let binary = match &plan.agent_binary {
-        Some(path) => path.clone(),
-        None => portable_agent().map_or_else(LocalProvider::find_agent_binary, Ok)?,
-    };
-    // Refuse now what nodes could not run (a macOS build, a missing file).
-    crate::download::elf_arch(&binary)?;
-    Ok(crate::Advertise {
-        address: plan.advertise,
-        agent_binaries: vec![binary],
-        agent_url: None,
-    })
-}
-
-/// The agent built for old glibc by `scripts/build-agent.sh`, beside this `skyward`: it runs
-/// on every image, where the plain build needs this machine's glibc.
-pub(crate) fn portable_agent() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let portable = exe.with_file_name(format!("skyward-agent-linux-{}", std::env::consts::ARCH));
-    portable.is_file().then_some(portable)
-}
-
-/// The providers named on the command line. `need_agent`: refuse up front when the local
-/// provider is asked to start nodes without an agent binary to run.
-pub(crate) fn make_providers(
-    names: &str,
-    options: &ProviderOptions,
-    local_root: PathBuf,
-    need_agent: bool,
-) -> Result<Vec<Arc<dyn Provider>>, String> {
-    let agent_bin = LocalProvider::find_agent_binary();
-    if need_agent && names.split(',').any(|n| n.trim() == "local") {
-        if let Err(message) = &agent_bin {
-            return Err(message.clone());
-        }
-    }
-    provider::from_names_with(
-        names,
-        &ProviderContext {
-            agent_bin,
-            local_root,
-        },
-        options,
-    )
 }
 
 async fn offers(args: OffersArgs) -> i32 {

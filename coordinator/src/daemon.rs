@@ -18,7 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
-use crate::cli::{interrupt_signals, pool_plan, skyward_home};
+use crate::cli::{interrupt_signals, pool_plan};
 use crate::job::JobRequest;
 use crate::output::{accelerator_lines, OutputMode, Renderer};
 use crate::persistent::{
@@ -28,6 +28,7 @@ use crate::persistent::{
 use crate::pool::Pool;
 use crate::run::{RunEvent, TaskReport};
 use crate::session::{or_exit, PoolSession, FAILURE, USAGE};
+use crate::store::skyward_home;
 use skyward_common::protocol::TaskEvent;
 
 /// A task's log stops growing past this (the task runs on); the log says so.

@@ -20,6 +20,7 @@ pub mod lifecycle;
 pub mod offer;
 pub mod output;
 pub mod persistent;
+pub mod plan;
 pub mod pool;
 pub mod preflight;
 pub mod provider;

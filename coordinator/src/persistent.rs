@@ -15,13 +15,13 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 
 use crate::cli::{
-    interrupt_signals, job_request, open_store, output_mode, pool_plan, skyward_home, JobArgs,
-    PoolArgs,
+    interrupt_signals, job_request, open_store, output_mode, pool_plan, JobArgs, PoolArgs,
 };
 use crate::job::{exit_code, JobRequest};
 use crate::output::Renderer;
 use crate::run::{RunEvent, TaskReport};
 use crate::session::{or_exit, PoolSession, FAILURE, USAGE};
+use crate::store::skyward_home;
 
 /// The largest control message: an output chunk or a status with its task list.
 pub const MAX_CONTROL_FRAME: usize = 4 * 1024 * 1024;

@@ -11,9 +11,9 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
-use crate::cli::{advertise, default_listen, make_providers, PoolPlan};
 use crate::job::{build_job, JobRequest};
 use crate::output::Renderer;
+use crate::plan::{advertise, default_listen, make_providers, PoolPlan};
 use crate::pool::{self, Pool, PoolProgress};
 use crate::provider::Provider;
 use crate::run::{run_job, RunEvent, TaskReport};

@@ -11,6 +11,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+/// `SKYWARD_HOME`, else `$XDG_DATA_HOME/skyward`, else `~/.local/share/skyward`.
+pub(crate) fn skyward_home() -> Result<PathBuf, String> {
+    if let Some(home) = std::env::var_os("SKYWARD_HOME") {
+        return Ok(PathBuf::from(home));
+    }
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME") {
+        return Ok(PathBuf::from(data).join("skyward"));
+    }
+    std::env::var_os("HOME")
+        .map(|home| PathBuf::from(home).join(".local/share/skyward"))
+        .ok_or_else(|| "cannot find a data directory: set SKYWARD_HOME".into())
+}
+
 /// The store's file under the user's data dir.
 pub const FILE: &str = "state.sqlite3";
 /// How long a write waits for another process's.
