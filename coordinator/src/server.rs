@@ -624,12 +624,6 @@ impl Coordinator {
         let connection = state.connection.lock().expect("connection lock").clone();
         if connection.close_reason().is_none() {
             connection.close(close_code::NORMAL.into(), reason.as_bytes());
-        } else {
-            // Between connections: a run hears that it is gone.
-            let _ = self.inner.events.send(CoordinatorEvent::NodeDisconnected {
-                node_id: node_id.to_string(),
-                reason: reason.to_string(),
-            });
         }
         true
     }

@@ -14,12 +14,6 @@ fn sky(sandbox: &Sandbox, args: &[&str]) -> Finished {
     run(sandbox.skyward().args(args), LIMIT)
 }
 
-fn status(sandbox: &Sandbox, pool: &str) -> serde_json::Value {
-    let out = sky(sandbox, &["pool", "status", pool, "--json"]);
-    assert_eq!(out.code, Some(0), "{out:?}");
-    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
-}
-
 /// The states of the pool's tasks, by number.
 fn task_states(status: &serde_json::Value) -> Vec<(u64, String)> {
     status["tasks"]
@@ -132,7 +126,7 @@ fn a_pool_outlives_its_commands() {
     assert_eq!(unknown.code, Some(2), "{unknown:?}");
     assert!(unknown.stderr.contains("no task 99"), "{unknown:?}");
 
-    let status = status(&sandbox, "demo");
+    let status = sandbox.pool_status("demo");
     assert_eq!(status["provider"], "local");
     let nodes = status["nodes"].as_array().expect("nodes");
     assert_eq!(nodes.len(), 2);
@@ -202,7 +196,7 @@ fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(sleeping(&sandbox), 0, "the task outlived its exec");
-    let status = status(&sandbox, "held");
+    let status = sandbox.pool_status("held");
     assert_eq!(task_states(&status), [(1, "cancelled".to_string())]);
 
     // The background coordinator dies: every command says so, and how to clean up.
@@ -249,7 +243,7 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        let status = status(&sandbox, "kept");
+        let status = sandbox.pool_status("kept");
         let nodes: Vec<(&str, &str)> = status["nodes"]
             .as_array()
             .unwrap()

@@ -170,13 +170,7 @@ fn a_chatty_task_loses_nothing_while_its_coordinator_is_frozen_past_the_idle_tim
         limit,
     );
     assert_eq!(up.code, Some(0), "{up:?}");
-    let status = run(
-        sandbox
-            .skyward()
-            .args(["pool", "status", "frozen", "--json"]),
-        limit,
-    );
-    let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+    let status = sandbox.pool_status("frozen");
     let coordinator = status["pid"].as_i64().expect("pid") as i32;
 
     let mut exec = sandbox
@@ -477,13 +471,7 @@ fn a_stalled_reader_pauses_its_task_and_pool_status_says_why() {
     // node's next health report (every 10 s) says its task waits.
     let deadline = Instant::now() + Duration::from_secs(45);
     let node = loop {
-        let status = run(
-            sandbox
-                .skyward()
-                .args(["pool", "status", "stall", "--json"]),
-            limit,
-        );
-        let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+        let status = sandbox.pool_status("stall");
         let node = status["nodes"][0].clone();
         if node["tasks_waiting_for_room"].as_u64() == Some(1) {
             break node;
@@ -623,13 +611,7 @@ fn a_task_moves_onto_the_node_that_replaced_one_its_job_lost() {
     // The pool replaces the node lost (its replacement may have taken the task already);
     // once it has a node besides the task's, that one goes too.
     loop {
-        let status = run(
-            sandbox
-                .skyward()
-                .args(["pool", "status", "moving", "--json"]),
-            limit,
-        );
-        let status: serde_json::Value = serde_json::from_str(&status.stdout).expect("status json");
+        let status = sandbox.pool_status("moving");
         let other = status["nodes"].as_array().expect("nodes").iter().any(|n| {
             let id = n["node"].as_str().unwrap_or_default();
             id != first && id != second && n["state"].as_str() == Some("connected")

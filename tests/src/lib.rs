@@ -49,6 +49,17 @@ impl Default for Sandbox {
 }
 
 impl Sandbox {
+    /// `skyward pool status POOL --json` in this sandbox, parsed; fails the test with what
+    /// it printed when it does not answer.
+    pub fn pool_status(&self, pool: &str) -> serde_json::Value {
+        let out = run(
+            self.skyward().args(["pool", "status", pool, "--json"]),
+            Duration::from_secs(60),
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
+    }
+
     pub fn new() -> Self {
         Sandbox {
             dir: tempfile::Builder::new()
