@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use skyward_coordinator::provider::NodeBootstrap;
 use skyward_coordinator::{Advertise, Coordinator, CoordinatorConfig};
+use skyward_providers::NodeBootstrap;
 use skyward_tests::node::BootedNode;
 
 use crate::report::{met, render};

@@ -10,9 +10,10 @@ use serde::{Deserialize, Serialize};
 use skyward_common::protocol::{TaskEvent, TaskSpec};
 use skyward_common::typed::{Task, TaskContext, TaskResult};
 use skyward_coordinator::pool::PoolProgress;
-use skyward_coordinator::provider::{LocalProvider, Provider};
 use skyward_coordinator::server::RemoteTask;
-use skyward_coordinator::{Coordinator, CoordinatorConfig, NodeHandle, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, NodeHandle, Pool};
+use skyward_core::{selection::Selection, spec::PoolSpec};
+use skyward_providers::{LocalProvider, Provider};
 use tokio::task::JoinSet;
 
 use crate::stats::Latency;

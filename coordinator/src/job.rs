@@ -10,15 +10,27 @@ use serde::{Deserialize, Serialize};
 use crate::pool::Pool;
 use crate::preflight::Preflight;
 use crate::run::{Job, TaskPlan, TaskReport};
-use crate::slots::{self, GpuRequest};
+use skyward_core::slots::{self, GpuRequest};
 
 /// Where a command runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum On {
     /// One node: the least loaded.
     One,
     /// Every node (broadcast), each told its rank.
     All,
+}
+
+impl std::str::FromStr for On {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<On, String> {
+        match s {
+            "one" => Ok(On::One),
+            "all" => Ok(On::All),
+            _ => Err(format!("`{s}` is not a place to run: use one or all")),
+        }
+    }
 }
 
 /// A job as asked for, before it meets the pool's nodes.

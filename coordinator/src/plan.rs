@@ -8,28 +8,30 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::provider::{self, LocalProvider, Provider, ProviderContext, ProviderOptions};
-use crate::selection::Selection;
-use crate::spec::PoolSpec;
+use skyward_core::selection::Selection;
+use skyward_core::spec::PoolSpec;
+use skyward_providers::{
+    self as provider, LocalProvider, Provider, ProviderContext, ProviderOptions,
+};
 
 /// How `skyward run` and `skyward pool up` make a pool, checked before anything is created.
 pub struct PoolPlan {
-    pub(crate) provider_options: ProviderOptions,
+    pub provider_options: ProviderOptions,
     /// The `--provider-opt` settings as given, for the state store.
-    pub(crate) provider_opts: Vec<String>,
-    pub(crate) listen: Option<SocketAddr>,
-    pub(crate) advertise: Option<SocketAddr>,
-    pub(crate) agent_binary: Option<PathBuf>,
-    pub(crate) agent_url: Option<String>,
-    pub(crate) spec: PoolSpec,
-    pub(crate) selection: Selection,
-    pub(crate) providers: String,
-    pub(crate) node_timeout: Duration,
+    pub provider_opts: Vec<String>,
+    pub listen: Option<SocketAddr>,
+    pub advertise: Option<SocketAddr>,
+    pub agent_binary: Option<PathBuf>,
+    pub agent_url: Option<String>,
+    pub spec: PoolSpec,
+    pub selection: Selection,
+    pub providers: String,
+    pub node_timeout: Duration,
 }
 
 /// Loopback, unless the coordinator dials cloud nodes (`--reverse`): then from any address,
 /// on a port of the system's choosing (nodes never dial it).
-pub(crate) fn default_listen(plan: &PoolPlan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
+pub fn default_listen(plan: &PoolPlan, providers: &[Arc<dyn Provider>]) -> SocketAddr {
     let cloud = providers.iter().any(|p| p.name() != "local");
     match plan.spec.reverse && cloud {
         true => SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -39,7 +41,7 @@ pub(crate) fn default_listen(plan: &PoolPlan, providers: &[Arc<dyn Provider>]) -
 
 /// How cloud nodes reach this coordinator and get the agent. Only needed when a provider
 /// other than `local` is in the list.
-pub(crate) fn advertise(
+pub fn advertise(
     plan: &PoolPlan,
     providers: &[Arc<dyn Provider>],
 ) -> Result<crate::Advertise, String> {
@@ -78,7 +80,7 @@ pub(crate) fn advertise(
 
 /// The agent built for old glibc by `scripts/build-agent.sh`, beside this `skyward`: it runs
 /// on every image, where the plain build needs this machine's glibc.
-pub(crate) fn portable_agent() -> Option<PathBuf> {
+pub fn portable_agent() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let portable = exe.with_file_name(format!("skyward-agent-linux-{}", std::env::consts::ARCH));
     portable.is_file().then_some(portable)
@@ -86,7 +88,7 @@ pub(crate) fn portable_agent() -> Option<PathBuf> {
 
 /// The providers named on the command line. `need_agent`: refuse up front when the local
 /// provider is asked to start nodes without an agent binary to run.
-pub(crate) fn make_providers(
+pub fn make_providers(
     names: &str,
     options: &ProviderOptions,
     local_root: PathBuf,

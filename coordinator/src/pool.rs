@@ -10,13 +10,13 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::bootstrap::{Reverse, AGENT_PORT};
-use crate::lifecycle::{Action, Event, Lifecycle, Phase};
-use crate::offer::{Market, Offer};
-use crate::provider::{Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest};
-use crate::selection::{self, Attempt, Candidate, Selection};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
-pub use crate::spec::PoolSpec;
+use skyward_core::lifecycle::{Action, Event, Lifecycle, Phase};
+use skyward_core::offer::{Market, Offer};
+use skyward_core::selection::{self, Attempt, Candidate, Selection};
+pub use skyward_core::spec::PoolSpec;
+use skyward_providers::bootstrap::{Reverse, AGENT_PORT};
+use skyward_providers::{Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest};
 
 /// Progress reports while a pool comes up.
 pub enum PoolProgress<'a> {
@@ -275,7 +275,7 @@ impl Pool {
                         attempt,
                         error: &ProviderError::new(
                             provider.name(),
-                            crate::provider::ErrorKind::Api,
+                            skyward_providers::ErrorKind::Api,
                             e.clone(),
                         ),
                     });
@@ -416,7 +416,7 @@ fn node_bootstrap(
     coordinator: &Coordinator,
     spec: &PoolSpec,
     deadline: Option<u64>,
-) -> crate::bootstrap::Bootstrap {
+) -> skyward_providers::bootstrap::Bootstrap {
     let mut bootstrap = coordinator.bootstrap();
     bootstrap.mig = spec.mig.clone();
     bootstrap.deadline = deadline;
@@ -440,7 +440,7 @@ fn mig_refusal(spec: &PoolSpec, providers: &[Arc<dyn Provider>]) -> Option<Strin
     }
     let wanted = spec.accelerator.as_ref()?;
     (!wanted.accelerator.mig).then(|| {
-        let able: Vec<&str> = crate::catalog::CATALOG
+        let able: Vec<&str> = skyward_core::catalog::CATALOG
             .iter()
             .filter(|a| a.mig)
             .map(|a| a.name)

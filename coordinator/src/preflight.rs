@@ -18,7 +18,7 @@ use skyward_common::protocol::{Probe, ProbeReport, Reach, TaskEvent, TaskOutcome
 use tokio::task::JoinSet;
 
 use crate::server::{Coordinator, NodeHandle, RemoteTask};
-use crate::training::{interface_of, master_candidates, nproc_per_node, Mesh, MeshNode};
+use skyward_core::training::{interface_of, master_candidates, nproc_per_node, Mesh, MeshNode};
 
 /// The port torch uses by default: the one firewalls are most often opened for.
 const CONVENTIONAL_PORT: u16 = 29500;

@@ -11,12 +11,12 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::lifecycle::Event;
 use crate::pool::Pool;
 use crate::preflight::{Preflight, PreflightError};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
-use crate::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
-use crate::training::{training_env, Mesh};
+use skyward_core::lifecycle::Event;
+use skyward_core::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
+use skyward_core::training::{training_env, Mesh};
 
 /// What feeds a task's stdin. `Sync` so that a job (and the future running it) can move
 /// between threads.
@@ -50,7 +50,7 @@ pub struct Job {
 
 impl Job {
     /// One task on every node, each told its rank, the world size, every node's address and
-    /// where rank 0 listens ([`crate::training`]), once the preflight has checked that every
+    /// where rank 0 listens ([`skyward_core::training`]), once the preflight has checked that every
     /// node reaches rank 0 there (and every other node, with [`Preflight::Mesh`]).
     pub async fn broadcast(
         pool: &Pool,
@@ -483,7 +483,7 @@ const MACHINE_POLL: Duration = Duration::from_secs(10);
 
 /// Reports each node whose machine the provider says is gone (once each), with why.
 async fn watch_machines(
-    providers: Vec<std::sync::Arc<dyn crate::provider::Provider>>,
+    providers: Vec<std::sync::Arc<dyn skyward_providers::Provider>>,
     pool: String,
     gone: mpsc::Sender<(String, String)>,
 ) {

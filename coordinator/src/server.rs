@@ -29,10 +29,10 @@ use skyward_common::protocol::{
 use skyward_common::transport;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::admission::{Admission, Refusal};
-use crate::task::{Delivery, TaskProgress, TaskProtocolError};
 use crate::tcp::{BulkTicket, BulkTickets};
-use crate::tokens::{TokenRejection, TokenStore};
+use skyward_core::admission::{Admission, Refusal};
+use skyward_core::task::{Delivery, TaskProgress, TaskProtocolError};
+use skyward_core::tokens::{TokenRejection, TokenStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -433,8 +433,8 @@ impl Coordinator {
     }
 
     /// What nodes are told to reach and trust this coordinator.
-    pub fn bootstrap(&self) -> crate::bootstrap::Bootstrap {
-        crate::bootstrap::Bootstrap {
+    pub fn bootstrap(&self) -> skyward_providers::bootstrap::Bootstrap {
+        skyward_providers::bootstrap::Bootstrap {
             coordinator: self.inner.advertised.to_string(),
             ca_pin: self.ca_pin(),
             ca_pem: self.inner.ca.cert_pem(),

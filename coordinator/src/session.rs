@@ -3,42 +3,30 @@
 //! start the coordinator, bring the nodes up (recording every attempt and instance), run jobs
 //! (recording every task attempt), and tear down, forgetting the pool only once nothing is left.
 
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
 
 use crate::job::{build_job, JobRequest};
-use crate::output::Renderer;
 use crate::plan::{advertise, default_listen, make_providers, PoolPlan};
 use crate::pool::{self, Pool, PoolProgress};
-use crate::provider::Provider;
 use crate::run::{run_job, RunEvent, TaskReport};
 use crate::server::{Coordinator, CoordinatorConfig};
 use crate::store::{InstanceRecord, Owner, Placement, PoolState, Store};
+use skyward_providers::Provider;
 
-/// The value of a `Result<_, String>`, or: say why on stderr and return `$code` from the
-/// calling command.
-macro_rules! or_exit {
-    ($result:expr, $code:expr) => {
-        match $result {
-            Ok(value) => value,
-            Err(message) => {
-                eprintln!("skyward: {message}");
-                return $code;
-            }
-        }
-    };
+/// Why a pool session could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The plan cannot work (its providers refuse its spec, an address is wrong): nothing
+    /// was recorded or started.
+    #[error("{0}")]
+    Plan(String),
+    /// Recording the pool or starting its coordinator failed.
+    #[error("{0}")]
+    Failed(String),
 }
-pub(crate) use or_exit;
-
-/// Exit code for a command line that was wrong (nothing was started).
-pub const USAGE: i32 = 2;
-/// Exit code when Skyward itself failed (as ssh uses 255).
-pub const FAILURE: i32 = 255;
 
 pub struct PoolSession {
     pub name: String,
@@ -51,12 +39,10 @@ pub struct PoolSession {
 
 impl PoolSession {
     /// Checks `plan` against its providers, records the pool (owned by this process) and
-    /// starts its coordinator; nothing is provisioned yet. An error carries the exit code:
-    /// [`USAGE`] when the plan cannot work (nothing was recorded).
-    pub fn start(plan: &PoolPlan, home: &Path, name: &str) -> Result<PoolSession, (String, i32)> {
+    /// starts its coordinator; nothing is provisioned yet.
+    pub fn start(plan: &PoolPlan, home: &Path, name: &str) -> Result<PoolSession, StartError> {
         let dir = home.join("pools").join(name);
-        let (providers, advertise) =
-            Self::providers(plan, &dir).map_err(|message| (message, USAGE))?;
+        let (providers, advertise) = Self::providers(plan, &dir).map_err(StartError::Plan)?;
         // Recorded before anything exists, so that nothing this pool creates can go unrecorded.
         let store = Store::open(home)
             .and_then(|store| {
@@ -70,7 +56,7 @@ impl PoolSession {
                     )
                     .map(|()| store)
             })
-            .map_err(|message| (message, FAILURE))?;
+            .map_err(StartError::Failed)?;
         let store = Mutex::new(store);
         let coordinator = match Coordinator::start_advertised(
             CoordinatorConfig {
@@ -85,7 +71,7 @@ impl PoolSession {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 forget(&store, name);
-                return Err((format!("starting the coordinator: {e}"), FAILURE));
+                return Err(StartError::Failed(format!("starting the coordinator: {e}")));
             }
         };
         coordinator.set_node_timeout(plan.node_timeout);
@@ -98,7 +84,7 @@ impl PoolSession {
         })
     }
 
-    /// What [`PoolSession::start`] refuses with [`USAGE`], found without recording or
+    /// What [`PoolSession::start`] refuses as [`StartError::Plan`], found without recording or
     /// starting anything.
     pub fn check(plan: &PoolPlan, home: &Path, name: &str) -> Result<(), String> {
         Self::providers(plan, &home.join("pools").join(name)).map(drop)
@@ -131,63 +117,26 @@ impl PoolSession {
     }
 
     /// Provisions the pool and waits for every agent, recording each attempt before its
-    /// provider is called and each instance it creates. `bar`: draw a progress bar on a
-    /// terminal's stderr.
-    pub async fn bring_up<O: Write + Send, E: Write + Send>(
+    /// provider is called and each instance it creates; `on_progress` sees every step after
+    /// it is recorded.
+    pub async fn bring_up(
         &self,
         plan: &PoolPlan,
-        renderer: &mut Renderer<O, E>,
-        bar: bool,
+        on_progress: &mut (dyn FnMut(&PoolProgress<'_>) + Send),
     ) -> Result<Pool, String> {
-        let progress = (bar && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::new(plan.spec.nodes as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg} {pos}/{len} nodes ready ({elapsed})")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            bar.enable_steady_tick(Duration::from_millis(100));
-            bar
-        });
-        let mut on_progress = |event: PoolProgress<'_>| match event {
-            PoolProgress::Searching { providers } => {
-                if let Some(bar) = &progress {
-                    bar.set_message(format!("asking {providers} provider(s) for offers:"));
-                }
-            }
-            PoolProgress::Provisioning { attempt, nodes } => {
-                self.record_progress(&event);
-                if let Some(bar) = &progress {
-                    bar.set_message(format!(
-                        "starting {nodes} x {} on {} ({}):",
-                        attempt.offer.instance_type, attempt.offer.provider, attempt.market
-                    ));
-                }
-            }
-            PoolProgress::Provisioned { .. } => self.record_progress(&event),
-            PoolProgress::AttemptFailed { attempt, error } => {
-                renderer.attempt_failed(attempt, error);
-            }
-            PoolProgress::NodeReady { node, .. } => match &progress {
-                // Lines printed while the bar is drawn would be garbled by it.
-                Some(bar) => {
-                    bar.inc(1);
-                    bar.suspend(|| renderer.node_ready(node));
-                }
-                None => renderer.node_ready(node),
-            },
+        let mut record_then_tell = |event: PoolProgress<'_>| {
+            self.record_progress(&event);
+            on_progress(&event);
         };
-        let up = Pool::up(
+        Pool::up(
             self.coordinator.clone(),
             &self.providers,
             &plan.selection,
             &plan.spec,
-            &mut on_progress,
+            &mut record_then_tell,
         )
-        .await;
-        if let Some(bar) = &progress {
-            bar.finish_and_clear();
-        }
-        up.map_err(|e| e.to_string())
+        .await
+        .map_err(|e| e.to_string())
     }
 
     /// Records what provisioning is about to create (before the call) and what it created.
@@ -283,34 +232,6 @@ impl PoolSession {
             }
         }
         Ok(reports)
-    }
-
-    /// Tears the pool down; a SIGINT meanwhile only says what is still being removed. Once
-    /// nothing is left the pool's files and record go; otherwise the record says the teardown
-    /// failed, for `skyward down`. Returns whether everything is gone.
-    pub async fn finish(&self, interrupts: &mut tokio::signal::unix::Signal) -> bool {
-        let name = &self.name;
-        let teardown = tear_down(
-            name,
-            &self.dir,
-            &self.coordinator,
-            &self.providers,
-            &self.store,
-        );
-        tokio::pin!(teardown);
-        let torn_down = loop {
-            tokio::select! {
-                result = &mut teardown => break result,
-                _ = interrupts.recv() => eprintln!("skyward: still removing the nodes of pool {name}; they will be gone in a few seconds"),
-            }
-        };
-        match torn_down {
-            Ok(()) => true,
-            Err(message) => {
-                eprintln!("skyward: {message}");
-                false
-            }
-        }
     }
 }
 

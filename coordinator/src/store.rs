@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// `SKYWARD_HOME`, else `$XDG_DATA_HOME/skyward`, else `~/.local/share/skyward`.
-pub(crate) fn skyward_home() -> Result<PathBuf, String> {
+pub fn skyward_home() -> Result<PathBuf, String> {
     if let Some(home) = std::env::var_os("SKYWARD_HOME") {
         return Ok(PathBuf::from(home));
     }

@@ -351,7 +351,7 @@ async fn agents_report_health_with_their_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_booted_from_its_user_data_joins_and_runs_work() {
-    use skyward_coordinator::provider::NodeBootstrap;
+    use skyward_providers::NodeBootstrap;
     let sandbox = Sandbox::new();
     let coordinator = coordinator();
     let node = NodeBootstrap {
@@ -398,7 +398,7 @@ async fn a_node_booted_from_its_user_data_joins_and_runs_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_image_downloads_the_agent_from_the_coordinator() {
-    use skyward_coordinator::provider::NodeBootstrap;
+    use skyward_providers::NodeBootstrap;
     skyward_common::install_crypto_provider();
     let sandbox = Sandbox::new();
     let coordinator = Coordinator::start_advertised(
@@ -472,7 +472,7 @@ async fn a_stock_image_downloads_the_agent_from_the_coordinator() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_in_its_own_network_namespace_fetches_the_agent_and_joins_over_the_link() {
-    use skyward_coordinator::provider::NodeBootstrap;
+    use skyward_providers::NodeBootstrap;
     skyward_common::install_crypto_provider();
     let sandbox = Sandbox::new();
     let net = skyward_tests::netns::TestNet::create().expect("a network namespace for the node");
@@ -757,7 +757,7 @@ async fn a_task_outlives_a_lost_connection_and_its_output_arrives_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thirty_second_partition_loses_and_repeats_no_output() {
     use sha2::Digest;
-    use skyward_coordinator::provider::NodeBootstrap;
+    use skyward_providers::NodeBootstrap;
     skyward_common::install_crypto_provider();
     let sandbox = Sandbox::new();
     let net = std::sync::Arc::new(

@@ -5,12 +5,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use skyward_coordinator::offer::Market;
 use skyward_coordinator::pool::PoolProgress;
-use skyward_coordinator::provider::aws::{Aws, AwsConfig};
-use skyward_coordinator::provider::{NodeBootstrap, Provider, ProvisionRequest, POOL_TAG};
-use skyward_coordinator::spec::{parse_memory_gb, Allocation};
-use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, Pool};
+use skyward_core::offer::Market;
+use skyward_core::spec::{parse_memory_gb, Allocation};
+use skyward_core::{selection::Selection, spec::PoolSpec};
+use skyward_providers::aws::{Aws, AwsConfig};
+use skyward_providers::{NodeBootstrap, Provider, ProvisionRequest, POOL_TAG};
 use skyward_tests::moto::{self, Fault, FaultProxy, Hypervisor, Moto};
 use skyward_tests::{run, task_output, Sandbox};
 

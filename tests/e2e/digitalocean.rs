@@ -8,13 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::{self, PoolProgress};
-use skyward_coordinator::provider::digitalocean::{self, DigitalOcean, DigitalOceanConfig};
-use skyward_coordinator::provider::{
-    ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG,
-};
-use skyward_coordinator::{Coordinator, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, Pool};
+use skyward_core::offer::{Market, Offer};
+use skyward_core::{selection::Selection, spec::PoolSpec};
+use skyward_providers::digitalocean::{self, DigitalOcean, DigitalOceanConfig};
+use skyward_providers::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG};
 use skyward_tests::openapi;
 use skyward_tests::standins::digitalocean::{DigitalOceanStandIn, VpcInfo, TOKEN};
 use skyward_tests::{command, run, task_output, Sandbox};
@@ -831,7 +830,7 @@ fn the_contract_check_catches_wrong_shapes() {
         .is_empty());
     // The pool's firewall, as the client makes it, fits the spec; a name with a space or a
     // firewall without rules does not.
-    let reverse = skyward_coordinator::bootstrap::Reverse {
+    let reverse = skyward_providers::bootstrap::Reverse {
         agent_port: 7444,
         allow_from: Some("198.51.100.7".parse().unwrap()),
     };
@@ -1335,8 +1334,8 @@ async fn a_pools_firewall_is_found_by_name_after_a_crash_and_only_its_own() {
     let coordinator = coordinator("do-crash");
     let request = |pool: &str, public_ip: &str| {
         let mut bootstrap = coordinator.bootstrap();
-        bootstrap.reverse = Some(skyward_coordinator::bootstrap::Reverse {
-            agent_port: skyward_coordinator::bootstrap::AGENT_PORT,
+        bootstrap.reverse = Some(skyward_providers::bootstrap::Reverse {
+            agent_port: skyward_providers::bootstrap::AGENT_PORT,
             allow_from: Some(public_ip.parse().unwrap()),
         });
         ProvisionRequest {

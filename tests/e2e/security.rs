@@ -16,9 +16,9 @@ use skyward_common::protocol::{
     TaskOutcome, TaskSpec, ALPN_ENROLL, ALPN_NODE, COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
-use skyward_coordinator::admission::Refusal;
-use skyward_coordinator::tokens::TokenRejection;
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, Rejection};
+use skyward_core::admission::Refusal;
+use skyward_core::tokens::TokenRejection;
 use skyward_tests::{spawn_agent, task_output, wait_connected, Sandbox};
 use tokio::sync::broadcast;
 

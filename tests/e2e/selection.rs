@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::PoolProgress;
-use skyward_coordinator::provider::{
+use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool};
+use skyward_core::offer::{Market, Offer};
+use skyward_core::selection::{Candidate, CustomSelection};
+use skyward_core::{selection::Selection, spec::PoolSpec};
+use skyward_providers::{
     ErrorKind, Instance, LocalProvider, Provider, ProviderError, ProviderStatus, ProvisionRequest,
 };
-use skyward_coordinator::selection::{Candidate, CustomSelection};
-use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
 use skyward_tests::{bin, task_output, Sandbox};
 
 /// A provider with one offer at `price` that either fails with `failure` or starts real

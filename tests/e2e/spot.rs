@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use skyward_common::protocol::TaskOutcome;
-use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::PoolProgress;
-use skyward_coordinator::provider::{
-    Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest,
-};
 use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan};
-use skyward_coordinator::slots::GpuRequest;
-use skyward_coordinator::{Pool, PoolSpec, Selection};
+use skyward_coordinator::Pool;
+use skyward_core::offer::{Market, Offer};
+use skyward_core::slots::GpuRequest;
+use skyward_core::{selection::Selection, spec::PoolSpec};
+use skyward_providers::{Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest};
 use skyward_tests::imds::Imds;
 use skyward_tests::node::BootedNode;
 use skyward_tests::Sandbox;
@@ -62,7 +61,7 @@ impl Provider for SpotCloud {
         if !self.capacity.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(ProviderError::new(
                 self.name,
-                skyward_coordinator::provider::ErrorKind::Capacity,
+                skyward_providers::ErrorKind::Capacity,
                 "no capacity",
             ));
         }
@@ -73,9 +72,8 @@ impl Provider for SpotCloud {
                 bootstrap.spot_watch = Some(format!("aws={}", self.imds));
             }
             let user_data = bootstrap.user_data(&request.pool, node);
-            let booted = BootedNode::boot(&self.root, &node.node_id, &user_data).map_err(|e| {
-                ProviderError::new(self.name, skyward_coordinator::provider::ErrorKind::Api, e)
-            })?;
+            let booted = BootedNode::boot(&self.root, &node.node_id, &user_data)
+                .map_err(|e| ProviderError::new(self.name, skyward_providers::ErrorKind::Api, e))?;
             self.booted.lock().unwrap().push(booted);
             instances.push(Instance {
                 node_id: node.node_id.clone(),
@@ -234,7 +232,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         capacity: true.into(),
     });
     let other_offer = other.offers(&PoolSpec::new(1)).await.unwrap().remove(0);
-    let fallback = skyward_coordinator::selection::Attempt {
+    let fallback = skyward_core::selection::Attempt {
         candidate: 1,
         price: 0.2,
         offer: other_offer,

@@ -11,14 +11,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::PoolProgress;
 use skyward_coordinator::preflight::Preflight;
-use skyward_coordinator::provider::{
+use skyward_coordinator::run::{run_job, Job, RunEvent};
+use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool};
+use skyward_core::offer::{Market, Offer};
+use skyward_core::{selection::Selection, spec::PoolSpec};
+use skyward_providers::{
     Instance, LocalProvider, Provider, ProviderError, ProviderStatus, ProvisionRequest,
 };
-use skyward_coordinator::run::{run_job, Job, RunEvent};
-use skyward_coordinator::{Coordinator, CoordinatorConfig, Pool, PoolSpec, Selection};
 use skyward_tests::netns::TestCluster;
 use skyward_tests::{bin, Sandbox};
 use tokio::sync::mpsc;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use skyward_coordinator::api::{
+use skyward::{
     Command, ComputePool, Error, Local, OutputStream, Task, TaskContext, TaskOutcome, TaskResult,
 };
 use skyward_tests::{bin, run, Sandbox};

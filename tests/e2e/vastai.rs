@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use skyward_coordinator::offer::Market;
 use skyward_coordinator::pool::PoolProgress;
-use skyward_coordinator::provider::vastai::{self, VastAi, VastAiConfig};
-use skyward_coordinator::provider::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest};
-use skyward_coordinator::{Allocation, Coordinator, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, Pool};
+use skyward_core::offer::Market;
+use skyward_core::{selection::Selection, spec::Allocation, spec::PoolSpec};
+use skyward_providers::vastai::{self, VastAi, VastAiConfig};
+use skyward_providers::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest};
 use skyward_tests::standins::vastai::{Caller, Gone, VastAiStandIn, KEY};
 use skyward_tests::{command, run, task_output, Sandbox};
 

@@ -9,13 +9,12 @@ use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
 use skyward_common::protocol::TaskSpec;
-use skyward_coordinator::offer::{Market, Offer};
 use skyward_coordinator::pool::PoolProgress;
-use skyward_coordinator::provider::verda::{Verda, VerdaConfig, VerdaTiming, DEFAULT_IMAGE};
-use skyward_coordinator::provider::{
-    ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG,
-};
-use skyward_coordinator::{Allocation, Coordinator, Pool, PoolSpec, Selection};
+use skyward_coordinator::{Coordinator, Pool};
+use skyward_core::offer::{Market, Offer};
+use skyward_core::{selection::Selection, spec::Allocation, spec::PoolSpec};
+use skyward_providers::verda::{Verda, VerdaConfig, VerdaTiming, DEFAULT_IMAGE};
+use skyward_providers::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest, NODE_TAG, POOL_TAG};
 use skyward_tests::standins::verda::{IdFormat, VerdaStandin, CLIENT_ID, CLIENT_SECRET};
 use skyward_tests::{bin, run, task_output, Sandbox};
 

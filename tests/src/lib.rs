@@ -363,9 +363,9 @@ pub fn command(argv: &[&str]) -> skyward_common::protocol::TaskSpec {
 }
 
 /// What a reversed pool's agents listen on, as `Provider::listen_addresses` is asked it.
-pub fn agent_listening() -> skyward_coordinator::bootstrap::Reverse {
-    skyward_coordinator::bootstrap::Reverse {
-        agent_port: skyward_coordinator::bootstrap::AGENT_PORT,
+pub fn agent_listening() -> skyward_providers::bootstrap::Reverse {
+    skyward_providers::bootstrap::Reverse {
+        agent_port: skyward_providers::bootstrap::AGENT_PORT,
         allow_from: None,
     }
 }

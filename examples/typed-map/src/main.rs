@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use skyward_coordinator::api::{self, ComputePool, Local};
+use skyward::{self as api, ComputePool, Local};
 use typed_map::Sum;
 
 const CHUNKS: u64 = 20;

@@ -42,7 +42,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-use skyward_coordinator::provider::digitalocean::DigitalOceanConfig;
+use skyward_providers::digitalocean::DigitalOceanConfig;
 
 use crate::node::BootedNode;
 use crate::openapi::{self, OpenApi};
@@ -1483,7 +1483,7 @@ fn create_firewall(shared: &Arc<Shared>, body: Option<&Value>) -> Answer {
         return unprocessable(&format!("tag {missing} does not exist"));
     }
     // Firewall names unique in the account, 409 `conflict` "duplicate name": the provider
-    // module's account of the API (coordinator/src/provider/digitalocean.rs); the spec does
+    // module's account of the API (providers/src/digitalocean.rs); the spec does
     // not say so.
     if state.firewalls.iter().any(|f| f["name"] == name) {
         return Answer::error(StatusCode::CONFLICT, "conflict", "duplicate name");

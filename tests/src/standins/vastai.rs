@@ -45,7 +45,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use skyward_coordinator::provider::vastai::VastAiConfig;
+use skyward_providers::vastai::VastAiConfig;
 
 use crate::node::BootedNode;
 

@@ -1,4 +1,4 @@
-//! The Rust library API: make a pool from a program, run commands and typed tasks on it,
+//! Skyward for programs: make a pool from a program, run commands and typed tasks on it,
 //! and tear it down.
 //!
 //! [`ComputePool::builder`] provisions a pool exactly as `skyward run` does (providers,
@@ -24,7 +24,7 @@
 //!
 //! ```no_run
 //! use serde::{Deserialize, Serialize};
-//! use skyward_coordinator::api::{Command, ComputePool, Local, Selection, Task, TaskContext, TaskResult};
+//! use skyward::{Command, ComputePool, Local, Selection, Task, TaskContext, TaskResult};
 //!
 //! #[derive(Serialize, Deserialize)]
 //! struct Sum {
@@ -40,7 +40,7 @@
 //!     }
 //! }
 //!
-//! # async fn example() -> Result<(), skyward_coordinator::api::Error> {
+//! # async fn example() -> Result<(), skyward::Error> {
 //! let pool = ComputePool::builder()
 //!     .provider(Local::default())
 //!     .selection(Selection::Cheapest)
@@ -71,21 +71,21 @@ use skyward_common::limits::MAX_TYPED_OUTPUT;
 use skyward_common::protocol::{TaskEvent, TaskSpec};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::pool::{self, Pool, PoolProgress};
-use crate::preflight::Preflight;
-use crate::provider::local::LocalProvider;
-use crate::provider::{self, Provider, ProviderContext, ProviderOptions};
-use crate::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
-use crate::server::{Coordinator, CoordinatorConfig, NodeHandle};
-use crate::session::record;
-use crate::slots::GpuRequest;
-use crate::spec::{AcceleratorRequest, PoolSpec};
-use crate::store::{Owner, Store};
+use skyward_coordinator::pool::{self, Pool, PoolProgress};
+use skyward_coordinator::preflight::Preflight;
+use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
+use skyward_coordinator::server::{Coordinator, CoordinatorConfig, NodeHandle};
+use skyward_coordinator::session::record;
+use skyward_coordinator::store::{Owner, Store};
+use skyward_core::slots::GpuRequest;
+use skyward_core::spec::{AcceleratorRequest, PoolSpec};
+use skyward_providers::local::LocalProvider;
+use skyward_providers::{self as provider, Provider, ProviderContext, ProviderOptions};
 
-pub use crate::selection::Selection;
-pub use crate::spec::Allocation;
 pub use skyward_common::protocol::{OutputStream, TaskOutcome};
 pub use skyward_common::typed::{Task, TaskContext, TaskResult, TypedError};
+pub use skyward_core::selection::Selection;
+pub use skyward_core::spec::Allocation;
 
 /// What can go wrong; every message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -463,7 +463,7 @@ impl ComputePoolBuilder {
             .map_err(Error::Invalid)?;
         let home = match &self.home {
             Some(home) => home.clone(),
-            None => crate::store::skyward_home().map_err(Error::Invalid)?,
+            None => skyward_coordinator::store::skyward_home().map_err(Error::Invalid)?,
         };
         let agent_bin = match &self.agent_binary {
             Some(path) if path.is_file() => Ok(path.clone()),
@@ -492,11 +492,11 @@ impl ComputePoolBuilder {
         .map_err(Error::Invalid)?;
         pool::check(&spec, &providers).map_err(Error::Invalid)?;
         let advertise = if local && providers.len() == 1 {
-            crate::Advertise::default()
+            skyward_coordinator::Advertise::default()
         } else {
             let binary = agent_bin.map_err(Error::Invalid)?;
-            crate::download::elf_arch(&binary).map_err(Error::Invalid)?;
-            crate::Advertise {
+            skyward_coordinator::download::elf_arch(&binary).map_err(Error::Invalid)?;
+            skyward_coordinator::Advertise {
                 address: self.advertise,
                 agent_binaries: vec![binary],
                 agent_url: None,
@@ -539,7 +539,7 @@ impl ComputePoolBuilder {
         }
         let up = {
             let mut on_progress = |event: PoolProgress<'_>| {
-                crate::session::record_progress(&store, &pool_name, &event)
+                skyward_coordinator::session::record_progress(&store, &pool_name, &event)
             };
             Pool::up(
                 coordinator.clone(),
@@ -594,7 +594,7 @@ impl Shared {
         if self.torn_down.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        crate::session::tear_down(
+        skyward_coordinator::session::tear_down(
             &self.name,
             &self.dir,
             &self.coordinator,

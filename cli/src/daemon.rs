@@ -19,17 +19,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::cli::{interrupt_signals, pool_plan};
-use crate::job::JobRequest;
+use crate::exit::{or_exit, FAILURE, USAGE};
 use crate::output::{accelerator_lines, OutputMode, Renderer};
 use crate::persistent::{
     check_pool_name, socket_path, ControlReply, ControlRequest, NodeStatus, PoolStatus, TaskStatus,
     UpArgs, MAX_CONTROL_FRAME,
 };
-use crate::pool::Pool;
-use crate::run::{RunEvent, TaskReport};
-use crate::session::{or_exit, PoolSession, FAILURE, USAGE};
-use crate::store::skyward_home;
 use skyward_common::protocol::TaskEvent;
+use skyward_coordinator::job::JobRequest;
+use skyward_coordinator::pool::Pool;
+use skyward_coordinator::run::{RunEvent, TaskReport};
+use skyward_coordinator::session::PoolSession;
+use skyward_coordinator::store::skyward_home;
 
 /// A task's log stops growing past this (the task runs on); the log says so.
 const MAX_TASK_LOG: u64 = 256 * 1024 * 1024;
@@ -84,8 +85,8 @@ struct Daemon {
     replacements: Mutex<Vec<String>>,
     /// What the pool was asked for and how offers are chosen: where replacements may come
     /// from when the pool's own offer has none.
-    spec: crate::spec::PoolSpec,
-    selection: crate::selection::Selection,
+    spec: skyward_core::spec::PoolSpec,
+    selection: skyward_core::selection::Selection,
 }
 
 /// `skyward pool serve NAME ...`: run the pool until SIGTERM or its TTL.
@@ -99,9 +100,9 @@ pub async fn serve(args: UpArgs) -> i32 {
     // (two `pool up` at once) the second stops here, before it touches the first's socket.
     let session = match PoolSession::start(&plan, &home, &args.name) {
         Ok(session) => session,
-        Err((message, code)) => {
-            eprintln!("skyward: {message}");
-            return code;
+        Err(error) => {
+            eprintln!("skyward: {error}");
+            return crate::exit::start_error(&error);
         }
     };
     let socket = socket_path(&home, &args.name);
@@ -111,7 +112,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         Ok(listener) => listener,
         Err(message) => {
             eprintln!("skyward: {message}");
-            session.finish(&mut sigint).await;
+            crate::pool_session::finish(&session, &mut sigint).await;
             return FAILURE;
         }
     };
@@ -142,7 +143,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         NoteWriter::new(&daemon),
     );
     let up = tokio::select! {
-        up = daemon.session.bring_up(&plan, &mut renderer, false) => up,
+        up = crate::pool_session::bring_up(&daemon.session, &plan, &mut renderer, false) => up,
         _ = sigint.recv() => Err("stopped (SIGINT) before the pool was up".into()),
         _ = sigterm.recv() => Err("stopped (SIGTERM) before the pool was up".into()),
     };
@@ -190,7 +191,7 @@ pub async fn serve(args: UpArgs) -> i32 {
     {
         job.abort();
     }
-    let clean = daemon.session.finish(&mut sigint).await;
+    let clean = crate::pool_session::finish(&daemon.session, &mut sigint).await;
     accepting.abort();
     let _ = std::fs::remove_file(&socket);
     match clean {
@@ -208,7 +209,7 @@ const NODE_CHECK: Duration = Duration::from_secs(5);
 /// same provider and offer. Each node is replaced once; a failed replacement is reported in
 /// `pool status` and the pool goes on smaller.
 async fn keep_node_count(daemon: Arc<Daemon>) {
-    use crate::server::CoordinatorEvent;
+    use skyward_coordinator::server::CoordinatorEvent;
     use tokio::sync::broadcast::error::RecvError;
     let Ok(pool) = daemon.ready_pool() else {
         return;
@@ -445,7 +446,7 @@ async fn exec(
         true => {
             let (reader, writer) = tokio::io::duplex(256 * 1024);
             (
-                Some(Box::new(reader) as crate::run::TaskInput),
+                Some(Box::new(reader) as skyward_coordinator::run::TaskInput),
                 Some(writer),
             )
         }
@@ -713,14 +714,14 @@ impl Daemon {
     async fn fallbacks(
         &self,
     ) -> Vec<(
-        Arc<dyn crate::provider::Provider>,
-        crate::selection::Attempt,
+        Arc<dyn skyward_providers::Provider>,
+        skyward_core::selection::Attempt,
     )> {
         let mut spec = self.spec.clone();
         spec.nodes = 1;
         let providers = &self.session.providers;
-        let candidates = crate::pool::candidates(providers, &spec).await;
-        crate::selection::plan(&self.selection, &candidates, &spec)
+        let candidates = skyward_coordinator::pool::candidates(providers, &spec).await;
+        skyward_core::selection::plan(&self.selection, &candidates, &spec)
             .into_iter()
             .filter_map(|attempt| Some((providers.get(attempt.candidate)?.clone(), attempt)))
             .collect()
@@ -934,7 +935,7 @@ impl Daemon {
                             Some(h) if h.tasks_waiting_for_room > 0 => format!(
                                 "connected; {} task(s) paused, {} of output held unacknowledged (a slow reader)",
                                 h.tasks_waiting_for_room,
-                                crate::workdir::human_bytes(h.output_held_bytes)
+                                skyward_coordinator::workdir::human_bytes(h.output_held_bytes)
                             ),
                             _ => "connected".into(),
                         },

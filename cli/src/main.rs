@@ -1,5 +1,19 @@
+//! `skyward`, the command line: its arguments (`cli.rs`), settings files and variables
+//! (`config.rs`), output (`output.rs`), exit codes (`exit.rs`), and the pools that outlive a
+//! command (`persistent.rs`, the client side; `daemon.rs`, the background coordinator and its
+//! control socket). Everything else is in the library crates it drives.
+
+mod cli;
+mod config;
+mod daemon;
+mod envfile;
+mod exit;
+mod output;
+mod persistent;
+mod pool_session;
+
 fn main() {
-    let cli = match skyward_coordinator::cli::parse(std::env::args_os().collect()) {
+    let cli = match cli::parse(std::env::args_os().collect()) {
         Ok(cli) => cli,
         Err(code) => std::process::exit(code),
     };
@@ -28,7 +42,7 @@ fn main() {
             std::process::exit(255);
         }
     };
-    let code = runtime.block_on(skyward_coordinator::cli::main(cli));
+    let code = runtime.block_on(cli::main(cli));
     // Exit without dropping the runtime: that would wait for a stdin reader blocked in a
     // background thread (a terminal's, for `skyward shell`).
     std::process::exit(code);

@@ -34,9 +34,9 @@ use super::{
     POOL_TAG,
 };
 use crate::bootstrap::Reverse;
-use crate::catalog::{self, DeviceKind};
-use crate::offer::{Market, Offer, OfferedAccelerator};
-use crate::spec::PoolSpec;
+use skyward_core::catalog::{self, DeviceKind};
+use skyward_core::offer::{Market, Offer, OfferedAccelerator};
+use skyward_core::spec::PoolSpec;
 
 const NAME: &str = "aws";
 /// How long instances get to reach `running`, and to be gone after termination.

@@ -3,12 +3,19 @@
 //! bootstrap, and remove every node of a pool, found by the pool's name rather than by a
 //! list that a crash could lose.
 
+#[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "aws")]
 pub mod aws_prices;
+pub mod bootstrap;
+#[cfg(feature = "digitalocean")]
 pub mod digitalocean;
+#[cfg(feature = "http")]
 pub mod http;
 pub mod local;
+#[cfg(feature = "vastai")]
 pub mod vastai;
+#[cfg(feature = "verda")]
 pub mod verda;
 
 use std::path::PathBuf;
@@ -19,8 +26,8 @@ use async_trait::async_trait;
 pub use local::LocalProvider;
 
 use crate::bootstrap::Bootstrap;
-use crate::offer::{Market, Offer};
-use crate::spec::PoolSpec;
+use skyward_core::offer::{Market, Offer};
+use skyward_core::spec::PoolSpec;
 
 /// What one node needs to join: its id and its single-use token.
 #[derive(Clone)]
@@ -316,24 +323,33 @@ pub fn from_names_with(
                 context.local_root.clone(),
             )),
             // Without a token it still constructs; its calls then fail with Auth and a hint.
+            #[cfg(feature = "digitalocean")]
             "digitalocean" => {
                 let mut config = digitalocean::DigitalOceanConfig::from_env();
                 config.apply(options.settings("digitalocean"))?;
                 Arc::new(digitalocean::DigitalOcean::new(config))
             }
             // Without a client id and secret it still constructs; its calls fail with Auth.
+            #[cfg(feature = "verda")]
             "verda" => Arc::new(verda::Verda::from_env_with(|config| {
                 config.apply(options.settings("verda"))
             })?),
             // Without a key it still constructs; its calls then fail with Auth and a hint.
+            #[cfg(feature = "vastai")]
             "vastai" => Arc::new(vastai::VastAi::from_env_with(|config| {
                 config.apply(options.settings("vastai"))
             })?),
             // Credentials come through the standard AWS chain when the API is first called.
+            #[cfg(feature = "aws")]
             "aws" => {
                 let mut config = aws::AwsConfig::from_env();
                 config.apply(options.settings("aws"))?;
                 Arc::new(aws::Aws::new(config))
+            }
+            other if KNOWN.contains(&other) => {
+                return Err(format!(
+                    "provider {other} is not in this build: enable the cargo feature \"{other}\" of skyward"
+                ))
             }
             other => {
                 return Err(format!(

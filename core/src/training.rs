@@ -1,7 +1,7 @@
 //! The environment of a broadcast as a distributed-training job: where rank 0 listens, the
 //! address each node's peers use and the interface carrying it, and the variables that
 //! `torchrun`, `torch.distributed`, JAX and DeepSpeed read. Pure: the network facts come
-//! from the preflight ([`crate::preflight`]).
+//! from the preflight (`skyward_coordinator::preflight`).
 //!
 //! Skyward starts one process per node. For a program started directly (`python train.py`,
 //! DeepSpeed's `init_distributed`), that is the world: `WORLD_SIZE` is the number of nodes,

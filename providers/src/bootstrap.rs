@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use crate::provider::NodeBootstrap;
+use crate::NodeBootstrap;
 
 const TEMPLATE: &str = include_str!("../../deploy/bootstrap.sh");
 

@@ -14,8 +14,8 @@ use tokio::process::{Child, Command};
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
 };
-use crate::offer::{Market, Offer};
-use crate::spec::PoolSpec;
+use skyward_core::offer::{Market, Offer};
+use skyward_core::spec::PoolSpec;
 
 /// How long an agent gets to stop its tasks and exit after SIGTERM before it is killed.
 const AGENT_EXIT_GRACE: Duration = Duration::from_secs(6);
@@ -25,6 +25,18 @@ pub struct LocalProvider {
     root: PathBuf,
     agents: Mutex<HashMap<String, Vec<(String, Child)>>>,
 }
+
+/// The agent's settings variables whose values this provider gives it as flags.
+const DECIDED_BY_THE_PROVIDER: [&str; 8] = [
+    "SKYWARD_COORDINATOR",
+    "SKYWARD_LISTEN",
+    "SKYWARD_CA_PIN",
+    "SKYWARD_TOKEN",
+    "SKYWARD_NODE_ID",
+    "SKYWARD_WORK_DIR",
+    "SKYWARD_MIG",
+    "SKYWARD_DEADLINE",
+];
 
 impl LocalProvider {
     /// `root` holds one work dir per node (`root/<node id>`). Without an agent binary the
@@ -100,20 +112,22 @@ impl LocalProvider {
             .arg(&node.node_id)
             .arg("--work-dir")
             .arg(&dir)
-            // The token goes in the environment: argv is readable by every user.
-            .env("SKYWARD_TOKEN", &node.token)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| self.error(e.to_string()))?)
             .stderr(log)
             // Its own group, so a Ctrl-C at the terminal reaches the CLI, which tears down in order.
             .process_group(0)
             .kill_on_drop(true);
-        // The CLI's settings variables (SKYWARD_LISTEN: where the coordinator listens) are
-        // not the agent's, which has some of the same names (SKYWARD_LISTEN: listen instead
-        // of dialing); its settings come as the flags above.
-        for var in crate::config::KEYS.iter().filter_map(|key| key.env_var()) {
+        // What this provider decides for the agent comes as the flags above, never from
+        // variables this process inherited: the CLI's settings share some of the agent's
+        // names (SKYWARD_LISTEN: where the coordinator listens, to the agent: listen instead
+        // of dialing; SKYWARD_MIG). The agent's other variables (its idle timeout, memory
+        // bounds, spot watch) pass through.
+        for var in DECIDED_BY_THE_PROVIDER {
             command.env_remove(var);
         }
+        // The token goes in the environment: argv is readable by every user.
+        command.env("SKYWARD_TOKEN", &node.token);
         // SAFETY: prctl is async-signal-safe and touches no parent memory.
         unsafe {
             command.pre_exec(|| {

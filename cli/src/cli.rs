@@ -8,19 +8,20 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
-use crate::job::{exit_code, JobRequest, On};
+use crate::exit::{or_exit, FAILURE, USAGE};
 use crate::output::{OutputMode, Renderer};
 use crate::persistent;
-use crate::plan::{make_providers, portable_agent, PoolPlan};
-use crate::pool;
-use crate::preflight::Preflight;
-use crate::provider::{self, LocalProvider, ProviderOptions};
-use crate::run::TaskReport;
-use crate::selection::Selection;
-use crate::session::{forget, or_exit, record, PoolSession, FAILURE, USAGE};
-use crate::slots::{self, GpuRequest};
-use crate::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
-use crate::store::{skyward_home, PoolRecord, PoolState, Store};
+use skyward_coordinator::job::{exit_code, JobRequest, On};
+use skyward_coordinator::plan::{make_providers, portable_agent, PoolPlan};
+use skyward_coordinator::pool;
+use skyward_coordinator::preflight::Preflight;
+use skyward_coordinator::run::TaskReport;
+use skyward_coordinator::session::{forget, record, PoolSession};
+use skyward_coordinator::store::{skyward_home, PoolRecord, PoolState, Store};
+use skyward_core::selection::Selection;
+use skyward_core::slots::{self, GpuRequest};
+use skyward_core::spec::{parse_memory_gb, AcceleratorRequest, Allocation, PoolSpec};
+use skyward_providers::{self as provider, LocalProvider, ProviderOptions};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -241,8 +242,9 @@ struct RunArgs {
 /// What runs, and how (shared by `run` and `exec`).
 #[derive(Args, Debug)]
 pub struct JobArgs {
-    /// Where the command runs.
-    #[arg(long, value_enum, default_value = "one")]
+    /// Where the command runs: one (the least loaded node) or all (every node, each told its
+    /// rank).
+    #[arg(long, default_value = "one", value_parser = str::parse::<On>)]
     on: On,
     /// With --on all: what the preflight checks before the tasks start: master (every node
     /// reaches rank 0) or mesh (every pair of nodes).
@@ -287,7 +289,7 @@ pub struct JobArgs {
     #[arg(long, value_name = "DIR", default_value = "skyward-downloads")]
     download_to: PathBuf,
     /// Most bytes --download brings back from one node (e.g. 500M, 10GiB).
-    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = crate::workdir::parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = skyward_coordinator::workdir::parse_size)]
     download_limit: u64,
     /// One JSON object per event on stdout (node ready, output, task exit, pool down).
     #[arg(long)]
@@ -585,7 +587,7 @@ pub(crate) fn job_request(args: &JobArgs, pool: Option<&PoolArgs>) -> Result<Job
     let downloads = args
         .download
         .iter()
-        .map(|path| crate::workdir::check_download_path(path))
+        .map(|path| skyward_coordinator::workdir::check_download_path(path))
         .collect::<Result<Vec<_>, _>>()?;
     let argvs = if let Some(template) = &args.map {
         if !args.command.is_empty() {
@@ -702,9 +704,9 @@ async fn run(args: RunArgs) -> i32 {
     let pool_name = format!("sky-{:08x}", rand::random::<u32>());
     let session = match PoolSession::start(&plan, &home, &pool_name) {
         Ok(session) => session,
-        Err((message, code)) => {
-            eprintln!("skyward: {message}");
-            return code;
+        Err(error) => {
+            eprintln!("skyward: {error}");
+            return crate::exit::start_error(&error);
         }
     };
     let mut renderer = Renderer::terminal(output_mode(args.job.json, &request, plan.spec.nodes));
@@ -714,9 +716,9 @@ async fn run(args: RunArgs) -> i32 {
     let labels = request.labels();
     let stdin = request
         .stdin
-        .then(|| Box::new(tokio::io::stdin()) as crate::run::TaskInput);
+        .then(|| Box::new(tokio::io::stdin()) as skyward_coordinator::run::TaskInput);
     let work = async {
-        let pool = session.bring_up(&plan, &mut renderer, true).await?;
+        let pool = crate::pool_session::bring_up(&session, &plan, &mut renderer, true).await?;
         let (events, mut shown) = tokio::sync::mpsc::channel(64);
         let running = session.run(&pool, &request, stdin, 0, events);
         let showing = async {
@@ -745,7 +747,7 @@ async fn run(args: RunArgs) -> i32 {
             "{name}: stopping tasks and tearing down pool {pool_name}"
         ));
     }
-    session.finish(&mut sigint).await;
+    crate::pool_session::finish(&session, &mut sigint).await;
     renderer.pool_down(&pool_name);
 
     match ended {
@@ -773,14 +775,14 @@ async fn offers(args: OffersArgs) -> i32 {
         }
     };
     let candidates = pool::candidates(&providers, &spec).await;
-    let mut rows: Vec<&crate::offer::Offer> = candidates
+    let mut rows: Vec<&skyward_core::offer::Offer> = candidates
         .iter()
         .filter_map(|c| c.offers.as_ref().ok())
         .flatten()
         .collect();
     let sort_market = spec.allocation.markets()[0];
     rows.sort_by(|a, b| {
-        let price = |o: &crate::offer::Offer| o.price(sort_market).unwrap_or(f64::INFINITY);
+        let price = |o: &skyward_core::offer::Offer| o.price(sort_market).unwrap_or(f64::INFINITY);
         price(a).total_cmp(&price(b))
     });
     let errors: Vec<&String> = candidates
@@ -1054,7 +1056,7 @@ fn pool_list(args: PoolListArgs) -> i32 {
 }
 
 /// `2 running, 5 finished, 1 lost`: a pool's task attempts by state.
-fn task_summary(tasks: &[crate::store::TaskRecord]) -> String {
+fn task_summary(tasks: &[skyward_coordinator::store::TaskRecord]) -> String {
     let mut counts: Vec<(&str, usize)> = Vec::new();
     for task in tasks {
         match counts.iter_mut().find(|(state, _)| *state == task.state) {

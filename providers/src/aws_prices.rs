@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// The table bundled with this build.
-const BUNDLED: &str = include_str!("../../data/aws-on-demand-prices.csv");
+const BUNDLED: &str = include_str!("../data/aws-on-demand-prices.csv");
 
 /// A price table larger than this is not one (AWS's whole price list, say).
 const MAX_TABLE_BYTES: u64 = 16 * 1024 * 1024;

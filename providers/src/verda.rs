@@ -28,9 +28,9 @@ use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     NODE_TAG, POOL_TAG,
 };
-use crate::catalog;
-use crate::offer::{Market, Offer, OfferedAccelerator};
-use crate::spec::PoolSpec;
+use skyward_core::catalog;
+use skyward_core::offer::{Market, Offer, OfferedAccelerator};
+use skyward_core::spec::PoolSpec;
 
 const NAME: &str = "verda";
 /// The public API, `/v1` included (as `VERDA_BASE_URL` spells it too).

@@ -8,8 +8,8 @@ use std::time::Duration;
 use skyward_common::inventory::Inventory;
 use skyward_common::protocol::OutputStream;
 
-use crate::run::{RunEvent, TaskReport};
-use crate::server::NodeHandle;
+use skyward_coordinator::run::{RunEvent, TaskReport};
+use skyward_coordinator::server::NodeHandle;
 
 /// A partial line longer than this is written out rather than buffered further.
 const MAX_PENDING_LINE: usize = 64 * 1024;
@@ -65,8 +65,8 @@ impl<O: Write, E: Write> Renderer<O, E> {
     /// One provisioning attempt failed; the next offer is tried.
     pub fn attempt_failed(
         &mut self,
-        attempt: &crate::selection::Attempt,
-        error: &crate::provider::ProviderError,
+        attempt: &skyward_core::selection::Attempt,
+        error: &skyward_providers::ProviderError,
     ) {
         let offer = &attempt.offer;
         if self.mode == OutputMode::Json {
@@ -220,7 +220,7 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 let line = format!(
                     "task {task}: {node} back after {}; resumed with {} of output it held{paused}",
                     humantime::format_duration(outage),
-                    crate::workdir::human_bytes(*held_bytes),
+                    skyward_coordinator::workdir::human_bytes(*held_bytes),
                 );
                 self.line_or_json(
                     &line,

@@ -17,11 +17,12 @@ use tokio::net::UnixStream;
 use crate::cli::{
     interrupt_signals, job_request, open_store, output_mode, pool_plan, JobArgs, PoolArgs,
 };
-use crate::job::{exit_code, JobRequest};
+use crate::exit::{or_exit, FAILURE, USAGE};
 use crate::output::Renderer;
-use crate::run::{RunEvent, TaskReport};
-use crate::session::{or_exit, PoolSession, FAILURE, USAGE};
-use crate::store::skyward_home;
+use skyward_coordinator::job::{exit_code, JobRequest};
+use skyward_coordinator::run::{RunEvent, TaskReport};
+use skyward_coordinator::session::PoolSession;
+use skyward_coordinator::store::skyward_home;
 
 /// The largest control message: an output chunk or a status with its task list.
 pub const MAX_CONTROL_FRAME: usize = 4 * 1024 * 1024;

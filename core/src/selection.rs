@@ -1,5 +1,5 @@
 //! Which offer to try first, and what to fall back to: pure, over the offers every provider
-//! returned. The async shell ([`crate::pool`]) walks the attempts in order.
+//! returned. The async shell (`skyward_coordinator::pool`) walks the attempts in order.
 
 use std::str::FromStr;
 use std::sync::Arc;

@@ -42,9 +42,9 @@ use super::{
     NODE_TAG, POOL_TAG,
 };
 use crate::bootstrap::Reverse;
-use crate::catalog::{self, DeviceKind};
-use crate::offer::{Market, Offer, OfferedAccelerator};
-use crate::spec::PoolSpec;
+use skyward_core::catalog::{self, DeviceKind};
+use skyward_core::offer::{Market, Offer, OfferedAccelerator};
+use skyward_core::spec::PoolSpec;
 
 const PROVIDER: &str = "digitalocean";
 /// The public API; `DIGITALOCEAN_API_URL` or [`DigitalOceanConfig::api_url`] override it.

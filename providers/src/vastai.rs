@@ -39,9 +39,9 @@ use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     NODE_TAG, POOL_TAG,
 };
-use crate::catalog::{self, Accelerator, DeviceKind};
-use crate::offer::{Market, Offer, OfferedAccelerator};
-use crate::spec::PoolSpec;
+use skyward_core::catalog::{self, Accelerator, DeviceKind};
+use skyward_core::offer::{Market, Offer, OfferedAccelerator};
+use skyward_core::spec::PoolSpec;
 
 const PROVIDER: &str = "vastai";
 /// The public API; `VAST_URL` or [`VastAiConfig::api_url`] override it.
@@ -1932,7 +1932,7 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Allocation;
+    use skyward_core::spec::Allocation;
 
     fn provider(config: VastAiConfig) -> VastAi {
         VastAi::new(VastAiConfig {

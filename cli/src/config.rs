@@ -117,7 +117,6 @@ pub const KEYS: &[Key] = &[
 /// Where a setting came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    CommandLine,
     Env(String),
     /// A file, and the pool section the value is in, if any.
     File {
@@ -130,7 +129,6 @@ pub enum Source {
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Source::CommandLine => write!(f, "command line"),
             Source::Env(var) => write!(f, "{var}"),
             Source::File { path, pool: None } => write!(f, "{}", path.display()),
             Source::File {
