@@ -36,6 +36,11 @@ pub struct UpArgs {
     pub name: String,
     #[command(flatten)]
     pub pool: PoolArgs,
+    /// New nodes that may take the place of each lost one (silent, interrupted, gone) per
+    /// hour; the pool as a whole may start the larger of this and twice its size, 4 at
+    /// least. Past it the pool stays smaller and `pool status` says why.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_replacements: u32,
 }
 
 #[derive(Args, Debug)]
@@ -174,6 +179,9 @@ pub struct PoolStatus {
     pub tasks: Vec<TaskStatus>,
     /// Nodes replaced to keep the pool's size (or that could not be), oldest first.
     pub replacements: Vec<String>,
+    /// Why the pool runs with fewer nodes than asked, once its replacement budget is spent.
+    #[serde(default)]
+    pub shortfall: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -785,6 +793,9 @@ fn print_status(status: &PoolStatus) {
     for replacement in &status.replacements {
         println!("{replacement}");
     }
+    if let Some(shortfall) = &status.shortfall {
+        println!("{shortfall}");
+    }
     if status.tasks.is_empty() {
         println!("no tasks yet");
         return;
@@ -897,6 +908,7 @@ mod tests {
                 age_seconds: 4,
             }],
             replacements: vec!["node-2 (lost) replaced by node-3".into()],
+            shortfall: None,
         };
         let mut frame = Vec::new();
         skyward_common::frame::encode_frame(

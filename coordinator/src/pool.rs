@@ -176,6 +176,8 @@ impl Pool {
                 }
                 Err(e) => {
                     on_progress(PoolProgress::AttemptFailed { attempt, error: &e });
+                    // A late machine of this attempt cannot enroll as one of the next's.
+                    coordinator.revoke_tokens(&node_ids);
                     if let Err(cleanup) = provider.teardown(&pool).await {
                         tracing::error!("cleaning up after a failed attempt: {cleanup}");
                     }
@@ -236,13 +238,14 @@ impl Pool {
     /// word) and waits for its agent; the new node (`node-N`, a number not used before) then
     /// takes `lost`'s place in [`Pool::nodes`]. The pool's own provider and offer are tried
     /// first, then each of `fallbacks` in order (other providers' offers, as the selection
-    /// ordered them). The lost node's machine is not removed here: a spot machine goes by
-    /// itself, and a silent agent powers its machine off once its lease passes (teardown
-    /// removes it).
+    /// ordered them); with `next_offer_first`, the fallbacks first and the own offer last.
+    /// The lost node's machine is not removed here: a spot machine goes by itself, and a
+    /// silent agent powers its machine off once its lease passes (teardown removes it).
     pub async fn replace(
         &self,
         lost: &str,
         fallbacks: &[(Arc<dyn Provider>, Attempt)],
+        next_offer_first: bool,
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
     ) -> Result<NodeHandle, String> {
         let own = Attempt {
@@ -252,12 +255,17 @@ impl Pool {
             price: self.offer.price(self.market).unwrap_or(0.0),
         };
         let mut failures = Vec::new();
-        let tries = std::iter::once((&self.provider, &own)).chain(
-            fallbacks
-                .iter()
-                .filter(|(_, a)| !(a.offer.same_as(&own.offer) && a.market == own.market))
-                .map(|(p, a)| (p, a)),
-        );
+        let others = fallbacks
+            .iter()
+            .filter(|(_, a)| !(a.offer.same_as(&own.offer) && a.market == own.market))
+            .map(|(p, a)| (p, a));
+        let own = std::iter::once((&self.provider, &own));
+        // The pool's own offer kept losing its machines soon after they came up: the next
+        // offers first, the own one last.
+        let tries: Vec<_> = match next_offer_first {
+            false => own.chain(others).collect(),
+            true => others.chain(own).collect(),
+        };
         for (provider, attempt) in tries {
             match self
                 .replace_from(lost, provider, attempt, on_progress)

@@ -80,6 +80,10 @@ pub enum Rejection {
     /// gave the task to: a stream the agent opens is a claim to a task it was not given.
     #[error("{node} opened a stream of its own beside its control stream (only the coordinator opens task streams)")]
     ForeignStream { node: String },
+    /// The node was given up and fenced: its certificate is refused and its agent told to
+    /// shut down.
+    #[error("{node} was given up ({reason}): told to shut down")]
+    Fenced { node: String, reason: String },
 }
 
 #[derive(Debug, Clone)]
@@ -92,6 +96,13 @@ pub enum CoordinatorEvent {
     Rejected {
         peer: SocketAddr,
         rejection: Rejection,
+    },
+    /// The coordinator gave the node up (silent past the node timeout, or its machine gone)
+    /// and fenced it: it gets no more work, and its agent is told to shut down if it comes
+    /// back.
+    NodeLost {
+        node_id: String,
+        reason: String,
     },
     /// The node's machine is about to be taken away.
     NodeInterrupted {
@@ -148,6 +159,9 @@ struct NodeState {
     interruption: Mutex<Option<Interruption>>,
     /// Why this coordinator gave the node up, once it did.
     lost: Mutex<Option<String>>,
+    /// When the node was last heard from (a message, or a connection). Silence is counted
+    /// here, not per connection, so that it counts between connections too.
+    last_heard: Mutex<Instant>,
     /// Wakes whoever waits for the node (a task to start or resume, a download to start
     /// over): it connected again, or was given up.
     changed: tokio::sync::Notify,
@@ -265,6 +279,8 @@ struct Inner {
     dial_node: quinn::ClientConfig,
     /// A node silent this long (no health report, no message) is lost, in milliseconds.
     node_timeout_ms: AtomicU64,
+    /// Nodes given up, and why: their certificates are refused from then on.
+    fenced: Mutex<HashMap<String, String>>,
     /// How long the node certificates this coordinator signs are valid, in seconds.
     node_cert_secs: AtomicU64,
     /// The TCP port and the syncs waiting on it, if it could be bound.
@@ -399,10 +415,12 @@ impl Coordinator {
             dial_enroll,
             dial_node,
             node_timeout_ms: AtomicU64::new(DEFAULT_NODE_TIMEOUT.as_millis() as u64),
+            fenced: Mutex::new(HashMap::new()),
             node_cert_secs: AtomicU64::new(NODE_CERT_VALIDITY.as_secs()),
             bulk: tcp_port,
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
+        tokio::spawn(watch_silence(Arc::downgrade(&inner)));
         Ok(Coordinator {
             dialers: Mutex::new(HashMap::new()),
             tcp_server,
@@ -604,9 +622,10 @@ impl Coordinator {
         }
     }
 
-    /// Gives a node up for `reason` (its machine is gone): its connection is closed and its
-    /// tasks are lost at once, not waited for, whether it is connected now or between
-    /// connections; false if it never connected.
+    /// Gives a node up for `reason` (its machine is gone) and fences it: its connection is
+    /// closed, its tasks are lost at once, not waited for, whether it is connected now or
+    /// between connections, and should it come back its agent is told to shut down; false
+    /// if it never connected.
     pub fn give_up(&self, node_id: &str, reason: &str) -> bool {
         let state = self
             .inner
@@ -618,14 +637,27 @@ impl Coordinator {
         let Some(state) = state else {
             return false;
         };
-        *state.lost.lock().expect("lost lock") = Some(reason.to_string());
-        // Whoever waits for its return hears it now.
-        state.changed.notify_waiters();
-        let connection = state.connection.lock().expect("connection lock").clone();
-        if connection.close_reason().is_none() {
-            connection.close(close_code::NORMAL.into(), reason.as_bytes());
-        }
+        declare_lost(&self.inner, node_id, &state, reason);
         true
+    }
+
+    /// Why node `node_id` was given up and fenced, if it was.
+    pub fn fenced(&self, node_id: &str) -> Option<String> {
+        self.inner
+            .fenced
+            .lock()
+            .expect("fenced lock")
+            .get(node_id)
+            .cloned()
+    }
+
+    /// Revokes every token issued so far for these nodes (a provisioning attempt that was
+    /// torn down): a late machine of that attempt cannot enroll with them.
+    pub fn revoke_tokens(&self, node_ids: &[String]) {
+        let mut tokens = self.inner.tokens.lock().expect("token lock");
+        for node_id in node_ids {
+            tokens.revoke_node(node_id);
+        }
     }
 
     /// Tells every connected agent to stop its tasks and exit.
@@ -1363,6 +1395,92 @@ fn frame_rejection(conn: &Connection, node: &str, error: FrameError) -> Rejectio
     }
 }
 
+/// Gives node `node_id` up for `reason` and fences it, once: its tasks stop waiting for it,
+/// its connection closes, its tokens are revoked, and should it connect again its agent is
+/// told to shut down.
+fn declare_lost(inner: &Inner, node_id: &str, state: &NodeState, reason: &str) {
+    {
+        let mut lost = state.lost.lock().expect("lost lock");
+        if lost.is_some() {
+            return;
+        }
+        *lost = Some(reason.to_string());
+    }
+    inner
+        .fenced
+        .lock()
+        .expect("fenced lock")
+        .insert(node_id.to_string(), reason.to_string());
+    inner
+        .tokens
+        .lock()
+        .expect("token lock")
+        .revoke_node(node_id);
+    // Whoever waits for its return hears it now.
+    state.changed.notify_waiters();
+    let connection = state.connection();
+    if connection.close_reason().is_none() {
+        connection.close(close_code::NORMAL.into(), reason.as_bytes());
+    }
+    tracing::warn!(node = %node_id, "node given up: {reason}");
+    let _ = inner.events.send(CoordinatorEvent::NodeLost {
+        node_id: node_id.to_string(),
+        reason: reason.to_string(),
+    });
+}
+
+/// Gives up every node silent (no message, connected or not) past the node timeout, whether
+/// or not a job runs. Only time this coordinator ran counts: after a pause of its own (the
+/// process stopped, the machine suspended) each node's silence goes on from where it was,
+/// so that a coordinator that was not listening does not blame its nodes. Ends with the
+/// coordinator.
+async fn watch_silence(inner: std::sync::Weak<Inner>) {
+    let mut last_tick = Instant::now();
+    loop {
+        let timeout = match inner.upgrade() {
+            Some(inner) => Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed)),
+            None => return,
+        };
+        let period = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        tokio::time::sleep(period).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        let paused = now
+            .duration_since(last_tick)
+            .saturating_sub(period + SILENCE_WATCH_SLACK);
+        last_tick = now;
+        let states: Vec<(String, Arc<NodeState>)> = inner
+            .node_states
+            .lock()
+            .expect("node states lock")
+            .iter()
+            .map(|(id, state)| (id.clone(), state.clone()))
+            .collect();
+        for (node_id, state) in states {
+            let silent = {
+                let mut heard = state.last_heard.lock().expect("last heard lock");
+                if !paused.is_zero() {
+                    *heard = (*heard + paused).min(now);
+                }
+                now.duration_since(*heard)
+            };
+            if silent >= timeout && state.lost_reason().is_none() {
+                let reason = format!(
+                    "no health report for {}",
+                    humantime::format_duration(timeout)
+                );
+                declare_lost(&inner, &node_id, &state, &reason);
+            }
+        }
+    }
+}
+
+/// A silence watch tick later than its period by more than this is a pause of the
+/// coordinator's own, not time its nodes were silent in.
+const SILENCE_WATCH_SLACK: Duration = Duration::from_millis(500);
+
 /// Serves an enrolled node's connection; `dialed_in`: the node dialed this coordinator (so
 /// it can reach the TCP port too), rather than the other way round.
 async fn serve_node(
@@ -1416,6 +1534,29 @@ async fn serve_node(
         }
         Ok(Err(e)) => return Err(frame_rejection(&conn, &node_id, e)),
     };
+    let fenced = inner
+        .fenced
+        .lock()
+        .expect("fenced lock")
+        .get(&node_id)
+        .cloned();
+    if let Some(reason) = fenced {
+        // In place of the welcome: the agent stops (and its machine powers off, on a cloud).
+        let shutdown = CoordinatorMessage::Shutdown {
+            reason: format!(
+                "{node_id} was given up ({reason}) and is no longer in pool {}",
+                inner.pool
+            ),
+        };
+        if write_frame(&mut control_send, &shutdown).await.is_ok() {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.closed()).await;
+        }
+        conn.close(close_code::POOL_SHUTDOWN.into(), b"given up");
+        return Err(Rejection::Fenced {
+            node: node_id,
+            reason,
+        });
+    }
     let node_timeout = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
     // Three reports fit in the timeout, so one lost datagram's worth of delay is not a loss.
     let health_interval = HEALTH_INTERVAL
@@ -1446,6 +1587,7 @@ async fn serve_node(
                 health: Mutex::new(None),
                 interruption: Mutex::new(None),
                 lost: Mutex::new(None),
+                last_heard: Mutex::new(Instant::now()),
                 changed: tokio::sync::Notify::new(),
             })
         })
@@ -1460,6 +1602,7 @@ async fn serve_node(
             b"replaced by a newer connection",
         );
     }
+    *state.last_heard.lock().expect("last heard lock") = Instant::now();
     state.changed.notify_waiters();
     let handle = NodeHandle {
         node_id: node_id.clone(),
@@ -1498,24 +1641,12 @@ async fn serve_node(
         }
     });
     let result = loop {
-        // A node that misses its health reports past the timeout is lost, whatever the
-        // connection's own idle timer says. The partly read frame does not matter: the
-        // connection is closed.
-        let Ok(message) = tokio::time::timeout(
-            node_timeout,
-            read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME),
-        )
-        .await
-        else {
-            let reason = format!(
-                "no health report for {}",
-                humantime::format_duration(node_timeout)
-            );
-            *handle.state.lost.lock().expect("lost lock") = Some(reason.clone());
-            handle.state.changed.notify_waiters();
-            conn.close(close_code::NORMAL.into(), b"missed health reports");
-            break Ok(reason);
-        };
+        // Silence is the watchdog's to judge (`watch_silence`): it closes the connection of a
+        // node it gives up, which ends this read.
+        let message = read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await;
+        if let Ok(Some(_)) = &message {
+            *handle.state.last_heard.lock().expect("last heard lock") = Instant::now();
+        }
         match message {
             Ok(Some(AgentMessage::Health(health))) => {
                 *handle.state.health.lock().expect("health lock") = Some(health);
@@ -1567,9 +1698,10 @@ async fn serve_node(
         Ok(Some(rejection)) => Err(rejection),
         _ => result,
     };
-    let reason = match &result {
-        Ok(reason) => reason.clone(),
-        Err(rejection) => rejection.to_string(),
+    let reason = match (&result, handle.state.lost_reason()) {
+        (_, Some(lost)) => lost,
+        (Ok(reason), None) => reason.clone(),
+        (Err(rejection), None) => rejection.to_string(),
     };
     {
         let mut nodes = inner.nodes.lock().expect("nodes lock");

@@ -15,12 +15,16 @@ pub enum TokenRejection {
     AlreadyUsed,
     #[error("token is bound to {bound_to}, not {claimed}")]
     WrongNode { bound_to: String, claimed: String },
+    /// Its node was given up, or the provisioning attempt it was issued for was torn down.
+    #[error("token revoked")]
+    Revoked,
 }
 
 struct Entry {
     node_id: String,
     expires: Instant,
     used: bool,
+    revoked: bool,
 }
 
 /// Tokens are kept by their SHA-256 only, so the store itself holds nothing worth stealing.
@@ -39,6 +43,7 @@ impl TokenStore {
                 node_id: node_id.to_string(),
                 expires: now + ttl,
                 used: false,
+                revoked: false,
             },
         );
         token
@@ -50,6 +55,9 @@ impl TokenStore {
             .entries
             .get(&digest(token))
             .ok_or(TokenRejection::Unknown)?;
+        if entry.revoked {
+            return Err(TokenRejection::Revoked);
+        }
         if entry.used {
             return Err(TokenRejection::AlreadyUsed);
         }
@@ -77,6 +85,18 @@ impl TokenStore {
             entry.used = true;
         }
         Ok(())
+    }
+}
+
+impl TokenStore {
+    /// Revokes every token issued so far for `node_id`: none of them enrolls anything from
+    /// now on. Tokens issued later are not affected (a new attempt's for the same node id).
+    pub fn revoke_node(&mut self, node_id: &str) {
+        for entry in self.entries.values_mut() {
+            if entry.node_id == node_id {
+                entry.revoked = true;
+            }
+        }
     }
 }
 
@@ -115,5 +135,22 @@ mod tests {
             store.redeem("nope", "node-1", t0),
             Err(TokenRejection::Unknown)
         );
+    }
+
+    #[test]
+    fn revoking_a_node_spends_its_earlier_tokens_not_later_ones() {
+        let mut store = TokenStore::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let first = store.issue("node-1", ttl, t0);
+        let other = store.issue("node-2", ttl, t0);
+        store.revoke_node("node-1");
+        assert_eq!(
+            store.redeem(&first, "node-1", t0),
+            Err(TokenRejection::Revoked)
+        );
+        let second = store.issue("node-1", ttl, t0);
+        assert_eq!(store.redeem(&second, "node-1", t0), Ok(()));
+        assert_eq!(store.redeem(&other, "node-2", t0), Ok(()));
     }
 }

@@ -225,6 +225,173 @@ fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
     assert!(left.is_empty(), "left running: {left:?}");
 }
 
+/// Silence is noticed whether or not a job runs, and between connections too: an idle
+/// pool's node stopped past the node timeout (its connection gone well before, the agent's
+/// QUIC idle timeout being shorter) is given up and replaced, and it is fenced: when it
+/// wakes, its agent is told to shut down instead of taking its place again.
+#[test]
+fn a_silent_node_of_an_idle_pool_is_replaced_and_told_to_go_when_it_wakes() {
+    let sandbox = Sandbox::new();
+    let up = run(
+        sandbox.skyward().env("SKYWARD_IDLE_TIMEOUT", "2s").args([
+            "pool",
+            "up",
+            "quiet",
+            "--nodes",
+            "2",
+            "--node-timeout",
+            "6s",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let agent_of_node_1 = |sandbox: &Sandbox| -> Vec<i32> {
+        sandbox
+            .processes()
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains("nodes/node-1 "))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let stopped = agent_of_node_1(&sandbox);
+    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: signalling the agent process found above.
+    unsafe {
+        libc::kill(stopped[0], libc::SIGSTOP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        let status = sandbox.pool_status("quiet");
+        let nodes: Vec<(&str, &str)> = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| (n["node"].as_str().unwrap(), n["state"].as_str().unwrap()))
+            .collect();
+        if nodes == [("node-3", "connected"), ("node-2", "connected")] {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: as above; the pool is torn down by the sandbox either way.
+            unsafe {
+                libc::kill(stopped[0], libc::SIGCONT);
+            }
+            panic!("the silent node was not replaced: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let replaced = status["replacements"][0].as_str().unwrap_or_default();
+    assert_eq!(
+        replaced, "node-1 (no health report for 6s) replaced by node-3",
+        "{status}"
+    );
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(stopped[0], libc::SIGCONT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !agent_of_node_1(&sandbox).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the fenced agent still runs: {:?}",
+            sandbox.processes()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent_log(sandbox.path(), "node-1");
+    assert!(
+        log.contains(
+            "coordinator asked us to shut down: node-1 was given up (no health report for 6s)"
+        ),
+        "{log}"
+    );
+    let status = sandbox.pool_status("quiet");
+    let nodes: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["node-3", "node-2"], "{status}");
+    let down = sky(&sandbox, &["pool", "down", "quiet"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
+
+/// Replacements have a budget: when every new machine is taken away at once (here every
+/// local agent watches one stand-in metadata service that announces an interruption), the
+/// pool stops replacing after 3 new nodes per place an hour (4 in all for a pool of 2),
+/// waiting longer before each, and says why it is smaller.
+#[test]
+fn a_pool_whose_machines_keep_being_taken_stops_replacing_at_its_budget() {
+    let sandbox = Sandbox::new();
+    let imds = skyward_tests::imds::Imds::start();
+    // Local agents inherit the CLI's environment: they watch the stand-in metadata service.
+    let up = run(
+        sandbox
+            .skyward()
+            .env("SKYWARD_SPOT_WATCH", "aws")
+            .env("SKYWARD_IMDS", imds.address.to_string())
+            .args(["pool", "up", "reclaimed", "--nodes", "2"]),
+        LIMIT,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    imds.post_instance_action("terminate", "2026-12-07T18:00:00Z");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = sandbox.pool_status("reclaimed");
+        if status["shortfall"].is_string()
+            && status["replacements"].as_array().map_or(0, Vec::len) >= 6
+        {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let lines: Vec<&str> = status["replacements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    let replaced = lines.iter().filter(|l| l.contains(" replaced by ")).count();
+    let stopped = lines
+        .iter()
+        .filter(|l| l.contains(" not replaced: ") && l.ends_with("(--max-replacements raises it)"))
+        .count();
+    assert_eq!((replaced, stopped), (4, 2), "{status}");
+    // Which limit a place met first depends on the order the notices came in.
+    let shortfall = status["shortfall"].as_str().unwrap();
+    assert!(
+        shortfall.starts_with("replacements stopped: ")
+            && shortfall.ends_with(
+                " in the last hour already (--max-replacements raises it); the pool runs with 0 of 2 nodes"
+            ),
+        "{status}"
+    );
+    // No more: the budget holds.
+    let later = sandbox.pool_status("reclaimed");
+    assert_eq!(later["replacements"], status["replacements"], "{later}");
+    let down = sky(&sandbox, &["pool", "down", "reclaimed"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
+
+/// The agent log of local node `node` somewhere under `dir`.
+fn agent_log(dir: &std::path::Path, node: &str) -> String {
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.ends_with(format!("nodes/{node}/agent.log")) {
+                return std::fs::read_to_string(&path).unwrap_or_default();
+            }
+            if path.is_dir() {
+                folders.push(path);
+            }
+        }
+    }
+    panic!("no agent.log for {node} under {}", dir.display())
+}
+
 #[test]
 fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
     let sandbox = Sandbox::new();

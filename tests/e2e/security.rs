@@ -12,8 +12,9 @@ use skyward_common::limits::{
     MAX_ENROLLING_PER_ADDRESS, MAX_ENROLL_FRAME,
 };
 use skyward_common::protocol::{
-    close_code, AgentMessage, EnrollRequest, EnrollResponse, Hello, OutputStream, TaskEvent,
-    TaskOutcome, TaskSpec, ALPN_ENROLL, ALPN_NODE, COORDINATOR_SERVER_NAME,
+    close_code, AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse, Hello,
+    OutputStream, TaskEvent, TaskOutcome, TaskSpec, ALPN_ENROLL, ALPN_NODE,
+    COORDINATOR_SERVER_NAME,
 };
 use skyward_common::transport;
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent, Rejection};
@@ -621,6 +622,76 @@ async fn unread_task_output_is_held_on_the_node_within_bounds() {
 /// Agent A, a real enrolled identity, tries every way to act as or on node B: enroll under
 /// B's name, get a certificate naming B through its CSR, and push events for a task it was
 /// never given on a stream of its own. Each is refused and logged; B and its task carry on.
+/// A revoked token enrolls nothing (its provisioning attempt was torn down, or its node
+/// given up), while a later one for the same node id does; and a node given up is fenced:
+/// when it connects again it is told to shut down in place of a welcome, and never counts as
+/// connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_and_fenced_nodes_are_refused() {
+    let coordinator = hostile_coordinator("sec-fence");
+    let mut events = coordinator.subscribe();
+    let attacker = attacker_against(&coordinator);
+    let early = coordinator.issue_token("node-1");
+    coordinator.revoke_tokens(&["node-1".to_string()]);
+    let reason = attacker.enroll("node-1", &early).await.unwrap_err();
+    assert!(reason.contains("token revoked"), "{reason}");
+    expect_rejection(&mut events, "revoked token", |r| {
+        matches!(
+            r,
+            Rejection::Token {
+                reason: TokenRejection::Revoked,
+                ..
+            }
+        )
+    })
+    .await;
+    let identity = attacker
+        .enroll("node-1", &coordinator.issue_token("node-1"))
+        .await
+        .expect("a token issued after the revocation works");
+
+    let hello = AgentMessage::Hello(Box::new(Hello {
+        agent_version: skyward_common::VERSION.into(),
+        inventory: Default::default(),
+    }));
+    let conn = attacker.connect(Some(&identity), ALPN_NODE).await.unwrap();
+    let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut control, &hello).await.unwrap();
+    let welcome: Option<CoordinatorMessage> =
+        read_frame(&mut control_recv, 64 * 1024).await.unwrap();
+    assert!(
+        matches!(welcome, Some(CoordinatorMessage::Welcome { .. })),
+        "{welcome:?}"
+    );
+    wait_connected(&coordinator, "node-1").await;
+
+    assert!(coordinator.give_up("node-1", "its machine is gone"));
+    assert_eq!(
+        coordinator.fenced("node-1").as_deref(),
+        Some("its machine is gone")
+    );
+    let again = attacker.connect(Some(&identity), ALPN_NODE).await.unwrap();
+    let (mut control, mut control_recv) = again.open_bi().await.unwrap();
+    write_frame(&mut control, &hello).await.unwrap();
+    let told: Option<CoordinatorMessage> = read_frame(&mut control_recv, 64 * 1024).await.unwrap();
+    match told {
+        Some(CoordinatorMessage::Shutdown { reason }) => assert_eq!(
+            reason,
+            "node-1 was given up (its machine is gone) and is no longer in pool sec-fence"
+        ),
+        other => panic!("expected a shutdown, got {other:?}"),
+    }
+    again.close(0u32.into(), b"shutting down");
+    expect_rejection(
+        &mut events,
+        "fenced node",
+        |r| matches!(r, Rejection::Fenced { node, .. } if node == "node-1"),
+    )
+    .await;
+    assert!(coordinator.node("node-1").is_none_or(|n| !n.is_connected()));
+    coordinator.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_cannot_act_on_another_nodes_tasks() {
     let log = captured_log();

@@ -198,7 +198,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
     // one comes from the same provider, boots from its own user-data and takes its place.
     let mut provisioned = Vec::new();
     let replacement = pool
-        .replace("node-2", &[], &mut |event: PoolProgress<'_>| {
+        .replace("node-2", &[], false, &mut |event: PoolProgress<'_>| {
             if let PoolProgress::Provisioned { instances, .. } = event {
                 provisioned.extend(instances.iter().map(|i| i.node_id.clone()));
             }
@@ -243,6 +243,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         .replace(
             "node-3",
             &[(other.clone() as Arc<dyn Provider>, fallback)],
+            false,
             &mut |event: PoolProgress<'_>| {
                 if let PoolProgress::AttemptFailed { error, .. } = event {
                     failed.push(error.to_string());
