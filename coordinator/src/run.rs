@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::pool::Pool;
+use crate::pool::{GpuHold, Pool};
 use crate::preflight::{Preflight, PreflightError};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
 use skyward_core::lifecycle::Event;
@@ -205,8 +205,22 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     let coordinator = pool.shared_coordinator();
     let mut stdin = job.stdin.take();
     let mut attempts = Attempts::new(pool, nodes, &job, events.clone());
-    loop {
+    // One placement across the pool's jobs: slots another job's tasks hold are not given
+    // out, and tasks waiting for slots look again whenever any job frees some.
+    let gpus = pool.gpu_ledger();
+    let mut gpus_freed = gpus.freed();
+    let mut gpu_holds: HashMap<usize, GpuHold> = HashMap::new();
+    'assign: loop {
+        scheduler.held_elsewhere(|node, slot| {
+            gpus.is_held(&attempts.nodes[node].node_id, &slot.device_id())
+        });
+        gpus_freed.borrow_and_update();
         for placement in scheduler.assign() {
+            if !placement.slots.is_empty() {
+                let devices = placement.slots.iter().map(|s| s.device_id()).collect();
+                let node = &attempts.nodes[placement.node].node_id;
+                gpu_holds.insert(placement.task, gpus.hold(node, devices));
+            }
             // Only the first task is fed stdin.
             let input = if placement.task == 0 {
                 stdin.take()
@@ -220,7 +234,8 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         }
         let joined = loop {
             tokio::select! {
-                joined = attempts.running.join_next() => break joined,
+                joined = attempts.running.join_next(), if !attempts.running.is_empty() || !scheduler.waiting_for_slots() => break joined,
+                Ok(()) = gpus_freed.changed(), if scheduler.waiting_for_slots() => continue 'assign,
                 event = node_events.recv(), if node_events_open => match event {
                     Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
                         let why = format!(
@@ -291,6 +306,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             }
         }
         scheduler.finished(task);
+        gpu_holds.remove(&task);
         let _ = events
             .send(RunEvent::Finished {
                 task,

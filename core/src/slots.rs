@@ -26,7 +26,7 @@ pub enum Slot {
 
 impl Slot {
     /// How `CUDA_VISIBLE_DEVICES` names it.
-    fn device_id(&self) -> String {
+    pub fn device_id(&self) -> String {
         match self {
             Slot::Gpu { index } => index.to_string(),
             Slot::Mig { uuid, .. } => uuid.clone(),
@@ -260,6 +260,8 @@ pub struct SlotScheduler {
     plain_tasks: Vec<usize>,
     slots: Vec<Vec<Slot>>,
     free: Vec<Vec<bool>>,
+    /// Slots this job's bookkeeping has free but another job on the pool holds now.
+    elsewhere: Vec<Vec<bool>>,
     /// GPU tasks not started yet, in input order: (task, pin, request).
     waiting: VecDeque<(usize, Option<usize>, GpuRequest)>,
     /// Every started, unfinished task: its node and the slots it holds.
@@ -303,6 +305,7 @@ impl SlotScheduler {
             plain: Scheduler::new(slots.len(), per_node, plain_pins),
             plain_tasks,
             free: slots.iter().map(|s| vec![true; s.len()]).collect(),
+            elsewhere: slots.iter().map(|s| vec![false; s.len()]).collect(),
             retired: vec![false; slots.len()],
             slots,
             gpu_total: waiting.len(),
@@ -317,6 +320,21 @@ impl SlotScheduler {
     pub fn with_running(mut self, running: Vec<usize>) -> Self {
         self.plain = self.plain.with_running(running);
         self
+    }
+
+    /// Marks the slots other jobs on the pool hold now (`held(node, slot)`): they are not
+    /// given out until a later call says they are free.
+    pub fn held_elsewhere(&mut self, held: impl Fn(usize, &Slot) -> bool) {
+        for (node, slots) in self.slots.iter().enumerate() {
+            for (i, slot) in slots.iter().enumerate() {
+                self.elsewhere[node][i] = self.free[node][i] && held(node, slot);
+            }
+        }
+    }
+
+    /// Whether GPU tasks wait for slots (their own job's, or another's).
+    pub fn waiting_for_slots(&self) -> bool {
+        !self.waiting.is_empty()
     }
 
     /// Takes every task that can start now, in input order, with its node and slots. A GPU
@@ -366,8 +384,14 @@ impl SlotScheduler {
         nodes
             .filter(|&node| pin.is_some() || !self.retired.get(node).copied().unwrap_or(false))
             .filter_map(|node| {
-                let free = self.free.get(node)?;
-                let taken = request.pick(&self.slots[node], free)?;
+                let free: Vec<bool> = self
+                    .free
+                    .get(node)?
+                    .iter()
+                    .zip(&self.elsewhere[node])
+                    .map(|(&free, &elsewhere)| free && !elsewhere)
+                    .collect();
+                let taken = request.pick(&self.slots[node], &free)?;
                 Some((node, taken, free.iter().filter(|&&f| f).count()))
             })
             .min_by_key(|(node, _, free)| (std::cmp::Reverse(*free), *node))
@@ -465,6 +489,25 @@ mod tests {
         let mut unsplit = inventory(0, 1, 0);
         unsplit.gpus[0].mig_mode_current = Some(true);
         assert_eq!(node_slots(&unsplit), vec![]);
+    }
+
+    #[test]
+    fn slots_another_job_holds_are_not_given_out_until_it_frees_them() {
+        let slots = vec![node_slots(&inventory(0, 2, 0))];
+        let mut s = SlotScheduler::new(slots, 1, &tasks(2, GpuRequest::Gpus(1))).unwrap();
+        // Another job holds GPU 0.
+        s.held_elsewhere(|_, slot| *slot == Slot::Gpu { index: 0 });
+        let first = s.assign();
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert_eq!(first[0].slots, vec![Slot::Gpu { index: 1 }]);
+        assert!(s.waiting_for_slots());
+        assert_eq!(s.assign(), vec![], "GPU 0 is still the other job's");
+        // The other job is done with it.
+        s.held_elsewhere(|_, _| false);
+        let second = s.assign();
+        assert_eq!(second.len(), 1, "{second:?}");
+        assert_eq!(second[0].slots, vec![Slot::Gpu { index: 0 }]);
+        assert!(!s.waiting_for_slots());
     }
 
     #[test]

@@ -241,3 +241,99 @@ fn a_local_pool_without_the_gpus_asked_for_fails_before_any_task_starts() {
         sandbox.processes()
     );
 }
+
+/// One placement across jobs: on a `pool up` pool whose node has 7 MIG slices, a job holding
+/// all 7 and a second job started while it runs never share a slice; the second waits for
+/// one to be freed.
+#[test]
+fn concurrent_jobs_on_one_pool_never_share_a_gpu_slot() {
+    let sandbox = Sandbox::new();
+    let bin = install_fake(&sandbox);
+    let (records, started) = (
+        sandbox.path().join("records"),
+        sandbox.path().join("started"),
+    );
+    std::fs::create_dir_all(&records).unwrap();
+    std::fs::create_dir_all(&started).unwrap();
+    let up = run(
+        skyward_with_fake(&sandbox, &bin).args(["pool", "up", "gpus"]),
+        LIMIT,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let note = |input: &str, sleep: u32| {
+        format!(
+            "start=$(date +%s%N); touch {started}/{input}; sleep {sleep}; \
+             echo \"$start $(date +%s%N) $CUDA_VISIBLE_DEVICES $NVIDIA_VISIBLE_DEVICES $SKYWARD_NODE_ID\" > {records}/{input}",
+            started = started.display(),
+            records = records.display(),
+        )
+    };
+    let template = format!("sh -c '{}'", note("{}", 4));
+    let inputs: Vec<String> = (1..=MIGS_PER_NODE).map(|i| format!("a{i}")).collect();
+    let first = run(
+        skyward_with_fake(&sandbox, &bin)
+            .args(["exec", "gpus", "--detach", "--slice", "--map", &template])
+            .args(&inputs),
+        LIMIT,
+    );
+    assert_eq!(first.code, Some(0), "{first:?}");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while std::fs::read_dir(&started).unwrap().count() < MIGS_PER_NODE {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first job's tasks never all started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = run(
+        skyward_with_fake(&sandbox, &bin).args([
+            "exec",
+            "gpus",
+            "--slice",
+            "--",
+            "sh",
+            "-c",
+            &note("b", 0),
+        ]),
+        LIMIT,
+    );
+    assert_eq!(second.code, Some(0), "{second:?}");
+    while std::fs::read_dir(&records).unwrap().count() < MIGS_PER_NODE + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first job never ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let tasks = read_records(&records);
+    let later = tasks
+        .iter()
+        .find(|t| t.input == "b")
+        .expect("the second job's record");
+    let earliest_end = tasks
+        .iter()
+        .filter(|t| t.input != "b")
+        .map(|t| t.end_ns)
+        .min()
+        .unwrap();
+    assert!(
+        later.start_ns > earliest_end,
+        "the second job started on {} before any slice was free: {tasks:?}",
+        later.cuda
+    );
+    let mut by_slice: HashMap<&str, Vec<&TaskRecord>> = HashMap::new();
+    for t in &tasks {
+        by_slice.entry(&t.cuda).or_default().push(t);
+    }
+    for (slice, held) in by_slice.iter_mut() {
+        held.sort_by_key(|t| t.start_ns);
+        for pair in held.windows(2) {
+            assert!(
+                pair[1].start_ns > pair[0].end_ns,
+                "{slice} held twice: {pair:?}"
+            );
+        }
+    }
+    let down = run(sandbox.skyward().args(["pool", "down", "gpus"]), LIMIT);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
