@@ -30,8 +30,8 @@ use base64::Engine;
 
 use super::aws_prices::PriceTable;
 use super::{
-    ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, NODE_TAG,
-    POOL_TAG,
+    ErrorKind, Instance, Provider, ProviderError, ProviderStatus, ProvisionRequest, Teardown,
+    NODE_TAG, POOL_TAG,
 };
 use crate::bootstrap::Reverse;
 use skyward_core::catalog::{self, DeviceKind};
@@ -1097,7 +1097,87 @@ impl Aws {
     }
 
     /// Terminates the pool's instances in `region`, then its launch templates and group.
+    /// Removes what pool `pool` made in `region`, as independent steps: its instances, its
+    /// launch templates, its placement group (only when the pool asks for one: a user
+    /// without that permission who asked for none is never refused there) and its security
+    /// group. A failed step does not stop the others; the error names each one that failed.
     async fn teardown_in(&self, region: &str, pool: &str) -> Result<(), ProviderError> {
+        let client = self.client(region).await;
+        let client = &client;
+        let mut teardown = Teardown::new(NAME, pool);
+        teardown
+            .step("terminating its instances", || {
+                self.terminate_instances(region, pool)
+            })
+            .await;
+        teardown
+            .step("deleting its launch templates", || async move {
+                let templates = client
+                    .describe_launch_templates()
+                    .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+                    .send()
+                    .await
+                    .map_err(api_error)?;
+                for template in templates.launch_templates() {
+                    if let Some(id) = template.launch_template_id() {
+                        client
+                            .delete_launch_template()
+                            .launch_template_id(id)
+                            .send()
+                            .await
+                            .map_err(api_error)?;
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        if self.config.placement_group.is_some() {
+            teardown
+                .step("deleting its placement group", || async move {
+                    let groups = client
+                        .describe_placement_groups()
+                        .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+                        .send()
+                        .await
+                        .map_err(api_error)?;
+                    for group in groups.placement_groups() {
+                        let Some(name) = group.group_name() else {
+                            continue;
+                        };
+                        retry_while_in_use("InvalidPlacementGroup.InUse", || {
+                            client.delete_placement_group().group_name(name).send()
+                        })
+                        .await?;
+                    }
+                    Ok(())
+                })
+                .await;
+        }
+        teardown
+            .step("deleting its security group", || async move {
+                let groups = client
+                    .describe_security_groups()
+                    .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
+                    .send()
+                    .await
+                    .map_err(api_error)?;
+                // The group can only go once no instance uses it: retry while EC2 says so.
+                for group in groups.security_groups() {
+                    let Some(id) = group.group_id() else { continue };
+                    retry_while_in_use("DependencyViolation", || {
+                        client.delete_security_group().group_id(id).send()
+                    })
+                    .await?;
+                }
+                Ok(())
+            })
+            .await;
+        teardown.finish()
+    }
+
+    /// Terminates the pool's instances in `region` and waits (bounded) until EC2 says each
+    /// is shutting down.
+    async fn terminate_instances(&self, region: &str, pool: &str) -> Result<(), ProviderError> {
         let client = self.client(region).await;
         let instances = self.pool_instances(region, pool).await?;
         let ids: Vec<String> = instances.iter().map(|(id, ..)| id.clone()).collect();
@@ -1124,51 +1204,6 @@ impl Aws {
                 ));
             }
             tokio::time::sleep(POLL).await;
-        }
-        let templates = client
-            .describe_launch_templates()
-            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
-            .send()
-            .await
-            .map_err(api_error)?;
-        for template in templates.launch_templates() {
-            if let Some(id) = template.launch_template_id() {
-                client
-                    .delete_launch_template()
-                    .launch_template_id(id)
-                    .send()
-                    .await
-                    .map_err(api_error)?;
-            }
-        }
-        let placement_groups = client
-            .describe_placement_groups()
-            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
-            .send()
-            .await
-            .map_err(api_error)?;
-        for group in placement_groups.placement_groups() {
-            let Some(name) = group.group_name() else {
-                continue;
-            };
-            retry_while_in_use("InvalidPlacementGroup.InUse", || {
-                client.delete_placement_group().group_name(name).send()
-            })
-            .await?;
-        }
-        // The group can only go once no instance uses it: retry while EC2 says so.
-        let groups = client
-            .describe_security_groups()
-            .filters(filter(&format!("tag:{POOL_TAG}"), [pool]))
-            .send()
-            .await
-            .map_err(api_error)?;
-        for group in groups.security_groups() {
-            let Some(id) = group.group_id() else { continue };
-            retry_while_in_use("DependencyViolation", || {
-                client.delete_security_group().group_id(id).send()
-            })
-            .await?;
         }
         Ok(())
     }

@@ -39,7 +39,7 @@ use tokio::time::Instant;
 
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
-    NODE_TAG, POOL_TAG,
+    Teardown, NODE_TAG, POOL_TAG,
 };
 use crate::bootstrap::Reverse;
 use skyward_core::catalog::{self, DeviceKind};
@@ -1002,12 +1002,20 @@ impl Provider for DigitalOcean {
             .lock()
             .expect("failed checks lock")
             .remove(pool);
-        // The firewall and the VPC go last: droplets that could not be deleted stay behind
-        // the firewall, and a VPC cannot be deleted while it has members.
-        self.delete_droplets(pool).await?;
-        let firewalls = self.delete_firewalls(pool).await;
-        let vpcs = self.delete_vpcs(pool).await;
-        firewalls.and(vpcs)
+        // Independent steps, each tried whatever became of the others. The firewall and the
+        // VPC go last: droplets that could not be deleted stay behind the firewall, and a VPC
+        // cannot be deleted while it has members.
+        let mut teardown = Teardown::new(PROVIDER, pool);
+        teardown
+            .step("deleting its droplets", || self.delete_droplets(pool))
+            .await;
+        teardown
+            .step("deleting its firewall", || self.delete_firewalls(pool))
+            .await;
+        teardown
+            .step("deleting its VPC", || self.delete_vpcs(pool))
+            .await;
+        teardown.finish()
     }
 
     fn supports_reverse(&self) -> bool {

@@ -128,6 +128,97 @@ impl ProviderError {
     }
 }
 
+/// A pool's teardown as independent steps: each is tried (again, twice at most, after a
+/// failure that may pass) whatever became of the others, and the result names every step
+/// that failed, so that one refused call (a least-privilege user, a scoped token) does not
+/// leave the rest behind.
+pub struct Teardown {
+    provider: String,
+    pool: String,
+    failed: Vec<ProviderError>,
+}
+
+/// Tries per teardown step, and the wait before the second (doubled before the third).
+const TEARDOWN_TRIES: u32 = 3;
+const TEARDOWN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Teardown {
+    pub fn new(provider: &str, pool: &str) -> Teardown {
+        Teardown {
+            provider: provider.to_string(),
+            pool: pool.to_string(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// Runs step `what`; a refusal (credentials, permissions, a bad request) is not tried
+    /// again, another failure up to [`TEARDOWN_TRIES`] times.
+    pub async fn step<F, Fut>(&mut self, what: &str, mut run: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), ProviderError>>,
+    {
+        let mut wait = TEARDOWN_RETRY;
+        for attempt in 1..=TEARDOWN_TRIES {
+            match run().await {
+                Ok(()) => return,
+                Err(e)
+                    if attempt == TEARDOWN_TRIES
+                        || matches!(e.kind, ErrorKind::Auth | ErrorKind::Invalid) =>
+                {
+                    tracing::warn!(pool = %self.pool, "teardown step {what} failed: {e}");
+                    self.failed.push(ProviderError {
+                        message: format!("{what}: {}", e.message),
+                        ..e
+                    });
+                    return;
+                }
+                Err(e) => {
+                    tracing::info!(pool = %self.pool, "teardown step {what} failed, trying again: {e}");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    }
+
+    /// Ok when every step worked; otherwise one error naming each failed step, of the first
+    /// failure's kind: one step's hint stays the error's hint, several steps' go with each.
+    pub fn finish(mut self) -> Result<(), ProviderError> {
+        let preface = |steps: &str| {
+            format!(
+                "pool {}: {steps} of its teardown failed, the other steps ran: ",
+                self.pool
+            )
+        };
+        match self.failed.len() {
+            0 => Ok(()),
+            1 => {
+                let only = self.failed.remove(0);
+                Err(ProviderError {
+                    message: preface("one step") + &only.message,
+                    ..only
+                })
+            }
+            n => {
+                let steps: Vec<String> = self
+                    .failed
+                    .iter()
+                    .map(|e| match &e.hint {
+                        Some(hint) => format!("{} ({hint})", e.message),
+                        None => e.message.clone(),
+                    })
+                    .collect();
+                Err(ProviderError::new(
+                    &self.provider,
+                    self.failed[0].kind,
+                    preface(&format!("{n} steps")) + &steps.join("; "),
+                ))
+            }
+        }
+    }
+}
+
 /// Whether a provider can be used from here, for `skyward providers`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProviderStatus {

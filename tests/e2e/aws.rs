@@ -11,7 +11,7 @@ use skyward_core::offer::Market;
 use skyward_core::spec::{parse_memory_gb, Allocation};
 use skyward_core::{selection::Selection, spec::PoolSpec};
 use skyward_providers::aws::{Aws, AwsConfig};
-use skyward_providers::{NodeBootstrap, Provider, ProvisionRequest, POOL_TAG};
+use skyward_providers::{ErrorKind, NodeBootstrap, Provider, ProvisionRequest, POOL_TAG};
 use skyward_tests::moto::{self, Fault, FaultProxy, Hypervisor, Moto};
 use skyward_tests::{run, task_output, Sandbox};
 
@@ -578,6 +578,102 @@ fn fleet_subnets(form: &str) -> Vec<String> {
         })
         .map(|(_, v)| v)
         .collect()
+}
+
+/// The pool's security groups that exist now.
+async fn security_groups(url: &str, pool: &str) -> usize {
+    moto::client(url)
+        .await
+        .describe_security_groups()
+        .filters(moto::tag_filter(POOL_TAG, pool))
+        .send()
+        .await
+        .unwrap()
+        .security_groups()
+        .len()
+}
+
+/// Provisions `nodes` t3.medium instances of `pool` through `provider`, as a pool would.
+async fn provision(provider: &Aws, pool: &str, nodes: usize) {
+    let coordinator = coordinator(pool);
+    let spec = small_spec(nodes);
+    let offers = provider.offers(&spec).await.unwrap();
+    let offer = offers
+        .iter()
+        .find(|o| o.instance_type == "t3.medium")
+        .unwrap();
+    let request = ProvisionRequest {
+        pool: pool.into(),
+        nodes: (1..=nodes)
+            .map(|i| NodeBootstrap {
+                node_id: format!("node-{i}"),
+                token: coordinator.issue_token(&format!("node-{i}")),
+            })
+            .collect(),
+        spec,
+        bootstrap: coordinator.bootstrap(),
+    };
+    provider
+        .provision(&request, offer, Market::OnDemand)
+        .await
+        .unwrap();
+}
+
+/// Teardown is a list of independent steps that touches only what the pool made: a user who
+/// may not describe placement groups, and asked for none, tears down a pool without being
+/// refused; when a step does fail, the steps after it still run, the error names the step,
+/// and a later teardown finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn teardown_touches_only_what_the_pool_made_and_goes_on_past_a_failed_step() {
+    let moto = Moto::start();
+    let proxy = FaultProxy::start(&moto.url).await;
+    proxy.inject(Fault::Unauthorized {
+        action: "DescribePlacementGroups".into(),
+        count: usize::MAX,
+    });
+    let plain = aws(&proxy.url);
+    provision(&plain, "aws-plain", 1).await;
+    assert_eq!(security_groups(&moto.url, "aws-plain").await, 1);
+    plain
+        .teardown("aws-plain")
+        .await
+        .expect("a teardown with nothing refused");
+    assert_eq!(proxy.calls("DescribePlacementGroups"), 0);
+    assert!(live_instances(&moto.url, "aws-plain").await.is_empty());
+    assert_eq!(security_groups(&moto.url, "aws-plain").await, 0);
+
+    // A pool that asked for a placement group, torn down by a user who may not list them.
+    let placed = Arc::new(Aws::new(AwsConfig {
+        endpoint_url: Some(proxy.url.clone()),
+        placement_group: Some("cluster".into()),
+        ..AwsConfig::default()
+    }));
+    provision(&placed, "aws-refused", 1).await;
+    assert_eq!(moto.placement_groups().len(), 1);
+    let error = placed.teardown("aws-refused").await.unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Auth, "{error}");
+    let text = error.to_string();
+    assert!(
+        text.contains("pool aws-refused: one step of its teardown failed, the other steps ran: deleting its placement group: UnauthorizedOperation"),
+        "{text}"
+    );
+    // A refusal is not tried again; the steps after it ran.
+    assert_eq!(proxy.calls("DescribePlacementGroups"), 1);
+    assert!(live_instances(&moto.url, "aws-refused").await.is_empty());
+    assert_eq!(security_groups(&moto.url, "aws-refused").await, 0);
+    assert_eq!(moto.placement_groups().len(), 1, "the refused step left it");
+
+    // With the permission, a later teardown (`skyward down`) removes what is left.
+    let unrefused = Arc::new(Aws::new(AwsConfig {
+        endpoint_url: Some(moto.url.clone()),
+        placement_group: Some("cluster".into()),
+        ..AwsConfig::default()
+    }));
+    unrefused
+        .teardown("aws-refused")
+        .await
+        .expect("the rest removed");
+    assert!(moto.placement_groups().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

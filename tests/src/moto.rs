@@ -134,6 +134,9 @@ pub enum Fault {
     FleetError { code: String, count: usize },
     /// The next `count` calls of `action` get EC2's throttling error (HTTP 503).
     Throttle { action: String, count: usize },
+    /// The next `count` calls of `action` are refused as a user without that permission
+    /// is (`UnauthorizedOperation`, HTTP 403).
+    Unauthorized { action: String, count: usize },
 }
 
 /// The public address of each instance booted isolated (its namespace's), by instance id;
@@ -246,11 +249,15 @@ async fn forward(
         state.actions.push((action.clone(), form.clone()));
         let hit = state.faults.iter_mut().find(|f| match f {
             Fault::FleetError { count, .. } => action == "CreateFleet" && *count > 0,
-            Fault::Throttle { action: a, count } => *a == action && *count > 0,
+            Fault::Throttle { action: a, count } | Fault::Unauthorized { action: a, count } => {
+                *a == action && *count > 0
+            }
         });
         let fault = hit.map(|f| {
             match f {
-                Fault::FleetError { count, .. } | Fault::Throttle { count, .. } => *count -= 1,
+                Fault::FleetError { count, .. }
+                | Fault::Throttle { count, .. }
+                | Fault::Unauthorized { count, .. } => *count -= 1,
             }
             f.clone()
         });
@@ -269,6 +276,12 @@ async fn forward(
             StatusCode::SERVICE_UNAVAILABLE,
             [("content-type", "text/xml")],
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>fault-0002</RequestID></Response>".to_string(),
+        )
+            .into_response(),
+        Some(Fault::Unauthorized { action, .. }) => (
+            StatusCode::FORBIDDEN,
+            [("content-type", "text/xml")],
+            format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>UnauthorizedOperation</Code><Message>You are not authorized to perform this operation. User: arn:aws:iam::123456789012:user/skyward is not authorized to perform: ec2:{action}</Message></Error></Errors><RequestID>fault-0003</RequestID></Response>"),
         )
             .into_response(),
         None => {
