@@ -4,12 +4,15 @@
 #   readme: the README's two commands, `cargo build --release && ./target/release/skyward run
 #           --nodes 3 --on all -- hostname`, then `scripts/test.sh` (crates are fetched
 #           first, timed apart, so a warm ~/.cargo registry changes only that line);
-#   ci:     `.ci/run`, in a target dir of its own (CARGO_TARGET_DIR, which must be empty).
+#   ci:     `.ci/run`, in a target dir of its own (CARGO_TARGET_DIR, which must be empty);
+#   library: the library crate alone, as a program that uses it builds it, with one HTTP
+#           provider (Verda) and with every provider (the default), each in an empty target
+#           dir of its own.
 # Peak memory is the machine's memory in use (MemTotal - MemAvailable, sampled each second)
 # above what was in use before the step: run it on an otherwise idle machine. Each step's
 # figures replace its row in bench/cold-costs.tsv, which BENCHMARKS.md's footprint table shows.
 set -euo pipefail
-mode=${1:?usage: scripts/cold-cost.sh readme|ci}
+mode=${1:?usage: scripts/cold-cost.sh readme|ci|library}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 scratch=$(mktemp -d /var/tmp/skyward-cold.XXXXXX)
 git clone --quiet "$repo" "$scratch/skyward"
@@ -66,6 +69,12 @@ ci)
     fi
     measure ".ci/run" bash .ci/run
     ;;
-*) echo "usage: scripts/cold-cost.sh readme|ci" >&2; exit 2 ;;
+library)
+    measure "cargo build --release -p skyward, verda only" env CARGO_TARGET_DIR="$scratch/target-verda" \
+        cargo build --release --locked -p skyward --no-default-features --features verda
+    measure "cargo build --release -p skyward, every provider" env CARGO_TARGET_DIR="$scratch/target-all" \
+        cargo build --release --locked -p skyward
+    ;;
+*) echo "usage: scripts/cold-cost.sh readme|ci|library" >&2; exit 2 ;;
 esac
 echo "figures in $scratch/costs.txt"

@@ -214,10 +214,7 @@ impl Pool {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         });
-        let mut lifecycle = Lifecycle::new(node_ids.clone());
-        let mut events = coordinator.subscribe();
         let mut failures = Vec::new();
-        let mut chosen = None;
         for attempt in &attempts {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
@@ -234,19 +231,24 @@ impl Pool {
                     .collect(),
                 spec: spec.clone(),
             };
+            // Per attempt: an earlier attempt's connections are no news for this one.
+            let mut events = coordinator.subscribe();
             on_progress(PoolProgress::Provisioning {
                 attempt,
                 nodes: spec.nodes,
             });
-            match provider
+            let what = format!(
+                "{} {} in {} ({})",
+                attempt.offer.provider,
+                attempt.offer.instance_type,
+                attempt.offer.region,
+                attempt.market
+            );
+            let instances = match provider
                 .provision(&request, &attempt.offer, attempt.market)
                 .await
             {
-                Ok(instances) => {
-                    provisioned(&coordinator, spec, attempt, &instances, on_progress);
-                    chosen = Some(attempt.clone());
-                    break;
-                }
+                Ok(instances) => instances,
                 Err(e) => {
                     on_progress(PoolProgress::AttemptFailed { attempt, error: &e });
                     // A late machine of this attempt cannot enroll as one of the next's.
@@ -254,53 +256,75 @@ impl Pool {
                     if let Err(cleanup) = provider.teardown(&pool).await {
                         tracing::error!("cleaning up after a failed attempt: {cleanup}");
                     }
-                    failures.push(format!(
-                        "{} {} in {} ({}): {e}",
-                        attempt.offer.provider,
-                        attempt.offer.instance_type,
-                        attempt.offer.region,
-                        attempt.market
-                    ));
+                    failures.push(format!("{what}: {e}"));
+                    continue;
                 }
-            }
+            };
+            provisioned(&coordinator, spec, attempt, &instances, on_progress);
+            let mut lifecycle = Lifecycle::new(node_ids.clone());
+            let wait = wait_for_agents(
+                &coordinator,
+                provider.as_ref(),
+                spec,
+                &node_ids,
+                &mut lifecycle,
+                &mut events,
+                on_progress,
+            )
+            .await;
+            let message = match wait {
+                Ok(nodes) => {
+                    return Ok(Pool {
+                        coordinator,
+                        providers: std::sync::RwLock::new(vec![provider.clone()]),
+                        provider: provider.clone(),
+                        offer: attempt.offer.clone(),
+                        market: attempt.market,
+                        nodes: std::sync::RwLock::new(nodes),
+                        spec: spec.clone(),
+                        deadline,
+                        next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
+                        lifecycle: std::sync::Mutex::new(lifecycle),
+                        gpus: Arc::default(),
+                    })
+                }
+                Err(message) => message,
+            };
+            // Machines exist but the pool cannot use them (agents that never connected, a
+            // MIG layout refused): give the attempt up and try the next offer, as for an
+            // attempt the provider refused.
+            let error = ProviderError::new(
+                provider.name(),
+                skyward_providers::ErrorKind::Api,
+                format!(
+                    "{} machine(s) created, given up: {message}",
+                    instances.len()
+                ),
+            );
+            on_progress(PoolProgress::AttemptFailed {
+                attempt,
+                error: &error,
+            });
+            coordinator
+                .shutdown_nodes("this provisioning attempt was given up")
+                .await;
+            coordinator.forget_nodes(&node_ids);
+            let removed = match provider.teardown(&pool).await {
+                Ok(()) => "removed them".to_string(),
+                Err(cleanup) => {
+                    tracing::error!("cleaning up after a failed attempt: {cleanup}");
+                    format!("removing them failed: {cleanup}")
+                }
+            };
+            failures.push(format!(
+                "{what}: {} machine(s) created, given up: {message}; {removed}",
+                instances.len()
+            ));
         }
-        let Some(chosen) = chosen else {
-            let _ = lifecycle.handle(Event::ProvisionFailed(String::new()));
-            return Err(error(format!(
-                "every attempt failed:\n  {}",
-                failures.join("\n  ")
-            )));
-        };
-        let provider = providers[chosen.candidate].clone();
-        let wait = wait_for_agents(
-            &coordinator,
-            provider.as_ref(),
-            spec,
-            &node_ids,
-            &mut lifecycle,
-            &mut events,
-            on_progress,
-        )
-        .await;
-        match wait {
-            Ok(nodes) => Ok(Pool {
-                coordinator,
-                providers: std::sync::RwLock::new(vec![provider.clone()]),
-                provider,
-                offer: chosen.offer,
-                market: chosen.market,
-                nodes: std::sync::RwLock::new(nodes),
-                spec: spec.clone(),
-                deadline,
-                next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
-                lifecycle: std::sync::Mutex::new(lifecycle),
-                gpus: Arc::default(),
-            }),
-            Err(message) => {
-                let _ = teardown(&coordinator, std::slice::from_ref(&provider)).await;
-                Err(error(message))
-            }
-        }
+        Err(error(format!(
+            "every attempt failed:\n  {}",
+            failures.join("\n  ")
+        )))
     }
 
     /// The nodes in rank order (`node-1` first, a replacement in its predecessor's place).

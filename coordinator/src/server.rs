@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use skyward_common::frame::{read_frame, write_frame, FrameError};
-use skyward_common::identity::{node_id_from_cert, write_private, PoolCa};
+use skyward_common::identity::{fingerprint, node_id_from_cert, write_private, PoolCa};
 use skyward_common::inventory::Inventory;
 use skyward_common::limits::{
     DEFAULT_LEASE, DEFAULT_NODE_TIMEOUT, DEFAULT_TOKEN_TTL, ENROLL_REQUEST_TIMEOUT,
@@ -84,6 +84,10 @@ pub enum Rejection {
     /// shut down.
     #[error("{node} was given up ({reason}): told to shut down")]
     Fenced { node: String, reason: String },
+    /// A certificate of the node id other than its live one (an earlier attempt's machine,
+    /// or one whose certificate was renewed since): told to shut down.
+    #[error("{node} connected with a certificate that is no longer its own: told to shut down")]
+    StaleCertificate { node: String },
 }
 
 #[derive(Debug, Clone)]
@@ -281,6 +285,10 @@ struct Inner {
     node_timeout_ms: AtomicU64,
     /// Nodes given up, and why: their certificates are refused from then on.
     fenced: Mutex<HashMap<String, String>>,
+    /// Each node id's one live certificate (its SHA-256): the last one this coordinator
+    /// signed for it (at enrollment or renewal), or the first it saw (a coordinator started
+    /// again). Any other certificate of the node id is refused.
+    live_certs: Mutex<HashMap<String, String>>,
     /// How long the node certificates this coordinator signs are valid, in seconds.
     node_cert_secs: AtomicU64,
     /// The TCP port and the syncs waiting on it, if it could be bound.
@@ -416,6 +424,7 @@ impl Coordinator {
             dial_node,
             node_timeout_ms: AtomicU64::new(DEFAULT_NODE_TIMEOUT.as_millis() as u64),
             fenced: Mutex::new(HashMap::new()),
+            live_certs: Mutex::new(HashMap::new()),
             node_cert_secs: AtomicU64::new(NODE_CERT_VALIDITY.as_secs()),
             bulk: tcp_port,
         });
@@ -639,6 +648,35 @@ impl Coordinator {
         };
         declare_lost(&self.inner, node_id, &state, reason);
         true
+    }
+
+    /// Forgets nodes of a provisioning attempt that was given up (their agents told to shut
+    /// down first): their state, their live certificates and their tokens, so that the next
+    /// attempt's nodes of the same ids start afresh and the earlier ones' certificates are
+    /// refused once the new ones enroll.
+    pub fn forget_nodes(&self, node_ids: &[String]) {
+        self.revoke_tokens(node_ids);
+        for node_id in node_ids {
+            self.inner
+                .node_states
+                .lock()
+                .expect("node states lock")
+                .remove(node_id);
+            self.inner.nodes.lock().expect("nodes lock").remove(node_id);
+            self.inner
+                .enrolled
+                .lock()
+                .expect("enrolled lock")
+                .remove(node_id);
+            // Until the next enrollment: no certificate of these ids is live, so a straggler
+            // of the old attempt could connect in between (and would count as a node of the
+            // new one); a marker no certificate hashes to refuses them all.
+            self.inner
+                .live_certs
+                .lock()
+                .expect("live certs lock")
+                .insert(node_id.clone(), "given up".into());
+        }
     }
 
     /// Why node `node_id` was given up and fenced, if it was.
@@ -1370,6 +1408,11 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
         .redeem(&request.token, &request.node_id, now)
         .map_err(token_error)?;
     inner
+        .live_certs
+        .lock()
+        .expect("live certs lock")
+        .insert(request.node_id.clone(), fingerprint(&cert));
+    inner
         .enrolled
         .lock()
         .expect("enrolled lock")
@@ -1557,6 +1600,27 @@ async fn serve_node(
             reason,
         });
     }
+    let presented = fingerprint(&cert);
+    let live = inner
+        .live_certs
+        .lock()
+        .expect("live certs lock")
+        .entry(node_id.clone())
+        .or_insert_with(|| presented.clone())
+        .clone();
+    if live != presented {
+        let shutdown = CoordinatorMessage::Shutdown {
+            reason: format!(
+                "this certificate of {node_id} was replaced by a newer one: this machine is no longer {node_id} of pool {}",
+                inner.pool
+            ),
+        };
+        if write_frame(&mut control_send, &shutdown).await.is_ok() {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.closed()).await;
+        }
+        conn.close(close_code::POOL_SHUTDOWN.into(), b"stale certificate");
+        return Err(Rejection::StaleCertificate { node: node_id });
+    }
     let node_timeout = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
     // Three reports fit in the timeout, so one lost datagram's worth of delay is not a loss.
     let health_interval = HEALTH_INTERVAL
@@ -1657,7 +1721,14 @@ async fn serve_node(
                 let result = inner
                     .ca
                     .sign_node_csr(&csr_der, &node_id, inner.node_cert_validity())
-                    .map(|(cert, _)| bytes::Bytes::from(cert.to_vec()))
+                    .map(|(cert, _)| {
+                        inner
+                            .live_certs
+                            .lock()
+                            .expect("live certs lock")
+                            .insert(node_id.clone(), fingerprint(&cert));
+                        bytes::Bytes::from(cert.to_vec())
+                    })
                     .map_err(|e| e.to_string());
                 match &result {
                     Ok(_) => tracing::info!(node = %node_id, "renewed the node's certificate"),

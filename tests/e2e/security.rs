@@ -692,6 +692,61 @@ async fn revoked_tokens_and_fenced_nodes_are_refused() {
     coordinator.close().await;
 }
 
+/// One node id has one live certificate: once node-2 enrolls again (a later attempt's
+/// machine), the earlier certificate is refused and its holder told to shut down, so two
+/// machines never take turns as one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_latest_certificate_of_a_node_id_connects() {
+    let coordinator = hostile_coordinator("sec-live");
+    let mut events = coordinator.subscribe();
+    let attacker = attacker_against(&coordinator);
+    let earlier = attacker
+        .enroll("node-2", &coordinator.issue_token("node-2"))
+        .await
+        .unwrap();
+    let later = attacker
+        .enroll("node-2", &coordinator.issue_token("node-2"))
+        .await
+        .unwrap();
+    let hello = AgentMessage::Hello(Box::new(Hello {
+        agent_version: skyward_common::VERSION.into(),
+        inventory: Default::default(),
+    }));
+    let answer = |identity: CertifiedKey| {
+        let (attacker, hello) = (&attacker, hello.clone());
+        async move {
+            let conn = attacker.connect(Some(&identity), ALPN_NODE).await.unwrap();
+            let (mut control, mut control_recv) = conn.open_bi().await.unwrap();
+            write_frame(&mut control, &hello).await.unwrap();
+            let reply: Option<CoordinatorMessage> =
+                read_frame(&mut control_recv, 64 * 1024).await.unwrap();
+            (conn, reply)
+        }
+    };
+    let (stale, reply) = answer(earlier).await;
+    match reply {
+        Some(CoordinatorMessage::Shutdown { reason }) => assert_eq!(
+            reason,
+            "this certificate of node-2 was replaced by a newer one: this machine is no longer node-2 of pool sec-live"
+        ),
+        other => panic!("expected a shutdown, got {other:?}"),
+    }
+    stale.close(0u32.into(), b"shutting down");
+    expect_rejection(&mut events, "stale certificate", |r| {
+        *r == Rejection::StaleCertificate {
+            node: "node-2".into(),
+        }
+    })
+    .await;
+    let (_live, reply) = answer(later).await;
+    assert!(
+        matches!(reply, Some(CoordinatorMessage::Welcome { .. })),
+        "{reply:?}"
+    );
+    wait_connected(&coordinator, "node-2").await;
+    coordinator.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_cannot_act_on_another_nodes_tasks() {
     let log = captured_log();

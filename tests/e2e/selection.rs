@@ -29,11 +29,34 @@ struct Scripted {
 
 impl Scripted {
     fn new(sandbox: &Sandbox, name: &str, price: f64, failure: Option<ErrorKind>) -> Arc<Self> {
+        Self::running(sandbox, name, price, failure, bin("skyward-agent"))
+    }
+
+    /// Machines are made, but what runs on them never becomes an agent (a bad image, a
+    /// marketplace host that never starts its container).
+    fn hollow(sandbox: &Sandbox, name: &str, price: f64) -> Arc<Self> {
+        let program = sandbox.path().join(format!("{name}-not-an-agent"));
+        std::fs::write(&program, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        Self::running(sandbox, name, price, None, program)
+    }
+
+    fn running(
+        sandbox: &Sandbox,
+        name: &str,
+        price: f64,
+        failure: Option<ErrorKind>,
+        program: std::path::PathBuf,
+    ) -> Arc<Self> {
         Arc::new(Scripted {
             name: name.into(),
             price,
             failure,
-            local: LocalProvider::new(Ok(bin("skyward-agent")), sandbox.path().join(name)),
+            local: LocalProvider::new(Ok(program), sandbox.path().join(name)),
             provisions: AtomicUsize::new(0),
             teardowns: AtomicUsize::new(0),
         })
@@ -110,6 +133,14 @@ async fn up(
     selection: Selection,
     nodes: usize,
 ) -> (Result<Pool, String>, Vec<String>) {
+    up_with(providers, selection, PoolSpec::new(nodes)).await
+}
+
+async fn up_with(
+    providers: &[Arc<Scripted>],
+    selection: Selection,
+    spec: PoolSpec,
+) -> (Result<Pool, String>, Vec<String>) {
     let dyn_providers: Vec<Arc<dyn Provider>> = providers
         .iter()
         .map(|p| p.clone() as Arc<dyn Provider>)
@@ -127,7 +158,7 @@ async fn up(
         coordinator(),
         &dyn_providers,
         &selection,
-        &PoolSpec::new(nodes),
+        &spec,
         &mut on_progress,
     )
     .await
@@ -228,4 +259,43 @@ async fn when_everything_fails_the_error_lists_every_attempt() {
     );
     assert_eq!(a.teardowns.load(Ordering::SeqCst), 1);
     assert_eq!(b.teardowns.load(Ordering::SeqCst), 1);
+}
+
+/// Machines that exist but whose agents never connect are given up like a refused attempt:
+/// the attempt is torn down and the next offer in the selection's order is tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_whose_agents_never_connect_give_way_to_the_next_offer() {
+    let sandbox = Sandbox::new();
+    let hollow = Scripted::hollow(&sandbox, "hollow", 1.0);
+    let sound = Scripted::new(&sandbox, "sound", 2.0, None);
+    let mut spec = PoolSpec::new(2);
+    spec.connect_timeout = std::time::Duration::from_secs(2);
+    let (pool, failed) = up_with(&[sound.clone(), hollow.clone()], Selection::Cheapest, spec).await;
+    let pool = pool.expect("the pool falls back to the next offer");
+    assert_eq!(pool.offer().0.provider, "sound");
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(
+        failed[0].starts_with(
+            "hollow: 2 machine(s) created, given up: 2 of 2 nodes never connected: node-1, node-2"
+        ),
+        "{failed:?}"
+    );
+    assert_eq!(
+        hollow.teardowns.load(Ordering::SeqCst),
+        1,
+        "the attempt was torn down"
+    );
+    let ids: Vec<String> = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
+    assert_eq!(ids, ["node-1", "node-2"]);
+    let mut task = pool
+        .coordinator()
+        .start_task(&pool.nodes()[0], skyward_tests::command(&["echo", "sound"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"sound\n");
+    drop(task);
+    pool.down().await;
+    assert!(sandbox
+        .wait_for_no_processes(std::time::Duration::from_secs(10))
+        .is_empty());
 }
