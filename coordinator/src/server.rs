@@ -1583,23 +1583,6 @@ async fn serve_node(
         .expect("fenced lock")
         .get(&node_id)
         .cloned();
-    if let Some(reason) = fenced {
-        // In place of the welcome: the agent stops (and its machine powers off, on a cloud).
-        let shutdown = CoordinatorMessage::Shutdown {
-            reason: format!(
-                "{node_id} was given up ({reason}) and is no longer in pool {}",
-                inner.pool
-            ),
-        };
-        if write_frame(&mut control_send, &shutdown).await.is_ok() {
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.closed()).await;
-        }
-        conn.close(close_code::POOL_SHUTDOWN.into(), b"given up");
-        return Err(Rejection::Fenced {
-            node: node_id,
-            reason,
-        });
-    }
     let presented = fingerprint(&cert);
     let live = inner
         .live_certs
@@ -1608,18 +1591,35 @@ async fn serve_node(
         .entry(node_id.clone())
         .or_insert_with(|| presented.clone())
         .clone();
-    if live != presented {
-        let shutdown = CoordinatorMessage::Shutdown {
-            reason: format!(
+    let refusal = match fenced {
+        Some(reason) => Some((
+            format!("{node_id} was given up ({reason}) and is no longer in pool {}", inner.pool),
+            Rejection::Fenced {
+                node: node_id.clone(),
+                reason,
+            },
+        )),
+        None if live != presented => Some((
+            format!(
                 "this certificate of {node_id} was replaced by a newer one: this machine is no longer {node_id} of pool {}",
                 inner.pool
             ),
-        };
-        if write_frame(&mut control_send, &shutdown).await.is_ok() {
+            Rejection::StaleCertificate {
+                node: node_id.clone(),
+            },
+        )),
+        None => None,
+    };
+    if let Some((reason, rejection)) = refusal {
+        // In place of the welcome: the agent stops (and its machine powers off, on a cloud).
+        if write_frame(&mut control_send, &CoordinatorMessage::Shutdown { reason })
+            .await
+            .is_ok()
+        {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn.closed()).await;
         }
-        conn.close(close_code::POOL_SHUTDOWN.into(), b"stale certificate");
-        return Err(Rejection::StaleCertificate { node: node_id });
+        conn.close(close_code::POOL_SHUTDOWN.into(), b"refused");
+        return Err(rejection);
     }
     let node_timeout = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
     // Three reports fit in the timeout, so one lost datagram's worth of delay is not a loss.

@@ -152,7 +152,7 @@ impl Teardown {
     }
 
     /// Runs step `what`; a refusal (credentials, permissions, a bad request) is not tried
-    /// again, another failure up to [`TEARDOWN_TRIES`] times.
+    /// again, another failure up to 3 times in all.
     pub async fn step<F, Fut>(&mut self, what: &str, mut run: F)
     where
         F: FnMut() -> Fut,

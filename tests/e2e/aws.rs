@@ -25,6 +25,16 @@ fn aws(url: &str) -> Arc<Aws> {
     }))
 }
 
+/// A provider whose pools get a cluster placement group of their own.
+fn placed_aws(url: &str) -> Arc<Aws> {
+    moto::fake_credentials();
+    Arc::new(Aws::new(AwsConfig {
+        endpoint_url: Some(url.to_string()),
+        placement_group: Some("cluster".into()),
+        ..AwsConfig::default()
+    }))
+}
+
 fn coordinator(pool: &str) -> Arc<Coordinator> {
     skyward_tests::loopback_coordinator(pool)
 }
@@ -284,29 +294,7 @@ async fn throttling_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn teardown_finds_a_lost_pool_by_its_tag() {
     let moto = Moto::start();
-    let provider = aws(&moto.url);
-    let coordinator = coordinator("aws-lost");
-    let spec = small_spec(2);
-    let offers = provider.offers(&spec).await.unwrap();
-    let offer = offers
-        .iter()
-        .find(|o| o.instance_type == "t3.medium")
-        .unwrap();
-    let request = ProvisionRequest {
-        pool: "aws-lost".into(),
-        nodes: (1..=2)
-            .map(|i| NodeBootstrap {
-                node_id: format!("node-{i}"),
-                token: coordinator.issue_token(&format!("node-{i}")),
-            })
-            .collect(),
-        spec,
-        bootstrap: coordinator.bootstrap(),
-    };
-    provider
-        .provision(&request, offer, Market::OnDemand)
-        .await
-        .unwrap();
+    provision(&aws(&moto.url), "aws-lost", 2).await;
     assert_eq!(live_instances(&moto.url, "aws-lost").await.len(), 2);
     // A new provider value (as after a crash) knows nothing but the pool's name.
     aws(&moto.url).teardown("aws-lost").await.unwrap();
@@ -643,11 +631,7 @@ async fn teardown_touches_only_what_the_pool_made_and_goes_on_past_a_failed_step
     assert_eq!(security_groups(&moto.url, "aws-plain").await, 0);
 
     // A pool that asked for a placement group, torn down by a user who may not list them.
-    let placed = Arc::new(Aws::new(AwsConfig {
-        endpoint_url: Some(proxy.url.clone()),
-        placement_group: Some("cluster".into()),
-        ..AwsConfig::default()
-    }));
+    let placed = placed_aws(&proxy.url);
     provision(&placed, "aws-refused", 1).await;
     assert_eq!(moto.placement_groups().len(), 1);
     let error = placed.teardown("aws-refused").await.unwrap_err();
@@ -664,11 +648,7 @@ async fn teardown_touches_only_what_the_pool_made_and_goes_on_past_a_failed_step
     assert_eq!(moto.placement_groups().len(), 1, "the refused step left it");
 
     // With the permission, a later teardown (`skyward down`) removes what is left.
-    let unrefused = Arc::new(Aws::new(AwsConfig {
-        endpoint_url: Some(moto.url.clone()),
-        placement_group: Some("cluster".into()),
-        ..AwsConfig::default()
-    }));
+    let unrefused = placed_aws(&moto.url);
     unrefused
         .teardown("aws-refused")
         .await
@@ -683,11 +663,7 @@ async fn a_placement_group_keeps_the_pool_in_one_subnet_and_goes_with_it() {
     let proxy = FaultProxy::start(&moto.url).await;
     let _hypervisor = Hypervisor::start(&moto.url, sandbox.path().join("ec2"));
     moto::fake_credentials();
-    let provider = Arc::new(Aws::new(AwsConfig {
-        endpoint_url: Some(proxy.url.clone()),
-        placement_group: Some("cluster".into()),
-        ..AwsConfig::default()
-    }));
+    let provider = placed_aws(&proxy.url);
     let providers: Vec<Arc<dyn Provider>> = vec![provider.clone()];
     let mut ignore = |_: PoolProgress<'_>| {};
     let pool = Pool::up(

@@ -29,6 +29,26 @@ fn task_states(status: &serde_json::Value) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// The pids of local node `node`'s agent (one, unless it is gone).
+fn agent_of(sandbox: &Sandbox, node: &str) -> Vec<i32> {
+    sandbox
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains(&format!("nodes/{node} ")))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Each node of a `pool status --json` and its state, in rank order.
+fn node_states(status: &serde_json::Value) -> Vec<(&str, &str)> {
+    status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| (n["node"].as_str().unwrap(), n["state"].as_str().unwrap()))
+        .collect()
+}
+
 fn no_pools(sandbox: &Sandbox) {
     let out = sky(sandbox, &["pool", "list"]);
     assert_eq!(out.code, Some(0), "{out:?}");
@@ -245,15 +265,7 @@ fn a_silent_node_of_an_idle_pool_is_replaced_and_told_to_go_when_it_wakes() {
         LIMIT,
     );
     assert_eq!(up.code, Some(0), "{up:?}");
-    let agent_of_node_1 = |sandbox: &Sandbox| -> Vec<i32> {
-        sandbox
-            .processes()
-            .into_iter()
-            .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains("nodes/node-1 "))
-            .map(|(pid, _)| pid)
-            .collect()
-    };
-    let stopped = agent_of_node_1(&sandbox);
+    let stopped = agent_of(&sandbox, "node-1");
     assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
     // SAFETY: signalling the agent process found above.
     unsafe {
@@ -262,13 +274,7 @@ fn a_silent_node_of_an_idle_pool_is_replaced_and_told_to_go_when_it_wakes() {
     let deadline = Instant::now() + Duration::from_secs(40);
     let status = loop {
         let status = sandbox.pool_status("quiet");
-        let nodes: Vec<(&str, &str)> = status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| (n["node"].as_str().unwrap(), n["state"].as_str().unwrap()))
-            .collect();
-        if nodes == [("node-3", "connected"), ("node-2", "connected")] {
+        if node_states(&status) == [("node-3", "connected"), ("node-2", "connected")] {
             break status;
         }
         if Instant::now() >= deadline {
@@ -290,7 +296,7 @@ fn a_silent_node_of_an_idle_pool_is_replaced_and_told_to_go_when_it_wakes() {
         libc::kill(stopped[0], libc::SIGCONT);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !agent_of_node_1(&sandbox).is_empty() {
+    while !agent_of(&sandbox, "node-1").is_empty() {
         assert!(
             Instant::now() < deadline,
             "the fenced agent still runs: {:?}",
@@ -397,12 +403,7 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
     let sandbox = Sandbox::new();
     let up = sky(&sandbox, &["pool", "up", "kept", "--nodes", "2"]);
     assert_eq!(up.code, Some(0), "{up:?}");
-    let agent_of_node_2: Vec<i32> = sandbox
-        .processes()
-        .into_iter()
-        .filter(|(_, cmd)| cmd.contains("skyward-agent") && cmd.contains("nodes/node-2 "))
-        .map(|(pid, _)| pid)
-        .collect();
+    let agent_of_node_2 = agent_of(&sandbox, "node-2");
     assert_eq!(agent_of_node_2.len(), 1, "{:?}", sandbox.processes());
     // SAFETY: killing the agent process found above.
     unsafe {
@@ -411,13 +412,7 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         let status = sandbox.pool_status("kept");
-        let nodes: Vec<(&str, &str)> = status["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| (n["node"].as_str().unwrap(), n["state"].as_str().unwrap()))
-            .collect();
-        if nodes == [("node-1", "connected"), ("node-3", "connected")] {
+        if node_states(&status) == [("node-1", "connected"), ("node-3", "connected")] {
             break status;
         }
         assert!(Instant::now() < deadline, "not replaced: {status}");
