@@ -467,6 +467,32 @@ mod tests {
         }
     }
 
+    /// Run by scripts/test.sh with `--no-default-features`: a build without a cloud's
+    /// feature still compiles, and naming that cloud says which feature to enable.
+    #[cfg(not(any(
+        feature = "aws",
+        feature = "digitalocean",
+        feature = "verda",
+        feature = "vastai"
+    )))]
+    #[test]
+    fn a_cloud_left_out_of_the_build_says_which_feature_to_enable() {
+        for cloud in ["aws", "digitalocean", "verda", "vastai"] {
+            let error = from_names(cloud, &context()).err().expect("refused");
+            assert_eq!(
+                error,
+                format!("provider {cloud} is not in this build: enable the cargo feature \"{cloud}\" of skyward")
+            );
+        }
+        assert!(from_names("local", &context()).is_ok());
+    }
+
+    #[cfg(all(
+        feature = "aws",
+        feature = "digitalocean",
+        feature = "verda",
+        feature = "vastai"
+    ))]
     #[test]
     fn provider_options_parse_and_apply_or_say_what_is_wrong() {
         assert!(ProviderOptions::parse(["junk"])
@@ -513,6 +539,12 @@ mod tests {
         );
     }
 
+    #[cfg(all(
+        feature = "aws",
+        feature = "digitalocean",
+        feature = "verda",
+        feature = "vastai"
+    ))]
     #[test]
     fn aws_settings_reach_its_config() {
         let mut config = aws::AwsConfig::default();
