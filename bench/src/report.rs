@@ -719,7 +719,9 @@ MB = 10^6 bytes. Read from `/proc` by the bench, after the measurements above. T
 come from `scripts/cold-cost.sh` (kept in `bench/cold-costs.tsv`): wall time from a fresh clone
 with nothing beside it and an empty target dir, and the peak of the machine's memory in use
 above where it started (GB = 2^30 bytes); `scripts/test.sh` runs right after the build, as a
-user's would.
+user's would. The two `-p skyward` rows are the library crate alone, as a program that uses it
+builds it (`scripts/cold-cost.sh library`): with one HTTP provider (`--no-default-features
+--features verda`) it skips the AWS SDK, which is most of the full build's time and memory.
 
 ### Verdicts
 

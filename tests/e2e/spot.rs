@@ -238,6 +238,7 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
         offer: other_offer,
         market: Market::OnDemand,
     };
+    let fallback_again = fallback.clone();
     let mut failed = Vec::new();
     let fallen_back = pool
         .replace(
@@ -262,6 +263,23 @@ async fn a_spot_notice_moves_the_nodes_tasks_elsewhere_at_once() {
     assert_eq!(providers, ["spotcloud", "othercloud"]);
     let ids: Vec<String> = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
     assert_eq!(ids, ["node-1", "node-5"]);
+    // The pool's own offer has machines again, but kept losing them soon after they came
+    // up: the next offer goes first.
+    cloud
+        .capacity
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let booted_before = other.booted.lock().unwrap().len();
+    let moved = pool
+        .replace(
+            "node-5",
+            &[(other.clone() as Arc<dyn Provider>, fallback_again)],
+            true,
+            &mut |_: PoolProgress<'_>| {},
+        )
+        .await
+        .expect("a replacement from the next offer first");
+    assert_eq!(moved.node_id, "node-6");
+    assert_eq!(other.booted.lock().unwrap().len(), booted_before + 1);
     // Teardown reaches every provider with a machine of the pool.
     pool.down().await;
     assert!(other.booted.lock().unwrap().is_empty());
