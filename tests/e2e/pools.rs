@@ -381,6 +381,53 @@ fn a_pool_whose_machines_keep_being_taken_stops_replacing_at_its_budget() {
     assert_eq!(down.code, Some(0), "{down:?}");
 }
 
+/// A coordinator's own pause is not its nodes' silence: a background coordinator frozen
+/// (SIGSTOP) for twice the node timeout gives no node up once it runs again, and keeps both
+/// through the node timeout after it.
+#[test]
+fn a_coordinator_frozen_past_the_node_timeout_gives_no_node_up() {
+    let sandbox = Sandbox::new();
+    let up = sky(
+        &sandbox,
+        &[
+            "pool",
+            "up",
+            "paused",
+            "--nodes",
+            "2",
+            "--node-timeout",
+            "4s",
+        ],
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let coordinator = sandbox.pool_status("paused")["pid"].as_i64().expect("pid") as i32;
+    // SAFETY: signalling the background coordinator by the pid it reported.
+    unsafe { libc::kill(coordinator, libc::SIGSTOP) };
+    // The fault itself: frozen for twice the node timeout.
+    std::thread::sleep(Duration::from_secs(8));
+    // SAFETY: as above.
+    unsafe { libc::kill(coordinator, libc::SIGCONT) };
+    let resumed = Instant::now();
+    let both = [("node-1", "connected"), ("node-2", "connected")];
+    // Watched past one node timeout after the resume: both nodes stay, none replaced.
+    while resumed.elapsed() < Duration::from_secs(6) {
+        let status = sandbox.pool_status("paused");
+        let states = node_states(&status);
+        assert!(
+            states
+                .iter()
+                .all(|(node, state)| ["node-1", "node-2"].contains(node)
+                    && ["connected", "reconnecting"].contains(state)),
+            "{status}"
+        );
+        assert_eq!(status["replacements"], serde_json::json!([]), "{status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(node_states(&sandbox.pool_status("paused")), both);
+    let down = sky(&sandbox, &["pool", "down", "paused"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
+
 /// The agent log of local node `node` somewhere under `dir`.
 fn agent_log(dir: &std::path::Path, node: &str) -> String {
     let mut folders = vec![dir.to_path_buf()];
