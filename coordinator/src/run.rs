@@ -211,9 +211,13 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     let mut gpus_freed = gpus.freed();
     let mut gpu_holds: HashMap<usize, GpuHold> = HashMap::new();
     'assign: loop {
-        scheduler.held_elsewhere(|node, slot| {
-            gpus.is_held(&attempts.nodes[node].node_id, &slot.device_id())
-        });
+        // Only GPU tasks waiting to start need the other jobs' holds: a job's loop turns once
+        // per task end, and most jobs hold no slot at all.
+        if scheduler.waiting_for_slots() {
+            scheduler.held_elsewhere(|node, slot| {
+                gpus.is_held(&attempts.nodes[node].node_id, &slot.device_id())
+            });
+        }
         gpus_freed.borrow_and_update();
         for placement in scheduler.assign() {
             if !placement.slots.is_empty() {

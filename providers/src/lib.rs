@@ -487,87 +487,85 @@ mod tests {
         assert!(from_names("local", &context()).is_ok());
     }
 
+    /// Tests that name every cloud: built with all of them (the default features).
     #[cfg(all(
         feature = "aws",
         feature = "digitalocean",
         feature = "verda",
         feature = "vastai"
     ))]
-    #[test]
-    fn provider_options_parse_and_apply_or_say_what_is_wrong() {
-        assert!(ProviderOptions::parse(["junk"])
-            .unwrap_err()
-            .contains("PROVIDER.KEY=VALUE"));
-        assert!(ProviderOptions::parse(["aws.=x"]).is_err());
-        let options = ProviderOptions::parse(["vastai.min_reliability=0.95"]).unwrap();
-        let err = from_names_with("local", &context(), &options)
-            .err()
-            .unwrap();
-        assert!(err.contains("which is not in --provider local"), "{err}");
-        let bogus = ProviderOptions::parse(["vastai.bogus=1"]).unwrap();
-        let err = from_names_with("vastai", &context(), &bogus).err().unwrap();
-        assert!(
-            err.contains("unknown option vastai.bogus") && err.contains("min_reliability"),
-            "{err}"
-        );
-        let range = ProviderOptions::parse(["vastai.min_reliability=95"]).unwrap();
-        assert!(from_names_with("vastai", &context(), &range)
-            .err()
-            .unwrap()
-            .contains("between 0 and 1"));
-        let nan = ProviderOptions::parse(["vastai.bid_multiplier=lots"]).unwrap();
-        assert!(from_names_with("vastai", &context(), &nan)
-            .err()
-            .unwrap()
-            .contains("not a valid value"));
-        let strategy = ProviderOptions::parse(["aws.allocation_strategy=random"]).unwrap();
-        assert!(from_names_with("aws", &context(), &strategy)
-            .err()
-            .unwrap()
-            .contains("price-capacity-optimized"));
-        let fine = ProviderOptions::parse([
-            "aws.ami=ami-1",
-            "verda.region=FIN-02",
-            "digitalocean.region=ams3",
-        ])
-        .unwrap();
-        assert_eq!(
-            from_names_with("aws,verda,digitalocean", &context(), &fine)
+    mod every_cloud {
+        use super::*;
+        #[test]
+        fn provider_options_parse_and_apply_or_say_what_is_wrong() {
+            assert!(ProviderOptions::parse(["junk"])
+                .unwrap_err()
+                .contains("PROVIDER.KEY=VALUE"));
+            assert!(ProviderOptions::parse(["aws.=x"]).is_err());
+            let options = ProviderOptions::parse(["vastai.min_reliability=0.95"]).unwrap();
+            let err = from_names_with("local", &context(), &options)
+                .err()
+                .unwrap();
+            assert!(err.contains("which is not in --provider local"), "{err}");
+            let bogus = ProviderOptions::parse(["vastai.bogus=1"]).unwrap();
+            let err = from_names_with("vastai", &context(), &bogus).err().unwrap();
+            assert!(
+                err.contains("unknown option vastai.bogus") && err.contains("min_reliability"),
+                "{err}"
+            );
+            let range = ProviderOptions::parse(["vastai.min_reliability=95"]).unwrap();
+            assert!(from_names_with("vastai", &context(), &range)
+                .err()
                 .unwrap()
-                .len(),
-            3
-        );
-    }
+                .contains("between 0 and 1"));
+            let nan = ProviderOptions::parse(["vastai.bid_multiplier=lots"]).unwrap();
+            assert!(from_names_with("vastai", &context(), &nan)
+                .err()
+                .unwrap()
+                .contains("not a valid value"));
+            let strategy = ProviderOptions::parse(["aws.allocation_strategy=random"]).unwrap();
+            assert!(from_names_with("aws", &context(), &strategy)
+                .err()
+                .unwrap()
+                .contains("price-capacity-optimized"));
+            let fine = ProviderOptions::parse([
+                "aws.ami=ami-1",
+                "verda.region=FIN-02",
+                "digitalocean.region=ams3",
+            ])
+            .unwrap();
+            assert_eq!(
+                from_names_with("aws,verda,digitalocean", &context(), &fine)
+                    .unwrap()
+                    .len(),
+                3
+            );
+        }
 
-    #[cfg(all(
-        feature = "aws",
-        feature = "digitalocean",
-        feature = "verda",
-        feature = "vastai"
-    ))]
-    #[test]
-    fn aws_settings_reach_its_config() {
-        let mut config = aws::AwsConfig::default();
-        let options = ProviderOptions::parse([
-            "aws.ami=ami-123",
-            "aws.subnet_id=subnet-9",
-            "aws.region=eu-west-1",
-        ])
-        .unwrap();
-        config.apply(options.settings("aws")).unwrap();
-        assert_eq!(config.ami.as_deref(), Some("ami-123"));
-        assert_eq!(config.subnet_id.as_deref(), Some("subnet-9"));
-        assert_eq!(config.region, "eu-west-1");
-        assert_eq!(config.placement_group, None);
+        #[test]
+        fn aws_settings_reach_its_config() {
+            let mut config = aws::AwsConfig::default();
+            let options = ProviderOptions::parse([
+                "aws.ami=ami-123",
+                "aws.subnet_id=subnet-9",
+                "aws.region=eu-west-1",
+            ])
+            .unwrap();
+            config.apply(options.settings("aws")).unwrap();
+            assert_eq!(config.ami.as_deref(), Some("ami-123"));
+            assert_eq!(config.subnet_id.as_deref(), Some("subnet-9"));
+            assert_eq!(config.region, "eu-west-1");
+            assert_eq!(config.placement_group, None);
 
-        let options = ProviderOptions::parse(["aws.placement_group=cluster"]).unwrap();
-        config.apply(options.settings("aws")).unwrap();
-        assert_eq!(config.placement_group.as_deref(), Some("cluster"));
-        let options = ProviderOptions::parse(["aws.placement_group=tight"]).unwrap();
-        let refused = config.apply(options.settings("aws")).unwrap_err();
-        assert!(
-            refused.contains("cluster, spread, partition"),
-            "names the choices: {refused}"
-        );
+            let options = ProviderOptions::parse(["aws.placement_group=cluster"]).unwrap();
+            config.apply(options.settings("aws")).unwrap();
+            assert_eq!(config.placement_group.as_deref(), Some("cluster"));
+            let options = ProviderOptions::parse(["aws.placement_group=tight"]).unwrap();
+            let refused = config.apply(options.settings("aws")).unwrap_err();
+            assert!(
+                refused.contains("cluster, spread, partition"),
+                "names the choices: {refused}"
+            );
+        }
     }
 }
