@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
-use skyward_core::lifecycle::{Action, Event, Lifecycle, Phase};
+use skyward_core::lifecycle::{Event, Lifecycle};
 use skyward_core::offer::{Market, Offer};
 use skyward_core::selection::{self, Attempt, Candidate, Selection};
 pub use skyward_core::spec::PoolSpec;
@@ -73,6 +73,74 @@ pub struct Pool {
     lifecycle: std::sync::Mutex<Lifecycle>,
     /// The GPU slots every job's running tasks hold: one placement across jobs.
     gpus: Arc<GpuLedger>,
+    /// The provider holding each node's machine, until the machine is removed.
+    machines: Machines,
+    /// Removes the machine of every node the coordinator gives up.
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+/// The provider holding each live node's machine, by node id.
+type Machines = Arc<std::sync::Mutex<HashMap<String, Arc<dyn Provider>>>>;
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.reaper.abort();
+    }
+}
+
+/// Removes the machine of each node of `machines` that `coordinator` gives up (lost, silent,
+/// interrupted, gone): a fenced node bills no longer than its provider takes to remove it.
+/// Nodes given up before it started, or while it lagged behind, are found by asking the
+/// coordinator which are fenced.
+async fn terminate_lost_machines(coordinator: Arc<Coordinator>, machines: Machines) {
+    let mut events = coordinator.subscribe();
+    let mut sweep = true;
+    loop {
+        let lost: Vec<String> = match sweep {
+            true => machines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .filter(|node| coordinator.fenced(node).is_some())
+                .cloned()
+                .collect(),
+            false => Vec::new(),
+        };
+        sweep = false;
+        for node in lost {
+            let provider = machines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&node);
+            if let Some(provider) = provider {
+                let pool = coordinator.pool().to_string();
+                tokio::spawn(async move { terminate(&provider, &pool, &node).await });
+            }
+        }
+        match events.recv().await {
+            Ok(CoordinatorEvent::NodeLost { .. }) | Err(RecvError::Lagged(_)) => sweep = true,
+            Ok(_) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Removes `node`'s machine at `provider`, saying in the log what came of it.
+async fn terminate(provider: &Arc<dyn Provider>, pool: &str, node: &str) {
+    match provider.terminate(pool, node).await {
+        Ok(()) => tracing::warn!(node = %node, "its machine at {} was removed", provider.name()),
+        Err(e) => {
+            tracing::warn!(node = %node, "removing its machine: {e} (the pool's teardown tries again)")
+        }
+    }
+}
+
+/// An attempt in a line: provider, instance type, region and market.
+fn describe(attempt: &Attempt) -> String {
+    format!(
+        "{} {} in {} ({})",
+        attempt.offer.provider, attempt.offer.instance_type, attempt.offer.region, attempt.market
+    )
 }
 
 /// The GPU slots held by running tasks of every job on a pool, by node id and device id
@@ -179,8 +247,11 @@ pub const NODE_DEADLINE_GRACE: Duration = Duration::from_secs(60);
 
 impl Pool {
     /// Provisions `spec.nodes` nodes from the first offer that works and returns once every
-    /// agent is connected. Every failed attempt is torn down before the next; on failure,
-    /// everything provisioned is torn down before the error is returned.
+    /// agent is connected. An attempt none of whose agents connect (or whose machines refuse
+    /// the MIG layout) is torn down before the next offer is tried; a node of a working
+    /// attempt whose agent does not connect is removed and replaced on its own, from the same
+    /// offer first, then the next offers. On failure, everything provisioned is torn down
+    /// before the error, which lists every attempt, is returned.
     pub async fn up(
         coordinator: Arc<Coordinator>,
         providers: &[Arc<dyn Provider>],
@@ -215,7 +286,7 @@ impl Pool {
                 .unwrap_or(0)
         });
         let mut failures = Vec::new();
-        for attempt in &attempts {
+        for (index, attempt) in attempts.iter().enumerate() {
             let provider = &providers[attempt.candidate];
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let bootstrap = node_bootstrap(&coordinator, spec, deadline);
@@ -237,13 +308,7 @@ impl Pool {
                 attempt,
                 nodes: spec.nodes,
             });
-            let what = format!(
-                "{} {} in {} ({})",
-                attempt.offer.provider,
-                attempt.offer.instance_type,
-                attempt.offer.region,
-                attempt.market
-            );
+            let what = describe(attempt);
             let instances = match provider
                 .provision(&request, &attempt.offer, attempt.market)
                 .await
@@ -261,38 +326,55 @@ impl Pool {
                 }
             };
             provisioned(&coordinator, spec, attempt, &instances, on_progress);
-            let mut lifecycle = Lifecycle::new(node_ids.clone());
-            let wait = wait_for_agents(
+            let waited = wait_for_agents(
                 &coordinator,
                 provider.as_ref(),
                 spec,
                 &node_ids,
-                &mut lifecycle,
                 &mut events,
                 on_progress,
             )
             .await;
-            let message = match wait {
-                Ok(nodes) => {
-                    return Ok(Pool {
-                        coordinator,
-                        providers: std::sync::RwLock::new(vec![provider.clone()]),
-                        provider: provider.clone(),
-                        offer: attempt.offer.clone(),
-                        market: attempt.market,
-                        nodes: std::sync::RwLock::new(nodes),
-                        spec: spec.clone(),
+            let message = match waited {
+                Ok(waited) if !waited.ready.is_empty() => {
+                    let up = Pool::new(
+                        coordinator.clone(),
+                        provider.clone(),
+                        attempt,
+                        spec,
                         deadline,
-                        next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
-                        lifecycle: std::sync::Mutex::new(lifecycle),
-                        gpus: Arc::default(),
-                    })
+                        waited.ready,
+                        &instances,
+                    );
+                    if waited.missing.is_empty() {
+                        return Ok(up);
+                    }
+                    let fallbacks: Vec<(Arc<dyn Provider>, Attempt)> = attempts[index + 1..]
+                        .iter()
+                        .map(|a| (providers[a.candidate].clone(), a.clone()))
+                        .collect();
+                    match up.fill(&waited.missing, &fallbacks, on_progress).await {
+                        Ok(()) => return Ok(up),
+                        Err(message) => {
+                            // No offer gave the missing nodes: the pool is given up whole.
+                            let removed = match teardown(&coordinator, &up.providers()).await {
+                                Ok(()) => "removed every machine of the pool".to_string(),
+                                Err(cleanup) => format!("removing them failed: {cleanup}"),
+                            };
+                            failures.push(format!("{what}: {message}; {removed}"));
+                            return Err(error(format!(
+                                "every attempt failed:\n  {}",
+                                failures.join("\n  ")
+                            )));
+                        }
+                    }
                 }
+                Ok(waited) => describe_missing(&waited.missing, node_ids.len(), spec),
                 Err(message) => message,
             };
-            // Machines exist but the pool cannot use them (agents that never connected, a
-            // MIG layout refused): give the attempt up and try the next offer, as for an
-            // attempt the provider refused.
+            // Machines exist but none of them is of use (no agent connected, a MIG layout
+            // refused): the offer is given up and the next tried, as for an attempt the
+            // provider refused.
             let error = ProviderError::new(
                 provider.name(),
                 skyward_providers::ErrorKind::Api,
@@ -327,18 +409,96 @@ impl Pool {
         )))
     }
 
+    /// A pool of `nodes` from `attempt`, whose machines (`made`, connected or not) `provider`
+    /// made; from now on the machine of any node the coordinator gives up is terminated.
+    fn new(
+        coordinator: Arc<Coordinator>,
+        provider: Arc<dyn Provider>,
+        attempt: &Attempt,
+        spec: &PoolSpec,
+        deadline: Option<u64>,
+        nodes: Vec<NodeHandle>,
+        made: &[Instance],
+    ) -> Pool {
+        let ids: Vec<String> = nodes.iter().map(|n| n.node_id.clone()).collect();
+        let mut lifecycle = Lifecycle::new(ids.clone());
+        let _ = lifecycle.handle(Event::Provisioned);
+        for id in &ids {
+            let _ = lifecycle.handle(Event::AgentReady(id.clone()));
+        }
+        let machines: Machines = Arc::new(std::sync::Mutex::new(
+            made.iter()
+                .map(|instance| (instance.node_id.clone(), provider.clone()))
+                .collect(),
+        ));
+        let reaper = tokio::spawn(terminate_lost_machines(
+            coordinator.clone(),
+            machines.clone(),
+        ));
+        Pool {
+            providers: std::sync::RwLock::new(vec![provider.clone()]),
+            provider,
+            offer: attempt.offer.clone(),
+            market: attempt.market,
+            nodes: std::sync::RwLock::new(nodes),
+            spec: spec.clone(),
+            deadline,
+            next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
+            lifecycle: std::sync::Mutex::new(lifecycle),
+            gpus: Arc::default(),
+            machines,
+            reaper,
+            coordinator,
+        }
+    }
+
+    /// Puts a node in place of each of `missing` (machines made whose agents never
+    /// connected): the machine goes, its id is refused from now on, and a new node comes from
+    /// the pool's own offer first, then `fallbacks` in order.
+    async fn fill(
+        &self,
+        missing: &[(String, String)],
+        fallbacks: &[(Arc<dyn Provider>, Attempt)],
+        on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
+    ) -> Result<(), String> {
+        for (node, why) in missing {
+            self.coordinator.forget_nodes(std::slice::from_ref(node));
+            self.terminate_machine(node).await;
+            let why = describe_missing(&[(node.clone(), why.clone())], 1, &self.spec);
+            tracing::warn!("{why}: its machine was removed; starting a node in its place");
+            self.replace(node, fallbacks, false, on_progress)
+                .await
+                .map_err(|e| format!("{why}, its machine removed; {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the machine of `node` through the provider that made it, if it is still
+    /// there; a failure is logged (the pool's teardown tries again).
+    async fn terminate_machine(&self, node: &str) {
+        let provider = self
+            .machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+        if let Some(provider) = provider {
+            terminate(&provider, self.name(), node).await;
+        }
+    }
+
     /// The nodes in rank order (`node-1` first, a replacement in its predecessor's place).
     pub fn nodes(&self) -> Vec<NodeHandle> {
         self.nodes.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Provisions a node in place of `lost` (lost, interrupted, or gone by its provider's
-    /// word) and waits for its agent; the new node (`node-N`, a number not used before) then
-    /// takes `lost`'s place in [`Pool::nodes`]. The pool's own provider and offer are tried
-    /// first, then each of `fallbacks` in order (other providers' offers, as the selection
-    /// ordered them); with `next_offer_first`, the fallbacks first and the own offer last.
-    /// The lost node's machine is not removed here: a spot machine goes by itself, and a
-    /// silent agent powers its machine off once its lease passes (teardown removes it).
+    /// Provisions a node in place of `lost` (lost, interrupted, never connected, or gone by
+    /// its provider's word) and waits for its agent; the new node (`node-N`, a number not
+    /// used before) then takes `lost`'s place in [`Pool::nodes`]. The pool's own provider and
+    /// offer are tried first, then each of `fallbacks` in order (other providers' offers, as
+    /// the selection ordered them); with `next_offer_first`, the fallbacks first and the own
+    /// offer last. A try whose machine is made but whose agent does not connect has that
+    /// machine removed before the next. The lost node's own machine is removed once the
+    /// coordinator gives it up (see [`Pool::up`]).
     pub async fn replace(
         &self,
         lost: &str,
@@ -369,13 +529,7 @@ impl Pool {
                 .replace_from(lost, provider, attempt, on_progress)
                 .await
             {
-                Ok(node) => {
-                    let mut providers = self.providers.write().unwrap_or_else(|p| p.into_inner());
-                    if !providers.iter().any(|p| Arc::ptr_eq(p, provider)) {
-                        providers.push(provider.clone());
-                    }
-                    return Ok(node);
-                }
+                Ok(node) => return Ok(node),
                 Err(e) => {
                     on_progress(PoolProgress::AttemptFailed {
                         attempt,
@@ -392,7 +546,8 @@ impl Pool {
         Err(format!("replacing {lost}: {}", failures.join("; ")))
     }
 
-    /// One try of [`Pool::replace`]: one node from `attempt`'s offer at `provider`.
+    /// One try of [`Pool::replace`]: one node from `attempt`'s offer at `provider`; what a
+    /// failed try made is removed.
     async fn replace_from(
         &self,
         lost: &str,
@@ -416,34 +571,51 @@ impl Pool {
             }],
             spec: spec.clone(),
         };
+        // Before anything exists there: the pool's teardown must reach whatever this makes.
+        {
+            let mut providers = self.providers.write().unwrap_or_else(|p| p.into_inner());
+            if !providers.iter().any(|p| Arc::ptr_eq(p, provider)) {
+                providers.push(provider.clone());
+            }
+        }
+        self.machines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node_id.clone(), provider.clone());
         let mut events = coordinator.subscribe();
         on_progress(PoolProgress::Provisioning { attempt, nodes: 1 });
-        let instances = provider
+        let ids = [node_id.clone()];
+        let made = match provider
             .provision(&request, &attempt.offer, attempt.market)
             .await
-            .map_err(|e| {
-                format!(
-                    "{} {} in {}: {e}",
-                    attempt.offer.provider, attempt.offer.instance_type, attempt.offer.region
+        {
+            Ok(instances) => {
+                provisioned(coordinator, &spec, attempt, &instances, on_progress);
+                wait_for_agents(
+                    coordinator,
+                    provider.as_ref(),
+                    &spec,
+                    &ids,
+                    &mut events,
+                    on_progress,
                 )
-            })?;
-        provisioned(coordinator, &spec, attempt, &instances, on_progress);
-        let ids = [node_id.clone()];
-        let mut lifecycle = Lifecycle::new(ids.to_vec());
-        let mut ready = wait_for_agents(
-            coordinator,
-            provider.as_ref(),
-            &spec,
-            &ids,
-            &mut lifecycle,
-            &mut events,
-            on_progress,
-        )
-        .await
-        .map_err(|e| format!("{node_id}: {e}"))?;
-        let node = ready
-            .pop()
-            .ok_or_else(|| format!("{node_id} never connected"))?;
+                .await
+                .and_then(|mut waited| match waited.ready.pop() {
+                    Some(node) => Ok(node),
+                    None => Err(describe_missing(&waited.missing, 1, &spec)),
+                })
+                .map_err(|e| format!("{}: {e}", describe(attempt)))
+            }
+            Err(e) => Err(format!("{}: {e}", describe(attempt))),
+        };
+        let node = match made {
+            Ok(node) => node,
+            Err(e) => {
+                coordinator.forget_nodes(&ids);
+                self.terminate_machine(&node_id).await;
+                return Err(e);
+            }
+        };
         let mut nodes = self.nodes.write().unwrap_or_else(|p| p.into_inner());
         match nodes.iter().position(|n| n.node_id == lost) {
             Some(index) => nodes[index] = node.clone(),
@@ -619,23 +791,68 @@ fn no_offers(spec: &PoolSpec, candidates: &[Candidate]) -> String {
     )
 }
 
+/// Why a node is missing when the connect timeout passed without its agent.
+const NEVER_CONNECTED: &str = "never connected";
+
+/// The nodes of `missing` (of `total` waited for) in one line: those the connect timeout
+/// passed for together, with what to do about it, then each that failed with its reason.
+fn describe_missing(missing: &[(String, String)], total: usize, spec: &PoolSpec) -> String {
+    let (silent, failed): (Vec<_>, Vec<_>) =
+        missing.iter().partition(|(_, why)| why == NEVER_CONNECTED);
+    let mut parts: Vec<String> = failed
+        .iter()
+        .map(|(node, why)| format!("{node}: {why}"))
+        .collect();
+    if !silent.is_empty() {
+        let nodes: Vec<&str> = silent.iter().map(|(node, _)| node.as_str()).collect();
+        parts.push(format!(
+            "{} of {total} nodes never connected: {} (waited {}; raise --connect-timeout, check the agent logs, or run `skyward doctor` to check that nodes can reach this coordinator)",
+            nodes.len(),
+            nodes.join(", "),
+            humantime::format_duration(spec.connect_timeout)
+        ));
+    }
+    parts.join("; ")
+}
+
+/// What a wait for a provisioning attempt's agents came to.
+struct Waited {
+    /// The nodes whose agents connected, in the order of the ids waited for.
+    ready: Vec<NodeHandle>,
+    /// The nodes whose agents did not, and why (their provider says the machine failed, or
+    /// the connect timeout passed).
+    missing: Vec<(String, String)>,
+}
+
+/// Waits until every node of `node_ids` has connected, has failed by its provider's word, or
+/// the connect timeout has passed. An error gives the whole attempt up (a MIG layout the
+/// machines refused, the coordinator stopped).
 async fn wait_for_agents(
     coordinator: &Coordinator,
     provider: &dyn Provider,
     spec: &PoolSpec,
     node_ids: &[String],
-    lifecycle: &mut Lifecycle,
     events: &mut tokio::sync::broadcast::Receiver<CoordinatorEvent>,
     on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
-) -> Result<Vec<NodeHandle>, String> {
+) -> Result<Waited, String> {
     let pool = coordinator.pool();
-    lifecycle
-        .handle(Event::Provisioned)
-        .map_err(|e| e.to_string())?;
     let mut ready: Vec<Option<NodeHandle>> = vec![None; node_ids.len()];
+    let mut failed: HashMap<String, String> = HashMap::new();
     let deadline = Instant::now() + spec.connect_timeout;
     let mut last_failure_check = Instant::now();
-    while *lifecycle.phase() == Phase::WaitingForAgents {
+    let waiting = |ready: &[Option<NodeHandle>], failed: &HashMap<String, String>| -> Vec<String> {
+        node_ids
+            .iter()
+            .zip(ready)
+            .filter(|(id, node)| node.is_none() && !failed.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect()
+    };
+    loop {
+        let still = waiting(&ready, &failed);
+        if still.is_empty() {
+            break;
+        }
         let connected = tokio::select! {
             event = events.recv() => match event {
                 Ok(CoordinatorEvent::NodeConnected(node)) => Some(node),
@@ -644,40 +861,32 @@ async fn wait_for_agents(
             },
             _ = tokio::time::sleep(POLL) => {
                 // Asking a cloud provider is an API call: do it every few seconds only.
-                let checking_now = last_failure_check.elapsed() >= FAILED_NODES_POLL;
-                let failed: Vec<(String, String)> = if checking_now {
+                if last_failure_check.elapsed() >= FAILED_NODES_POLL {
                     last_failure_check = Instant::now();
                     // Only the nodes waited for: a node being replaced may be failed too.
-                    provider.failed_nodes(pool).await.into_iter().filter(|(node, _)| node_ids.contains(node)).collect()
-                } else {
-                    Vec::new()
-                };
-                if let Some(reverse) = reverse_of(spec).filter(|_| checking_now && !lifecycle.missing().is_empty()) {
-                    dial_listening_nodes(coordinator, provider, &reverse).await;
-                }
-                if !failed.is_empty() {
-                    let detail: Vec<String> = failed.iter().map(|(node, why)| format!("{node}: {why}")).collect();
-                    let _ = lifecycle.handle(Event::TeardownRequested);
-                    return Err(format!("nodes failed before connecting: {}", detail.join("; ")));
+                    for (node, why) in provider.failed_nodes(pool).await {
+                        if still.contains(&node) {
+                            failed.insert(node, why);
+                        }
+                    }
+                    if let Some(reverse) = reverse_of(spec) {
+                        dial_listening_nodes(coordinator, provider, &reverse).await;
+                    }
                 }
                 // Catch connections whose events were missed.
-                lifecycle.missing().iter().find_map(|id| coordinator.node(id))
+                still.iter().find_map(|id| coordinator.node(id))
             },
             _ = tokio::time::sleep_until(deadline) => {
-                let actions = lifecycle.handle(Event::WaitTimedOut).unwrap_or_default();
-                let message = actions.into_iter().find_map(|a| match a {
-                    Action::Fail { error } => Some(error),
-                    _ => None,
-                }).unwrap_or_else(|| "nodes never connected".into());
-                let waited = humantime::format_duration(spec.connect_timeout);
-                return Err(format!("{message} (waited {waited}; raise --connect-timeout, check the agent logs, or run `skyward doctor` to check that nodes can reach this coordinator)"));
+                for node in still {
+                    failed.insert(node, NEVER_CONNECTED.to_string());
+                }
+                break;
             }
         };
         if let Some(node) = connected {
             // A node without the MIG layout the pool asked for is no node of this pool.
             if let Some(report) = &node.inventory.mig {
                 if let Some(why) = &report.error {
-                    let _ = lifecycle.handle(Event::TeardownRequested);
                     return Err(format!(
                         "{}: MIG layout {} not applied: {why}",
                         node.node_id, report.requested
@@ -685,19 +894,25 @@ async fn wait_for_agents(
                 }
             }
             if let Some(index) = node_ids.iter().position(|id| *id == node.node_id) {
-                if ready[index].is_none() {
-                    let _ = lifecycle.handle(Event::AgentReady(node.node_id.clone()));
+                if ready[index].is_none() && !failed.contains_key(&node.node_id) {
                     ready[index] = Some(node.clone());
                     on_progress(PoolProgress::NodeReady {
                         node: &node,
-                        ready: lifecycle.ready_count(),
+                        ready: ready.iter().flatten().count(),
                         total: node_ids.len(),
                     });
                 }
             }
         }
     }
-    Ok(ready.into_iter().flatten().collect())
+    let missing = node_ids
+        .iter()
+        .filter_map(|id| failed.remove(id).map(|why| (id.clone(), why)))
+        .collect();
+    Ok(Waited {
+        ready: ready.into_iter().flatten().collect(),
+        missing,
+    })
 }
 
 /// How the coordinator reaches a `--reverse` pool's agents; `None` when they dial it.

@@ -962,6 +962,30 @@ impl Provider for Aws {
         Ok(())
     }
 
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        for region in self.regions_to_search() {
+            let ids: Vec<String> = self
+                .pool_instances(&region, pool)
+                .await?
+                .into_iter()
+                .filter(|(_, node, state)| {
+                    node == node_id && *state != InstanceStateName::ShuttingDown
+                })
+                .map(|(id, ..)| id)
+                .collect();
+            if !ids.is_empty() {
+                self.client(&region)
+                    .await
+                    .terminate_instances()
+                    .set_instance_ids(Some(ids))
+                    .send()
+                    .await
+                    .map_err(api_error)?;
+            }
+        }
+        Ok(())
+    }
+
     fn supports_reverse(&self) -> bool {
         true
     }

@@ -1018,6 +1018,15 @@ impl Provider for DigitalOcean {
         teardown.finish()
     }
 
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        for droplet in self.pool_droplets(pool).await? {
+            if droplet.node_id().as_deref() == Some(node_id) {
+                self.delete_by_id(droplet.id).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn supports_reverse(&self) -> bool {
         true
     }

@@ -253,6 +253,11 @@ pub trait Provider: Send + Sync {
     /// Removes every node of `pool`, waiting until they are gone.
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError>;
 
+    /// Removes the machine of one node of `pool` (given up: lost, silent, or never
+    /// connected), leaving the pool's other machines and resources alone. Returns once the
+    /// provider has accepted the removal; a node with no machine (already gone) is no error.
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError>;
+
     /// Checks credentials with a read-only call.
     async fn status(&self) -> ProviderStatus;
 

@@ -266,24 +266,46 @@ impl Provider for LocalProvider {
             .expect("agents lock")
             .remove(pool)
             .unwrap_or_default();
-        for (_, child) in &agents {
-            if let Some(pid) = child.id() {
-                // SAFETY: signalling a pid we spawned and have not reaped.
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGTERM);
-                }
-            }
-        }
-        for (node_id, mut child) in agents {
-            match tokio::time::timeout(AGENT_EXIT_GRACE, child.wait()).await {
-                Ok(_) => {}
-                Err(_) => {
-                    tracing::warn!(node = %node_id, "agent did not exit after SIGTERM; killing it");
-                    let _ = child.kill().await;
-                }
-            }
-        }
+        stop_agents(agents).await;
         Ok(())
+    }
+
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        let agents = {
+            let mut all = self.agents.lock().expect("agents lock");
+            let Some(of_pool) = all.get_mut(pool) else {
+                return Ok(());
+            };
+            let (gone, kept) = std::mem::take(of_pool)
+                .into_iter()
+                .partition(|(node, _)| node == node_id);
+            *of_pool = kept;
+            gone
+        };
+        stop_agents(agents).await;
+        Ok(())
+    }
+}
+
+/// SIGTERM to every agent, then SIGKILL to any still there after the grace (one that is
+/// stopped, or hung, as a lost node's may be).
+async fn stop_agents(agents: Vec<(String, tokio::process::Child)>) {
+    for (_, child) in &agents {
+        if let Some(pid) = child.id() {
+            // SAFETY: signalling a pid we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+    for (node_id, mut child) in agents {
+        match tokio::time::timeout(AGENT_EXIT_GRACE, child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(node = %node_id, "agent did not exit after SIGTERM; killing it");
+                let _ = child.kill().await;
+            }
+        }
     }
 }
 

@@ -1379,6 +1379,19 @@ impl Provider for VastAi {
         }
     }
 
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        if self.ready().is_err() {
+            // Without a key (or a URL) nothing can have been created.
+            return Ok(());
+        }
+        for instance in self.pool_instances(pool).await? {
+            if instance.node().as_deref() == Some(node_id) {
+                self.destroy(instance.id).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn status(&self) -> ProviderStatus {
         let mut status = ProviderStatus {
             provider: PROVIDER.into(),

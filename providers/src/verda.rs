@@ -909,6 +909,28 @@ impl Provider for Verda {
         keys
     }
 
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        self.api.credentials()?;
+        let ids: Vec<String> = self
+            .pool_instances(pool)
+            .await?
+            .iter()
+            .filter(|i| !is_gone(i) && node_of(i, pool) == node_id)
+            .filter_map(|i| str_field(i, "id"))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match self.delete_instances(&ids).await? {
+            failed if failed.is_empty() => Ok(()),
+            failed => Err(ProviderError::new(
+                NAME,
+                ErrorKind::Api,
+                format!("deleting {node_id} of pool {pool}: {}", failed.join("; ")),
+            )),
+        }
+    }
+
     fn supports_reverse(&self) -> bool {
         true
     }

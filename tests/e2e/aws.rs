@@ -814,3 +814,54 @@ fn a_price_table_made_from_the_aws_price_list_prices_the_offers() {
     );
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
 }
+
+/// A node given up has its instance terminated on its own: the pool's others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_a_node_removes_its_instance_alone() {
+    let moto = Moto::start();
+    let provider = aws(&moto.url);
+    let coordinator = coordinator("aws-one");
+    let spec = small_spec(2);
+    let offers = provider.offers(&spec).await.unwrap();
+    let offer = offers
+        .iter()
+        .find(|o| o.instance_type == "t3.medium")
+        .unwrap();
+    let url = moto.url.clone();
+    skyward_tests::check_terminate_removes_one_node(
+        provider.as_ref(),
+        &coordinator,
+        &spec,
+        offer,
+        || {
+            let url = url.clone();
+            async move {
+                let ec2 = moto::client(&url).await;
+                let out = ec2
+                    .describe_instances()
+                    .filters(moto::tag_filter(POOL_TAG, "aws-one"))
+                    .send()
+                    .await
+                    .unwrap();
+                out.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .filter(|i| {
+                        matches!(
+                            i.state().and_then(|s| s.name()).map(|n| n.as_str()),
+                            Some("pending" | "running")
+                        )
+                    })
+                    .filter_map(|i| {
+                        i.tags()
+                            .iter()
+                            .find(|t| t.key() == Some(skyward_providers::NODE_TAG))
+                            .and_then(|t| t.value())
+                            .map(str::to_string)
+                    })
+                    .collect()
+            }
+        },
+    )
+    .await;
+}

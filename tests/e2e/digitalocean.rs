@@ -1763,3 +1763,31 @@ async fn a_vpc_that_became_its_regions_default_is_left_without_waiting() {
     assert!(vpc_deletes(&standin.requests(), &vpc.id).is_empty());
     standin.assert_contract();
 }
+
+/// A node given up has its droplet deleted on its own: the pool's others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_a_node_deletes_its_droplet_alone() {
+    let sandbox = Sandbox::new();
+    let standin = DigitalOceanStandIn::start(&sandbox.path().join("droplets")).await;
+    let provider = provider(&standin);
+    let coordinator = coordinator("do-one");
+    let offer = cpu_offer(&provider, "nyc1").await;
+    skyward_tests::check_terminate_removes_one_node(
+        provider.as_ref(),
+        &coordinator,
+        &cpu_spec(2),
+        &offer,
+        || {
+            let live: Vec<String> = standin
+                .droplets()
+                .iter()
+                .filter_map(|d| d.tags.iter().find_map(|t| digitalocean::untag(NODE_TAG, t)))
+                .collect();
+            std::future::ready(live)
+        },
+    )
+    .await;
+    standin.assert_contract();
+    let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
+    assert!(left.is_empty(), "processes left: {left:?}");
+}

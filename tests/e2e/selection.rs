@@ -32,6 +32,37 @@ impl Scripted {
         Self::running(sandbox, name, price, failure, bin("skyward-agent"))
     }
 
+    /// Machines are made and run real agents, but the agents of the nodes that
+    /// `hollow_nodes` (a shell pattern) matches dial an address where no coordinator listens,
+    /// so they never connect (a host whose network is broken).
+    fn partly_hollow(sandbox: &Sandbox, name: &str, price: f64, hollow_nodes: &str) -> Arc<Self> {
+        let program = sandbox.path().join(format!("{name}-agent"));
+        let agent = bin("skyward-agent");
+        std::fs::write(
+            &program,
+            format!(
+                "#!/bin/sh\n\
+                 case \" $* \" in *\" \"{hollow_nodes}\" \"*) ;; *) exec {agent} \"$@\";; esac\n\
+                 previous=\n\
+                 for arg in \"$@\"; do\n\
+                 shift\n\
+                 [ \"$previous\" = --coordinator ] && arg=127.0.0.1:9\n\
+                 set -- \"$@\" \"$arg\"\n\
+                 previous=$arg\n\
+                 done\n\
+                 exec {agent} \"$@\"\n",
+                agent = agent.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &program,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        Self::running(sandbox, name, price, None, program)
+    }
+
     /// Machines are made, but what runs on them never becomes an agent (a bad image, a
     /// marketplace host that never starts its container).
     fn hollow(sandbox: &Sandbox, name: &str, price: f64) -> Arc<Self> {
@@ -109,6 +140,10 @@ impl Provider for Scripted {
     async fn teardown(&self, pool: &str) -> Result<(), ProviderError> {
         self.teardowns.fetch_add(1, Ordering::SeqCst);
         self.local.teardown(pool).await
+    }
+
+    async fn terminate(&self, pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        self.local.terminate(pool, node_id).await
     }
 
     async fn status(&self) -> ProviderStatus {
@@ -261,7 +296,7 @@ async fn when_everything_fails_the_error_lists_every_attempt() {
     assert_eq!(b.teardowns.load(Ordering::SeqCst), 1);
 }
 
-/// Machines that exist but whose agents never connect are given up like a refused attempt:
+/// Machines that exist but none of whose agents connect are given up like a refused attempt:
 /// the attempt is torn down and the next offer in the selection's order is tried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_whose_agents_never_connect_give_way_to_the_next_offer() {
@@ -276,7 +311,7 @@ async fn machines_whose_agents_never_connect_give_way_to_the_next_offer() {
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(
         failed[0].starts_with(
-            "hollow: 2 machine(s) created, given up: 2 of 2 nodes never connected: node-1, node-2"
+            "hollow: 2 machine(s) created, given up: 2 of 2 nodes never connected: node-1, node-2 (waited 2s"
         ),
         "{failed:?}"
     );
@@ -295,6 +330,82 @@ async fn machines_whose_agents_never_connect_give_way_to_the_next_offer() {
     assert_eq!(task_output(&mut task).await, b"sound\n");
     drop(task);
     pool.down().await;
+    assert!(sandbox
+        .wait_for_no_processes(std::time::Duration::from_secs(10))
+        .is_empty());
+}
+
+/// One node of an attempt whose agent never connects is replaced on its own: its machine is
+/// removed and its id refused, and a node from the same offer takes its place; the others
+/// stay, and the next offer is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_agent_never_connects_is_replaced_on_its_own_from_the_same_offer() {
+    let sandbox = Sandbox::new();
+    let flaky = Scripted::partly_hollow(&sandbox, "flaky", 1.0, "node-2");
+    let spare = Scripted::new(&sandbox, "spare", 2.0, None);
+    let mut spec = PoolSpec::new(3);
+    spec.connect_timeout = std::time::Duration::from_secs(3);
+    let (pool, failed) = up_with(&[spare.clone(), flaky.clone()], Selection::Cheapest, spec).await;
+    let pool = pool.expect("the missing node is replaced");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(pool.offer().0.provider, "flaky");
+    let ids: Vec<String> = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
+    assert_eq!(ids, ["node-1", "node-3", "node-4"]);
+    assert_eq!(flaky.provisions.load(Ordering::SeqCst), 2);
+    assert_eq!(flaky.teardowns.load(Ordering::SeqCst), 0);
+    assert_eq!(spare.provisions.load(Ordering::SeqCst), 0);
+    let hollow: Vec<(i32, String)> = sandbox
+        .processes()
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("/node-2 "))
+        .collect();
+    assert!(
+        hollow.is_empty(),
+        "the hollow node's machine still runs: {hollow:?}"
+    );
+    assert!(
+        pool.coordinator().node("node-2").is_none(),
+        "the hollow node is no node of the pool"
+    );
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &pool.nodes()[2],
+            skyward_tests::command(&["echo", "replaced"]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"replaced\n");
+    drop(task);
+    pool.down().await;
+    assert!(sandbox
+        .wait_for_no_processes(std::time::Duration::from_secs(10))
+        .is_empty());
+}
+
+/// When no offer gives a node in place of one that never connected, the pool fails and its
+/// error lists what was tried; everything it made, at every provider, is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_no_offer_gives_the_missing_node_the_pool_fails_and_removes_everything() {
+    let sandbox = Sandbox::new();
+    // node-2 never connects, nor does node-3, its replacement from the same offer.
+    let flaky = Scripted::partly_hollow(&sandbox, "flaky", 1.0, "node-[23]");
+    let full = Scripted::new(&sandbox, "full", 2.0, Some(ErrorKind::Capacity));
+    let mut spec = PoolSpec::new(2);
+    spec.connect_timeout = std::time::Duration::from_secs(2);
+    let (pool, _) = up_with(&[full.clone(), flaky.clone()], Selection::Cheapest, spec).await;
+    let error = pool.err().expect("no offer gives the missing node");
+    assert!(error.contains("every attempt failed"), "{error}");
+    assert!(
+        error.contains("1 of 1 nodes never connected: node-2"),
+        "{error}"
+    );
+    assert!(error.contains("replacing node-2"), "{error}");
+    assert!(error.contains("full"), "{error}");
+    assert!(
+        error.contains("removed every machine of the pool"),
+        "{error}"
+    );
     assert!(sandbox
         .wait_for_no_processes(std::time::Duration::from_secs(10))
         .is_empty());

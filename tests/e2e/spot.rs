@@ -95,6 +95,17 @@ impl Provider for SpotCloud {
         Ok(())
     }
 
+    async fn terminate(&self, _pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        self.booted.lock().unwrap().retain(|node| {
+            let this = node.dir().ends_with(node_id);
+            if this {
+                node.destroy();
+            }
+            !this
+        });
+        Ok(())
+    }
+
     async fn status(&self) -> ProviderStatus {
         ProviderStatus {
             provider: self.name.into(),

@@ -167,6 +167,16 @@ impl Provider for NamespaceProvider {
         Ok(())
     }
 
+    async fn terminate(&self, _pool: &str, node_id: &str) -> Result<(), ProviderError> {
+        for (node, agent) in self.agents.lock().unwrap().iter_mut() {
+            if node == node_id {
+                let _ = agent.kill();
+                let _ = agent.wait();
+            }
+        }
+        Ok(())
+    }
+
     async fn status(&self) -> ProviderStatus {
         self.local.status().await
     }

@@ -1068,3 +1068,37 @@ async fn reverse_pools_publish_the_agent_port_and_are_dialed_at_the_mapped_host_
     );
     assert_nothing_left(&standin, &sandbox);
 }
+
+/// A node given up has its instance destroyed on its own: the pool's others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_a_node_destroys_its_instance_alone() {
+    let sandbox = Sandbox::new();
+    let standin = VastAiStandIn::start(&sandbox.path().join("hosts")).await;
+    standin.add_offer(json!({"id": 401, "dph_total": 0.30}));
+    standin.add_offer(json!({"id": 402, "dph_total": 0.31}));
+    let vast = provider(&standin, |_| {});
+    let coordinator = coordinator("vast-one");
+    let spec = rtx4090(2);
+    let offers = vast.offers(&spec).await.unwrap();
+    skyward_tests::check_terminate_removes_one_node(
+        vast.as_ref(),
+        &coordinator,
+        &spec,
+        &offers[0],
+        || {
+            let live: Vec<String> = standin
+                .instances()
+                .iter()
+                .filter_map(|i| {
+                    i.label
+                        .split_whitespace()
+                        .find_map(|part| part.strip_prefix("skyward-node="))
+                        .map(str::to_string)
+                })
+                .collect();
+            std::future::ready(live)
+        },
+    )
+    .await;
+    assert_nothing_left(&standin, &sandbox);
+}

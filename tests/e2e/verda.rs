@@ -1065,3 +1065,35 @@ fn a_machine_verda_reports_offline_loses_its_node_and_the_task_moves() {
     run.assert_moved("verda: ");
     assert_nothing_left(&standin, &sandbox);
 }
+
+/// A node given up has its instance deleted on its own: the pool's others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_a_node_deletes_its_instance_alone() {
+    let sandbox = Sandbox::new();
+    let standin = VerdaStandin::start(sandbox.path());
+    let provider = verda(&standin);
+    let coordinator = coordinator("verda-one");
+    let spec = PoolSpec::new(2);
+    let offers = provider.offers(&spec).await.unwrap();
+    let offer = offers
+        .iter()
+        .find(|o| o.available)
+        .expect("an offer with capacity");
+    skyward_tests::check_terminate_removes_one_node(&provider, &coordinator, &spec, offer, || {
+        let live: Vec<String> = standin
+            .live_instances()
+            .iter()
+            // A deleted instance lingers in Verda's listing as `deleting` for a while.
+            .filter(|i| i.status != "deleting")
+            .filter_map(|i| {
+                i.tags
+                    .iter()
+                    .find(|(key, _)| key == NODE_TAG)
+                    .map(|(_, node)| node.clone())
+            })
+            .collect();
+        std::future::ready(live)
+    })
+    .await;
+    assert_nothing_left(&standin, &sandbox);
+}

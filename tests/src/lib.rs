@@ -424,3 +424,72 @@ impl MovingRun {
         stderr
     }
 }
+
+/// One node's machine removed, the others left: provisions `nodes` nodes of `offer` at
+/// `provider` for `coordinator`'s pool, terminates node-1 and waits (bounded) until
+/// `live_nodes` (the node ids whose machines the cloud, or its stand-in, still holds) says
+/// that node-1's machine went and every other stayed; then tears the pool down and waits
+/// until none is left. Any cloud's `terminate` is checked the same way.
+pub async fn check_terminate_removes_one_node<F, Fut>(
+    provider: &dyn skyward_providers::Provider,
+    coordinator: &skyward_coordinator::Coordinator,
+    spec: &skyward_core::spec::PoolSpec,
+    offer: &skyward_core::offer::Offer,
+    live_nodes: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    use skyward_providers::{NodeBootstrap, ProvisionRequest};
+    let pool = coordinator.pool().to_string();
+    let ids: Vec<String> = (1..=spec.nodes).map(|i| format!("node-{i}")).collect();
+    let request = ProvisionRequest {
+        pool: pool.clone(),
+        nodes: ids
+            .iter()
+            .map(|id| NodeBootstrap {
+                node_id: id.clone(),
+                token: coordinator.issue_token(id),
+            })
+            .collect(),
+        spec: spec.clone(),
+        bootstrap: coordinator.bootstrap(),
+    };
+    provider
+        .provision(&request, offer, skyward_core::offer::Market::OnDemand)
+        .await
+        .expect("provision");
+    let sorted = |mut nodes: Vec<String>| {
+        nodes.sort();
+        nodes
+    };
+    assert_eq!(
+        sorted(live_nodes().await),
+        ids,
+        "every node's machine exists"
+    );
+    provider
+        .terminate(&pool, "node-1")
+        .await
+        .expect("terminate node-1");
+    // Terminating what is already going is no error.
+    provider
+        .terminate(&pool, "node-1")
+        .await
+        .expect("terminate node-1 again");
+    let others = ids[1..].to_vec();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let live = sorted(live_nodes().await);
+        if live == others {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after terminating node-1, the machines left are {live:?}, not {others:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    provider.teardown(&pool).await.expect("teardown");
+    assert_eq!(live_nodes().await, Vec::<String>::new(), "nothing is left");
+}
