@@ -304,7 +304,10 @@ async fn keep_node_count(daemon: Arc<Daemon>) {
                                     node: new.node_id,
                                 }
                             }
-                            Err(error) => Event::StartFailed { place, error },
+                            Err(failure) => Event::StartFailed {
+                                place,
+                                error: failure.message,
+                            },
                         });
                     }
                     Action::Report(line) => daemon.note_replacement(line),

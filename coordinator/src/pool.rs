@@ -17,7 +17,9 @@ use skyward_core::offer::{Market, Offer};
 use skyward_core::selection::{self, Attempt, Candidate, Selection};
 pub use skyward_core::spec::PoolSpec;
 use skyward_providers::bootstrap::{Reverse, AGENT_PORT};
-use skyward_providers::{Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest};
+use skyward_providers::{
+    ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProvisionRequest,
+};
 
 /// Progress reports while a pool comes up.
 pub enum PoolProgress<'a> {
@@ -41,11 +43,56 @@ pub enum PoolProgress<'a> {
     },
 }
 
+/// Why a pool could not be brought up: what kind of failure decided it, and every attempt
+/// made, so that a program can tell refused credentials from missing capacity, a quota, a bad
+/// request, machines that never connected or an API fault.
 #[derive(Debug, thiserror::Error)]
 #[error("pool {pool}: {message}")]
-pub struct PoolError {
+pub struct ProvisionError {
     pub pool: String,
+    /// Every attempt and why it failed, or why none was made, in words.
     pub message: String,
+    /// The attempts' kind ([`ErrorKind::of_all`]); `NoOffers` when nothing fits the spec,
+    /// `Invalid` when no provider can do what it asks, the providers' own when they could not
+    /// be asked for offers.
+    pub kind: ErrorKind,
+    /// Every provisioning attempt made, in order.
+    pub attempts: Vec<FailedAttempt>,
+}
+
+/// One provisioning attempt that was given up.
+#[derive(Debug, Clone)]
+pub struct FailedAttempt {
+    pub provider: String,
+    pub instance_type: String,
+    pub region: String,
+    pub market: Market,
+    pub kind: ErrorKind,
+    /// Why it was given up, with what it had made and what became of that.
+    pub message: String,
+}
+
+impl std::fmt::Display for FailedAttempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} in {} ({}): {}",
+            self.provider, self.instance_type, self.region, self.market, self.message
+        )
+    }
+}
+
+/// A failure with its kind: one try to replace a node, or a wait for agents.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// How often the wait re-checks the provider for nodes that died and the coordinator for
@@ -215,6 +262,18 @@ impl Drop for GpuHold {
 
 /// Asks every provider for offers at once; one provider's failure is its candidate's error.
 pub async fn candidates(providers: &[Arc<dyn Provider>], spec: &PoolSpec) -> Vec<Candidate> {
+    candidates_and_refusals(providers, spec)
+        .await
+        .into_iter()
+        .map(|(candidate, _)| candidate)
+        .collect()
+}
+
+/// [`candidates`], each with the kind of its provider's refusal when it could not be asked.
+async fn candidates_and_refusals(
+    providers: &[Arc<dyn Provider>],
+    spec: &PoolSpec,
+) -> Vec<(Candidate, Option<ErrorKind>)> {
     let mut queries = JoinSet::new();
     for (index, provider) in providers.iter().enumerate() {
         let (provider, spec) = (provider.clone(), spec.clone());
@@ -227,16 +286,26 @@ pub async fn candidates(providers: &[Arc<dyn Provider>], spec: &PoolSpec) -> Vec
     providers
         .iter()
         .zip(answers)
-        .map(|(provider, answer)| Candidate {
-            provider: provider.name().to_string(),
-            offers: match answer {
-                Some(Ok(offers)) => Ok(offers
-                    .into_iter()
-                    .filter(|o| spec.mismatch(o).is_none())
-                    .collect()),
-                Some(Err(e)) => Err(e.to_string()),
-                None => Err(format!("{}: offer query did not finish", provider.name())),
-            },
+        .map(|(provider, answer)| {
+            let (offers, refusal) = match answer {
+                Some(Ok(offers)) => (
+                    Ok(offers
+                        .into_iter()
+                        .filter(|o| spec.mismatch(o).is_none())
+                        .collect()),
+                    None,
+                ),
+                Some(Err(e)) => (Err(e.to_string()), Some(e.kind)),
+                None => (
+                    Err(format!("{}: offer query did not finish", provider.name())),
+                    Some(ErrorKind::Api),
+                ),
+            };
+            let candidate = Candidate {
+                provider: provider.name().to_string(),
+                offers,
+            };
+            (candidate, refusal)
         })
         .collect()
 }
@@ -258,22 +327,38 @@ impl Pool {
         selection: &Selection,
         spec: &PoolSpec,
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
-    ) -> Result<Pool, PoolError> {
+    ) -> Result<Pool, ProvisionError> {
         let pool = coordinator.pool().to_string();
-        let error = |message: String| PoolError {
-            pool: pool.clone(),
-            message,
-        };
+        let error =
+            |kind: ErrorKind, message: String, attempts: Vec<FailedAttempt>| ProvisionError {
+                pool: pool.clone(),
+                message,
+                kind,
+                attempts,
+            };
         on_progress(PoolProgress::Searching {
             providers: providers.len(),
         });
         if let Err(message) = check(spec, providers) {
-            return Err(error(message));
+            return Err(error(ErrorKind::Invalid, message, Vec::new()));
         }
-        let candidates = candidates(providers, spec).await;
+        let (candidates, refusals): (Vec<Candidate>, Vec<Option<ErrorKind>>) =
+            candidates_and_refusals(providers, spec)
+                .await
+                .into_iter()
+                .unzip();
         let attempts = selection::plan(selection, &candidates, spec);
         if attempts.is_empty() {
-            return Err(error(no_offers(spec, &candidates)));
+            // Every provider refused to be asked (credentials, say): that is the kind.
+            let kind = match refusals.iter().all(Option::is_some) {
+                true => ErrorKind::of_all(refusals.into_iter().flatten()),
+                false => None,
+            };
+            return Err(error(
+                kind.unwrap_or(ErrorKind::NoOffers),
+                no_offers(spec, &candidates),
+                Vec::new(),
+            ));
         }
 
         let node_ids: Vec<String> = (1..=spec.nodes).map(|i| format!("node-{i}")).collect();
@@ -285,9 +370,25 @@ impl Pool {
                 .map(|d| d.as_secs())
                 .unwrap_or(0)
         });
-        let mut failures = Vec::new();
+        let mut failures: Vec<FailedAttempt> = Vec::new();
+        let every_attempt_failed = |failures: Vec<FailedAttempt>| {
+            let lines: Vec<String> = failures.iter().map(ToString::to_string).collect();
+            error(
+                ErrorKind::of_all(failures.iter().map(|f| f.kind)).unwrap_or(ErrorKind::Api),
+                format!("every attempt failed:\n  {}", lines.join("\n  ")),
+                failures,
+            )
+        };
         for (index, attempt) in attempts.iter().enumerate() {
             let provider = &providers[attempt.candidate];
+            let failed = |kind: ErrorKind, message: String| FailedAttempt {
+                provider: attempt.offer.provider.clone(),
+                instance_type: attempt.offer.instance_type.clone(),
+                region: attempt.offer.region.clone(),
+                market: attempt.market,
+                kind,
+                message,
+            };
             // Fresh tokens per attempt: an earlier attempt's nodes must not be able to join.
             let bootstrap = node_bootstrap(&coordinator, spec, deadline);
             let request = ProvisionRequest {
@@ -308,7 +409,6 @@ impl Pool {
                 attempt,
                 nodes: spec.nodes,
             });
-            let what = describe(attempt);
             let instances = match provider
                 .provision(&request, &attempt.offer, attempt.market)
                 .await
@@ -321,7 +421,7 @@ impl Pool {
                     if let Err(cleanup) = provider.teardown(&pool).await {
                         tracing::error!("cleaning up after a failed attempt: {cleanup}");
                     }
-                    failures.push(format!("{what}: {e}"));
+                    failures.push(failed(e.kind, e.to_string()));
                     continue;
                 }
             };
@@ -335,7 +435,7 @@ impl Pool {
                 on_progress,
             )
             .await;
-            let message = match waited {
+            let failure = match waited {
                 Ok(waited) if !waited.ready.is_empty() => {
                     let up = Pool::new(
                         coordinator.clone(),
@@ -355,37 +455,37 @@ impl Pool {
                         .collect();
                     match up.fill(&waited.missing, &fallbacks, on_progress).await {
                         Ok(()) => return Ok(up),
-                        Err(message) => {
+                        Err(unfilled) => {
                             // No offer gave the missing nodes: the pool is given up whole.
                             let removed = match teardown(&coordinator, &up.providers()).await {
                                 Ok(()) => "removed every machine of the pool".to_string(),
                                 Err(cleanup) => format!("removing them failed: {cleanup}"),
                             };
-                            failures.push(format!("{what}: {message}; {removed}"));
-                            return Err(error(format!(
-                                "every attempt failed:\n  {}",
-                                failures.join("\n  ")
-                            )));
+                            failures.push(failed(
+                                unfilled.kind,
+                                format!("{}; {removed}", unfilled.message),
+                            ));
+                            return Err(every_attempt_failed(failures));
                         }
                     }
                 }
-                Ok(waited) => describe_missing(&waited.missing, node_ids.len(), spec),
-                Err(message) => message,
+                Ok(waited) => Failure {
+                    kind: ErrorKind::Unreachable,
+                    message: describe_missing(&waited.missing, node_ids.len(), spec),
+                },
+                Err(failure) => failure,
             };
             // Machines exist but none of them is of use (no agent connected, a MIG layout
             // refused): the offer is given up and the next tried, as for an attempt the
             // provider refused.
-            let error = ProviderError::new(
-                provider.name(),
-                skyward_providers::ErrorKind::Api,
-                format!(
-                    "{} machine(s) created, given up: {message}",
-                    instances.len()
-                ),
+            let message = format!(
+                "{} machine(s) created, given up: {}",
+                instances.len(),
+                failure.message
             );
             on_progress(PoolProgress::AttemptFailed {
                 attempt,
-                error: &error,
+                error: &ProviderError::new(provider.name(), failure.kind, message.clone()),
             });
             coordinator
                 .shutdown_nodes("this provisioning attempt was given up")
@@ -398,15 +498,9 @@ impl Pool {
                     format!("removing them failed: {cleanup}")
                 }
             };
-            failures.push(format!(
-                "{what}: {} machine(s) created, given up: {message}; {removed}",
-                instances.len()
-            ));
+            failures.push(failed(failure.kind, format!("{message}; {removed}")));
         }
-        Err(error(format!(
-            "every attempt failed:\n  {}",
-            failures.join("\n  ")
-        )))
+        Err(every_attempt_failed(failures))
     }
 
     /// A pool of `nodes` from `attempt`, whose machines (`made`, connected or not) `provider`
@@ -460,7 +554,7 @@ impl Pool {
         missing: &[(String, String)],
         fallbacks: &[(Arc<dyn Provider>, Attempt)],
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         for (node, why) in missing {
             self.coordinator.forget_nodes(std::slice::from_ref(node));
             self.terminate_machine(node).await;
@@ -468,7 +562,10 @@ impl Pool {
             tracing::warn!("{why}: its machine was removed; starting a node in its place");
             self.replace(node, fallbacks, false, on_progress)
                 .await
-                .map_err(|e| format!("{why}, its machine removed; {e}"))?;
+                .map_err(|e| Failure {
+                    kind: e.kind,
+                    message: format!("{why}, its machine removed; {e}"),
+                })?;
         }
         Ok(())
     }
@@ -505,7 +602,7 @@ impl Pool {
         fallbacks: &[(Arc<dyn Provider>, Attempt)],
         next_offer_first: bool,
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
-    ) -> Result<NodeHandle, String> {
+    ) -> Result<NodeHandle, Failure> {
         let own = Attempt {
             candidate: 0,
             offer: self.offer.clone(),
@@ -533,17 +630,17 @@ impl Pool {
                 Err(e) => {
                     on_progress(PoolProgress::AttemptFailed {
                         attempt,
-                        error: &ProviderError::new(
-                            provider.name(),
-                            skyward_providers::ErrorKind::Api,
-                            e.clone(),
-                        ),
+                        error: &ProviderError::new(provider.name(), e.kind, e.message.clone()),
                     });
                     failures.push(e);
                 }
             }
         }
-        Err(format!("replacing {lost}: {}", failures.join("; ")))
+        let messages: Vec<&str> = failures.iter().map(|f| f.message.as_str()).collect();
+        Err(Failure {
+            kind: ErrorKind::of_all(failures.iter().map(|f| f.kind)).unwrap_or(ErrorKind::NoOffers),
+            message: format!("replacing {lost}: {}", messages.join("; ")),
+        })
     }
 
     /// One try of [`Pool::replace`]: one node from `attempt`'s offer at `provider`; what a
@@ -554,7 +651,7 @@ impl Pool {
         provider: &Arc<dyn Provider>,
         attempt: &Attempt,
         on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
-    ) -> Result<NodeHandle, String> {
+    ) -> Result<NodeHandle, Failure> {
         let number = self
             .next_node
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -602,12 +699,21 @@ impl Pool {
                 .await
                 .and_then(|mut waited| match waited.ready.pop() {
                     Some(node) => Ok(node),
-                    None => Err(describe_missing(&waited.missing, 1, &spec)),
+                    None => Err(Failure {
+                        kind: ErrorKind::Unreachable,
+                        message: describe_missing(&waited.missing, 1, &spec),
+                    }),
                 })
-                .map_err(|e| format!("{}: {e}", describe(attempt)))
             }
-            Err(e) => Err(format!("{}: {e}", describe(attempt))),
-        };
+            Err(e) => Err(Failure {
+                kind: e.kind,
+                message: e.to_string(),
+            }),
+        }
+        .map_err(|e| Failure {
+            kind: e.kind,
+            message: format!("{}: {}", describe(attempt), e.message),
+        });
         let node = match made {
             Ok(node) => node,
             Err(e) => {
@@ -834,7 +940,7 @@ async fn wait_for_agents(
     node_ids: &[String],
     events: &mut tokio::sync::broadcast::Receiver<CoordinatorEvent>,
     on_progress: &mut (dyn FnMut(PoolProgress<'_>) + Send),
-) -> Result<Waited, String> {
+) -> Result<Waited, Failure> {
     let pool = coordinator.pool();
     let mut ready: Vec<Option<NodeHandle>> = vec![None; node_ids.len()];
     let mut failed: HashMap<String, String> = HashMap::new();
@@ -857,7 +963,7 @@ async fn wait_for_agents(
             event = events.recv() => match event {
                 Ok(CoordinatorEvent::NodeConnected(node)) => Some(node),
                 Ok(_) | Err(RecvError::Lagged(_)) => None,
-                Err(RecvError::Closed) => return Err("coordinator stopped".into()),
+                Err(RecvError::Closed) => return Err(Failure { kind: ErrorKind::Api, message: "coordinator stopped".into() }),
             },
             _ = tokio::time::sleep(POLL) => {
                 // Asking a cloud provider is an API call: do it every few seconds only.
@@ -887,10 +993,13 @@ async fn wait_for_agents(
             // A node without the MIG layout the pool asked for is no node of this pool.
             if let Some(report) = &node.inventory.mig {
                 if let Some(why) = &report.error {
-                    return Err(format!(
-                        "{}: MIG layout {} not applied: {why}",
-                        node.node_id, report.requested
-                    ));
+                    return Err(Failure {
+                        kind: ErrorKind::Invalid,
+                        message: format!(
+                            "{}: MIG layout {} not applied: {why}",
+                            node.node_id, report.requested
+                        ),
+                    });
                 }
             }
             if let Some(index) = node_ids.iter().position(|id| *id == node.node_id) {

@@ -100,6 +100,29 @@ pub enum ErrorKind {
     Invalid,
     /// The API failed or could not be reached.
     Api,
+    /// Machines were made, but their agents never connected to the coordinator, or failed
+    /// before they did (a bad image, a host that never starts its container, a network that
+    /// does not reach back).
+    Unreachable,
+}
+
+impl ErrorKind {
+    /// One kind for several failures: theirs when they share it; otherwise the one a user
+    /// can act on first (credentials, then quota, then a bad request, then capacity, then
+    /// machines that did not connect, then API faults).
+    pub fn of_all(kinds: impl IntoIterator<Item = ErrorKind>) -> Option<ErrorKind> {
+        const PRECEDENCE: [ErrorKind; 7] = [
+            ErrorKind::Auth,
+            ErrorKind::Quota,
+            ErrorKind::Invalid,
+            ErrorKind::Capacity,
+            ErrorKind::Unreachable,
+            ErrorKind::Api,
+            ErrorKind::NoOffers,
+        ];
+        let kinds: Vec<ErrorKind> = kinds.into_iter().collect();
+        PRECEDENCE.into_iter().find(|k| kinds.contains(k))
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -470,6 +493,17 @@ mod tests {
             agent_bin: Err("none".into()),
             local_root: std::env::temp_dir(),
         }
+    }
+
+    #[test]
+    fn several_failures_take_the_kind_a_user_acts_on_first() {
+        use ErrorKind::*;
+        assert_eq!(ErrorKind::of_all([]), None);
+        assert_eq!(ErrorKind::of_all([Capacity, Capacity]), Some(Capacity));
+        assert_eq!(ErrorKind::of_all([Capacity, Auth, Api]), Some(Auth));
+        assert_eq!(ErrorKind::of_all([Api, Unreachable]), Some(Unreachable));
+        assert_eq!(ErrorKind::of_all([NoOffers, Api]), Some(Api));
+        assert_eq!(ErrorKind::of_all([Capacity, Quota]), Some(Quota));
     }
 
     /// Run by scripts/test.sh with `--no-default-features`: a build without a cloud's

@@ -84,8 +84,10 @@ use skyward_providers::{self as provider, Provider, ProviderContext, ProviderOpt
 
 pub use skyward_common::protocol::{OutputStream, TaskOutcome};
 pub use skyward_common::typed::{Task, TaskContext, TaskResult, TypedError};
+pub use skyward_coordinator::pool::{FailedAttempt, ProvisionError};
 pub use skyward_core::selection::Selection;
 pub use skyward_core::spec::Allocation;
+pub use skyward_providers::ErrorKind;
 
 /// What can go wrong; every message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +95,13 @@ pub enum Error {
     /// The builder was given something unusable; nothing was created.
     #[error("{0}")]
     Invalid(String),
-    /// The pool could not be made or torn down.
+    /// No machines could be had, or none became nodes: its `kind` says why (refused
+    /// credentials, no capacity, a quota, a bad request, machines that never connected, an
+    /// API fault, nothing that fits) and its `attempts` what was tried. Whatever was made was
+    /// removed.
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    /// The pool's own bookkeeping failed (its record, its coordinator), or its teardown.
     #[error("{0}")]
     Pool(String),
     /// A typed task did not produce its output: it returned an error, panicked (the message
@@ -563,7 +571,7 @@ impl ComputePoolBuilder {
             Err(e) => {
                 // Whatever an attempt left behind goes too, and the coordinator stops.
                 let _ = shared.teardown().await;
-                return Err(Error::Pool(e.to_string()));
+                return Err(Error::Provision(e));
             }
         };
         let nodes = pool.nodes().to_vec();

@@ -343,3 +343,80 @@ fn the_typed_map_example_sums_on_two_nodes() {
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "left running: {left:?}");
 }
+
+/// The error of a pool that cannot be had, as a program sees it.
+fn provision_error(result: Result<ComputePool, Error>) -> skyward::ProvisionError {
+    match result {
+        Err(Error::Provision(e)) => e,
+        Err(other) => panic!("not a provisioning error: {other:?}"),
+        Ok(_) => panic!("the pool came up"),
+    }
+}
+
+/// A program tells why a pool could not be had from the error's kind, not its words:
+/// credentials a cloud refuses, nothing that fits, machines whose agents never connect; and
+/// the error lists each attempt with what became of its machines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pool_says_what_kind_of_failure_it_was_and_lists_its_attempts() {
+    let sandbox = Sandbox::new();
+    let home = sandbox.path().join("home");
+
+    // A cloud that refuses the credentials (the stand-in knows no token this process has).
+    let standin = skyward_tests::standins::digitalocean::DigitalOceanStandIn::start(
+        &sandbox.path().join("do"),
+    )
+    .await;
+    let refused = ComputePool::builder()
+        .provider(skyward::Cloud::new("digitalocean").option("api_url", standin.url()))
+        .home(&home)
+        .advertise(([127, 0, 0, 1], 9).into())
+        .agent_binary(bin("skyward-agent"))
+        .build()
+        .await;
+    let refused = provision_error(refused);
+    assert_eq!(refused.kind, skyward::ErrorKind::Auth, "{refused}");
+    assert!(refused.attempts.is_empty(), "{refused:?}");
+    assert!(
+        refused.to_string().contains("DIGITALOCEAN_TOKEN"),
+        "{refused}"
+    );
+
+    // Nothing fits: the local provider has no GPUs.
+    let unfit = ComputePool::builder()
+        .provider(Local)
+        .accelerator("A100")
+        .agent_binary(bin("skyward-agent"))
+        .home(&home)
+        .build()
+        .await;
+    let unfit = provision_error(unfit);
+    assert_eq!(unfit.kind, skyward::ErrorKind::NoOffers, "{unfit}");
+
+    // Machines are made but their agents never connect.
+    let silent = sandbox.path().join("silent-agent");
+    std::fs::write(&silent, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&silent, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let hollow = ComputePool::builder()
+        .provider(Local)
+        .nodes(2)
+        .agent_binary(&silent)
+        .connect_timeout(Duration::from_secs(1))
+        .home(&home)
+        .build()
+        .await;
+    let hollow = provision_error(hollow);
+    assert_eq!(hollow.kind, skyward::ErrorKind::Unreachable, "{hollow}");
+    assert_eq!(hollow.attempts.len(), 1, "{hollow:?}");
+    let attempt = &hollow.attempts[0];
+    assert_eq!(
+        (attempt.provider.as_str(), attempt.kind),
+        ("local", skyward::ErrorKind::Unreachable)
+    );
+    assert!(
+        attempt.message.starts_with(
+            "2 machine(s) created, given up: 2 of 2 nodes never connected: node-1, node-2"
+        ) && attempt.message.ends_with("removed them"),
+        "{attempt}"
+    );
+    nothing_left(&sandbox).await;
+}
