@@ -37,6 +37,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
+use super::http::{Retry, Sent};
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     Teardown, NODE_TAG, POOL_TAG,
@@ -74,9 +75,15 @@ const MAX_PAGES: u32 = 50;
 /// One HTTP exchange, and connecting for it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A 429 is retried this many times, each after waiting at most this long for the reset.
-const RATE_LIMIT_RETRIES: u32 = 3;
-const RATE_LIMIT_MAX_WAIT: Duration = Duration::from_secs(30);
+/// Calls are sent again as [`Retry`] says (4 sends at most); a 429 waits for the rate
+/// limit's reset, 30 s at most.
+const RETRY: Retry = Retry {
+    tries: 4,
+    first_backoff: Duration::from_millis(500),
+    factor: 2.0,
+    max_backoff: Duration::from_secs(8),
+    max_wait: Duration::from_secs(30),
+};
 /// The first pause between polls; it doubles up to the configured poll interval.
 const FIRST_POLL: Duration = Duration::from_millis(250);
 /// The pool waits on `failed_nodes` every 100 ms; the API is asked at most this often.
@@ -280,27 +287,32 @@ impl DigitalOcean {
             token,
             url_variable: "DIGITALOCEAN_API_URL",
         };
-        let mut retries = 0;
+        let idempotent = super::http::idempotent(&method);
+        let mut sends = 0;
         loop {
-            let (status, headers, bytes) = api.send(what, method.clone(), &url, body).await?;
-            if status.is_success() || allowed.contains(&status) {
-                return Ok((status, bytes));
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS && retries < RATE_LIMIT_RETRIES {
-                match rate_limit_wait(&headers, SystemTime::now()) {
-                    Some(wait) if wait <= RATE_LIMIT_MAX_WAIT => {
-                        retries += 1;
-                        tracing::warn!(
-                            "{what}: DigitalOcean rate limit; retrying in {} ms ({retries}/{RATE_LIMIT_RETRIES})",
-                            wait.as_millis()
-                        );
-                        tokio::time::sleep(wait).await;
-                        continue;
-                    }
-                    _ => {}
+            sends += 1;
+            let (sent, asked, failure) = match api.send(what, method.clone(), &url, body).await {
+                Ok((status, _, bytes)) if status.is_success() || allowed.contains(&status) => {
+                    return Ok((status, bytes))
                 }
+                Ok((status, headers, bytes)) => (
+                    Sent::Answered(status),
+                    rate_limit_wait(&headers, SystemTime::now()),
+                    api_error(what, &method, path, status, &bytes),
+                ),
+                Err((sent, error)) => (sent, None, error),
+            };
+            match RETRY.wait_before_next(sends, sent, idempotent, asked) {
+                Some(wait) => {
+                    tracing::warn!(
+                        "{what}: {failure}; retrying in {} ms ({sends}/{})",
+                        wait.as_millis(),
+                        RETRY.tries - 1
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+                None => return Err(failure),
             }
-            return Err(api_error(what, &method, path, status, &bytes));
         }
     }
 

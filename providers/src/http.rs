@@ -34,15 +34,15 @@ pub struct Api<'a> {
 
 impl Api<'_> {
     /// Sends one request (bearer token, optional JSON body) and reads the whole answer. Only
-    /// failing to reach the API or to read its answer is an error here; statuses are the
-    /// caller's to judge, with the headers for rate limits.
+    /// failing to reach the API or to read its answer is an error here, with how far the call
+    /// got; statuses are the caller's to judge, with the headers for rate limits.
     pub async fn send(
         &self,
         what: &str,
         method: Method,
         url: &Url,
         body: Option<&serde_json::Value>,
-    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), ProviderError> {
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), (Sent, ProviderError)> {
         let mut request = self
             .http
             .request(method, url.clone())
@@ -51,7 +51,7 @@ impl Api<'_> {
             request = request.json(body);
         }
         let response = request.send().await.map_err(|e| {
-            ProviderError::new(
+            let error = ProviderError::new(
                 self.provider,
                 ErrorKind::Api,
                 format!(
@@ -63,20 +63,116 @@ impl Api<'_> {
             .hint(format!(
                 "check the network, or {} if it is set",
                 self.url_variable
-            ))
+            ));
+            (Sent::of(&e), error)
         })?;
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = response.bytes().await.map_err(|e| {
-            ProviderError::new(
+            let error = ProviderError::new(
                 self.provider,
                 ErrorKind::Api,
                 format!("{what}: reading the answer: {}", error_chain(&e)),
             )
-            .hint("try again")
+            .hint("try again");
+            (Sent::AnswerLost, error)
         })?;
         Ok((status, headers, bytes))
     }
+}
+
+/// What came of sending a call once, as far as sending it again goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// The API answered with this status.
+    Answered(StatusCode),
+    /// The call never reached the API (no connection): nothing can have happened.
+    NotDelivered,
+    /// The call went out but no answer came back (a timeout, a dropped connection): it may
+    /// have taken effect.
+    AnswerLost,
+}
+
+impl Sent {
+    /// How a transport error left the call.
+    pub fn of(error: &reqwest::Error) -> Sent {
+        match error.is_connect() {
+            true => Sent::NotDelivered,
+            false => Sent::AnswerLost,
+        }
+    }
+}
+
+/// Whether sending `method` twice has the effect of sending it once (GET, HEAD, PUT, DELETE,
+/// OPTIONS), so that a call whose answer was lost may be sent again.
+pub fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    )
+}
+
+/// Whether an answer may be different if the call is sent again: a rate limit or a gateway
+/// error (429, 502, 503, 504).
+pub fn transient(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 429 | 502..=504)
+}
+
+/// When every HTTP provider sends a call again. A 429, or a call that never reached the API,
+/// is always sent again: nothing happened. A gateway error (502, 503, 504) or a lost answer
+/// only when the call is idempotent: a create sent twice could make two machines. At most
+/// `tries` sends in all, and never after a wait longer than `max_wait` (a limit that resets
+/// in an hour is an error now, not a hang).
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub tries: u32,
+    /// The wait before the second send when the API asks for none; each later one is
+    /// `factor` times longer, up to `max_backoff`.
+    pub first_backoff: std::time::Duration,
+    pub factor: f64,
+    pub max_backoff: std::time::Duration,
+    pub max_wait: std::time::Duration,
+}
+
+impl Retry {
+    /// How long to wait before sending the call again, after `sends` sends so far the last
+    /// of which came to `sent`, the API asking for `asked` (its `Retry-After`); `None`: give
+    /// up and report what the last send came to.
+    pub fn wait_before_next(
+        &self,
+        sends: u32,
+        sent: Sent,
+        idempotent: bool,
+        asked: Option<std::time::Duration>,
+    ) -> Option<std::time::Duration> {
+        let again = match sent {
+            Sent::Answered(StatusCode::TOO_MANY_REQUESTS) | Sent::NotDelivered => true,
+            Sent::Answered(status) => transient(status) && idempotent,
+            Sent::AnswerLost => idempotent,
+        };
+        if !again || sends >= self.tries {
+            return None;
+        }
+        let backoff = self
+            .first_backoff
+            .mul_f64(self.factor.powi(sends.saturating_sub(1).min(30) as i32))
+            .min(self.max_backoff);
+        let wait = asked.unwrap_or(backoff);
+        (wait <= self.max_wait).then_some(wait)
+    }
+}
+
+/// `Retry-After` in seconds (fractions allowed), if the answer has one.
+pub fn retry_after(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let seconds: f64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    (seconds.is_finite() && seconds >= 0.0)
+        .then(|| std::time::Duration::from_secs_f64(seconds.min(86_400.0)))
 }
 
 /// An error and its causes on one line, each cause once (reqwest nests the useful part).
@@ -116,6 +212,74 @@ mod tests {
             .contains("VAST_URL \"ftp://x\""));
         let url = http_base("https://user:pw@api.example/v1/?token=s", "x").unwrap();
         assert_eq!(base_display(&url), "https://api.example/v1");
+    }
+
+    #[test]
+    fn only_calls_that_cannot_have_taken_effect_or_are_safe_to_repeat_are_sent_again() {
+        use std::time::Duration;
+        let retry = Retry {
+            tries: 3,
+            first_backoff: Duration::from_millis(100),
+            factor: 2.0,
+            max_backoff: Duration::from_millis(150),
+            max_wait: Duration::from_secs(30),
+        };
+        let status = |code: u16| Sent::Answered(StatusCode::from_u16(code).unwrap());
+        // A rate limit or an undelivered call: whatever the method.
+        assert_eq!(
+            retry.wait_before_next(1, status(429), false, None),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(
+            retry.wait_before_next(2, Sent::NotDelivered, false, None),
+            Some(Duration::from_millis(150)),
+            "backoff doubles up to its bound"
+        );
+        // A gateway error or a lost answer: only what is safe to repeat.
+        assert_eq!(retry.wait_before_next(1, status(502), false, None), None);
+        assert!(retry.wait_before_next(1, status(503), true, None).is_some());
+        assert_eq!(
+            retry.wait_before_next(1, Sent::AnswerLost, false, None),
+            None
+        );
+        assert!(retry
+            .wait_before_next(1, Sent::AnswerLost, true, None)
+            .is_some());
+        // Never a refusal, never past the tries or the longest wait.
+        assert_eq!(retry.wait_before_next(1, status(500), true, None), None);
+        assert_eq!(retry.wait_before_next(1, status(400), true, None), None);
+        assert_eq!(retry.wait_before_next(3, status(429), true, None), None);
+        assert_eq!(
+            retry.wait_before_next(1, status(429), true, Some(Duration::from_secs(2))),
+            Some(Duration::from_secs(2)),
+            "the API's own wait wins"
+        );
+        assert_eq!(
+            retry.wait_before_next(1, status(429), true, Some(Duration::from_secs(3600))),
+            None
+        );
+        assert!(idempotent(&Method::DELETE) && !idempotent(&Method::POST));
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(retry_after(&headers), None);
+        headers.insert(reqwest::header::RETRY_AFTER, "2".parse().unwrap());
+        assert_eq!(
+            retry_after(&headers),
+            Some(std::time::Duration::from_secs(2))
+        );
+        headers.insert(reqwest::header::RETRY_AFTER, "0.5".parse().unwrap());
+        assert_eq!(
+            retry_after(&headers),
+            Some(std::time::Duration::from_millis(500))
+        );
+        headers.insert(
+            reqwest::header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), None);
     }
 
     #[test]

@@ -35,6 +35,7 @@ use serde_json::{json, Map, Value};
 use sha2::Digest;
 use tokio::time::Instant;
 
+use super::http::{retry_after, Retry, Sent};
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     NODE_TAG, POOL_TAG,
@@ -71,11 +72,15 @@ const STUCK: &[&str] = &["exited", "unknown", "offline"];
 /// One HTTP exchange, and connecting for it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// 429, 502, 503 and 504 are retried this many times, after `Retry-After` when the answer
-/// gives one (at most [`RETRY_MAX_WAIT`]), else after the SDK's 0.15 s x 1.5^n.
-const RETRIES: u32 = 4;
-const RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
-const FIRST_BACKOFF: Duration = Duration::from_millis(150);
+/// Calls are sent again as [`Retry`] says: up to 5 sends, after `Retry-After` when the answer
+/// gives one (at most 30 s), else after the SDK's 0.15 s x 1.5^n.
+const RETRY: Retry = Retry {
+    tries: 5,
+    first_backoff: Duration::from_millis(150),
+    factor: 1.5,
+    max_backoff: Duration::from_secs(30),
+    max_wait: Duration::from_secs(30),
+};
 /// How many other offers one provisioning tries in place of gone ones.
 const MAX_SUBSTITUTES: usize = 4;
 /// The first pause between polls; it doubles up to the configured poll interval.
@@ -221,7 +226,7 @@ impl std::fmt::Debug for VastAi {
     }
 }
 
-/// What an API call is for, as far as reading its errors is concerned.
+/// What an API call is for, as far as reading its errors and sending it again are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Call {
     Search,
@@ -376,6 +381,7 @@ impl VastAi {
         path: &str,
         query: &[(&str, &str)],
         body: Option<&Value>,
+        idempotent: bool,
     ) -> Result<(StatusCode, bytes::Bytes), ProviderError> {
         let (http, base, key) = self.ready()?;
         let mut url = base.clone();
@@ -393,25 +399,30 @@ impl VastAi {
             token: key,
             url_variable: "VAST_URL",
         };
-        let mut retries = 0;
+        let mut sends = 0;
         loop {
-            let (status, headers, bytes) = api.send(what, method.clone(), &url, body).await?;
-            let retry_after = retry_after(&headers);
-            let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
-            if retryable && retries < RETRIES {
-                let wait = retry_after
-                    .unwrap_or_else(|| FIRST_BACKOFF.mul_f64(1.5f64.powi(retries as i32)));
-                if wait <= RETRY_MAX_WAIT {
-                    retries += 1;
-                    tracing::warn!(
-                        "{what}: VastAI answered {status}; retrying in {} ms ({retries}/{RETRIES})",
-                        wait.as_millis()
-                    );
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
+            sends += 1;
+            let answer = api.send(what, method.clone(), &url, body).await;
+            let (sent, asked) = match &answer {
+                Ok((status, headers, _)) => (Sent::Answered(*status), retry_after(headers)),
+                Err((sent, _)) => (*sent, None),
+            };
+            if let Some(wait) = RETRY.wait_before_next(sends, sent, idempotent, asked) {
+                tracing::warn!(
+                    "{what}: {}; retrying in {} ms ({sends}/{})",
+                    match &answer {
+                        Ok((status, ..)) => format!("VastAI answered {status}"),
+                        Err((_, e)) => e.to_string(),
+                    },
+                    wait.as_millis(),
+                    RETRY.tries - 1
+                );
+                tokio::time::sleep(wait).await;
+                continue;
             }
-            return Ok((status, bytes));
+            return answer
+                .map(|(status, _, bytes)| (status, bytes))
+                .map_err(|(_, e)| e);
         }
     }
 
@@ -425,7 +436,15 @@ impl VastAi {
         body: Option<&Value>,
         kind: Call,
     ) -> Result<bytes::Bytes, ProviderError> {
-        let (status, bytes) = self.call(what, method, path, query, body).await?;
+        // A search is a read sent as a POST; a rental is a create sent as a PUT.
+        let idempotent = match kind {
+            Call::Search => true,
+            Call::Rent => false,
+            Call::Other => super::http::idempotent(&method),
+        };
+        let (status, bytes) = self
+            .call(what, method, path, query, body, idempotent)
+            .await?;
         check(what, status, bytes, kind)
     }
 
@@ -753,6 +772,7 @@ impl VastAi {
                 "/overlay/",
                 &[],
                 Some(&json!({"overlay_name": name})),
+                true,
             )
             .await?;
         if status != StatusCode::NOT_FOUND {
@@ -795,6 +815,7 @@ impl VastAi {
                 &format!("/instances/{id}/"),
                 &[],
                 Some(&json!({})),
+                true,
             )
             .await?;
         if status == StatusCode::NOT_FOUND {
@@ -1694,18 +1715,6 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, 
     })
 }
 
-/// `Retry-After` in seconds (fractions allowed), if the answer has one.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let seconds: f64 = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
-}
-
 /// The body of a successful answer, or the error a failed one means.
 fn check(
     what: &str,
@@ -2264,21 +2273,6 @@ mod tests {
             p.teardown("pool").await.is_ok(),
             "nothing to tear down without a key"
         );
-    }
-
-    #[test]
-    fn retry_after_is_read_in_seconds() {
-        let mut headers = reqwest::header::HeaderMap::new();
-        assert_eq!(retry_after(&headers), None);
-        headers.insert("retry-after", "2".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(2)));
-        headers.insert("retry-after", "0.5".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_millis(500)));
-        headers.insert(
-            "retry-after",
-            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
-        );
-        assert_eq!(retry_after(&headers), None);
     }
 
     #[test]

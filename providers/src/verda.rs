@@ -24,6 +24,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use super::http::{retry_after, transient, Retry, Sent};
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     NODE_TAG, POOL_TAG,
@@ -43,8 +44,15 @@ pub const DEFAULT_DISK_GB: u32 = 100;
 const MAX_TAGS: usize = 10;
 /// The largest response body read from the API.
 const MAX_BODY: usize = 16 << 20;
-/// Retries of an idempotent call after a transient failure (429, 502-504, connection errors).
-const TRANSIENT_RETRIES: u32 = 3;
+/// Calls are sent again as [`Retry`] says: 4 sends at most, after `Retry-After` (30 s at
+/// most) or 0.5 s doubling up to 4 s.
+const RETRY: Retry = Retry {
+    tries: 4,
+    first_backoff: Duration::from_millis(500),
+    factor: 2.0,
+    max_backoff: Duration::from_secs(4),
+    max_wait: Duration::from_secs(30),
+};
 /// Delete rounds before teardown gives up on instances the API keeps refusing to delete.
 const DELETE_ROUNDS: u32 = 3;
 /// Longest a hostname may be (one DNS label).
@@ -1074,16 +1082,34 @@ impl Api {
     async fn grant(&self, body: Value) -> Result<Token, ProviderError> {
         let http = self.http()?;
         let url = format!("{}/oauth2/token", self.base);
-        let response = http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| transport_error("POST /oauth2/token", &e))?;
-        let status = response.status();
-        let text = read_body(response, "POST /oauth2/token").await?;
+        let what = "POST /oauth2/token";
+        let mut sends = 0;
+        let (status, text) = loop {
+            sends += 1;
+            // A grant changes nothing on the account: sending it again is safe.
+            let (sent, asked, failure) = match http.post(&url).json(&body).send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let asked = retry_after(response.headers());
+                    let text = read_body(response, what).await?;
+                    if !transient(status) {
+                        break (status, text);
+                    }
+                    (
+                        Sent::Answered(status),
+                        asked,
+                        api_error(what, status, &text),
+                    )
+                }
+                Err(e) => (Sent::of(&e), None, transport_error(what, &e)),
+            };
+            match RETRY.wait_before_next(sends, sent, true, asked) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(failure),
+            }
+        };
         if !status.is_success() {
-            let mut e = api_error("POST /oauth2/token", status, &text);
+            let mut e = api_error(what, status, &text);
             if matches!(status.as_u16(), 400 | 401 | 403) {
                 e.kind = ErrorKind::Auth;
                 e.hint = Some(format!(
@@ -1130,11 +1156,12 @@ impl Api {
     ) -> Result<Reply, ProviderError> {
         let http = self.http()?;
         let what = format!("{method} {path}");
-        let idempotent = method != Method::POST;
+        let idempotent = super::http::idempotent(&method);
         let mut token = self.access_token(None).await?;
         let mut reauthenticated = false;
-        let mut transient = 0u32;
+        let mut sends = 0u32;
         loop {
+            sends += 1;
             let mut builder = http
                 .request(method.clone(), format!("{}{path}", self.base))
                 .bearer_auth(&token)
@@ -1147,24 +1174,16 @@ impl Api {
             }
             let response = match builder.send().await {
                 Ok(response) => response,
-                Err(e)
-                    if idempotent
-                        && transient < TRANSIENT_RETRIES
-                        && (e.is_connect() || e.is_timeout()) =>
-                {
-                    transient += 1;
-                    tokio::time::sleep(backoff(transient, Duration::from_secs(4))).await;
-                    continue;
-                }
-                Err(e) => return Err(transport_error(&what, &e)),
+                Err(e) => match RETRY.wait_before_next(sends, Sent::of(&e), idempotent, None) {
+                    Some(wait) => {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    None => return Err(transport_error(&what, &e)),
+                },
             };
             let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|s| Duration::from_secs(s.min(30)));
+            let asked = retry_after(response.headers());
             let text = read_body(response, &what).await?;
             tracing::debug!(call = %what, status = status.as_u16(), "verda api");
             if status.is_success() {
@@ -1176,16 +1195,14 @@ impl Api {
                 continue;
             }
             let error = api_error(&what, status, &text);
-            let retryable = matches!(status.as_u16(), 429 | 502 | 504)
-                || (status == StatusCode::SERVICE_UNAVAILABLE && error.kind != ErrorKind::Capacity);
-            if idempotent && retryable && transient < TRANSIENT_RETRIES {
-                transient += 1;
-                let pause =
-                    retry_after.unwrap_or_else(|| backoff(transient, Duration::from_secs(4)));
-                tokio::time::sleep(pause).await;
-                continue;
+            // A 503 that says there is no capacity is an answer, not a fault to wait out.
+            if error.kind == ErrorKind::Capacity {
+                return Err(error);
             }
-            return Err(error);
+            match RETRY.wait_before_next(sends, Sent::Answered(status), idempotent, asked) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(error),
+            }
         }
     }
 

@@ -1097,3 +1097,67 @@ async fn terminating_a_node_deletes_its_instance_alone() {
     .await;
     assert_nothing_left(&standin, &sandbox);
 }
+
+/// Calls are sent again as one policy says: a rate limit on the token call itself is waited
+/// out (it was refused, nothing happened), a gateway error on a listing is retried (safe to
+/// repeat), but a create that met a gateway error is not sent twice (it may have made a
+/// machine already).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_are_waited_out_everywhere_and_creates_are_never_sent_twice() {
+    let sandbox = Sandbox::new();
+    let standin = VerdaStandin::start(sandbox.path());
+    standin.inject(
+        Method::POST,
+        "/v1/oauth2/token",
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "Too many requests",
+        2,
+    );
+    standin.inject(
+        Method::GET,
+        "/v1/instance-availability",
+        StatusCode::BAD_GATEWAY,
+        "bad_gateway",
+        "Bad gateway",
+        1,
+    );
+    let provider = verda(&standin);
+    let offers = provider
+        .offers(&PoolSpec::new(1))
+        .await
+        .expect("the rate limit and the gateway error are waited out");
+    assert!(!offers.is_empty());
+    let grants = standin
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("POST /v1/oauth2/token"))
+        .count();
+    assert_eq!(grants, 3, "{:?}", standin.requests());
+
+    standin.inject(
+        Method::POST,
+        "/v1/instances",
+        StatusCode::BAD_GATEWAY,
+        "bad_gateway",
+        "Bad gateway",
+        1,
+    );
+    let coordinator = coordinator("verda-once");
+    let spec = PoolSpec::new(1);
+    let request = request(&coordinator, &spec, &["node-1"]);
+    let offer = find(&offers, "CPU.4V.16G", "FIN-01");
+    let error = provider
+        .provision(&request, offer, Market::OnDemand)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("Bad gateway"), "{error}");
+    let creates = standin
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("POST /v1/instances"))
+        .count();
+    assert_eq!(creates, 1, "{:?}", standin.requests());
+    provider.teardown("verda-once").await.unwrap();
+    assert_nothing_left(&standin, &sandbox);
+}
