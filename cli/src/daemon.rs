@@ -4,7 +4,7 @@
 //! file of the pool's, and tears the pool down on SIGTERM (`skyward pool down`) or when its
 //! TTL ends.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -87,9 +87,8 @@ struct Daemon {
     budget: skyward_core::membership::Budget,
     /// Why the pool is smaller than asked, once its replacement budget left a place empty.
     shortfall: Mutex<Option<String>>,
-    /// What the pool was asked for and how offers are chosen: where replacements may come
-    /// from when the pool's own offer has none.
-    spec: skyward_core::spec::PoolSpec,
+    /// How offers are chosen: where replacements may come from when the pool's own offer
+    /// has none.
     selection: skyward_core::selection::Selection,
 }
 
@@ -136,7 +135,6 @@ pub async fn serve(args: UpArgs) -> i32 {
         replacements: Mutex::new(Vec::new()),
         budget: skyward_core::membership::Budget::per_place(args.max_replacements, plan.spec.nodes),
         shortfall: Mutex::new(None),
-        spec: plan.spec.clone(),
         selection: plan.selection.clone(),
     });
     let accepting = tokio::spawn(accept(listener, daemon.clone()));
@@ -206,124 +204,26 @@ pub async fn serve(args: UpArgs) -> i32 {
     }
 }
 
-/// How often the pool's nodes are checked for ones to replace (besides the coordinator's
-/// events, which are acted on as they come).
-const NODE_CHECK: Duration = Duration::from_secs(5);
-
-/// Keeps the pool at its size, within its replacement budget: a node that is interrupted
-/// (a spot notice), lost (silent past the node timeout, busy or idle) or gone by its
-/// provider's word is given up and fenced, and a new node takes its place, as
-/// [`Membership`] decides (when, from which offer first, or no more); what became of each
-/// is in `pool status`.
+/// Keeps the pool at its size within its replacement budget (see
+/// [`skyward_coordinator::keeper`]); what became of each lost node is in `pool status`.
 async fn keep_node_count(daemon: Arc<Daemon>) {
-    use skyward_coordinator::server::CoordinatorEvent;
-    use skyward_core::membership::{Action, Event, Membership};
-    use tokio::sync::broadcast::error::RecvError;
+    use skyward_coordinator::keeper::{keep_size, Kept};
     let Ok(pool) = daemon.ready_pool() else {
         return;
     };
-    let coordinator = &daemon.session.coordinator;
-    let mut events = coordinator.subscribe();
-    let mut tick = tokio::time::interval(NODE_CHECK);
-    let held = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
-    let mut membership = Membership::new(held, daemon.budget.clone(), Instant::now());
-    // Why each node was lost, for the line that says what replaced it.
-    let mut why_lost: HashMap<String, String> = HashMap::new();
-    loop {
-        let mut happened: VecDeque<Event> = VecDeque::new();
-        let wake = membership.next_wake();
-        tokio::select! {
-            event = events.recv() => match event {
-                Ok(CoordinatorEvent::NodeLost { node_id, reason }) => {
-                    happened.push_back(Event::NodeLost { node: node_id, reason })
-                }
-                Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
-                    happened.push_back(Event::NodeLost {
-                        node: node_id,
-                        reason: format!("{} interruption notice: {} at {}", notice.source, notice.action, notice.at),
-                    })
-                }
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return,
-            },
-            _ = tick.tick() => {
-                let nodes = pool.nodes();
-                for node in &nodes {
-                    // Events can be missed (a lagging receiver): the node's state says it too.
-                    if let Some(why) = node.lost_reason() {
-                        happened.push_back(Event::NodeLost { node: node.node_id.clone(), reason: why });
-                    }
-                }
-                for provider in pool.providers() {
-                    for (node, why) in provider.failed_nodes(pool.name()).await {
-                        if nodes.iter().any(|n| n.node_id == node) {
-                            happened.push_back(Event::NodeLost {
-                                node,
-                                reason: format!("{}: {why}", provider.name()),
-                            });
-                        }
-                    }
-                }
-            }
-            _ = sleep_until_some(wake) => happened.push_back(Event::Tick),
-        }
-        while let Some(event) = happened.pop_front() {
-            if let Event::NodeLost { node, reason } = &event {
-                why_lost
-                    .entry(node.clone())
-                    .or_insert_with(|| reason.clone());
-            }
-            for action in membership.handle(event, Instant::now()) {
-                match action {
-                    Action::Fence { node, reason } => {
-                        // Connected or between connections: its tasks stop waiting for it,
-                        // and should it come back it is told to shut down.
-                        coordinator.give_up(&node, &reason);
-                    }
-                    Action::Start {
-                        place,
-                        lost,
-                        next_offer_first,
-                    } => {
-                        let why = why_lost.get(&lost).cloned().unwrap_or_default();
-                        eprintln!("skyward: {lost} ({why}): starting a node in its place");
-                        let fallbacks = daemon.fallbacks().await;
-                        let replaced = pool
-                            .replace(&lost, &fallbacks, next_offer_first, &mut |event| {
-                                daemon.session.record_progress(&event)
-                            })
-                            .await;
-                        happened.push_back(match replaced {
-                            Ok(new) => {
-                                daemon.note_replacement(format!(
-                                    "{lost} ({why}) replaced by {}",
-                                    new.node_id
-                                ));
-                                Event::Started {
-                                    place,
-                                    node: new.node_id,
-                                }
-                            }
-                            Err(failure) => Event::StartFailed {
-                                place,
-                                error: failure.message,
-                            },
-                        });
-                    }
-                    Action::Report(line) => daemon.note_replacement(line),
-                }
-            }
-        }
-        *daemon.shortfall.lock().unwrap_or_else(|p| p.into_inner()) = membership.shortfall();
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
+    let mut on_news = |news: Kept<'_>| match news {
+        Kept::Progress(event) => daemon.session.record_progress(&event),
+        Kept::Replacement(line) => daemon.note_replacement(line),
+        Kept::Shortfall(why) => *daemon.shortfall.lock().unwrap_or_else(|p| p.into_inner()) = why,
+    };
+    keep_size(
+        pool,
+        &daemon.session.providers,
+        &daemon.selection,
+        daemon.budget.clone(),
+        &mut on_news,
+    )
+    .await;
 }
 
 /// Binds the control socket so that only this user can connect: the directory is 0700 and
@@ -771,24 +671,6 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner())
             .push(line);
         self.changed.send_modify(|n| *n += 1);
-    }
-
-    /// Every offer of the pool's providers that could take one node, in the selection's
-    /// order: where a replacement goes when the pool's own offer has no machine.
-    async fn fallbacks(
-        &self,
-    ) -> Vec<(
-        Arc<dyn skyward_providers::Provider>,
-        skyward_core::selection::Attempt,
-    )> {
-        let mut spec = self.spec.clone();
-        spec.nodes = 1;
-        let providers = &self.session.providers;
-        let candidates = skyward_coordinator::pool::candidates(providers, &spec).await;
-        skyward_core::selection::plan(&self.selection, &candidates, &spec)
-            .into_iter()
-            .filter_map(|attempt| Some((providers.get(attempt.candidate)?.clone(), attempt)))
-            .collect()
     }
 
     fn phase(&self) -> Phase {

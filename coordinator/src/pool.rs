@@ -730,6 +730,11 @@ impl Pool {
         Ok(node)
     }
 
+    /// What the pool was asked for.
+    pub fn spec(&self) -> &PoolSpec {
+        &self.spec
+    }
+
     /// The GPU slots every job's running tasks hold.
     pub fn gpu_ledger(&self) -> Arc<GpuLedger> {
         self.gpus.clone()

@@ -71,12 +71,14 @@ use skyward_common::limits::MAX_TYPED_OUTPUT;
 use skyward_common::protocol::{TaskEvent, TaskSpec};
 use tokio::sync::{mpsc, oneshot};
 
+use skyward_coordinator::keeper::{self, Kept};
 use skyward_coordinator::pool::{self, Pool, PoolProgress};
 use skyward_coordinator::preflight::Preflight;
 use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
 use skyward_coordinator::server::{Coordinator, CoordinatorConfig, NodeHandle};
 use skyward_coordinator::session::record;
 use skyward_coordinator::store::{Owner, Store};
+use skyward_core::membership::Budget;
 use skyward_core::slots::GpuRequest;
 use skyward_core::spec::{AcceleratorRequest, PoolSpec};
 use skyward_providers::local::LocalProvider;
@@ -275,6 +277,7 @@ pub struct ComputePoolBuilder {
     listen: Option<SocketAddr>,
     advertise: Option<SocketAddr>,
     tasks_per_node: Option<usize>,
+    max_replacements: u32,
 }
 
 impl Default for ComputePoolBuilder {
@@ -297,6 +300,7 @@ impl Default for ComputePoolBuilder {
             listen: None,
             advertise: None,
             tasks_per_node: None,
+            max_replacements: 3,
         }
     }
 }
@@ -447,6 +451,16 @@ impl ComputePoolBuilder {
         Ok(spec)
     }
 
+    /// How many new nodes may take the place of lost ones, per place an hour (default 3; 0
+    /// never replaces). A node interrupted, silent past the node timeout or gone by its
+    /// provider's word is given up, its machine removed, and a new node started in its place
+    /// from the pool's own offer first, as `skyward pool up` does; see
+    /// [`ComputePool::replacements`].
+    pub fn max_replacements(mut self, per_place: u32) -> Self {
+        self.max_replacements = per_place;
+        self
+    }
+
     /// Provisions the pool and returns once every node's agent is connected. Bad settings
     /// are refused before anything is created; a failed provisioning is torn down before
     /// the error is returned.
@@ -565,24 +579,50 @@ impl ComputePoolBuilder {
             providers,
             store,
             torn_down: AtomicBool::new(false),
+            keeper: Mutex::new(None),
+            replacements: Mutex::new(Vec::new()),
         });
         let pool = match up {
-            Ok(pool) => pool,
+            Ok(pool) => Arc::new(pool),
             Err(e) => {
                 // Whatever an attempt left behind goes too, and the coordinator stops.
                 let _ = shared.teardown().await;
                 return Err(Error::Provision(e));
             }
         };
-        let nodes = pool.nodes().to_vec();
-        let tasks_per_node = self.tasks_per_node;
+        let keeper = tokio::spawn(keep_size(
+            pool.clone(),
+            shared.clone(),
+            self.selection.clone(),
+            Budget::per_place(self.max_replacements, spec.nodes),
+        ));
+        *lock(&shared.keeper) = Some(keeper.abort_handle());
         Ok(ComputePool {
             pool,
-            nodes,
-            tasks_per_node,
+            tasks_per_node: self.tasks_per_node,
             shared,
         })
     }
+}
+
+/// Keeps `pool` at its size (the same keeper as `skyward pool up`'s), recording what
+/// becomes of each lost node.
+async fn keep_size(pool: Arc<Pool>, shared: Arc<Shared>, selection: Selection, budget: Budget) {
+    let mut on_news = |news: Kept<'_>| match news {
+        Kept::Progress(event) => {
+            skyward_coordinator::session::record_progress(&shared.store, &shared.name, &event)
+        }
+        Kept::Replacement(line) => {
+            tracing::warn!(pool = %shared.name, "{line}");
+            lock(&shared.replacements).push(line);
+        }
+        Kept::Shortfall(_) => {}
+    };
+    keeper::keep_size(&pool, &shared.providers, &selection, budget, &mut on_news).await
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a pool's teardown needs, shared with the teardown a dropped pool spawns.
@@ -593,6 +633,10 @@ struct Shared {
     providers: Vec<Arc<dyn Provider>>,
     store: Mutex<Store>,
     torn_down: AtomicBool,
+    /// The task keeping the pool at its size, stopped before the teardown.
+    keeper: Mutex<Option<tokio::task::AbortHandle>>,
+    /// What became of each lost node, oldest first.
+    replacements: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -601,6 +645,9 @@ impl Shared {
     async fn teardown(&self) -> Result<(), Error> {
         if self.torn_down.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        if let Some(keeper) = lock(&self.keeper).take() {
+            keeper.abort();
         }
         skyward_coordinator::session::tear_down(
             &self.name,
@@ -617,8 +664,7 @@ impl Shared {
 /// A provisioned pool whose agents are connected. See the [module docs](self).
 pub struct ComputePool {
     /// Command jobs go through [`run_job`]; several may run at once.
-    pool: Pool,
-    nodes: Vec<NodeHandle>,
+    pool: Arc<Pool>,
     tasks_per_node: Option<usize>,
     shared: Arc<Shared>,
 }
@@ -633,9 +679,19 @@ impl ComputePool {
         &self.shared.name
     }
 
-    /// The node ids, in rank order (`node-1` first).
+    /// The node ids, in rank order (`node-1` first; a replacement in its lost node's place).
     pub fn nodes(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.node_id.clone()).collect()
+        self.pool
+            .nodes()
+            .iter()
+            .map(|n| n.node_id.clone())
+            .collect()
+    }
+
+    /// What became of each node that was lost (`node-1 (why) replaced by node-3`, or why
+    /// none took its place), oldest first.
+    pub fn replacements(&self) -> Vec<String> {
+        lock(&self.shared.replacements).clone()
     }
 
     /// Runs `command` on the least loaded node; its whole output and how it ended. A
@@ -794,7 +850,7 @@ impl ComputePool {
         let total = queue.len();
         let queue = Arc::new(Mutex::new(queue));
         let mut workers = tokio::task::JoinSet::new();
-        for node in self.nodes.iter().filter(|n| n.is_connected()) {
+        for node in self.pool.nodes().into_iter().filter(|n| n.is_connected()) {
             let at_once = self
                 .tasks_per_node
                 .unwrap_or(node.inventory.cpu_count.max(1) as usize);
@@ -863,11 +919,11 @@ impl ComputePool {
     }
 
     fn least_loaded(&self) -> Result<NodeHandle, Error> {
-        self.nodes
-            .iter()
+        self.pool
+            .nodes()
+            .into_iter()
             .filter(|n| n.is_connected())
             .min_by_key(|n| n.running())
-            .cloned()
             .ok_or_else(|| self.no_node())
     }
 

@@ -420,3 +420,64 @@ async fn a_failed_pool_says_what_kind_of_failure_it_was_and_lists_its_attempts()
     );
     nothing_left(&sandbox).await;
 }
+
+/// A program's pool keeps its size as `skyward pool up`'s does (one keeper drives both): a
+/// node silent past the node timeout is given up, its machine removed (here its stopped
+/// agent killed), and a new node takes its place and rank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_library_pool_replaces_a_silent_node_and_removes_its_machine() {
+    let sandbox = Sandbox::new();
+    let pool = ComputePool::builder()
+        .provider(Local)
+        .nodes(2)
+        .node_timeout(Duration::from_secs(3))
+        .agent_binary(bin("skyward-agent"))
+        .home(sandbox.path().join("home"))
+        .build()
+        .await
+        .expect("pool comes up");
+    let agent_of = |node: &str| -> Vec<i32> {
+        skyward_tests::processes_under(sandbox.path())
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&format!("--node-id {node} ")))
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let stopped = agent_of("node-1");
+    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: signalling the agent process found above.
+    unsafe {
+        libc::kill(stopped[0], libc::SIGSTOP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while pool.nodes() != ["node-3", "node-2"] || !agent_of("node-1").is_empty() {
+        if Instant::now() >= deadline {
+            // SAFETY: as above.
+            unsafe {
+                libc::kill(stopped[0], libc::SIGCONT);
+            }
+            panic!(
+                "not replaced, or its machine left: nodes {:?}, replacements {:?}, processes {:?}",
+                pool.nodes(),
+                pool.replacements(),
+                sandbox.processes()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        pool.replacements(),
+        ["node-1 (no health report for 3s) replaced by node-3"]
+    );
+    let outputs = pool
+        .broadcast(Command::new("sh").arg("-c").arg("echo $SKYWARD_NODE_ID"))
+        .await
+        .expect("both nodes run it");
+    let ran: Vec<String> = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .collect();
+    assert_eq!(ran, ["node-3", "node-2"]);
+    pool.shutdown().await.expect("teardown");
+    nothing_left(&sandbox).await;
+}
