@@ -268,7 +268,7 @@ pub struct JobArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
     /// Run a task again on another node this many times if its node is lost (not tasks
-    /// pinned to a node by --on all, nor tasks holding GPU slots, nor one fed stdin).
+    /// pinned to a node by --on all, nor one fed stdin).
     #[arg(long, default_value_t = 0)]
     retries: u32,
     /// Set an environment variable for the task (repeatable).

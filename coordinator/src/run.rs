@@ -211,6 +211,8 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     let mut gpus_freed = gpus.freed();
     let mut gpu_holds: HashMap<usize, GpuHold> = HashMap::new();
     'assign: loop {
+        // A node the pool put in place of a lost one takes that place's tasks from now on.
+        attempts.adopt_replacements(&mut scheduler);
         // Only GPU tasks waiting to start need the other jobs' holds: a job's loop turns once
         // per task end, and most jobs hold no slot at all.
         if scheduler.waiting_for_slots() {
@@ -231,6 +233,17 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             } else {
                 None
             };
+            if let Some((from, reason)) = attempts.moving.remove(&placement.task) {
+                let _ = events
+                    .send(RunEvent::Retrying {
+                        task: placement.task,
+                        from,
+                        to: attempts.nodes[placement.node].node_id.clone(),
+                        attempt: attempts.count[placement.task],
+                        reason,
+                    })
+                    .await;
+            }
             attempts.start(placement.task, placement.node, placement.env(), input);
         }
         if scheduler.done() {
@@ -256,7 +269,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                         // now rather than when the machine goes.
                         scheduler.retire(index);
                         for task in attempts.running_on(index) {
-                            attempts.move_elsewhere(task, index, &scheduler, why.clone()).await;
+                            attempts.move_elsewhere(task, index, &mut scheduler, &mut gpu_holds, why.clone());
                         }
                     }
                     Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
@@ -301,11 +314,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             let reason = attempts.nodes[node]
                 .lost_reason()
                 .unwrap_or_else(|| reason.clone());
-            // The scheduler still counts it on its first node, which is gone anyway.
-            if attempts
-                .move_elsewhere(task, node, &scheduler, reason)
-                .await
-            {
+            if attempts.move_elsewhere(task, node, &mut scheduler, &mut gpu_holds, reason) {
                 continue;
             }
         }
@@ -341,9 +350,9 @@ struct Attempts<'a> {
     /// The job's nodes, by the scheduler's index; a lost one's place may be taken by the
     /// node the pool put in its place (see `adopt_replacements`).
     nodes: Vec<NodeHandle>,
-    /// Places whose node was replaced: their new node takes tasks that move, although the
-    /// scheduler retired the place with the node it lost there.
-    replaced: Vec<bool>,
+    /// Tasks put back in line to run elsewhere, with the node they left and why, until they
+    /// start again.
+    moving: HashMap<usize, (String, String)>,
     job: &'a Job,
     events: mpsc::Sender<RunEvent>,
     ids: Vec<u64>,
@@ -367,7 +376,7 @@ impl<'a> Attempts<'a> {
             ids: (0..tasks).map(|_| coordinator.next_task_id()).collect(),
             coordinator,
             pool,
-            replaced: vec![false; nodes.len()],
+            moving: HashMap::new(),
             nodes,
             job,
             events,
@@ -431,66 +440,52 @@ impl<'a> Attempts<'a> {
         current
     }
 
-    /// Starts `task`'s next attempt on the least-loaded live node other than `from` that the
-    /// scheduler has not retired, stopping the one on `from` if it runs, and says why;
-    /// false when the task may not move (pinned, holding GPU slots, fed stdin, no retries
-    /// left) or no node can take it.
-    async fn move_elsewhere(
+    /// Puts `task` back in line to run again elsewhere, stopping its attempt on `from` if it
+    /// runs and freeing what it held: the scheduler places it as it places any task (never
+    /// on a node it retired, within the per-node limit, on free GPU slots, a replacement in
+    /// a lost node's place included), not back on `from`. False when the task may not move
+    /// (pinned, fed stdin, no retries left) or no node left could ever take it.
+    fn move_elsewhere(
         &mut self,
         task: usize,
         from: usize,
-        scheduler: &SlotScheduler,
+        scheduler: &mut SlotScheduler,
+        gpu_holds: &mut HashMap<usize, GpuHold>,
         reason: String,
     ) -> bool {
         let plan = &self.job.tasks[task];
-        let movable = plan.node.is_none() && plan.gpus.is_none() && !self.fed_stdin[task];
+        let movable = plan.node.is_none() && !self.fed_stdin[task];
         if !movable || self.count[task] >= self.job.retries {
             return false;
         }
         let from_id = self.nodes[from].node_id.clone();
-        self.adopt_replacements();
-        // A node between connections will do (the task waits for it, as for a resume), but
-        // a connected one first, then the least busy; never one given up.
-        let Some(to) = (0..self.nodes.len())
-            .filter(|&n| {
-                self.nodes[n].node_id != from_id
-                    && (self.replaced[n] || !scheduler.is_retired(n))
-                    && self.nodes[n].lost_reason().is_none()
-            })
-            .min_by_key(|&n| (!self.nodes[n].is_connected(), self.nodes[n].running()))
-        else {
+        self.adopt_replacements(scheduler);
+        // Once a new node holds the place, only the lost one is to be avoided, and it is gone.
+        let avoid = (self.nodes[from].node_id == from_id).then_some(from);
+        if !scheduler.has_place_for(task, avoid) || !scheduler.requeue(task, avoid) {
             return false;
-        };
+        }
         if let Some((_, stop)) = self.current.remove(&task) {
             stop.abort();
         }
+        gpu_holds.remove(&task);
         self.count[task] += 1;
-        let _ = self
-            .events
-            .send(RunEvent::Retrying {
-                task,
-                from: from_id,
-                to: self.nodes[to].node_id.clone(),
-                attempt: self.count[task],
-                reason,
-            })
-            .await;
-        self.start(task, to, Vec::new(), None);
+        self.moving.insert(task, (from_id, reason));
         true
     }
 
     /// Takes in the nodes a pool put in place of this job's lost ones since it started (a
-    /// `pool up` pool replaces them while a long job runs), so that a task that must move
-    /// is not limited to the nodes the job started with. Only moves use them: a replacement
-    /// may differ in GPUs from the node whose place in the scheduler it takes.
-    fn adopt_replacements(&mut self) {
+    /// pool that keeps its size replaces them while a long job runs): each takes its lost
+    /// node's place in the scheduler, with its own GPU slots, for queued tasks and moves
+    /// alike.
+    fn adopt_replacements(&mut self, scheduler: &mut SlotScheduler) {
         // The job started with the pool's nodes in the pool's order, and a replacement takes
         // its lost node's place in that order.
         for (place, now) in self.pool.nodes().into_iter().enumerate() {
             match self.nodes.get_mut(place) {
                 Some(node) if node.node_id != now.node_id => {
+                    scheduler.renew(place, node_slots(&now.inventory));
                     *node = now;
-                    self.replaced[place] = true;
                 }
                 _ => {}
             }

@@ -9,7 +9,8 @@ use std::collections::VecDeque;
 pub struct Scheduler {
     per_node: usize,
     running: Vec<usize>,
-    queue: VecDeque<(usize, Option<usize>)>,
+    /// Tasks not started: (task, pin, a node it must not go to).
+    queue: VecDeque<(usize, Option<usize>, Option<usize>)>,
     finished: usize,
     total: usize,
     /// Nodes that take no new free task (lost, or about to be taken away).
@@ -23,7 +24,11 @@ impl Scheduler {
             per_node: per_node.max(1),
             running: vec![0; node_count],
             total: pins.len(),
-            queue: pins.into_iter().enumerate().collect(),
+            queue: pins
+                .into_iter()
+                .enumerate()
+                .map(|(task, pin)| (task, pin, None))
+                .collect(),
             finished: 0,
             retired: vec![false; node_count],
         }
@@ -47,18 +52,18 @@ impl Scheduler {
     pub fn assign(&mut self) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         let mut waiting = VecDeque::new();
-        while let Some((task, pin)) = self.queue.pop_front() {
+        while let Some((task, pin, avoid)) = self.queue.pop_front() {
             let node = match pin {
                 Some(node) if self.running[node] < self.per_node => Some(node),
                 Some(_) => None,
-                None => self.least_loaded(),
+                None => self.least_loaded(avoid),
             };
             match node {
                 Some(node) => {
                     self.running[node] += 1;
                     out.push((task, node));
                 }
-                None => waiting.push_back((task, pin)),
+                None => waiting.push_back((task, pin, avoid)),
             }
         }
         self.queue = waiting;
@@ -70,15 +75,49 @@ impl Scheduler {
         self.finished += 1;
     }
 
+    /// A task ended whose node's place was since given to a new node ([`renew`](Self::renew)):
+    /// it counts as done but frees nothing there.
+    pub fn finished_orphan(&mut self) {
+        self.finished += 1;
+    }
+
+    /// Task `task` (free, or pinned to `pin`), started on `node` (`None`: on a node whose
+    /// place was since renewed), must run again, not on `avoid`: its place there is free,
+    /// and it goes first in the queue.
+    pub fn requeue(
+        &mut self,
+        task: usize,
+        node: Option<usize>,
+        pin: Option<usize>,
+        avoid: Option<usize>,
+    ) {
+        if let Some(running) = node.and_then(|node| self.running.get_mut(node)) {
+            *running = running.saturating_sub(1);
+        }
+        self.queue.push_front((task, pin, avoid));
+    }
+
+    /// A new node takes `node`'s place: it takes free tasks again, and nothing runs there
+    /// yet (the old node's tasks that still end are orphans, see
+    /// [`finished_orphan`](Self::finished_orphan)).
+    pub fn renew(&mut self, node: usize) {
+        if let (Some(retired), Some(running)) =
+            (self.retired.get_mut(node), self.running.get_mut(node))
+        {
+            *retired = false;
+            *running = 0;
+        }
+    }
+
     pub fn done(&self) -> bool {
         self.finished >= self.total
     }
 
-    fn least_loaded(&self) -> Option<usize> {
+    fn least_loaded(&self, avoid: Option<usize>) -> Option<usize> {
         self.running
             .iter()
             .enumerate()
-            .filter(|(i, &load)| load < self.per_node && !self.retired[*i])
+            .filter(|(i, &load)| load < self.per_node && !self.retired[*i] && avoid != Some(*i))
             .min_by_key(|(i, &load)| (load, *i))
             .map(|(i, _)| i)
     }

@@ -262,14 +262,19 @@ pub struct SlotScheduler {
     free: Vec<Vec<bool>>,
     /// Slots this job's bookkeeping has free but another job on the pool holds now.
     elsewhere: Vec<Vec<bool>>,
-    /// GPU tasks not started yet, in input order: (task, pin, request).
-    waiting: VecDeque<(usize, Option<usize>, GpuRequest)>,
+    /// GPU tasks not started yet, in input order: (task, pin, request, a node it must not
+    /// go to).
+    waiting: VecDeque<(usize, Option<usize>, GpuRequest, Option<usize>)>,
     /// Every started, unfinished task: its node and the slots it holds.
     running: HashMap<usize, (usize, Vec<usize>)>,
     gpu_total: usize,
     gpu_finished: usize,
     /// Nodes that take no new unpinned task.
     retired: Vec<bool>,
+    /// Every task as asked for, to put one back in line.
+    tasks: Vec<SlotTask>,
+    /// Running tasks whose node's place went to a new node: they free nothing when they end.
+    orphans: std::collections::HashSet<usize>,
 }
 
 impl SlotScheduler {
@@ -298,7 +303,7 @@ impl SlotScheduler {
                 plain_tasks.push(i);
             } else {
                 fits_nodes(&task.gpus, task.pin, &slots)?;
-                waiting.push_back((i, task.pin, task.gpus.clone()));
+                waiting.push_back((i, task.pin, task.gpus.clone(), None));
             }
         }
         Ok(SlotScheduler {
@@ -312,7 +317,79 @@ impl SlotScheduler {
             waiting,
             running: HashMap::new(),
             gpu_finished: 0,
+            tasks: tasks.to_vec(),
+            orphans: Default::default(),
         })
+    }
+
+    /// Task `task`, started, must run again elsewhere (its node is lost or about to be, or
+    /// lost the task): what it held is free, and the next [`assign`](Self::assign) places it
+    /// first, as it places any task (never on a retired node, within the per-node limit, on
+    /// free slots), and not on `avoid`. False when it is not running.
+    pub fn requeue(&mut self, task: usize, avoid: Option<usize>) -> bool {
+        // An orphan (its node's place renewed since) holds nothing to free.
+        let (node, taken) = match self.running.remove(&task) {
+            Some((node, taken)) => (Some(node), taken),
+            None if self.orphans.remove(&task) => (None, Vec::new()),
+            None => return false,
+        };
+        let pin = self.tasks.get(task).and_then(|t| t.pin);
+        match self.plain_tasks.binary_search(&task) {
+            Ok(index) => self.plain.requeue(index, node, pin, avoid),
+            Err(_) => {
+                let node = node.unwrap_or(usize::MAX);
+                for i in taken {
+                    if let Some(free) = self.free.get_mut(node).and_then(|f| f.get_mut(i)) {
+                        *free = true;
+                    }
+                }
+                let request = self.tasks[task].gpus.clone();
+                self.waiting.push_front((task, pin, request, avoid));
+            }
+        }
+        true
+    }
+
+    /// Whether some node that is not retired, other than `avoid`, could ever take `task` (its
+    /// GPU request fits that node's slots, whatever holds them now): a task no such node can
+    /// take would wait for ever.
+    pub fn has_place_for(&self, task: usize, avoid: Option<usize>) -> bool {
+        let Some(asked) = self.tasks.get(task) else {
+            return false;
+        };
+        (0..self.slots.len())
+            .filter(|&node| !self.is_retired(node) && avoid != Some(node))
+            .any(|node| {
+                asked.gpus.is_none()
+                    || asked
+                        .gpus
+                        .pick(&self.slots[node], &vec![true; self.slots[node].len()])
+                        .is_some()
+            })
+    }
+
+    /// A new node with `slots` takes `node`'s place (the old one was lost and replaced): it
+    /// takes tasks again, all its slots free. Tasks of the old node that still end there
+    /// are orphans: they count as finished but free nothing of the new node's.
+    pub fn renew(&mut self, node: usize, slots: Vec<Slot>) {
+        if node >= self.slots.len() {
+            return;
+        }
+        self.plain.renew(node);
+        self.retired[node] = false;
+        self.free[node] = vec![true; slots.len()];
+        self.elsewhere[node] = vec![false; slots.len()];
+        self.slots[node] = slots;
+        let orphans: Vec<usize> = self
+            .running
+            .iter()
+            .filter(|(_, (n, _))| *n == node)
+            .map(|(task, _)| *task)
+            .collect();
+        for task in orphans {
+            self.running.remove(&task);
+            self.orphans.insert(task);
+        }
     }
 
     /// Counts tasks already running on each node (from earlier work) towards the per-node
@@ -352,8 +429,8 @@ impl SlotScheduler {
             })
             .collect();
         let mut still_waiting = VecDeque::new();
-        while let Some((task, pin, request)) = self.waiting.pop_front() {
-            match self.place(pin, &request) {
+        while let Some((task, pin, request, avoid)) = self.waiting.pop_front() {
+            match self.place(pin, &request, avoid) {
                 Some((node, taken)) => {
                     for &i in &taken {
                         self.free[node][i] = false;
@@ -365,7 +442,7 @@ impl SlotScheduler {
                     });
                     self.running.insert(task, (node, taken));
                 }
-                None => still_waiting.push_back((task, pin, request)),
+                None => still_waiting.push_back((task, pin, request, avoid)),
             }
         }
         self.waiting = still_waiting;
@@ -376,13 +453,21 @@ impl SlotScheduler {
         out
     }
 
-    fn place(&self, pin: Option<usize>, request: &GpuRequest) -> Option<(usize, Vec<usize>)> {
+    fn place(
+        &self,
+        pin: Option<usize>,
+        request: &GpuRequest,
+        avoid: Option<usize>,
+    ) -> Option<(usize, Vec<usize>)> {
         let nodes = match pin {
             Some(node) => node..node + 1,
             None => 0..self.slots.len(),
         };
         nodes
-            .filter(|&node| pin.is_some() || !self.retired.get(node).copied().unwrap_or(false))
+            .filter(|&node| {
+                pin.is_some()
+                    || (!self.retired.get(node).copied().unwrap_or(false) && avoid != Some(node))
+            })
             .filter_map(|node| {
                 let free: Vec<bool> = self
                     .free
@@ -400,6 +485,14 @@ impl SlotScheduler {
 
     /// Task `task` ended: its slots, or its place on the node, are free again.
     pub fn finished(&mut self, task: usize) {
+        let plain = self.plain_tasks.binary_search(&task).is_ok();
+        if self.orphans.remove(&task) {
+            match plain {
+                true => self.plain.finished_orphan(),
+                false => self.gpu_finished += 1,
+            }
+            return;
+        }
         let Some((node, taken)) = self.running.remove(&task) else {
             return;
         };
@@ -764,5 +857,193 @@ mod tests {
             .unwrap_err()
             .contains("NVIDIA"));
         assert!(fits(&GpuRequest::None, None).is_ok());
+    }
+
+    mod moves {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            Assign,
+            /// The n-th running (or orphaned) task ends.
+            Finish(usize),
+            /// The n-th running (or orphaned) task must run again elsewhere.
+            Requeue(usize),
+            Retire(usize),
+            /// A new node with this many GPUs (each split in two MIG devices, or not) takes
+            /// the place.
+            Renew(usize, u32, bool),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                3 => Just(Step::Assign),
+                2 => (0..8usize).prop_map(Step::Finish),
+                1 => (0..8usize).prop_map(Step::Requeue),
+                1 => (0..3usize).prop_map(Step::Retire),
+                1 => (0..3usize, 0..3u32, any::<bool>()).prop_map(|(n, g, m)| Step::Renew(n, g, m)),
+            ]
+        }
+
+        #[derive(Debug, Clone, PartialEq)]
+        enum Fate {
+            Waiting,
+            /// Running on this node with these devices.
+            Running(usize, Vec<String>),
+            /// Still running on a node whose place went to a new node.
+            Orphan,
+            Done,
+        }
+
+        fn request(i: usize) -> GpuRequest {
+            match i % 3 {
+                0 => GpuRequest::None,
+                1 => GpuRequest::Gpus(1),
+                _ => slice(),
+            }
+        }
+
+        /// Nodes that can take every request: two GPUs, one of them split.
+        fn roomy(node: usize) -> Vec<Slot> {
+            let mut inv = inventory(node, 2, 0);
+            inv.gpus[1] = inventory(node, 2, 2).gpus[1].clone();
+            node_slots(&inv)
+        }
+
+        fn check(fates: &[Fate], retired: &[bool], per_node: usize) -> Result<(), TestCaseError> {
+            for node in 0..retired.len() {
+                let mut held: Vec<&String> = fates
+                    .iter()
+                    .filter_map(|f| match f {
+                        Fate::Running(n, devices) if *n == node => Some(devices),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                let total = held.len();
+                held.sort();
+                held.dedup();
+                prop_assert_eq!(
+                    held.len(),
+                    total,
+                    "a slot of node {} held twice: {:?}",
+                    node,
+                    fates
+                );
+                let plain = fates
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, f)| {
+                        request(*i).is_none() && matches!(f, Fate::Running(n, _) if *n == node)
+                    })
+                    .count();
+                prop_assert!(
+                    plain <= per_node,
+                    "node {} runs {} plain tasks",
+                    node,
+                    plain
+                );
+            }
+            Ok(())
+        }
+
+        proptest! {
+            /// Whatever moves, losses and replacements happen, no GPU slot is held by two
+            /// tasks at once, no retired node gets a task, the per-node limit holds, and every
+            /// task ends exactly once.
+            #[test]
+            fn moves_and_replacements_never_double_book_and_every_task_ends_once(
+                steps in proptest::collection::vec(step(), 1..80),
+                count in 1..10usize,
+            ) {
+                let per_node = 2;
+                let tasks: Vec<SlotTask> = (0..count)
+                    .map(|i| SlotTask { pin: None, gpus: request(i) })
+                    .collect();
+                let mut scheduler =
+                    SlotScheduler::new((0..3).map(roomy).collect(), per_node, &tasks).unwrap();
+                let mut fates = vec![Fate::Waiting; count];
+                let mut retired = [false; 3];
+                // The node each moved task must not go back to.
+                let mut avoids: Vec<Option<usize>> = vec![None; count];
+                let live = |fates: &[Fate]| -> Vec<usize> {
+                    (0..fates.len())
+                        .filter(|&t| matches!(fates[t], Fate::Running(..) | Fate::Orphan))
+                        .collect()
+                };
+                let assign = |scheduler: &mut SlotScheduler, fates: &mut Vec<Fate>, retired: &[bool; 3], avoids: &mut Vec<Option<usize>>| -> Result<(), TestCaseError> {
+                    for p in scheduler.assign() {
+                        prop_assert_eq!(&fates[p.task], &Fate::Waiting, "task {} placed twice", p.task);
+                        prop_assert!(!retired[p.node], "task {} went to retired node {}", p.task, p.node);
+                        prop_assert!(avoids[p.task] != Some(p.node), "task {} went back to node {}", p.task, p.node);
+                        avoids[p.task] = None;
+                        fates[p.task] =
+                            Fate::Running(p.node, p.slots.iter().map(Slot::device_id).collect());
+                    }
+                    Ok(())
+                };
+                for step in steps {
+                    match step {
+                        Step::Assign => assign(&mut scheduler, &mut fates, &retired, &mut avoids)?,
+                        Step::Finish(n) => {
+                            let live = live(&fates);
+                            if let Some(&task) = live.get(n % live.len().max(1)) {
+                                scheduler.finished(task);
+                                fates[task] = Fate::Done;
+                            }
+                        }
+                        Step::Requeue(n) => {
+                            let live = live(&fates);
+                            if let Some(&task) = live.get(n % live.len().max(1)) {
+                                let avoid = match &fates[task] {
+                                    Fate::Running(node, _) => Some(*node),
+                                    _ => None,
+                                };
+                                prop_assert!(scheduler.requeue(task, avoid));
+                                avoids[task] = avoid;
+                                fates[task] = Fate::Waiting;
+                            }
+                        }
+                        Step::Retire(node) => {
+                            scheduler.retire(node);
+                            retired[node] = true;
+                        }
+                        Step::Renew(node, gpus, split) => {
+                            let slots = node_slots(&inventory(node + 10, gpus, if split { 2 } else { 0 }));
+                            scheduler.renew(node, slots);
+                            retired[node] = false;
+                            for fate in fates.iter_mut() {
+                                if matches!(fate, Fate::Running(n, _) if *n == node) {
+                                    *fate = Fate::Orphan;
+                                }
+                            }
+                        }
+                    }
+                    check(&fates, &retired, per_node)?;
+                    prop_assert_eq!(scheduler.done(), fates.iter().all(|f| *f == Fate::Done));
+                }
+                // Then every node comes back roomy and everything runs to its end, once.
+                for node in 0..3 {
+                    scheduler.renew(node, roomy(node + 20));
+                    retired[node] = false;
+                    for fate in fates.iter_mut() {
+                        if matches!(fate, Fate::Running(n, _) if *n == node) {
+                            *fate = Fate::Orphan;
+                        }
+                    }
+                }
+                for _ in 0..(count * 2 + 2) {
+                    assign(&mut scheduler, &mut fates, &retired, &mut avoids)?;
+                    check(&fates, &retired, per_node)?;
+                    for task in live(&fates) {
+                        scheduler.finished(task);
+                        fates[task] = Fate::Done;
+                    }
+                }
+                prop_assert!(fates.iter().all(|f| *f == Fate::Done), "{:?}", fates);
+                prop_assert!(scheduler.done());
+            }
+        }
     }
 }

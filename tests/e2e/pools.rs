@@ -571,3 +571,82 @@ fn pool_up_refuses_bad_input_and_leaves_nothing_when_it_fails() {
     let left = sandbox.wait_for_no_processes(Duration::from_secs(10));
     assert!(left.is_empty(), "left running: {left:?}");
 }
+
+/// A long map job on a pool that keeps its size gives its queued tasks to the node that
+/// replaced a lost one, and the lost node's running task moves (`--retries`) through the same
+/// placement: every input ends once, and the replacement takes a share.
+#[test]
+fn a_running_map_job_gives_its_queued_tasks_to_a_replacement() {
+    let sandbox = Sandbox::new();
+    let up = run(
+        sandbox.skyward().env("SKYWARD_IDLE_TIMEOUT", "2s").args([
+            "pool",
+            "up",
+            "long",
+            "--nodes",
+            "2",
+            "--node-timeout",
+            "4s",
+        ]),
+        LIMIT,
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let records = sandbox.path().join("records");
+    std::fs::create_dir_all(&records).unwrap();
+    let template = format!(
+        "sh -c 'sleep 1; echo $SKYWARD_NODE_ID > {}/{{}}'",
+        records.display()
+    );
+    let inputs: Vec<String> = (1..=24).map(|i| i.to_string()).collect();
+    let job = run(
+        sandbox
+            .skyward()
+            .args([
+                "exec",
+                "long",
+                "--detach",
+                "--retries",
+                "1",
+                "--map",
+                &template,
+            ])
+            .args(&inputs),
+        LIMIT,
+    );
+    assert_eq!(job.code, Some(0), "{job:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&records).unwrap().count() < 2 {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = agent_of(&sandbox, "node-1");
+    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: signalling the agent process found above; its machine is removed once given up.
+    unsafe {
+        libc::kill(stopped[0], libc::SIGSTOP);
+    }
+    while std::fs::read_dir(&records).unwrap().count() < inputs.len() {
+        assert!(
+            Instant::now() < deadline,
+            "not every input ended: {:?}, pool {}",
+            std::fs::read_dir(&records).unwrap().count(),
+            sandbox.pool_status("long")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ran_on: Vec<String> = inputs
+        .iter()
+        .map(|i| {
+            std::fs::read_to_string(records.join(i))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        ran_on.iter().any(|node| node == "node-3"),
+        "the replacement took no queued task: {ran_on:?}"
+    );
+    let down = sky(&sandbox, &["pool", "down", "long"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
