@@ -49,6 +49,18 @@ fn small_spec(nodes: usize) -> PoolSpec {
 
 /// The pool's instances that are not terminated: (id, type, lifecycle).
 async fn live_instances(url: &str, pool: &str) -> Vec<(String, String, String)> {
+    live_instances_with_nodes(url, pool)
+        .await
+        .into_iter()
+        .map(|(id, kind, lifecycle, ..)| (id, kind, lifecycle))
+        .collect()
+}
+
+/// [`live_instances`], each with its node tag (empty when it has none) and its state.
+async fn live_instances_with_nodes(
+    url: &str,
+    pool: &str,
+) -> Vec<(String, String, String, String, String)> {
     let ec2 = moto::client(url).await;
     let out = ec2
         .describe_instances()
@@ -69,6 +81,16 @@ async fn live_instances(url: &str, pool: &str) -> Vec<(String, String, String)> 
                 i.instance_lifecycle()
                     .map(|l| l.as_str().to_string())
                     .unwrap_or_else(|| "on-demand".into()),
+                i.tags()
+                    .iter()
+                    .find(|t| t.key() == Some(skyward_providers::NODE_TAG))
+                    .and_then(|t| t.value())
+                    .unwrap_or_default()
+                    .to_string(),
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default(),
             )
         })
         .collect()
@@ -836,30 +858,13 @@ async fn terminating_a_node_removes_its_instance_alone() {
         || {
             let url = url.clone();
             async move {
-                let ec2 = moto::client(&url).await;
-                let out = ec2
-                    .describe_instances()
-                    .filters(moto::tag_filter(POOL_TAG, "aws-one"))
-                    .send()
+                // A terminated instance shuts down first: only pending and running ones live.
+                live_instances_with_nodes(&url, "aws-one")
                     .await
-                    .unwrap();
-                out.reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .filter(|i| {
-                        matches!(
-                            i.state().and_then(|s| s.name()).map(|n| n.as_str()),
-                            Some("pending" | "running")
-                        )
-                    })
-                    .filter_map(|i| {
-                        i.tags()
-                            .iter()
-                            .find(|t| t.key() == Some(skyward_providers::NODE_TAG))
-                            .and_then(|t| t.value())
-                            .map(str::to_string)
-                    })
-                    .collect()
+                    .into_iter()
+                    .filter(|(.., state)| state == "pending" || state == "running")
+                    .map(|(.., node, _)| node)
+                    .collect::<Vec<String>>()
             }
         },
     )

@@ -163,6 +163,24 @@ fn coordinator() -> Arc<Coordinator> {
     )
 }
 
+/// Node `index` of `pool` runs `echo text`; then the pool goes, leaving no process behind.
+async fn echoes_then_goes(pool: Pool, index: usize, text: &str, sandbox: &Sandbox) {
+    let mut task = pool
+        .coordinator()
+        .start_task(
+            &pool.nodes()[index],
+            skyward_tests::command(&["echo", text]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, format!("{text}\n").as_bytes());
+    drop(task);
+    pool.down().await;
+    assert!(sandbox
+        .wait_for_no_processes(std::time::Duration::from_secs(10))
+        .is_empty());
+}
+
 async fn up(
     providers: &[Arc<Scripted>],
     selection: Selection,
@@ -227,20 +245,7 @@ async fn cheapest_falls_back_after_a_capacity_error_and_cleans_up_the_attempt() 
         0,
         "the dearest offer was never tried"
     );
-    let mut task = pool
-        .coordinator()
-        .start_task(
-            &pool.nodes()[1],
-            skyward_tests::command(&["echo", "picked"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(task_output(&mut task).await, b"picked\n");
-    drop(task);
-    pool.down().await;
-    assert!(sandbox
-        .wait_for_no_processes(std::time::Duration::from_secs(10))
-        .is_empty());
+    echoes_then_goes(pool, 1, "picked", &sandbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,17 +327,7 @@ async fn machines_whose_agents_never_connect_give_way_to_the_next_offer() {
     );
     let ids: Vec<String> = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
     assert_eq!(ids, ["node-1", "node-2"]);
-    let mut task = pool
-        .coordinator()
-        .start_task(&pool.nodes()[0], skyward_tests::command(&["echo", "sound"]))
-        .await
-        .unwrap();
-    assert_eq!(task_output(&mut task).await, b"sound\n");
-    drop(task);
-    pool.down().await;
-    assert!(sandbox
-        .wait_for_no_processes(std::time::Duration::from_secs(10))
-        .is_empty());
+    echoes_then_goes(pool, 0, "sound", &sandbox).await;
 }
 
 /// One node of an attempt whose agent never connects is replaced on its own: its machine is
@@ -367,20 +362,7 @@ async fn a_node_whose_agent_never_connects_is_replaced_on_its_own_from_the_same_
         pool.coordinator().node("node-2").is_none(),
         "the hollow node is no node of the pool"
     );
-    let mut task = pool
-        .coordinator()
-        .start_task(
-            &pool.nodes()[2],
-            skyward_tests::command(&["echo", "replaced"]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(task_output(&mut task).await, b"replaced\n");
-    drop(task);
-    pool.down().await;
-    assert!(sandbox
-        .wait_for_no_processes(std::time::Duration::from_secs(10))
-        .is_empty());
+    echoes_then_goes(pool, 2, "replaced", &sandbox).await;
 }
 
 /// When no offer gives a node in place of one that never connected, the pool fails and its
