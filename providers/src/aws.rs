@@ -40,7 +40,11 @@ use skyward_core::spec::PoolSpec;
 
 const NAME: &str = "aws";
 /// How long instances get to reach `running`, and to be gone after termination.
-const STATE_WAIT: Duration = Duration::from_secs(300);
+const STATE_POLLING: super::Polling = super::Polling {
+    first: POLL,
+    max: POLL,
+    limit: Duration::from_secs(300),
+};
 const POLL: Duration = Duration::from_secs(2);
 
 /// AMI name patterns tried in order: a GPU deep-learning image for accelerated types, Ubuntu
@@ -913,7 +917,7 @@ impl Provider for Aws {
             });
         }
         // Wait (bounded) for every instance to run; one that terminates instead failed.
-        let deadline = tokio::time::Instant::now() + STATE_WAIT;
+        let mut poller = STATE_POLLING.start();
         loop {
             let states = self.pool_instances(region, &request.pool).await?;
             let mine: Vec<&(String, String, InstanceStateName)> = states
@@ -936,14 +940,13 @@ impl Provider for Aws {
             {
                 return Ok(created);
             }
-            if tokio::time::Instant::now() >= deadline {
+            if !poller.pause().await {
                 return Err(ProviderError::new(
                     NAME,
                     ErrorKind::Api,
                     "instances did not reach running in time",
                 ));
             }
-            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -1213,21 +1216,20 @@ impl Aws {
                 .await
                 .map_err(api_error)?;
         }
-        let deadline = tokio::time::Instant::now() + STATE_WAIT;
+        let mut poller = STATE_POLLING.start();
         while !self
             .pool_instances(region, pool)
             .await?
             .iter()
             .all(|(_, _, state)| *state == InstanceStateName::ShuttingDown)
         {
-            if tokio::time::Instant::now() >= deadline {
+            if !poller.pause().await {
                 return Err(ProviderError::new(
                     NAME,
                     ErrorKind::Api,
                     format!("instances of pool {pool} still running after terminate"),
                 ));
             }
-            tokio::time::sleep(POLL).await;
         }
         Ok(())
     }

@@ -241,6 +241,15 @@ impl DigitalOcean {
         Ok((http, base, token))
     }
 
+    /// How this provider polls, for up to `limit`.
+    fn polling(&self, limit: Duration) -> super::Polling {
+        super::Polling {
+            first: FIRST_POLL,
+            max: self.config.poll_interval,
+            limit,
+        }
+    }
+
     /// One API call: `path` under the base URL with `query`, an optional JSON body, 429s
     /// retried after the rate limit resets (bounded). Returns the status and body of any
     /// 2xx answer and of a 404 when `allow_404`; every other answer is an error.
@@ -447,8 +456,7 @@ impl DigitalOcean {
         &self,
         created: &[(String, u64)],
     ) -> Result<HashMap<u64, Droplet>, ProviderError> {
-        let deadline = Instant::now() + self.config.active_timeout;
-        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        let mut poller = self.polling(self.config.active_timeout).start();
         let mut pending: Vec<(String, u64)> = created.to_vec();
         let mut active = HashMap::new();
         loop {
@@ -499,8 +507,7 @@ impl DigitalOcean {
             if still.is_empty() {
                 return Ok(active);
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !poller.pause().await {
                 let ids: Vec<String> = still.iter().map(|(_, id)| id.to_string()).collect();
                 return Err(Self::error(
                     ErrorKind::Capacity,
@@ -512,8 +519,6 @@ impl DigitalOcean {
                 )
                 .hint(CAPACITY_HINT));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.config.poll_interval);
             pending = still;
         }
     }
@@ -650,8 +655,7 @@ impl DigitalOcean {
             true,
         )
         .await?;
-        let deadline = Instant::now() + self.config.teardown_timeout;
-        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        let mut poller = self.polling(self.config.teardown_timeout).start();
         let mut deleted: HashSet<u64> = HashSet::new();
         loop {
             let left = self.pool_droplets(pool).await?;
@@ -670,8 +674,7 @@ impl DigitalOcean {
                     Err(e) => last_error = Some(e),
                 }
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !poller.pause().await {
                 let ids: Vec<String> = left.iter().map(|d| d.id.to_string()).collect();
                 let cause = last_error
                     .map(|e| format!(" (last error: {e})"))
@@ -690,8 +693,6 @@ impl DigitalOcean {
                     vpc_name(pool)?
                 )));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.config.poll_interval);
         }
     }
 
@@ -772,8 +773,7 @@ impl DigitalOcean {
             StatusCode::FORBIDDEN,
             StatusCode::CONFLICT,
         ];
-        let deadline = Instant::now() + self.config.teardown_timeout;
-        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        let mut poller = self.polling(self.config.teardown_timeout).start();
         loop {
             let (status, bytes) = self
                 .call_allowing(&what, Method::DELETE, &path, &[], None, &refused)
@@ -782,8 +782,8 @@ impl DigitalOcean {
                 tracing::info!(pool, vpc = %vpc.id, "VPC deleted");
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
+            tracing::debug!(pool, vpc = %vpc.id, "VPC not deletable yet ({status}); retrying");
+            if !poller.pause().await {
                 let refusal = api_error(&what, &Method::DELETE, &path, status, &bytes).message;
                 let members = match self.vpc_members(vpc).await {
                     Ok(members) if !members.is_empty() => {
@@ -812,9 +812,6 @@ impl DigitalOcean {
                     vpc.name, vpc.id
                 )));
             }
-            tracing::debug!(pool, vpc = %vpc.id, "VPC not deletable yet ({status}); retrying");
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.config.poll_interval);
         }
     }
 

@@ -242,6 +242,50 @@ impl Teardown {
     }
 }
 
+/// How a provider polls its API until something happens (machines running, gone): the first
+/// pause, each one after it doubled up to `max`, and never past `limit` in all. One polling
+/// loop for every provider: `let mut poller = polling.start(); loop { round; if done
+/// { break } if !poller.pause().await { give up } }`.
+#[derive(Debug, Clone, Copy)]
+pub struct Polling {
+    pub first: std::time::Duration,
+    pub max: std::time::Duration,
+    pub limit: std::time::Duration,
+}
+
+/// The pauses of one polling, as [`Polling`] says: between rounds, [`Poller::pause`] waits
+/// and says whether another round may run.
+#[derive(Debug)]
+pub struct Poller {
+    deadline: tokio::time::Instant,
+    pause: std::time::Duration,
+    max: std::time::Duration,
+}
+
+impl Polling {
+    /// Starts the clock.
+    pub fn start(&self) -> Poller {
+        Poller {
+            deadline: tokio::time::Instant::now() + self.limit,
+            pause: self.first.min(self.max),
+            max: self.max,
+        }
+    }
+}
+
+impl Poller {
+    /// Waits before the next round (never past the limit); false once the limit has passed.
+    pub async fn pause(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.pause.min(self.deadline - now)).await;
+        self.pause = (self.pause * 2).min(self.max);
+        true
+    }
+}
+
 /// Whether a provider can be used from here, for `skyward providers`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProviderStatus {

@@ -372,6 +372,15 @@ impl VastAi {
         Ok((http, base, key))
     }
 
+    /// How this provider polls, for up to `limit`.
+    fn polling(&self, limit: Duration) -> super::Polling {
+        super::Polling {
+            first: FIRST_POLL,
+            max: self.config.poll_interval,
+            limit,
+        }
+    }
+
     /// One API call, `path` under `/api/v0`, retrying 429 and 502-504 (bounded). Returns
     /// the status and body of whatever answer ended it.
     async fn call(
@@ -869,8 +878,7 @@ impl VastAi {
         request: &ProvisionRequest,
         market: Market,
     ) -> Result<(), ProviderError> {
-        let deadline = Instant::now() + self.config.running_timeout;
-        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        let mut poller = self.polling(self.config.running_timeout).start();
         loop {
             let listed: HashMap<u64, RawInstance> = self
                 .instances()
@@ -957,8 +965,7 @@ impl VastAi {
             if pending.is_empty() {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !poller.pause().await {
                 return Err(Self::error(
                     ErrorKind::Capacity,
                     format!(
@@ -969,8 +976,6 @@ impl VastAi {
                 )
                 .hint("the host may be slow to pull the image: try another offer or a smaller --image"));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.config.poll_interval);
         }
     }
 
@@ -1335,8 +1340,7 @@ impl Provider for VastAi {
             return Ok(());
         }
         let overlay = overlay_name(pool);
-        let deadline = Instant::now() + self.config.teardown_timeout;
-        let mut pause = FIRST_POLL.min(self.config.poll_interval);
+        let mut poller = self.polling(self.config.teardown_timeout).start();
         let mut deleted: HashSet<u64> = HashSet::new();
         let mut overlay_left = true;
         let mut last_error: Option<ProviderError> = None;
@@ -1371,8 +1375,7 @@ impl Provider for VastAi {
             if left.as_ref().is_some_and(Vec::is_empty) && !overlay_left {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !poller.pause().await {
                 let ids: Vec<String> = match &left {
                     Some(left) => left.iter().map(|i| i.id.to_string()).collect(),
                     None => vec!["(unknown: the listing failed)".to_string()],
@@ -1395,8 +1398,6 @@ impl Provider for VastAi {
                 )
                 .hint("destroy them at https://cloud.vast.ai/instances/ or with `vastai destroy instance ID` and `vastai delete overlay NAME`"));
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(self.config.poll_interval);
         }
     }
 

@@ -341,6 +341,15 @@ impl Verda {
             .collect())
     }
 
+    /// How this provider polls, for up to `limit`: 0.5 s, doubling up to its poll interval.
+    fn polling(&self, limit: Duration) -> super::Polling {
+        super::Polling {
+            first: Duration::from_millis(500),
+            max: self.timing.poll,
+            limit,
+        }
+    }
+
     /// Polls `created` (node id, instance id) until every instance runs, one fails, or the
     /// boot limit passes; returns the public address of each instance that had one by then.
     async fn wait_running(
@@ -348,14 +357,11 @@ impl Verda {
         created: &[(String, String)],
     ) -> Result<HashMap<String, IpAddr>, ProviderError> {
         let mut addresses = HashMap::new();
-        let deadline = Instant::now() + self.timing.boot_limit;
+        let mut poller = self.polling(self.timing.boot_limit).start();
         let mut pending: Vec<&(String, String)> = created.iter().collect();
         let mut missing: HashMap<&str, u32> = HashMap::new();
         let mut last_status: HashMap<&str, String> = HashMap::new();
-        let mut next_round = 0u32;
         loop {
-            let round = next_round;
-            next_round = next_round.saturating_add(1);
             let mut still = Vec::new();
             for entry in pending {
                 let (node_id, id) = (&entry.0, &entry.1);
@@ -417,8 +423,7 @@ impl Verda {
             if pending.is_empty() {
                 return Ok(addresses);
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !poller.pause().await {
                 let waiting: Vec<String> = pending
                     .iter()
                     .map(|(node, id)| {
@@ -441,7 +446,6 @@ impl Verda {
                 )
                 .hint("another instance type or location may start faster"));
             }
-            tokio::time::sleep(backoff(round, self.timing.poll).min(deadline - now)).await;
         }
     }
 
@@ -509,11 +513,8 @@ impl Verda {
             tokio::time::sleep(backoff(round + 1, self.timing.poll)).await;
         }
         // Wait until they are gone, whatever the action's answer: the listing is the truth.
-        let deadline = Instant::now() + self.timing.delete_limit;
-        let mut next_round = 0u32;
+        let mut poller = self.polling(self.timing.delete_limit).start();
         loop {
-            let round = next_round;
-            next_round = next_round.saturating_add(1);
             let left: Vec<String> = self
                 .pool_instances(pool)
                 .await?
@@ -535,8 +536,7 @@ impl Verda {
             if left.is_empty() {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if !poller.pause().await {
                 let why = if failures.is_empty() {
                     String::new()
                 } else {
@@ -553,7 +553,6 @@ impl Verda {
                 )
                 .hint("delete them in the Verda console (they are tagged skyward-pool) or run the teardown again"));
             }
-            tokio::time::sleep(backoff(round, self.timing.poll).min(deadline - now)).await;
         }
     }
 
