@@ -37,7 +37,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::http::{Retry, Sent};
+use super::http::Retry;
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     Teardown, NODE_TAG, POOL_TAG,
@@ -283,12 +283,6 @@ impl DigitalOcean {
         allowed: &[StatusCode],
     ) -> Result<(StatusCode, bytes::Bytes), ProviderError> {
         let (http, base, token) = self.ready()?;
-        let mut url = base.clone();
-        url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
-        if !query.is_empty() {
-            url.query_pairs_mut()
-                .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
-        }
         let api = super::http::Api {
             provider: PROVIDER,
             http,
@@ -296,32 +290,17 @@ impl DigitalOcean {
             token,
             url_variable: "DIGITALOCEAN_API_URL",
         };
+        let query: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let url = api.url("", path, &query);
         let idempotent = super::http::idempotent(&method);
-        let mut sends = 0;
-        loop {
-            sends += 1;
-            let (sent, asked, failure) = match api.send(what, method.clone(), &url, body).await {
-                Ok((status, _, bytes)) if status.is_success() || allowed.contains(&status) => {
-                    return Ok((status, bytes))
-                }
-                Ok((status, headers, bytes)) => (
-                    Sent::Answered(status),
-                    rate_limit_wait(&headers, SystemTime::now()),
-                    api_error(what, &method, path, status, &bytes),
-                ),
-                Err((sent, error)) => (sent, None, error),
-            };
-            match RETRY.wait_before_next(sends, sent, idempotent, asked) {
-                Some(wait) => {
-                    tracing::warn!(
-                        "{what}: {failure}; retrying in {} ms ({sends}/{})",
-                        wait.as_millis(),
-                        RETRY.tries - 1
-                    );
-                    tokio::time::sleep(wait).await;
-                }
-                None => return Err(failure),
-            }
+        let asked =
+            |headers: &reqwest::header::HeaderMap| rate_limit_wait(headers, SystemTime::now());
+        let (status, bytes) = api
+            .call(what, method.clone(), &url, body, idempotent, &RETRY, asked)
+            .await?;
+        match status.is_success() || allowed.contains(&status) {
+            true => Ok((status, bytes)),
+            false => Err(api_error(what, &method, path, status, &bytes)),
         }
     }
 

@@ -33,6 +33,60 @@ pub struct Api<'a> {
 }
 
 impl Api<'_> {
+    /// `path` under the base URL (after the base's own path and `prefix`), with `query`.
+    pub fn url(&self, prefix: &str, path: &str, query: &[(&str, &str)]) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(&format!(
+            "{}{prefix}{path}",
+            self.base.path().trim_end_matches('/')
+        ));
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query.iter().copied());
+        }
+        url
+    }
+
+    /// Sends a call as `retry` says: again while it may be (a rate limit or an undelivered
+    /// call; a gateway error or a lost answer when `idempotent`), after the wait the API asks
+    /// for (`asked` reads it from an answer's headers) or a backoff. Returns the last answer,
+    /// whatever its status, or the error that ended it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn call(
+        &self,
+        what: &str,
+        method: Method,
+        url: &Url,
+        body: Option<&serde_json::Value>,
+        idempotent: bool,
+        retry: &Retry,
+        asked: impl Fn(&HeaderMap) -> Option<std::time::Duration>,
+    ) -> Result<(StatusCode, bytes::Bytes), ProviderError> {
+        let mut sends = 0;
+        loop {
+            sends += 1;
+            let answer = self.send(what, method.clone(), url, body).await;
+            let (sent, wait) = match &answer {
+                Ok((status, headers, _)) => (Sent::Answered(*status), asked(headers)),
+                Err((sent, _)) => (*sent, None),
+            };
+            let Some(wait) = retry.wait_before_next(sends, sent, idempotent, wait) else {
+                return answer
+                    .map(|(status, _, bytes)| (status, bytes))
+                    .map_err(|(_, e)| e);
+            };
+            tracing::warn!(
+                "{what}: {}; retrying in {} ms ({sends}/{})",
+                match &answer {
+                    Ok((status, ..)) => format!("{} answered {status}", self.provider),
+                    Err((_, e)) => e.to_string(),
+                },
+                wait.as_millis(),
+                retry.tries - 1
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Sends one request (bearer token, optional JSON body) and reads the whole answer. Only
     /// failing to reach the API or to read its answer is an error here, with how far the call
     /// got; statuses are the caller's to judge, with the headers for rate limits.

@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 use sha2::Digest;
 use tokio::time::Instant;
 
-use super::http::{retry_after, Retry, Sent};
+use super::http::{retry_after, Retry};
 use super::{
     ErrorKind, Instance, NodeBootstrap, Provider, ProviderError, ProviderStatus, ProvisionRequest,
     NODE_TAG, POOL_TAG,
@@ -393,14 +393,6 @@ impl VastAi {
         idempotent: bool,
     ) -> Result<(StatusCode, bytes::Bytes), ProviderError> {
         let (http, base, key) = self.ready()?;
-        let mut url = base.clone();
-        url.set_path(&format!(
-            "{}/api/v0{path}",
-            base.path().trim_end_matches('/')
-        ));
-        if !query.is_empty() {
-            url.query_pairs_mut().extend_pairs(query.iter().copied());
-        }
         let api = super::http::Api {
             provider: PROVIDER,
             http,
@@ -408,31 +400,9 @@ impl VastAi {
             token: key,
             url_variable: "VAST_URL",
         };
-        let mut sends = 0;
-        loop {
-            sends += 1;
-            let answer = api.send(what, method.clone(), &url, body).await;
-            let (sent, asked) = match &answer {
-                Ok((status, headers, _)) => (Sent::Answered(*status), retry_after(headers)),
-                Err((sent, _)) => (*sent, None),
-            };
-            if let Some(wait) = RETRY.wait_before_next(sends, sent, idempotent, asked) {
-                tracing::warn!(
-                    "{what}: {}; retrying in {} ms ({sends}/{})",
-                    match &answer {
-                        Ok((status, ..)) => format!("VastAI answered {status}"),
-                        Err((_, e)) => e.to_string(),
-                    },
-                    wait.as_millis(),
-                    RETRY.tries - 1
-                );
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-            return answer
-                .map(|(status, _, bytes)| (status, bytes))
-                .map_err(|(_, e)| e);
-        }
+        let url = api.url("/api/v0", path, query);
+        api.call(what, method, &url, body, idempotent, &RETRY, retry_after)
+            .await
     }
 
     /// A call whose every non-2xx answer (and every `success: false`) is an error.
