@@ -250,8 +250,8 @@ impl DigitalOcean {
         }
     }
 
-    /// One API call: `path` under the base URL with `query`, an optional JSON body, 429s
-    /// retried after the rate limit resets (bounded). Returns the status and body of any
+    /// One API call: `path` under the base URL with `query`, an optional JSON body, sent again
+    /// as [`RETRY`] says (a 429 after the rate limit resets). Returns the status and body of any
     /// 2xx answer and of a 404 when `allow_404`; every other answer is an error.
     async fn call(
         &self,

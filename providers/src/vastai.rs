@@ -381,8 +381,8 @@ impl VastAi {
         }
     }
 
-    /// One API call, `path` under `/api/v0`, retrying 429 and 502-504 (bounded). Returns
-    /// the status and body of whatever answer ended it.
+    /// One API call, `path` under `/api/v0`, sent again as [`RETRY`] says. Returns the status
+    /// and body of whatever answer ended it.
     async fn call(
         &self,
         what: &str,
