@@ -1024,9 +1024,9 @@ mod tests {
                     prop_assert_eq!(scheduler.done(), fates.iter().all(|f| *f == Fate::Done));
                 }
                 // Then every node comes back roomy and everything runs to its end, once.
-                for node in 0..3 {
+                for (node, retired) in retired.iter_mut().enumerate() {
                     scheduler.renew(node, roomy(node + 20));
-                    retired[node] = false;
+                    *retired = false;
                     for fate in fates.iter_mut() {
                         if matches!(fate, Fate::Running(n, _) if *n == node) {
                             *fate = Fate::Orphan;
