@@ -30,6 +30,7 @@
 //! its source beside it (the vendored spec, `docs/cloud-apis.md#digitalocean`, or a real
 //! answer on record), and the few that have none say so.
 
+use super::server::StandinServer;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -161,7 +162,8 @@ struct Shared {
 pub struct DigitalOceanStandIn {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    server: tokio::task::JoinHandle<()>,
+    /// Taken (stopped) first when dropped, before the nodes go.
+    server: Option<StandinServer>,
 }
 
 impl DigitalOceanStandIn {
@@ -172,9 +174,8 @@ impl DigitalOceanStandIn {
         let contract = tokio::task::spawn_blocking(openapi::digitalocean)
             .await
             .expect("loading the OpenAPI spec");
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind the stand-in");
+        // Bound first: the stand-in names its own address in its answers.
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind the stand-in");
         let addr = listener.local_addr().expect("stand-in address");
         let regions = default_regions();
         let vpcs: Vec<VpcInfo> = regions
@@ -221,16 +222,14 @@ impl DigitalOceanStandIn {
             boot_root: boot_root.to_path_buf(),
             contract,
         });
-        let app = axum::Router::new()
+        let routes = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let server = StandinServer::serve("digitalocean", listener, routes);
         DigitalOceanStandIn {
             addr,
             shared,
-            server,
+            server: Some(server),
         }
     }
 
@@ -441,7 +440,7 @@ impl DigitalOceanStandIn {
 
 impl Drop for DigitalOceanStandIn {
     fn drop(&mut self) {
-        self.server.abort();
+        drop(self.server.take());
         let booted: Vec<BootedNode> = self.state().booted.drain().map(|(_, n)| n).collect();
         drop(booted);
     }

@@ -33,6 +33,7 @@
 //! namespace's address) and `ports` reported, so that no test can dial an address the
 //! stand-in made up. Without it, `public_ipaddr` is loopback and no port is mapped.
 
+use super::server::StandinServer;
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -160,7 +161,8 @@ struct Shared {
 pub struct VastAiStandIn {
     addr: std::net::SocketAddr,
     shared: Arc<Shared>,
-    server: tokio::task::JoinHandle<()>,
+    /// Taken (stopped) first when dropped, before the nodes go.
+    server: Option<StandinServer>,
 }
 
 /// What a request answered, and what must happen once the state lock is released.
@@ -204,9 +206,8 @@ impl VastAiStandIn {
     /// Serves on 127.0.0.1 (a free port) with no offers; instances boot under
     /// `boot_root/vast-<id>`.
     pub async fn start(boot_root: &Path) -> VastAiStandIn {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind the stand-in");
+        // Bound first: the stand-in names its own address in its answers.
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind the stand-in");
         let addr = listener.local_addr().expect("stand-in address");
         let shared = Arc::new(Shared {
             state: Mutex::new(Inner {
@@ -227,16 +228,14 @@ impl VastAiStandIn {
             }),
             boot_root: boot_root.to_path_buf(),
         });
-        let app = axum::Router::new()
+        let routes = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let server = StandinServer::serve("vastai", listener, routes);
         VastAiStandIn {
             addr,
             shared,
-            server,
+            server: Some(server),
         }
     }
 
@@ -400,7 +399,7 @@ impl VastAiStandIn {
 
 impl Drop for VastAiStandIn {
     fn drop(&mut self) {
-        self.server.abort();
+        drop(self.server.take());
         let (booted, dirs): (Vec<BootedNode>, Vec<PathBuf>) = {
             let mut state = self.state();
             let dirs = state

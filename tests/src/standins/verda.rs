@@ -15,6 +15,7 @@
 //! ([`VerdaStandin::set_boot_isolated`]), and stays null for any other: the stand-in never
 //! reports an address it made up, so nothing a test dials leaves the test's own networks.
 
+use super::server::StandinServer;
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -156,8 +157,8 @@ impl Shared {
 pub struct VerdaStandin {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Taken (stopped) first when dropped, before the nodes go.
+    server: Option<StandinServer>,
 }
 
 impl VerdaStandin {
@@ -168,37 +169,12 @@ impl VerdaStandin {
             root: root.to_path_buf(),
             inner: Mutex::new(Inner::with_fixtures()),
         });
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let app = router(shared.clone());
-        let thread = std::thread::Builder::new()
-            .name("verda-standin".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("stand-in runtime");
-                runtime.block_on(async move {
-                    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-                        .await
-                        .expect("bind the Verda stand-in");
-                    let _ = addr_tx.send(listener.local_addr().expect("local addr"));
-                    let _ = axum::serve(listener, app)
-                        .with_graceful_shutdown(async {
-                            let _ = stop_rx.await;
-                        })
-                        .await;
-                });
-            })
-            .expect("stand-in thread");
-        let addr = addr_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the Verda stand-in did not start");
+        let routes = router(shared.clone());
+        let server = StandinServer::start("verda", routes);
         VerdaStandin {
-            addr,
+            addr: server.addr,
             shared,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            server: Some(server),
         }
     }
 
@@ -379,19 +355,7 @@ impl VerdaStandin {
 
 impl Drop for VerdaStandin {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            // Bounded: a client holding a connection open must not hang the test.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            }
-        }
+        drop(self.server.take());
         let nodes: Vec<BootedNode> = self
             .lock()
             .instances
