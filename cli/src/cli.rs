@@ -1,5 +1,7 @@
 //! The `skyward` command line.
 
+use skyward_coordinator::keeper::{keep_size, Kept};
+use skyward_core::membership::Budget;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -315,6 +317,12 @@ pub struct PoolArgs {
     /// elsewhere with --retries.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     node_timeout: Duration,
+    /// New nodes that may take the place of each lost one (silent, interrupted, gone) per
+    /// hour; the pool as a whole may start the larger of this and twice its size, 4 at
+    /// least. Past it the pool stays smaller (`pool status` says why). A `run` replaces
+    /// nodes only for a job that can use them (a --map, or --retries).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    max_replacements: u32,
     #[command(flatten)]
     spec: SpecArgs,
     /// How long nodes get to come up and connect (default: 60s for local nodes, 5m for cloud
@@ -545,6 +553,7 @@ pub(crate) fn pool_plan(args: &PoolArgs) -> Result<PoolPlan, String> {
         selection: args.spec.selection.clone(),
         providers: args.spec.provider.clone(),
         node_timeout: args.node_timeout,
+        max_replacements: args.max_replacements,
     })
 }
 
@@ -726,7 +735,31 @@ async fn run(args: RunArgs) -> i32 {
                 renderer.event(&event);
             }
         };
-        let (reports, ()) = tokio::join!(running, showing);
+        // The pool keeps its size while a job that can use a new node runs (a map's queued
+        // tasks, or tasks that move with --retries), with the same keeper as `pool up`.
+        let keeping = async {
+            if request.retries > 0 || request.argvs.len() > 1 {
+                let mut on_news = |news: Kept<'_>| match news {
+                    Kept::Progress(event) => session.record_progress(&event),
+                    Kept::Replacement(line) => eprintln!("skyward: {line}"),
+                    Kept::Shortfall(_) => {}
+                };
+                let budget = Budget::per_place(plan.max_replacements, plan.spec.nodes);
+                keep_size(
+                    &pool,
+                    &session.providers,
+                    &plan.selection,
+                    budget,
+                    &mut on_news,
+                )
+                .await;
+            }
+            std::future::pending().await
+        };
+        let (reports, ()) = tokio::select! {
+            ended = async { tokio::join!(running, showing) } => ended,
+            never = keeping => never,
+        };
         pool.down().await;
         reports
     };

@@ -133,7 +133,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         logs,
         detached: Mutex::new(Vec::new()),
         replacements: Mutex::new(Vec::new()),
-        budget: skyward_core::membership::Budget::per_place(args.max_replacements, plan.spec.nodes),
+        budget: skyward_core::membership::Budget::per_place(plan.max_replacements, plan.spec.nodes),
         shortfall: Mutex::new(None),
         selection: plan.selection.clone(),
     });

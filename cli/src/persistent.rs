@@ -36,11 +36,6 @@ pub struct UpArgs {
     pub name: String,
     #[command(flatten)]
     pub pool: PoolArgs,
-    /// New nodes that may take the place of each lost one (silent, interrupted, gone) per
-    /// hour; the pool as a whole may start the larger of this and twice its size, 4 at
-    /// least. Past it the pool stays smaller and `pool status` says why.
-    #[arg(long, value_name = "N", default_value_t = 3)]
-    pub max_replacements: u32,
 }
 
 #[derive(Args, Debug)]

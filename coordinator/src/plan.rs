@@ -27,6 +27,9 @@ pub struct PoolPlan {
     pub selection: Selection,
     pub providers: String,
     pub node_timeout: Duration,
+    /// New nodes per place an hour that may replace lost ones (see
+    /// [`crate::keeper::keep_size`]).
+    pub max_replacements: u32,
 }
 
 /// Loopback, unless the coordinator dials cloud nodes (`--reverse`): then from any address,

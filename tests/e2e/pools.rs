@@ -650,3 +650,63 @@ fn a_running_map_job_gives_its_queued_tasks_to_a_replacement() {
     let down = sky(&sandbox, &["pool", "down", "long"]);
     assert_eq!(down.code, Some(0), "{down:?}");
 }
+
+/// `skyward run` keeps its pool's size too while a job that can use a new node runs (the
+/// same keeper as `pool up`): a map job whose node goes silent gets a replacement, which takes
+/// queued tasks and the lost node's moved one, and every input ends once.
+#[test]
+fn a_run_map_job_replaces_a_silent_node_and_uses_it() {
+    let sandbox = Sandbox::new();
+    let records = sandbox.path().join("records");
+    std::fs::create_dir_all(&records).unwrap();
+    let template = format!(
+        "sh -c 'sleep 1; echo $SKYWARD_NODE_ID > {}/{{}}'",
+        records.display()
+    );
+    let inputs: Vec<String> = (1..=24).map(|i| i.to_string()).collect();
+    let mut command = sandbox.skyward();
+    command
+        .env("SKYWARD_IDLE_TIMEOUT", "2s")
+        .args(["run", "--nodes", "2", "--node-timeout", "4s", "--retries", "1"])
+        .args(["--map", &template])
+        .args(&inputs);
+    let running = std::thread::spawn(move || run(&mut command, Duration::from_secs(90)));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&records).unwrap().count() < 2 {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = agent_of(&sandbox, "node-1");
+    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: signalling the agent process found above; its machine is removed once given up.
+    unsafe {
+        libc::kill(stopped[0], libc::SIGSTOP);
+    }
+    let finished = running.join().expect("the run's thread");
+    assert_eq!(finished.code, Some(0), "{finished:?}");
+    assert!(
+        finished.stderr.contains("replaced by node-3"),
+        "{}",
+        finished.stderr
+    );
+    let ran_on: Vec<String> = inputs
+        .iter()
+        .map(|i| {
+            std::fs::read_to_string(records.join(i))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        ran_on.iter().all(|node| !node.is_empty()),
+        "not every input ran: {ran_on:?}"
+    );
+    assert!(
+        ran_on.iter().any(|node| node == "node-3"),
+        "the replacement took no task: {ran_on:?}"
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
+}
