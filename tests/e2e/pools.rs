@@ -667,7 +667,15 @@ fn a_run_map_job_replaces_a_silent_node_and_uses_it() {
     let mut command = sandbox.skyward();
     command
         .env("SKYWARD_IDLE_TIMEOUT", "2s")
-        .args(["run", "--nodes", "2", "--node-timeout", "4s", "--retries", "1"])
+        .args([
+            "run",
+            "--nodes",
+            "2",
+            "--node-timeout",
+            "4s",
+            "--retries",
+            "1",
+        ])
         .args(["--map", &template])
         .args(&inputs);
     let running = std::thread::spawn(move || run(&mut command, Duration::from_secs(90)));

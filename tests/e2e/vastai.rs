@@ -1102,3 +1102,42 @@ async fn terminating_a_node_destroys_its_instance_alone() {
     .await;
     assert_nothing_left(&standin, &sandbox);
 }
+
+/// A gateway error on a read is waited out, but a rental whose answer a gateway lost is never
+/// sent again (it may have rented the machine, as here): the provisioning fails, and the
+/// machine it made is found by its label and removed at teardown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rental_whose_answer_was_lost_is_not_sent_twice() {
+    let sandbox = Sandbox::new();
+    let standin = VastAiStandIn::start(sandbox.path()).await;
+    standin.add_offer(json!({"id": 801}));
+    standin.add_offer(json!({"id": 802}));
+    let vast = provider(&standin, |_| {});
+    standin.lose_answers("POST", "/api/v0/bundles/", 1);
+    let spec = rtx4090(1);
+    let offer = vast
+        .offers(&spec)
+        .await
+        .expect("the search is sent again")
+        .remove(0);
+    standin.lose_answers("PUT", "/api/v0/asks/", 1);
+    let coordinator = coordinator("vast-lost-answer");
+    let error = vast
+        .provision(&request(&coordinator, &spec), &offer, Market::OnDemand)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("502"), "{error}");
+    let rentals = standin
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.starts_with("/api/v0/asks/"))
+        .count();
+    assert_eq!(rentals, 1, "{:?}", standin.requests());
+    assert_eq!(
+        standin.instances().len(),
+        1,
+        "the lost answer's rental happened"
+    );
+    vast.teardown("vast-lost-answer").await.unwrap();
+    assert_nothing_left(&standin, &sandbox);
+}

@@ -146,6 +146,8 @@ struct Inner {
     doom_next: usize,
     rate_limited: usize,
     retry_after: Option<String>,
+    /// (method, path prefix, how many): calls carried out whose answer becomes a 502.
+    lost_answers: Vec<(String, String, usize)>,
     requests: Vec<Recorded>,
     booted: HashMap<u64, BootedNode>,
     boot_errors: Vec<String>,
@@ -200,6 +202,15 @@ impl Answer {
             ..Answer::ok(json!({"success": false, "error": error, "msg": msg}))
         }
     }
+
+    /// This answer in place of `done`'s, with what `done` still has to do (boots, destroys).
+    fn carrying(self, done: Answer) -> Answer {
+        Answer {
+            destroy: done.destroy,
+            boot: done.boot,
+            ..self
+        }
+    }
 }
 
 impl VastAiStandIn {
@@ -220,6 +231,7 @@ impl VastAiStandIn {
                 doom_next: 0,
                 rate_limited: 0,
                 retry_after: None,
+                lost_answers: Vec::new(),
                 requests: Vec::new(),
                 booted: HashMap::new(),
                 boot_errors: Vec::new(),
@@ -302,6 +314,14 @@ impl VastAiStandIn {
         let mut state = self.state();
         state.rate_limited = count;
         state.retry_after = retry_after.map(str::to_string);
+    }
+
+    /// The next `count` calls of `method` to a path starting with `path_prefix` (`/api/v0`
+    /// included) are carried out, but answered with a gateway's 502.
+    pub fn lose_answers(&self, method: &str, path_prefix: &str, count: usize) {
+        self.state()
+            .lost_answers
+            .push((method.into(), path_prefix.into(), count));
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -663,7 +683,22 @@ fn route(
                 }
             }
         };
-    result.unwrap_or_else(|answer| answer)
+    let answer = result.unwrap_or_else(|answer| answer);
+    // Test hook (`lose_answers`): the call was carried out, but a gateway in front answered
+    // 502 in its place, as a load balancer does when the backend's answer is lost.
+    match state.lost_answers.iter_mut().find(|(m, prefix, left)| {
+        *left > 0 && m == method.as_str() && path.starts_with(prefix.as_str())
+    }) {
+        Some((_, _, left)) => {
+            *left -= 1;
+            Answer {
+                status: StatusCode::BAD_GATEWAY,
+                ..Answer::ok(json!({"detail": "502 Bad Gateway"}))
+            }
+            .carrying(answer)
+        }
+        None => answer,
+    }
 }
 
 fn not_found() -> Answer {
