@@ -213,6 +213,22 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     'assign: loop {
         // A node the pool put in place of a lost one takes that place's tasks from now on.
         attempts.adopt_replacements(&mut scheduler);
+        // A task no node left could take ends now rather than wait for ever.
+        for task in scheduler.unplaceable() {
+            attempts.moving.remove(&task);
+            gpu_holds.remove(&task);
+            let report = TaskReport {
+                node: String::new(),
+                outcome: Err(NO_NODE_LEFT.into()),
+            };
+            let _ = events
+                .send(RunEvent::Finished {
+                    task,
+                    report: report.clone(),
+                })
+                .await;
+            reports[task] = Some(report);
+        }
         // Only GPU tasks waiting to start need the other jobs' holds: a job's loop turns once
         // per task end, and most jobs hold no slot at all.
         if scheduler.waiting_for_slots() {
@@ -271,7 +287,10 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                         for task in attempts.running_on(index) {
                             attempts.move_elsewhere(task, index, &mut scheduler, &mut gpu_holds, why.clone());
                         }
+                        continue 'assign;
                     }
+                    // Perhaps a node that replaced a lost one: it may take waiting tasks.
+                    Ok(CoordinatorEvent::NodeConnected(_)) => continue 'assign,
                     Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
                         let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) else {
                             continue;
@@ -293,6 +312,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                         // Connected or between connections: its tasks stop waiting for it.
                         coordinator.give_up(&node_id, &why);
                         scheduler.retire(index);
+                        continue 'assign;
                     }
                 },
             }
@@ -336,7 +356,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         .map(|r| {
             r.unwrap_or_else(|| TaskReport {
                 node: String::new(),
-                outcome: Err("never ran: no node could take it (every one left was lost or about to be taken away)".into()),
+                outcome: Err(NO_NODE_LEFT.into()),
             })
         })
         .collect()
@@ -492,6 +512,10 @@ impl<'a> Attempts<'a> {
         }
     }
 }
+
+/// Why a task that no node left could take ended.
+const NO_NODE_LEFT: &str =
+    "no node left could take it (every one that could was lost or is about to be taken away)";
 
 /// How often a run asks the provider which of its machines are gone.
 const MACHINE_POLL: Duration = Duration::from_secs(10);

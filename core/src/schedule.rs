@@ -97,6 +97,24 @@ impl Scheduler {
         self.queue.push_front((task, pin, avoid));
     }
 
+    /// Takes out of the queue, as ended, the queued tasks `cannot_run(task, pin, avoid)`
+    /// says can never start; returns them.
+    pub fn drop_queued(
+        &mut self,
+        mut cannot_run: impl FnMut(usize, Option<usize>, Option<usize>) -> bool,
+    ) -> Vec<usize> {
+        let mut dropped = Vec::new();
+        self.queue.retain(|&(task, pin, avoid)| {
+            let drop = cannot_run(task, pin, avoid);
+            if drop {
+                dropped.push(task);
+            }
+            !drop
+        });
+        self.finished += dropped.len();
+        dropped
+    }
+
     /// A new node takes `node`'s place: it takes free tasks again, and nothing runs there
     /// yet (the old node's tasks that still end are orphans, see
     /// [`finished_orphan`](Self::finished_orphan)).

@@ -368,6 +368,41 @@ impl SlotScheduler {
             })
     }
 
+    /// Takes out, as ended, the tasks waiting to start that no node could ever take now
+    /// (every node that could was retired, or is the one a moved task must avoid), so that
+    /// none waits for ever; returns them. Pinned tasks wait for their node.
+    pub fn unplaceable(&mut self) -> Vec<usize> {
+        let open: Vec<usize> = (0..self.slots.len())
+            .filter(|&node| !self.is_retired(node))
+            .collect();
+        let plain_tasks = &self.plain_tasks;
+        let mut out: Vec<usize> = self
+            .plain
+            .drop_queued(|_, pin, avoid| {
+                pin.is_none() && !open.iter().any(|&node| Some(node) != avoid)
+            })
+            .into_iter()
+            .map(|index| plain_tasks[index])
+            .collect();
+        let hopeless: Vec<bool> = self
+            .waiting
+            .iter()
+            .map(|(task, pin, _, avoid)| pin.is_none() && !self.has_place_for(*task, *avoid))
+            .collect();
+        let mut index = 0;
+        self.waiting.retain(|(task, ..)| {
+            let drop = hopeless[index];
+            index += 1;
+            if drop {
+                out.push(*task);
+            }
+            !drop
+        });
+        self.gpu_finished += hopeless.iter().filter(|&&h| h).count();
+        out.sort_unstable();
+        out
+    }
+
     /// A new node with `slots` takes `node`'s place (the old one was lost and replaced): it
     /// takes tasks again, all its slots free. Tasks of the old node that still end there
     /// are orphans: they count as finished but free nothing of the new node's.
@@ -859,6 +894,34 @@ mod tests {
         assert!(fits(&GpuRequest::None, None).is_ok());
     }
 
+    #[test]
+    fn a_task_no_node_left_can_take_ends_instead_of_waiting() {
+        // Node 0 has a GPU, node 1 none; task 0 is plain, task 1 wants a whole GPU.
+        let slots = vec![node_slots(&inventory(0, 1, 0)), Vec::new()];
+        let asked = [
+            SlotTask::default(),
+            SlotTask {
+                pin: None,
+                gpus: GpuRequest::Gpus(1),
+            },
+        ];
+        let mut s = SlotScheduler::new(slots, 1, &asked).unwrap();
+        let placed = s.assign();
+        assert_eq!(placed.len(), 2, "{placed:?}");
+        let plain_on = placed.iter().find(|p| p.task == 0).unwrap().node;
+        // Both move off their nodes; node 0 (the only one with a GPU) is lost.
+        assert!(s.requeue(0, Some(plain_on)));
+        assert!(s.requeue(1, Some(0)));
+        s.retire(0);
+        // The GPU task can go nowhere; the plain one can go to node 1 unless it left it.
+        let dropped = s.unplaceable();
+        match plain_on {
+            1 => assert_eq!(dropped, [0, 1]),
+            _ => assert_eq!(dropped, [1]),
+        }
+        assert_eq!(s.done(), plain_on == 1);
+    }
+
     mod moves {
         use super::*;
         use proptest::prelude::*;
@@ -874,6 +937,8 @@ mod tests {
             /// A new node with this many GPUs (each split in two MIG devices, or not) takes
             /// the place.
             Renew(usize, u32, bool),
+            /// The tasks no node left could take end.
+            DropUnplaceable,
         }
 
         fn step() -> impl Strategy<Value = Step> {
@@ -883,6 +948,7 @@ mod tests {
                 1 => (0..8usize).prop_map(Step::Requeue),
                 1 => (0..3usize).prop_map(Step::Retire),
                 1 => (0..3usize, 0..3u32, any::<bool>()).prop_map(|(n, g, m)| Step::Renew(n, g, m)),
+                1 => Just(Step::DropUnplaceable),
             ]
         }
 
@@ -1003,6 +1069,12 @@ mod tests {
                                 prop_assert!(scheduler.requeue(task, avoid));
                                 avoids[task] = avoid;
                                 fates[task] = Fate::Waiting;
+                            }
+                        }
+                        Step::DropUnplaceable => {
+                            for task in scheduler.unplaceable() {
+                                prop_assert_eq!(&fates[task], &Fate::Waiting, "task {} dropped while running", task);
+                                fates[task] = Fate::Done;
                             }
                         }
                         Step::Retire(node) => {
