@@ -221,13 +221,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                 node: String::new(),
                 outcome: Err(NO_NODE_LEFT.into()),
             };
-            let _ = events
-                .send(RunEvent::Finished {
-                    task,
-                    report: report.clone(),
-                })
-                .await;
-            reports[task] = Some(report);
+            reports[task] = Some(announce_end(&events, task, report).await);
         }
         // Only GPU tasks waiting to start need the other jobs' holds: a job's loop turns once
         // per task end, and most jobs hold no slot at all.
@@ -340,13 +334,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         }
         scheduler.finished(task);
         gpu_holds.remove(&task);
-        let _ = events
-            .send(RunEvent::Finished {
-                task,
-                report: report.clone(),
-            })
-            .await;
-        reports[task] = Some(report);
+        reports[task] = Some(announce_end(&events, task, report).await);
     }
     attempts.running.shutdown().await;
     watcher.abort();
@@ -511,6 +499,21 @@ impl<'a> Attempts<'a> {
             }
         }
     }
+}
+
+/// Says that `task` ended with `report`, and hands the report back for the job's list.
+async fn announce_end(
+    events: &mpsc::Sender<RunEvent>,
+    task: usize,
+    report: TaskReport,
+) -> TaskReport {
+    let _ = events
+        .send(RunEvent::Finished {
+            task,
+            report: report.clone(),
+        })
+        .await;
+    report
 }
 
 /// Why a task that no node left could take ended.

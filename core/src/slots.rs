@@ -275,12 +275,16 @@ pub struct SlotScheduler {
     tasks: Vec<SlotTask>,
     /// Running tasks whose node's place went to a new node: they free nothing when they end.
     orphans: std::collections::HashSet<usize>,
+    /// A node was retired or a task put back in line since [`unplaceable`](Self::unplaceable)
+    /// last looked: only then can a waiting task have lost its last place.
+    may_strand: bool,
 }
 
 impl SlotScheduler {
     /// `node` takes no new task that could go elsewhere (it was lost, or is about to be
     /// taken away); tasks pinned to it still go there.
     pub fn retire(&mut self, node: usize) {
+        self.may_strand = true;
         self.plain.retire(node);
         if let Some(retired) = self.retired.get_mut(node) {
             *retired = true;
@@ -319,6 +323,7 @@ impl SlotScheduler {
             gpu_finished: 0,
             tasks: tasks.to_vec(),
             orphans: Default::default(),
+            may_strand: false,
         })
     }
 
@@ -333,6 +338,7 @@ impl SlotScheduler {
             None if self.orphans.remove(&task) => (None, Vec::new()),
             None => return false,
         };
+        self.may_strand = true;
         let pin = self.tasks.get(task).and_then(|t| t.pin);
         match self.plain_tasks.binary_search(&task) {
             Ok(index) => self.plain.requeue(index, node, pin, avoid),
@@ -372,6 +378,10 @@ impl SlotScheduler {
     /// (every node that could was retired, or is the one a moved task must avoid), so that
     /// none waits for ever; returns them. Pinned tasks wait for their node.
     pub fn unplaceable(&mut self) -> Vec<usize> {
+        // Looked at once per change, not once per task end: a long map's queue is long.
+        if !std::mem::take(&mut self.may_strand) {
+            return Vec::new();
+        }
         let open: Vec<usize> = (0..self.slots.len())
             .filter(|&node| !self.is_retired(node))
             .collect();

@@ -39,6 +39,38 @@ fn agent_of(sandbox: &Sandbox, node: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Waits (until `deadline`) for a map job's first two inputs to end, then stops node-1's
+/// agent (SIGSTOP): silent from then on, its machine removed once it is given up.
+fn stop_node_1_once_two_inputs_ended(
+    sandbox: &Sandbox,
+    records: &std::path::Path,
+    deadline: Instant,
+) {
+    while std::fs::read_dir(records).unwrap().count() < 2 {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopped = agent_of(sandbox, "node-1");
+    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: signalling the agent process found above.
+    unsafe {
+        libc::kill(stopped[0], libc::SIGSTOP);
+    }
+}
+
+/// The node each input ran on, as its record says (empty for an input with no record).
+fn nodes_that_ran(records: &std::path::Path, inputs: &[String]) -> Vec<String> {
+    inputs
+        .iter()
+        .map(|i| {
+            std::fs::read_to_string(records.join(i))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
 /// Each node of a `pool status --json` and its state, in rank order.
 fn node_states(status: &serde_json::Value) -> Vec<(&str, &str)> {
     status["nodes"]
@@ -615,16 +647,7 @@ fn a_running_map_job_gives_its_queued_tasks_to_a_replacement() {
     );
     assert_eq!(job.code, Some(0), "{job:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&records).unwrap().count() < 2 {
-        assert!(Instant::now() < deadline, "the job never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let stopped = agent_of(&sandbox, "node-1");
-    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
-    // SAFETY: signalling the agent process found above; its machine is removed once given up.
-    unsafe {
-        libc::kill(stopped[0], libc::SIGSTOP);
-    }
+    stop_node_1_once_two_inputs_ended(&sandbox, &records, deadline);
     while std::fs::read_dir(&records).unwrap().count() < inputs.len() {
         assert!(
             Instant::now() < deadline,
@@ -634,15 +657,7 @@ fn a_running_map_job_gives_its_queued_tasks_to_a_replacement() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let ran_on: Vec<String> = inputs
-        .iter()
-        .map(|i| {
-            std::fs::read_to_string(records.join(i))
-                .unwrap()
-                .trim()
-                .to_string()
-        })
-        .collect();
+    let ran_on = nodes_that_ran(&records, &inputs);
     assert!(
         ran_on.iter().any(|node| node == "node-3"),
         "the replacement took no queued task: {ran_on:?}"
@@ -680,16 +695,7 @@ fn a_run_map_job_replaces_a_silent_node_and_uses_it() {
         .args(&inputs);
     let running = std::thread::spawn(move || run(&mut command, Duration::from_secs(90)));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while std::fs::read_dir(&records).unwrap().count() < 2 {
-        assert!(Instant::now() < deadline, "the job never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let stopped = agent_of(&sandbox, "node-1");
-    assert_eq!(stopped.len(), 1, "{:?}", sandbox.processes());
-    // SAFETY: signalling the agent process found above; its machine is removed once given up.
-    unsafe {
-        libc::kill(stopped[0], libc::SIGSTOP);
-    }
+    stop_node_1_once_two_inputs_ended(&sandbox, &records, deadline);
     let finished = running.join().expect("the run's thread");
     assert_eq!(finished.code, Some(0), "{finished:?}");
     assert!(
@@ -697,15 +703,7 @@ fn a_run_map_job_replaces_a_silent_node_and_uses_it() {
         "{}",
         finished.stderr
     );
-    let ran_on: Vec<String> = inputs
-        .iter()
-        .map(|i| {
-            std::fs::read_to_string(records.join(i))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .collect();
+    let ran_on = nodes_that_ran(&records, &inputs);
     assert!(
         ran_on.iter().all(|node| !node.is_empty()),
         "not every input ran: {ran_on:?}"
