@@ -31,8 +31,9 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::tcp::{BulkTicket, BulkTickets};
 use skyward_core::admission::{Admission, Refusal};
+use skyward_core::roster::{self, Roster};
 use skyward_core::task::{Delivery, TaskProgress, TaskProtocolError};
-use skyward_core::tokens::{TokenRejection, TokenStore};
+use skyward_core::tokens::TokenRejection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -161,11 +162,11 @@ struct NodeState {
     health: Mutex<Option<Health>>,
     /// The provider's notice that the machine goes away, once one came.
     interruption: Mutex<Option<Interruption>>,
-    /// Why this coordinator gave the node up, once it did.
-    lost: Mutex<Option<String>>,
-    /// When the node was last heard from (a message, or a connection). Silence is counted
-    /// here, not per connection, so that it counts between connections too.
-    last_heard: Mutex<Instant>,
+    /// Whether it is still in the pool (and when it was last heard from) is the roster's
+    /// to say, for this generation of the node id.
+    roster: Arc<Mutex<Roster>>,
+    node_id: String,
+    generation: u64,
     /// Wakes whoever waits for the node (a task to start or resume, a download to start
     /// over): it connected again, or was given up.
     changed: tokio::sync::Notify,
@@ -173,7 +174,10 @@ struct NodeState {
 
 impl NodeState {
     fn lost_reason(&self) -> Option<String> {
-        self.lost.lock().expect("lost lock").clone()
+        self.roster
+            .lock()
+            .expect("roster lock")
+            .fate(&self.node_id, self.generation)
     }
 
     fn connection(&self) -> Connection {
@@ -269,26 +273,17 @@ struct Inner {
     /// The agent URL is this coordinator's own download server.
     serves_agent: bool,
     ca: PoolCa,
-    tokens: Mutex<TokenStore>,
+    /// Every node id's tokens, live certificate, generation, silence and fence.
+    roster: Arc<Mutex<Roster>>,
     /// Enrollment connections and failures per source address.
     admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
     /// Every node that ever connected: what its handles share across its connections.
     node_states: Mutex<HashMap<String, Arc<NodeState>>>,
     events: broadcast::Sender<CoordinatorEvent>,
-    /// Nodes that have enrolled (a dialer then connects as a node, not to enroll).
-    enrolled: Mutex<std::collections::HashSet<String>>,
     /// Client configs for dialing listening agents: to enroll them, and once enrolled.
     dial_enroll: quinn::ClientConfig,
     dial_node: quinn::ClientConfig,
-    /// A node silent this long (no health report, no message) is lost, in milliseconds.
-    node_timeout_ms: AtomicU64,
-    /// Nodes given up, and why: their certificates are refused from then on.
-    fenced: Mutex<HashMap<String, String>>,
-    /// Each node id's one live certificate (its SHA-256): the last one this coordinator
-    /// signed for it (at enrollment or renewal), or the first it saw (a coordinator started
-    /// again). Any other certificate of the node id is refused.
-    live_certs: Mutex<HashMap<String, String>>,
     /// How long the node certificates this coordinator signs are valid, in seconds.
     node_cert_secs: AtomicU64,
     /// The TCP port and the syncs waiting on it, if it could be bound.
@@ -414,17 +409,13 @@ impl Coordinator {
             serves_agent: serve_binaries,
             agent_url,
             ca,
-            tokens: Mutex::new(TokenStore::default()),
+            roster: Arc::new(Mutex::new(Roster::new(DEFAULT_NODE_TIMEOUT))),
             admission: Mutex::new(Admission::default()),
             nodes: Mutex::new(HashMap::new()),
             node_states: Mutex::new(HashMap::new()),
             events,
-            enrolled: Mutex::new(Default::default()),
             dial_enroll,
             dial_node,
-            node_timeout_ms: AtomicU64::new(DEFAULT_NODE_TIMEOUT.as_millis() as u64),
-            fenced: Mutex::new(HashMap::new()),
-            live_certs: Mutex::new(HashMap::new()),
             node_cert_secs: AtomicU64::new(NODE_CERT_VALIDITY.as_secs()),
             bulk: tcp_port,
         });
@@ -486,10 +477,8 @@ impl Coordinator {
 
     pub fn issue_token_with_ttl(&self, node_id: &str, ttl: Duration) -> String {
         self.inner
-            .tokens
-            .lock()
-            .expect("token lock")
-            .issue(node_id, ttl, Instant::now())
+            .roster()
+            .issue_token(node_id, ttl, Instant::now())
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<CoordinatorEvent> {
@@ -507,14 +496,15 @@ impl Coordinator {
 
     /// How long a node may be silent, or a task's node out of reach, before it is given up.
     pub fn node_timeout(&self) -> Duration {
-        Duration::from_millis(self.inner.node_timeout_ms.load(Ordering::Relaxed))
+        self.inner.roster().timeout()
     }
 
     /// How long a node may stay silent (missed health reports) before it counts as lost and
     /// its connection is closed; nodes connecting from now on report health often enough.
     pub fn set_node_timeout(&self, timeout: Duration) {
-        let ms = timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
-        self.inner.node_timeout_ms.store(ms, Ordering::Relaxed);
+        self.inner
+            .roster()
+            .set_timeout(timeout.max(Duration::from_millis(1)));
     }
 
     /// How long the node certificates signed from now on are valid (agents renew theirs
@@ -636,18 +626,17 @@ impl Coordinator {
     /// between connections, and should it come back its agent is told to shut down; false
     /// if it never connected.
     pub fn give_up(&self, node_id: &str, reason: &str) -> bool {
-        let state = self
-            .inner
-            .node_states
-            .lock()
-            .expect("node states lock")
-            .get(node_id)
-            .cloned();
-        let Some(state) = state else {
-            return false;
+        let (known, actions) = {
+            let mut roster = self.inner.roster();
+            let known = roster.has_connected(node_id);
+            let event = roster::Event::GiveUp {
+                node: node_id.to_string(),
+                reason: reason.to_string(),
+            };
+            (known, roster.handle(event, Instant::now()))
         };
-        declare_lost(&self.inner, node_id, &state, reason);
-        true
+        carry_out(&self.inner, actions);
+        known
     }
 
     /// Forgets nodes of a provisioning attempt that was given up (their agents told to shut
@@ -655,7 +644,10 @@ impl Coordinator {
     /// attempt's nodes of the same ids start afresh and the earlier ones' certificates are
     /// refused once the new ones enroll.
     pub fn forget_nodes(&self, node_ids: &[String]) {
-        self.revoke_tokens(node_ids);
+        let forget = roster::Event::Forget {
+            nodes: node_ids.to_vec(),
+        };
+        self.inner.roster().handle(forget, Instant::now());
         for node_id in node_ids {
             self.inner
                 .node_states
@@ -663,39 +655,18 @@ impl Coordinator {
                 .expect("node states lock")
                 .remove(node_id);
             self.inner.nodes.lock().expect("nodes lock").remove(node_id);
-            self.inner
-                .enrolled
-                .lock()
-                .expect("enrolled lock")
-                .remove(node_id);
-            // Until the next enrollment: no certificate of these ids is live, so a straggler
-            // of the old attempt could connect in between (and would count as a node of the
-            // new one); a marker no certificate hashes to refuses them all.
-            self.inner
-                .live_certs
-                .lock()
-                .expect("live certs lock")
-                .insert(node_id.clone(), "given up".into());
         }
     }
 
     /// Why node `node_id` was given up and fenced, if it was.
     pub fn fenced(&self, node_id: &str) -> Option<String> {
-        self.inner
-            .fenced
-            .lock()
-            .expect("fenced lock")
-            .get(node_id)
-            .cloned()
+        self.inner.roster().fenced(node_id).map(String::from)
     }
 
     /// Revokes every token issued so far for these nodes (a provisioning attempt that was
     /// torn down): a late machine of that attempt cannot enroll with them.
     pub fn revoke_tokens(&self, node_ids: &[String]) {
-        let mut tokens = self.inner.tokens.lock().expect("token lock");
-        for node_id in node_ids {
-            tokens.revoke_node(node_id);
-        }
+        self.inner.roster().revoke_tokens(node_ids);
     }
 
     /// Tells every connected agent to stop its tasks and exit.
@@ -1053,7 +1024,7 @@ impl TaskOutput {
     /// Waits (up to the node timeout) for the node to come back on a new connection and
     /// goes on with the task there, from the first output chunk not yet seen.
     async fn resume(&mut self) -> Result<(), TaskError> {
-        let wait = Duration::from_millis(self.inner.node_timeout_ms.load(Ordering::Relaxed));
+        let wait = self.inner.roster().timeout();
         let deadline = tokio::time::Instant::now() + wait;
         let lost = |node: &str, why: String| TaskError::Lost(format!("{node}: {why}"));
         let old = self.connection.stable_id();
@@ -1188,11 +1159,7 @@ async fn dial_loop(
             .get(&node_id)
             .is_some_and(|n| n.is_connected());
         if !connected {
-            let enrolled = inner
-                .enrolled
-                .lock()
-                .expect("enrolled lock")
-                .contains(&node_id);
+            let enrolled = inner.roster().is_enrolled(&node_id);
             let config = if enrolled {
                 &inner.dial_node
             } else {
@@ -1369,6 +1336,10 @@ fn answer_enrollment(
 }
 
 impl Inner {
+    fn roster(&self) -> std::sync::MutexGuard<'_, Roster> {
+        self.roster.lock().expect("roster lock")
+    }
+
     fn node_cert_validity(&self) -> Duration {
         Duration::from_secs(self.node_cert_secs.load(Ordering::Relaxed))
     }
@@ -1387,12 +1358,13 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
     };
     let now = Instant::now();
     // Check first, sign, and only then spend the token: a bad CSR must not burn it.
-    inner
-        .tokens
-        .lock()
-        .expect("token lock")
-        .check(&request.token, &request.node_id, now)
-        .map_err(token_error)?;
+    let asked = roster::Event::EnrollRequested {
+        node: request.node_id.clone(),
+        token: request.token.clone(),
+    };
+    if let Some(refused) = token_refusal(inner.roster().handle(asked, now)) {
+        return Err(token_error(refused));
+    }
     let (cert, not_after) = inner
         .ca
         .sign_node_csr(
@@ -1401,28 +1373,28 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
             inner.node_cert_validity(),
         )
         .map_err(|e| Rejection::BadEnrollment(e.to_string()))?;
-    inner
-        .tokens
-        .lock()
-        .expect("token lock")
-        .redeem(&request.token, &request.node_id, now)
-        .map_err(token_error)?;
-    inner
-        .live_certs
-        .lock()
-        .expect("live certs lock")
-        .insert(request.node_id.clone(), fingerprint(&cert));
-    inner
-        .enrolled
-        .lock()
-        .expect("enrolled lock")
-        .insert(request.node_id.clone());
+    let signed = roster::Event::Signed {
+        node: request.node_id.clone(),
+        cert: fingerprint(&cert),
+        token: Some(request.token.clone()),
+    };
+    if let Some(refused) = token_refusal(inner.roster().handle(signed, now)) {
+        return Err(token_error(refused));
+    }
     Ok(EnrollResponse::Accepted {
         cert_der: cert.to_vec().into(),
         not_after_unix: not_after
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0),
+    })
+}
+
+/// The roster's answer to an enrollment step: why the token does not enroll, if it does not.
+fn token_refusal(actions: Vec<roster::Action>) -> Option<TokenRejection> {
+    actions.into_iter().find_map(|action| match action {
+        roster::Action::RejectToken(rejection) => Some(rejection),
+        _ => None,
     })
 }
 
@@ -1438,38 +1410,32 @@ fn frame_rejection(conn: &Connection, node: &str, error: FrameError) -> Rejectio
     }
 }
 
-/// Gives node `node_id` up for `reason` and fences it, once: its tasks stop waiting for it,
-/// its connection closes, its tokens are revoked, and should it connect again its agent is
-/// told to shut down.
-fn declare_lost(inner: &Inner, node_id: &str, state: &NodeState, reason: &str) {
-    {
-        let mut lost = state.lost.lock().expect("lost lock");
-        if lost.is_some() {
-            return;
+/// Carries out the roster's fences: each node given up has its connection closed, whoever
+/// waits for it (a task to start or resume) hears it at once, and the pool is told.
+fn carry_out(inner: &Inner, actions: Vec<roster::Action>) {
+    for action in actions {
+        let roster::Action::Fence { node, reason } = action else {
+            continue;
+        };
+        let state = inner
+            .node_states
+            .lock()
+            .expect("node states lock")
+            .get(&node)
+            .cloned();
+        if let Some(state) = state {
+            state.changed.notify_waiters();
+            let connection = state.connection();
+            if connection.close_reason().is_none() {
+                connection.close(close_code::NORMAL.into(), reason.as_bytes());
+            }
         }
-        *lost = Some(reason.to_string());
+        tracing::warn!(node = %node, "node given up: {reason}");
+        let _ = inner.events.send(CoordinatorEvent::NodeLost {
+            node_id: node,
+            reason,
+        });
     }
-    inner
-        .fenced
-        .lock()
-        .expect("fenced lock")
-        .insert(node_id.to_string(), reason.to_string());
-    inner
-        .tokens
-        .lock()
-        .expect("token lock")
-        .revoke_node(node_id);
-    // Whoever waits for its return hears it now.
-    state.changed.notify_waiters();
-    let connection = state.connection();
-    if connection.close_reason().is_none() {
-        connection.close(close_code::NORMAL.into(), reason.as_bytes());
-    }
-    tracing::warn!(node = %node_id, "node given up: {reason}");
-    let _ = inner.events.send(CoordinatorEvent::NodeLost {
-        node_id: node_id.to_string(),
-        reason: reason.to_string(),
-    });
 }
 
 /// Gives up every node silent (no message, connected or not) past the node timeout, whether
@@ -1481,7 +1447,7 @@ async fn watch_silence(inner: std::sync::Weak<Inner>) {
     let mut last_tick = Instant::now();
     loop {
         let timeout = match inner.upgrade() {
-            Some(inner) => Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed)),
+            Some(inner) => inner.roster().timeout(),
             None => return,
         };
         let period = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
@@ -1494,29 +1460,8 @@ async fn watch_silence(inner: std::sync::Weak<Inner>) {
             .duration_since(last_tick)
             .saturating_sub(period + SILENCE_WATCH_SLACK);
         last_tick = now;
-        let states: Vec<(String, Arc<NodeState>)> = inner
-            .node_states
-            .lock()
-            .expect("node states lock")
-            .iter()
-            .map(|(id, state)| (id.clone(), state.clone()))
-            .collect();
-        for (node_id, state) in states {
-            let silent = {
-                let mut heard = state.last_heard.lock().expect("last heard lock");
-                if !paused.is_zero() {
-                    *heard = (*heard + paused).min(now);
-                }
-                now.duration_since(*heard)
-            };
-            if silent >= timeout && state.lost_reason().is_none() {
-                let reason = format!(
-                    "no health report for {}",
-                    humantime::format_duration(timeout)
-                );
-                declare_lost(&inner, &node_id, &state, &reason);
-            }
-        }
+        let actions = inner.roster().handle(roster::Event::Tick { paused }, now);
+        carry_out(&inner, actions);
     }
 }
 
@@ -1577,29 +1522,27 @@ async fn serve_node(
         }
         Ok(Err(e)) => return Err(frame_rejection(&conn, &node_id, e)),
     };
-    let fenced = inner
-        .fenced
-        .lock()
-        .expect("fenced lock")
-        .get(&node_id)
-        .cloned();
-    let presented = fingerprint(&cert);
-    let live = inner
-        .live_certs
-        .lock()
-        .expect("live certs lock")
-        .entry(node_id.clone())
-        .or_insert_with(|| presented.clone())
-        .clone();
-    let refusal = match fenced {
-        Some(reason) => Some((
+    let said_hello = roster::Event::Hello {
+        node: node_id.clone(),
+        cert: fingerprint(&cert),
+        connection: conn.stable_id(),
+    };
+    let (answer, generation) = {
+        let mut roster = inner.roster();
+        (
+            roster.handle(said_hello, Instant::now()),
+            roster.generation(&node_id),
+        )
+    };
+    let refusal = answer.into_iter().find_map(|action| match action {
+        roster::Action::Refuse(roster::Refusal::Fenced { reason }) => Some((
             format!("{node_id} was given up ({reason}) and is no longer in pool {}", inner.pool),
             Rejection::Fenced {
                 node: node_id.clone(),
                 reason,
             },
         )),
-        None if live != presented => Some((
+        roster::Action::Refuse(roster::Refusal::Stale) => Some((
             format!(
                 "this certificate of {node_id} was replaced by a newer one: this machine is no longer {node_id} of pool {}",
                 inner.pool
@@ -1608,8 +1551,8 @@ async fn serve_node(
                 node: node_id.clone(),
             },
         )),
-        None => None,
-    };
+        _ => None,
+    });
     if let Some((reason, rejection)) = refusal {
         // In place of the welcome: the agent stops (and its machine powers off, on a cloud).
         if write_frame(&mut control_send, &CoordinatorMessage::Shutdown { reason })
@@ -1621,7 +1564,7 @@ async fn serve_node(
         conn.close(close_code::POOL_SHUTDOWN.into(), b"refused");
         return Err(rejection);
     }
-    let node_timeout = Duration::from_millis(inner.node_timeout_ms.load(Ordering::Relaxed));
+    let node_timeout = inner.roster().timeout();
     // Three reports fit in the timeout, so one lost datagram's worth of delay is not a loss.
     let health_interval = HEALTH_INTERVAL
         .min(node_timeout / 3)
@@ -1650,8 +1593,9 @@ async fn serve_node(
                 running: Arc::new(AtomicU32::new(0)),
                 health: Mutex::new(None),
                 interruption: Mutex::new(None),
-                lost: Mutex::new(None),
-                last_heard: Mutex::new(Instant::now()),
+                roster: inner.roster.clone(),
+                node_id: node_id.clone(),
+                generation,
                 changed: tokio::sync::Notify::new(),
             })
         })
@@ -1666,7 +1610,6 @@ async fn serve_node(
             b"replaced by a newer connection",
         );
     }
-    *state.last_heard.lock().expect("last heard lock") = Instant::now();
     state.changed.notify_waiters();
     let handle = NodeHandle {
         node_id: node_id.clone(),
@@ -1709,7 +1652,10 @@ async fn serve_node(
         // node it gives up, which ends this read.
         let message = read_frame::<_, AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME).await;
         if let Ok(Some(_)) = &message {
-            *handle.state.last_heard.lock().expect("last heard lock") = Instant::now();
+            let heard = roster::Event::Heard {
+                node: node_id.clone(),
+            };
+            inner.roster().handle(heard, Instant::now());
         }
         match message {
             Ok(Some(AgentMessage::Health(health))) => {
@@ -1717,19 +1663,29 @@ async fn serve_node(
             }
             Ok(Some(AgentMessage::Renew { csr_der })) => {
                 // The certificate names the node this connection authenticated as, whatever
-                // the request says.
-                let result = inner
-                    .ca
-                    .sign_node_csr(&csr_der, &node_id, inner.node_cert_validity())
-                    .map(|(cert, _)| {
-                        inner
-                            .live_certs
-                            .lock()
-                            .expect("live certs lock")
-                            .insert(node_id.clone(), fingerprint(&cert));
-                        bytes::Bytes::from(cert.to_vec())
-                    })
-                    .map_err(|e| e.to_string());
+                // the request says; a node given up gets none.
+                let asked = roster::Event::RenewRequested {
+                    node: node_id.clone(),
+                };
+                let allowed = match inner.roster().handle(asked, Instant::now()).pop() {
+                    Some(roster::Action::RefuseRenewal(why)) => Err(why),
+                    _ => Ok(()),
+                };
+                let result = allowed.and_then(|()| {
+                    let (cert, _) = inner
+                        .ca
+                        .sign_node_csr(&csr_der, &node_id, inner.node_cert_validity())
+                        .map_err(|e| e.to_string())?;
+                    let signed = roster::Event::Signed {
+                        node: node_id.clone(),
+                        cert: fingerprint(&cert),
+                        token: None,
+                    };
+                    match token_refusal(inner.roster().handle(signed, Instant::now())) {
+                        Some(_) => Err(format!("{node_id} was given up")),
+                        None => Ok(bytes::Bytes::from(cert.to_vec())),
+                    }
+                });
                 match &result {
                     Ok(_) => tracing::info!(node = %node_id, "renewed the node's certificate"),
                     Err(e) => {
@@ -1783,6 +1739,11 @@ async fn serve_node(
             nodes.remove(&node_id);
         }
     }
+    let closed = roster::Event::Closed {
+        node: node_id.clone(),
+        connection: conn.stable_id(),
+    };
+    inner.roster().handle(closed, Instant::now());
     tracing::info!(node = %node_id, "node disconnected: {reason}");
     let _ = inner
         .events
@@ -1852,7 +1813,7 @@ mod tests {
     }
 
     fn enrolled(inner: &Inner) -> std::collections::HashSet<String> {
-        inner.enrolled.lock().unwrap().clone()
+        inner.roster().enrolled().map(String::from).collect()
     }
 
     /// A coordinator on loopback and the runtime it needs, for judging requests directly.
@@ -1895,12 +1856,12 @@ mod tests {
                     TokenKind::ForAnotherNode => coordinator.issue_token("node-victim"),
                     TokenKind::Spent => {
                         let token = coordinator.issue_token(&node);
-                        inner
-                            .tokens
-                            .lock()
-                            .unwrap()
-                            .redeem(&token, &node, Instant::now())
-                            .unwrap();
+                        let spend = roster::Event::Signed {
+                            node: node.clone(),
+                            cert: "spent".into(),
+                            token: Some(token.clone()),
+                        };
+                        prop_assert_eq!(inner.roster().handle(spend, Instant::now()), vec![]);
                         token
                     }
                     TokenKind::Expired => coordinator.issue_token_with_ttl(&node, Duration::ZERO),
@@ -1947,24 +1908,14 @@ mod tests {
                     (Err(Rejection::BadEnrollment(why)), true, None, false) => {
                         prop_assert!(why.contains("certificate signing request"), "{why}");
                         // A bad CSR must not burn the token.
-                        let unspent =
-                            inner
-                                .tokens
-                                .lock()
-                                .unwrap()
-                                .check(&token, &node, Instant::now());
+                        let unspent = inner.roster().check_token(&token, &node, Instant::now());
                         prop_assert_eq!(unspent, Ok(()));
                     }
                     (Ok(EnrollResponse::Accepted { cert_der, .. }), true, None, true) => {
                         // The certificate names the token's node, whatever the CSR said.
                         prop_assert_eq!(node_id_from_cert(cert_der).unwrap(), node.clone());
                         prop_assert!(enrolled(inner).contains(&node));
-                        let spent =
-                            inner
-                                .tokens
-                                .lock()
-                                .unwrap()
-                                .check(&token, &node, Instant::now());
+                        let spent = inner.roster().check_token(&token, &node, Instant::now());
                         prop_assert_eq!(spent, Err(TokenRejection::AlreadyUsed));
                         return Ok(());
                     }

@@ -20,6 +20,7 @@ pub enum TokenRejection {
     Revoked,
 }
 
+#[derive(Debug)]
 struct Entry {
     node_id: String,
     expires: Instant,
@@ -28,7 +29,7 @@ struct Entry {
 }
 
 /// Tokens are kept by their SHA-256 only, so the store itself holds nothing worth stealing.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct TokenStore {
     entries: HashMap<[u8; 32], Entry>,
 }
