@@ -31,6 +31,7 @@ use skyward_coordinator::pool::Pool;
 use skyward_coordinator::run::{RunEvent, TaskReport};
 use skyward_coordinator::session::PoolSession;
 use skyward_coordinator::store::skyward_home;
+use skyward_core::lifecycle::{self, Lifecycle, Phase};
 
 /// A task's log stops growing past this (the task runs on); the log says so.
 const MAX_TASK_LOG: u64 = 256 * 1024 * 1024;
@@ -40,15 +41,6 @@ const STATUS_TASKS: usize = 100;
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
 /// How much of a log one reply carries.
 const LOG_CHUNK: usize = 64 * 1024;
-
-/// Where the pool is in its life.
-#[derive(Debug, Clone, PartialEq)]
-enum Phase {
-    Starting,
-    Ready,
-    Failed(String),
-    Stopping,
-}
 
 #[derive(Debug)]
 struct TaskEntry {
@@ -70,7 +62,9 @@ struct Daemon {
     pool: OnceLock<Pool>,
     started: Instant,
     ttl: Option<Duration>,
-    phase: Mutex<Phase>,
+    /// Where the pool is in its life, and how many jobs run: the one phase, for every
+    /// request to check and `pool status` to show.
+    lifecycle: Arc<Mutex<Lifecycle>>,
     /// Progress lines while the pool comes up, for `pool up` to show.
     notes: Mutex<Vec<String>>,
     /// Bumped on every note, phase change and task event: what watchers and log followers
@@ -125,7 +119,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         pool: OnceLock::new(),
         started: Instant::now(),
         ttl: plan.spec.ttl,
-        phase: Mutex::new(Phase::Starting),
+        lifecycle: Arc::new(Mutex::new(Lifecycle::new())),
         notes: Mutex::new(Vec::new()),
         changed: watch::channel(0).0,
         tasks: Mutex::new(BTreeMap::new()),
@@ -154,7 +148,7 @@ pub async fn serve(args: UpArgs) -> i32 {
     let code = match up {
         Ok(pool) => {
             let _ = daemon.pool.set(pool);
-            daemon.set_phase(Phase::Ready);
+            daemon.happened(lifecycle::Event::Up);
             eprintln!("skyward: pool {} is up", args.name);
             let keeping = tokio::spawn(keep_node_count(daemon.clone()));
             daemon
@@ -179,14 +173,12 @@ pub async fn serve(args: UpArgs) -> i32 {
             0
         }
         Err(message) => {
-            daemon.set_phase(Phase::Failed(message.clone()));
+            daemon.happened(lifecycle::Event::ProvisionFailed(message.clone()));
             eprintln!("skyward: {message}");
             FAILURE
         }
     };
-    if code == 0 {
-        daemon.set_phase(Phase::Stopping);
-    }
+    daemon.happened(lifecycle::Event::TeardownRequested);
     for job in daemon
         .detached
         .lock()
@@ -196,6 +188,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         job.abort();
     }
     let clean = crate::pool_session::finish(&daemon.session, &mut sigint).await;
+    daemon.happened(lifecycle::Event::TeardownFinished);
     accepting.abort();
     let _ = std::fs::remove_file(&socket);
     match clean {
@@ -320,19 +313,19 @@ async fn watch_startup(daemon: &Daemon, to_client: &mut OwnedWriteHalf) -> Sent 
     let mut changed = daemon.changed.subscribe();
     let mut seen = 0;
     loop {
-        let (notes, phase) = {
+        let (notes, lifecycle) = {
             let notes = daemon.notes.lock().unwrap_or_else(|p| p.into_inner());
-            (notes[seen..].to_vec(), daemon.phase())
+            (notes[seen..].to_vec(), daemon.lifecycle())
         };
         seen += notes.len();
         for note in notes {
             write_frame(to_client, &ControlReply::Note(note)).await?;
         }
-        let last = match phase {
-            Phase::Starting => None,
-            Phase::Ready => Some(ControlReply::Ready),
-            Phase::Failed(why) => Some(ControlReply::Failed(why)),
-            Phase::Stopping => Some(ControlReply::Failed("the pool is being torn down".into())),
+        let last = match (lifecycle.phase(), lifecycle.failure()) {
+            (Phase::Provisioning, _) => None,
+            (Phase::Ready { .. }, _) => Some(ControlReply::Ready),
+            (_, Some(why)) => Some(ControlReply::Failed(why.to_string())),
+            (_, None) => Some(ControlReply::Failed("the pool is being torn down".into())),
         };
         if let Some(last) = last {
             return write_frame(to_client, &last).await;
@@ -352,8 +345,8 @@ async fn exec(
     from_client: OwnedReadHalf,
     to_client: &mut OwnedWriteHalf,
 ) -> Sent {
-    let nodes = match daemon.ready_pool() {
-        Ok(pool) => pool.nodes().len(),
+    let (nodes, ticket) = match daemon.begin_job() {
+        Ok((pool, ticket)) => (pool.nodes().len(), ticket),
         Err(why) => return write_frame(to_client, &ControlReply::Refused(why)).await,
     };
     let numbers = daemon.admit(&job, nodes);
@@ -366,6 +359,7 @@ async fn exec(
     if detach {
         let running = daemon.clone();
         let handle = tokio::spawn(async move {
+            let _counted = ticket;
             let Ok(pool) = running.ready_pool() else {
                 return;
             };
@@ -455,6 +449,7 @@ async fn exec(
     };
     reader.abort();
     daemon.end_all(&numbers, "cancelled");
+    drop(ticket);
     sent
 }
 
@@ -475,8 +470,8 @@ async fn shell(
     from_client: OwnedReadHalf,
     to_client: &mut OwnedWriteHalf,
 ) -> Sent {
-    let pool = match daemon.ready_pool() {
-        Ok(pool) => pool,
+    let (pool, _counted) = match daemon.begin_job() {
+        Ok(admitted) => admitted,
         Err(why) => return write_frame(to_client, &ControlReply::Refused(why)).await,
     };
     let coordinator = &daemon.session.coordinator;
@@ -673,13 +668,43 @@ impl Daemon {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    fn phase(&self) -> Phase {
-        self.phase.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    fn set_phase(&self, phase: Phase) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+    /// Tells the pool's lifecycle what happened. Only events its phase allows are sent here
+    /// (the daemon brings the pool up once and tears it down once); jobs go through
+    /// [`Daemon::begin_job`], which answers a refusal.
+    fn happened(&self, event: lifecycle::Event) {
+        let answer = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handle(event);
+        if let Err(refused) = answer {
+            tracing::error!("pool lifecycle: {refused:?}");
+        }
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Admits a job: the pool, and a ticket that counts the job as running until dropped;
+    /// a pool coming up or going away refuses it, saying which.
+    fn begin_job(&self) -> Result<(&Pool, JobTicket), String> {
+        let name = &self.session.name;
+        let pool = self.pool.get();
+        let admitted = self
+            .lifecycle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handle(lifecycle::Event::JobStarted);
+        match (admitted, pool) {
+            (Ok(_), Some(pool)) => Ok((pool, JobTicket(self.lifecycle.clone()))),
+            (Ok(_), None) => Err(format!("pool {name} has no nodes")),
+            (Err(refused), _) => Err(format!("pool {name}: {refused}")),
+        }
     }
 
     fn note(&self, line: String) {
@@ -694,9 +719,9 @@ impl Daemon {
     /// The pool, once it is up and until it goes.
     fn ready_pool(&self) -> Result<&Pool, String> {
         let name = &self.session.name;
-        match (self.phase(), self.pool.get()) {
-            (Phase::Ready, Some(pool)) => Ok(pool),
-            (Phase::Starting, _) => Err(format!("pool {name} is still coming up")),
+        match (self.lifecycle().phase(), self.pool.get()) {
+            (Phase::Ready { .. }, Some(pool)) => Ok(pool),
+            (Phase::Provisioning, _) => Err(format!("pool {name} is still coming up")),
             _ => Err(format!("pool {name} is being torn down")),
         }
     }
@@ -938,6 +963,7 @@ impl Daemon {
             ttl_left_seconds: self.ttl.map(|ttl| ttl.saturating_sub(up).as_secs()),
             nodes,
             tasks: recent,
+            phase: self.lifecycle().phase().to_string(),
             replacements: self
                 .replacements
                 .lock()
@@ -949,6 +975,18 @@ impl Daemon {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         })
+    }
+}
+
+/// A job counted as running in the pool's lifecycle, until dropped (the job ended, its
+/// client left, or it was stopped).
+struct JobTicket(Arc<Mutex<Lifecycle>>);
+
+impl Drop for JobTicket {
+    fn drop(&mut self) {
+        let mut lifecycle = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Refused only once the pool is gone: nothing left to count.
+        let _ = lifecycle.handle(lifecycle::Event::JobEnded);
     }
 }
 

@@ -169,6 +169,9 @@ pub struct PoolStatus {
     pub cost_so_far: Option<f64>,
     /// Until the pool's TTL ends it.
     pub ttl_left_seconds: Option<u64>,
+    /// Where the pool is in its life: `up, idle`, `up, 2 jobs running`, `being torn down`.
+    #[serde(default)]
+    pub phase: String,
     pub nodes: Vec<NodeStatus>,
     /// The most recent tasks, newest last.
     pub tasks: Vec<TaskStatus>,
@@ -733,8 +736,9 @@ fn print_status(status: &PoolStatus) {
     let money = |usd: Option<f64>| usd.map_or_else(|| "-".into(), |usd| format!("${usd:.2}"));
     let age = |secs: u64| humantime::format_duration(Duration::from_secs(secs)).to_string();
     println!(
-        "pool {}: up {}, {} x {} on {} {} ({}), {}/h per node, {} so far{}",
+        "pool {} ({}): up {}, {} x {} on {} {} ({}), {}/h per node, {} so far{}",
         status.name,
+        status.phase,
         age(status.up_seconds),
         status.nodes.len(),
         status.instance_type,
@@ -893,6 +897,7 @@ mod tests {
             up_seconds: 90,
             cost_so_far: Some(0.0375),
             ttl_left_seconds: None,
+            phase: "up, 1 job running".into(),
             nodes: vec![],
             tasks: vec![TaskStatus {
                 task: 3,

@@ -12,7 +12,6 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
-use skyward_core::lifecycle::{Event, Lifecycle};
 use skyward_core::offer::{Market, Offer};
 use skyward_core::selection::{self, Attempt, Candidate, Selection};
 pub use skyward_core::spec::PoolSpec;
@@ -116,8 +115,6 @@ pub struct Pool {
     /// Every provider with machines of this pool: `provider`, and any a replacement fell
     /// back to.
     providers: std::sync::RwLock<Vec<Arc<dyn Provider>>>,
-    /// Behind a lock so that several jobs can run on one pool at once (a persistent pool).
-    lifecycle: std::sync::Mutex<Lifecycle>,
     /// The GPU slots every job's running tasks hold: one placement across jobs.
     gpus: Arc<GpuLedger>,
     /// The provider holding each node's machine, until the machine is removed.
@@ -514,12 +511,6 @@ impl Pool {
         nodes: Vec<NodeHandle>,
         made: &[Instance],
     ) -> Pool {
-        let ids: Vec<String> = nodes.iter().map(|n| n.node_id.clone()).collect();
-        let mut lifecycle = Lifecycle::new(ids.clone());
-        let _ = lifecycle.handle(Event::Provisioned);
-        for id in &ids {
-            let _ = lifecycle.handle(Event::AgentReady(id.clone()));
-        }
         let machines: Machines = Arc::new(std::sync::Mutex::new(
             made.iter()
                 .map(|instance| (instance.node_id.clone(), provider.clone()))
@@ -538,7 +529,6 @@ impl Pool {
             spec: spec.clone(),
             deadline,
             next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
-            lifecycle: std::sync::Mutex::new(lifecycle),
             gpus: Arc::default(),
             machines,
             reaper,
@@ -771,18 +761,9 @@ impl Pool {
         (&self.offer, self.market)
     }
 
-    /// Tells the pool's state machine what happened; a refusal (a run starting while another
-    /// runs) is not an error for the async shell.
-    pub(crate) fn lifecycle_event(&self, event: Event) {
-        let mut lifecycle = self.lifecycle.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = lifecycle.handle(event);
-    }
-
     /// Stops every task and removes every node.
     pub async fn down(self) {
-        self.lifecycle_event(Event::TeardownRequested);
         let _ = teardown(&self.coordinator, &self.providers()).await;
-        self.lifecycle_event(Event::TeardownFinished);
     }
 }
 

@@ -14,7 +14,6 @@ use tokio::task::{AbortHandle, JoinSet};
 use crate::pool::{GpuHold, Pool};
 use crate::preflight::{Preflight, PreflightError};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
-use skyward_core::lifecycle::Event;
 use skyward_core::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
 use skyward_core::training::{training_env, Mesh};
 
@@ -166,7 +165,6 @@ impl TaskReport {
 /// Runs every task of `job` on `pool`, sending events as they happen; returns one report per
 /// task, in input order. Dropping the future cancels every task still running.
 pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
-    pool.lifecycle_event(Event::RunStarted);
     let nodes = pool.nodes();
     let loads = nodes.iter().map(|n| n.running() as usize).collect();
     let slots = nodes.iter().map(|n| node_slots(&n.inventory)).collect();
@@ -183,7 +181,6 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         Ok(scheduler) => scheduler.with_running(loads),
         // A task no node could ever take: none starts (the CLI checks this before).
         Err(message) => {
-            pool.lifecycle_event(Event::RunFinished);
             return vec![
                 TaskReport {
                     node: String::new(),
@@ -338,7 +335,6 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     }
     attempts.running.shutdown().await;
     watcher.abort();
-    pool.lifecycle_event(Event::RunFinished);
     reports
         .into_iter()
         .map(|r| {

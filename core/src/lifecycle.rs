@@ -1,68 +1,103 @@
-//! The pool's life as a pure state machine: no I/O, no clocks; the async shell feeds it
-//! events and carries out the actions it returns.
+//! A pool's life as a pure state machine: no I/O, no clocks. Whoever drives a pool (the
+//! background coordinator of `skyward pool up`) feeds it what happened and carries out the
+//! actions it returns; a refusal is an answer to give the user (no job on a pool that is
+//! coming up or going away).
 //!
-//! Provisioning -> WaitingForAgents -> Ready <-> Running -> TearingDown -> Down,
-//! with Failed reachable from provisioning and waiting (teardown still follows).
+//! Provisioning -> Ready (with its running jobs counted) -> TearingDown -> Down; a pool
+//! whose provisioning failed goes to TearingDown too, and keeps the failure to tell.
 
-use std::collections::BTreeSet;
+use std::fmt;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
+    /// Machines are being made and their agents awaited.
     Provisioning,
-    WaitingForAgents,
-    Ready,
-    Running,
+    /// Every node is up; `jobs` run now.
+    Ready {
+        jobs: usize,
+    },
+    /// What was made is being removed (after a failure, if [`Lifecycle::failure`] says one).
     TearingDown,
     Down,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Provisioned,
+    /// Provisioning finished: every node is up.
+    Up,
+    /// Provisioning failed for this reason.
     ProvisionFailed(String),
-    AgentReady(String),
-    AgentLost(String),
-    WaitTimedOut,
-    RunStarted,
-    RunFinished,
+    /// A job asks to start.
+    JobStarted,
+    /// A job that started has ended.
+    JobEnded,
+    /// The pool is to go (a signal, its TTL, `skyward down`).
     TeardownRequested,
     TeardownFinished,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Start the wait for agents (the shell arms the timeout).
-    AwaitAgents,
-    /// Every expected agent is connected.
+    /// Tell whoever waits that the pool is up.
     AnnounceReady,
-    /// Tear down whatever was created, then report `error`.
-    Fail {
-        error: String,
-    },
+    /// Tell whoever waits that the pool failed, and why.
+    AnnounceFailure(String),
+    /// Remove whatever was made.
     Teardown,
     AnnounceDown,
 }
 
+/// An event the pool's phase does not allow; its message is the user's answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("event {event:?} is not valid in phase {phase:?}")]
+#[error("{}", refusal(.phase, .event, .failure.as_deref()))]
 pub struct InvalidTransition {
     pub phase: Phase,
     pub event: Event,
+    failure: Option<String>,
+}
+
+fn refusal(phase: &Phase, event: &Event, failure: Option<&str>) -> String {
+    match (phase, failure) {
+        (Phase::Provisioning, _) => "the pool is still coming up".into(),
+        (Phase::TearingDown | Phase::Down, Some(why)) => {
+            format!("the pool failed ({why}) and is being torn down")
+        }
+        (Phase::TearingDown, None) => "the pool is being torn down".into(),
+        (Phase::Down, None) => "the pool is down".into(),
+        (Phase::Ready { .. }, _) => format!("{event:?} does not happen to a pool that is up"),
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::Provisioning => f.write_str("coming up"),
+            Phase::Ready { jobs: 0 } => f.write_str("up, idle"),
+            Phase::Ready { jobs: 1 } => f.write_str("up, 1 job running"),
+            Phase::Ready { jobs } => write!(f, "up, {jobs} jobs running"),
+            Phase::TearingDown => f.write_str("being torn down"),
+            Phase::Down => f.write_str("down"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Lifecycle {
     phase: Phase,
-    expected: BTreeSet<String>,
-    ready: BTreeSet<String>,
+    failure: Option<String>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle::new()
+    }
 }
 
 impl Lifecycle {
-    pub fn new(expected: impl IntoIterator<Item = String>) -> Self {
+    pub fn new() -> Self {
         Lifecycle {
             phase: Phase::Provisioning,
-            expected: expected.into_iter().collect(),
-            ready: BTreeSet::new(),
+            failure: None,
         }
     }
 
@@ -70,82 +105,36 @@ impl Lifecycle {
         &self.phase
     }
 
-    pub fn ready_count(&self) -> usize {
-        self.ready.len()
-    }
-
-    /// Nodes expected but not (or no longer) connected, in order.
-    pub fn missing(&self) -> Vec<String> {
-        self.expected.difference(&self.ready).cloned().collect()
+    /// Why provisioning failed, once it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
     pub fn handle(&mut self, event: Event) -> Result<Vec<Action>, InvalidTransition> {
         use Event as E;
         use Phase as P;
-        let invalid = |phase: &Phase, event: Event| InvalidTransition {
-            phase: phase.clone(),
-            event,
-        };
-        let actions = match (&self.phase, event) {
-            (P::Provisioning, E::Provisioned) => {
-                self.phase = P::WaitingForAgents;
-                let mut actions = vec![Action::AwaitAgents];
-                // Agents may dial in before the provider call returns.
-                if self.all_ready() {
-                    self.phase = P::Ready;
-                    actions.push(Action::AnnounceReady);
-                }
-                actions
+        let actions = match (&mut self.phase, event) {
+            (P::Provisioning, E::Up) => {
+                self.phase = P::Ready { jobs: 0 };
+                vec![Action::AnnounceReady]
             }
-            (P::Provisioning, E::ProvisionFailed(error)) => {
+            (P::Provisioning, E::ProvisionFailed(why)) => {
+                self.failure = Some(why.clone());
                 self.phase = P::TearingDown;
-                vec![Action::Fail { error }, Action::Teardown]
+                vec![Action::AnnounceFailure(why), Action::Teardown]
             }
-            (P::Provisioning | P::WaitingForAgents, E::AgentReady(node)) => {
-                if !self.expected.contains(&node) {
-                    return Err(invalid(&self.phase, E::AgentReady(node)));
-                }
-                self.ready.insert(node);
-                if self.phase == P::WaitingForAgents && self.all_ready() {
-                    self.phase = P::Ready;
-                    vec![Action::AnnounceReady]
-                } else {
-                    vec![]
-                }
-            }
-            (P::WaitingForAgents, E::WaitTimedOut) => {
-                self.phase = P::TearingDown;
-                vec![
-                    Action::Fail {
-                        error: format!(
-                            "{} of {} nodes never connected: {}",
-                            self.missing().len(),
-                            self.expected.len(),
-                            self.missing().join(", ")
-                        ),
-                    },
-                    Action::Teardown,
-                ]
-            }
-            (P::Ready | P::Running, E::AgentReady(node)) if self.expected.contains(&node) => {
-                self.ready.insert(node);
+            (P::Ready { jobs }, E::JobStarted) => {
+                *jobs += 1;
                 vec![]
             }
-            (_, E::AgentLost(node)) => {
-                self.ready.remove(&node);
+            // A job that ran on may end while the pool goes (its tasks are being stopped).
+            (P::Ready { jobs }, E::JobEnded) if *jobs > 0 => {
+                *jobs -= 1;
                 vec![]
             }
-            (P::Ready, E::RunStarted) => {
-                self.phase = P::Running;
-                vec![]
-            }
-            (P::Running, E::RunFinished) => {
-                self.phase = P::Ready;
-                vec![]
-            }
-            (P::TearingDown, E::TeardownRequested) => vec![],
-            (P::Down, E::TeardownRequested) => vec![],
-            (_, E::TeardownRequested) => {
+            (P::TearingDown | P::Down, E::JobEnded) => vec![],
+            (P::TearingDown | P::Down, E::TeardownRequested) => vec![],
+            (P::Provisioning | P::Ready { .. }, E::TeardownRequested) => {
                 self.phase = P::TearingDown;
                 vec![Action::Teardown]
             }
@@ -153,68 +142,47 @@ impl Lifecycle {
                 self.phase = P::Down;
                 vec![Action::AnnounceDown]
             }
-            (phase, event) => return Err(invalid(phase, event)),
+            (phase, event) => {
+                return Err(InvalidTransition {
+                    phase: phase.clone(),
+                    event,
+                    failure: self.failure.clone(),
+                })
+            }
         };
         Ok(actions)
-    }
-
-    fn all_ready(&self) -> bool {
-        self.expected.is_subset(&self.ready)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn nodes(n: usize) -> Vec<String> {
-        (1..=n).map(|i| format!("node-{i}")).collect()
-    }
+    use proptest::prelude::*;
 
     #[test]
-    fn ready_once_every_node_has_connected() {
-        let mut pool = Lifecycle::new(nodes(2));
+    fn a_pool_comes_up_counts_its_jobs_and_goes() {
+        let mut pool = Lifecycle::new();
         assert_eq!(
-            pool.handle(Event::Provisioned).unwrap(),
-            vec![Action::AwaitAgents]
+            pool.handle(Event::JobStarted).unwrap_err().to_string(),
+            "the pool is still coming up"
+        );
+        assert_eq!(pool.handle(Event::Up).unwrap(), vec![Action::AnnounceReady]);
+        pool.handle(Event::JobStarted).unwrap();
+        pool.handle(Event::JobStarted).unwrap();
+        assert_eq!(pool.phase().to_string(), "up, 2 jobs running");
+        pool.handle(Event::JobEnded).unwrap();
+        assert_eq!(pool.phase(), &Phase::Ready { jobs: 1 });
+        assert_eq!(
+            pool.handle(Event::TeardownRequested).unwrap(),
+            vec![Action::Teardown]
         );
         assert_eq!(
-            pool.handle(Event::AgentReady("node-2".into())).unwrap(),
-            vec![]
+            pool.handle(Event::JobStarted).unwrap_err().to_string(),
+            "the pool is being torn down"
         );
-        assert_eq!(pool.missing(), vec!["node-1".to_string()]);
-        assert_eq!(
-            pool.handle(Event::AgentReady("node-1".into())).unwrap(),
-            vec![Action::AnnounceReady]
-        );
-        assert_eq!(pool.phase(), &Phase::Ready);
-    }
-
-    #[test]
-    fn agents_connecting_before_provisioning_returns_still_count() {
-        let mut pool = Lifecycle::new(nodes(1));
-        pool.handle(Event::AgentReady("node-1".into())).unwrap();
-        assert_eq!(
-            pool.handle(Event::Provisioned).unwrap(),
-            vec![Action::AwaitAgents, Action::AnnounceReady]
-        );
-    }
-
-    #[test]
-    fn timeout_names_the_nodes_that_never_enrolled_and_tears_down() {
-        let mut pool = Lifecycle::new(nodes(3));
-        pool.handle(Event::Provisioned).unwrap();
-        pool.handle(Event::AgentReady("node-2".into())).unwrap();
-        let actions = pool.handle(Event::WaitTimedOut).unwrap();
-        assert_eq!(
-            actions,
-            vec![
-                Action::Fail {
-                    error: "2 of 3 nodes never connected: node-1, node-3".into()
-                },
-                Action::Teardown
-            ]
-        );
+        // The job that was running ends as its tasks are stopped.
+        pool.handle(Event::JobEnded).unwrap();
+        assert_eq!(pool.handle(Event::TeardownRequested).unwrap(), vec![]);
         assert_eq!(
             pool.handle(Event::TeardownFinished).unwrap(),
             vec![Action::AnnounceDown]
@@ -223,43 +191,64 @@ mod tests {
     }
 
     #[test]
-    fn unknown_nodes_and_out_of_order_events_are_refused() {
-        let mut pool = Lifecycle::new(nodes(1));
-        assert!(pool.handle(Event::AgentReady("node-9".into())).is_err());
-        assert!(pool.handle(Event::RunStarted).is_err());
-        assert!(pool.handle(Event::TeardownFinished).is_err());
-        assert_eq!(pool.phase(), &Phase::Provisioning);
-    }
-
-    #[test]
-    fn run_and_teardown_cycle() {
-        let mut pool = Lifecycle::new(nodes(1));
-        pool.handle(Event::Provisioned).unwrap();
-        pool.handle(Event::AgentReady("node-1".into())).unwrap();
-        pool.handle(Event::RunStarted).unwrap();
-        assert!(pool.handle(Event::RunStarted).is_err());
-        pool.handle(Event::RunFinished).unwrap();
+    fn a_failed_pool_says_why_and_tears_down() {
+        let mut pool = Lifecycle::new();
         assert_eq!(
-            pool.handle(Event::TeardownRequested).unwrap(),
-            vec![Action::Teardown]
-        );
-        assert_eq!(pool.handle(Event::TeardownRequested).unwrap(), vec![]);
-        pool.handle(Event::TeardownFinished).unwrap();
-        assert_eq!(pool.handle(Event::TeardownRequested).unwrap(), vec![]);
-    }
-
-    #[test]
-    fn provisioning_failure_tears_down() {
-        let mut pool = Lifecycle::new(nodes(1));
-        let actions = pool.handle(Event::ProvisionFailed("quota".into())).unwrap();
-        assert_eq!(
-            actions,
+            pool.handle(Event::ProvisionFailed("no offers".into()))
+                .unwrap(),
             vec![
-                Action::Fail {
-                    error: "quota".into()
-                },
+                Action::AnnounceFailure("no offers".into()),
                 Action::Teardown
             ]
         );
+        assert_eq!(pool.failure(), Some("no offers"));
+        assert_eq!(
+            pool.handle(Event::JobStarted).unwrap_err().to_string(),
+            "the pool failed (no offers) and is being torn down"
+        );
+        assert!(pool.handle(Event::Up).is_err());
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            Just(Event::Up),
+            Just(Event::ProvisionFailed("why".into())),
+            Just(Event::JobStarted),
+            Just(Event::JobEnded),
+            Just(Event::TeardownRequested),
+            Just(Event::TeardownFinished),
+        ]
+    }
+
+    proptest! {
+        /// Whatever happens: a pool is announced ready at most once and only before any
+        /// teardown, torn down at most once, never runs a job outside Ready, never counts
+        /// fewer jobs than it admitted minus those ended, and a refused event changes
+        /// nothing.
+        #[test]
+        fn the_phase_follows_its_rules_under_any_sequence(events in proptest::collection::vec(event(), 0..40)) {
+            let mut pool = Lifecycle::new();
+            let (mut ready, mut teardowns, mut running) = (0, 0, 0usize);
+            for event in events {
+                let before = pool.phase().clone();
+                match pool.handle(event.clone()) {
+                    Ok(actions) => {
+                        ready += actions.iter().filter(|a| **a == Action::AnnounceReady).count();
+                        teardowns += actions.iter().filter(|a| **a == Action::Teardown).count();
+                        match (&before, &event) {
+                            (Phase::Ready { .. }, Event::JobStarted) => running += 1,
+                            (Phase::Ready { .. }, Event::JobEnded) => running -= 1,
+                            _ => {}
+                        }
+                        if let Phase::Ready { jobs } = pool.phase() {
+                            prop_assert_eq!(*jobs, running);
+                            prop_assert_eq!(teardowns, 0);
+                        }
+                    }
+                    Err(_) => prop_assert_eq!(pool.phase(), &before),
+                }
+                prop_assert!(ready <= 1 && teardowns <= 1);
+            }
+        }
     }
 }

@@ -237,6 +237,8 @@ fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(sleeping(&sandbox), 1, "{:?}", sandbox.processes());
+    // The pool's one phase counts the job while it runs.
+    assert_eq!(sandbox.pool_status("held")["phase"], "up, 1 job running");
     // SAFETY: signalling our own child.
     unsafe {
         libc::kill(exec.id() as i32, libc::SIGINT);
@@ -250,6 +252,14 @@ fn ctrl_c_cancels_an_exec_and_a_dead_coordinator_is_reported() {
     assert_eq!(sleeping(&sandbox), 0, "the task outlived its exec");
     let status = sandbox.pool_status("held");
     assert_eq!(task_states(&status), [(1, "cancelled".to_string())]);
+    // The cancelled job no longer counts (its end is recorded before its count drops).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = status;
+    while status["phase"] != "up, idle" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        status = sandbox.pool_status("held");
+    }
+    assert_eq!(status["phase"], "up, idle", "{status}");
 
     // The background coordinator dies: every command says so, and how to clean up.
     let pid = status["pid"].as_i64().expect("pid") as i32;
