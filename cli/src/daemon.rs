@@ -28,7 +28,7 @@ use crate::persistent::{
 use skyward_common::protocol::TaskEvent;
 use skyward_coordinator::job::JobRequest;
 use skyward_coordinator::pool::Pool;
-use skyward_coordinator::run::{RunEvent, TaskReport};
+use skyward_coordinator::run::{RunError, RunEvent, TaskReport};
 use skyward_coordinator::session::PoolSession;
 use skyward_coordinator::store::skyward_home;
 use skyward_core::lifecycle::{self, Lifecycle, Phase};
@@ -568,8 +568,11 @@ async fn shell(
                     },
                     Some(Ok(Some(TaskEvent::Started { .. } | TaskEvent::Probe(_) | TaskEvent::Result(_) | TaskEvent::Resumed { .. }))) => continue,
                     Some(Ok(Some(TaskEvent::Finished(outcome)))) => ended(Ok(outcome)),
-                    Some(Ok(None)) | None => ended(Err("the terminal ended without an outcome".into())),
-                    Some(Err(e)) => ended(Err(e.to_string())),
+                    Some(Ok(None)) | None => ended(Err(RunError::Protocol {
+                        node: node_id.clone(),
+                        message: "the terminal ended without an outcome".into(),
+                    })),
+                    Some(Err(e)) => ended(Err(e.into())),
                 };
                 daemon.observe(number, &event);
                 if let RunEvent::Finished { report, .. } = event {

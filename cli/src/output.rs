@@ -122,7 +122,7 @@ impl<O: Write, E: Write> Renderer<O, E> {
                 });
                 match &report.outcome {
                     Ok(outcome) => event["outcome"] = outcome.to_string().into(),
-                    Err(error) => event["error"] = error.clone().into(),
+                    Err(error) => event["error"] = error.to_string().into(),
                 }
                 self.json(event)
             }
@@ -306,7 +306,7 @@ impl<O: Write, E: Write> Renderer<O, E> {
             let report = &reports[i];
             let how = match &report.outcome {
                 Ok(outcome) => outcome.to_string(),
-                Err(error) => error.clone(),
+                Err(error) => error.to_string(),
             };
             let _ = writeln!(
                 self.stderr,

@@ -13,7 +13,7 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use crate::pool::{GpuHold, Pool};
 use crate::preflight::{Preflight, PreflightError};
-use crate::server::{Coordinator, CoordinatorEvent, NodeHandle};
+use crate::server::{Coordinator, CoordinatorEvent, NodeHandle, TaskError};
 use skyward_core::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
 use skyward_core::training::{training_env, Mesh};
 
@@ -144,7 +144,50 @@ pub enum RunEvent {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TaskReport {
     pub node: String,
-    pub outcome: Result<TaskOutcome, String>,
+    pub outcome: Result<TaskOutcome, RunError>,
+}
+
+/// Why a task has no outcome of its own: a program tells these apart by variant, a person by
+/// the line each says.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+pub enum RunError {
+    /// No node can take the task: none fits what it asks for, or every one that could was
+    /// given up.
+    #[error("{0}")]
+    Unplaceable(String),
+    /// Its node was given up (silent, interrupted, its machine gone) or its connection did
+    /// not come back within the node timeout, and no retry was left.
+    #[error("connection to {node}: {reason}")]
+    NodeLost { node: String, reason: String },
+    /// The node broke the task protocol (an output out of order, a stream that ended
+    /// without an outcome).
+    #[error("{node}: {message}")]
+    Protocol { node: String, message: String },
+    /// The task is over a size limit (its command line and environment, or its input).
+    #[error("{0}")]
+    TooLarge(String),
+    /// A broadcast's nodes failed its preflight (they cannot reach rank 0, or a probe did
+    /// not run): nothing was started.
+    #[error("{0}")]
+    Preflight(String),
+    /// This side failed (forwarding the task's input, a worker that stopped).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<TaskError> for RunError {
+    fn from(error: TaskError) -> RunError {
+        match error {
+            TaskError::Lost { node, reason } => RunError::NodeLost { node, reason },
+            TaskError::Protocol { node, error } => RunError::Protocol {
+                node,
+                message: error,
+            },
+            error @ (TaskError::TooLarge(_) | TaskError::InputTooLarge(_)) => {
+                RunError::TooLarge(error.to_string())
+            }
+        }
+    }
 }
 
 impl TaskReport {
@@ -184,7 +227,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             return vec![
                 TaskReport {
                     node: String::new(),
-                    outcome: Err(message),
+                    outcome: Err(RunError::Unplaceable(message)),
                 };
                 job.tasks.len()
             ];
@@ -216,7 +259,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             gpu_holds.remove(&task);
             let report = TaskReport {
                 node: String::new(),
-                outcome: Err(NO_NODE_LEFT.into()),
+                outcome: Err(RunError::Unplaceable(NO_NODE_LEFT.into())),
             };
             reports[task] = Some(announce_end(&events, task, report).await);
         }
@@ -324,7 +367,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
             }
             let reason = attempts.nodes[node]
                 .lost_reason()
-                .unwrap_or_else(|| reason.clone());
+                .unwrap_or_else(|| reason.to_string());
             if attempts.move_elsewhere(task, node, &mut scheduler, &mut gpu_holds, reason) {
                 continue;
             }
@@ -340,7 +383,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         .map(|r| {
             r.unwrap_or_else(|| TaskReport {
                 node: String::new(),
-                outcome: Err(NO_NODE_LEFT.into()),
+                outcome: Err(RunError::Unplaceable(NO_NODE_LEFT.into())),
             })
         })
         .collect()
@@ -555,7 +598,7 @@ async fn drive_task(
     };
     let remote = match coordinator.start_task(node, spec).await {
         Ok(remote) => remote,
-        Err(e) => return report(Err(e.to_string())),
+        Err(e) => return report(Err(e.into())),
     };
     let (mut input, mut output) = (remote.input, remote.output);
     // Should this driver be dropped (its job's future was), the task stops on its node too.
@@ -623,14 +666,19 @@ async fn drive_task(
                 Ok(Some(TaskEvent::Finished(outcome))) => return report(Ok(outcome)),
                 // Only probe and typed tasks report these; a command has nothing to say with one.
                 Ok(Some(TaskEvent::Probe(_) | TaskEvent::Result(_))) => {}
-                Ok(None) => return report(Err("task stream ended without an outcome".into())),
-                Err(e) => return report(Err(e.to_string())),
+                Ok(None) => {
+                    return report(Err(RunError::Protocol {
+                        node: node_id.clone(),
+                        message: "task stream ended without an outcome".into(),
+                    }))
+                }
+                Err(e) => return report(Err(e.into())),
             }
         }
     };
     let ended = tokio::select! {
         r = reading => r,
-        _ = feeding => report(Err("stdin forwarding stopped unexpectedly".into())),
+        _ = feeding => report(Err(RunError::Internal("stdin forwarding stopped unexpectedly".into()))),
     };
     cancel_on_drop.disarm();
     ended

@@ -250,7 +250,10 @@ impl NodeHandle {
         if size > MAX_TASK_SPEC {
             return Err(TaskError::TooLarge(size));
         }
-        let lost = |e: String| TaskError::Lost(format!("{}: {e}", self.node_id));
+        let lost = |reason: String| TaskError::Lost {
+            node: self.node_id.clone(),
+            reason,
+        };
         let (mut send, recv) = self
             .connection()
             .open_bi()
@@ -538,7 +541,10 @@ impl Coordinator {
                 return Err(TaskError::InputTooLarge(payload.len()));
             }
         }
-        let lost = |e: String| TaskError::Lost(format!("{}: {e}", node.node_id));
+        let lost = |reason: String| TaskError::Lost {
+            node: node.node_id.clone(),
+            reason,
+        };
         let running = RunningGuard::new(node.state.running.clone());
         let task = spec.task;
         let resumable = matches!(
@@ -728,7 +734,10 @@ async fn open_connection(
     // The node's connection when it is usable now; an error once it is given up.
     let usable = || -> Result<Option<Connection>, TaskError> {
         if let Some(reason) = node.lost_reason() {
-            return Err(TaskError::Lost(format!("{node_id}: {reason}")));
+            return Err(TaskError::Lost {
+                node: node_id.to_string(),
+                reason,
+            });
         }
         let connection = node.connection();
         let open = connection.close_reason().is_none() && Some(connection.stable_id()) != lost;
@@ -751,10 +760,13 @@ async fn open_connection(
                 Some(_) => "connection lost",
                 None => "not connected",
             };
-            return Err(TaskError::Lost(format!(
-                "{node_id}: {what} and not back within {}",
-                humantime::format_duration(wait)
-            )));
+            return Err(TaskError::Lost {
+                node: node_id.to_string(),
+                reason: format!(
+                    "{what} and not back within {}",
+                    humantime::format_duration(wait)
+                ),
+            });
         }
     }
 }
@@ -817,8 +829,9 @@ pub enum TaskError {
     TooLarge(usize),
     #[error("typed task input is {0} bytes; the limit is {MAX_TYPED_INPUT} (send less per task)")]
     InputTooLarge(usize),
-    #[error("connection to {0}")]
-    Lost(String),
+    /// The node was given up, or its connection did not come back in time.
+    #[error("connection to {node}: {reason}")]
+    Lost { node: String, reason: String },
     #[error("{node}: {error}")]
     Protocol { node: String, error: String },
 }
@@ -958,14 +971,9 @@ impl TaskOutput {
             };
             // The task answered: a resume finds it from now on.
             self.unanswered = None;
-            let event = event
-                .map_err(|e| self.error(e.to_string()))?
-                .ok_or_else(|| {
-                    TaskError::Lost(format!(
-                        "{} ended the task stream before the task finished",
-                        self.node_id
-                    ))
-                })?;
+            let event = event.map_err(|e| self.read_error(e))?.ok_or_else(|| {
+                self.error("the task stream ended before the task finished".into())
+            })?;
             match self.progress.observe(&event) {
                 Ok(Delivery::Deliver) => {
                     match &event {
@@ -1026,7 +1034,10 @@ impl TaskOutput {
     async fn resume(&mut self) -> Result<(), TaskError> {
         let wait = self.inner.roster().timeout();
         let deadline = tokio::time::Instant::now() + wait;
-        let lost = |node: &str, why: String| TaskError::Lost(format!("{node}: {why}"));
+        let lost = |node: &str, reason: String| TaskError::Lost {
+            node: node.to_string(),
+            reason,
+        };
         let old = self.connection.stable_id();
         let connection =
             open_connection(&self.node_id, &self.node, wait, deadline, Some(old)).await?;
@@ -1056,13 +1067,29 @@ impl TaskOutput {
             .as_ref()
             .expect("a task that never answered");
         tracing::info!(node = %self.node_id, task = %self.task, "the node never got the task; starting it there again");
-        let (send, recv) = open_task(&self.connection, start)
-            .await
-            .map_err(|e| TaskError::Lost(format!("{}: {e}", self.node_id)))?;
+        let (send, recv) =
+            open_task(&self.connection, start)
+                .await
+                .map_err(|e| TaskError::Lost {
+                    node: self.node_id.clone(),
+                    reason: e.to_string(),
+                })?;
         *self.send.lock().await = send;
         self.recv = recv;
         self.on_resumed_stream = false;
         Ok(())
+    }
+
+    /// A failed read of the task's stream: bytes that break the protocol are the node's
+    /// fault; a stream cut off is a lost node (given up: the reason it was).
+    fn read_error(&self, error: FrameError) -> TaskError {
+        if error.is_protocol_violation() {
+            return self.error(error.to_string());
+        }
+        TaskError::Lost {
+            node: self.node_id.clone(),
+            reason: self.node.lost_reason().unwrap_or_else(|| error.to_string()),
+        }
     }
 
     fn error(&self, error: String) -> TaskError {

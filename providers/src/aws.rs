@@ -46,6 +46,13 @@ const STATE_POLLING: super::Polling = super::Polling {
     limit: Duration::from_secs(300),
 };
 const POLL: Duration = Duration::from_secs(2);
+/// How long a delete is sent again while what it deletes is still in use (terminated
+/// instances take a minute or two to let go of their security group).
+const IN_USE_POLLING: super::Polling = super::Polling {
+    first: POLL,
+    max: POLL,
+    limit: Duration::from_secs(120),
+};
 
 /// AMI name patterns tried in order: a GPU deep-learning image for accelerated types, Ubuntu
 /// otherwise; Amazon Linux 2023 (the ECS-optimised GPU variant carries NVIDIA drivers) as
@@ -1235,8 +1242,8 @@ impl Aws {
     }
 }
 
-/// Runs a delete, again every [`POLL`] (for up to a minute or two) while EC2 answers `code`:
-/// what is deleted can only go once the pool's instances are gone.
+/// Runs a delete, and again as [`IN_USE_POLLING`] says while EC2 answers `code`: what is
+/// deleted can only go once the pool's instances are gone.
 async fn retry_while_in_use<T, E, R, F>(
     code: &str,
     mut delete: impl FnMut() -> F,
@@ -1246,14 +1253,14 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    for _ in 0..60 {
+    let mut poller = IN_USE_POLLING.start();
+    loop {
         match delete().await {
             Ok(_) => return Ok(()),
-            Err(e) if e.code() == Some(code) => tokio::time::sleep(POLL).await,
+            Err(e) if e.code() == Some(code) && poller.pause().await => {}
             Err(e) => return Err(api_error(e)),
         }
     }
-    delete().await.map(drop).map_err(api_error)
 }
 
 /// The accelerators of an instance type, through the catalog.

@@ -87,6 +87,7 @@ use skyward_providers::{self as provider, Provider, ProviderContext, ProviderOpt
 pub use skyward_common::protocol::{OutputStream, TaskOutcome};
 pub use skyward_common::typed::{Task, TaskContext, TaskResult, TypedError};
 pub use skyward_coordinator::pool::{FailedAttempt, ProvisionError};
+pub use skyward_coordinator::run::RunError;
 pub use skyward_core::selection::Selection;
 pub use skyward_core::spec::Allocation;
 pub use skyward_providers::ErrorKind;
@@ -114,9 +115,11 @@ pub enum Error {
         node: String,
         message: String,
     },
-    /// The coordinator lost track of a task: its node or the connection to it was lost.
-    #[error("{0}")]
-    Lost(String),
+    /// A command or task has no outcome of its own: its `RunError` says why (its node was
+    /// lost, no node can take it, the node broke the protocol, it is over a size limit, a
+    /// broadcast's preflight failed).
+    #[error(transparent)]
+    Run(#[from] RunError),
     /// A typed value could not be encoded or decoded, or is over its size limit.
     #[error(transparent)]
     Typed(#[from] TypedError),
@@ -715,7 +718,7 @@ impl ComputePool {
                 Preflight::default(),
             )
             .await
-            .map_err(|e| Error::Lost(e.to_string()))?
+            .map_err(|e| RunError::Preflight(e.to_string()))?
         };
         self.command_job(plans, &command).await
     }
@@ -761,8 +764,7 @@ impl ComputePool {
                         stdout,
                         stderr,
                     }),
-                    Err(why) if node.is_empty() => Err(Error::Lost(why)),
-                    Err(why) => Err(Error::Lost(format!("{node}: {why}"))),
+                    Err(why) => Err(Error::Run(why)),
                 },
             )
             .collect()
@@ -785,7 +787,7 @@ impl ComputePool {
             .coordinator
             .start_task(&node, spec)
             .await
-            .map_err(|e| Error::Lost(e.to_string()))?;
+            .map_err(RunError::from)?;
         let (chunks_tx, chunks) = mpsc::channel(64);
         let (end_tx, end) = oneshot::channel();
         let node_id = node.node_id.clone();
@@ -800,11 +802,12 @@ impl ComputePool {
                     Ok(Some(TaskEvent::Finished(outcome))) => break Ok(outcome),
                     Ok(Some(_)) => {}
                     Ok(None) => {
-                        break Err(Error::Lost(format!(
-                            "{node_id} ended the task stream without an outcome"
-                        )))
+                        break Err(Error::Run(RunError::Protocol {
+                            node: node_id,
+                            message: "the task stream ended without an outcome".into(),
+                        }))
                     }
-                    Err(e) => break Err(Error::Lost(e.to_string())),
+                    Err(e) => break Err(Error::Run(e.into())),
                 }
             };
             drop(chunks_tx);
@@ -898,15 +901,20 @@ impl ComputePool {
                         other => other,
                     })
                 }
-                Err(e) => return Err(Error::Lost(format!("a map worker stopped: {e}"))),
+                Err(e) => {
+                    return Err(Error::Run(RunError::Internal(format!(
+                        "a map worker stopped: {e}"
+                    ))))
+                }
             }
         }
         outputs
             .into_iter()
             .enumerate()
             .map(|(index, output)| {
-                let output = output
-                    .ok_or_else(|| Error::Lost(format!("input {index} of the map never ran")))?;
+                let output = output.ok_or_else(|| {
+                    RunError::Internal(format!("input {index} of the map never ran"))
+                })?;
                 Ok(skyward_common::typed::decode_output::<T>(&output)?)
             })
             .collect()
@@ -928,10 +936,10 @@ impl ComputePool {
     }
 
     fn no_node(&self) -> Error {
-        Error::Lost(format!(
+        Error::Run(RunError::Unplaceable(format!(
             "no node of pool {} is connected: build a new pool",
             self.shared.name
-        ))
+        )))
     }
 }
 
@@ -988,7 +996,11 @@ impl CommandStream {
         while self.chunks.recv().await.is_some() {}
         let end = (&mut self.end).await;
         let _ = &self.reader;
-        end.unwrap_or_else(|_| Err(Error::Lost("the command's reader stopped".into())))
+        end.unwrap_or_else(|_| {
+            Err(Error::Run(RunError::Internal(
+                "the command's reader stopped".into(),
+            )))
+        })
     }
 }
 
@@ -1013,7 +1025,7 @@ async fn run_typed(
     let remote = coordinator
         .start_task(node, TaskSpec::typed(name, version, payload))
         .await
-        .map_err(|e| Error::Lost(e.to_string()))?;
+        .map_err(RunError::from)?;
     let (_input, mut output) = (remote.input, remote.output);
     let failed = |message: String| Error::Task {
         task: name.to_string(),
@@ -1042,12 +1054,12 @@ async fn run_typed(
             }
             Ok(Some(_)) => {}
             Ok(None) => {
-                return Err(Error::Lost(format!(
-                    "{} ended task `{name}` without an outcome",
-                    node.node_id
-                )))
+                return Err(Error::Run(RunError::Protocol {
+                    node: node.node_id.clone(),
+                    message: format!("the stream of task `{name}` ended without an outcome"),
+                }))
             }
-            Err(e) => return Err(Error::Lost(e.to_string())),
+            Err(e) => return Err(Error::Run(e.into())),
         }
     }
 }

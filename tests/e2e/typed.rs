@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use skyward::{
-    Command, ComputePool, Error, Local, OutputStream, Task, TaskContext, TaskOutcome, TaskResult,
+    Command, ComputePool, Error, Local, OutputStream, RunError, Task, TaskContext, TaskOutcome,
+    TaskResult,
 };
 use skyward_tests::{bin, run, Sandbox};
 use typed_map::Sum;
@@ -106,7 +107,8 @@ async fn typed_map_keeps_input_order_and_panics_and_versions_are_errors() {
 }
 
 /// Typed tasks are not resumed (README, "What survives which fault"): a call whose node is
-/// lost fails with `Error::Lost` once the node timeout passes, rather than waiting on.
+/// lost fails with `Error::Run(RunError::NodeLost)`, naming the node, once the node timeout
+/// passes, rather than waiting on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_typed_call_whose_node_is_lost_fails_as_lost() {
     let sandbox = Sandbox::new();
@@ -136,8 +138,11 @@ async fn a_typed_call_whose_node_is_lost_fails_as_lost() {
     // SAFETY: as above.
     unsafe { libc::kill(agents[0], libc::SIGCONT) };
     match result {
-        Err(Error::Lost(why)) => assert!(why.contains("node-1"), "{why}"),
-        other => panic!("expected Error::Lost, got {other:?}"),
+        Err(Error::Run(RunError::NodeLost { node, reason })) => {
+            assert_eq!(node, "node-1", "{reason}");
+            assert!(reason.contains("no health report"), "{reason}");
+        }
+        other => panic!("expected Error::Run(RunError::NodeLost), got {other:?}"),
     }
     pool.shutdown().await.unwrap();
     nothing_left(&sandbox).await;
