@@ -1,25 +1,23 @@
 //! Keeps a pool at its size within its replacement budget, whoever drives the pool (the
-//! background coordinator of `skyward pool up`, or a program through the library): a node
-//! that is interrupted (a spot notice), lost (silent past the node timeout, busy or idle) or
-//! gone by its provider's word is given up and fenced (and its machine removed, see
-//! [`Pool::up`]), and a new node takes its place, as the pure [`Membership`] decides: when,
-//! from which offer first, or no more.
+//! background coordinator of `skyward pool up`, `skyward run`, or a program through the
+//! library). Which node is given up, and when and from which offer a place is refilled, is
+//! the pool state's to decide (`skyward_core::pool_state`, held by the coordinator): a node
+//! interrupted (a spot notice), silent past the node timeout (busy or idle) or gone by its
+//! provider's word is fenced and its place asked to be refilled in the same step. The keeper
+//! carries those asks out (provisioning through [`Pool::replace`]) and tells the provider's
+//! word about gone machines.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use tokio::sync::broadcast::error::RecvError;
+use std::time::Duration;
 
 use crate::pool::{candidates, Pool, PoolProgress};
-use crate::server::CoordinatorEvent;
-use skyward_core::membership::{Action, Budget, Event, Membership};
+use crate::server::PlaceNews;
+use skyward_core::membership::Budget;
 use skyward_core::selection::{self, Attempt, Selection};
 use skyward_providers::Provider;
 
-/// How often the pool's nodes are checked for ones to replace (besides the coordinator's
-/// events, which are acted on as they come).
-const NODE_CHECK: Duration = Duration::from_secs(5);
+/// How often the providers are asked which of the pool's machines are gone.
+const MACHINE_CHECK: Duration = Duration::from_secs(5);
 
 /// What the keeper has to say, for whoever shows the pool.
 pub enum Kept<'a> {
@@ -43,98 +41,46 @@ pub async fn keep_size(
     on_news: &mut (dyn FnMut(Kept<'_>) + Send),
 ) {
     let coordinator = pool.coordinator();
-    let mut events = coordinator.subscribe();
-    let mut tick = tokio::time::interval(NODE_CHECK);
     let held = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
-    let mut membership = Membership::new(held, budget, Instant::now());
-    // Why each node was lost, for the line that says what replaced it.
-    let mut why_lost: HashMap<String, String> = HashMap::new();
+    let mut asks = coordinator.keep_places(held, budget);
+    let mut machine_check = tokio::time::interval(MACHINE_CHECK);
     loop {
-        let mut happened: VecDeque<Event> = VecDeque::new();
-        let wake = membership.next_wake();
         tokio::select! {
-            event = events.recv() => match event {
-                Ok(CoordinatorEvent::NodeLost { node_id, reason }) => {
-                    happened.push_back(Event::NodeLost { node: node_id, reason })
-                }
-                Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
-                    happened.push_back(Event::NodeLost {
-                        node: node_id,
-                        reason: format!("{} interruption notice: {} at {}", notice.source, notice.action, notice.at),
-                    })
-                }
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return,
-            },
-            _ = tick.tick() => {
-                let nodes = pool.nodes();
-                for node in &nodes {
-                    // Events can be missed (a lagging receiver): the node's state says it too.
-                    if let Some(why) = node.lost_reason() {
-                        happened.push_back(Event::NodeLost { node: node.node_id.clone(), reason: why });
+            ask = asks.recv() => match ask {
+                None => return,
+                Some(PlaceNews::Report(line)) => on_news(Kept::Replacement(line)),
+                Some(PlaceNews::Replace { place, lost, why, next_offer_first }) => {
+                    tracing::warn!("{lost} ({why}): starting a node in its place");
+                    let fallbacks = fallbacks(pool, providers, selection).await;
+                    let replaced = pool
+                        .replace(&lost, &fallbacks, next_offer_first, &mut |event| {
+                            on_news(Kept::Progress(event))
+                        })
+                        .await;
+                    match replaced {
+                        Ok(new) => {
+                            on_news(Kept::Replacement(format!(
+                                "{lost} ({why}) replaced by {}",
+                                new.node_id
+                            )));
+                            coordinator.replaced(place, &new.node_id);
+                        }
+                        Err(failure) => coordinator.replacement_failed(place, &failure.message),
                     }
                 }
+            },
+            _ = machine_check.tick() => {
+                let nodes = pool.nodes();
                 for provider in pool.providers() {
                     for (node, why) in provider.failed_nodes(pool.name()).await {
                         if nodes.iter().any(|n| n.node_id == node) {
-                            happened.push_back(Event::NodeLost {
-                                node,
-                                reason: format!("{}: {why}", provider.name()),
-                            });
+                            coordinator.give_up(&node, &format!("{}: {why}", provider.name()));
                         }
                     }
                 }
             }
-            _ = sleep_until_some(wake) => happened.push_back(Event::Tick),
         }
-        while let Some(event) = happened.pop_front() {
-            if let Event::NodeLost { node, reason } = &event {
-                why_lost
-                    .entry(node.clone())
-                    .or_insert_with(|| reason.clone());
-            }
-            for action in membership.handle(event, Instant::now()) {
-                match action {
-                    Action::Fence { node, reason } => {
-                        // Connected or between connections: its tasks stop waiting for it,
-                        // and should it come back it is told to shut down.
-                        coordinator.give_up(&node, &reason);
-                    }
-                    Action::Start {
-                        place,
-                        lost,
-                        next_offer_first,
-                    } => {
-                        let why = why_lost.get(&lost).cloned().unwrap_or_default();
-                        tracing::warn!("{lost} ({why}): starting a node in its place");
-                        let fallbacks = fallbacks(pool, providers, selection).await;
-                        let replaced = pool
-                            .replace(&lost, &fallbacks, next_offer_first, &mut |event| {
-                                on_news(Kept::Progress(event))
-                            })
-                            .await;
-                        happened.push_back(match replaced {
-                            Ok(new) => {
-                                on_news(Kept::Replacement(format!(
-                                    "{lost} ({why}) replaced by {}",
-                                    new.node_id
-                                )));
-                                Event::Started {
-                                    place,
-                                    node: new.node_id,
-                                }
-                            }
-                            Err(failure) => Event::StartFailed {
-                                place,
-                                error: failure.message,
-                            },
-                        });
-                    }
-                    Action::Report(line) => on_news(Kept::Replacement(line)),
-                }
-            }
-        }
-        on_news(Kept::Shortfall(membership.shortfall()));
+        on_news(Kept::Shortfall(coordinator.shortfall()));
     }
 }
 
@@ -152,12 +98,4 @@ async fn fallbacks(
         .into_iter()
         .filter_map(|attempt| Some((providers.get(attempt.candidate)?.clone(), attempt)))
         .collect()
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
-    }
 }

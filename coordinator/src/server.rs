@@ -31,6 +31,8 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::tcp::{BulkTicket, BulkTickets};
 use skyward_core::admission::{Admission, Refusal};
+use skyward_core::membership::Budget;
+use skyward_core::pool_state::{self, PoolState};
 use skyward_core::roster::{self, Roster};
 use skyward_core::task::{Delivery, TaskProgress, TaskProtocolError};
 use skyward_core::tokens::TokenRejection;
@@ -164,7 +166,7 @@ struct NodeState {
     interruption: Mutex<Option<Interruption>>,
     /// Whether it is still in the pool (and when it was last heard from) is the roster's
     /// to say, for this generation of the node id.
-    roster: Arc<Mutex<Roster>>,
+    state: Arc<Mutex<PoolState>>,
     node_id: String,
     generation: u64,
     /// Wakes whoever waits for the node (a task to start or resume, a download to start
@@ -174,9 +176,10 @@ struct NodeState {
 
 impl NodeState {
     fn lost_reason(&self) -> Option<String> {
-        self.roster
+        self.state
             .lock()
-            .expect("roster lock")
+            .expect("pool state lock")
+            .roster()
             .fate(&self.node_id, self.generation)
     }
 
@@ -276,8 +279,11 @@ struct Inner {
     /// The agent URL is this coordinator's own download server.
     serves_agent: bool,
     ca: PoolCa,
-    /// Every node id's tokens, live certificate, generation, silence and fence.
-    roster: Arc<Mutex<Roster>>,
+    /// Every node id's tokens, live certificate, generation, silence and fence, and the
+    /// pool's places once it keeps its size: one state decides every node's fate.
+    state: Arc<Mutex<PoolState>>,
+    /// Where the replacements the pool state asks for go: the pool's keeper, once one runs.
+    keeper: Mutex<Option<mpsc::UnboundedSender<PlaceNews>>>,
     /// Enrollment connections and failures per source address.
     admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
@@ -293,6 +299,22 @@ struct Inner {
     bulk: Option<(u16, Arc<BulkTickets>)>,
 }
 
+/// What the pool state asks of the pool's keeper (see [`Coordinator::keep_places`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlaceNews {
+    /// Start a node for `place` in place of `lost` (given up for `why`), from the pool's own
+    /// offer first, or from the next offer first when `next_offer_first`; then say how it
+    /// went ([`Coordinator::replaced`], [`Coordinator::replacement_failed`]).
+    Replace {
+        place: usize,
+        lost: String,
+        why: String,
+        next_offer_first: bool,
+    },
+    /// What became of a place, for the user.
+    Report(String),
+}
+
 /// One pool's coordinator endpoint.
 pub struct Coordinator {
     inner: Arc<Inner>,
@@ -306,6 +328,8 @@ pub struct Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
+        // The keeper's channel closes with the coordinator: it stops.
+        self.inner.keeper.lock().expect("keeper lock").take();
         for (_, dialer) in self.dialers.lock().expect("dialers lock").drain() {
             dialer.abort();
         }
@@ -412,7 +436,10 @@ impl Coordinator {
             serves_agent: serve_binaries,
             agent_url,
             ca,
-            roster: Arc::new(Mutex::new(Roster::new(DEFAULT_NODE_TIMEOUT))),
+            state: Arc::new(Mutex::new(PoolState::new(Roster::new(
+                DEFAULT_NODE_TIMEOUT,
+            )))),
+            keeper: Mutex::new(None),
             admission: Mutex::new(Admission::default()),
             nodes: Mutex::new(HashMap::new()),
             node_states: Mutex::new(HashMap::new()),
@@ -480,7 +507,8 @@ impl Coordinator {
 
     pub fn issue_token_with_ttl(&self, node_id: &str, ttl: Duration) -> String {
         self.inner
-            .roster()
+            .state()
+            .roster_mut()
             .issue_token(node_id, ttl, Instant::now())
     }
 
@@ -499,14 +527,15 @@ impl Coordinator {
 
     /// How long a node may be silent, or a task's node out of reach, before it is given up.
     pub fn node_timeout(&self) -> Duration {
-        self.inner.roster().timeout()
+        self.inner.state().roster().timeout()
     }
 
     /// How long a node may stay silent (missed health reports) before it counts as lost and
     /// its connection is closed; nodes connecting from now on report health often enough.
     pub fn set_node_timeout(&self, timeout: Duration) {
         self.inner
-            .roster()
+            .state()
+            .roster_mut()
             .set_timeout(timeout.max(Duration::from_millis(1)));
     }
 
@@ -632,17 +661,49 @@ impl Coordinator {
     /// between connections, and should it come back its agent is told to shut down; false
     /// if it never connected.
     pub fn give_up(&self, node_id: &str, reason: &str) -> bool {
-        let (known, actions) = {
-            let mut roster = self.inner.roster();
-            let known = roster.has_connected(node_id);
-            let event = roster::Event::GiveUp {
-                node: node_id.to_string(),
-                reason: reason.to_string(),
-            };
-            (known, roster.handle(event, Instant::now()))
-        };
-        carry_out(&self.inner, actions);
+        let known = self.inner.state().roster().has_connected(node_id);
+        self.inner.node_event(roster::Event::GiveUp {
+            node: node_id.to_string(),
+            reason: reason.to_string(),
+        });
         known
+    }
+
+    /// From now on the pool keeps its size: its places, held by `nodes` in rank order, are
+    /// refilled within `budget` whenever their node is given up (silent, interrupted, its
+    /// machine gone). The replacements to start come on the returned channel, which closes
+    /// with the coordinator; a second call replaces the first.
+    pub fn keep_places(
+        &self,
+        nodes: Vec<String>,
+        budget: Budget,
+    ) -> mpsc::UnboundedReceiver<PlaceNews> {
+        let (news, receiver) = mpsc::unbounded_channel();
+        *self.inner.keeper.lock().expect("keeper lock") = Some(news);
+        self.inner
+            .pool_event(pool_state::Event::KeepPlaces { nodes, budget });
+        receiver
+    }
+
+    /// The node started for `place` is up.
+    pub fn replaced(&self, place: usize, node_id: &str) {
+        self.inner.pool_event(pool_state::Event::Replaced {
+            place,
+            node: node_id.to_string(),
+        });
+    }
+
+    /// Starting a node for `place` failed: it is tried again after a wait, within the budget.
+    pub fn replacement_failed(&self, place: usize, error: &str) {
+        self.inner.pool_event(pool_state::Event::ReplacementFailed {
+            place,
+            error: error.to_string(),
+        });
+    }
+
+    /// Why the pool runs with fewer nodes than asked, once its replacement budget is spent.
+    pub fn shortfall(&self) -> Option<String> {
+        self.inner.state().shortfall()
     }
 
     /// Forgets nodes of a provisioning attempt that was given up (their agents told to shut
@@ -653,7 +714,7 @@ impl Coordinator {
         let forget = roster::Event::Forget {
             nodes: node_ids.to_vec(),
         };
-        self.inner.roster().handle(forget, Instant::now());
+        self.inner.node_event(forget);
         for node_id in node_ids {
             self.inner
                 .node_states
@@ -666,13 +727,17 @@ impl Coordinator {
 
     /// Why node `node_id` was given up and fenced, if it was.
     pub fn fenced(&self, node_id: &str) -> Option<String> {
-        self.inner.roster().fenced(node_id).map(String::from)
+        self.inner
+            .state()
+            .roster()
+            .fenced(node_id)
+            .map(String::from)
     }
 
     /// Revokes every token issued so far for these nodes (a provisioning attempt that was
     /// torn down): a late machine of that attempt cannot enroll with them.
     pub fn revoke_tokens(&self, node_ids: &[String]) {
-        self.inner.roster().revoke_tokens(node_ids);
+        self.inner.state().roster_mut().revoke_tokens(node_ids);
     }
 
     /// Tells every connected agent to stop its tasks and exit.
@@ -709,6 +774,7 @@ impl Coordinator {
 
     /// Closes the endpoint, giving peers a moment to hear about it.
     pub async fn close(&self) {
+        self.inner.keeper.lock().expect("keeper lock").take();
         for (_, dialer) in self.dialers.lock().expect("dialers lock").drain() {
             dialer.abort();
         }
@@ -1032,7 +1098,7 @@ impl TaskOutput {
     /// Waits (up to the node timeout) for the node to come back on a new connection and
     /// goes on with the task there, from the first output chunk not yet seen.
     async fn resume(&mut self) -> Result<(), TaskError> {
-        let wait = self.inner.roster().timeout();
+        let wait = self.inner.state().roster().timeout();
         let deadline = tokio::time::Instant::now() + wait;
         let lost = |node: &str, reason: String| TaskError::Lost {
             node: node.to_string(),
@@ -1186,7 +1252,7 @@ async fn dial_loop(
             .get(&node_id)
             .is_some_and(|n| n.is_connected());
         if !connected {
-            let enrolled = inner.roster().is_enrolled(&node_id);
+            let enrolled = inner.state().roster().is_enrolled(&node_id);
             let config = if enrolled {
                 &inner.dial_node
             } else {
@@ -1363,8 +1429,19 @@ fn answer_enrollment(
 }
 
 impl Inner {
-    fn roster(&self) -> std::sync::MutexGuard<'_, Roster> {
-        self.roster.lock().expect("roster lock")
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().expect("pool state lock")
+    }
+
+    /// Tells the pool state what happened to a node id and carries out what it decides
+    /// (fences, replacements); returns its answer for the caller (sign, welcome, refuse...).
+    fn node_event(&self, event: roster::Event) -> Vec<roster::Action> {
+        self.pool_event(pool_state::Event::Node(event))
+    }
+
+    fn pool_event(&self, event: pool_state::Event) -> Vec<roster::Action> {
+        let actions = self.state().handle(event, Instant::now());
+        carry_out(self, actions)
     }
 
     fn node_cert_validity(&self) -> Duration {
@@ -1383,13 +1460,12 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
         node_id: request.node_id.clone(),
         reason,
     };
-    let now = Instant::now();
     // Check first, sign, and only then spend the token: a bad CSR must not burn it.
     let asked = roster::Event::EnrollRequested {
         node: request.node_id.clone(),
         token: request.token.clone(),
     };
-    if let Some(refused) = token_refusal(inner.roster().handle(asked, now)) {
+    if let Some(refused) = token_refusal(inner.node_event(asked)) {
         return Err(token_error(refused));
     }
     let (cert, not_after) = inner
@@ -1405,7 +1481,7 @@ fn sign_enrollment(inner: &Inner, request: &EnrollRequest) -> Result<EnrollRespo
         cert: fingerprint(&cert),
         token: Some(request.token.clone()),
     };
-    if let Some(refused) = token_refusal(inner.roster().handle(signed, now)) {
+    if let Some(refused) = token_refusal(inner.node_event(signed)) {
         return Err(token_error(refused));
     }
     Ok(EnrollResponse::Accepted {
@@ -1437,12 +1513,39 @@ fn frame_rejection(conn: &Connection, node: &str, error: FrameError) -> Rejectio
     }
 }
 
-/// Carries out the roster's fences: each node given up has its connection closed, whoever
-/// waits for it (a task to start or resume) hears it at once, and the pool is told.
-fn carry_out(inner: &Inner, actions: Vec<roster::Action>) {
+/// Carries out the pool state's decisions: each node given up has its connection closed,
+/// whoever waits for it (a task to start or resume) hears it at once, and the pool is told;
+/// replacements and reports go to the pool's keeper. Returns the answers for the caller.
+fn carry_out(inner: &Inner, actions: Vec<pool_state::Action>) -> Vec<roster::Action> {
+    let mut answers = Vec::new();
     for action in actions {
-        let roster::Action::Fence { node, reason } = action else {
-            continue;
+        let (node, reason) = match action {
+            pool_state::Action::Node(roster::Action::Fence { node, reason }) => (node, reason),
+            pool_state::Action::Node(answer) => {
+                answers.push(answer);
+                continue;
+            }
+            pool_state::Action::Replace {
+                place,
+                lost,
+                why,
+                next_offer_first,
+            } => {
+                tell_keeper(
+                    inner,
+                    PlaceNews::Replace {
+                        place,
+                        lost,
+                        why,
+                        next_offer_first,
+                    },
+                );
+                continue;
+            }
+            pool_state::Action::Report(line) => {
+                tell_keeper(inner, PlaceNews::Report(line));
+                continue;
+            }
         };
         let state = inner
             .node_states
@@ -1463,6 +1566,13 @@ fn carry_out(inner: &Inner, actions: Vec<roster::Action>) {
             reason,
         });
     }
+    answers
+}
+
+fn tell_keeper(inner: &Inner, news: PlaceNews) {
+    if let Some(keeper) = inner.keeper.lock().expect("keeper lock").as_ref() {
+        let _ = keeper.send(news);
+    }
 }
 
 /// Gives up every node silent (no message, connected or not) past the node timeout, whether
@@ -1474,7 +1584,7 @@ async fn watch_silence(inner: std::sync::Weak<Inner>) {
     let mut last_tick = Instant::now();
     loop {
         let timeout = match inner.upgrade() {
-            Some(inner) => inner.roster().timeout(),
+            Some(inner) => inner.state().roster().timeout(),
             None => return,
         };
         let period = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
@@ -1487,8 +1597,7 @@ async fn watch_silence(inner: std::sync::Weak<Inner>) {
             .duration_since(last_tick)
             .saturating_sub(period + SILENCE_WATCH_SLACK);
         last_tick = now;
-        let actions = inner.roster().handle(roster::Event::Tick { paused }, now);
-        carry_out(&inner, actions);
+        inner.node_event(roster::Event::Tick { paused });
     }
 }
 
@@ -1554,13 +1663,12 @@ async fn serve_node(
         cert: fingerprint(&cert),
         connection: conn.stable_id(),
     };
-    let (answer, generation) = {
-        let mut roster = inner.roster();
-        (
-            roster.handle(said_hello, Instant::now()),
-            roster.generation(&node_id),
-        )
+    let (decided, generation) = {
+        let mut state = inner.state();
+        let decided = state.handle(pool_state::Event::Node(said_hello), Instant::now());
+        (decided, state.roster().generation(&node_id))
     };
+    let answer = carry_out(inner, decided);
     let refusal = answer.into_iter().find_map(|action| match action {
         roster::Action::Refuse(roster::Refusal::Fenced { reason }) => Some((
             format!("{node_id} was given up ({reason}) and is no longer in pool {}", inner.pool),
@@ -1591,7 +1699,7 @@ async fn serve_node(
         conn.close(close_code::POOL_SHUTDOWN.into(), b"refused");
         return Err(rejection);
     }
-    let node_timeout = inner.roster().timeout();
+    let node_timeout = inner.state().roster().timeout();
     // Three reports fit in the timeout, so one lost datagram's worth of delay is not a loss.
     let health_interval = HEALTH_INTERVAL
         .min(node_timeout / 3)
@@ -1620,7 +1728,7 @@ async fn serve_node(
                 running: Arc::new(AtomicU32::new(0)),
                 health: Mutex::new(None),
                 interruption: Mutex::new(None),
-                roster: inner.roster.clone(),
+                state: inner.state.clone(),
                 node_id: node_id.clone(),
                 generation,
                 changed: tokio::sync::Notify::new(),
@@ -1682,7 +1790,7 @@ async fn serve_node(
             let heard = roster::Event::Heard {
                 node: node_id.clone(),
             };
-            inner.roster().handle(heard, Instant::now());
+            inner.node_event(heard);
         }
         match message {
             Ok(Some(AgentMessage::Health(health))) => {
@@ -1694,7 +1802,7 @@ async fn serve_node(
                 let asked = roster::Event::RenewRequested {
                     node: node_id.clone(),
                 };
-                let allowed = match inner.roster().handle(asked, Instant::now()).pop() {
+                let allowed = match inner.node_event(asked).pop() {
                     Some(roster::Action::RefuseRenewal(why)) => Err(why),
                     _ => Ok(()),
                 };
@@ -1708,7 +1816,7 @@ async fn serve_node(
                         cert: fingerprint(&cert),
                         token: None,
                     };
-                    match token_refusal(inner.roster().handle(signed, Instant::now())) {
+                    match token_refusal(inner.node_event(signed)) {
                         Some(_) => Err(format!("{node_id} was given up")),
                         None => Ok(bytes::Bytes::from(cert.to_vec())),
                     }
@@ -1728,6 +1836,15 @@ async fn serve_node(
                 tracing::warn!(node = %node_id, "{} interruption notice: {} at {}", notice.source, notice.action, notice.at);
                 *handle.state.interruption.lock().expect("interruption lock") =
                     Some(notice.clone());
+                // A pool that keeps its size gives the node up now and starts its successor
+                // before the machine goes; otherwise its run decides (below).
+                inner.pool_event(pool_state::Event::Interrupted {
+                    node: node_id.clone(),
+                    reason: format!(
+                        "{} interruption notice: {} at {}",
+                        notice.source, notice.action, notice.at
+                    ),
+                });
                 let _ = inner.events.send(CoordinatorEvent::NodeInterrupted {
                     node_id: node_id.clone(),
                     notice,
@@ -1770,7 +1887,7 @@ async fn serve_node(
         node: node_id.clone(),
         connection: conn.stable_id(),
     };
-    inner.roster().handle(closed, Instant::now());
+    inner.node_event(closed);
     tracing::info!(node = %node_id, "node disconnected: {reason}");
     let _ = inner
         .events
@@ -1840,7 +1957,12 @@ mod tests {
     }
 
     fn enrolled(inner: &Inner) -> std::collections::HashSet<String> {
-        inner.roster().enrolled().map(String::from).collect()
+        inner
+            .state()
+            .roster()
+            .enrolled()
+            .map(String::from)
+            .collect()
     }
 
     /// A coordinator on loopback and the runtime it needs, for judging requests directly.
@@ -1888,7 +2010,7 @@ mod tests {
                             cert: "spent".into(),
                             token: Some(token.clone()),
                         };
-                        prop_assert_eq!(inner.roster().handle(spend, Instant::now()), vec![]);
+                        prop_assert_eq!(inner.node_event(spend), vec![]);
                         token
                     }
                     TokenKind::Expired => coordinator.issue_token_with_ttl(&node, Duration::ZERO),
@@ -1935,14 +2057,22 @@ mod tests {
                     (Err(Rejection::BadEnrollment(why)), true, None, false) => {
                         prop_assert!(why.contains("certificate signing request"), "{why}");
                         // A bad CSR must not burn the token.
-                        let unspent = inner.roster().check_token(&token, &node, Instant::now());
+                        let unspent =
+                            inner
+                                .state()
+                                .roster()
+                                .check_token(&token, &node, Instant::now());
                         prop_assert_eq!(unspent, Ok(()));
                     }
                     (Ok(EnrollResponse::Accepted { cert_der, .. }), true, None, true) => {
                         // The certificate names the token's node, whatever the CSR said.
                         prop_assert_eq!(node_id_from_cert(cert_der).unwrap(), node.clone());
                         prop_assert!(enrolled(inner).contains(&node));
-                        let spent = inner.roster().check_token(&token, &node, Instant::now());
+                        let spent =
+                            inner
+                                .state()
+                                .roster()
+                                .check_token(&token, &node, Instant::now());
                         prop_assert_eq!(spent, Err(TokenRejection::AlreadyUsed));
                         return Ok(());
                     }

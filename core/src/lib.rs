@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod lifecycle;
 pub mod membership;
 pub mod offer;
+pub mod pool_state;
 pub mod roster;
 pub mod schedule;
 pub mod selection;

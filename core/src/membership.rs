@@ -211,6 +211,30 @@ impl Membership {
 
     /// After a loss or a failed try: start a new node for `index` now, later, or never.
     fn schedule(&mut self, index: usize, now: Instant, actions: &mut Vec<Action>) {
+        if self.leave_empty_if_spent(index, now, actions) {
+            return;
+        }
+        let place = &mut self.places[index];
+        match place.setbacks {
+            0 => self.start(index, now, actions),
+            setbacks => {
+                let wait = self
+                    .budget
+                    .backoff_min
+                    .saturating_mul(1u32 << (setbacks - 1).min(16))
+                    .min(self.budget.backoff_max);
+                place.state = PlaceState::Waiting { until: now + wait };
+            }
+        }
+    }
+
+    /// Leaves place `index` empty, and says so, when its budget or the pool's is spent.
+    fn leave_empty_if_spent(
+        &mut self,
+        index: usize,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) -> bool {
         let window = self.budget.window;
         let recent = |starts: &mut VecDeque<Instant>| {
             while starts
@@ -225,40 +249,31 @@ impl Membership {
         let place = &mut self.places[index];
         let place_starts = recent(&mut place.starts);
         let spent = if place_starts >= self.budget.per_place {
-            Some(format!(
+            format!(
                 "{place_starts} new nodes for this place in the last {} already (--max-replacements raises it)",
                 human(window)
-            ))
+            )
         } else if pool_starts >= self.budget.per_pool {
-            Some(format!(
+            format!(
                 "{pool_starts} new nodes for the pool in the last {} already (--max-replacements raises it)",
                 human(window)
-            ))
+            )
         } else {
-            None
+            return false;
         };
-        if let Some(why) = spent {
-            actions.push(Action::Report(format!(
-                "{} not replaced: {why}",
-                place.node
-            )));
-            place.state = PlaceState::Empty { why };
-            return;
-        }
-        match place.setbacks {
-            0 => self.start(index, now, actions),
-            setbacks => {
-                let wait = self
-                    .budget
-                    .backoff_min
-                    .saturating_mul(1u32 << (setbacks - 1).min(16))
-                    .min(self.budget.backoff_max);
-                place.state = PlaceState::Waiting { until: now + wait };
-            }
-        }
+        actions.push(Action::Report(format!(
+            "{} not replaced: {spent}",
+            place.node
+        )));
+        place.state = PlaceState::Empty { why: spent };
+        true
     }
 
+    /// Starts a new node for `index`, unless the budget was spent while it waited.
     fn start(&mut self, index: usize, now: Instant, actions: &mut Vec<Action>) {
+        if self.leave_empty_if_spent(index, now, actions) {
+            return;
+        }
         let place = &mut self.places[index];
         place.state = PlaceState::Starting;
         place.starts.push_back(now);
