@@ -3,21 +3,17 @@
 //! library). Which node is given up, and when and from which offer a place is refilled, is
 //! the pool state's to decide (`skyward_core::pool_state`, held by the coordinator): a node
 //! interrupted (a spot notice), silent past the node timeout (busy or idle) or gone by its
-//! provider's word is fenced and its place asked to be refilled in the same step. The keeper
-//! carries those asks out (provisioning through [`Pool::replace`]) and tells the provider's
-//! word about gone machines.
+//! provider's word (the pool's machine check) is fenced and its place asked to be refilled
+//! in the same step. The keeper carries those asks out (provisioning through
+//! [`Pool::replace`]) and says how each went.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::pool::{candidates, Pool, PoolProgress};
 use crate::server::PlaceNews;
 use skyward_core::membership::Budget;
 use skyward_core::selection::{self, Attempt, Selection};
 use skyward_providers::Provider;
-
-/// How often the providers are asked which of the pool's machines are gone.
-const MACHINE_CHECK: Duration = Duration::from_secs(5);
 
 /// What the keeper has to say, for whoever shows the pool.
 pub enum Kept<'a> {
@@ -43,40 +39,31 @@ pub async fn keep_size(
     let coordinator = pool.coordinator();
     let held = pool.nodes().iter().map(|n| n.node_id.clone()).collect();
     let mut asks = coordinator.keep_places(held, budget);
-    let mut machine_check = tokio::time::interval(MACHINE_CHECK);
-    loop {
-        tokio::select! {
-            ask = asks.recv() => match ask {
-                None => return,
-                Some(PlaceNews::Report(line)) => on_news(Kept::Replacement(line)),
-                Some(PlaceNews::Replace { place, lost, why, next_offer_first }) => {
-                    tracing::warn!("{lost} ({why}): starting a node in its place");
-                    let fallbacks = fallbacks(pool, providers, selection).await;
-                    let replaced = pool
-                        .replace(&lost, &fallbacks, next_offer_first, &mut |event| {
-                            on_news(Kept::Progress(event))
-                        })
-                        .await;
-                    match replaced {
-                        Ok(new) => {
-                            on_news(Kept::Replacement(format!(
-                                "{lost} ({why}) replaced by {}",
-                                new.node_id
-                            )));
-                            coordinator.replaced(place, &new.node_id);
-                        }
-                        Err(failure) => coordinator.replacement_failed(place, &failure.message),
+    while let Some(ask) = asks.recv().await {
+        match ask {
+            PlaceNews::Report(line) => on_news(Kept::Replacement(line)),
+            PlaceNews::Replace {
+                place,
+                lost,
+                why,
+                next_offer_first,
+            } => {
+                tracing::warn!("{lost} ({why}): starting a node in its place");
+                let fallbacks = fallbacks(pool, providers, selection).await;
+                let replaced = pool
+                    .replace(&lost, &fallbacks, next_offer_first, &mut |event| {
+                        on_news(Kept::Progress(event))
+                    })
+                    .await;
+                match replaced {
+                    Ok(new) => {
+                        on_news(Kept::Replacement(format!(
+                            "{lost} ({why}) replaced by {}",
+                            new.node_id
+                        )));
+                        coordinator.replaced(place, &new.node_id);
                     }
-                }
-            },
-            _ = machine_check.tick() => {
-                let nodes = pool.nodes();
-                for provider in pool.providers() {
-                    for (node, why) in provider.failed_nodes(pool.name()).await {
-                        if nodes.iter().any(|n| n.node_id == node) {
-                            coordinator.give_up(&node, &format!("{}: {why}", provider.name()));
-                        }
-                    }
+                    Err(failure) => coordinator.replacement_failed(place, &failure.message),
                 }
             }
         }

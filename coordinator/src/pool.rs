@@ -132,12 +132,19 @@ impl Drop for Pool {
     }
 }
 
-/// Removes the machine of each node of `machines` that `coordinator` gives up (lost, silent,
-/// interrupted, gone): a fenced node bills no longer than its provider takes to remove it.
-/// Nodes given up before it started, or while it lagged behind, are found by asking the
-/// coordinator which are fenced.
-async fn terminate_lost_machines(coordinator: Arc<Coordinator>, machines: Machines) {
+/// How often the providers are asked which of the pool's machines are gone (reclaimed,
+/// offline): sooner than their silence would say it.
+const MACHINE_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tends the machines of `machines`, one task per pool: every [`MACHINE_CHECK`] it asks their
+/// providers which are gone and has `coordinator` give those nodes up; and it removes the
+/// machine of each node the coordinator gives up (lost, silent, interrupted, gone), so that
+/// a fenced node bills no longer than its provider takes to remove it. Nodes given up
+/// before it started, or while it lagged behind, are found by asking the coordinator which
+/// are fenced.
+async fn tend_machines(coordinator: Arc<Coordinator>, machines: Machines) {
     let mut events = coordinator.subscribe();
+    let mut machine_check = tokio::time::interval(MACHINE_CHECK);
     let mut sweep = true;
     loop {
         let lost: Vec<String> = match sweep {
@@ -161,10 +168,35 @@ async fn terminate_lost_machines(coordinator: Arc<Coordinator>, machines: Machin
                 tokio::spawn(async move { terminate(&provider, &pool, &node).await });
             }
         }
-        match events.recv().await {
-            Ok(CoordinatorEvent::NodeLost { .. }) | Err(RecvError::Lagged(_)) => sweep = true,
-            Ok(_) => {}
-            Err(RecvError::Closed) => return,
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(CoordinatorEvent::NodeLost { .. }) | Err(RecvError::Lagged(_)) => sweep = true,
+                Ok(_) => {}
+                Err(RecvError::Closed) => return,
+            },
+            _ = machine_check.tick() => give_up_gone_machines(&coordinator, &machines).await,
+        }
+    }
+}
+
+/// Gives up each node of `machines` whose provider says its machine is gone.
+async fn give_up_gone_machines(coordinator: &Coordinator, machines: &Machines) {
+    let mut providers: Vec<Arc<dyn Provider>> = Vec::new();
+    for provider in machines.lock().unwrap_or_else(|p| p.into_inner()).values() {
+        if !providers.iter().any(|p| Arc::ptr_eq(p, provider)) {
+            providers.push(provider.clone());
+        }
+    }
+    for provider in providers {
+        for (node, why) in provider.failed_nodes(coordinator.pool()).await {
+            let ours = machines
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&node)
+                .is_some_and(|p| Arc::ptr_eq(p, &provider));
+            if ours {
+                coordinator.give_up(&node, &format!("{}: {why}", provider.name()));
+            }
         }
     }
 }
@@ -516,7 +548,7 @@ impl Pool {
                 .map(|instance| (instance.node_id.clone(), provider.clone()))
                 .collect(),
         ));
-        let reaper = tokio::spawn(terminate_lost_machines(
+        let reaper = tokio::spawn(tend_machines(
             coordinator.clone(),
             machines.clone(),
         ));

@@ -235,13 +235,6 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     };
     let mut node_events = pool.shared_coordinator().subscribe();
     let mut node_events_open = true;
-    // The provider says when a machine is gone (reclaimed, offline) sooner than its silence.
-    let (gone_tx, mut gone) = mpsc::channel(16);
-    let watcher = tokio::spawn(watch_machines(
-        pool.providers(),
-        pool.name().to_string(),
-        gone_tx,
-    ));
     let coordinator = pool.shared_coordinator();
     let mut stdin = job.stdin.take();
     let mut attempts = Attempts::new(pool, nodes, &job, events.clone());
@@ -325,6 +318,15 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                     }
                     // Perhaps a node that replaced a lost one: it may take waiting tasks.
                     Ok(CoordinatorEvent::NodeConnected(_)) => continue 'assign,
+                    // Given up (silent, its machine gone by its provider's word, interrupted
+                    // while the pool keeps its size): it takes no new task, and its tasks
+                    // end (and move, with retries) as their streams say it is lost.
+                    Ok(CoordinatorEvent::NodeLost { node_id, .. }) => {
+                        if let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) {
+                            scheduler.retire(index);
+                            continue 'assign;
+                        }
+                    }
                     Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
                         let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) else {
                             continue;
@@ -340,14 +342,6 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => node_events_open = false,
-                },
-                Some((node_id, why)) = gone.recv() => {
-                    if let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) {
-                        // Connected or between connections: its tasks stop waiting for it.
-                        coordinator.give_up(&node_id, &why);
-                        scheduler.retire(index);
-                        continue 'assign;
-                    }
                 },
             }
         };
@@ -377,7 +371,6 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         reports[task] = Some(announce_end(&events, task, report).await);
     }
     attempts.running.shutdown().await;
-    watcher.abort();
     reports
         .into_iter()
         .map(|r| {
@@ -558,31 +551,6 @@ async fn announce_end(
 /// Why a task that no node left could take ended.
 const NO_NODE_LEFT: &str =
     "no node left could take it (every one that could was lost or is about to be taken away)";
-
-/// How often a run asks the provider which of its machines are gone.
-const MACHINE_POLL: Duration = Duration::from_secs(10);
-
-/// Reports each node whose machine the provider says is gone (once each), with why.
-async fn watch_machines(
-    providers: Vec<std::sync::Arc<dyn skyward_providers::Provider>>,
-    pool: String,
-    gone: mpsc::Sender<(String, String)>,
-) {
-    let mut told = std::collections::HashSet::new();
-    loop {
-        tokio::time::sleep(MACHINE_POLL).await;
-        for provider in &providers {
-            for (node, why) in provider.failed_nodes(&pool).await {
-                if told.insert(node.clone()) {
-                    let why = format!("{}: {why}", provider.name());
-                    if gone.send((node, why)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
 
 async fn drive_task(
     coordinator: &Coordinator,

@@ -493,6 +493,8 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
         replaced.starts_with("node-2 (") && replaced.ends_with("replaced by node-3"),
         "{status}"
     );
+    // Given up on its provider's word (the pool's machine check), well before its silence.
+    assert!(replaced.contains("local: agent exited"), "{status}");
     let all = sky(
         &sandbox,
         &[
