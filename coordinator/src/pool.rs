@@ -548,10 +548,7 @@ impl Pool {
                 .map(|instance| (instance.node_id.clone(), provider.clone()))
                 .collect(),
         ));
-        let reaper = tokio::spawn(tend_machines(
-            coordinator.clone(),
-            machines.clone(),
-        ));
+        let reaper = tokio::spawn(tend_machines(coordinator.clone(), machines.clone()));
         Pool {
             providers: std::sync::RwLock::new(vec![provider.clone()]),
             provider,

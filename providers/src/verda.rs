@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::{Method, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::time::Instant;
 
 use super::http::{retry_after, transient, Retry, Sent};
@@ -300,7 +300,7 @@ impl Verda {
     }
 
     async fn create_script(&self, name: &str, script: &str) -> Result<String, ProviderError> {
-        self.post_for_id("/scripts", &json!({ "name": name, "script": script }))
+        self.post_for_id("/scripts", &request_body(&wire::NewScript { name, script }))
             .await
     }
 
@@ -320,19 +320,12 @@ impl Verda {
     }
 
     /// Every instance the API lists, deleted ones included.
-    async fn all_instances(&self) -> Result<Vec<Value>, ProviderError> {
-        match self.api.get_json("/instances", &[]).await? {
-            Value::Array(all) => Ok(all),
-            _ => Err(self.api.unexpected(
-                "GET /instances",
-                StatusCode::OK,
-                "did not answer with a list",
-            )),
-        }
+    async fn all_instances(&self) -> Result<Vec<wire::Instance>, ProviderError> {
+        self.api.get("/instances", &[]).await
     }
 
     /// Every instance of `pool` the API lists, deleted ones included.
-    async fn pool_instances(&self, pool: &str) -> Result<Vec<Value>, ProviderError> {
+    async fn pool_instances(&self, pool: &str) -> Result<Vec<wire::Instance>, ProviderError> {
         Ok(self
             .all_instances()
             .await?
@@ -365,9 +358,9 @@ impl Verda {
             let mut still = Vec::new();
             for entry in pending {
                 let (node_id, id) = (&entry.0, &entry.1);
-                let instance = match self
+                let instance: wire::Instance = match self
                     .api
-                    .get_json(&format!("/instances/{}", path_segment(id)), &[])
+                    .get(&format!("/instances/{}", path_segment(id)), &[])
                     .await
                 {
                     Ok(instance) => instance,
@@ -383,7 +376,7 @@ impl Verda {
                     }
                     Err(e) => return Err(e),
                 };
-                let status = str_field(&instance, "status").unwrap_or_default();
+                let status = instance.status.0.clone();
                 match status.as_str() {
                     "running" => {
                         if let Some(ip) = public_ip(&instance) {
@@ -392,7 +385,7 @@ impl Verda {
                         tracing::debug!(
                             node = %node_id,
                             instance = %id,
-                            ip = %str_field(&instance, "ip").unwrap_or_default(),
+                            ip = %instance.ip.0,
                             "verda instance running"
                         );
                     }
@@ -457,7 +450,11 @@ impl Verda {
                 Method::PUT,
                 "/instances",
                 &[],
-                Some(&json!({ "id": ids, "action": "delete", "volume_ids": null })),
+                Some(&request_body(&wire::InstanceAction {
+                    id: ids,
+                    action: "delete",
+                    volume_ids: None,
+                })),
             )
             .await?;
         if reply.status == StatusCode::MULTI_STATUS {
@@ -476,7 +473,7 @@ impl Verda {
                 .await?
                 .iter()
                 .filter(|i| !is_gone(i))
-                .filter_map(|i| str_field(i, "id"))
+                .filter_map(|i| i.id.get().map(str::to_string))
                 .collect();
             if alive.is_empty() {
                 failures.clear();
@@ -519,19 +516,8 @@ impl Verda {
                 .pool_instances(pool)
                 .await?
                 .iter()
-                .filter(|i| {
-                    !matches!(
-                        str_field(i, "status").as_deref(),
-                        Some("deleted" | "discontinued" | "notfound")
-                    )
-                })
-                .map(|i| {
-                    format!(
-                        "{} ({})",
-                        str_field(i, "id").unwrap_or_default(),
-                        str_field(i, "status").unwrap_or_default()
-                    )
-                })
+                .filter(|i| !matches!(i.status.0.as_str(), "deleted" | "discontinued" | "notfound"))
+                .map(|i| format!("{} ({})", i.id.0, i.status.0))
                 .collect();
             if left.is_empty() {
                 return Ok(());
@@ -558,13 +544,11 @@ impl Verda {
 
     /// Deletes the startup scripts this pool registered (they hold single-use tokens).
     async fn delete_pool_scripts(&self, pool: &str) -> Result<(), ProviderError> {
-        let scripts = self.api.get_json("/scripts", &[]).await?;
+        let scripts: Vec<wire::Named> = self.api.get("/scripts", &[]).await?;
         let ids: Vec<String> = scripts
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|s| str_field(s, "name").is_some_and(|n| is_pool_script(&n, pool)))
-            .filter_map(|s| str_field(s, "id"))
+            .iter()
+            .filter(|s| is_pool_script(&s.name.0, pool))
+            .filter_map(|s| s.id.get().map(str::to_string))
             .collect();
         if ids.is_empty() {
             return Ok(());
@@ -575,7 +559,7 @@ impl Verda {
                 Method::DELETE,
                 "/scripts",
                 &[],
-                Some(&json!({ "scripts": ids })),
+                Some(&request_body(&wire::DeleteScripts { scripts: &ids })),
             )
             .await;
         if bulk.is_ok() {
@@ -608,23 +592,25 @@ impl Verda {
                 format!("cannot make the pool's SSH key: {why}"),
             )
         })?;
-        self.post_for_id("/ssh-keys", &json!({ "name": name, "key": key }))
-            .await
+        self.post_for_id(
+            "/ssh-keys",
+            &request_body(&wire::NewSshKey {
+                name: &name,
+                key: &key,
+            }),
+        )
+        .await
     }
 
     /// The ids of the SSH keys registered for `pool` (by exact name, so that pool `a` never
     /// takes pool `a-b`'s).
     async fn pool_ssh_key_ids(&self, pool: &str) -> Result<Vec<String>, ProviderError> {
         let name = ssh_key_name(pool);
-        Ok(self
-            .api
-            .get_json("/ssh-keys", &[])
-            .await?
-            .as_array()
+        let keys: Vec<wire::Named> = self.api.get("/ssh-keys", &[]).await?;
+        Ok(keys
             .into_iter()
-            .flatten()
-            .filter(|k| str_field(k, "name").as_deref() == Some(name.as_str()))
-            .filter_map(|k| str_field(k, "id"))
+            .filter(|k| k.name.0 == name)
+            .filter_map(|k| k.id.get().map(str::to_string))
             .collect())
     }
 
@@ -650,25 +636,14 @@ impl Provider for Verda {
     }
 
     async fn offers(&self, spec: &PoolSpec) -> Result<Vec<Offer>, ProviderError> {
-        let types = self
+        let types: Vec<wire::InstanceType> = self
             .api
-            .get_json("/instance-types", &[("currency", "usd")])
+            .get("/instance-types", &[("currency", "usd")])
             .await?;
-        let Value::Array(types) = types else {
-            return Err(self.api.unexpected(
-                "GET /instance-types",
-                StatusCode::OK,
-                "did not answer with a list",
-            ));
-        };
-        let listed: Vec<String> = self
-            .api
-            .get_json("/locations", &[])
-            .await?
-            .as_array()
+        let listed: Vec<wire::Location> = self.api.get("/locations", &[]).await?;
+        let listed: Vec<String> = listed
             .into_iter()
-            .flatten()
-            .filter_map(|l| str_field(l, "code"))
+            .filter_map(|l| l.code.get().map(str::to_string))
             .collect();
         let locations = match self.region.as_deref().or(spec.region.as_deref()) {
             Some(wanted) => match listed.iter().find(|c| c.eq_ignore_ascii_case(wanted)) {
@@ -700,8 +675,8 @@ impl Provider for Verda {
             for &spot in &spot_flags {
                 let (api, location) = (self.api.clone(), location.clone());
                 queries.spawn(async move {
-                    let answer = api
-                        .get_json(
+                    let answer: Result<Vec<wire::Availability>, _> = api
+                        .get(
                             "/instance-availability",
                             &[
                                 ("is_spot", if spot { "true" } else { "false" }),
@@ -795,23 +770,25 @@ impl Provider for Verda {
             let script_id = self
                 .create_script(&script_name(&request.pool, node), &request.user_data(node))
                 .await?;
-            let tags: Vec<Value> = request
-                .tags(node)
-                .into_iter()
-                .take(MAX_TAGS)
-                .map(|(key, value)| json!({ "key": key, "value": value }))
-                .collect();
-            let body = json!({
-                "instance_type": offer.instance_type,
-                "image": image,
-                "hostname": host,
-                "description": format!("skyward pool {} {}", request.pool, node.node_id),
-                "location_code": offer.region,
-                "startup_script_id": script_id,
-                "ssh_key_ids": [ssh_key],
-                "is_spot": market == Market::Spot,
-                "os_volume": { "name": format!("{host}-os"), "size": disk },
-                "tags": tags,
+            let body = request_body(&wire::CreateInstance {
+                instance_type: &offer.instance_type,
+                image: &image,
+                hostname: &host,
+                description: format!("skyward pool {} {}", request.pool, node.node_id),
+                location_code: &offer.region,
+                startup_script_id: &script_id,
+                ssh_key_ids: [&ssh_key],
+                is_spot: market == Market::Spot,
+                os_volume: wire::OsVolume {
+                    name: format!("{host}-os"),
+                    size: disk,
+                },
+                tags: request
+                    .tags(node)
+                    .into_iter()
+                    .take(MAX_TAGS)
+                    .map(|(key, value)| wire::Tag { key, value })
+                    .collect(),
             });
             let reply = self
                 .api
@@ -864,25 +841,16 @@ impl Provider for Verda {
         let failed: Vec<(String, String)> = match self.pool_instances(pool).await {
             Ok(instances) => instances
                 .iter()
-                .filter(|i| {
-                    let id = str_field(i, "id").unwrap_or_default();
-                    current.as_ref().is_none_or(|ids| ids.contains(&id))
-                })
-                .filter_map(|i| {
-                    let status = str_field(i, "status")?;
-                    if !FAILED_STATUSES.contains(&status.as_str()) {
-                        return None;
-                    }
-                    let node = node_of(i, pool);
-                    Some((
-                        node,
+                .filter(|i| current.as_ref().is_none_or(|ids| ids.contains(&i.id.0)))
+                .filter(|i| FAILED_STATUSES.contains(&i.status.0.as_str()))
+                .map(|i| {
+                    (
+                        node_of(i, pool),
                         format!(
-                            "Verda instance {} ({} in {}) is {status}",
-                            str_field(i, "id").unwrap_or_default(),
-                            str_field(i, "instance_type").unwrap_or_default(),
-                            str_field(i, "location").unwrap_or_default()
+                            "Verda instance {} ({} in {}) is {}",
+                            i.id.0, i.instance_type.0, i.location.0, i.status.0
                         ),
-                    ))
+                    )
                 })
                 .collect(),
             Err(e) => {
@@ -923,7 +891,7 @@ impl Provider for Verda {
             .await?
             .iter()
             .filter(|i| !is_gone(i) && node_of(i, pool) == node_id)
-            .filter_map(|i| str_field(i, "id"))
+            .filter_map(|i| i.id.get().map(str::to_string))
             .collect();
         if ids.is_empty() {
             return Ok(());
@@ -975,24 +943,19 @@ impl Provider for Verda {
             .pool_instances(pool)
             .await?
             .iter()
-            .filter(|i| {
-                // An earlier attempt's leftovers are not this attempt's nodes.
-                let id = str_field(i, "id").unwrap_or_default();
-                current.as_ref().is_none_or(|ids| ids.contains(&id))
-            })
+            // An earlier attempt's leftovers are not this attempt's nodes.
+            .filter(|i| current.as_ref().is_none_or(|ids| ids.contains(&i.id.0)))
             .filter_map(|i| Some((node_of(i, pool), SocketAddr::new(public_ip(i)?, port))))
             .collect())
     }
 
     async fn status(&self) -> ProviderStatus {
         let configured = self.api.credentials.is_ok();
-        let (working, detail) = match self.api.get_json("/locations", &[]).await {
+        let (working, detail) = match self.api.get::<Vec<wire::Location>>("/locations", &[]).await {
             Ok(locations) => {
                 let codes: Vec<String> = locations
-                    .as_array()
                     .into_iter()
-                    .flatten()
-                    .filter_map(|l| str_field(l, "code"))
+                    .filter_map(|l| l.code.get().map(str::to_string))
                     .collect();
                 let region = match &self.region {
                     Some(region) => format!("region {region}"),
@@ -1053,7 +1016,9 @@ impl Api {
         let mut fresh = None;
         if let Some(refresh) = refresh {
             match self
-                .grant(json!({ "grant_type": "refresh_token", "refresh_token": refresh.0 }))
+                .grant(&wire::GrantRequest::RefreshToken {
+                    refresh_token: &refresh.0,
+                })
                 .await
             {
                 Ok(token) => fresh = Some(token),
@@ -1065,11 +1030,10 @@ impl Api {
         let token = match fresh {
             Some(token) => token,
             None => {
-                self.grant(json!({
-                    "grant_type": "client_credentials",
-                    "client_id": id,
-                    "client_secret": secret.0,
-                }))
+                self.grant(&wire::GrantRequest::ClientCredentials {
+                    client_id: id,
+                    client_secret: &secret.0,
+                })
                 .await?
             }
         };
@@ -1078,7 +1042,7 @@ impl Api {
         Ok(access)
     }
 
-    async fn grant(&self, body: Value) -> Result<Token, ProviderError> {
+    async fn grant(&self, body: &wire::GrantRequest<'_>) -> Result<Token, ProviderError> {
         let http = self.http()?;
         let url = format!("{}/oauth2/token", self.base);
         let what = "POST /oauth2/token";
@@ -1118,19 +1082,23 @@ impl Api {
             }
             return Err(e);
         }
-        let answer: Value = serde_json::from_str(&text).map_err(|_| {
+        let answer: wire::Grant = serde_json::from_str(&text).map_err(|_| {
             self.unexpected("POST /oauth2/token", status, "did not answer with a token")
         })?;
-        let access = str_field(&answer, "access_token").ok_or_else(|| {
-            self.unexpected(
-                "POST /oauth2/token",
-                status,
-                "answered without access_token",
-            )
-        })?;
+        let access = answer
+            .access_token
+            .get()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                self.unexpected(
+                    "POST /oauth2/token",
+                    status,
+                    "answered without access_token",
+                )
+            })?;
         let lifetime = answer
-            .get("expires_in")
-            .and_then(number)
+            .expires_in
+            .0
             .filter(|s| s.is_finite() && *s > 0.0)
             .unwrap_or(3600.0)
             .min(86_400.0);
@@ -1138,7 +1106,7 @@ impl Api {
         let margin = (lifetime / 2).min(Duration::from_secs(60));
         Ok(Token {
             access: Secret(access),
-            refresh: str_field(&answer, "refresh_token").map(Secret),
+            refresh: answer.refresh_token.get().map(|t| Secret(t.to_string())),
             refresh_at: Instant::now() + lifetime - margin,
         })
     }
@@ -1205,10 +1173,19 @@ impl Api {
         }
     }
 
-    async fn get_json(&self, path: &str, query: &[(&str, &str)]) -> Result<Value, ProviderError> {
+    /// `GET path`, its answer read as `T`.
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, ProviderError> {
         let reply = self.request(Method::GET, path, query, None).await?;
-        serde_json::from_str(&reply.body).map_err(|_| {
-            self.unexpected(&format!("GET {path}"), reply.status, "did not answer JSON")
+        serde_json::from_str(&reply.body).map_err(|e| {
+            self.unexpected(
+                &format!("GET {path}"),
+                reply.status,
+                &format!("answered in a shape Skyward does not know ({e})"),
+            )
         })
     }
 }
@@ -1291,15 +1268,14 @@ fn transport_error(what: &str, error: &reqwest::Error) -> ProviderError {
 
 /// An error answer `{code, message}` as a [`ProviderError`] of the right kind.
 fn api_error(what: &str, status: StatusCode, body: &str) -> ProviderError {
-    let parsed: Option<Value> = serde_json::from_str(body).ok();
+    let parsed: Option<wire::ErrorAnswer> = serde_json::from_str(body).ok();
     let code = parsed
         .as_ref()
-        .and_then(|v| str_field(v, "code"))
-        .unwrap_or_default()
-        .to_ascii_lowercase();
+        .map(|e| e.code.0.to_ascii_lowercase())
+        .unwrap_or_default();
     let message = parsed
         .as_ref()
-        .and_then(|v| str_field(v, "message").or_else(|| str_field(v, "error")))
+        .and_then(|e| e.message.get().or(e.error.get()).map(str::to_string))
         .unwrap_or_else(|| {
             let snippet: String = body.chars().take(200).collect();
             if snippet.trim().is_empty() {
@@ -1425,26 +1401,21 @@ fn partial_failures(body: &str) -> Vec<String> {
 
 /// The instance types with capacity in `location`, from
 /// `[{"location_code": "FIN-01", "availabilities": ["1H100.80S.22V", ...]}]`.
-fn available_types(answer: &Value, location: &str) -> HashSet<String> {
+fn available_types(answer: &[wire::Availability], location: &str) -> HashSet<String> {
     answer
-        .as_array()
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|entry| {
-            str_field(entry, "location_code").is_none_or(|c| c.eq_ignore_ascii_case(location))
-        })
-        .flat_map(|entry| {
             entry
-                .get("availabilities")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|t| t.as_str().map(str::to_string))
+                .location_code
+                .get()
+                .is_none_or(|c| c.eq_ignore_ascii_case(location))
         })
+        .flat_map(|entry| entry.availabilities.iter())
+        .filter_map(|t| t.get().map(str::to_string))
         .collect()
 }
 
-/// What an instance type is, read leniently from the API's JSON.
+/// What an instance type is, as Skyward offers it.
 struct Shape {
     id: String,
     name: String,
@@ -1456,27 +1427,19 @@ struct Shape {
 }
 
 impl Shape {
-    fn parse(t: &Value) -> Option<Shape> {
-        let name = str_field(t, "instance_type")?;
-        let nested = |outer: &str, inner: &str| t.get(outer).and_then(|o| o.get(inner));
-        let gpus = nested("gpu", "number_of_gpus")
-            .and_then(number)
-            .unwrap_or(0.0)
-            .max(0.0) as u32;
+    fn parse(t: &wire::InstanceType) -> Option<Shape> {
+        let name = t.instance_type.get()?.to_string();
+        let gpus = t.gpu.number_of_gpus.0.unwrap_or(0.0).max(0.0) as u32;
         let accelerator = if gpus > 0 {
-            let per_gpu = nested("gpu_memory", "size_in_gigabytes")
-                .and_then(number)
+            let per_gpu = t
+                .gpu_memory
+                .size_in_gigabytes
+                .0
                 .map(|total| total / gpus as f64);
-            ["description", "model", "name"]
-                .iter()
-                .filter_map(|k| {
-                    if *k == "description" {
-                        nested("gpu", k).and_then(|v| v.as_str().map(str::to_string))
-                    } else {
-                        str_field(t, k)
-                    }
-                })
-                .find_map(|vendor| catalog::identify(&vendor, per_gpu))
+            [&t.gpu.description, &t.model, &t.name]
+                .into_iter()
+                .filter_map(|vendor| vendor.get())
+                .find_map(|vendor| catalog::identify(vendor, per_gpu))
                 .map(|accelerator| OfferedAccelerator {
                     accelerator,
                     count: gpus,
@@ -1484,26 +1447,22 @@ impl Shape {
         } else {
             None
         };
-        let price = |key: &str| {
-            t.get(key)
-                .and_then(number)
-                .filter(|p| p.is_finite() && *p > 0.0)
-        };
+        let price = |p: wire::Number| p.0.filter(|p| p.is_finite() && *p > 0.0);
         Some(Shape {
-            id: str_field(t, "id").unwrap_or_default(),
+            id: t.id.0.clone(),
             name,
             accelerator,
-            vcpus: nested("cpu", "number_of_cores")
-                .and_then(number)
-                .unwrap_or(0.0)
-                .max(0.0) as u32,
-            memory_gb: nested("memory", "size_in_gigabytes")
-                .and_then(number)
-                .unwrap_or(0.0),
-            on_demand: price("price_per_hour"),
-            spot: price("spot_price").or_else(|| price("spot_price_per_hour")),
+            vcpus: t.cpu.number_of_cores.0.unwrap_or(0.0).max(0.0) as u32,
+            memory_gb: t.memory.size_in_gigabytes.0.unwrap_or(0.0),
+            on_demand: price(t.price_per_hour),
+            spot: price(t.spot_price).or_else(|| price(t.spot_price_per_hour)),
         })
     }
+}
+
+/// A request's JSON body. Plain structs of text, numbers and lists always serialize.
+fn request_body<T: serde::Serialize>(request: &T) -> Value {
+    serde_json::to_value(request).expect("a request of plain fields serializes")
 }
 
 /// A number sent as a JSON number or as a string ("5.00").
@@ -1521,6 +1480,238 @@ fn str_field(value: &Value, key: &str) -> Option<String> {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+/// Verda's requests and answers, typed. The answers are read leniently, as the API writes
+/// them: ids and numbers come as JSON text or numbers, a missing or null field is empty, tags
+/// come as a list of `{key, value}` or as one object (`docs/cloud-apis.md#verda`).
+mod wire {
+    use serde::{Deserialize, Deserializer, Serialize};
+    use serde_json::Value;
+
+    /// A field as text: a JSON string or number; anything else (null, absent) is empty.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Text(pub String);
+
+    impl Text {
+        pub fn get(&self) -> Option<&str> {
+            (!self.0.is_empty()).then_some(self.0.as_str())
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Text {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text, D::Error> {
+            Ok(Text(match Value::deserialize(d)? {
+                Value::String(s) => s,
+                Value::Number(n) => n.to_string(),
+                _ => String::new(),
+            }))
+        }
+    }
+
+    /// A number sent as a JSON number or as a string ("5.00"); `None` when it is neither.
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    pub struct Number(pub Option<f64>);
+
+    impl<'de> Deserialize<'de> for Number {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Number, D::Error> {
+            Ok(Number(super::number(&Value::deserialize(d)?)))
+        }
+    }
+
+    /// An instance's tags, `[{"key": k, "value": v}]` or `{k: v}`.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Tags(pub Vec<(String, String)>);
+
+    impl Tags {
+        pub fn get(&self, key: &str) -> Option<&str> {
+            self.0
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Tags {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Tags, D::Error> {
+            let text = |v: &Value| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            };
+            Ok(Tags(match Value::deserialize(d)? {
+                Value::Array(tags) => tags
+                    .iter()
+                    .filter_map(|t| {
+                        Some((t.get("key")?.as_str()?.to_string(), text(t.get("value")?)?))
+                    })
+                    .collect(),
+                Value::Object(map) => map
+                    .iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                    .collect(),
+                _ => Vec::new(),
+            }))
+        }
+    }
+
+    /// `GET /instances`, `GET /instances/{id}`.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Instance {
+        pub id: Text,
+        pub hostname: Text,
+        pub status: Text,
+        /// Null until it runs.
+        pub ip: Text,
+        pub instance_type: Text,
+        pub location: Text,
+        pub tags: Tags,
+    }
+
+    /// `GET /scripts`, `GET /ssh-keys`: what Skyward reads of them.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Named {
+        pub id: Text,
+        pub name: Text,
+    }
+
+    /// `GET /locations`.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Location {
+        pub code: Text,
+    }
+
+    /// `GET /instance-availability`: the types with capacity, per location.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Availability {
+        pub location_code: Text,
+        pub availabilities: Vec<Text>,
+    }
+
+    /// `GET /instance-types`.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct InstanceType {
+        pub id: Text,
+        pub instance_type: Text,
+        pub model: Text,
+        pub name: Text,
+        pub gpu: Gpu,
+        pub gpu_memory: Size,
+        pub cpu: Cores,
+        pub memory: Size,
+        pub price_per_hour: Number,
+        pub spot_price: Number,
+        pub spot_price_per_hour: Number,
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Gpu {
+        pub number_of_gpus: Number,
+        pub description: Text,
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Size {
+        pub size_in_gigabytes: Number,
+    }
+
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Cores {
+        pub number_of_cores: Number,
+    }
+
+    /// `POST /oauth2/token`: a client's credentials, or the refresh token of the last grant.
+    #[derive(Serialize)]
+    #[serde(tag = "grant_type", rename_all = "snake_case")]
+    pub enum GrantRequest<'a> {
+        ClientCredentials {
+            client_id: &'a str,
+            client_secret: &'a str,
+        },
+        RefreshToken {
+            refresh_token: &'a str,
+        },
+    }
+
+    /// An error answer: `{"code": ..., "message": ...}` (some carry `error` instead).
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct ErrorAnswer {
+        pub code: Text,
+        pub message: Text,
+        pub error: Text,
+    }
+
+    /// `POST /oauth2/token`'s answer.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(default)]
+    pub struct Grant {
+        pub access_token: Text,
+        pub refresh_token: Text,
+        pub expires_in: Number,
+    }
+
+    /// `POST /instances`.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct CreateInstance<'a> {
+        pub instance_type: &'a str,
+        pub image: &'a str,
+        pub hostname: &'a str,
+        pub description: String,
+        pub location_code: &'a str,
+        pub startup_script_id: &'a str,
+        pub ssh_key_ids: [&'a str; 1],
+        pub is_spot: bool,
+        pub os_volume: OsVolume,
+        pub tags: Vec<Tag>,
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    pub struct OsVolume {
+        pub name: String,
+        pub size: u32,
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    pub struct Tag {
+        pub key: String,
+        pub value: String,
+    }
+
+    /// `PUT /instances`: an action on instances.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct InstanceAction<'a> {
+        pub id: &'a [String],
+        pub action: &'static str,
+        pub volume_ids: Option<Vec<String>>,
+    }
+
+    /// `POST /scripts`, `POST /ssh-keys`.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct NewScript<'a> {
+        pub name: &'a str,
+        pub script: &'a str,
+    }
+
+    #[derive(Debug, Clone, Serialize)]
+    pub struct NewSshKey<'a> {
+        pub name: &'a str,
+        pub key: &'a str,
+    }
+
+    /// `DELETE /scripts`.
+    #[derive(Debug, Clone, Serialize)]
+    pub struct DeleteScripts<'a> {
+        pub scripts: &'a [String],
     }
 }
 
@@ -1551,33 +1742,21 @@ fn path_segment(id: &str) -> String {
         .collect()
 }
 
-/// The value of tag `key` on an instance (`[{key, value}]` or `{key: value}`).
-fn tag(instance: &Value, key: &str) -> Option<String> {
-    match instance.get("tags")? {
-        Value::Array(tags) => tags
-            .iter()
-            .find(|t| t.get("key").and_then(Value::as_str) == Some(key))
-            .and_then(|t| str_field(t, "value")),
-        Value::Object(map) => map.get(key).and_then(|v| v.as_str().map(str::to_string)),
-        _ => None,
-    }
-}
-
 /// The pool an instance is of: its pool tag, else what the hostname `<pool>-node-<n>` that
 /// the provider gives every node says.
-fn pool_of(instance: &Value) -> Option<String> {
-    tag(instance, POOL_TAG).or_else(|| {
-        let host = str_field(instance, "hostname")?;
-        let (pool, number) = host.rsplit_once("-node-")?;
-        (!pool.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| pool.to_string())
-    })
+fn pool_of(instance: &wire::Instance) -> Option<String> {
+    if let Some(pool) = instance.tags.get(POOL_TAG) {
+        return Some(pool.to_string());
+    }
+    let (pool, number) = instance.hostname.get()?.rsplit_once("-node-")?;
+    (!pool.is_empty() && !number.is_empty() && number.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| pool.to_string())
 }
 
 /// Whether an instance is one of `pool`'s: by its pool tag, else (an instance without one)
 /// by the hostname prefix the provider gives every node of the pool.
-fn belongs_to(instance: &Value, pool: &str) -> bool {
-    match tag(instance, POOL_TAG) {
+fn belongs_to(instance: &wire::Instance, pool: &str) -> bool {
+    match instance.tags.get(POOL_TAG) {
         Some(owner) => owner == pool,
         // The whole prefix before `-node-N`, so that pool `a` never claims pool `a-b`'s.
         None => pool_of(instance).is_some_and(|owner| owner == hostname_prefix(pool)),
@@ -1585,23 +1764,24 @@ fn belongs_to(instance: &Value, pool: &str) -> bool {
 }
 
 /// The node id of one of `pool`'s instances: its node tag, else what its hostname says.
-fn node_of(instance: &Value, pool: &str) -> String {
-    tag(instance, NODE_TAG).unwrap_or_else(|| {
-        let host = str_field(instance, "hostname").unwrap_or_default();
-        match host.strip_prefix(&format!("{}-", hostname_prefix(pool))) {
-            Some(node) if !node.is_empty() => node.to_string(),
-            _ if !host.is_empty() => host,
-            _ => "unknown node".into(),
-        }
-    })
+fn node_of(instance: &wire::Instance, pool: &str) -> String {
+    if let Some(node) = instance.tags.get(NODE_TAG) {
+        return node.to_string();
+    }
+    let host = &instance.hostname.0;
+    match host.strip_prefix(&format!("{}-", hostname_prefix(pool))) {
+        Some(node) if !node.is_empty() => node.to_string(),
+        _ if !host.is_empty() => host.clone(),
+        _ => "unknown node".into(),
+    }
 }
 
 /// The public address of a running instance: `ip` is null until it runs.
-fn public_ip(instance: &Value) -> Option<IpAddr> {
-    if str_field(instance, "status").as_deref() != Some("running") {
+fn public_ip(instance: &wire::Instance) -> Option<IpAddr> {
+    if instance.status.0 != "running" {
         return None;
     }
-    str_field(instance, "ip")?.trim().parse().ok()
+    instance.ip.get()?.trim().parse().ok()
 }
 
 /// What reversing opens on Verda, said once per provisioning: no firewall call exists, so the
@@ -1615,8 +1795,8 @@ fn open_port_notice(agent_port: u16, allow_from: Option<IpAddr>) -> String {
     )
 }
 
-fn is_gone(instance: &Value) -> bool {
-    str_field(instance, "status").is_some_and(|s| GONE_STATUSES.contains(&s.as_str()))
+fn is_gone(instance: &wire::Instance) -> bool {
+    GONE_STATUSES.contains(&instance.status.0.as_str())
 }
 
 /// The pool's part of every hostname: lower case letters, digits and dashes.
@@ -1719,6 +1899,12 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// An API answer, read as the provider reads it.
+    fn read<T: serde::de::DeserializeOwned>(answer: Value) -> T {
+        serde_json::from_value(answer).expect("a lenient shape reads anything")
+    }
 
     #[test]
     fn prices_come_as_strings_or_numbers() {
@@ -1737,14 +1923,14 @@ mod tests {
             "gpu": {"description": "8x A100 SXM4 80GB", "number_of_gpus": 8},
             "memory": {"size_in_gigabytes": 960}, "gpu_memory": {"size_in_gigabytes": 640}
         });
-        let shape = Shape::parse(&t).unwrap();
+        let shape = Shape::parse(&read(t)).unwrap();
         let a = shape.accelerator.unwrap();
         assert_eq!((a.accelerator.name, a.count), ("A100-80GB", 8));
         assert_eq!((shape.vcpus, shape.memory_gb), (176, 960.0));
         assert_eq!((shape.on_demand, shape.spot), (Some(14.0), Some(4.5)));
         let cpu = json!({"instance_type": "CPU.4V.16G", "price_per_hour": "0.05", "spot_price": "0",
             "gpu": {"description": "", "number_of_gpus": 0}});
-        let shape = Shape::parse(&cpu).unwrap();
+        let shape = Shape::parse(&read(cpu)).unwrap();
         assert!(shape.accelerator.is_none());
         assert_eq!(shape.spot, None, "a zero spot price is no spot market");
     }
@@ -1806,12 +1992,20 @@ mod tests {
 
     #[test]
     fn an_instance_names_its_pool_by_tag_else_by_hostname() {
-        let tagged = json!({"hostname": "x", "tags": [{"key": POOL_TAG, "value": "Team Pool"}]});
+        let tagged: wire::Instance =
+            read(json!({"hostname": "x", "tags": [{"key": POOL_TAG, "value": "Team Pool"}]}));
         assert_eq!(pool_of(&tagged).as_deref(), Some("Team Pool"));
-        let untagged = json!({"hostname": hostname("sky-1a2b3c4d", "node-12")});
+        let as_object: wire::Instance = read(json!({"hostname": "x", "tags": {POOL_TAG: "p"}}));
+        assert_eq!(pool_of(&as_object).as_deref(), Some("p"));
+        let untagged: wire::Instance =
+            read(json!({"hostname": hostname("sky-1a2b3c4d", "node-12"), "tags": null}));
         assert_eq!(pool_of(&untagged).as_deref(), Some("sky-1a2b3c4d"));
         for other in ["my-box", "sky-node-", "-node-1", "web-node-x"] {
-            assert_eq!(pool_of(&json!({ "hostname": other })), None, "{other}");
+            assert_eq!(
+                pool_of(&read(json!({ "hostname": other }))),
+                None,
+                "{other}"
+            );
         }
     }
 
@@ -1824,11 +2018,12 @@ mod tests {
             long.len() <= MAX_HOSTNAME && long.ends_with("-node-10"),
             "{long}"
         );
-        let instance = json!({"hostname": "sky-1-node-1", "tags": []});
+        let instance: wire::Instance = read(json!({"hostname": "sky-1-node-1", "tags": []}));
         assert!(belongs_to(&instance, "sky-1"));
         assert!(!belongs_to(&instance, "sky-10"));
-        let tagged =
-            json!({"hostname": "sky-1-node-1", "tags": [{"key": POOL_TAG, "value": "other"}]});
+        let tagged: wire::Instance = read(
+            json!({"hostname": "sky-1-node-1", "tags": [{"key": POOL_TAG, "value": "other"}]}),
+        );
         assert!(
             !belongs_to(&tagged, "sky-1"),
             "the tag wins over the hostname"
@@ -1837,7 +2032,7 @@ mod tests {
 
     #[test]
     fn only_a_running_instance_with_an_ip_has_a_public_address() {
-        let ip = |v: Value| public_ip(&v);
+        let ip = |v: Value| public_ip(&read(v));
         assert_eq!(ip(json!({"status": "provisioning", "ip": null})), None);
         assert_eq!(
             ip(json!({"status": "provisioning", "ip": "203.0.113.5"})),
@@ -1876,7 +2071,7 @@ mod tests {
         assert!(!is_pool_script("skyward-a-b-node-1", "a"));
         assert!(!is_pool_script("skyward-a-node-", "a"));
         assert!(!is_pool_script("skyward-a-ssh-key", "a"));
-        let untagged = |host: &str| json!({ "hostname": host });
+        let untagged = |host: &str| -> wire::Instance { read(json!({ "hostname": host })) };
         assert!(belongs_to(&untagged("a-node-1"), "a"));
         assert!(!belongs_to(&untagged("a-b-node-1"), "a"));
         assert!(belongs_to(&untagged("a-b-node-1"), "a-b"));
