@@ -375,7 +375,7 @@ async fn a_pool_boots_from_startup_scripts_runs_work_and_is_deleted() {
     let keys = standin.ssh_keys();
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_eq!(keys[0].name, "skyward-verda-e2e-ssh-key");
-    assert!(keys[0].key.starts_with("ssh-ed25519 "), "{}", keys[0].key);
+    assert!(keys[0].text.starts_with("ssh-ed25519 "), "{}", keys[0].text);
     for (n, body) in creates.iter().enumerate() {
         let node = format!("node-{}", n + 1);
         assert_eq!(body["instance_type"], "CPU.4V.16G");
@@ -391,7 +391,7 @@ async fn a_pool_boots_from_startup_scripts_runs_work_and_is_deleted() {
             .iter()
             .find(|s| body["startup_script_id"] == s.id.as_str())
             .expect("the instance runs a registered startup script");
-        assert!(script.script.contains(&format!("node_id='{node}'")));
+        assert!(script.text.contains(&format!("node_id='{node}'")));
     }
 
     let mut task = pool
@@ -653,7 +653,7 @@ async fn a_reversed_pool_listens_on_its_instances_ips_and_is_dialed_there() {
             .iter()
             .find(|s| s.id == instance.startup_script_id)
             .expect("the instance's startup script")
-            .script;
+            .text;
         assert!(script.contains("listen='0.0.0.0:7444'"), "{script}");
         let env = std::fs::read_to_string(
             sandbox

@@ -222,10 +222,7 @@ impl DigitalOceanStandIn {
             boot_root: boot_root.to_path_buf(),
             contract,
         });
-        let routes = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
-        let server = StandinServer::serve("digitalocean", listener, routes);
+        let server = StandinServer::serve_handler("digitalocean", listener, handle, shared.clone());
         DigitalOceanStandIn {
             addr,
             shared,

@@ -13,6 +13,23 @@ pub struct StandinServer {
 }
 
 impl StandinServer {
+    /// Serves on `listener` a stand-in that routes every request itself (`handle`, with
+    /// `state`), as the stand-ins checked against a vendor's contract do.
+    pub fn serve_handler<H, T, S>(
+        name: &str,
+        listener: std::net::TcpListener,
+        handle: H,
+        state: S,
+    ) -> StandinServer
+    where
+        H: axum::handler::Handler<T, S>,
+        T: 'static,
+        S: Clone + Send + Sync + 'static,
+    {
+        let routes = axum::Router::new().fallback(handle).with_state(state);
+        Self::serve(name, listener, routes)
+    }
+
     /// Serves `routes` on a port of its own.
     pub fn start(name: &str, routes: axum::Router) -> StandinServer {
         let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind the stand-in");

@@ -240,10 +240,7 @@ impl VastAiStandIn {
             }),
             boot_root: boot_root.to_path_buf(),
         });
-        let routes = axum::Router::new()
-            .fallback(handle)
-            .with_state(shared.clone());
-        let server = StandinServer::serve("vastai", listener, routes);
+        let server = StandinServer::serve_handler("vastai", listener, handle, shared.clone());
         VastAiStandIn {
             addr,
             shared,

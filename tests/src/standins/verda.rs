@@ -80,20 +80,13 @@ pub struct InstanceView {
     pub deleted: bool,
 }
 
-/// An SSH key registered on the account.
+/// A startup script or an SSH key registered on the account.
 #[derive(Debug, Clone)]
-pub struct SshKeyView {
+pub struct Registration {
     pub id: String,
     pub name: String,
-    /// The OpenSSH public key line, as sent.
-    pub key: String,
-}
-
-#[derive(Debug, Clone)]
-pub struct ScriptView {
-    pub id: String,
-    pub name: String,
-    pub script: String,
+    /// The script, or the OpenSSH public key line, as sent.
+    pub text: String,
 }
 
 struct StoredInstance {
@@ -134,8 +127,8 @@ struct Inner {
     omit_tags: bool,
     boot_outcome: Option<String>,
     boot_isolated: bool,
-    scripts: Vec<ScriptView>,
-    ssh_keys: Vec<SshKeyView>,
+    scripts: Vec<Registration>,
+    ssh_keys: Vec<Registration>,
     instances: Vec<StoredInstance>,
     create_bodies: Vec<Value>,
     action_bodies: Vec<Value>,
@@ -320,13 +313,13 @@ impl VerdaStandin {
             .collect()
     }
 
-    pub fn scripts(&self) -> Vec<ScriptView> {
+    pub fn scripts(&self) -> Vec<Registration> {
         self.lock().scripts.clone()
     }
 
     /// The bodies of every `POST /instances`, accepted or not.
     /// The SSH keys registered on the account now.
-    pub fn ssh_keys(&self) -> Vec<SshKeyView> {
+    pub fn ssh_keys(&self) -> Vec<Registration> {
         self.lock().ssh_keys.clone()
     }
 
@@ -585,11 +578,22 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route(
             "/scripts",
-            get(list_scripts).post(create_script).delete(delete_scripts),
+            get(list_registered::<Scripts>)
+                .post(create_registered::<Scripts>)
+                .delete(delete_scripts),
         )
-        .route("/scripts/{id}", get(get_script).delete(delete_script))
-        .route("/ssh-keys", get(list_ssh_keys).post(create_ssh_key))
-        .route("/ssh-keys/{id}", get(get_ssh_key).delete(delete_ssh_key))
+        .route(
+            "/scripts/{id}",
+            get(get_registered::<Scripts>).delete(delete_registered::<Scripts>),
+        )
+        .route(
+            "/ssh-keys",
+            get(list_registered::<SshKeys>).post(create_registered::<SshKeys>),
+        )
+        .route(
+            "/ssh-keys/{id}",
+            get(get_registered::<SshKeys>).delete(delete_registered::<SshKeys>),
+        )
         .route(
             "/instances",
             get(list_instances)
@@ -813,61 +817,6 @@ async fn availability_of(
     }
 }
 
-async fn list_scripts(State(shared): State<Arc<Shared>>) -> Response {
-    let scripts: Vec<Value> = shared
-        .lock()
-        .scripts
-        .iter()
-        .map(|s| json!({"id": s.id, "name": s.name, "script": s.script}))
-        .collect();
-    Json(Value::Array(scripts)).into_response()
-}
-
-async fn create_script(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
-    let body = match parse_body(&body) {
-        Ok(body) => body,
-        Err(response) => return *response,
-    };
-    let (Some(name), Some(script)) = (
-        body.get("name").and_then(Value::as_str),
-        body.get("script").and_then(Value::as_str),
-    ) else {
-        // Source: the SDKs' `startup_scripts.create(name, script)` sends both.
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "name and script are required",
-        );
-    };
-    if name.is_empty() || script.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "name and script must not be empty",
-        );
-    }
-    let mut inner = shared.lock();
-    let id = inner.new_id();
-    inner.scripts.push(ScriptView {
-        id: id.clone(),
-        name: name.to_string(),
-        script: script.to_string(),
-    });
-    text(StatusCode::CREATED, id)
-}
-
-/// A one-element array, as the API answers.
-async fn get_script(State(shared): State<Arc<Shared>>, UrlPath(id): UrlPath<String>) -> Response {
-    match shared.lock().scripts.iter().find(|s| s.id == id) {
-        Some(s) => Json(json!([{"id": s.id, "name": s.name, "script": s.script}])).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "Startup script not found",
-        ),
-    }
-}
-
 async fn delete_scripts(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let body = match parse_body(&body) {
         Ok(body) => body,
@@ -887,33 +836,6 @@ async fn delete_scripts(State(shared): State<Arc<Shared>>, body: Bytes) -> Respo
         .scripts
         .retain(|s| !ids.contains(s.id.as_str()));
     StatusCode::OK.into_response()
-}
-
-async fn delete_script(
-    State(shared): State<Arc<Shared>>,
-    UrlPath(id): UrlPath<String>,
-) -> Response {
-    let mut inner = shared.lock();
-    let before = inner.scripts.len();
-    inner.scripts.retain(|s| s.id != id);
-    if inner.scripts.len() == before {
-        error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "Startup script not found",
-        )
-    } else {
-        StatusCode::OK.into_response()
-    }
-}
-
-fn ssh_key_json(k: &SshKeyView) -> Value {
-    json!({"id": k.id, "name": k.name, "key": k.key})
-}
-
-async fn list_ssh_keys(State(shared): State<Arc<Shared>>) -> Response {
-    let keys: Vec<Value> = shared.lock().ssh_keys.iter().map(ssh_key_json).collect();
-    Json(Value::Array(keys)).into_response()
 }
 
 /// Whether `line` is an OpenSSH public key: a known algorithm, then base64 of the SSH wire
@@ -941,58 +863,117 @@ fn is_openssh_public_key(line: &str) -> bool {
     ALGORITHMS.contains(&algorithm) && named == Some(algorithm.as_bytes())
 }
 
-/// `POST /ssh-keys {name, key}`: the new id as plain text, as the Python SDK reads it
-/// (`ssh_keys.create` returns the body as the id; docs/cloud-apis.md#verda).
-async fn create_ssh_key(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+/// A named thing registered on the account: a startup script, an SSH key. Both are made
+/// from `{name, <field>}` (the new id answered as plain text, as the Python SDK reads it:
+/// docs/cloud-apis.md#verda), listed, read back as a one-element array (the SDK reads `[0]`)
+/// and deleted by id.
+trait Registered: Send + 'static {
+    /// The field that carries its text.
+    const FIELD: &'static str;
+    const NOT_FOUND: &'static str;
+    /// Why a request's `name` and text are refused, if they are.
+    fn refusal(name: Option<&str>, text: Option<&str>) -> Option<&'static str>;
+    fn all(inner: &mut Inner) -> &mut Vec<Registration>;
+}
+
+/// `/scripts`.
+struct Scripts;
+
+impl Registered for Scripts {
+    const FIELD: &'static str = "script";
+    const NOT_FOUND: &'static str = "Startup script not found";
+    fn refusal(name: Option<&str>, script: Option<&str>) -> Option<&'static str> {
+        // Source: the SDKs' `startup_scripts.create(name, script)` sends both.
+        match (name, script) {
+            (Some(name), Some(script)) if name.is_empty() || script.is_empty() => {
+                Some("name and script must not be empty")
+            }
+            (Some(_), Some(_)) => None,
+            _ => Some("name and script are required"),
+        }
+    }
+    fn all(inner: &mut Inner) -> &mut Vec<Registration> {
+        &mut inner.scripts
+    }
+}
+
+/// `/ssh-keys`.
+struct SshKeys;
+
+impl Registered for SshKeys {
+    const FIELD: &'static str = "key";
+    const NOT_FOUND: &'static str = "SSH key not found";
+    fn refusal(name: Option<&str>, key: Option<&str>) -> Option<&'static str> {
+        // Both fields are what every SDK sends; an empty name or a key that is no OpenSSH
+        // public key is refused (the console and CLI take only OpenSSH lines).
+        if name.unwrap_or_default().is_empty() {
+            return Some("name is required");
+        }
+        (!is_openssh_public_key(key.unwrap_or_default()))
+            .then_some("key must be an OpenSSH public key")
+    }
+    fn all(inner: &mut Inner) -> &mut Vec<Registration> {
+        &mut inner.ssh_keys
+    }
+}
+
+/// How the API shows a registration of kind `R`.
+fn registration_json<R: Registered>(r: &Registration) -> Value {
+    json!({"id": r.id, "name": r.name, R::FIELD: r.text})
+}
+
+async fn list_registered<R: Registered>(State(shared): State<Arc<Shared>>) -> Response {
+    let all: Vec<Value> = R::all(&mut shared.lock())
+        .iter()
+        .map(registration_json::<R>)
+        .collect();
+    Json(Value::Array(all)).into_response()
+}
+
+async fn create_registered<R: Registered>(
+    State(shared): State<Arc<Shared>>,
+    body: Bytes,
+) -> Response {
     let body = match parse_body(&body) {
         Ok(body) => body,
         Err(response) => return *response,
     };
-    let field = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or_default();
-    let (name, key) = (field("name"), field("key"));
-    // Both fields are what every SDK sends; an empty name or a key that is no OpenSSH
-    // public key is refused (the console and CLI take only OpenSSH lines).
-    if name.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "name is required",
-        );
-    }
-    if !is_openssh_public_key(key) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "key must be an OpenSSH public key",
-        );
+    let name = body.get("name").and_then(Value::as_str);
+    let content = body.get(R::FIELD).and_then(Value::as_str);
+    if let Some(why) = R::refusal(name, content) {
+        return error(StatusCode::BAD_REQUEST, "invalid_request", why);
     }
     let mut inner = shared.lock();
     let id = inner.new_id();
-    inner.ssh_keys.push(SshKeyView {
+    R::all(&mut inner).push(Registration {
         id: id.clone(),
-        name: name.to_string(),
-        key: key.to_string(),
+        name: name.unwrap_or_default().into(),
+        text: content.unwrap_or_default().into(),
     });
     text(StatusCode::CREATED, id)
 }
 
-/// A one-element array, as `GET /scripts/{id}` answers (the Python SDK reads `[0]`).
-async fn get_ssh_key(State(shared): State<Arc<Shared>>, UrlPath(id): UrlPath<String>) -> Response {
-    match shared.lock().ssh_keys.iter().find(|k| k.id == id) {
-        Some(k) => Json(json!([ssh_key_json(k)])).into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_found", "SSH key not found"),
+/// A one-element array, as the API answers.
+async fn get_registered<R: Registered>(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    match R::all(&mut shared.lock()).iter().find(|r| r.id == id) {
+        Some(r) => Json(json!([registration_json::<R>(r)])).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_found", R::NOT_FOUND),
     }
 }
 
-async fn delete_ssh_key(
+async fn delete_registered<R: Registered>(
     State(shared): State<Arc<Shared>>,
     UrlPath(id): UrlPath<String>,
 ) -> Response {
     let mut inner = shared.lock();
-    let before = inner.ssh_keys.len();
-    inner.ssh_keys.retain(|k| k.id != id);
-    if inner.ssh_keys.len() == before {
-        error(StatusCode::NOT_FOUND, "not_found", "SSH key not found")
+    let all = R::all(&mut inner);
+    let before = all.len();
+    all.retain(|r| r.id != id);
+    if all.len() == before {
+        error(StatusCode::NOT_FOUND, "not_found", R::NOT_FOUND)
     } else {
         StatusCode::OK.into_response()
     }
@@ -1252,7 +1233,7 @@ async fn create_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Resp
         .scripts
         .iter()
         .find(|sc| sc.id == script_id)
-        .map(|sc| sc.script.clone());
+        .map(|sc| sc.text.clone());
     let tags: Vec<(String, String)> = body
         .get("tags")
         .and_then(Value::as_array)
