@@ -22,8 +22,8 @@ use crate::cli::{interrupt_signals, pool_plan};
 use crate::exit::{or_exit, FAILURE, USAGE};
 use crate::output::{accelerator_lines, OutputMode, Renderer};
 use crate::persistent::{
-    check_pool_name, socket_path, ControlReply, ControlRequest, NodeStatus, PoolStatus, TaskStatus,
-    UpArgs, MAX_CONTROL_FRAME,
+    check_pool_name, socket_path, ControlReply, ControlRequest, NodeStatus, PlaceStatus,
+    PoolStatus, TaskStatus, UpArgs, MAX_CONTROL_FRAME,
 };
 use skyward_common::protocol::TaskEvent;
 use skyward_coordinator::job::JobRequest;
@@ -977,6 +977,11 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            places: coordinator
+                .places()
+                .into_iter()
+                .map(|(node, state)| PlaceStatus { node, state })
+                .collect(),
         })
     }
 }

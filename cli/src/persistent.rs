@@ -180,6 +180,17 @@ pub struct PoolStatus {
     /// Why the pool runs with fewer nodes than asked, once its replacement budget is spent.
     #[serde(default)]
     pub shortfall: Option<String>,
+    /// Each of the pool's places, in rank order, while it keeps its size: the node that holds
+    /// it (or held it last) and `held`, `a new node is starting`, `a new node starts in N s`
+    /// or `left empty: WHY`.
+    #[serde(default)]
+    pub places: Vec<PlaceStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaceStatus {
+    pub node: String,
+    pub state: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -792,6 +803,11 @@ fn print_status(status: &PoolStatus) {
     for replacement in &status.replacements {
         println!("{replacement}");
     }
+    for (rank, place) in status.places.iter().enumerate() {
+        if place.state != "held" {
+            println!("place {rank} (last {}): {}", place.node, place.state);
+        }
+    }
     if let Some(shortfall) = &status.shortfall {
         println!("{shortfall}");
     }
@@ -909,6 +925,10 @@ mod tests {
             }],
             replacements: vec!["node-2 (lost) replaced by node-3".into()],
             shortfall: None,
+            places: vec![PlaceStatus {
+                node: "node-3".into(),
+                state: "held".into(),
+            }],
         };
         let mut frame = Vec::new();
         skyward_common::frame::encode_frame(

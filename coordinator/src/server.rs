@@ -701,6 +701,18 @@ impl Coordinator {
         });
     }
 
+    /// Each place of a pool that keeps its size, in rank order: its node (the holder, or the
+    /// last one) and where the place stands; empty while the pool does not keep its size.
+    pub fn places(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        self.inner
+            .state()
+            .places()
+            .into_iter()
+            .map(|(node, state)| (node, state.describe(now)))
+            .collect()
+    }
+
     /// Why the pool runs with fewer nodes than asked, once its replacement budget is spent.
     pub fn shortfall(&self) -> Option<String> {
         self.inner.state().shortfall()

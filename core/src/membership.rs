@@ -95,6 +95,21 @@ pub enum PlaceState {
     Empty { why: String },
 }
 
+impl PlaceState {
+    /// What `pool status` says of the place at `now`.
+    pub fn describe(&self, now: Instant) -> String {
+        match self {
+            PlaceState::Held => "held".into(),
+            PlaceState::Starting => "a new node is starting".into(),
+            PlaceState::Waiting { until } => format!(
+                "a new node starts in {} s",
+                until.saturating_duration_since(now).as_secs_f64().ceil()
+            ),
+            PlaceState::Empty { why } => format!("left empty: {why}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Place {
     /// The node that holds it, or held it last.

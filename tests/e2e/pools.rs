@@ -414,6 +414,18 @@ fn a_pool_whose_machines_keep_being_taken_stops_replacing_at_its_budget() {
             ),
         "{status}"
     );
+    // The pool state says so of each place.
+    let places: Vec<&str> = status["places"]
+        .as_array()
+        .expect("places")
+        .iter()
+        .map(|p| p["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(places.len(), 2, "{status}");
+    assert!(
+        places.iter().all(|p| p.starts_with("left empty: ")),
+        "{status}"
+    );
     // No more: the budget holds.
     let later = sandbox.pool_status("reclaimed");
     assert_eq!(later["replacements"], status["replacements"], "{later}");
@@ -495,6 +507,14 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
     );
     // Given up on its provider's word (the pool's machine check), well before its silence.
     assert!(replaced.contains("local: agent exited"), "{status}");
+    assert_eq!(
+        status["places"],
+        serde_json::json!([
+            {"node": "node-1", "state": "held"},
+            {"node": "node-3", "state": "held"}
+        ]),
+        "{status}"
+    );
     let all = sky(
         &sandbox,
         &[
