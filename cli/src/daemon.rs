@@ -62,9 +62,6 @@ struct Daemon {
     pool: OnceLock<Pool>,
     started: Instant,
     ttl: Option<Duration>,
-    /// Where the pool is in its life, and how many jobs run: the one phase, for every
-    /// request to check and `pool status` to show.
-    lifecycle: Arc<Mutex<Lifecycle>>,
     /// Progress lines while the pool comes up, for `pool up` to show.
     notes: Mutex<Vec<String>>,
     /// Bumped on every note, phase change and task event: what watchers and log followers
@@ -119,7 +116,6 @@ pub async fn serve(args: UpArgs) -> i32 {
         pool: OnceLock::new(),
         started: Instant::now(),
         ttl: plan.spec.ttl,
-        lifecycle: Arc::new(Mutex::new(Lifecycle::new())),
         notes: Mutex::new(Vec::new()),
         changed: watch::channel(0).0,
         tasks: Mutex::new(BTreeMap::new()),
@@ -148,7 +144,8 @@ pub async fn serve(args: UpArgs) -> i32 {
     let code = match up {
         Ok(pool) => {
             let _ = daemon.pool.set(pool);
-            daemon.happened(lifecycle::Event::Up);
+            // The pool state says it is up (`bring_up` told it); watchers look again.
+            daemon.changed.send_modify(|n| *n += 1);
             eprintln!("skyward: pool {} is up", args.name);
             let keeping = tokio::spawn(keep_node_count(daemon.clone()));
             daemon
@@ -173,7 +170,7 @@ pub async fn serve(args: UpArgs) -> i32 {
             0
         }
         Err(message) => {
-            daemon.happened(lifecycle::Event::ProvisionFailed(message.clone()));
+            daemon.changed.send_modify(|n| *n += 1);
             eprintln!("skyward: {message}");
             FAILURE
         }
@@ -188,7 +185,7 @@ pub async fn serve(args: UpArgs) -> i32 {
         job.abort();
     }
     let clean = crate::pool_session::finish(&daemon.session, &mut sigint).await;
-    daemon.happened(lifecycle::Event::TeardownFinished);
+    daemon.changed.send_modify(|n| *n += 1);
     accepting.abort();
     let _ = std::fs::remove_file(&socket);
     match clean {
@@ -323,6 +320,8 @@ async fn watch_startup(daemon: &Daemon, to_client: &mut OwnedWriteHalf) -> Sent 
         }
         let last = match (lifecycle.phase(), lifecycle.failure()) {
             (Phase::Provisioning, _) => None,
+            // Up, and the pool handed over (a moment later): ready for requests.
+            (Phase::Ready { .. }, _) if daemon.pool.get().is_none() => None,
             (Phase::Ready { .. }, _) => Some(ControlReply::Ready),
             (_, Some(why)) => Some(ControlReply::Failed(why.to_string())),
             (_, None) => Some(ControlReply::Failed("the pool is being torn down".into())),
@@ -671,23 +670,17 @@ impl Daemon {
         self.changed.send_modify(|n| *n += 1);
     }
 
+    /// Where the pool is in its life: the one phase, kept in the pool state, for every
+    /// request to check and `pool status` to show.
     fn lifecycle(&self) -> Lifecycle {
-        self.lifecycle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.session.coordinator.lifecycle()
     }
 
     /// Tells the pool's lifecycle what happened. Only events its phase allows are sent here
     /// (the daemon brings the pool up once and tears it down once); jobs go through
     /// [`Daemon::begin_job`], which answers a refusal.
     fn happened(&self, event: lifecycle::Event) {
-        let answer = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .handle(event);
-        if let Err(refused) = answer {
+        if let Err(refused) = self.session.coordinator.lifecycle_event(event) {
             tracing::error!("pool lifecycle: {refused:?}");
         }
         self.changed.send_modify(|n| *n += 1);
@@ -697,16 +690,15 @@ impl Daemon {
     /// a pool coming up or going away refuses it, saying which.
     fn begin_job(&self) -> Result<(&Pool, JobTicket), String> {
         let name = &self.session.name;
-        let pool = self.pool.get();
-        let admitted = self
-            .lifecycle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .handle(lifecycle::Event::JobStarted);
-        match (admitted, pool) {
-            (Ok(_), Some(pool)) => Ok((pool, JobTicket(self.lifecycle.clone()))),
-            (Ok(_), None) => Err(format!("pool {name} has no nodes")),
-            (Err(refused), _) => Err(format!("pool {name}: {refused}")),
+        let coordinator = &self.session.coordinator;
+        if let Err(refused) = coordinator.lifecycle_event(lifecycle::Event::JobStarted) {
+            return Err(format!("pool {name}: {refused}"));
+        }
+        // Counted from here: dropped (the job ends) on every way out.
+        let ticket = JobTicket(coordinator.clone());
+        match self.pool.get() {
+            Some(pool) => Ok((pool, ticket)),
+            None => Err(format!("pool {name} is still coming up")),
         }
     }
 
@@ -988,13 +980,12 @@ impl Daemon {
 
 /// A job counted as running in the pool's lifecycle, until dropped (the job ended, its
 /// client left, or it was stopped).
-struct JobTicket(Arc<Mutex<Lifecycle>>);
+struct JobTicket(Arc<skyward_coordinator::server::Coordinator>);
 
 impl Drop for JobTicket {
     fn drop(&mut self) {
-        let mut lifecycle = self.0.lock().unwrap_or_else(|p| p.into_inner());
         // Refused only once the pool is gone: nothing left to count.
-        let _ = lifecycle.handle(lifecycle::Event::JobEnded);
+        let _ = self.0.lifecycle_event(lifecycle::Event::JobEnded);
     }
 }
 

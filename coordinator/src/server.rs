@@ -31,6 +31,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::tcp::{BulkTicket, BulkTickets};
 use skyward_core::admission::{Admission, Refusal};
+use skyward_core::lifecycle::{self, InvalidTransition, Lifecycle};
 use skyward_core::membership::Budget;
 use skyward_core::pool_state::{self, PoolState};
 use skyward_core::roster::{self, Roster};
@@ -699,6 +700,27 @@ impl Coordinator {
             place,
             error: error.to_string(),
         });
+    }
+
+    /// Where the pool is in its life, and how many jobs run.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.inner.state().lifecycle().clone()
+    }
+
+    /// Tells the pool state the pool came up, failed, runs or ends a job, or goes; an event
+    /// its phase does not allow (a job on a pool coming up or going) is refused and changes
+    /// nothing. Once the pool goes, no place is refilled.
+    pub fn lifecycle_event(&self, event: lifecycle::Event) -> Result<(), InvalidTransition> {
+        let actions = self
+            .inner
+            .state()
+            .handle(pool_state::Event::Lifecycle(event), Instant::now());
+        let refused = actions.iter().find_map(|a| match a {
+            pool_state::Action::Refused(refused) => Some(refused.clone()),
+            _ => None,
+        });
+        carry_out(&self.inner, actions);
+        refused.map_or(Ok(()), Err)
     }
 
     /// Each place of a pool that keeps its size, in rank order: its node (the holder, or the
@@ -1558,6 +1580,9 @@ fn carry_out(inner: &Inner, actions: Vec<pool_state::Action>) -> Vec<roster::Act
                 tell_keeper(inner, PlaceNews::Report(line));
                 continue;
             }
+            // The phase is read by whoever drives the pool (`Coordinator::lifecycle`); a
+            // refusal is answered by `Coordinator::lifecycle_event`.
+            pool_state::Action::Lifecycle(_) | pool_state::Action::Refused(_) => continue,
         };
         let state = inner
             .node_states

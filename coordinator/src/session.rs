@@ -14,6 +14,7 @@ use crate::pool::{self, Pool, PoolProgress};
 use crate::run::{run_job, RunEvent, TaskReport};
 use crate::server::{Coordinator, CoordinatorConfig};
 use crate::store::{InstanceRecord, Owner, Placement, PoolState, Store};
+use skyward_core::lifecycle;
 use skyward_providers::Provider;
 
 /// Why a pool session could not start.
@@ -128,7 +129,7 @@ impl PoolSession {
             self.record_progress(&event);
             on_progress(&event);
         };
-        Pool::up(
+        let up = Pool::up(
             self.coordinator.clone(),
             &self.providers,
             &plan.selection,
@@ -136,7 +137,14 @@ impl PoolSession {
             &mut record_then_tell,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+        let phase = match &up {
+            Ok(_) => lifecycle::Event::Up,
+            Err(why) => lifecycle::Event::ProvisionFailed(why.clone()),
+        };
+        // Provisioning happens once: its end is always an event the phase allows.
+        let _ = self.coordinator.lifecycle_event(phase);
+        up
     }
 
     /// Records what provisioning is about to create (before the call) and what it created.
@@ -245,7 +253,11 @@ pub async fn tear_down(
     store: &Mutex<Store>,
 ) -> Result<(), String> {
     record(store, |s| s.set_state(name, PoolState::TearingDown));
-    match pool::teardown(coordinator, providers).await {
+    // From here no job starts and no place is refilled; asked again, it is already so.
+    let _ = coordinator.lifecycle_event(lifecycle::Event::TeardownRequested);
+    let removed = pool::teardown(coordinator, providers).await;
+    let _ = coordinator.lifecycle_event(lifecycle::Event::TeardownFinished);
+    match removed {
         Ok(()) => {
             let _ = std::fs::remove_dir_all(dir);
             forget(store, name);

@@ -1,6 +1,7 @@
-//! One pool's node state: who each node id is and whether it is still in the pool (the
-//! [`Roster`]), and, once the pool keeps its size, which node holds each place and when a
-//! lost one is replaced (the [`Membership`]). Sans I/O, one `handle(event, now)`: a node given
+//! One pool's state: where the pool is in its life and how many jobs run (the
+//! [`Lifecycle`]), who each node id is and whether it is still in the pool (the [`Roster`]),
+//! and, once the pool keeps its size, which node holds each place and when a lost one is
+//! replaced (the [`Membership`]). Sans I/O, one `handle(event, now)`: a node given
 //! up for any reason (silence, an interruption notice, its machine gone, its driver's word)
 //! is fenced and its place filled in the same step, so that no loop elsewhere has to notice
 //! it. The coordinator's endpoint feeds it and carries out the node actions; the pool's
@@ -8,6 +9,7 @@
 
 use std::time::Instant;
 
+use crate::lifecycle::{self, InvalidTransition, Lifecycle, Phase};
 use crate::membership::{self, Budget, Membership, PlaceState};
 use crate::roster::{self, Roster};
 
@@ -26,6 +28,8 @@ pub enum Event {
     Replaced { place: usize, node: String },
     /// Starting a new node for `place` failed.
     ReplacementFailed { place: usize, error: String },
+    /// The pool came up, failed, runs a job or ends one, or goes.
+    Lifecycle(lifecycle::Event),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,11 +46,16 @@ pub enum Action {
     },
     /// Tell the user what became of a place (the pool's log and `pool status`).
     Report(String),
+    /// What the pool's phase asks (announce it ready, failed or down; tear down).
+    Lifecycle(lifecycle::Action),
+    /// The event is not one the pool's phase allows: a job on a pool coming up or going.
+    Refused(InvalidTransition),
 }
 
 /// The pool's nodes and places.
 #[derive(Debug, Default)]
 pub struct PoolState {
+    lifecycle: Lifecycle,
     roster: Roster,
     membership: Option<Membership>,
 }
@@ -54,9 +63,19 @@ pub struct PoolState {
 impl PoolState {
     pub fn new(roster: Roster) -> PoolState {
         PoolState {
+            lifecycle: Lifecycle::new(),
             roster,
             membership: None,
         }
+    }
+
+    pub fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    /// Whether the pool is going (or gone): nothing is replaced any more.
+    fn going(&self) -> bool {
+        matches!(self.lifecycle.phase(), Phase::TearingDown | Phase::Down)
     }
 
     pub fn roster(&self) -> &Roster {
@@ -108,6 +127,7 @@ impl PoolState {
                     self.follow(given_up, now, &mut actions);
                 }
             }
+            Event::KeepPlaces { .. } if self.going() => {}
             Event::KeepPlaces { nodes, budget } => {
                 self.membership = Some(Membership::new(nodes.clone(), budget, now));
                 // A node given up before the pool began to keep its size loses its place now.
@@ -129,6 +149,16 @@ impl PoolState {
                 now,
                 &mut actions,
             ),
+            Event::Lifecycle(event) => match self.lifecycle.handle(event) {
+                Ok(answered) => {
+                    // A pool that goes keeps no size: no place is refilled from now on.
+                    if self.going() {
+                        self.membership = None;
+                    }
+                    actions.extend(answered.into_iter().map(Action::Lifecycle));
+                }
+                Err(refused) => actions.push(Action::Refused(refused)),
+            },
         }
         actions
     }
@@ -336,6 +366,33 @@ mod tests {
                 Action::Node(roster::Action::Fence { .. }),
                 Action::Replace { place: 0, .. }
             ]
+        ));
+    }
+
+    #[test]
+    fn a_pool_that_goes_replaces_nothing_more() {
+        let t0 = Instant::now();
+        let mut state = kept(2, t0);
+        state.handle(Event::Lifecycle(lifecycle::Event::Up), t0);
+        assert_eq!(
+            state.handle(Event::Lifecycle(lifecycle::Event::TeardownRequested), t0),
+            [Action::Lifecycle(lifecycle::Action::Teardown)]
+        );
+        let later = t0 + Duration::from_secs(60);
+        let actions = state.handle(
+            Event::Node(roster::Event::GiveUp {
+                node: "node-1".into(),
+                reason: "gone".into(),
+            }),
+            later,
+        );
+        assert!(
+            actions.iter().all(|a| !matches!(a, Action::Replace { .. })),
+            "{actions:?}"
+        );
+        assert!(matches!(
+            state.handle(Event::Lifecycle(lifecycle::Event::JobStarted), later)[..],
+            [Action::Refused(_)]
         ));
     }
 

@@ -78,6 +78,7 @@ use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
 use skyward_coordinator::server::{Coordinator, CoordinatorConfig, NodeHandle};
 use skyward_coordinator::session::record;
 use skyward_coordinator::store::{Owner, Store};
+use skyward_core::lifecycle;
 use skyward_core::membership::Budget;
 use skyward_core::slots::GpuRequest;
 use skyward_core::spec::{AcceleratorRequest, PoolSpec};
@@ -585,6 +586,12 @@ impl ComputePoolBuilder {
             keeper: Mutex::new(None),
             replacements: Mutex::new(Vec::new()),
         });
+        let phase = match &up {
+            Ok(_) => lifecycle::Event::Up,
+            Err(e) => lifecycle::Event::ProvisionFailed(e.message.clone()),
+        };
+        // Provisioning happens once: its end is always an event the phase allows.
+        let _ = shared.coordinator.lifecycle_event(phase);
         let pool = match up {
             Ok(pool) => Arc::new(pool),
             Err(e) => {
