@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::pool::{candidates, Pool, PoolProgress};
 use crate::server::PlaceNews;
 use skyward_core::membership::Budget;
+use skyward_core::pool_state::Replacement;
 use skyward_core::selection::{self, Attempt, Selection};
 use skyward_providers::Provider;
 
@@ -42,12 +43,12 @@ pub async fn keep_size(
     while let Some(ask) = asks.recv().await {
         match ask {
             PlaceNews::Report(line) => on_news(Kept::Replacement(line)),
-            PlaceNews::Replace {
+            PlaceNews::Replace(Replacement {
                 place,
                 lost,
                 why,
                 next_offer_first,
-            } => {
+            }) => {
                 tracing::warn!("{lost} ({why}): starting a node in its place");
                 let fallbacks = fallbacks(pool, providers, selection).await;
                 let replaced = pool

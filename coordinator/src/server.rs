@@ -33,7 +33,7 @@ use crate::tcp::{BulkTicket, BulkTickets};
 use skyward_core::admission::{Admission, Refusal};
 use skyward_core::lifecycle::{self, InvalidTransition, Lifecycle};
 use skyward_core::membership::Budget;
-use skyward_core::pool_state::{self, PoolState};
+use skyward_core::pool_state::{self, PoolState, Replacement};
 use skyward_core::roster::{self, Roster};
 use skyward_core::task::{Delivery, TaskProgress, TaskProtocolError};
 use skyward_core::tokens::TokenRejection;
@@ -303,15 +303,9 @@ struct Inner {
 /// What the pool state asks of the pool's keeper (see [`Coordinator::keep_places`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlaceNews {
-    /// Start a node for `place` in place of `lost` (given up for `why`), from the pool's own
-    /// offer first, or from the next offer first when `next_offer_first`; then say how it
-    /// went ([`Coordinator::replaced`], [`Coordinator::replacement_failed`]).
-    Replace {
-        place: usize,
-        lost: String,
-        why: String,
-        next_offer_first: bool,
-    },
+    /// Start a node for the place (see [`Replacement`]); then say how it went
+    /// ([`Coordinator::replaced`], [`Coordinator::replacement_failed`]).
+    Replace(Replacement),
     /// What became of a place, for the user.
     Report(String),
 }
@@ -1559,21 +1553,8 @@ fn carry_out(inner: &Inner, actions: Vec<pool_state::Action>) -> Vec<roster::Act
                 answers.push(answer);
                 continue;
             }
-            pool_state::Action::Replace {
-                place,
-                lost,
-                why,
-                next_offer_first,
-            } => {
-                tell_keeper(
-                    inner,
-                    PlaceNews::Replace {
-                        place,
-                        lost,
-                        why,
-                        next_offer_first,
-                    },
-                );
+            pool_state::Action::Replace(replacement) => {
+                tell_keeper(inner, PlaceNews::Replace(replacement));
                 continue;
             }
             pool_state::Action::Report(line) => {

@@ -36,20 +36,24 @@ pub enum Event {
 pub enum Action {
     /// For the coordinator's endpoint: sign, welcome, refuse, fence (see [`roster::Action`]).
     Node(roster::Action),
-    /// Start a node for `place` in place of `lost` (given up for `why`): from the pool's own
-    /// offer first, or from the next offer first when `next_offer_first`.
-    Replace {
-        place: usize,
-        lost: String,
-        why: String,
-        next_offer_first: bool,
-    },
+    /// Start a node for a place whose node was given up.
+    Replace(Replacement),
     /// Tell the user what became of a place (the pool's log and `pool status`).
     Report(String),
     /// What the pool's phase asks (announce it ready, failed or down; tear down).
     Lifecycle(lifecycle::Action),
     /// The event is not one the pool's phase allows: a job on a pool coming up or going.
     Refused(InvalidTransition),
+}
+
+/// A place to refill: start a node for `place` in place of `lost` (given up for `why`),
+/// from the pool's own offer first, or from the next offer first when `next_offer_first`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replacement {
+    pub place: usize,
+    pub lost: String,
+    pub why: String,
+    pub next_offer_first: bool,
 }
 
 /// The pool's nodes and places.
@@ -214,12 +218,12 @@ impl PoolState {
                     place,
                     lost,
                     next_offer_first,
-                } => actions.push(Action::Replace {
+                } => actions.push(Action::Replace(Replacement {
                     place,
                     why: self.roster.fenced(&lost).unwrap_or_default().to_string(),
                     lost,
                     next_offer_first,
-                }),
+                })),
                 membership::Action::Report(line) => actions.push(Action::Report(line)),
             }
         }
@@ -317,12 +321,12 @@ mod tests {
                     node: "node-1".into(),
                     reason: "no health report for 10s".into()
                 }),
-                Action::Replace {
+                Action::Replace(Replacement {
                     place: 0,
                     lost: "node-1".into(),
                     why: "no health report for 10s".into(),
                     next_offer_first: false
-                }
+                })
             ]
         );
         join(&mut state, "node-3", later);
@@ -364,7 +368,7 @@ mod tests {
             &actions[..],
             [
                 Action::Node(roster::Action::Fence { .. }),
-                Action::Replace { place: 0, .. }
+                Action::Replace(Replacement { place: 0, .. })
             ]
         ));
     }
@@ -387,7 +391,7 @@ mod tests {
             later,
         );
         assert!(
-            actions.iter().all(|a| !matches!(a, Action::Replace { .. })),
+            actions.iter().all(|a| !matches!(a, Action::Replace(_))),
             "{actions:?}"
         );
         assert!(matches!(
@@ -462,7 +466,7 @@ mod tests {
                     }
                 };
                 for action in &actions {
-                    if let Action::Replace { place, lost, .. } = action {
+                    if let Action::Replace(Replacement { place, lost, .. }) = action {
                         prop_assert!(pending.iter().all(|(p, _)| p != place), "two replacements for place {place}");
                         prop_assert!(state.roster().fenced(lost).is_some(), "{lost} replaced but not fenced");
                         pending.push((*place, lost.clone()));
