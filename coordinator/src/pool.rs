@@ -1,4 +1,4 @@
-//! A pool's async shell around the pure [`Lifecycle`] and [`selection`]:
+//! A pool's async shell around the pure [`selection`]:
 //! ask every provider for offers, try them in the selection's order (tearing down each
 //! failed attempt), wait for every agent to enroll and connect, hand out the nodes, and tear
 //! everything down at the end.
