@@ -739,9 +739,15 @@ async fn run(args: RunArgs) -> i32 {
         // tasks, or tasks that move with --retries), with the same keeper as `pool up`.
         let keeping = async {
             if request.retries > 0 || request.argvs.len() > 1 {
+                // Said once, when the budget first leaves a place empty.
+                let mut told_shortfall = false;
                 let mut on_news = |news: Kept<'_>| match news {
                     Kept::Progress(event) => session.record_progress(&event),
                     Kept::Replacement(line) => eprintln!("skyward: {line}"),
+                    Kept::Shortfall(Some(why)) if !told_shortfall => {
+                        told_shortfall = true;
+                        eprintln!("skyward: {why}");
+                    }
                     Kept::Shortfall(_) => {}
                 };
                 let budget = Budget::per_place(plan.max_replacements, plan.spec.nodes);

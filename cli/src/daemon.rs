@@ -76,8 +76,6 @@ struct Daemon {
     replacements: Mutex<Vec<String>>,
     /// How many new nodes may replace lost ones, and how fast.
     budget: skyward_core::membership::Budget,
-    /// Why the pool is smaller than asked, once its replacement budget left a place empty.
-    shortfall: Mutex<Option<String>>,
     /// How offers are chosen: where replacements may come from when the pool's own offer
     /// has none.
     selection: skyward_core::selection::Selection,
@@ -124,7 +122,6 @@ pub async fn serve(args: UpArgs) -> i32 {
         detached: Mutex::new(Vec::new()),
         replacements: Mutex::new(Vec::new()),
         budget: skyward_core::membership::Budget::per_place(plan.max_replacements, plan.spec.nodes),
-        shortfall: Mutex::new(None),
         selection: plan.selection.clone(),
     });
     let accepting = tokio::spawn(accept(listener, daemon.clone()));
@@ -204,7 +201,8 @@ async fn keep_node_count(daemon: Arc<Daemon>) {
     let mut on_news = |news: Kept<'_>| match news {
         Kept::Progress(event) => daemon.session.record_progress(&event),
         Kept::Replacement(line) => daemon.note_replacement(line),
-        Kept::Shortfall(why) => *daemon.shortfall.lock().unwrap_or_else(|p| p.into_inner()) = why,
+        // The pool state says it: `pool status` asks it.
+        Kept::Shortfall(_) => {}
     };
     keep_size(
         pool,
@@ -964,11 +962,7 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-            shortfall: self
-                .shortfall
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            shortfall: coordinator.shortfall(),
             places: coordinator
                 .places()
                 .into_iter()

@@ -704,6 +704,13 @@ impl ComputePool {
         lock(&self.shared.replacements).clone()
     }
 
+    /// Why the pool runs with fewer nodes than asked, once its replacement budget left a
+    /// place empty (`replacements stopped: ...; the pool runs with 1 of 2 nodes`); `None`
+    /// while it is whole.
+    pub fn shortfall(&self) -> Option<String> {
+        self.shared.coordinator.shortfall()
+    }
+
     /// Runs `command` on the least loaded node; its whole output and how it ended. A
     /// command that exits non-zero is `Ok` (see [`CommandOutput::success`]); `Err` means
     /// the coordinator lost the task. Command jobs (`run`, `broadcast`) of one pool run one

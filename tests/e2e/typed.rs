@@ -474,6 +474,7 @@ async fn a_library_pool_replaces_a_silent_node_and_removes_its_machine() {
         pool.replacements(),
         ["node-1 (no health report for 3s) replaced by node-3"]
     );
+    assert_eq!(pool.shortfall(), None, "the pool is whole again");
     let outputs = pool
         .broadcast(Command::new("sh").arg("-c").arg("echo $SKYWARD_NODE_ID"))
         .await
