@@ -246,8 +246,13 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     'assign: loop {
         // A node the pool put in place of a lost one takes that place's tasks from now on.
         attempts.adopt_replacements(&mut scheduler);
-        // A task no node left could take ends now rather than wait for ever.
-        for task in scheduler.unplaceable() {
+        // A task no node left could take ends now rather than wait for ever; while the pool
+        // refills a place, it waits for the new node.
+        let stranded = match coordinator.refilling() {
+            true => Vec::new(),
+            false => scheduler.unplaceable(),
+        };
+        for task in stranded {
             attempts.moving.remove(&task);
             gpu_holds.remove(&task);
             let report = TaskReport {
@@ -294,7 +299,9 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         }
         let joined = loop {
             tokio::select! {
-                joined = attempts.running.join_next(), if !attempts.running.is_empty() || !scheduler.waiting_for_slots() => break joined,
+                // With nothing running, a job whose tasks wait (for GPU slots, or for the node
+                // the pool is starting in a lost one's place) waits on the events below.
+                joined = attempts.running.join_next(), if !attempts.running.is_empty() || !(scheduler.waiting_for_slots() || (node_events_open && coordinator.refilling())) => break joined,
                 Ok(()) = gpus_freed.changed(), if scheduler.waiting_for_slots() => continue 'assign,
                 event = node_events.recv(), if node_events_open => match event {
                     Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
@@ -318,6 +325,8 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                     }
                     // Perhaps a node that replaced a lost one: it may take waiting tasks.
                     Ok(CoordinatorEvent::NodeConnected(_)) => continue 'assign,
+                    // A refill failed or stopped: tasks waiting for it may be stranded.
+                    Ok(CoordinatorEvent::PlacesChanged) => continue 'assign,
                     // Given up (silent, its machine gone by its provider's word, interrupted
                     // while the pool keeps its size): it takes no new task, and its tasks
                     // end (and move, with retries) as their streams say it is lost.

@@ -112,6 +112,9 @@ pub enum CoordinatorEvent {
         node_id: String,
         reason: String,
     },
+    /// What the pool state says of a place changed (a replacement failed, or the budget left
+    /// a place empty): a job waiting for a refill looks again.
+    PlacesChanged,
     /// The node's machine is about to be taken away.
     NodeInterrupted {
         node_id: String,
@@ -727,6 +730,18 @@ impl Coordinator {
             .into_iter()
             .map(|(node, state)| (node, state.describe(now)))
             .collect()
+    }
+
+    /// Whether a place of the pool is being refilled (a new node starting, or one waiting to
+    /// start): a task no node can take now may have one soon.
+    pub fn refilling(&self) -> bool {
+        self.inner.state().places().iter().any(|(_, state)| {
+            matches!(
+                state,
+                skyward_core::membership::PlaceState::Starting
+                    | skyward_core::membership::PlaceState::Waiting { .. }
+            )
+        })
     }
 
     /// Why the pool runs with fewer nodes than asked, once its replacement budget is spent.
@@ -1559,6 +1574,7 @@ fn carry_out(inner: &Inner, actions: Vec<pool_state::Action>) -> Vec<roster::Act
             }
             pool_state::Action::Report(line) => {
                 tell_keeper(inner, PlaceNews::Report(line));
+                let _ = inner.events.send(CoordinatorEvent::PlacesChanged);
                 continue;
             }
             // The phase is read by whoever drives the pool (`Coordinator::lifecycle`); a

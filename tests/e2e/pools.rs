@@ -433,6 +433,62 @@ fn a_pool_whose_machines_keep_being_taken_stops_replacing_at_its_budget() {
     assert_eq!(down.code, Some(0), "{down:?}");
 }
 
+/// `skyward run` keeps its pool's size within the same budget, and says once on stderr when
+/// the budget leaves a place empty: here every machine, the replacements too, is taken away
+/// (every local agent watches one stand-in metadata service that announces an interruption).
+#[test]
+fn a_run_says_once_when_its_replacement_budget_is_spent() {
+    let sandbox = Sandbox::new();
+    let imds = skyward_tests::imds::Imds::start();
+    let records = sandbox.path().join("records");
+    std::fs::create_dir_all(&records).unwrap();
+    let template = format!(
+        "sh -c 'echo $SKYWARD_NODE_ID > {}/{{}}; sleep 2'",
+        records.display()
+    );
+    let inputs: Vec<String> = (1..=12).map(|i| i.to_string()).collect();
+    let mut command = sandbox.skyward();
+    command
+        .env("SKYWARD_SPOT_WATCH", "aws")
+        .env("SKYWARD_IMDS", imds.address.to_string())
+        .args([
+            "run",
+            "--nodes",
+            "2",
+            "--retries",
+            "1",
+            "--max-replacements",
+            "1",
+        ])
+        .args(["--map", &template])
+        .args(&inputs);
+    let running = std::thread::spawn(move || run(&mut command, Duration::from_secs(90)));
+    // Once tasks run (the pool is up and kept), every machine gets its notice.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&records).unwrap().next().is_none() {
+        assert!(Instant::now() < deadline, "no task started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    imds.post_instance_action("terminate", "2026-12-07T18:00:00Z");
+    let finished = running.join().expect("the run's thread");
+    assert_ne!(finished.code, Some(0), "{finished:?}");
+    let said: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("skyward: replacements stopped: "))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", finished.stderr);
+    assert!(
+        said[0].ends_with("(--max-replacements raises it); the pool runs with 0 of 2 nodes")
+            || said[0].ends_with("(--max-replacements raises it); the pool runs with 1 of 2 nodes"),
+        "{}",
+        finished.stderr
+    );
+    assert!(sandbox
+        .wait_for_no_processes(Duration::from_secs(10))
+        .is_empty());
+}
+
 /// A coordinator's own pause is not its nodes' silence: a background coordinator frozen
 /// (SIGSTOP) for twice the node timeout gives no node up once it runs again, and keeps both
 /// through the node timeout after it.
