@@ -734,14 +734,9 @@ impl Coordinator {
 
     /// Whether a place of the pool is being refilled (a new node starting, or one waiting to
     /// start): a task no node can take now may have one soon.
+    /// It is asked on a job's every turn, so it copies nothing.
     pub fn refilling(&self) -> bool {
-        self.inner.state().places().iter().any(|(_, state)| {
-            matches!(
-                state,
-                skyward_core::membership::PlaceState::Starting
-                    | skyward_core::membership::PlaceState::Waiting { .. }
-            )
-        })
+        self.inner.state().refilling()
     }
 
     /// Why the pool runs with fewer nodes than asked, once its replacement budget is spent.

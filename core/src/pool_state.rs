@@ -107,6 +107,15 @@ impl PoolState {
             .collect()
     }
 
+    /// Whether a place is being refilled: a new node starting, or one waiting to start.
+    pub fn refilling(&self) -> bool {
+        self.membership.as_ref().is_some_and(|m| {
+            m.places().any(|(_, state)| {
+                matches!(state, PlaceState::Starting | PlaceState::Waiting { .. })
+            })
+        })
+    }
+
     /// Why the pool is smaller than asked, once its budget left a place empty.
     pub fn shortfall(&self) -> Option<String> {
         self.membership.as_ref()?.shortfall()
