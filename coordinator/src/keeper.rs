@@ -62,7 +62,7 @@ pub async fn keep_size(
                             "{lost} ({why}) replaced by {}",
                             new.node_id
                         )));
-                        coordinator.replaced(place, &new.node_id);
+                        coordinator.replaced(place, &new);
                     }
                     Err(failure) => coordinator.replacement_failed(place, &failure.message),
                 }

@@ -115,8 +115,6 @@ pub struct Pool {
     /// Every provider with machines of this pool: `provider`, and any a replacement fell
     /// back to.
     providers: std::sync::RwLock<Vec<Arc<dyn Provider>>>,
-    /// The GPU slots every job's running tasks hold: one placement across jobs.
-    gpus: Arc<GpuLedger>,
     /// The provider holding each node's machine, until the machine is removed.
     machines: Machines,
     /// Removes the machine of every node the coordinator gives up.
@@ -217,76 +215,6 @@ fn describe(attempt: &Attempt) -> String {
         "{} {} in {} ({})",
         attempt.offer.provider, attempt.offer.instance_type, attempt.offer.region, attempt.market
     )
-}
-
-/// The GPU slots held by running tasks of every job on a pool, by node id and device id
-/// (`CUDA_VISIBLE_DEVICES`' value). Each job's scheduler places its own tasks and leaves
-/// alone what another job holds; a job whose tasks wait for slots hears when any is freed.
-#[derive(Debug)]
-pub struct GpuLedger {
-    held: std::sync::Mutex<HashMap<String, std::collections::HashSet<String>>>,
-    /// Bumped whenever slots are freed.
-    freed: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for GpuLedger {
-    fn default() -> Self {
-        GpuLedger {
-            held: Default::default(),
-            freed: tokio::sync::watch::channel(0).0,
-        }
-    }
-}
-
-impl GpuLedger {
-    /// Holds `devices` of `node` until the returned hold is dropped.
-    pub fn hold(self: &Arc<Self>, node: &str, devices: Vec<String>) -> GpuHold {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.entry(node.to_string())
-            .or_default()
-            .extend(devices.iter().cloned());
-        GpuHold {
-            ledger: self.clone(),
-            node: node.to_string(),
-            devices,
-        }
-    }
-
-    /// Whether a running task holds `device` of `node`.
-    pub fn is_held(&self, node: &str, device: &str) -> bool {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
-            .is_some_and(|devices| devices.contains(device))
-    }
-
-    /// Changes whenever slots are freed.
-    pub fn freed(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.freed.subscribe()
-    }
-}
-
-/// Slots a task holds; freed when dropped (the task ended, or its job was dropped).
-#[derive(Debug)]
-pub struct GpuHold {
-    ledger: Arc<GpuLedger>,
-    node: String,
-    devices: Vec<String>,
-}
-
-impl Drop for GpuHold {
-    fn drop(&mut self) {
-        {
-            let mut held = self.ledger.held.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(devices) = held.get_mut(&self.node) {
-                for device in &self.devices {
-                    devices.remove(device);
-                }
-            }
-        }
-        self.ledger.freed.send_modify(|n| *n += 1);
-    }
 }
 
 /// Asks every provider for offers at once; one provider's failure is its candidate's error.
@@ -558,7 +486,6 @@ impl Pool {
             spec: spec.clone(),
             deadline,
             next_node: std::sync::atomic::AtomicUsize::new(spec.nodes + 1),
-            gpus: Arc::default(),
             machines,
             reaper,
             coordinator,
@@ -752,11 +679,6 @@ impl Pool {
     /// What the pool was asked for.
     pub fn spec(&self) -> &PoolSpec {
         &self.spec
-    }
-
-    /// The GPU slots every job's running tasks hold.
-    pub fn gpu_ledger(&self) -> Arc<GpuLedger> {
-        self.gpus.clone()
     }
 
     pub fn coordinator(&self) -> &Coordinator {

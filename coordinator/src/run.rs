@@ -11,10 +11,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::pool::{GpuHold, Pool};
+use crate::pool::Pool;
 use crate::preflight::{Preflight, PreflightError};
 use crate::server::{Coordinator, CoordinatorEvent, NodeHandle, TaskError};
-use skyward_core::slots::{node_slots, GpuRequest, SlotScheduler, SlotTask};
+use skyward_core::jobs::{self, AttemptFailure, End, JobId, JobNode, JobSpec, NO_NODE_LEFT};
+use skyward_core::slots::{node_slots, slot_env, GpuRequest, SlotTask};
 use skyward_core::training::{training_env, Mesh};
 
 /// What feeds a task's stdin. `Sync` so that a job (and the future running it) can move
@@ -207,179 +208,89 @@ impl TaskReport {
 
 /// Runs every task of `job` on `pool`, sending events as they happen; returns one report per
 /// task, in input order. Dropping the future cancels every task still running.
+///
+/// The pool state decides where each attempt runs and when a task moves or ends
+/// ([`skyward_core::jobs`]); this is the job's driver: it starts and stops the attempts it is
+/// asked to, streams their events, and says when each attempt's stream ended.
 pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
-    let nodes = pool.nodes();
-    let loads = nodes.iter().map(|n| n.running() as usize).collect();
-    let slots = nodes.iter().map(|n| node_slots(&n.inventory)).collect();
-    let slot_tasks: Vec<SlotTask> = job
-        .tasks
-        .iter()
-        .map(|t| SlotTask {
-            pin: t.node,
-            gpus: t.gpus.clone(),
-        })
-        .collect();
-    let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
-    let mut scheduler = match SlotScheduler::new(slots, job.per_node, &slot_tasks) {
-        Ok(scheduler) => scheduler.with_running(loads),
-        // A task no node could ever take: none starts (the CLI checks this before).
-        Err(message) => {
-            return vec![
-                TaskReport {
-                    node: String::new(),
-                    outcome: Err(RunError::Unplaceable(message)),
-                };
-                job.tasks.len()
-            ];
-        }
-    };
-    let mut node_events = pool.shared_coordinator().subscribe();
-    let mut node_events_open = true;
     let coordinator = pool.shared_coordinator();
-    let mut stdin = job.stdin.take();
-    let mut attempts = Attempts::new(pool, nodes, &job, events.clone());
-    // One placement across the pool's jobs: slots another job's tasks hold are not given
-    // out, and tasks waiting for slots look again whenever any job frees some.
-    let gpus = pool.gpu_ledger();
-    let mut gpus_freed = gpus.freed();
-    let mut gpu_holds: HashMap<usize, GpuHold> = HashMap::new();
-    'assign: loop {
-        // A node the pool put in place of a lost one takes that place's tasks from now on.
-        attempts.adopt_replacements(&mut scheduler);
-        // A task no node left could take ends now rather than wait for ever; while the pool
-        // refills a place, it waits for the new node.
-        let stranded = match coordinator.refilling() {
-            true => Vec::new(),
-            false => scheduler.unplaceable(),
-        };
-        for task in stranded {
-            attempts.moving.remove(&task);
-            gpu_holds.remove(&task);
-            let report = TaskReport {
-                node: String::new(),
-                outcome: Err(RunError::Unplaceable(NO_NODE_LEFT.into())),
-            };
-            reports[task] = Some(announce_end(&events, task, report).await);
-        }
-        // Only GPU tasks waiting to start need the other jobs' holds: a job's loop turns once
-        // per task end, and most jobs hold no slot at all.
-        if scheduler.waiting_for_slots() {
-            scheduler.held_elsewhere(|node, slot| {
-                gpus.is_held(&attempts.nodes[node].node_id, &slot.device_id())
-            });
-        }
-        gpus_freed.borrow_and_update();
-        for placement in scheduler.assign() {
-            if !placement.slots.is_empty() {
-                let devices = placement.slots.iter().map(|s| s.device_id()).collect();
-                let node = &attempts.nodes[placement.node].node_id;
-                gpu_holds.insert(placement.task, gpus.hold(node, devices));
+    let spec = JobSpec {
+        tasks: job
+            .tasks
+            .iter()
+            .map(|t| SlotTask {
+                pin: t.node,
+                gpus: t.gpus.clone(),
+            })
+            .collect(),
+        nodes: pool
+            .nodes()
+            .iter()
+            .map(|n| JobNode {
+                id: n.node_id.clone(),
+                slots: node_slots(&n.inventory),
+                running: n.running() as usize,
+            })
+            .collect(),
+        per_node: job.per_node,
+        retries: job.retries,
+        stdin_task: job.stdin.is_some().then_some(0),
+    };
+    let mut node_events = coordinator.subscribe();
+    let mut node_events_open = true;
+    let mut ticket = coordinator.submit_job(spec);
+    let mut driver = Driver {
+        coordinator: coordinator.clone(),
+        ids: (0..job.tasks.len())
+            .map(|_| coordinator.next_task_id())
+            .collect(),
+        stdin: job.stdin.take(),
+        job: &job,
+        events: events.clone(),
+        current: HashMap::new(),
+        ended: HashMap::new(),
+        running: JoinSet::new(),
+    };
+    let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
+    loop {
+        tokio::select! {
+            action = ticket.actions.recv() => match action {
+                Some(jobs::Action::Start(start)) => driver.start(start).await,
+                Some(jobs::Action::Stop { task, attempt, .. }) => driver.stop(task, attempt),
+                Some(jobs::Action::Ended { task, end, .. }) => {
+                    let report = driver.report(task, end);
+                    reports[task] = Some(announce_end(&events, task, report).await);
+                }
+                Some(jobs::Action::Done { .. }) | None => break,
+            },
+            Some(joined) = driver.running.join_next(), if !driver.running.is_empty() => {
+                // An attempt stopped because its task moved elsewhere ends cancelled.
+                if let Ok((task, attempt, report)) = joined {
+                    driver.attempt_ended(ticket.job, task, attempt, report);
+                }
             }
-            // Only the first task is fed stdin.
-            let input = if placement.task == 0 {
-                stdin.take()
-            } else {
-                None
-            };
-            if let Some((from, reason)) = attempts.moving.remove(&placement.task) {
-                let _ = events
-                    .send(RunEvent::Retrying {
-                        task: placement.task,
-                        from,
-                        to: attempts.nodes[placement.node].node_id.clone(),
-                        attempt: attempts.count[placement.task],
-                        reason,
-                    })
-                    .await;
-            }
-            attempts.start(placement.task, placement.node, placement.env(), input);
-        }
-        if scheduler.done() {
-            break;
-        }
-        let joined = loop {
-            tokio::select! {
-                // With nothing running, a job whose tasks wait (for GPU slots, or for the node
-                // the pool is starting in a lost one's place) waits on the events below.
-                joined = attempts.running.join_next(), if !attempts.running.is_empty() || !(scheduler.waiting_for_slots() || (node_events_open && coordinator.refilling())) => break joined,
-                Ok(()) = gpus_freed.changed(), if scheduler.waiting_for_slots() => continue 'assign,
-                event = node_events.recv(), if node_events_open => match event {
-                    Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
-                        let why = format!(
-                            "{} interruption notice: {} at {}",
-                            notice.source, notice.action, notice.at
-                        );
+            event = node_events.recv(), if node_events_open => match event {
+                Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
+                    let _ = events
+                        .send(RunEvent::NodeInterrupted { node: node_id, notice })
+                        .await;
+                }
+                Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
+                    let tasks = driver.current.values().filter(|(_, node, _)| *node == node_id).count();
+                    // A node given up is reported by its tasks' retries or failures.
+                    if tasks > 0 && coordinator.fenced(&node_id).is_none() {
+                        let wait_ms = coordinator.node_timeout().as_millis() as u64;
                         let _ = events
-                            .send(RunEvent::NodeInterrupted { node: node_id.clone(), notice })
+                            .send(RunEvent::NodeUnreachable { node: node_id, reason, tasks, wait_ms })
                             .await;
-                        let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) else {
-                            continue;
-                        };
-                        // It takes no new task; its tasks that may move start again elsewhere
-                        // now rather than when the machine goes.
-                        scheduler.retire(index);
-                        for task in attempts.running_on(index) {
-                            attempts.move_elsewhere(task, index, &mut scheduler, &mut gpu_holds, why.clone());
-                        }
-                        continue 'assign;
                     }
-                    // Perhaps a node that replaced a lost one: it may take waiting tasks.
-                    Ok(CoordinatorEvent::NodeConnected(_)) => continue 'assign,
-                    // A refill failed or stopped: tasks waiting for it may be stranded.
-                    Ok(CoordinatorEvent::PlacesChanged) => continue 'assign,
-                    // Given up (silent, its machine gone by its provider's word, interrupted
-                    // while the pool keeps its size): it takes no new task, and its tasks
-                    // end (and move, with retries) as their streams say it is lost.
-                    Ok(CoordinatorEvent::NodeLost { node_id, .. }) => {
-                        if let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) {
-                            scheduler.retire(index);
-                            continue 'assign;
-                        }
-                    }
-                    Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
-                        let Some(index) = attempts.nodes.iter().position(|n| n.node_id == node_id) else {
-                            continue;
-                        };
-                        let tasks = attempts.running_on(index).len();
-                        // A node given up is reported by its tasks' retries or failures.
-                        if tasks > 0 && attempts.nodes[index].lost_reason().is_none() {
-                            let wait_ms = coordinator.node_timeout().as_millis() as u64;
-                            let _ = events
-                                .send(RunEvent::NodeUnreachable { node: node_id, reason, tasks, wait_ms })
-                                .await;
-                        }
-                    }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => node_events_open = false,
-                },
-            }
-        };
-        let (task, node, report) = match joined {
-            Some(Ok(done)) => done,
-            // An attempt stopped because its task moved elsewhere.
-            Some(Err(e)) if e.is_cancelled() => continue,
-            _ => break,
-        };
-        if !attempts.ended(task, node) {
-            // An attempt that moved elsewhere ended anyway: the current one speaks for it.
-            continue;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => node_events_open = false,
+            },
         }
-        if let Err(reason) = &report.outcome {
-            if !attempts.nodes[node].is_connected() {
-                scheduler.retire(node);
-            }
-            let reason = attempts.nodes[node]
-                .lost_reason()
-                .unwrap_or_else(|| reason.to_string());
-            if attempts.move_elsewhere(task, node, &mut scheduler, &mut gpu_holds, reason) {
-                continue;
-            }
-        }
-        scheduler.finished(task);
-        gpu_holds.remove(&task);
-        reports[task] = Some(announce_end(&events, task, report).await);
     }
-    attempts.running.shutdown().await;
+    driver.running.shutdown().await;
     reports
         .into_iter()
         .map(|r| {
@@ -391,153 +302,123 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         .collect()
 }
 
-/// The attempts of a job's tasks: each task's id, its attempts so far, where its current one
-/// runs, and the moves of those whose node is lost or about to be.
-struct Attempts<'a> {
+/// Carries out what the pool state asks of one job: its attempts, and their reports until
+/// the state says which one is a task's last.
+struct Driver<'a> {
     coordinator: Arc<Coordinator>,
-    pool: &'a Pool,
-    /// The job's nodes, by the scheduler's index; a lost one's place may be taken by the
-    /// node the pool put in its place (see `adopt_replacements`).
-    nodes: Vec<NodeHandle>,
-    /// Tasks put back in line to run elsewhere, with the node they left and why, until they
-    /// start again.
-    moving: HashMap<usize, (String, String)>,
     job: &'a Job,
     events: mpsc::Sender<RunEvent>,
+    /// Each task's id on the nodes.
     ids: Vec<u64>,
-    count: Vec<u32>,
-    /// Fed stdin, which cannot be fed again: such a task does not move.
-    fed_stdin: Vec<bool>,
-    current: HashMap<usize, (usize, AbortHandle)>,
-    running: JoinSet<(usize, usize, TaskReport)>,
+    /// Fed to the first task's first attempt.
+    stdin: Option<TaskInput>,
+    /// Each running attempt: its number, node and handle.
+    current: HashMap<usize, (u32, String, AbortHandle)>,
+    /// Reports of attempts that ended, until the state says whether they are their task's.
+    ended: HashMap<(usize, u32), TaskReport>,
+    running: JoinSet<(usize, u32, TaskReport)>,
 }
 
-impl<'a> Attempts<'a> {
-    fn new(
-        pool: &'a Pool,
-        nodes: Vec<NodeHandle>,
-        job: &'a Job,
-        events: mpsc::Sender<RunEvent>,
-    ) -> Self {
-        let tasks = job.tasks.len();
-        let coordinator = pool.shared_coordinator();
-        Attempts {
-            ids: (0..tasks).map(|_| coordinator.next_task_id()).collect(),
-            coordinator,
-            pool,
-            moving: HashMap::new(),
-            nodes,
-            job,
-            events,
-            count: vec![0; tasks],
-            fed_stdin: vec![false; tasks],
-            current: HashMap::new(),
-            running: JoinSet::new(),
+impl Driver<'_> {
+    async fn start(&mut self, start: jobs::Start) {
+        let task = start.task;
+        if let Some(moved) = &start.moved {
+            let _ = self
+                .events
+                .send(RunEvent::Retrying {
+                    task,
+                    from: moved.from.clone(),
+                    to: start.node.clone(),
+                    attempt: start.attempt,
+                    reason: moved.reason.clone(),
+                })
+                .await;
         }
-    }
-
-    /// Starts `task`'s current attempt on `node`, with `env` (its GPU slots') added.
-    fn start(
-        &mut self,
-        task: usize,
-        node: usize,
-        env: Vec<(String, String)>,
-        stdin: Option<TaskInput>,
-    ) {
+        let stdin = match (task, start.attempt) {
+            (0, 0) => self.stdin.take(),
+            _ => None,
+        };
         let plan = &self.job.tasks[task];
-        let mut task_env = plan.env.clone();
-        task_env.extend(env);
-        self.fed_stdin[task] |= stdin.is_some();
+        let mut env = plan.env.clone();
+        env.extend(slot_env(&start.slots));
         let mut spec = TaskSpec::command(
             self.ids[task],
-            self.count[task],
+            start.attempt,
             plan.argv.clone(),
-            task_env,
+            env,
             self.job.timeout.map(|t| t.as_millis() as u64),
             stdin.is_some(),
         );
         if let TaskKind::Command { cwd, .. } = &mut spec.kind {
             cwd.clone_from(&plan.cwd);
         }
-        let (coordinator, handle, events) = (
+        let (coordinator, events, node_id) = (
             self.coordinator.clone(),
-            self.nodes[node].clone(),
             self.events.clone(),
+            start.node.clone(),
         );
+        let attempt = start.attempt;
         let stop = self.running.spawn(async move {
-            let report = drive_task(&coordinator, &handle, task, spec, stdin, &events).await;
-            (task, node, report)
+            let report = match coordinator.node(&node_id) {
+                Some(node) => drive_task(&coordinator, &node, task, spec, stdin, &events).await,
+                None => TaskReport {
+                    node: node_id.clone(),
+                    outcome: Err(RunError::NodeLost {
+                        node: node_id,
+                        reason: "not connected".into(),
+                    }),
+                },
+            };
+            (task, attempt, report)
         });
-        self.current.insert(task, (node, stop));
+        self.current.insert(task, (attempt, start.node, stop));
     }
 
-    /// The tasks whose current attempt runs on `node`.
-    fn running_on(&self, node: usize) -> Vec<usize> {
-        self.current
-            .iter()
-            .filter(|(_, (n, _))| *n == node)
-            .map(|(task, _)| *task)
-            .collect()
-    }
-
-    /// An attempt of `task` on `node` ended: whether it was the current one.
-    fn ended(&mut self, task: usize, node: usize) -> bool {
-        let current = self.current.get(&task).map(|(n, _)| *n) == Some(node);
-        if current {
-            self.current.remove(&task);
-        }
-        current
-    }
-
-    /// Puts `task` back in line to run again elsewhere, stopping its attempt on `from` if it
-    /// runs and freeing what it held: the scheduler places it as it places any task (never
-    /// on a node it retired, within the per-node limit, on free GPU slots, a replacement in
-    /// a lost node's place included), not back on `from`. False when the task may not move
-    /// (pinned, fed stdin, no retries left) or no node left could ever take it.
-    fn move_elsewhere(
-        &mut self,
-        task: usize,
-        from: usize,
-        scheduler: &mut SlotScheduler,
-        gpu_holds: &mut HashMap<usize, GpuHold>,
-        reason: String,
-    ) -> bool {
-        let plan = &self.job.tasks[task];
-        let movable = plan.node.is_none() && !self.fed_stdin[task];
-        if !movable || self.count[task] >= self.job.retries {
-            return false;
-        }
-        let from_id = self.nodes[from].node_id.clone();
-        self.adopt_replacements(scheduler);
-        // Once a new node holds the place, only the lost one is to be avoided, and it is gone.
-        let avoid = (self.nodes[from].node_id == from_id).then_some(from);
-        if !scheduler.has_place_for(task, avoid) || !scheduler.requeue(task, avoid) {
-            return false;
-        }
-        if let Some((_, stop)) = self.current.remove(&task) {
+    fn stop(&mut self, task: usize, attempt: u32) {
+        if self.current.get(&task).map(|(a, ..)| *a) == Some(attempt) {
+            let (_, _, stop) = self.current.remove(&task).expect("checked");
             stop.abort();
         }
-        gpu_holds.remove(&task);
-        self.count[task] += 1;
-        self.moving.insert(task, (from_id, reason));
-        true
     }
 
-    /// Takes in the nodes a pool put in place of this job's lost ones since it started (a
-    /// pool that keeps its size replaces them while a long job runs): each takes its lost
-    /// node's place in the scheduler, with its own GPU slots, for queued tasks and moves
-    /// alike.
-    fn adopt_replacements(&mut self, scheduler: &mut SlotScheduler) {
-        // The job started with the pool's nodes in the pool's order, and a replacement takes
-        // its lost node's place in that order.
-        for (place, now) in self.pool.nodes().into_iter().enumerate() {
-            match self.nodes.get_mut(place) {
-                Some(node) if node.node_id != now.node_id => {
-                    scheduler.renew(place, node_slots(&now.inventory));
-                    *node = now;
-                }
-                _ => {}
+    /// An attempt's stream ended: the pool state decides whether the task moves or ends.
+    fn attempt_ended(&mut self, job: JobId, task: usize, attempt: u32, report: TaskReport) {
+        let Some((_, node, _)) = self
+            .current
+            .remove_entry(&task)
+            .filter(|(_, (a, ..))| *a == attempt)
+            .map(|(_, c)| c)
+        else {
+            return;
+        };
+        let failure = report.outcome.as_ref().err().map(|error| AttemptFailure {
+            reason: error.to_string(),
+            node_connected: self
+                .coordinator
+                .node(&node)
+                .is_some_and(|n| n.is_connected()),
+        });
+        self.ended.insert((task, attempt), report);
+        self.coordinator.attempt_ended(job, task, attempt, failure);
+    }
+
+    /// The report of a task that ended.
+    fn report(&mut self, task: usize, end: End) -> TaskReport {
+        let lost = |node: String, reason: String| TaskReport {
+            node: node.clone(),
+            outcome: Err(RunError::NodeLost { node, reason }),
+        };
+        match end {
+            End::Ran { attempt } => {
+                let report = self.ended.remove(&(task, attempt));
+                self.ended.retain(|(t, _), _| *t != task);
+                report.unwrap_or_else(|| lost(String::new(), "its report was lost".into()))
             }
+            End::Unplaceable(why) => TaskReport {
+                node: String::new(),
+                outcome: Err(RunError::Unplaceable(why)),
+            },
+            End::Lost { node, reason } => lost(node, reason),
         }
     }
 }
@@ -556,10 +437,6 @@ async fn announce_end(
         .await;
     report
 }
-
-/// Why a task that no node left could take ended.
-const NO_NODE_LEFT: &str =
-    "no node left could take it (every one that could was lost or is about to be taken away)";
 
 async fn drive_task(
     coordinator: &Coordinator,

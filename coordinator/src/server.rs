@@ -31,10 +31,12 @@ use tokio::sync::{broadcast, mpsc};
 
 use crate::tcp::{BulkTicket, BulkTickets};
 use skyward_core::admission::{Admission, Refusal};
+use skyward_core::jobs::{self, AttemptFailure, JobId, JobSpec};
 use skyward_core::lifecycle::{self, InvalidTransition, Lifecycle};
 use skyward_core::membership::Budget;
 use skyward_core::pool_state::{self, PoolState, Replacement};
 use skyward_core::roster::{self, Roster};
+use skyward_core::slots::node_slots;
 use skyward_core::task::{Delivery, TaskProgress, TaskProtocolError};
 use skyward_core::tokens::TokenRejection;
 
@@ -288,6 +290,9 @@ struct Inner {
     state: Arc<Mutex<PoolState>>,
     /// Where the replacements the pool state asks for go: the pool's keeper, once one runs.
     keeper: Mutex<Option<mpsc::UnboundedSender<PlaceNews>>>,
+    /// Where each job's starts, stops and ends go: its driver (see [`Coordinator::submit_job`]).
+    job_drivers: Mutex<HashMap<JobId, mpsc::UnboundedSender<jobs::Action>>>,
+    next_job: AtomicU64,
     /// Enrollment connections and failures per source address.
     admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
@@ -311,6 +316,29 @@ pub enum PlaceNews {
     Replace(Replacement),
     /// What became of a place, for the user.
     Report(String),
+}
+
+/// A job handed to the pool state: what it asks of the job's driver comes on `actions`.
+/// Dropping it cancels the job: its attempts stop and free what they hold.
+pub struct JobTicket {
+    pub job: JobId,
+    pub actions: mpsc::UnboundedReceiver<jobs::Action>,
+    inner: std::sync::Weak<Inner>,
+}
+
+impl Drop for JobTicket {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner
+                .job_drivers
+                .lock()
+                .expect("job drivers lock")
+                .remove(&self.job);
+            inner.pool_event(pool_state::Event::Job(jobs::Event::Cancel {
+                job: self.job,
+            }));
+        }
+    }
 }
 
 /// One pool's coordinator endpoint.
@@ -438,6 +466,8 @@ impl Coordinator {
                 DEFAULT_NODE_TIMEOUT,
             )))),
             keeper: Mutex::new(None),
+            job_drivers: Mutex::new(HashMap::new()),
+            next_job: AtomicU64::new(0),
             admission: Mutex::new(Admission::default()),
             nodes: Mutex::new(HashMap::new()),
             node_states: Mutex::new(HashMap::new()),
@@ -683,12 +713,52 @@ impl Coordinator {
         receiver
     }
 
-    /// The node started for `place` is up.
-    pub fn replaced(&self, place: usize, node_id: &str) {
+    /// The node started for `place` is up: it holds the place, and every job's tasks may
+    /// start there.
+    pub fn replaced(&self, place: usize, node: &NodeHandle) {
         self.inner.pool_event(pool_state::Event::Replaced {
             place,
-            node: node_id.to_string(),
+            node: node.node_id.clone(),
+            slots: node_slots(&node.inventory),
         });
+    }
+
+    /// Hands a job to the pool state, which places its tasks alongside every other job's
+    /// (GPU slots included) and moves them off nodes given up or interrupted. Its starts,
+    /// stops and ends come on the ticket, which cancels the job when dropped.
+    pub fn submit_job(&self, spec: JobSpec) -> JobTicket {
+        let job = JobId(self.inner.next_job.fetch_add(1, Ordering::Relaxed));
+        let (actions, receiver) = mpsc::unbounded_channel();
+        // Before the job is known: its first starts must find their way.
+        self.inner
+            .job_drivers
+            .lock()
+            .expect("job drivers lock")
+            .insert(job, actions);
+        self.inner
+            .pool_event(pool_state::Event::Job(jobs::Event::Submit { job, spec }));
+        JobTicket {
+            job,
+            actions: receiver,
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
+    /// An attempt of a job's task ended (see [`jobs::Event::AttemptEnded`]).
+    pub fn attempt_ended(
+        &self,
+        job: JobId,
+        task: usize,
+        attempt: u32,
+        failure: Option<AttemptFailure>,
+    ) {
+        self.inner
+            .pool_event(pool_state::Event::Job(jobs::Event::AttemptEnded {
+                job,
+                task,
+                attempt,
+                failure,
+            }));
     }
 
     /// Starting a node for `place` failed: it is tried again after a wait, within the budget.
@@ -1575,6 +1645,18 @@ fn carry_out(inner: &Inner, actions: Vec<pool_state::Action>) -> Vec<roster::Act
             // The phase is read by whoever drives the pool (`Coordinator::lifecycle`); a
             // refusal is answered by `Coordinator::lifecycle_event`.
             pool_state::Action::Lifecycle(_) | pool_state::Action::Refused(_) => continue,
+            pool_state::Action::Job(action) => {
+                let mut drivers = inner.job_drivers.lock().expect("job drivers lock");
+                let job = action.job();
+                let done = matches!(action, jobs::Action::Done { .. });
+                if let Some(driver) = drivers.get(&job) {
+                    let _ = driver.send(action);
+                }
+                if done {
+                    drivers.remove(&job);
+                }
+                continue;
+            }
         };
         let state = inner
             .node_states

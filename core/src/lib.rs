@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod catalog;
+pub mod jobs;
 pub mod lifecycle;
 pub mod membership;
 pub mod offer;

@@ -9,9 +9,11 @@
 
 use std::time::Instant;
 
+use crate::jobs::{self, Context, Jobs};
 use crate::lifecycle::{self, InvalidTransition, Lifecycle, Phase};
 use crate::membership::{self, Budget, Membership, PlaceState};
 use crate::roster::{self, Roster};
+use crate::slots::Slot;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -24,12 +26,18 @@ pub enum Event {
     Interrupted { node: String, reason: String },
     /// From now on keep the pool's places, held by `nodes` in rank order, within `budget`.
     KeepPlaces { nodes: Vec<String>, budget: Budget },
-    /// The new node for `place` is up.
-    Replaced { place: usize, node: String },
+    /// The new node for `place` is up, with its GPU `slots`.
+    Replaced {
+        place: usize,
+        node: String,
+        slots: Vec<Slot>,
+    },
     /// Starting a new node for `place` failed.
     ReplacementFailed { place: usize, error: String },
     /// The pool came up, failed, runs a job or ends one, or goes.
     Lifecycle(lifecycle::Event),
+    /// A job submitted or cancelled, or one of its attempts ended.
+    Job(jobs::Event),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +52,8 @@ pub enum Action {
     Lifecycle(lifecycle::Action),
     /// The event is not one the pool's phase allows: a job on a pool coming up or going.
     Refused(InvalidTransition),
+    /// For a job's driver: start or stop an attempt, a task or the job ended.
+    Job(jobs::Action),
 }
 
 /// A place to refill: start a node for `place` in place of `lost` (given up for `why`),
@@ -62,6 +72,7 @@ pub struct PoolState {
     lifecycle: Lifecycle,
     roster: Roster,
     membership: Option<Membership>,
+    jobs: Jobs,
 }
 
 impl PoolState {
@@ -70,7 +81,13 @@ impl PoolState {
             lifecycle: Lifecycle::new(),
             roster,
             membership: None,
+            jobs: Jobs::default(),
         }
+    }
+
+    /// Every job's tasks and the GPU slots they hold.
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
     }
 
     pub fn lifecycle(&self) -> &Lifecycle {
@@ -123,6 +140,8 @@ impl PoolState {
 
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
+        // Tasks that wait while a place is refilled may have no node left once it is not.
+        let was_refilling = !self.jobs.is_empty() && self.refilling();
         match event {
             Event::Node(event) => {
                 let tick = matches!(event, roster::Event::Tick { .. });
@@ -134,11 +153,20 @@ impl PoolState {
             }
             Event::Interrupted { node, reason } => {
                 if self.membership.is_some() {
-                    let given_up = self
-                        .roster
-                        .handle(roster::Event::GiveUp { node, reason }, now);
+                    let given_up = self.roster.handle(
+                        roster::Event::GiveUp {
+                            node: node.clone(),
+                            reason: reason.clone(),
+                        },
+                        now,
+                    );
                     self.follow(given_up, now, &mut actions);
                 }
+                // Its tasks that may move start again elsewhere before the machine goes.
+                self.jobs_say(
+                    |jobs, c| jobs.node_interrupted(&node, &reason, c),
+                    &mut actions,
+                );
             }
             Event::KeepPlaces { .. } if self.going() => {}
             Event::KeepPlaces { nodes, budget } => {
@@ -148,14 +176,20 @@ impl PoolState {
                     self.lose_if_fenced(node, now, &mut actions);
                 }
             }
-            Event::Replaced { place, node } => {
+            Event::Replaced { place, node, slots } => {
                 let started = membership::Event::Started {
                     place,
                     node: node.clone(),
                 };
                 self.membership_says(started, now, &mut actions);
                 // Given up while it came up (before it held the place): the place goes on.
-                self.lose_if_fenced(node, now, &mut actions);
+                self.lose_if_fenced(node.clone(), now, &mut actions);
+                if self.roster.fenced(&node).is_none() {
+                    self.jobs_say(
+                        |jobs, c| jobs.place_renewed(place, &node, &slots, c),
+                        &mut actions,
+                    );
+                }
             }
             Event::ReplacementFailed { place, error } => self.membership_says(
                 membership::Event::StartFailed { place, error },
@@ -172,8 +206,28 @@ impl PoolState {
                 }
                 Err(refused) => actions.push(Action::Refused(refused)),
             },
+            Event::Job(event) => self.jobs_say(|jobs, c| jobs.handle(event, c), &mut actions),
+        }
+        if was_refilling && !self.refilling() {
+            self.jobs_say(|jobs, c| jobs.look_again(c), &mut actions);
         }
         actions
+    }
+
+    /// Tells the jobs something, with what they need to know of the nodes and places.
+    fn jobs_say(
+        &mut self,
+        say: impl FnOnce(&mut Jobs, &Context<'_>) -> Vec<jobs::Action>,
+        actions: &mut Vec<Action>,
+    ) {
+        let refilling = self.refilling();
+        let roster = &self.roster;
+        let fenced = |node: &str| roster.fenced(node).map(str::to_string);
+        let context = Context {
+            fenced: &fenced,
+            refilling,
+        };
+        actions.extend(say(&mut self.jobs, &context).into_iter().map(Action::Job));
     }
 
     fn lose_if_fenced(&mut self, node: String, now: Instant, actions: &mut Vec<Action>) {
@@ -197,6 +251,9 @@ impl PoolState {
                 };
                 actions.push(Action::Node(action.clone()));
                 self.membership_says(lost, now, actions);
+                // No job's task starts there from now on.
+                let (node, reason) = (node.clone(), reason.clone());
+                self.jobs_say(|jobs, c| jobs.node_given_up(&node, &reason, c), actions);
             } else {
                 actions.push(Action::Node(action));
             }
@@ -343,7 +400,8 @@ mod tests {
             .handle(
                 Event::Replaced {
                     place: 0,
-                    node: "node-3".into()
+                    node: "node-3".into(),
+                    slots: Vec::new(),
                 },
                 later
             )
@@ -462,7 +520,7 @@ mod tests {
                         let node = format!("node-{next_node}");
                         next_node += 1;
                         join(&mut state, &node, now);
-                        state.handle(Event::Replaced { place, node }, now)
+                        state.handle(Event::Replaced { place, node, slots: Vec::new() }, now)
                     }
                     Step::ReplacementFails => {
                         if pending.is_empty() { continue }
@@ -498,6 +556,278 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Node and task fates together: jobs submitted, attempts ending (well, failed, late),
+    /// jobs cancelled, nodes heard, silent, interrupted, given up and replaced.
+    mod nodes_and_tasks {
+        use super::*;
+        use crate::jobs::{self, AttemptFailure, End, JobId, JobNode, JobSpec};
+        use crate::slots::{GpuRequest, Slot, SlotTask};
+        use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+        #[derive(Debug, Clone)]
+        enum Step {
+            /// Tasks (each: 0 plain, 1 one GPU, 2 two GPUs, 3 a slice, 4 pinned to a node),
+            /// retries, stdin, tasks per node.
+            Submit(Vec<(u8, usize)>, u32, bool, usize),
+            /// An open attempt ends: well, or failed with its node connected or not.
+            End(usize, bool, bool),
+            /// An attempt stopped earlier ends anyway.
+            EndLate(usize),
+            Cancel(usize),
+            Heard(usize),
+            Interrupt(usize),
+            GiveUp(usize),
+            ReplacementUp,
+            ReplacementFails,
+            Advance(u64),
+        }
+
+        fn step() -> impl Strategy<Value = Step> {
+            prop_oneof![
+                3 => (proptest::collection::vec((0..5u8, 0..3usize), 1..6), 0..3u32, any::<bool>(), 1..3usize)
+                    .prop_map(|(t, r, i, p)| Step::Submit(t, r, i, p)),
+                6 => (0..20usize, any::<bool>(), any::<bool>()).prop_map(|(i, ok, c)| Step::End(i, ok, c)),
+                1 => (0..20usize).prop_map(Step::EndLate),
+                1 => (0..20usize).prop_map(Step::Cancel),
+                2 => (0..12usize).prop_map(Step::Heard),
+                1 => (0..12usize).prop_map(Step::Interrupt),
+                1 => (0..12usize).prop_map(Step::GiveUp),
+                2 => Just(Step::ReplacementUp),
+                1 => Just(Step::ReplacementFails),
+                2 => (1..15u64).prop_map(Step::Advance),
+            ]
+        }
+
+        fn gpus() -> Vec<Slot> {
+            vec![Slot::Gpu { index: 0 }, Slot::Gpu { index: 1 }]
+        }
+
+        type AttemptKey = (JobId, usize, u32);
+
+        /// What the test knows from the actions it was given.
+        #[derive(Default)]
+        struct Model {
+            /// Attempts started and not yet ended or stopped, with their node and slots.
+            open: BTreeMap<AttemptKey, (String, Vec<String>)>,
+            stopped: Vec<AttemptKey>,
+            /// Every task's attempts started so far.
+            started: HashMap<(JobId, usize), u32>,
+            ended: HashSet<(JobId, usize)>,
+            /// Live jobs and their task counts.
+            jobs: BTreeMap<JobId, usize>,
+            done: HashSet<JobId>,
+            pending: Vec<usize>,
+        }
+
+        impl Model {
+            /// Checks the state's answer to one step; `ended_now` is the attempt whose end
+            /// the step said, if any.
+            fn check(
+                &mut self,
+                state: &PoolState,
+                actions: &[Action],
+                ended_now: Option<AttemptKey>,
+            ) -> Result<(), TestCaseError> {
+                for action in actions {
+                    match action {
+                        Action::Replace(Replacement { place, .. }) => self.pending.push(*place),
+                        Action::Job(jobs::Action::Start(start)) => {
+                            let key = (start.job, start.task, start.attempt);
+                            prop_assert!(
+                                self.jobs.contains_key(&start.job),
+                                "{key:?} of a job that is over"
+                            );
+                            prop_assert!(
+                                !self.ended.contains(&(start.job, start.task)),
+                                "{key:?} of a task that ended"
+                            );
+                            prop_assert!(
+                                state.roster().fenced(&start.node).is_none(),
+                                "{key:?} started on fenced {}",
+                                start.node
+                            );
+                            if let Some(before) = self.started.get(&(start.job, start.task)) {
+                                prop_assert!(start.attempt > *before, "{key:?} started again");
+                            }
+                            prop_assert!(
+                                self.open
+                                    .keys()
+                                    .all(|(j, t, _)| (*j, *t) != (start.job, start.task)),
+                                "{key:?} while another attempt runs"
+                            );
+                            prop_assert_eq!(start.moved.is_some(), start.attempt > 0);
+                            let devices: Vec<String> =
+                                start.slots.iter().map(Slot::device_id).collect();
+                            for (other, (node, held)) in &self.open {
+                                prop_assert!(
+                                    !(node == &start.node
+                                        && held.iter().any(|d| devices.contains(d))),
+                                    "{key:?} takes a slot {other:?} holds on {node}"
+                                );
+                            }
+                            self.started.insert((start.job, start.task), start.attempt);
+                            self.open.insert(key, (start.node.clone(), devices));
+                        }
+                        Action::Job(jobs::Action::Stop { job, task, attempt }) => {
+                            let key = (*job, *task, *attempt);
+                            prop_assert!(
+                                self.open.remove(&key).is_some(),
+                                "{key:?} stopped but not running"
+                            );
+                            self.stopped.push(key);
+                        }
+                        Action::Job(jobs::Action::Ended { job, task, end }) => {
+                            prop_assert!(
+                                self.ended.insert((*job, *task)),
+                                "{job:?} task {task} ended twice"
+                            );
+                            prop_assert!(
+                                self.open.keys().all(|(j, t, _)| (*j, *t) != (*job, *task)),
+                                "{job:?} task {task} ended while an attempt runs"
+                            );
+                            if let End::Ran { attempt } = end {
+                                prop_assert_eq!(
+                                    ended_now,
+                                    Some((*job, *task, *attempt)),
+                                    "a task ended with an attempt that did not just end"
+                                );
+                            }
+                        }
+                        Action::Job(jobs::Action::Done { job }) => {
+                            let tasks = self.jobs.remove(job);
+                            prop_assert!(tasks.is_some(), "{job:?} done twice or unknown");
+                            prop_assert!(
+                                (0..tasks.unwrap()).all(|t| self.ended.contains(&(*job, t))),
+                                "{job:?} done with tasks left"
+                            );
+                            self.done.insert(*job);
+                        }
+                        _ => {}
+                    }
+                }
+                // The state's slots are exactly those the open attempts hold.
+                let held: BTreeSet<(String, String)> =
+                    state.jobs().held().map(|(k, _)| k.clone()).collect();
+                let open: BTreeSet<(String, String)> = self
+                    .open
+                    .values()
+                    .flat_map(|(n, d)| d.iter().map(move |d| (n.clone(), d.clone())))
+                    .collect();
+                prop_assert_eq!(held, open);
+                Ok(())
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(384))]
+            /// Every task attempt ends exactly once (its own end, or stopped), every task and
+            /// every job ends once, no GPU slot is held by two attempts, a fenced node is
+            /// given no work, and once every running attempt ends (and replacements stop
+            /// coming) every job is done.
+            #[test]
+            fn every_attempt_ends_once_and_no_slot_or_fenced_node_is_given_out(keep in any::<bool>(), steps in proptest::collection::vec(step(), 1..50)) {
+                let t0 = Instant::now();
+                let mut now = t0;
+                let mut state = if keep { kept(3, t0) } else {
+                    let mut state = PoolState::new(Roster::new(TIMEOUT));
+                    for i in 1..=3 { join(&mut state, &format!("node-{i}"), t0); }
+                    state
+                };
+                let mut pool: Vec<String> = (1..=3).map(|i| format!("node-{i}")).collect();
+                let mut next_node = 4;
+                let mut next_job = 0;
+                let mut model = Model::default();
+                let step_on = |state: &mut PoolState, model: &mut Model, pool: &mut Vec<String>, next_node: &mut usize, next_job: &mut u64, now: &mut Instant, step: Step| -> Result<(), TestCaseError> {
+                    let pick = |i: usize| pool[i % pool.len()].clone();
+                    let mut ended_now = None;
+                    let actions = match step {
+                        Step::Submit(tasks, retries, stdin, per_node) => {
+                            let job = JobId(*next_job);
+                            *next_job += 1;
+                            let tasks: Vec<SlotTask> = tasks.iter().map(|&(kind, node)| match kind {
+                                0 => SlotTask { pin: None, gpus: GpuRequest::None },
+                                1 => SlotTask { pin: None, gpus: GpuRequest::Gpus(1) },
+                                2 => SlotTask { pin: None, gpus: GpuRequest::Gpus(2) },
+                                3 => SlotTask { pin: None, gpus: GpuRequest::Slice { profile: None } },
+                                _ => SlotTask { pin: Some(node), gpus: GpuRequest::None },
+                            }).collect();
+                            model.jobs.insert(job, tasks.len());
+                            let spec = JobSpec {
+                                nodes: pool.iter().map(|id| JobNode { id: id.clone(), slots: gpus(), running: 0 }).collect(),
+                                tasks,
+                                per_node,
+                                retries,
+                                stdin_task: stdin.then_some(0),
+                            };
+                            state.handle(Event::Job(jobs::Event::Submit { job, spec }), *now)
+                        }
+                        Step::End(i, ok, connected) => {
+                            let Some(&key) = model.open.keys().nth(i % model.open.len().max(1)) else { return Ok(()) };
+                            model.open.remove(&key);
+                            ended_now = Some(key);
+                            let failure = (!ok).then(|| AttemptFailure { reason: "connection lost".into(), node_connected: connected });
+                            state.handle(Event::Job(jobs::Event::AttemptEnded { job: key.0, task: key.1, attempt: key.2, failure }), *now)
+                        }
+                        Step::EndLate(i) => {
+                            let Some(&key) = model.stopped.get(i % model.stopped.len().max(1)) else { return Ok(()) };
+                            let failure = Some(AttemptFailure { reason: "stopped".into(), node_connected: true });
+                            state.handle(Event::Job(jobs::Event::AttemptEnded { job: key.0, task: key.1, attempt: key.2, failure }), *now)
+                        }
+                        Step::Cancel(i) => {
+                            let Some(&job) = model.jobs.keys().nth(i % model.jobs.len().max(1)) else { return Ok(()) };
+                            model.jobs.remove(&job);
+                            let actions = state.handle(Event::Job(jobs::Event::Cancel { job }), *now);
+                            model.check(state, &actions, None)?;
+                            prop_assert!(model.open.keys().all(|(j, ..)| *j != job), "{job:?} cancelled with attempts left running");
+                            return Ok(());
+                        }
+                        Step::Heard(i) => state.handle(Event::Node(roster::Event::Heard { node: pick(i) }), *now),
+                        Step::Interrupt(i) => state.handle(Event::Interrupted { node: pick(i), reason: "notice".into() }, *now),
+                        Step::GiveUp(i) => state.handle(Event::Node(roster::Event::GiveUp { node: pick(i), reason: "gone".into() }), *now),
+                        Step::ReplacementUp => {
+                            if model.pending.is_empty() { return Ok(()) }
+                            let place = model.pending.remove(0);
+                            let node = format!("node-{next_node}");
+                            *next_node += 1;
+                            join(state, &node, *now);
+                            pool[place] = node.clone();
+                            state.handle(Event::Replaced { place, node, slots: gpus() }, *now)
+                        }
+                        Step::ReplacementFails => {
+                            if model.pending.is_empty() { return Ok(()) }
+                            let place = model.pending.remove(0);
+                            state.handle(Event::ReplacementFailed { place, error: "no capacity".into() }, *now)
+                        }
+                        Step::Advance(secs) => {
+                            *now += Duration::from_secs(secs);
+                            state.handle(Event::Node(roster::Event::Tick { paused: Duration::ZERO }), *now)
+                        }
+                    };
+                    model.check(state, &actions, ended_now)
+                };
+                for step in steps {
+                    step_on(&mut state, &mut model, &mut pool, &mut next_node, &mut next_job, &mut now, step)?;
+                }
+                // Every running attempt ends, replacements stop coming: every job ends.
+                for _ in 0..500 {
+                    let step = if !model.open.is_empty() {
+                        Step::End(0, true, true)
+                    } else if !model.pending.is_empty() {
+                        Step::ReplacementFails
+                    } else if !model.jobs.is_empty() {
+                        Step::Advance(5)
+                    } else {
+                        break;
+                    };
+                    step_on(&mut state, &mut model, &mut pool, &mut next_node, &mut next_job, &mut now, step)?;
+                }
+                prop_assert!(model.jobs.is_empty(), "jobs never done: {:?}", model.jobs);
+                prop_assert!(state.jobs().is_empty());
+                prop_assert_eq!(state.jobs().held().count(), 0);
             }
         }
     }

@@ -227,26 +227,31 @@ pub struct Placement {
 impl Placement {
     /// The environment that confines the task to its slots (empty without slots).
     pub fn env(&self) -> Vec<(String, String)> {
-        if self.slots.is_empty() {
-            return Vec::new();
-        }
-        let devices: Vec<String> = self.slots.iter().map(Slot::device_id).collect();
-        let devices = devices.join(",");
-        let mut env = vec![
-            ("CUDA_VISIBLE_DEVICES".to_string(), devices.clone()),
-            ("NVIDIA_VISIBLE_DEVICES".to_string(), devices),
-        ];
-        // CUDA numbers GPUs fastest first unless told otherwise; the indices here are
-        // nvidia-smi's, which follow the PCI bus.
-        if self.slots.iter().any(|s| matches!(s, Slot::Gpu { .. })) {
-            env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
-        }
-        env
+        slot_env(&self.slots)
     }
 }
 
+/// The environment that confines a task to `slots` (empty without slots).
+pub fn slot_env(slots: &[Slot]) -> Vec<(String, String)> {
+    if slots.is_empty() {
+        return Vec::new();
+    }
+    let devices: Vec<String> = slots.iter().map(Slot::device_id).collect();
+    let devices = devices.join(",");
+    let mut env = vec![
+        ("CUDA_VISIBLE_DEVICES".to_string(), devices.clone()),
+        ("NVIDIA_VISIBLE_DEVICES".to_string(), devices),
+    ];
+    // CUDA numbers GPUs fastest first unless told otherwise; the indices here are
+    // nvidia-smi's, which follow the PCI bus.
+    if slots.iter().any(|s| matches!(s, Slot::Gpu { .. })) {
+        env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
+    }
+    env
+}
+
 /// One task for [`SlotScheduler`]: the node it must run on (broadcast), and what it asks for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotTask {
     pub pin: Option<usize>,
     pub gpus: GpuRequest,
@@ -409,6 +414,29 @@ impl SlotScheduler {
             !drop
         });
         self.gpu_finished += hopeless.iter().filter(|&&h| h).count();
+        out.sort_unstable();
+        out
+    }
+
+    /// Takes out, as ended, the tasks waiting to start that are pinned to `node` (it was given
+    /// up: nothing may start there); returns them.
+    pub fn drop_pinned_to(&mut self, node: usize) -> Vec<usize> {
+        let plain_tasks = &self.plain_tasks;
+        let mut out: Vec<usize> = self
+            .plain
+            .drop_queued(|_, pin, _| pin == Some(node))
+            .into_iter()
+            .map(|index| plain_tasks[index])
+            .collect();
+        let before = self.waiting.len();
+        self.waiting.retain(|(task, pin, ..)| {
+            let drop = *pin == Some(node);
+            if drop {
+                out.push(*task);
+            }
+            !drop
+        });
+        self.gpu_finished += before - self.waiting.len();
         out.sort_unstable();
         out
     }

@@ -594,6 +594,55 @@ fn a_lost_node_is_replaced_and_the_pool_keeps_its_size() {
     assert!(left.is_empty(), "left running: {left:?}");
 }
 
+/// A pool left smaller (its replacement budget allows none) gives new work only to the nodes
+/// it still has: the pool state that gave node-1 up places every job's tasks, so none is
+/// sent to a fenced node (before, a new `exec` went to node-1, the least loaded, and failed).
+#[test]
+fn a_pool_left_smaller_gives_new_work_only_to_the_nodes_it_has() {
+    let sandbox = Sandbox::new();
+    let up = sky(
+        &sandbox,
+        &[
+            "pool",
+            "up",
+            "smaller",
+            "--nodes",
+            "2",
+            "--max-replacements",
+            "0",
+        ],
+    );
+    assert_eq!(up.code, Some(0), "{up:?}");
+    let agent_of_node_1 = agent_of(&sandbox, "node-1");
+    assert_eq!(agent_of_node_1.len(), 1, "{:?}", sandbox.processes());
+    // SAFETY: killing the agent process found above.
+    unsafe {
+        libc::kill(agent_of_node_1[0], libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = sandbox.pool_status("smaller");
+        let empty = status["places"][0]["state"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("left empty"));
+        if empty {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node-1 not given up: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..3 {
+        let exec = sky(
+            &sandbox,
+            &["exec", "smaller", "--", "sh", "-c", "echo $SKYWARD_NODE_ID"],
+        );
+        assert_eq!(exec.code, Some(0), "{exec:?}");
+        assert_eq!(exec.stdout.trim(), "node-2", "{exec:?}");
+    }
+    let down = sky(&sandbox, &["pool", "down", "smaller"]);
+    assert_eq!(down.code, Some(0), "{down:?}");
+}
+
 #[test]
 fn a_pool_is_sent_an_unchanged_workdir_once_and_results_come_back() {
     let sandbox = Sandbox::new();
