@@ -29,6 +29,7 @@ use skyward_common::protocol::TaskEvent;
 use skyward_coordinator::job::JobRequest;
 use skyward_coordinator::pool::Pool;
 use skyward_coordinator::run::{RunError, RunEvent, TaskReport};
+use skyward_coordinator::server::Admitted;
 use skyward_coordinator::session::PoolSession;
 use skyward_coordinator::store::skyward_home;
 use skyward_core::lifecycle::{self, Lifecycle, Phase};
@@ -686,14 +687,14 @@ impl Daemon {
 
     /// Admits a job: the pool, and a ticket that counts the job as running until dropped;
     /// a pool coming up or going away refuses it, saying which.
-    fn begin_job(&self) -> Result<(&Pool, JobTicket), String> {
+    fn begin_job(&self) -> Result<(&Pool, Admitted), String> {
         let name = &self.session.name;
-        let coordinator = &self.session.coordinator;
-        if let Err(refused) = coordinator.lifecycle_event(lifecycle::Event::JobStarted) {
-            return Err(format!("pool {name}: {refused}"));
-        }
         // Counted from here: dropped (the job ends) on every way out.
-        let ticket = JobTicket(coordinator.clone());
+        let ticket = self
+            .session
+            .coordinator
+            .admit_job()
+            .map_err(|refused| format!("pool {name}: {refused}"))?;
         match self.pool.get() {
             Some(pool) => Ok((pool, ticket)),
             None => Err(format!("pool {name} is still coming up")),
@@ -969,17 +970,6 @@ impl Daemon {
                 .map(|(node, state)| PlaceStatus { node, state })
                 .collect(),
         })
-    }
-}
-
-/// A job counted as running in the pool's lifecycle, until dropped (the job ended, its
-/// client left, or it was stopped).
-struct JobTicket(Arc<skyward_coordinator::server::Coordinator>);
-
-impl Drop for JobTicket {
-    fn drop(&mut self) {
-        // Refused only once the pool is gone: nothing left to count.
-        let _ = self.0.lifecycle_event(lifecycle::Event::JobEnded);
     }
 }
 

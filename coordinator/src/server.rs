@@ -318,6 +318,17 @@ pub enum PlaceNews {
     Report(String),
 }
 
+/// A job counted as running in the pool's phase, until dropped (it ended, its caller left,
+/// or it was stopped). See [`Coordinator::admit_job`].
+pub struct Admitted(Arc<Coordinator>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        // Refused only once the pool is gone: nothing left to count.
+        let _ = self.0.lifecycle_event(lifecycle::Event::JobEnded);
+    }
+}
+
 /// A job handed to the pool state: what it asks of the job's driver comes on `actions`.
 /// Dropping it cancels the job: its attempts stop and free what they hold.
 pub struct JobTicket {
@@ -788,6 +799,14 @@ impl Coordinator {
         });
         carry_out(&self.inner, actions);
         refused.map_or(Ok(()), Err)
+    }
+
+    /// Counts a job as running in the pool's phase until the returned admission is dropped;
+    /// a pool coming up or going refuses it, saying which. The background coordinator admits
+    /// every `exec` and `shell` this way, the library every call.
+    pub fn admit_job(self: &Arc<Self>) -> Result<Admitted, InvalidTransition> {
+        self.lifecycle_event(lifecycle::Event::JobStarted)?;
+        Ok(Admitted(self.clone()))
     }
 
     /// Each place of a pool that keeps its size, in rank order: its node (the holder, or the

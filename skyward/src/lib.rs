@@ -75,7 +75,7 @@ use skyward_coordinator::keeper::{self, Kept};
 use skyward_coordinator::pool::{self, Pool, PoolProgress};
 use skyward_coordinator::preflight::Preflight;
 use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
-use skyward_coordinator::server::{Coordinator, CoordinatorConfig, NodeHandle};
+use skyward_coordinator::server::{Admitted, Coordinator, CoordinatorConfig, NodeHandle};
 use skyward_coordinator::session::record;
 use skyward_coordinator::store::{Owner, Store};
 use skyward_core::lifecycle;
@@ -89,6 +89,7 @@ pub use skyward_common::protocol::{OutputStream, TaskOutcome};
 pub use skyward_common::typed::{Task, TaskContext, TaskResult, TypedError};
 pub use skyward_coordinator::pool::{FailedAttempt, ProvisionError};
 pub use skyward_coordinator::run::RunError;
+pub use skyward_core::lifecycle::Phase;
 pub use skyward_core::selection::Selection;
 pub use skyward_core::spec::Allocation;
 pub use skyward_providers::ErrorKind;
@@ -716,6 +717,7 @@ impl ComputePool {
     /// the coordinator lost the task. Command jobs (`run`, `broadcast`) of one pool run one
     /// after another; typed tasks and streams run beside them.
     pub async fn run(&self, command: Command) -> Result<CommandOutput, Error> {
+        let _counted = self.admit()?;
         let mut outputs = self.command_job(vec![command.plan(None)], &command).await?;
         Ok(outputs.remove(0))
     }
@@ -724,6 +726,7 @@ impl ComputePool {
     /// `WORLD_SIZE`, `MASTER_ADDR`..., once a preflight found that the nodes reach rank 0);
     /// one result per node, in rank order.
     pub async fn broadcast(&self, command: Command) -> Result<Vec<CommandOutput>, Error> {
+        let _counted = self.admit()?;
         let plans = {
             Job::broadcast(
                 &self.pool,
@@ -787,6 +790,7 @@ impl ComputePool {
     /// Starts `command` on the least loaded node and returns its output as it comes.
     /// Dropping the stream cancels the command on its node.
     pub async fn stream(&self, command: Command) -> Result<CommandStream, Error> {
+        let counted = self.admit()?;
         let node = self.least_loaded()?;
         let spec = TaskSpec::command(
             0,
@@ -832,12 +836,14 @@ impl ComputePool {
             chunks,
             end,
             reader: AbortOnDrop(reader),
+            _counted: counted,
         })
     }
 
     /// Runs one typed task on the least loaded node and returns its output. The node's
     /// agent must have `T` registered, at `T::VERSION`.
     pub async fn submit<T: Task>(&self, task: T) -> Result<T::Output, Error> {
+        let _counted = self.admit()?;
         let payload = skyward_common::typed::encode_input(&task)?;
         drop(task);
         let node = self.least_loaded()?;
@@ -860,6 +866,7 @@ impl ComputePool {
         T: Task,
         I: IntoIterator<Item = T>,
     {
+        let _counted = self.admit()?;
         let mut queue = VecDeque::new();
         for (index, task) in tasks.into_iter().enumerate() {
             queue.push_back((index, skyward_common::typed::encode_input(&task)?));
@@ -940,6 +947,22 @@ impl ComputePool {
         self.shared.teardown().await
     }
 
+    /// Where the pool is in its life: [`Phase::Ready`] counts the calls running now (each
+    /// `run`, `broadcast`, `submit` and `map` until it returns, each stream until dropped).
+    pub fn phase(&self) -> Phase {
+        self.shared.coordinator.lifecycle().phase().clone()
+    }
+
+    /// Counts a call as a job of the pool while it runs.
+    fn admit(&self) -> Result<Admitted, Error> {
+        self.shared.coordinator.admit_job().map_err(|refused| {
+            Error::Run(RunError::Unplaceable(format!(
+                "pool {}: {refused}",
+                self.shared.name
+            )))
+        })
+    }
+
     fn least_loaded(&self) -> Result<NodeHandle, Error> {
         self.pool
             .nodes()
@@ -990,6 +1013,8 @@ pub struct CommandStream {
     chunks: mpsc::Receiver<OutputChunk>,
     end: oneshot::Receiver<Result<TaskOutcome, Error>>,
     reader: AbortOnDrop,
+    /// Counts the command as a job of the pool until the stream is dropped.
+    _counted: Admitted,
 }
 
 impl CommandStream {

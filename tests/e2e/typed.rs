@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use skyward::{
-    Command, ComputePool, Error, Local, OutputStream, RunError, Task, TaskContext, TaskOutcome,
-    TaskResult,
+    Command, ComputePool, Error, Local, OutputStream, Phase, RunError, Task, TaskContext,
+    TaskOutcome, TaskResult,
 };
 use skyward_tests::{bin, run, Sandbox};
 use typed_map::Sum;
@@ -218,13 +218,17 @@ async fn dropping_a_call_cancels_its_command_on_the_node() {
         process_ends(&timed).await,
         "the timed-out command still runs"
     );
+    // A call counts as one of the pool's jobs while it runs, and no longer once dropped.
+    assert_eq!(pool.phase(), Phase::Ready { jobs: 0 });
 
     // So does dropping a stream.
     let streamed = sandbox.path().join("streamed.pid");
     let mut stream = pool.stream(sleeper(&streamed)).await.unwrap();
     let first = stream.next().await.expect("the command's first output");
     assert_eq!(first.data.as_ref(), b"started\n");
+    assert_eq!(pool.phase(), Phase::Ready { jobs: 1 });
     drop(stream);
+    assert_eq!(pool.phase(), Phase::Ready { jobs: 0 });
     assert!(
         process_ends(&streamed).await,
         "the dropped stream's command still runs"
