@@ -13,8 +13,8 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use crate::pool::Pool;
 use crate::preflight::{Preflight, PreflightError};
-use crate::server::{Coordinator, CoordinatorEvent, NodeHandle, TaskError};
-use skyward_core::jobs::{self, AttemptFailure, End, JobId, JobNode, JobSpec, NO_NODE_LEFT};
+use crate::server::{Coordinator, CoordinatorEvent, JobTicket, NodeHandle, TaskError};
+use skyward_core::jobs::{self, AttemptFailure, End, JobNode, JobSpec, NO_NODE_LEFT};
 use skyward_core::slots::{node_slots, slot_env, GpuRequest, SlotTask};
 use skyward_core::training::{training_env, Mesh};
 
@@ -208,10 +208,6 @@ impl TaskReport {
 
 /// Runs every task of `job` on `pool`, sending events as they happen; returns one report per
 /// task, in input order. Dropping the future cancels every task still running.
-///
-/// The pool state decides where each attempt runs and when a task moves or ends
-/// ([`skyward_core::jobs`]); this is the job's driver: it starts and stops the attempts it is
-/// asked to, streams their events, and says when each attempt's stream ended.
 pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) -> Vec<TaskReport> {
     let coordinator = pool.shared_coordinator();
     let spec = JobSpec {
@@ -223,74 +219,57 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
                 gpus: t.gpus.clone(),
             })
             .collect(),
-        nodes: pool
-            .nodes()
-            .iter()
-            .map(|n| JobNode {
-                id: n.node_id.clone(),
-                slots: node_slots(&n.inventory),
-                running: n.running() as usize,
-            })
-            .collect(),
+        nodes: job_nodes(pool),
         per_node: job.per_node,
         retries: job.retries,
         stdin_task: job.stdin.is_some().then_some(0),
     };
-    let mut node_events = coordinator.subscribe();
-    let mut node_events_open = true;
-    let mut ticket = coordinator.submit_job(spec);
-    let mut driver = Driver {
-        coordinator: coordinator.clone(),
-        ids: (0..job.tasks.len())
-            .map(|_| coordinator.next_task_id())
-            .collect(),
-        stdin: job.stdin.take(),
-        job: &job,
-        events: events.clone(),
-        current: HashMap::new(),
-        ended: HashMap::new(),
-        running: JoinSet::new(),
-    };
     let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
-    loop {
-        tokio::select! {
-            action = ticket.actions.recv() => match action {
-                Some(jobs::Action::Start(start)) => driver.start(start).await,
-                Some(jobs::Action::Stop { task, attempt, .. }) => driver.stop(task, attempt),
-                Some(jobs::Action::Ended { task, end, .. }) => {
-                    let report = driver.report(task, end);
-                    reports[task] = Some(announce_end(&events, task, report).await);
-                }
-                Some(jobs::Action::Done { .. }) | None => break,
-            },
-            Some(joined) = driver.running.join_next(), if !driver.running.is_empty() => {
-                // An attempt stopped because its task moved elsewhere ends cancelled.
-                if let Ok((task, attempt, report)) = joined {
-                    driver.attempt_ended(ticket.job, task, attempt, report);
-                }
+    let launch = command_attempts(&coordinator, &mut job, events.clone());
+    let mut driver = JobDriver::submit(&coordinator, spec, launch, |report: &TaskReport| {
+        report.outcome.as_ref().err().map(ToString::to_string)
+    });
+    while let Some(news) = driver.next().await {
+        let event = match news {
+            JobNews::Ended { task, end } => {
+                let report = end.unwrap_or_else(|not_run| TaskReport {
+                    node: match &not_run {
+                        NotRun::Lost { node, .. } => node.clone(),
+                        NotRun::Unplaceable(_) => String::new(),
+                    },
+                    outcome: Err(not_run.into()),
+                });
+                reports[task] = Some(announce_end(&events, task, report).await);
+                continue;
             }
-            event = node_events.recv(), if node_events_open => match event {
-                Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
-                    let _ = events
-                        .send(RunEvent::NodeInterrupted { node: node_id, notice })
-                        .await;
-                }
-                Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
-                    let tasks = driver.current.values().filter(|(_, node, _)| *node == node_id).count();
-                    // A node given up is reported by its tasks' retries or failures.
-                    if tasks > 0 && coordinator.fenced(&node_id).is_none() {
-                        let wait_ms = coordinator.node_timeout().as_millis() as u64;
-                        let _ = events
-                            .send(RunEvent::NodeUnreachable { node: node_id, reason, tasks, wait_ms })
-                            .await;
-                    }
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => node_events_open = false,
+            JobNews::Retrying {
+                task,
+                from,
+                to,
+                attempt,
+                reason,
+            } => RunEvent::Retrying {
+                task,
+                from,
+                to,
+                attempt,
+                reason,
             },
-        }
+            JobNews::NodeInterrupted { node, notice } => RunEvent::NodeInterrupted { node, notice },
+            JobNews::NodeUnreachable {
+                node,
+                reason,
+                tasks,
+                wait_ms,
+            } => RunEvent::NodeUnreachable {
+                node,
+                reason,
+                tasks,
+                wait_ms,
+            },
+        };
+        let _ = events.send(event).await;
     }
-    driver.running.shutdown().await;
     reports
         .into_iter()
         .map(|r| {
@@ -302,64 +281,56 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
         .collect()
 }
 
-/// Carries out what the pool state asks of one job: its attempts, and their reports until
-/// the state says which one is a task's last.
-struct Driver<'a> {
-    coordinator: Arc<Coordinator>,
-    job: &'a Job,
-    events: mpsc::Sender<RunEvent>,
-    /// Each task's id on the nodes.
-    ids: Vec<u64>,
-    /// Fed to the first task's first attempt.
-    stdin: Option<TaskInput>,
-    /// Each running attempt: its number, node and handle.
-    current: HashMap<usize, (u32, String, AbortHandle)>,
-    /// Reports of attempts that ended, until the state says whether they are their task's.
-    ended: HashMap<(usize, u32), TaskReport>,
-    running: JoinSet<(usize, u32, TaskReport)>,
+/// The pool's nodes as a job sees them when submitted.
+pub fn job_nodes(pool: &Pool) -> Vec<JobNode> {
+    pool.nodes()
+        .iter()
+        .map(|n| JobNode {
+            id: n.node_id.clone(),
+            slots: node_slots(&n.inventory),
+            running: n.running() as usize,
+        })
+        .collect()
 }
 
-impl Driver<'_> {
-    async fn start(&mut self, start: jobs::Start) {
+/// How a command job's attempts run: each one's task spec (its plan, its GPU slots' env,
+/// stdin for the first task's first attempt), driven by [`drive_task`].
+fn command_attempts(
+    coordinator: &Arc<Coordinator>,
+    job: &mut Job,
+    events: mpsc::Sender<RunEvent>,
+) -> impl FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<TaskReport> + Send + 'static {
+    let ids: Vec<u64> = (0..job.tasks.len())
+        .map(|_| coordinator.next_task_id())
+        .collect();
+    let plans = Arc::new(job.tasks.clone());
+    let timeout = job.timeout.map(|t| t.as_millis() as u64);
+    let mut stdin = job.stdin.take();
+    let coordinator = coordinator.clone();
+    move |start, node| {
         let task = start.task;
-        if let Some(moved) = &start.moved {
-            let _ = self
-                .events
-                .send(RunEvent::Retrying {
-                    task,
-                    from: moved.from.clone(),
-                    to: start.node.clone(),
-                    attempt: start.attempt,
-                    reason: moved.reason.clone(),
-                })
-                .await;
-        }
         let stdin = match (task, start.attempt) {
-            (0, 0) => self.stdin.take(),
+            (0, 0) => stdin.take(),
             _ => None,
         };
-        let plan = &self.job.tasks[task];
+        let plan = &plans[task];
         let mut env = plan.env.clone();
         env.extend(slot_env(&start.slots));
         let mut spec = TaskSpec::command(
-            self.ids[task],
+            ids[task],
             start.attempt,
             plan.argv.clone(),
             env,
-            self.job.timeout.map(|t| t.as_millis() as u64),
+            timeout,
             stdin.is_some(),
         );
         if let TaskKind::Command { cwd, .. } = &mut spec.kind {
             cwd.clone_from(&plan.cwd);
         }
-        let (coordinator, events, node_id) = (
-            self.coordinator.clone(),
-            self.events.clone(),
-            start.node.clone(),
-        );
-        let attempt = start.attempt;
-        let stop = self.running.spawn(async move {
-            let report = match coordinator.node(&node_id) {
+        let (coordinator, events, node_id) =
+            (coordinator.clone(), events.clone(), start.node.clone());
+        Box::pin(async move {
+            match node {
                 Some(node) => drive_task(&coordinator, &node, task, spec, stdin, &events).await,
                 None => TaskReport {
                     node: node_id.clone(),
@@ -368,58 +339,199 @@ impl Driver<'_> {
                         reason: "not connected".into(),
                     }),
                 },
-            };
-            (task, attempt, report)
-        });
-        self.current.insert(task, (attempt, start.node, stop));
+            }
+        })
     }
+}
 
-    fn stop(&mut self, task: usize, attempt: u32) {
-        if self.current.get(&task).map(|(a, ..)| *a) == Some(attempt) {
-            let (_, _, stop) = self.current.remove(&task).expect("checked");
-            stop.abort();
+/// One attempt of a task, run to its end: what it reports.
+pub type Attempt<R> = std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send>>;
+
+/// Makes the attempt a start asks for, on its node (`None`: not connected to this pool).
+pub type Launch<R> = dyn FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send;
+
+/// Why a task ended without a report of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotRun {
+    /// No node could (any longer) take it.
+    Unplaceable(String),
+    /// It is pinned to `node`, which was given up before it started there.
+    Lost { node: String, reason: String },
+}
+
+impl From<NotRun> for RunError {
+    fn from(not_run: NotRun) -> RunError {
+        match not_run {
+            NotRun::Unplaceable(why) => RunError::Unplaceable(why),
+            NotRun::Lost { node, reason } => RunError::NodeLost { node, reason },
+        }
+    }
+}
+
+/// What a job's driver has to say, in the order it happened.
+#[derive(Debug)]
+pub enum JobNews<R> {
+    /// A task ended: its last attempt's report, or why it never ran there.
+    Ended { task: usize, end: Result<R, NotRun> },
+    /// A task's node was lost or interrupted; its next attempt started on `to`.
+    Retrying {
+        task: usize,
+        from: String,
+        to: String,
+        attempt: u32,
+        reason: String,
+    },
+    NodeInterrupted {
+        node: String,
+        notice: skyward_common::protocol::Interruption,
+    },
+    /// A node's connection was lost while it ran `tasks` of this job.
+    NodeUnreachable {
+        node: String,
+        reason: String,
+        tasks: usize,
+        wait_ms: u64,
+    },
+}
+
+/// A job's driver: it hands the job to the pool state ([`Coordinator::submit_job`]), which
+/// decides where each attempt runs and when a task moves or ends
+/// ([`skyward_core::jobs`]); the driver starts and stops the attempts it is asked to
+/// (`launch` makes one: a command, a typed task), says when each attempt's stream ended,
+/// and passes on what a caller wants to know. Dropping it cancels the job: its attempts
+/// stop and free what they hold.
+pub struct JobDriver<R> {
+    coordinator: Arc<Coordinator>,
+    ticket: JobTicket,
+    launch: Box<Launch<R>>,
+    /// Why an attempt's report is a failure that may move its task (its node lost), if it is.
+    failure: fn(&R) -> Option<String>,
+    /// Each running attempt: its number, node and handle.
+    current: HashMap<usize, (u32, String, AbortHandle)>,
+    /// Reports of attempts that ended, until the state says whether they are their task's.
+    ended: HashMap<(usize, u32), R>,
+    running: JoinSet<(usize, u32, R)>,
+    node_events: broadcast::Receiver<CoordinatorEvent>,
+    node_events_open: bool,
+}
+
+impl<R: Send + 'static> JobDriver<R> {
+    pub fn submit(
+        coordinator: &Arc<Coordinator>,
+        spec: JobSpec,
+        launch: impl FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send + 'static,
+        failure: fn(&R) -> Option<String>,
+    ) -> Self {
+        // Before the job is submitted: nothing of its nodes' news is missed.
+        let node_events = coordinator.subscribe();
+        JobDriver {
+            ticket: coordinator.submit_job(spec),
+            coordinator: coordinator.clone(),
+            launch: Box::new(launch),
+            failure,
+            current: HashMap::new(),
+            ended: HashMap::new(),
+            running: JoinSet::new(),
+            node_events,
+            node_events_open: true,
         }
     }
 
+    /// The next news of the job; `None` once every task ended.
+    pub async fn next(&mut self) -> Option<JobNews<R>> {
+        loop {
+            tokio::select! {
+                action = self.ticket.actions.recv() => match action {
+                    Some(jobs::Action::Start(start)) => {
+                        self.start(&start);
+                        if let Some(moved) = start.moved {
+                            return Some(JobNews::Retrying {
+                                task: start.task,
+                                from: moved.from,
+                                to: start.node,
+                                attempt: start.attempt,
+                                reason: moved.reason,
+                            });
+                        }
+                    }
+                    Some(jobs::Action::Stop { task, attempt, .. }) => {
+                        if self.current.get(&task).map(|(a, ..)| *a) == Some(attempt) {
+                            let (_, _, stop) = self.current.remove(&task).expect("checked");
+                            stop.abort();
+                        }
+                    }
+                    Some(jobs::Action::Ended { task, end, .. }) => {
+                        let end = match end {
+                            End::Ran { attempt } => {
+                                let report = self.ended.remove(&(task, attempt));
+                                self.ended.retain(|(t, _), _| *t != task);
+                                report.ok_or_else(|| NotRun::Lost {
+                                    node: String::new(),
+                                    reason: "its report was lost".into(),
+                                })
+                            }
+                            End::Unplaceable(why) => Err(NotRun::Unplaceable(why)),
+                            End::Lost { node, reason } => Err(NotRun::Lost { node, reason }),
+                        };
+                        return Some(JobNews::Ended { task, end });
+                    }
+                    Some(jobs::Action::Done { .. }) | None => {
+                        self.running.shutdown().await;
+                        return None;
+                    }
+                },
+                Some(joined) = self.running.join_next(), if !self.running.is_empty() => {
+                    // An attempt stopped because its task moved elsewhere ends cancelled.
+                    if let Ok((task, attempt, report)) = joined {
+                        self.attempt_ended(task, attempt, report);
+                    }
+                }
+                event = self.node_events.recv(), if self.node_events_open => match event {
+                    Ok(CoordinatorEvent::NodeInterrupted { node_id, notice }) => {
+                        return Some(JobNews::NodeInterrupted { node: node_id, notice });
+                    }
+                    Ok(CoordinatorEvent::NodeDisconnected { node_id, reason }) => {
+                        let tasks = self.current.values().filter(|(_, node, _)| *node == node_id).count();
+                        // A node given up is reported by its tasks' retries or failures.
+                        if tasks > 0 && self.coordinator.fenced(&node_id).is_none() {
+                            let wait_ms = self.coordinator.node_timeout().as_millis() as u64;
+                            return Some(JobNews::NodeUnreachable { node: node_id, reason, tasks, wait_ms });
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => self.node_events_open = false,
+                },
+            }
+        }
+    }
+
+    fn start(&mut self, start: &jobs::Start) {
+        let attempt = (self.launch)(start, self.coordinator.node(&start.node));
+        let (task, number) = (start.task, start.attempt);
+        let stop = self
+            .running
+            .spawn(async move { (task, number, attempt.await) });
+        self.current
+            .insert(task, (number, start.node.clone(), stop));
+    }
+
     /// An attempt's stream ended: the pool state decides whether the task moves or ends.
-    fn attempt_ended(&mut self, job: JobId, task: usize, attempt: u32, report: TaskReport) {
-        let Some((_, node, _)) = self
-            .current
-            .remove_entry(&task)
-            .filter(|(_, (a, ..))| *a == attempt)
-            .map(|(_, c)| c)
-        else {
-            return;
+    fn attempt_ended(&mut self, task: usize, attempt: u32, report: R) {
+        let node = match self.current.get(&task) {
+            Some((number, node, _)) if *number == attempt => node.clone(),
+            _ => return,
         };
-        let failure = report.outcome.as_ref().err().map(|error| AttemptFailure {
-            reason: error.to_string(),
+        self.current.remove(&task);
+        let failure = (self.failure)(&report).map(|reason| AttemptFailure {
+            reason,
             node_connected: self
                 .coordinator
                 .node(&node)
                 .is_some_and(|n| n.is_connected()),
         });
         self.ended.insert((task, attempt), report);
-        self.coordinator.attempt_ended(job, task, attempt, failure);
-    }
-
-    /// The report of a task that ended.
-    fn report(&mut self, task: usize, end: End) -> TaskReport {
-        let lost = |node: String, reason: String| TaskReport {
-            node: node.clone(),
-            outcome: Err(RunError::NodeLost { node, reason }),
-        };
-        match end {
-            End::Ran { attempt } => {
-                let report = self.ended.remove(&(task, attempt));
-                self.ended.retain(|(t, _), _| *t != task);
-                report.unwrap_or_else(|| lost(String::new(), "its report was lost".into()))
-            }
-            End::Unplaceable(why) => TaskReport {
-                node: String::new(),
-                outcome: Err(RunError::Unplaceable(why)),
-            },
-            End::Lost { node, reason } => lost(node, reason),
-        }
+        self.coordinator
+            .attempt_ended(self.ticket.job, task, attempt, failure);
     }
 }
 

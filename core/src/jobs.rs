@@ -297,7 +297,11 @@ impl Jobs {
         actions: &mut Vec<Action>,
     ) {
         let slots = spec.nodes.iter().map(|n| n.slots.clone()).collect();
-        let scheduler = match SlotScheduler::new(slots, spec.per_node, &spec.tasks) {
+        let placed = match spec.nodes.is_empty() {
+            true => Err("the pool has no node to run it on".to_string()),
+            false => SlotScheduler::new(slots, spec.per_node, &spec.tasks),
+        };
+        let scheduler = match placed {
             Ok(scheduler) => scheduler.with_running(spec.nodes.iter().map(|n| n.running).collect()),
             // A task no node could ever take: none starts (the CLI checks this before).
             Err(why) => {

@@ -59,7 +59,6 @@
 //! # }
 //! ```
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,13 +73,17 @@ use tokio::sync::{mpsc, oneshot};
 use skyward_coordinator::keeper::{self, Kept};
 use skyward_coordinator::pool::{self, Pool, PoolProgress};
 use skyward_coordinator::preflight::Preflight;
-use skyward_coordinator::run::{run_job, Job, RunEvent, TaskPlan, TaskReport};
+use skyward_coordinator::run::{
+    job_nodes, run_job, Attempt, Job, JobDriver, JobNews, RunEvent, TaskPlan, TaskReport,
+};
 use skyward_coordinator::server::{Admitted, Coordinator, CoordinatorConfig, NodeHandle};
 use skyward_coordinator::session::record;
 use skyward_coordinator::store::{Owner, Store};
+use skyward_core::jobs::{self, JobSpec};
 use skyward_core::lifecycle;
 use skyward_core::membership::Budget;
 use skyward_core::slots::GpuRequest;
+use skyward_core::slots::SlotTask;
 use skyward_core::spec::{AcceleratorRequest, PoolSpec};
 use skyward_providers::local::LocalProvider;
 use skyward_providers::{self as provider, Provider, ProviderContext, ProviderOptions};
@@ -846,16 +849,13 @@ impl ComputePool {
         let _counted = self.admit()?;
         let payload = skyward_common::typed::encode_input(&task)?;
         drop(task);
-        let node = self.least_loaded()?;
-        let output = run_typed(
-            &self.shared.coordinator,
-            &node,
-            T::NAME,
-            T::VERSION,
-            payload,
-        )
-        .await?;
-        Ok(skyward_common::typed::decode_output::<T>(&output)?)
+        let mut outputs = self
+            .typed_job::<T>(vec![payload], usize::MAX)
+            .await
+            .map_err(|(_, e)| e)?;
+        Ok(skyward_common::typed::decode_output::<T>(
+            &outputs.remove(0),
+        )?)
     }
 
     /// Runs every task, spread over the nodes (several at once on each, see
@@ -867,65 +867,86 @@ impl ComputePool {
         I: IntoIterator<Item = T>,
     {
         let _counted = self.admit()?;
-        let mut queue = VecDeque::new();
-        for (index, task) in tasks.into_iter().enumerate() {
-            queue.push_back((index, skyward_common::typed::encode_input(&task)?));
+        let payloads = tasks
+            .into_iter()
+            .map(|task| skyward_common::typed::encode_input(&task))
+            .collect::<Result<Vec<Bytes>, _>>()?;
+        let at_once = self.tasks_per_node.unwrap_or_else(|| {
+            let nodes = self.pool.nodes();
+            let cores = nodes.iter().map(|n| n.inventory.cpu_count).max();
+            cores.unwrap_or(1) as usize
+        });
+        let outputs = self
+            .typed_job::<T>(payloads, at_once.max(1))
+            .await
+            .map_err(|(index, e)| match e {
+                Error::Task {
+                    task,
+                    node,
+                    message,
+                } => Error::Task {
+                    task,
+                    node,
+                    message: format!("input {index} of the map: {message}"),
+                },
+                other => other,
+            })?;
+        outputs
+            .iter()
+            .map(|output| Ok(skyward_common::typed::decode_output::<T>(output)?))
+            .collect()
+    }
+
+    /// Runs one typed task of `T` per payload as one job of the pool state, which places
+    /// them with every other job's tasks (at most `per_node` at once on a node); the outputs
+    /// in input order, or the first failure and its input's index (the rest are cancelled).
+    async fn typed_job<T: Task>(
+        &self,
+        payloads: Vec<Bytes>,
+        per_node: usize,
+    ) -> Result<Vec<Bytes>, (usize, Error)> {
+        let total = payloads.len();
+        if total == 0 {
+            return Ok(Vec::new());
         }
-        let total = queue.len();
-        let queue = Arc::new(Mutex::new(queue));
-        let mut workers = tokio::task::JoinSet::new();
-        for node in self.pool.nodes().into_iter().filter(|n| n.is_connected()) {
-            let at_once = self
-                .tasks_per_node
-                .unwrap_or(node.inventory.cpu_count.max(1) as usize);
-            for _ in 0..at_once.min(total) {
-                let (queue, node) = (queue.clone(), node.clone());
-                let coordinator = self.shared.coordinator.clone();
-                workers.spawn(async move {
-                    let mut done = Vec::new();
-                    loop {
-                        let next = queue.lock().expect("map queue").pop_front();
-                        let Some((index, payload)) = next else {
-                            return Ok(done);
-                        };
-                        match run_typed(&coordinator, &node, T::NAME, T::VERSION, payload).await {
-                            Ok(output) => done.push((index, output)),
-                            Err(e) => return Err((index, e)),
+        let spec = JobSpec {
+            tasks: vec![SlotTask::default(); total],
+            nodes: job_nodes(&self.pool),
+            per_node,
+            retries: 0,
+            stdin_task: None,
+        };
+        let payloads = Arc::new(payloads);
+        let coordinator = self.shared.coordinator.clone();
+        let launch =
+            move |start: &jobs::Start, node: Option<NodeHandle>| -> Attempt<Result<Bytes, Error>> {
+                let (coordinator, payload) = (coordinator.clone(), payloads[start.task].clone());
+                let node_id = start.node.clone();
+                Box::pin(async move {
+                    match node {
+                        Some(node) => {
+                            run_typed(&coordinator, &node, T::NAME, T::VERSION, payload).await
                         }
+                        None => Err(Error::Run(RunError::NodeLost {
+                            node: node_id,
+                            reason: "not connected".into(),
+                        })),
                     }
-                });
-            }
-        }
-        if workers.is_empty() && total > 0 {
-            return Err(self.no_node());
-        }
+                })
+            };
+        let failure = |report: &Result<Bytes, Error>| match report {
+            Err(Error::Run(e)) => Some(e.to_string()),
+            _ => None,
+        };
+        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, failure);
         let mut outputs: Vec<Option<Bytes>> = vec![None; total];
-        while let Some(joined) = workers.join_next().await {
-            match joined {
-                Ok(Ok(done)) => {
-                    for (index, output) in done {
-                        outputs[index] = Some(output);
-                    }
-                }
-                // Dropping the set cancels every other task of the map.
-                Ok(Err((index, e))) => {
-                    return Err(match e {
-                        Error::Task {
-                            task,
-                            node,
-                            message,
-                        } => Error::Task {
-                            task,
-                            node,
-                            message: format!("input {index} of the map: {message}"),
-                        },
-                        other => other,
-                    })
-                }
-                Err(e) => {
-                    return Err(Error::Run(RunError::Internal(format!(
-                        "a map worker stopped: {e}"
-                    ))))
+        while let Some(news) = driver.next().await {
+            // Returning drops the driver, which cancels the job's other tasks.
+            if let JobNews::Ended { task, end } = news {
+                match end {
+                    Ok(Ok(output)) => outputs[task] = Some(output),
+                    Ok(Err(e)) => return Err((task, e)),
+                    Err(not_run) => return Err((task, Error::Run(not_run.into()))),
                 }
             }
         }
@@ -933,10 +954,10 @@ impl ComputePool {
             .into_iter()
             .enumerate()
             .map(|(index, output)| {
-                let output = output.ok_or_else(|| {
-                    RunError::Internal(format!("input {index} of the map never ran"))
-                })?;
-                Ok(skyward_common::typed::decode_output::<T>(&output)?)
+                output.ok_or_else(|| {
+                    let never = RunError::Internal(format!("input {index} never ran"));
+                    (index, Error::Run(never))
+                })
             })
             .collect()
     }
