@@ -226,7 +226,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     };
     let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
     let launch = command_attempts(&coordinator, &mut job, events.clone());
-    let mut driver = JobDriver::submit(&coordinator, spec, launch, |report: &TaskReport| {
+    let mut driver = JobDriver::submit(pool, spec, launch, |report: &TaskReport| {
         report.outcome.as_ref().err().map(ToString::to_string)
     });
     while let Some(news) = driver.next().await {
@@ -336,7 +336,7 @@ fn command_attempts(
                     node: node_id.clone(),
                     outcome: Err(RunError::NodeLost {
                         node: node_id,
-                        reason: "not connected".into(),
+                        reason: "not one of the pool's nodes".into(),
                     }),
                 },
             }
@@ -347,7 +347,7 @@ fn command_attempts(
 /// One attempt of a task, run to its end: what it reports.
 pub type Attempt<R> = std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send>>;
 
-/// Makes the attempt a start asks for, on its node (`None`: not connected to this pool).
+/// Makes the attempt a start asks for, on its node (`None`: not one of the pool's).
 pub type Launch<R> = dyn FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send;
 
 /// Why a task ended without a report of its own.
@@ -400,8 +400,12 @@ pub enum JobNews<R> {
 /// (`launch` makes one: a command, a typed task), says when each attempt's stream ended,
 /// and passes on what a caller wants to know. Dropping it cancels the job: its attempts
 /// stop and free what they hold.
-pub struct JobDriver<R> {
+pub struct JobDriver<'a, R> {
+    pool: &'a Pool,
     coordinator: Arc<Coordinator>,
+    /// The pool's nodes by id: a handle reaches its node across its connections (an
+    /// attempt started while its node is between connections waits for it).
+    handles: HashMap<String, NodeHandle>,
     ticket: JobTicket,
     launch: Box<Launch<R>>,
     /// Why an attempt's report is a failure that may move its task (its node lost), if it is.
@@ -415,18 +419,21 @@ pub struct JobDriver<R> {
     node_events_open: bool,
 }
 
-impl<R: Send + 'static> JobDriver<R> {
+impl<'a, R: Send + 'static> JobDriver<'a, R> {
     pub fn submit(
-        coordinator: &Arc<Coordinator>,
+        pool: &'a Pool,
         spec: JobSpec,
         launch: impl FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send + 'static,
         failure: fn(&R) -> Option<String>,
     ) -> Self {
+        let coordinator = pool.shared_coordinator();
         // Before the job is submitted: nothing of its nodes' news is missed.
         let node_events = coordinator.subscribe();
         JobDriver {
             ticket: coordinator.submit_job(spec),
-            coordinator: coordinator.clone(),
+            coordinator,
+            pool,
+            handles: HashMap::new(),
             launch: Box::new(launch),
             failure,
             current: HashMap::new(),
@@ -506,7 +513,17 @@ impl<R: Send + 'static> JobDriver<R> {
     }
 
     fn start(&mut self, start: &jobs::Start) {
-        let attempt = (self.launch)(start, self.coordinator.node(&start.node));
+        // A node not seen yet: one that took a lost node's place since.
+        if !self.handles.contains_key(&start.node) {
+            self.handles = self
+                .pool
+                .nodes()
+                .into_iter()
+                .map(|n| (n.node_id.clone(), n))
+                .collect();
+        }
+        let node = self.handles.get(&start.node).cloned();
+        let attempt = (self.launch)(start, node);
         let (task, number) = (start.task, start.attempt);
         let stop = self
             .running
@@ -524,10 +541,7 @@ impl<R: Send + 'static> JobDriver<R> {
         self.current.remove(&task);
         let failure = (self.failure)(&report).map(|reason| AttemptFailure {
             reason,
-            node_connected: self
-                .coordinator
-                .node(&node)
-                .is_some_and(|n| n.is_connected()),
+            node_connected: self.handles.get(&node).is_some_and(|n| n.is_connected()),
         });
         self.ended.insert((task, attempt), report);
         self.coordinator

@@ -929,7 +929,7 @@ impl ComputePool {
                         }
                         None => Err(Error::Run(RunError::NodeLost {
                             node: node_id,
-                            reason: "not connected".into(),
+                            reason: "not one of the pool's nodes".into(),
                         })),
                     }
                 })
@@ -938,7 +938,7 @@ impl ComputePool {
             Err(Error::Run(e)) => Some(e.to_string()),
             _ => None,
         };
-        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, failure);
+        let mut driver = JobDriver::submit(&self.pool, spec, launch, failure);
         let mut outputs: Vec<Option<Bytes>> = vec![None; total];
         while let Some(news) = driver.next().await {
             // Returning drops the driver, which cancels the job's other tasks.
