@@ -214,17 +214,7 @@ impl Jobs {
         let mut actions = Vec::new();
         for (&id, job) in &mut self.jobs {
             for index in job.indices_of(node) {
-                job.scheduler.retire(index);
-                for task in job.scheduler.drop_pinned_to(index) {
-                    actions.push(Action::Ended {
-                        job: id,
-                        task,
-                        end: End::Lost {
-                            node: node.to_string(),
-                            reason: reason.to_string(),
-                        },
-                    });
-                }
+                job.give_up(id, index, reason, &mut actions);
             }
         }
         self.settle(context, &mut actions);
@@ -334,17 +324,7 @@ impl Jobs {
         // Nodes given up before the job came take nothing of it.
         for (index, node) in spec.nodes.iter().enumerate() {
             if let Some(reason) = (context.fenced)(&node.id) {
-                job.scheduler.retire(index);
-                for task in job.scheduler.drop_pinned_to(index) {
-                    actions.push(Action::Ended {
-                        job: id,
-                        task,
-                        end: End::Lost {
-                            node: node.id.clone(),
-                            reason: reason.clone(),
-                        },
-                    });
-                }
+                job.give_up(id, index, &reason, actions);
             }
         }
         self.jobs.insert(id, job);
@@ -502,6 +482,22 @@ impl Jobs {
 }
 
 impl Job {
+    /// The node at `index` was given up: no task of this job starts there, and its tasks
+    /// pinned there that have not started end as lost.
+    fn give_up(&mut self, id: JobId, index: usize, reason: &str, actions: &mut Vec<Action>) {
+        self.scheduler.retire(index);
+        for task in self.scheduler.drop_pinned_to(index) {
+            actions.push(Action::Ended {
+                job: id,
+                task,
+                end: End::Lost {
+                    node: self.nodes[index].clone(),
+                    reason: reason.to_string(),
+                },
+            });
+        }
+    }
+
     fn indices_of(&self, node: &str) -> Vec<usize> {
         self.nodes
             .iter()

@@ -490,6 +490,76 @@ mod tests {
         ]
     }
 
+    /// Carries out a node step on `state`, picking among `nodes`; a replacement that comes
+    /// up is a fresh node id with `slots`. The state's answer, and the place and node of a
+    /// replacement that came up.
+    fn node_step(
+        state: &mut PoolState,
+        step: Step,
+        nodes: &[String],
+        pending: &mut Vec<usize>,
+        next_node: &mut usize,
+        now: &mut Instant,
+        slots: Vec<crate::slots::Slot>,
+    ) -> (Vec<Action>, Option<(usize, String)>) {
+        let pick = |i: usize| nodes[i % nodes.len()].clone();
+        let answer = match step {
+            Step::Heard(i) => {
+                state.handle(Event::Node(roster::Event::Heard { node: pick(i) }), *now)
+            }
+            Step::Interrupt(i) => state.handle(
+                Event::Interrupted {
+                    node: pick(i),
+                    reason: "notice".into(),
+                },
+                *now,
+            ),
+            Step::GiveUp(i) => state.handle(
+                Event::Node(roster::Event::GiveUp {
+                    node: pick(i),
+                    reason: "gone".into(),
+                }),
+                *now,
+            ),
+            Step::ReplacementUp | Step::ReplacementFails if pending.is_empty() => Vec::new(),
+            Step::ReplacementUp => {
+                let place = pending.remove(0);
+                let node = format!("node-{next_node}");
+                *next_node += 1;
+                join(state, &node, *now);
+                let answer = state.handle(
+                    Event::Replaced {
+                        place,
+                        node: node.clone(),
+                        slots,
+                    },
+                    *now,
+                );
+                return (answer, Some((place, node)));
+            }
+            Step::ReplacementFails => {
+                let place = pending.remove(0);
+                state.handle(
+                    Event::ReplacementFailed {
+                        place,
+                        error: "no capacity".into(),
+                    },
+                    *now,
+                )
+            }
+            Step::Advance(secs) => {
+                *now += Duration::from_secs(secs);
+                state.handle(
+                    Event::Node(roster::Event::Tick {
+                        paused: Duration::ZERO,
+                    }),
+                    *now,
+                )
+            }
+        };
+        (answer, None)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         /// Over random silences, notices, give-ups, replacements that come up or fail, and
@@ -504,39 +574,17 @@ mod tests {
             let mut now = t0;
             let mut state = kept(3, t0);
             let mut next_node = 4;
-            let mut pending: Vec<(usize, String)> = Vec::new();
+            let mut pending: Vec<usize> = Vec::new();
             let mut asked_per_place: HashMap<usize, u32> = HashMap::new();
             let mut asked = 0u32;
             for step in steps {
                 let nodes: Vec<String> = state.places().into_iter().map(|(n, _)| n).collect();
-                let pick = |i: usize| nodes[i % nodes.len()].clone();
-                let actions = match step {
-                    Step::Heard(i) => state.handle(Event::Node(roster::Event::Heard { node: pick(i) }), now),
-                    Step::Interrupt(i) => state.handle(Event::Interrupted { node: pick(i), reason: "notice".into() }, now),
-                    Step::GiveUp(i) => state.handle(Event::Node(roster::Event::GiveUp { node: pick(i), reason: "gone".into() }), now),
-                    Step::ReplacementUp => {
-                        if pending.is_empty() { continue }
-                        let (place, _) = pending.remove(0);
-                        let node = format!("node-{next_node}");
-                        next_node += 1;
-                        join(&mut state, &node, now);
-                        state.handle(Event::Replaced { place, node, slots: Vec::new() }, now)
-                    }
-                    Step::ReplacementFails => {
-                        if pending.is_empty() { continue }
-                        let (place, _) = pending.remove(0);
-                        state.handle(Event::ReplacementFailed { place, error: "no capacity".into() }, now)
-                    }
-                    Step::Advance(secs) => {
-                        now += Duration::from_secs(secs);
-                        state.handle(Event::Node(roster::Event::Tick { paused: Duration::ZERO }), now)
-                    }
-                };
+                let (actions, _) = node_step(&mut state, step, &nodes, &mut pending, &mut next_node, &mut now, Vec::new());
                 for action in &actions {
                     if let Action::Replace(Replacement { place, lost, .. }) = action {
-                        prop_assert!(pending.iter().all(|(p, _)| p != place), "two replacements for place {place}");
+                        prop_assert!(!pending.contains(place), "two replacements for place {place}");
                         prop_assert!(state.roster().fenced(lost).is_some(), "{lost} replaced but not fenced");
-                        pending.push((*place, lost.clone()));
+                        pending.push(*place);
                         *asked_per_place.entry(*place).or_default() += 1;
                         asked += 1;
                     }
@@ -547,7 +595,7 @@ mod tests {
                     prop_assert!(asked_per_place.get(&place).copied().unwrap_or(0) <= b.per_place);
                     match place_state {
                         PlaceState::Held => prop_assert!(state.roster().fenced(&node).is_none(), "fenced {node} holds place {place}"),
-                        PlaceState::Starting => prop_assert!(pending.iter().any(|(p, _)| *p == place)),
+                        PlaceState::Starting => prop_assert!(pending.contains(&place)),
                         PlaceState::Waiting { until } => prop_assert!(until > now),
                         PlaceState::Empty { .. } => {
                             let spent = asked_per_place.get(&place).copied().unwrap_or(0) >= b.per_place || asked >= b.per_pool;
@@ -578,12 +626,7 @@ mod tests {
             /// An attempt stopped earlier ends anyway.
             EndLate(usize),
             Cancel(usize),
-            Heard(usize),
-            Interrupt(usize),
-            GiveUp(usize),
-            ReplacementUp,
-            ReplacementFails,
-            Advance(u64),
+            Node(super::Step),
         }
 
         fn step() -> impl Strategy<Value = Step> {
@@ -593,12 +636,7 @@ mod tests {
                 6 => (0..20usize, any::<bool>(), any::<bool>()).prop_map(|(i, ok, c)| Step::End(i, ok, c)),
                 1 => (0..20usize).prop_map(Step::EndLate),
                 1 => (0..20usize).prop_map(Step::Cancel),
-                2 => (0..12usize).prop_map(Step::Heard),
-                1 => (0..12usize).prop_map(Step::Interrupt),
-                1 => (0..12usize).prop_map(Step::GiveUp),
-                2 => Just(Step::ReplacementUp),
-                1 => Just(Step::ReplacementFails),
-                2 => (1..15u64).prop_map(Step::Advance),
+                9 => super::step().prop_map(Step::Node),
             ]
         }
 
@@ -742,7 +780,6 @@ mod tests {
                 let mut next_job = 0;
                 let mut model = Model::default();
                 let step_on = |state: &mut PoolState, model: &mut Model, pool: &mut Vec<String>, next_node: &mut usize, next_job: &mut u64, now: &mut Instant, step: Step| -> Result<(), TestCaseError> {
-                    let pick = |i: usize| pool[i % pool.len()].clone();
                     let mut ended_now = None;
                     let actions = match step {
                         Step::Submit(tasks, retries, stdin, per_node) => {
@@ -785,26 +822,12 @@ mod tests {
                             prop_assert!(model.open.keys().all(|(j, ..)| *j != job), "{job:?} cancelled with attempts left running");
                             return Ok(());
                         }
-                        Step::Heard(i) => state.handle(Event::Node(roster::Event::Heard { node: pick(i) }), *now),
-                        Step::Interrupt(i) => state.handle(Event::Interrupted { node: pick(i), reason: "notice".into() }, *now),
-                        Step::GiveUp(i) => state.handle(Event::Node(roster::Event::GiveUp { node: pick(i), reason: "gone".into() }), *now),
-                        Step::ReplacementUp => {
-                            if model.pending.is_empty() { return Ok(()) }
-                            let place = model.pending.remove(0);
-                            let node = format!("node-{next_node}");
-                            *next_node += 1;
-                            join(state, &node, *now);
-                            pool[place] = node.clone();
-                            state.handle(Event::Replaced { place, node, slots: gpus() }, *now)
-                        }
-                        Step::ReplacementFails => {
-                            if model.pending.is_empty() { return Ok(()) }
-                            let place = model.pending.remove(0);
-                            state.handle(Event::ReplacementFailed { place, error: "no capacity".into() }, *now)
-                        }
-                        Step::Advance(secs) => {
-                            *now += Duration::from_secs(secs);
-                            state.handle(Event::Node(roster::Event::Tick { paused: Duration::ZERO }), *now)
+                        Step::Node(step) => {
+                            let (actions, replaced) = node_step(state, step, pool, &mut model.pending, next_node, now, gpus());
+                            if let Some((place, node)) = replaced {
+                                pool[place] = node;
+                            }
+                            actions
                         }
                     };
                     model.check(state, &actions, ended_now)
@@ -817,9 +840,9 @@ mod tests {
                     let step = if !model.open.is_empty() {
                         Step::End(0, true, true)
                     } else if !model.pending.is_empty() {
-                        Step::ReplacementFails
+                        Step::Node(super::Step::ReplacementFails)
                     } else if !model.jobs.is_empty() {
-                        Step::Advance(5)
+                        Step::Node(super::Step::Advance(5))
                     } else {
                         break;
                     };
