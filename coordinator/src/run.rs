@@ -226,7 +226,7 @@ pub async fn run_job(pool: &Pool, mut job: Job, events: mpsc::Sender<RunEvent>) 
     };
     let mut reports: Vec<Option<TaskReport>> = vec![None; job.tasks.len()];
     let launch = command_attempts(&coordinator, &mut job, events.clone());
-    let mut driver = JobDriver::submit(pool, spec, launch, |report: &TaskReport| {
+    let mut driver = JobDriver::submit(&coordinator, spec, launch, |report: &TaskReport| {
         report.outcome.as_ref().err().map(ToString::to_string)
     });
     while let Some(news) = driver.next().await {
@@ -400,11 +400,10 @@ pub enum JobNews<R> {
 /// (`launch` makes one: a command, a typed task), says when each attempt's stream ended,
 /// and passes on what a caller wants to know. Dropping it cancels the job: its attempts
 /// stop and free what they hold.
-pub struct JobDriver<'a, R> {
-    pool: &'a Pool,
+pub struct JobDriver<R> {
     coordinator: Arc<Coordinator>,
-    /// The pool's nodes by id: a handle reaches its node across its connections (an
-    /// attempt started while its node is between connections waits for it).
+    /// The job's nodes by id: a handle reaches its node across its connections (an attempt
+    /// started while its node is between connections waits for it).
     handles: HashMap<String, NodeHandle>,
     ticket: JobTicket,
     launch: Box<Launch<R>>,
@@ -419,20 +418,18 @@ pub struct JobDriver<'a, R> {
     node_events_open: bool,
 }
 
-impl<'a, R: Send + 'static> JobDriver<'a, R> {
+impl<R: Send + 'static> JobDriver<R> {
     pub fn submit(
-        pool: &'a Pool,
+        coordinator: &Arc<Coordinator>,
         spec: JobSpec,
         launch: impl FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send + 'static,
         failure: fn(&R) -> Option<String>,
     ) -> Self {
-        let coordinator = pool.shared_coordinator();
         // Before the job is submitted: nothing of its nodes' news is missed.
         let node_events = coordinator.subscribe();
         JobDriver {
             ticket: coordinator.submit_job(spec),
-            coordinator,
-            pool,
+            coordinator: coordinator.clone(),
             handles: HashMap::new(),
             launch: Box::new(launch),
             failure,
@@ -513,14 +510,10 @@ impl<'a, R: Send + 'static> JobDriver<'a, R> {
     }
 
     fn start(&mut self, start: &jobs::Start) {
-        // A node not seen yet: one that took a lost node's place since.
         if !self.handles.contains_key(&start.node) {
-            self.handles = self
-                .pool
-                .nodes()
-                .into_iter()
-                .map(|n| (n.node_id.clone(), n))
-                .collect();
+            if let Some(handle) = self.coordinator.node_handle(&start.node) {
+                self.handles.insert(start.node.clone(), handle);
+            }
         }
         let node = self.handles.get(&start.node).cloned();
         let attempt = (self.launch)(start, node);

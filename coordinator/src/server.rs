@@ -296,6 +296,8 @@ struct Inner {
     /// Enrollment connections and failures per source address.
     admission: Mutex<Admission>,
     nodes: Mutex<HashMap<String, NodeHandle>>,
+    /// Every node's latest handle, connected or between connections, until it is forgotten.
+    known: Mutex<HashMap<String, NodeHandle>>,
     /// Every node that ever connected: what its handles share across its connections.
     node_states: Mutex<HashMap<String, Arc<NodeState>>>,
     events: broadcast::Sender<CoordinatorEvent>,
@@ -477,6 +479,7 @@ impl Coordinator {
                 DEFAULT_NODE_TIMEOUT,
             )))),
             keeper: Mutex::new(None),
+            known: Mutex::new(HashMap::new()),
             job_drivers: Mutex::new(HashMap::new()),
             next_job: AtomicU64::new(0),
             admission: Mutex::new(Admission::default()),
@@ -560,6 +563,18 @@ impl Coordinator {
             .nodes
             .lock()
             .expect("nodes lock")
+            .get(node_id)
+            .cloned()
+    }
+
+    /// The latest handle of node `node_id`, connected or between connections (a task
+    /// started through it waits for the node within the node timeout); `None` for a node
+    /// that never connected or was forgotten.
+    pub fn node_handle(&self, node_id: &str) -> Option<NodeHandle> {
+        self.inner
+            .known
+            .lock()
+            .expect("known nodes lock")
             .get(node_id)
             .cloned()
     }
@@ -849,6 +864,11 @@ impl Coordinator {
                 .expect("node states lock")
                 .remove(node_id);
             self.inner.nodes.lock().expect("nodes lock").remove(node_id);
+            self.inner
+                .known
+                .lock()
+                .expect("known nodes lock")
+                .remove(node_id);
         }
     }
 
@@ -1888,6 +1908,11 @@ async fn serve_node(
         .nodes
         .lock()
         .expect("nodes lock")
+        .insert(node_id.clone(), handle.clone());
+    inner
+        .known
+        .lock()
+        .expect("known nodes lock")
         .insert(node_id.clone(), handle.clone());
     tracing::info!(node = %node_id, address = %handle.address, "node connected");
     let _ = inner

@@ -794,8 +794,14 @@ impl ComputePool {
     /// Dropping the stream cancels the command on its node.
     pub async fn stream(&self, command: Command) -> Result<CommandStream, Error> {
         let counted = self.admit()?;
-        let node = self.least_loaded()?;
-        let spec = TaskSpec::command(
+        let spec = JobSpec {
+            tasks: vec![SlotTask::default()],
+            nodes: job_nodes(&self.pool),
+            per_node: usize::MAX,
+            retries: 0,
+            stdin_task: None,
+        };
+        let task = TaskSpec::command(
             0,
             0,
             command.argv.clone(),
@@ -803,44 +809,80 @@ impl ComputePool {
             command.timeout.map(|t| t.as_millis() as u64),
             false,
         );
-        let remote = self
-            .shared
-            .coordinator
-            .start_task(&node, spec)
-            .await
-            .map_err(RunError::from)?;
         let (chunks_tx, chunks) = mpsc::channel(64);
-        let (end_tx, end) = oneshot::channel();
-        let node_id = node.node_id.clone();
-        let reader = tokio::spawn(async move {
-            let (_input, mut output) = (remote.input, remote.output);
-            let end = loop {
-                match output.next().await {
-                    Ok(Some(TaskEvent::Output { stream, data, .. })) => {
-                        // A caller that stopped reading still gets the end.
-                        let _ = chunks_tx.send(OutputChunk { stream, data }).await;
+        let (started_tx, started) = oneshot::channel::<String>();
+        // No retries: the job's one attempt takes these.
+        let mut first = Some((task, chunks_tx, started_tx));
+        let coordinator = self.shared.coordinator.clone();
+        let launch = move |start: &jobs::Start,
+                           node: Option<NodeHandle>|
+              -> Attempt<Result<TaskOutcome, Error>> {
+            let (coordinator, node_id, first) =
+                (coordinator.clone(), start.node.clone(), first.take());
+            Box::pin(async move {
+                let (Some(node), Some((task, chunks_tx, started_tx))) = (node, first) else {
+                    return Err(Error::Run(RunError::NodeLost {
+                        node: node_id,
+                        reason: "not one of the pool's nodes".into(),
+                    }));
+                };
+                let remote = coordinator
+                    .start_task(&node, task)
+                    .await
+                    .map_err(RunError::from)?;
+                let _ = started_tx.send(node_id.clone());
+                let (_input, mut output) = (remote.input, remote.output);
+                loop {
+                    match output.next().await {
+                        Ok(Some(TaskEvent::Output { stream, data, .. })) => {
+                            // A caller that stopped reading still gets the end.
+                            let _ = chunks_tx.send(OutputChunk { stream, data }).await;
+                        }
+                        Ok(Some(TaskEvent::Finished(outcome))) => return Ok(outcome),
+                        Ok(Some(_)) => {}
+                        Ok(None) => {
+                            return Err(Error::Run(RunError::Protocol {
+                                node: node_id,
+                                message: "the task stream ended without an outcome".into(),
+                            }))
+                        }
+                        Err(e) => return Err(Error::Run(e.into())),
                     }
-                    Ok(Some(TaskEvent::Finished(outcome))) => break Ok(outcome),
-                    Ok(Some(_)) => {}
-                    Ok(None) => {
-                        break Err(Error::Run(RunError::Protocol {
-                            node: node_id,
-                            message: "the task stream ended without an outcome".into(),
-                        }))
-                    }
-                    Err(e) => break Err(Error::Run(e.into())),
                 }
-            };
-            drop(chunks_tx);
-            let _ = end_tx.send(end);
+            })
+        };
+        let failure = |report: &Result<TaskOutcome, Error>| match report {
+            Err(Error::Run(e)) => Some(e.to_string()),
+            _ => None,
+        };
+        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, failure);
+        let (end_tx, mut end) = oneshot::channel();
+        let reader = tokio::spawn(async move {
+            let mut ended = Err(Error::Run(RunError::Internal(
+                "the command's job ended without it".into(),
+            )));
+            while let Some(news) = driver.next().await {
+                if let JobNews::Ended { end, .. } = news {
+                    ended = end.unwrap_or_else(|not_run| Err(Error::Run(not_run.into())));
+                }
+            }
+            let _ = end_tx.send(ended);
         });
-        Ok(CommandStream {
-            node: node.node_id,
-            chunks,
-            end,
-            reader: AbortOnDrop(reader),
-            _counted: counted,
-        })
+        let reader = AbortOnDrop(reader);
+        match started.await {
+            Ok(node) => Ok(CommandStream {
+                node,
+                chunks,
+                end,
+                reader,
+                _counted: counted,
+            }),
+            // It never started: its end says why.
+            Err(_) => Err(match (&mut end).await {
+                Ok(Err(e)) => e,
+                _ => Error::Run(RunError::Internal("the command never started".into())),
+            }),
+        }
     }
 
     /// Runs one typed task on the least loaded node and returns its output. The node's
@@ -938,7 +980,7 @@ impl ComputePool {
             Err(Error::Run(e)) => Some(e.to_string()),
             _ => None,
         };
-        let mut driver = JobDriver::submit(&self.pool, spec, launch, failure);
+        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, failure);
         let mut outputs: Vec<Option<Bytes>> = vec![None; total];
         while let Some(news) = driver.next().await {
             // Returning drops the driver, which cancels the job's other tasks.
@@ -982,22 +1024,6 @@ impl ComputePool {
                 self.shared.name
             )))
         })
-    }
-
-    fn least_loaded(&self) -> Result<NodeHandle, Error> {
-        self.pool
-            .nodes()
-            .into_iter()
-            .filter(|n| n.is_connected())
-            .min_by_key(|n| n.running())
-            .ok_or_else(|| self.no_node())
-    }
-
-    fn no_node(&self) -> Error {
-        Error::Run(RunError::Unplaceable(format!(
-            "no node of pool {} is connected: build a new pool",
-            self.shared.name
-        )))
     }
 }
 
