@@ -248,6 +248,25 @@ pub fn node_id_from_cert(der: &[u8]) -> Result<String, IdentityError> {
     Ok(cn.to_string())
 }
 
+/// Whether a certificate is the coordinator's: it names [`COORDINATOR_SERVER_NAME`], which
+/// is not a valid node id (it has dots), so no certificate the CA signs for a node carries it.
+/// A listening agent admits only such a client: a node's certificate, in whoever's hands,
+/// chains to the same CA but cannot act as the coordinator.
+pub fn names_coordinator(der: &[u8]) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(names)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    names
+        .value
+        .general_names
+        .iter()
+        .any(|name| matches!(name, GeneralName::DNSName(dns) if *dns == COORDINATOR_SERVER_NAME))
+}
+
 /// A DER certificate as PEM text.
 pub fn pem_certificate(der: &[u8]) -> String {
     use base64::Engine;
@@ -316,6 +335,27 @@ mod tests {
             .sign_node_csr(&node.csr_der, "node-2", Duration::from_secs(60))
             .unwrap();
         assert_eq!(node_id_from_cert(&cert).unwrap(), "node-2");
+    }
+
+    #[test]
+    fn only_the_coordinators_certificate_names_the_coordinator() {
+        let ca = PoolCa::generate("t").unwrap();
+        let coordinator = ca.issue_server_cert().unwrap();
+        assert!(names_coordinator(&coordinator.chain[0]));
+        // Whatever name a node's CSR asks for, the CA signs the node id, never this one.
+        let node = NodeKey::generate(COORDINATOR_SERVER_NAME).unwrap();
+        let (cert, _) = ca
+            .sign_node_csr(&node.csr_der, "node-1", Duration::from_secs(60))
+            .unwrap();
+        assert!(!names_coordinator(&cert));
+        assert!(ca
+            .sign_node_csr(
+                &node.csr_der,
+                COORDINATOR_SERVER_NAME,
+                Duration::from_secs(60)
+            )
+            .is_err());
+        assert!(!names_coordinator(b"junk"));
     }
 
     #[test]

@@ -237,8 +237,9 @@ fn parse_pin(pin: &str) -> Result<[u8; 32], TransportError> {
         .map_err(|_| TransportError::BadPin(pin.to_string()))
 }
 
-/// Agent side, direction reversed: the agent listens and only a client holding a
-/// certificate of the pinned pool CA (the coordinator) gets through the handshake.
+/// Agent side, direction reversed: the agent listens and only a client holding the
+/// coordinator's certificate of the pinned pool CA gets through the handshake (a node's
+/// certificate of the same pool does not: see [`crate::identity::names_coordinator`]).
 /// `alpn` is [`ALPN_ENROLL`] with a throwaway identity, or [`ALPN_NODE`] with the node's.
 pub fn agent_listener_config(
     ca_pin: &str,
@@ -349,8 +350,9 @@ macro_rules! provider_signature_checks {
     };
 }
 
-/// Accepts a client whose chain holds the pinned CA and whose leaf that CA signed: the
-/// coordinator, when it dials a listening agent.
+/// Accepts a client whose chain holds the pinned CA, whose leaf that CA signed, and whose
+/// leaf is the coordinator's (not a node's of the same pool): the coordinator, when it dials
+/// a listening agent.
 #[derive(Debug)]
 struct PinnedCaClientVerifier {
     pin: [u8; 32],
@@ -383,7 +385,14 @@ impl rustls::server::danger::ClientCertVerifier for PinnedCaClientVerifier {
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
                 .build()
                 .map_err(|e| rustls::Error::General(e.to_string()))?;
-        verifier.verify_client_cert(end_entity, &[], now)
+        let verified = verifier.verify_client_cert(end_entity, &[], now)?;
+        // A node's certificate chains to the same CA: only the coordinator's gets through.
+        if !crate::identity::names_coordinator(end_entity) {
+            return Err(rustls::Error::General(
+                "the client's certificate is not the pool coordinator's".into(),
+            ));
+        }
+        Ok(verified)
     }
 
     provider_signature_checks!();

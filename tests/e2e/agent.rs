@@ -636,6 +636,74 @@ async fn a_listening_agent_admits_only_its_pools_coordinator() {
     let _ = agent.wait();
 }
 
+/// Reverse mode: a node's certificate and key, in whoever's hands (its host, a task there),
+/// chain to the pool's CA but cannot act as the coordinator toward another listening node:
+/// node-2 does not hand its enrollment token to a client holding node-1's identity (seen
+/// before the fix: the handshake passed and node-2 sent its enrollment request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_certificate_cannot_act_as_the_coordinator_toward_a_listening_node() {
+    use rustls::pki_types::CertificateDer;
+    use skyward_common::identity::CertifiedKey;
+    use skyward_common::transport;
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let (listen_1, listen_2) = (free_udp(), free_udp());
+    let mut agent_1 = spawn_listening_agent(&sandbox, &coordinator, "node-1", listen_1, &[]);
+    let mut agent_2 = spawn_listening_agent(&sandbox, &coordinator, "node-2", listen_2, &[]);
+    coordinator.dial("node-1", listen_1);
+    wait_connected(&coordinator, "node-1").await;
+    // node-1's identity, as its host (or a task in its work dir) finds it.
+    let dir = sandbox.path().join("node-1");
+    let stolen = CertifiedKey {
+        chain: vec![
+            CertificateDer::from(std::fs::read(dir.join("node.crt")).unwrap()),
+            coordinator.ca().cert_der().clone(),
+        ],
+        key_pkcs8_der: std::fs::read(dir.join("node.key")).unwrap(),
+    };
+    let endpoint = transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+    let impostor = transport::coordinator_enroll_dial_config(&stolen).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match endpoint
+                .connect_with(impostor.clone(), listen_2, "node-2")
+                .unwrap()
+                .await
+            {
+                Err(e) => return e.to_string(),
+                // TLS 1.3's client side may finish before the server refuses it: what matters
+                // is that node-2 never opens its enrollment stream towards this client.
+                Ok(conn) => {
+                    match tokio::time::timeout(Duration::from_secs(5), conn.accept_bi()).await {
+                        Ok(Ok(_)) => panic!("node-2 sent its enrollment to a node's certificate"),
+                        Ok(Err(e)) => return e.to_string(),
+                        Err(_) => panic!("node-2 kept a node's certificate's connection open"),
+                    }
+                }
+            }
+        }
+    })
+    .await
+    .expect("node-2 never answered");
+    assert!(refused.contains("certificate"), "{refused}");
+    // The pool's coordinator then enrolls node-2, and both nodes run its tasks.
+    coordinator.dial("node-2", listen_2);
+    for node in ["node-1", "node-2"] {
+        let handle = wait_connected(&coordinator, node).await;
+        let mut task = coordinator
+            .start_task(&handle, command(&["echo", node]))
+            .await
+            .unwrap();
+        assert_eq!(task_output(&mut task).await, format!("{node}\n").as_bytes());
+    }
+    let log = std::fs::read_to_string(sandbox.path().join("node-2.log")).unwrap();
+    assert!(log.contains("not the pool coordinator's"), "{log}");
+    for agent in [&mut agent_1, &mut agent_2] {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reversed_across_a_network_namespace_the_coordinator_reaches_the_node() {
     let sandbox = Sandbox::new();
