@@ -106,23 +106,82 @@ pub struct Busy(std::time::Duration, String);
 
 /// The token, or the error that says how to give one.
 pub fn require_token(config: &AgentConfig) -> Result<&str> {
-    config.token.as_deref().with_context(|| {
-        format!(
-            "no certificate in {} and no enrollment token: pass --token or set SKYWARD_TOKEN",
-            config.work_dir.display()
-        )
-    })
+    config
+        .token
+        .as_deref()
+        .ok_or_else(|| NoIdentity(config.work_dir.display().to_string()).into())
+}
+
+/// No certificate to connect with and no token to enroll with: this agent can never join.
+#[derive(Debug, thiserror::Error)]
+#[error("no certificate in {0} and no enrollment token: pass --token or set SKYWARD_TOKEN")]
+pub struct NoIdentity(String);
+
+/// Whether `error` means this agent can never join its pool: its token was refused (spent,
+/// revoked, expired) or it has neither a certificate nor a token. Trying again cannot help.
+pub fn never_joins(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.is::<Rejected>() || cause.is::<NoIdentity>())
 }
 
 /// Keeps the identity in the work dir: the key owner-only, so a restart needs no new token.
 pub fn save(config: &AgentConfig, identity: &CertifiedKey) -> Result<()> {
-    write_private(&config.work_dir.join(KEY_FILE), &identity.key_pkcs8_der)?;
-    std::fs::write(config.work_dir.join(CERT_FILE), &identity.chain[0])
-        .with_context(|| format!("writing the certificate to {}", config.work_dir.display()))
+    save_in(&config.work_dir, identity)
+}
+
+/// Where a replacement's files wait until they are moved in.
+const KEY_NEW: &str = "node.key.new";
+const CERT_NEW: &str = "node.crt.new";
+
+/// Replaces the identity in `dir` so that a crash at any point leaves a key and certificate
+/// that belong together (the token is spent: a mismatched pair could never connect again).
+/// Both new files are written and flushed beside the old ones, then the key is moved over,
+/// then the certificate; [`load`] finishes a replacement a crash cut between the two moves,
+/// and drops one that had not begun to move.
+fn save_in(dir: &Path, identity: &CertifiedKey) -> Result<()> {
+    let cert = identity
+        .chain
+        .first()
+        .context("an identity without a certificate")?;
+    write_private(&dir.join(KEY_NEW), &identity.key_pkcs8_der)?;
+    write_private(&dir.join(CERT_NEW), cert)?;
+    let moved = |from: &str, to: &str| {
+        std::fs::rename(dir.join(from), dir.join(to))
+            .with_context(|| format!("moving {from} to {to} in {}", dir.display()))
+    };
+    moved(KEY_NEW, KEY_FILE)?;
+    moved(CERT_NEW, CERT_FILE)?;
+    // The moves themselves reach the disk.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Finishes or drops a replacement a crash interrupted (see [`save_in`]).
+fn recover(dir: &Path) -> Result<()> {
+    let (key_new, cert_new) = (dir.join(KEY_NEW), dir.join(CERT_NEW));
+    if key_new.exists() {
+        // Nothing moved yet: the old pair stands.
+        for file in [&key_new, &cert_new] {
+            match std::fs::remove_file(file) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| file.display().to_string())
+                }
+                _ => {}
+            }
+        }
+    } else if cert_new.exists() {
+        // The new key is in place and its certificate was whole before it moved.
+        std::fs::rename(&cert_new, dir.join(CERT_FILE))
+            .with_context(|| format!("finishing the renewal in {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// The identity kept in the work dir by an earlier enrollment, if any.
 pub fn load(dir: &Path) -> Result<Option<CertifiedKey>> {
+    recover(dir)?;
     let (key, cert) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
     if !key.exists() || !cert.exists() {
         return Ok(None);
@@ -175,5 +234,51 @@ pub async fn exchange(
             reason,
             retry_after_ms,
         } => Err(Busy(std::time::Duration::from_millis(retry_after_ms), reason).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(key: &[u8], cert: &[u8]) -> CertifiedKey {
+        CertifiedKey {
+            key_pkcs8_der: key.to_vec(),
+            chain: vec![CertificateDer::from(cert.to_vec())],
+        }
+    }
+
+    fn pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
+        let loaded = load(dir).unwrap().unwrap();
+        (loaded.key_pkcs8_der, loaded.chain[0].to_vec())
+    }
+
+    #[test]
+    fn a_renewal_cut_short_by_a_crash_leaves_a_pair_that_belongs_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path();
+        save_in(dir, &identity(b"key 1", b"cert 1")).unwrap();
+        assert_eq!(pair(dir), (b"key 1".to_vec(), b"cert 1".to_vec()));
+
+        // A crash while the new files were written: the old pair stands.
+        std::fs::write(dir.join(KEY_NEW), b"key 2").unwrap();
+        std::fs::write(dir.join(CERT_NEW), b"cert").unwrap();
+        assert_eq!(pair(dir), (b"key 1".to_vec(), b"cert 1".to_vec()));
+        assert!(!dir.join(KEY_NEW).exists() && !dir.join(CERT_NEW).exists());
+
+        // A crash between the two moves: the new certificate joins the new key.
+        std::fs::write(dir.join(KEY_FILE), b"key 3").unwrap();
+        std::fs::write(dir.join(CERT_NEW), b"cert 3").unwrap();
+        assert_eq!(pair(dir), (b"key 3".to_vec(), b"cert 3".to_vec()));
+
+        // A whole renewal, and the key stays owner-only.
+        save_in(dir, &identity(b"key 4", b"cert 4")).unwrap();
+        assert_eq!(pair(dir), (b"key 4".to_vec(), b"cert 4".to_vec()));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -111,6 +111,13 @@ pub async fn run_with(config: AgentConfig, registry: crate::typed::Registry) -> 
             // A clean exit: a service manager must not start the agent again.
             Ok(())
         }
+        // Restarting cannot help (the token is spent or refused, and no certificate works):
+        // a cloud machine ends as at its lease, rather than restart the agent for ever.
+        Err(e) if crate::enroll::never_joins(&e) && config.on_pool_end == OnPoolEnd::Poweroff => {
+            tracing::error!("{e:#}: this node can never join its pool");
+            power_off();
+            Ok(())
+        }
         other => other,
     }
 }

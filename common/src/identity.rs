@@ -298,7 +298,7 @@ fn validity(lifetime: Duration) -> (time::OffsetDateTime, time::OffsetDateTime) 
     (not_before, now + lifetime)
 }
 
-/// Writes a secret with owner-only permissions from the first byte on.
+/// Writes a secret with owner-only permissions from the first byte on, flushed to disk.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -313,7 +313,9 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
         .mode(0o600)
         .open(path)
         .map_err(io)?;
-    file.write_all(bytes).map_err(io)
+    file.write_all(bytes).map_err(io)?;
+    // On the disk before anything relies on it (a rename over an older copy, a restart).
+    file.sync_all().map_err(io)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {

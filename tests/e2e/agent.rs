@@ -213,6 +213,30 @@ async fn a_cloud_agent_powers_its_machine_off_when_the_lease_runs_out() {
     assert_eq!(calls, "poweroff \n", "the first power command worked");
 }
 
+/// An agent that can never join (its token refused, no certificate to fall back on) ends as
+/// at its lease on a cloud machine: it powers the machine off and exits cleanly, so that the
+/// service manager does not restart it for ever (before: exit 1, restarted every 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_agent_that_can_never_join_powers_its_machine_off() {
+    let sandbox = Sandbox::new();
+    let fakes = fake_power_commands(&sandbox);
+    let coordinator = coordinator();
+    let mut agent_cmd = skyward_tests::agent_command(&sandbox, &coordinator, "node-1", "10m");
+    agent_cmd
+        .args(["--on-pool-end", "poweroff"])
+        .env("SKYWARD_TOKEN", "a-token-this-pool-never-issued");
+    with_fake_power(&mut agent_cmd, &fakes);
+    let mut agent = agent_cmd.spawn().unwrap();
+    let status = wait_exit(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(sandbox.path().join("node-1.log")).unwrap();
+    assert!(log.contains("can never join its pool"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(fakes.join("calls")).unwrap_or_default(),
+        "poweroff \n"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_pools_deadline_an_agent_stops_even_with_its_coordinator_there() {
     let sandbox = Sandbox::new();
