@@ -532,6 +532,7 @@ pub(crate) fn pool_plan(args: &PoolArgs) -> Result<PoolPlan, String> {
     if args.nodes == 0 {
         return Err("--nodes must be at least 1".into());
     }
+    skyward_core::spec::check_ttl(args.ttl, "--ttl")?;
     Ok(PoolPlan {
         provider_options: args.spec.provider_options()?,
         provider_opts: args.spec.provider_opt.clone(),

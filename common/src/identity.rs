@@ -65,6 +65,11 @@ impl CertifiedKey {
     }
 }
 
+/// How long a pool's CA and its coordinator's certificate are valid: longer than any pool
+/// is let live (a `--ttl` beyond it is refused), so neither needs reissuing while the pool is
+/// up. The pool's life bounds what a leaked coordinator key could do: the CA pin is per pool.
+pub const POOL_CERT_LIFE: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// The certificate authority of one pool.
 pub struct PoolCa {
     cert_der: CertificateDer<'static>,
@@ -82,7 +87,7 @@ impl PoolCa {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let (not_before, _) = validity(Duration::ZERO);
         params.not_before = not_before;
-        params.not_after = not_before + time::Duration::days(30);
+        params.not_after = not_before + POOL_CERT_LIFE;
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
         Ok(PoolCa {
@@ -132,7 +137,7 @@ impl PoolCa {
         ];
         let (not_before, _) = validity(Duration::ZERO);
         params.not_before = not_before;
-        params.not_after = not_before + time::Duration::days(30);
+        params.not_after = not_before + POOL_CERT_LIFE;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedKey {
             chain: vec![cert.der().clone(), self.cert_der.clone()],

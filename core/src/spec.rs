@@ -248,9 +248,36 @@ impl PoolSpec {
     }
 }
 
+/// Refuses a pool life (`ttl`) longer than the pool's certificates last
+/// ([`POOL_CERT_LIFE`](skyward_common::identity::POOL_CERT_LIFE)): `setting` names it as the
+/// user gave it (`--ttl`, `ttl`).
+pub fn check_ttl(ttl: Option<Duration>, setting: &str) -> Result<(), String> {
+    let most = skyward_common::identity::POOL_CERT_LIFE;
+    match ttl {
+        Some(ttl) if ttl > most => Err(format!(
+            "{setting} of {} days is longer than a pool's certificates last ({} days): give {setting} {}d or less",
+            ttl.as_secs() / 86400,
+            most.as_secs() / 86400,
+            most.as_secs() / 86400,
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pool_may_not_outlive_its_certificates() {
+        let most = skyward_common::identity::POOL_CERT_LIFE;
+        assert_eq!(check_ttl(None, "--ttl"), Ok(()));
+        assert_eq!(check_ttl(Some(most), "--ttl"), Ok(()));
+        assert_eq!(
+            check_ttl(Some(most + Duration::from_secs(86400)), "--ttl").unwrap_err(),
+            "--ttl of 3651 days is longer than a pool's certificates last (3650 days): give --ttl 3650d or less"
+        );
+    }
     use crate::offer::OfferedAccelerator;
 
     fn offer(accel: Option<(&str, u32)>, vcpus: u32, memory_gb: f64) -> Offer {

@@ -449,6 +449,7 @@ impl ComputePoolBuilder {
         spec.allocation = self.allocation;
         spec.region = self.region.clone();
         spec.max_price_per_hour = self.max_price;
+        skyward_core::spec::check_ttl(self.ttl, "ttl").map_err(Error::Invalid)?;
         spec.ttl = self.ttl;
         let cloud = self.providers.iter().any(|p| p.name != "local");
         spec.connect_timeout = self.connect_timeout.unwrap_or(if cloud {

@@ -734,6 +734,37 @@ fn a_pool_ends_at_its_ttl_whatever_its_tasks_do() {
         .is_empty());
 }
 
+/// A pool may not outlive its CA and coordinator certificates (before: they lasted 30 days
+/// and a longer --ttl, or none, broke the pool on day 30): a longer --ttl is refused in one
+/// line before anything is made, and an agent checks a coordinator certificate that lasts as
+/// long as any pool may.
+#[test]
+fn a_ttl_longer_than_the_pools_certificates_is_refused_before_anything_is_made() {
+    let sandbox = Sandbox::new();
+    for command in [
+        &["run", "--ttl", "3651d", "--", "true"][..],
+        &["pool", "up", "long", "--ttl", "20years"],
+    ] {
+        let out = run(sandbox.skyward().args(command), LIMIT);
+        assert_eq!(out.code, Some(2), "{out:?}");
+        assert_eq!(out.stderr.lines().count(), 1, "{out:?}");
+        assert!(
+            out.stderr.contains(
+                "longer than a pool's certificates last (3650 days): give --ttl 3650d or less"
+            ),
+            "{out:?}"
+        );
+    }
+    assert!(sandbox.processes().is_empty(), "{:?}", sandbox.processes());
+    let ca = skyward_common::identity::PoolCa::generate("long").unwrap();
+    let coordinator = ca.issue_server_cert().unwrap();
+    for cert in [ca.cert_der(), &coordinator.chain[0]] {
+        let until = skyward_common::identity::not_after(cert).unwrap();
+        let left = until.duration_since(std::time::SystemTime::now()).unwrap();
+        assert!(left > Duration::from_secs(3649 * 86400), "{left:?}");
+    }
+}
+
 #[test]
 fn a_spot_interruption_notice_reaches_the_user_at_once() {
     use std::io::{BufRead, BufReader};
