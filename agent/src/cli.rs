@@ -32,7 +32,8 @@ struct Args {
     /// This node's id, as the coordinator named it.
     #[arg(long, env = "SKYWARD_NODE_ID")]
     node_id: String,
-    /// Directory for the node's key, certificate and task working directories.
+    /// Where tasks run by default; the node's key and certificate are kept beside it, in
+    /// WORK_DIR.identity (owner-only), out of the tasks' reach by default.
     #[arg(long, env = "SKYWARD_WORK_DIR")]
     work_dir: PathBuf,
     /// Exit after the coordinator has been unreachable this long (e.g. 10m, 30s).

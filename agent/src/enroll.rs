@@ -26,7 +26,7 @@ pub async fn load_or_enroll(
     if let Some(identity) = load(&config.work_dir)? {
         tracing::info!(
             "using the certificate already in {}",
-            config.work_dir.display()
+            identity_dir(&config.work_dir).display()
         );
         return Ok(identity);
     }
@@ -109,7 +109,7 @@ pub fn require_token(config: &AgentConfig) -> Result<&str> {
     config
         .token
         .as_deref()
-        .ok_or_else(|| NoIdentity(config.work_dir.display().to_string()).into())
+        .ok_or_else(|| NoIdentity(identity_dir(&config.work_dir).display().to_string()).into())
 }
 
 /// No certificate to connect with and no token to enroll with: this agent can never join.
@@ -125,9 +125,27 @@ pub fn never_joins(error: &anyhow::Error) -> bool {
         .any(|cause| cause.is::<Rejected>() || cause.is::<NoIdentity>())
 }
 
-/// Keeps the identity in the work dir: the key owner-only, so a restart needs no new token.
+/// Where a node keeps its key and certificate: beside its work dir, not in it (`WORK.identity`,
+/// owner-only), so that a task's default working directory does not hold the node's key.
+pub fn identity_dir(work_dir: &Path) -> std::path::PathBuf {
+    let dir = work_dir
+        .canonicalize()
+        .unwrap_or_else(|_| work_dir.to_path_buf());
+    match dir.file_name() {
+        Some(name) => dir.with_file_name(format!("{}.identity", name.to_string_lossy())),
+        None => dir.join(".skyward-identity"),
+    }
+}
+
+/// Keeps the identity beside the work dir: the key owner-only, so a restart needs no new
+/// token.
 pub fn save(config: &AgentConfig, identity: &CertifiedKey) -> Result<()> {
-    save_in(&config.work_dir, identity)
+    let dir = identity_dir(&config.work_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} owner-only", dir.display()))?;
+    save_in(&dir, identity)
 }
 
 /// Where a replacement's files wait until they are moved in.
@@ -179,8 +197,15 @@ fn recover(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The identity kept in the work dir by an earlier enrollment, if any.
-pub fn load(dir: &Path) -> Result<Option<CertifiedKey>> {
+/// The identity an earlier enrollment kept for the node whose work dir is `work_dir`, if any.
+pub fn load(work_dir: &Path) -> Result<Option<CertifiedKey>> {
+    load_from(&identity_dir(work_dir))
+}
+
+fn load_from(dir: &Path) -> Result<Option<CertifiedKey>> {
+    if !dir.exists() {
+        return Ok(None);
+    }
     recover(dir)?;
     let (key, cert) = (dir.join(KEY_FILE), dir.join(CERT_FILE));
     if !key.exists() || !cert.exists() {
@@ -249,8 +274,21 @@ mod tests {
     }
 
     fn pair(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-        let loaded = load(dir).unwrap().unwrap();
+        let loaded = load_from(dir).unwrap().unwrap();
         (loaded.key_pkcs8_der, loaded.chain[0].to_vec())
+    }
+
+    #[test]
+    fn the_identity_lives_beside_the_work_dir_not_in_it() {
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let dir = identity_dir(&work);
+        assert_eq!(
+            dir,
+            root.path().canonicalize().unwrap().join("work.identity")
+        );
+        assert!(!dir.starts_with(work.canonicalize().unwrap()));
     }
 
     #[test]

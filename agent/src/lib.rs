@@ -37,7 +37,8 @@ pub struct AgentConfig {
     /// Single-use bootstrap token; not needed once the work dir holds a certificate.
     pub token: Option<String>,
     pub node_id: String,
-    /// Where the agent keeps its key and certificate and where tasks run by default.
+    /// Where tasks run by default; the key and certificate are kept beside it, in
+    /// `WORK_DIR.identity` (see [`enroll::identity_dir`]).
     pub work_dir: PathBuf,
     /// How long the agent keeps trying to reach a silent coordinator before it gives up and exits.
     pub lease: Duration,

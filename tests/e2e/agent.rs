@@ -676,8 +676,8 @@ async fn a_nodes_certificate_cannot_act_as_the_coordinator_toward_a_listening_no
     let mut agent_2 = spawn_listening_agent(&sandbox, &coordinator, "node-2", listen_2, &[]);
     coordinator.dial("node-1", listen_1);
     wait_connected(&coordinator, "node-1").await;
-    // node-1's identity, as its host (or a task in its work dir) finds it.
-    let dir = sandbox.path().join("node-1");
+    // node-1's identity, as its host finds it (beside its work dir).
+    let dir = sandbox.path().join("node-1.identity");
     let stolen = CertifiedKey {
         chain: vec![
             CertificateDer::from(std::fs::read(dir.join("node.crt")).unwrap()),
@@ -724,6 +724,21 @@ async fn a_nodes_certificate_cannot_act_as_the_coordinator_toward_a_listening_no
     }
     let log = std::fs::read_to_string(sandbox.path().join("node-2.log")).unwrap();
     assert!(log.contains("not the pool coordinator's"), "{log}");
+    // A task's default working directory does not hold its node's key: it is kept beside it,
+    // owner-only.
+    let handle = wait_connected(&coordinator, "node-1").await;
+    let mut task = coordinator
+        .start_task(&handle, command(&["ls", "-a"]))
+        .await
+        .unwrap();
+    let listed = String::from_utf8(task_output(&mut task).await).unwrap();
+    assert!(
+        !listed.contains("node.key") && !listed.contains("node.crt"),
+        "{listed}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
     for agent in [&mut agent_1, &mut agent_2] {
         let _ = agent.kill();
         let _ = agent.wait();
@@ -766,7 +781,7 @@ async fn a_certificate_is_renewed_over_the_live_connection_before_it_expires() {
     let mut events = coordinator.subscribe();
     let mut agent = spawn_agent(&sandbox, &coordinator, "node-1", "10m");
     wait_connected(&coordinator, "node-1").await;
-    let cert_path = sandbox.path().join("node-1/node.crt");
+    let cert_path = sandbox.path().join("node-1.identity/node.crt");
     let first = std::fs::read(&cert_path).unwrap();
     let first_expiry = not_after(&first).unwrap();
 

@@ -1090,7 +1090,7 @@ async fn the_tcp_port_takes_sync_contents_only_from_the_node_a_ticket_names() {
     let node_2 = wait_connected(&coordinator, "node-2").await;
     let pin = coordinator.ca_pin();
     let identity = |node: &str| {
-        let dir = sandbox.path().join(node);
+        let dir = sandbox.path().join(format!("{node}.identity"));
         CertifiedKey {
             chain: vec![std::fs::read(dir.join("node.crt")).unwrap().into()],
             key_pkcs8_der: std::fs::read(dir.join("node.key")).unwrap(),
