@@ -10,6 +10,7 @@ coordinator=@@COORDINATOR@@
 ca_pin=@@CA_PIN@@
 agent_url=@@AGENT_URL@@
 agent_ca=@@AGENT_CA@@
+agent_sha256=@@AGENT_SHA256@@
 listen=@@LISTEN@@
 mig=@@MIG@@
 lease=@@LEASE@@
@@ -46,6 +47,35 @@ if [ -z "$agent" ]; then
     else
         echo "skyward bootstrap: neither curl nor wget is installed to fetch the agent" >&2
         exit 1
+    fi
+    # Run only the binary the coordinator vouched for: its digest came with this script.
+    arch=$(uname -m)
+    want=""
+    for pair in $agent_sha256; do
+        case "$pair" in
+            "$arch="* | "*="*) want=${pair#*=} ;;
+        esac
+    done
+    if [ -z "$want" ]; then
+        case "$url" in
+            https://*) ;;
+            *)
+                rm -f "$agent.part"
+                echo "skyward bootstrap: $url is not HTTPS and no SHA-256 was given for $arch: refusing to run it" >&2
+                exit 1
+                ;;
+        esac
+    else
+        if command -v sha256sum >/dev/null 2>&1; then
+            got=$(sha256sum "$agent.part" | cut -d' ' -f1)
+        else
+            got=$(openssl dgst -sha256 -r "$agent.part" | cut -d' ' -f1)
+        fi
+        if [ "$got" != "$want" ]; then
+            rm -f "$agent.part"
+            echo "skyward bootstrap: the agent from $url has SHA-256 $got, not $want: refusing to run it" >&2
+            exit 1
+        fi
     fi
     chmod 700 "$agent.part"
     mv "$agent.part" "$agent"

@@ -343,6 +343,10 @@ pub struct PoolArgs {
     /// URL cloud nodes fetch the agent from instead (`{arch}` becomes `uname -m`).
     #[arg(long, value_name = "URL")]
     agent_url: Option<String>,
+    /// The SHA-256 (64 hex digits) of the agent at --agent-url: nodes run it only if it
+    /// matches. Needed for a plain-HTTP URL.
+    #[arg(long, value_name = "HEX", value_parser = sha256_hex, requires = "agent_url")]
+    agent_sha256: Option<String>,
     /// Reverse the connection direction: agents listen and the coordinator dials them (for a
     /// coordinator behind NAT that nodes cannot reach).
     #[arg(long)]
@@ -540,6 +544,7 @@ pub(crate) fn pool_plan(args: &PoolArgs) -> Result<PoolPlan, String> {
         advertise: args.advertise,
         agent_binary: args.agent_binary.clone(),
         agent_url: args.agent_url.clone(),
+        agent_sha256: args.agent_sha256.clone(),
         spec: {
             let connect_timeout = args.connect_timeout.unwrap_or_else(|| {
                 default_connect_timeout(&args.spec.provider, args.mig.is_some())
@@ -1323,6 +1328,15 @@ fn default_connect_timeout(providers: &str, mig: bool) -> Duration {
 /// A `--mig` layout as the agents will read it, refused here before anything is provisioned.
 fn mig_layout(text: &str) -> Result<String, String> {
     skyward_common::mig::Layout::parse(text).map(|_| text.trim().to_string())
+}
+
+/// A SHA-256 digest as 64 hex digits (lower-cased, as `sha256sum` prints it).
+fn sha256_hex(text: &str) -> Result<String, String> {
+    let digest = text.trim().to_ascii_lowercase();
+    match digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        true => Ok(digest),
+        false => Err("a SHA-256 is 64 hex digits, as `sha256sum FILE` prints it".into()),
+    }
 }
 
 #[cfg(test)]

@@ -23,14 +23,27 @@ const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct AgentBinary {
     pub path: PathBuf,
     pub arch: &'static str,
+    /// Hex SHA-256 of the file as it was when the coordinator started: nodes run what they
+    /// download only if it matches (the digest travels in their user-data).
+    pub sha256: String,
 }
 
 impl AgentBinary {
-    /// Reads the architecture from the file's ELF header.
+    /// Reads the architecture from the file's ELF header, and the file's digest.
     pub fn new(path: PathBuf) -> Result<Self, String> {
         let arch = elf_arch(&path)?;
-        Ok(AgentBinary { path, arch })
+        let sha256 = sha256_of(&path)?;
+        Ok(AgentBinary { path, arch, sha256 })
     }
+}
+
+/// Hex SHA-256 of a file's contents.
+pub fn sha256_of(path: &Path) -> Result<String, String> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// `uname -m` of the machines an ELF executable is for.
@@ -159,6 +172,7 @@ mod tests {
         vec![AgentBinary {
             path: "/bin/true".into(),
             arch: "x86_64",
+            sha256: String::new(),
         }]
     }
 

@@ -23,6 +23,8 @@ pub struct PoolPlan {
     pub advertise: Option<SocketAddr>,
     pub agent_binary: Option<PathBuf>,
     pub agent_url: Option<String>,
+    /// The SHA-256 (hex) of the agent at `agent_url`: nodes run it only if it matches.
+    pub agent_sha256: Option<String>,
     pub spec: PoolSpec,
     pub selection: Selection,
     pub providers: String,
@@ -61,11 +63,17 @@ pub fn advertise(
             None => Err("with --reverse, cloud nodes cannot download the agent from this coordinator: pass --agent-url URL (a Linux skyward-agent they can fetch) or --image with skyward-agent preinstalled".into()),
         };
     }
-    if plan.agent_url.is_some() {
+    if let Some(url) = &plan.agent_url {
+        if !url.starts_with("https://") && plan.agent_sha256.is_none() {
+            return Err(format!(
+                "--agent-url {url} is not HTTPS: nodes would run whatever answers there as root; give --agent-sha256 HEX (the binary's SHA-256) or an https:// URL"
+            ));
+        }
         return Ok(crate::Advertise {
             address: plan.advertise,
             agent_binaries: Vec::new(),
             agent_url: plan.agent_url.clone(),
+            agent_sha256: plan.agent_sha256.clone(),
         });
     }
     let binary = match &plan.agent_binary {
@@ -77,7 +85,7 @@ pub fn advertise(
     Ok(crate::Advertise {
         address: plan.advertise,
         agent_binaries: vec![binary],
-        agent_url: None,
+        ..Default::default()
     })
 }
 

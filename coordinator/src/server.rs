@@ -142,6 +142,8 @@ pub struct Advertise {
     pub agent_binaries: Vec<PathBuf>,
     /// Where nodes fetch the agent instead, if the user hosts it (`{arch}` = `uname -m`).
     pub agent_url: Option<String>,
+    /// The SHA-256 (hex) of the agent at `agent_url`, which nodes check before running it.
+    pub agent_sha256: Option<String>,
 }
 
 /// A connected node, cheap to clone.
@@ -282,6 +284,8 @@ struct Inner {
     pool: String,
     advertised: SocketAddr,
     agent_url: Option<String>,
+    /// The digest of the agent nodes may download, per `uname -m` (`*`: any).
+    agent_sha256: Vec<(String, String)>,
     /// The agent URL is this coordinator's own download server.
     serves_agent: bool,
     ca: PoolCa,
@@ -429,6 +433,15 @@ impl Coordinator {
         } else {
             Vec::new()
         };
+        let agent_sha256 = match &advertise.agent_sha256 {
+            Some(digest) if advertise.agent_url.is_some() => {
+                vec![("*".to_string(), digest.clone())]
+            }
+            _ => binaries
+                .iter()
+                .map(|b| (b.arch.to_string(), b.sha256.clone()))
+                .collect(),
+        };
         // The TCP port: agent downloads where served, and syncs' contents. Without it the
         // contents go on the QUIC streams, so only the downloads make it a must.
         let mut tcp_server = None;
@@ -474,6 +487,7 @@ impl Coordinator {
             advertised,
             serves_agent: serve_binaries,
             agent_url,
+            agent_sha256,
             ca,
             state: Arc::new(Mutex::new(PoolState::new(Roster::new(
                 DEFAULT_NODE_TIMEOUT,
@@ -530,6 +544,7 @@ impl Coordinator {
             ca_pem: self.inner.ca.cert_pem(),
             agent_url: self.inner.agent_url.clone(),
             agent_url_pinned: self.inner.serves_agent,
+            agent_sha256: self.inner.agent_sha256.clone(),
             lease: DEFAULT_LEASE,
             reverse: None,
             mig: None,

@@ -26,6 +26,9 @@ pub struct Bootstrap {
     /// The agent URL is the coordinator's own, trusted through the pool CA alone; a URL of
     /// the user's is trusted through the node's system CAs.
     pub agent_url_pinned: bool,
+    /// The agent binary's SHA-256 (hex) per `uname -m` (`*`: any): the bootstrap runs a
+    /// downloaded agent only if its digest is listed here.
+    pub agent_sha256: Vec<(String, String)>,
     /// The agent exits when its coordinator is unreachable this long.
     pub lease: Duration,
     /// Set when the coordinator dials the agents (which listen) instead of the other way round.
@@ -82,6 +85,17 @@ impl Bootstrap {
                         .unwrap_or_default(),
                 ),
             ),
+            (
+                "@@AGENT_SHA256@@",
+                shell_quote(
+                    &self
+                        .agent_sha256
+                        .iter()
+                        .map(|(arch, digest)| format!("{arch}={digest}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ),
+            ),
             ("@@MIG@@", shell_quote(self.mig.as_deref().unwrap_or(""))),
             ("@@LEASE@@", format!("{}s", self.lease.as_secs())),
             (
@@ -129,6 +143,7 @@ mod tests {
             ca_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
             agent_url: Some("https://203.0.113.7:7443/agent/linux-{arch}".into()),
             agent_url_pinned: true,
+            agent_sha256: vec![("x86_64".into(), "cd".repeat(32))],
             lease: Duration::from_secs(600),
             reverse: None,
             mig: None,

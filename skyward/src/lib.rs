@@ -530,7 +530,7 @@ impl ComputePoolBuilder {
             skyward_coordinator::Advertise {
                 address: self.advertise,
                 agent_binaries: vec![binary],
-                agent_url: None,
+                ..Default::default()
             }
         };
         // Recorded before anything exists, so that nothing this pool creates goes unrecorded.

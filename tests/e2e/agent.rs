@@ -420,6 +420,65 @@ async fn a_node_booted_from_its_user_data_joins_and_runs_work() {
         .is_empty());
 }
 
+/// A node runs only the agent binary its user-data vouches for: the coordinator's digest of
+/// the file it serves travels in the user-data, and a binary changed since (on the
+/// coordinator's disk, or on the way) is refused before it runs (before: any binary the TLS
+/// check let through ran as root).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_an_agent_binary_its_user_data_does_not_vouch_for() {
+    use skyward_providers::NodeBootstrap;
+    skyward_common::install_crypto_provider();
+    let sandbox = Sandbox::new();
+    let served = sandbox.path().join("skyward-agent-served");
+    std::fs::copy(bin("skyward-agent"), &served).unwrap();
+    let coordinator = Coordinator::start_advertised(
+        CoordinatorConfig {
+            pool: "tampered".into(),
+            bind: ([127, 0, 0, 1], 0).into(),
+            state_dir: None,
+        },
+        skyward_coordinator::Advertise {
+            agent_binaries: vec![served.clone()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bootstrap = coordinator.bootstrap();
+    let digest = skyward_coordinator::download::sha256_of(&served).unwrap();
+    assert_eq!(
+        bootstrap.agent_sha256,
+        [(std::env::consts::ARCH.to_string(), digest.clone())]
+    );
+    // The binary changes after the coordinator vouched for it.
+    let mut tampered = std::fs::read(&served).unwrap();
+    tampered.extend_from_slice(b"tampered");
+    std::fs::write(&served, tampered).unwrap();
+    let node = NodeBootstrap {
+        node_id: "node-1".into(),
+        token: coordinator.issue_token("node-1"),
+    };
+    let boot = skyward_tests::node::BootedNode::boot_image(
+        sandbox.path(),
+        "tampered-vm",
+        &bootstrap.user_data("tampered", &node),
+        false,
+    );
+    let error = boot.err().expect("the tampered agent was run");
+    assert!(
+        error.contains(&format!("not {digest}: refusing to run it")),
+        "{error}"
+    );
+    assert!(!sandbox
+        .path()
+        .join("tampered-vm/skyward/skyward-agent")
+        .exists());
+    assert!(
+        connected_within(&coordinator, "node-1", Duration::from_secs(2))
+            .await
+            .is_none()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_image_downloads_the_agent_from_the_coordinator() {
     use skyward_providers::NodeBootstrap;

@@ -617,6 +617,44 @@ fn reverse_on_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
     )
 }
 
+/// A plain-HTTP agent URL would have nodes run whatever answers there as root: refused
+/// before any call unless the binary's SHA-256 comes with it, which the bootstrap checks.
+#[test]
+fn a_plain_http_agent_url_needs_the_binarys_digest() {
+    let sandbox = Sandbox::new();
+    let on_aws = |args: &[&str]| {
+        run(
+            sandbox
+                .skyward()
+                .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+                .env("AWS_SECRET_ACCESS_KEY", "unused")
+                .env("AWS_DEFAULT_REGION", "us-east-1")
+                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+                .args([
+                    "run",
+                    "--provider",
+                    "aws",
+                    "--agent-url",
+                    "http://198.51.100.7/agent",
+                ])
+                .args(args)
+                .args(["--", "true"]),
+            LIMIT,
+        )
+    };
+    let out = on_aws(&[]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("is not HTTPS") && out.stderr.contains("--agent-sha256 HEX"),
+        "{}",
+        out.stderr
+    );
+    let out = on_aws(&["--agent-sha256", "not-a-digest"]);
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("64 hex digits"), "{}", out.stderr);
+}
+
 #[test]
 fn reverse_on_a_cloud_says_what_it_needs_before_creating_anything() {
     let sandbox = Sandbox::new();
