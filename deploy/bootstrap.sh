@@ -48,34 +48,14 @@ if [ -z "$agent" ]; then
         echo "skyward bootstrap: neither curl nor wget is installed to fetch the agent" >&2
         exit 1
     fi
-    # Run only the binary the coordinator vouched for: its digest came with this script.
-    arch=$(uname -m)
-    want=""
-    for pair in $agent_sha256; do
-        case "$pair" in
-            "$arch="* | "*="*) want=${pair#*=} ;;
-        esac
-    done
-    if [ -z "$want" ]; then
-        case "$url" in
-            https://*) ;;
-            *)
-                rm -f "$agent.part"
-                echo "skyward bootstrap: $url is not HTTPS and no SHA-256 was given for $arch: refusing to run it" >&2
-                exit 1
-                ;;
-        esac
-    else
-        if command -v sha256sum >/dev/null 2>&1; then
-            got=$(sha256sum "$agent.part" | cut -d' ' -f1)
-        else
-            got=$(openssl dgst -sha256 -r "$agent.part" | cut -d' ' -f1)
-        fi
-        if [ "$got" != "$want" ]; then
-            rm -f "$agent.part"
-            echo "skyward bootstrap: the agent from $url has SHA-256 $got, not $want: refusing to run it" >&2
-            exit 1
-        fi
+    # Run only the binary this script vouches for (its SHA-256), or one over HTTPS.
+    want=$(printf '%s\n' $agent_sha256 | sed -n -e "s/^$(uname -m)=//p" -e 's/^[*]=//p')
+    got=$(sha256sum "$agent.part" 2>/dev/null || openssl dgst -sha256 -r "$agent.part")
+    got=${got%% *}
+    if [ "${want:-$got}" != "$got" ] || { [ -z "$want" ] && [ "${url#https:}" = "$url" ]; }; then
+        rm -f "$agent.part"
+        echo "skyward bootstrap: the agent from $url has SHA-256 $got, not ${want:-given}: refusing to run it" >&2
+        exit 1
     fi
     chmod 700 "$agent.part"
     mv "$agent.part" "$agent"

@@ -2263,7 +2263,7 @@ mod tests {
                 ca_pem: ca.cert_pem(),
                 agent_url: Some("https://[2001:db8::1234:5678]:7444/agent/linux-{arch}".into()),
                 agent_url_pinned: true,
-                agent_sha256: Vec::new(),
+                agent_sha256: vec![("x86_64".into(), "ab".repeat(32))],
                 lease: Duration::from_secs(600),
                 reverse: Some(crate::bootstrap::Reverse {
                     agent_port: crate::bootstrap::AGENT_PORT,
