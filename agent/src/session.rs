@@ -199,28 +199,28 @@ async fn stay_listening(
     loop {
         let inventory = collect_inventory(config).await;
         let remaining = config.lease.saturating_sub(last_contact.elapsed());
-        let incoming = match tokio::time::timeout(remaining, endpoint.accept()).await {
-            Ok(Some(incoming)) => incoming,
-            Ok(None) => bail!("the listening endpoint closed"),
-            Err(_) => {
-                return Err(PoolOver(format!(
+        let Some(conn) = tokio::time::timeout(remaining, next_handshake(endpoint))
+            .await
+            .map_err(|_| {
+                PoolOver(format!(
                     "no coordinator dialed in for {} (the pool's lease)",
                     humantime::format_duration(config.lease)
                 ))
-                .into())
-            }
-        };
-        let conn = match incoming.await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // A peer without the pool CA's certificate ends here, before any stream.
-                tracing::warn!("refused a connection: {e}");
-                continue;
-            }
+            })?
+        else {
+            bail!("the listening endpoint closed");
         };
         if !enrolled {
             let token = crate::enroll::require_token(config)?;
-            let identity = crate::enroll::exchange(config, token, &conn).await?;
+            let identity = match crate::enroll::exchange(config, token, &conn).await {
+                Ok(identity) => identity,
+                Err(e) if crate::enroll::never_joins(&e) => return Err(e),
+                // A connection lost mid-way, a coordinator busy for now: it dials again.
+                Err(e) => {
+                    tracing::warn!("enrollment: {e:#}; waiting for the coordinator to dial again");
+                    continue;
+                }
+            };
             crate::enroll::save(config, &identity)?;
             endpoint.set_server_config(Some(transport::agent_listener_config(
                 &config.ca_pin,
@@ -250,6 +250,56 @@ async fn stay_listening(
             )?));
         }
         last_contact = Instant::now();
+    }
+}
+
+/// How long a dialer gets to finish its handshake with a listening agent.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(5);
+/// Handshakes a listening agent runs at once, in all and per source address: a dialer that
+/// stalls holds one slot until its deadline, never the agent.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 4;
+
+/// The next connection whose handshake completes (the pool's coordinator: the listener
+/// admits no other certificate), running handshakes side by side so that a dialer that
+/// stalls or fails cannot keep the coordinator waiting behind it. `None` once the endpoint
+/// closed.
+async fn next_handshake(endpoint: &quinn::Endpoint) -> Option<quinn::Connection> {
+    let mut handshakes = tokio::task::JoinSet::new();
+    let mut per_address: std::collections::HashMap<std::net::IpAddr, usize> = Default::default();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let incoming = incoming?;
+                let from = incoming.remote_address().ip();
+                let pending = per_address.entry(from).or_default();
+                if handshakes.len() >= MAX_HANDSHAKES || *pending >= MAX_HANDSHAKES_PER_ADDRESS {
+                    incoming.refuse();
+                    continue;
+                }
+                *pending += 1;
+                handshakes.spawn(async move {
+                    (from, tokio::time::timeout(HANDSHAKE_DEADLINE, incoming).await)
+                });
+            }
+            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
+                let Ok((from, result)) = done else { continue };
+                if let Some(pending) = per_address.get_mut(&from) {
+                    *pending = pending.saturating_sub(1);
+                    if *pending == 0 {
+                        per_address.remove(&from);
+                    }
+                }
+                match result {
+                    Ok(Ok(conn)) => return Some(conn),
+                    // A peer without the coordinator's certificate ends here, before any stream.
+                    Ok(Err(e)) => tracing::warn!("refused a connection: {e}"),
+                    Err(_) => tracing::warn!(
+                        "refused a connection from {from}: its handshake took over {HANDSHAKE_DEADLINE:?}"
+                    ),
+                }
+            }
+        }
     }
 }
 

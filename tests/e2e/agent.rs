@@ -4,6 +4,7 @@
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use skyward_common::identity::PoolCa;
 use skyward_common::protocol::{TaskEvent, TaskOutcome};
 use skyward_coordinator::{Coordinator, CoordinatorConfig, CoordinatorEvent};
 use skyward_tests::{
@@ -802,6 +803,92 @@ async fn a_nodes_certificate_cannot_act_as_the_coordinator_toward_a_listening_no
         let _ = agent.kill();
         let _ = agent.wait();
     }
+}
+
+/// A UDP relay in front of `target` that passes on only the first datagram of each client
+/// (its handshake's first flight) and drops the rest: a dialer whose handshake stalls.
+async fn stalling_relay(target: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let address = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut seen = std::collections::HashSet::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, client)) = front.recv_from(&mut buf).await {
+            if !seen.insert(client) {
+                continue;
+            }
+            let upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let _ = upstream.send_to(&buf[..n], target).await;
+            let back = front.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok((n, _)) = upstream.recv_from(&mut buf).await {
+                    let _ = back.send_to(&buf[..n], client).await;
+                }
+            });
+        }
+    });
+    address
+}
+
+/// A listening agent runs handshakes side by side, each with a deadline: dialers that stall
+/// mid-handshake do not keep the coordinator out (before: one handshake at a time, each
+/// stalled one holding the agent until QUIC's 30 s idle timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_do_not_keep_the_coordinator_from_a_listening_agent() {
+    let sandbox = Sandbox::new();
+    let coordinator = coordinator();
+    let listen = free_udp();
+    let mut agent = spawn_listening_agent(&sandbox, &coordinator, "node-1", listen, &[]);
+    let relay = stalling_relay(listen).await;
+    let log = sandbox.path().join("node-1.log");
+    let listening = std::time::Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        assert!(
+            std::time::Instant::now() < listening,
+            "the agent never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three dialers whose handshakes reach the agent and then go silent.
+    let stranger = PoolCa::generate("stranger")
+        .unwrap()
+        .issue_server_cert()
+        .unwrap();
+    let config = skyward_common::transport::coordinator_enroll_dial_config(&stranger).unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..3 {
+        let endpoint =
+            skyward_common::transport::endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+        let connecting = endpoint
+            .connect_with(config.clone(), relay, "node-1")
+            .unwrap();
+        stalled.push((endpoint, tokio::spawn(connecting)));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dialed = std::time::Instant::now();
+    coordinator.dial("node-1", listen);
+    let node = connected_within(&coordinator, "node-1", Duration::from_secs(20))
+        .await
+        .expect("the coordinator never got through");
+    assert!(
+        dialed.elapsed() < Duration::from_secs(4),
+        "the coordinator waited {:?} behind stalled handshakes",
+        dialed.elapsed()
+    );
+    let mut task = coordinator
+        .start_task(&node, command(&["echo", "through"]))
+        .await
+        .unwrap();
+    assert_eq!(task_output(&mut task).await, b"through\n");
+    drop(stalled);
+    let _ = agent.kill();
+    let _ = agent.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
