@@ -64,8 +64,26 @@ pub struct Admission {
     addresses: HashMap<IpAddr, Address>,
 }
 
+/// Whose budget an address spends: an IPv4 address its own, an IPv6 address its /64's (one
+/// host is routinely given a whole /64, so per-address limits would be per-host only in name),
+/// an IPv4-mapped IPv6 address its IPv4 one's.
+pub fn source_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
+    }
+}
+
 impl Admission {
     fn entry(&mut self, address: IpAddr, now: Instant) -> &mut Address {
+        let address = source_of(address);
         if self.addresses.len() > PRUNE_ABOVE {
             self.addresses.retain(|_, a| {
                 a.refill(now);
@@ -95,7 +113,7 @@ impl Admission {
     }
 
     pub fn end(&mut self, address: IpAddr) {
-        if let Some(entry) = self.addresses.get_mut(&address) {
+        if let Some(entry) = self.addresses.get_mut(&source_of(address)) {
             entry.enrolling = entry.enrolling.saturating_sub(1);
         }
     }
@@ -122,6 +140,39 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_slash_64_shares_one_budget_and_limit() {
+        let t0 = Instant::now();
+        let mut admission = Admission::default();
+        let host = |last: u16| IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, last]);
+        for i in 0..ENROLL_FAILURE_BURST {
+            // Each failure from another address of the same /64.
+            admission.failed(host(i as u16 + 1), t0);
+        }
+        assert!(matches!(
+            admission.may_attempt(host(999), t0),
+            Err(Refusal::TooManyFailures { .. })
+        ));
+        // Another /64 has its own budget; so has an IPv4 address, mapped or not.
+        assert!(admission
+            .may_attempt(IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]), t0)
+            .is_ok());
+        assert_eq!(
+            source_of("::ffff:198.51.100.7".parse().unwrap()),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        // Connections held at once count per /64 too.
+        for i in 0..MAX_ENROLLING_PER_ADDRESS {
+            admission.begin(host(i as u16), t0).unwrap();
+        }
+        assert!(matches!(
+            admission.begin(host(4000), t0),
+            Err(Refusal::TooManyConnections { .. })
+        ));
+        admission.end(host(7));
+        assert!(admission.begin(host(4000), t0).is_ok());
+    }
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
