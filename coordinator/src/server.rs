@@ -310,6 +310,8 @@ struct Inner {
     dial_node: quinn::ClientConfig,
     /// How long the node certificates this coordinator signs are valid, in seconds.
     node_cert_secs: AtomicU64,
+    /// How long an enrollment connection may go without its request, in milliseconds.
+    enroll_request_ms: AtomicU64,
     /// The TCP port and the syncs waiting on it, if it could be bound.
     bulk: Option<(u16, Arc<BulkTickets>)>,
 }
@@ -503,6 +505,7 @@ impl Coordinator {
             dial_enroll,
             dial_node,
             node_cert_secs: AtomicU64::new(NODE_CERT_VALIDITY.as_secs()),
+            enroll_request_ms: AtomicU64::new(ENROLL_REQUEST_TIMEOUT.as_millis() as u64),
             bulk: tcp_port,
         });
         tokio::spawn(accept_loop(endpoint.clone(), inner.clone()));
@@ -614,6 +617,14 @@ impl Coordinator {
         self.inner
             .node_cert_secs
             .store(validity.as_secs().max(1), Ordering::Relaxed);
+    }
+
+    /// How long an enrollment connection may go without sending its request (default
+    /// [`ENROLL_REQUEST_TIMEOUT`]); each that runs out spends one of its address's attempts.
+    pub fn set_enroll_request_timeout(&self, timeout: Duration) {
+        self.inner
+            .enroll_request_ms
+            .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
     /// A task id no other task of this coordinator has (ids start at 1: 0 asks for one).
@@ -1542,9 +1553,16 @@ async fn enroll(
         let _ = send.finish();
         outcome.map(|_| request.node_id)
     };
-    let result = tokio::time::timeout(ENROLL_REQUEST_TIMEOUT, exchange)
-        .await
-        .unwrap_or_else(|_| Err(Rejection::BadEnrollment("no request in time".into())));
+    let waited = Duration::from_millis(inner.enroll_request_ms.load(Ordering::Relaxed));
+    let result = match tokio::time::timeout(waited, exchange).await {
+        Ok(result) => result,
+        // A connection held open without a request costs its address an attempt, as a bad
+        // request does: else a stranger could hold connections open again and again for free.
+        Err(_) => {
+            spend_attempt(inner, peer);
+            Err(Rejection::BadEnrollment("no request in time".into()))
+        }
+    };
     if let Ok(node_id) = &result {
         tracing::info!(node = %node_id, "enrolled");
     }
@@ -1560,8 +1578,9 @@ async fn enroll(
 }
 
 /// A request from `peer` was judged and failed (a bad token or CSR, or bytes that are no
-/// request at all): one of its attempts is spent. A request refused unread spends nothing, or
-/// a refused address could never recover; a dropped connection spends nothing either.
+/// request at all), or never came in time: one of its attempts is spent. A request refused
+/// unread spends nothing, or a refused address could never recover; a dropped connection
+/// spends nothing either.
 fn spend_attempt(inner: &Inner, peer: Option<IpAddr>) {
     if let Some(address) = peer {
         inner

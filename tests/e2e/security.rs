@@ -477,6 +477,40 @@ async fn failed_enrollments_per_address_are_rate_limited() {
     coordinator.close().await;
 }
 
+/// Enrollment connections that never send a request spend their address's budget as failed
+/// requests do (before: a timeout spent nothing, so a stranger could hold connections open
+/// again and again at no cost): past the burst, even a good token is refused unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_connections_that_never_ask_spend_their_addresss_budget() {
+    let coordinator = hostile_coordinator("sec-silent");
+    coordinator.set_enroll_request_timeout(Duration::from_millis(300));
+    let attacker = attacker_against(&coordinator);
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..ENROLL_FAILURE_BURST + 2 {
+        silent.push(attacker.connect(None, ALPN_ENROLL).await.unwrap());
+    }
+    // Each is closed by the coordinator once its time is up.
+    for conn in &silent {
+        let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "a silent enrollment connection was kept open"
+        );
+    }
+    // The burst is spent (unless the test was so slow that time refilled some of it).
+    let refills = (started.elapsed().as_secs_f64() / ENROLL_FAILURE_REFILL.as_secs_f64()) as u32;
+    for _ in 0..refills {
+        let _ = attacker.enroll("node-1", "not-a-token").await;
+    }
+    let reason = attacker
+        .enroll("node-1", &coordinator.issue_token("node-1"))
+        .await
+        .unwrap_err();
+    assert!(reason.contains("too many failed enrollments"), "{reason}");
+    coordinator.close().await;
+}
+
 /// A real agent refused by the enrollment limits is not turned away for good: it tries
 /// again with backoff, within its lease, and enrolls once its address has room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
