@@ -348,9 +348,17 @@ fn a_silent_node_of_an_idle_pool_is_replaced_and_its_machine_removed() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = std::fs::read_to_string(sandbox.path().join("home/pools/quiet/coordinator.log"))
-        .unwrap_or_default();
-    assert!(log.contains("its machine at local was removed"), "{log}");
+    // The coordinator says so once its provider's call returns, just after the process went.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(sandbox.path().join("home/pools/quiet/coordinator.log"))
+            .unwrap_or_default();
+        if log.contains("its machine at local was removed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let status = sandbox.pool_status("quiet");
     let nodes: Vec<&str> = status["nodes"]
         .as_array()
