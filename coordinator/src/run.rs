@@ -299,7 +299,7 @@ fn command_attempts(
     coordinator: &Arc<Coordinator>,
     job: &mut Job,
     events: mpsc::Sender<RunEvent>,
-) -> impl FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<TaskReport> + Send + 'static {
+) -> impl FnMut(&jobs::Start, NodeHandle) -> Attempt<TaskReport> + Send + 'static {
     let ids: Vec<u64> = (0..job.tasks.len())
         .map(|_| coordinator.next_task_id())
         .collect();
@@ -327,28 +327,16 @@ fn command_attempts(
         if let TaskKind::Command { cwd, .. } = &mut spec.kind {
             cwd.clone_from(&plan.cwd);
         }
-        let (coordinator, events, node_id) =
-            (coordinator.clone(), events.clone(), start.node.clone());
-        Box::pin(async move {
-            match node {
-                Some(node) => drive_task(&coordinator, &node, task, spec, stdin, &events).await,
-                None => TaskReport {
-                    node: node_id.clone(),
-                    outcome: Err(RunError::NodeLost {
-                        node: node_id,
-                        reason: "not one of the pool's nodes".into(),
-                    }),
-                },
-            }
-        })
+        let (coordinator, events) = (coordinator.clone(), events.clone());
+        Box::pin(async move { drive_task(&coordinator, &node, task, spec, stdin, &events).await })
     }
 }
 
 /// One attempt of a task, run to its end: what it reports.
 pub type Attempt<R> = std::pin::Pin<Box<dyn std::future::Future<Output = R> + Send>>;
 
-/// Makes the attempt a start asks for, on its node (`None`: not one of the pool's).
-pub type Launch<R> = dyn FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send;
+/// Makes the attempt a start asks for, on its node.
+pub type Launch<R> = dyn FnMut(&jobs::Start, NodeHandle) -> Attempt<R> + Send;
 
 /// Why a task ended without a report of its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,8 +399,9 @@ pub struct JobDriver<R> {
     failure: fn(&R) -> Option<String>,
     /// Each running attempt: its number, node and handle.
     current: HashMap<usize, (u32, String, AbortHandle)>,
-    /// Reports of attempts that ended, until the state says whether they are their task's.
-    ended: HashMap<(usize, u32), R>,
+    /// Reports of attempts that ended (or could not start), until the state says whether
+    /// they are their task's.
+    ended: HashMap<(usize, u32), Result<R, NotRun>>,
     running: JoinSet<(usize, u32, R)>,
     node_events: broadcast::Receiver<CoordinatorEvent>,
     node_events_open: bool,
@@ -422,7 +411,7 @@ impl<R: Send + 'static> JobDriver<R> {
     pub fn submit(
         coordinator: &Arc<Coordinator>,
         spec: JobSpec,
-        launch: impl FnMut(&jobs::Start, Option<NodeHandle>) -> Attempt<R> + Send + 'static,
+        launch: impl FnMut(&jobs::Start, NodeHandle) -> Attempt<R> + Send + 'static,
         failure: fn(&R) -> Option<String>,
     ) -> Self {
         // Before the job is submitted: nothing of its nodes' news is missed.
@@ -469,10 +458,10 @@ impl<R: Send + 'static> JobDriver<R> {
                             End::Ran { attempt } => {
                                 let report = self.ended.remove(&(task, attempt));
                                 self.ended.retain(|(t, _), _| *t != task);
-                                report.ok_or_else(|| NotRun::Lost {
+                                report.unwrap_or_else(|| Err(NotRun::Lost {
                                     node: String::new(),
                                     reason: "its report was lost".into(),
-                                })
+                                }))
                             }
                             End::Unplaceable(why) => Err(NotRun::Unplaceable(why)),
                             End::Lost { node, reason } => Err(NotRun::Lost { node, reason }),
@@ -515,9 +504,24 @@ impl<R: Send + 'static> JobDriver<R> {
                 self.handles.insert(start.node.clone(), handle);
             }
         }
-        let node = self.handles.get(&start.node).cloned();
-        let attempt = (self.launch)(start, node);
         let (task, number) = (start.task, start.attempt);
+        let Some(node) = self.handles.get(&start.node).cloned() else {
+            // Not a node of this pool (forgotten since): the attempt fails without starting.
+            let reason = "not one of the pool's nodes".to_string();
+            let lost = NotRun::Lost {
+                node: start.node.clone(),
+                reason: reason.clone(),
+            };
+            self.ended.insert((task, number), Err(lost));
+            let failure = AttemptFailure {
+                reason,
+                node_connected: false,
+            };
+            self.coordinator
+                .attempt_ended(self.ticket.job, task, number, Some(failure));
+            return;
+        };
+        let attempt = (self.launch)(start, node);
         let stop = self
             .running
             .spawn(async move { (task, number, attempt.await) });
@@ -536,7 +540,7 @@ impl<R: Send + 'static> JobDriver<R> {
             reason,
             node_connected: self.handles.get(&node).is_some_and(|n| n.is_connected()),
         });
-        self.ended.insert((task, attempt), report);
+        self.ended.insert((task, attempt), Ok(report));
         self.coordinator
             .attempt_ended(self.ticket.job, task, attempt, failure);
     }

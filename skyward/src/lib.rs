@@ -815,48 +815,42 @@ impl ComputePool {
         // No retries: the job's one attempt takes these.
         let mut first = Some((task, chunks_tx, started_tx));
         let coordinator = self.shared.coordinator.clone();
-        let launch = move |start: &jobs::Start,
-                           node: Option<NodeHandle>|
-              -> Attempt<Result<TaskOutcome, Error>> {
-            let (coordinator, node_id, first) =
-                (coordinator.clone(), start.node.clone(), first.take());
-            Box::pin(async move {
-                let (Some(node), Some((task, chunks_tx, started_tx))) = (node, first) else {
-                    return Err(Error::Run(RunError::NodeLost {
-                        node: node_id,
-                        reason: "not one of the pool's nodes".into(),
-                    }));
-                };
-                let remote = coordinator
-                    .start_task(&node, task)
-                    .await
-                    .map_err(RunError::from)?;
-                let _ = started_tx.send(node_id.clone());
-                let (_input, mut output) = (remote.input, remote.output);
-                loop {
-                    match output.next().await {
-                        Ok(Some(TaskEvent::Output { stream, data, .. })) => {
-                            // A caller that stopped reading still gets the end.
-                            let _ = chunks_tx.send(OutputChunk { stream, data }).await;
+        let launch =
+            move |start: &jobs::Start, node: NodeHandle| -> Attempt<Result<TaskOutcome, Error>> {
+                let (coordinator, node_id, first) =
+                    (coordinator.clone(), start.node.clone(), first.take());
+                Box::pin(async move {
+                    // No retries: the job has one attempt, and it takes these.
+                    let Some((task, chunks_tx, started_tx)) = first else {
+                        let again = "a stream's command started twice".to_string();
+                        return Err(Error::Run(RunError::Internal(again)));
+                    };
+                    let remote = coordinator
+                        .start_task(&node, task)
+                        .await
+                        .map_err(RunError::from)?;
+                    let _ = started_tx.send(node_id.clone());
+                    let (_input, mut output) = (remote.input, remote.output);
+                    loop {
+                        match output.next().await {
+                            Ok(Some(TaskEvent::Output { stream, data, .. })) => {
+                                // A caller that stopped reading still gets the end.
+                                let _ = chunks_tx.send(OutputChunk { stream, data }).await;
+                            }
+                            Ok(Some(TaskEvent::Finished(outcome))) => return Ok(outcome),
+                            Ok(Some(_)) => {}
+                            Ok(None) => {
+                                return Err(Error::Run(RunError::Protocol {
+                                    node: node_id,
+                                    message: "the task stream ended without an outcome".into(),
+                                }))
+                            }
+                            Err(e) => return Err(Error::Run(e.into())),
                         }
-                        Ok(Some(TaskEvent::Finished(outcome))) => return Ok(outcome),
-                        Ok(Some(_)) => {}
-                        Ok(None) => {
-                            return Err(Error::Run(RunError::Protocol {
-                                node: node_id,
-                                message: "the task stream ended without an outcome".into(),
-                            }))
-                        }
-                        Err(e) => return Err(Error::Run(e.into())),
                     }
-                }
-            })
-        };
-        let failure = |report: &Result<TaskOutcome, Error>| match report {
-            Err(Error::Run(e)) => Some(e.to_string()),
-            _ => None,
-        };
-        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, failure);
+                })
+            };
+        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, run_failure);
         let (end_tx, mut end) = oneshot::channel();
         let reader = tokio::spawn(async move {
             let mut ended = Err(Error::Run(RunError::Internal(
@@ -962,26 +956,13 @@ impl ComputePool {
         let payloads = Arc::new(payloads);
         let coordinator = self.shared.coordinator.clone();
         let launch =
-            move |start: &jobs::Start, node: Option<NodeHandle>| -> Attempt<Result<Bytes, Error>> {
+            move |start: &jobs::Start, node: NodeHandle| -> Attempt<Result<Bytes, Error>> {
                 let (coordinator, payload) = (coordinator.clone(), payloads[start.task].clone());
-                let node_id = start.node.clone();
                 Box::pin(async move {
-                    match node {
-                        Some(node) => {
-                            run_typed(&coordinator, &node, T::NAME, T::VERSION, payload).await
-                        }
-                        None => Err(Error::Run(RunError::NodeLost {
-                            node: node_id,
-                            reason: "not one of the pool's nodes".into(),
-                        })),
-                    }
+                    run_typed(&coordinator, &node, T::NAME, T::VERSION, payload).await
                 })
             };
-        let failure = |report: &Result<Bytes, Error>| match report {
-            Err(Error::Run(e)) => Some(e.to_string()),
-            _ => None,
-        };
-        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, failure);
+        let mut driver = JobDriver::submit(&self.shared.coordinator, spec, launch, run_failure);
         let mut outputs: Vec<Option<Bytes>> = vec![None; total];
         while let Some(news) = driver.next().await {
             // Returning drops the driver, which cancels the job's other tasks.
@@ -1102,6 +1083,15 @@ impl Drop for AbortOnDrop {
 
 /// Runs one typed task on `node` and gathers its encoded output. Dropping the future drops
 /// the task's stream, which the agent takes as cancellation.
+/// Why a library call's attempt failed without an outcome of its own (its node lost, the
+/// protocol broken), for the pool state to judge; `None` for the call's own result or error.
+fn run_failure<T>(report: &Result<T, Error>) -> Option<String> {
+    match report {
+        Err(Error::Run(e)) => Some(e.to_string()),
+        _ => None,
+    }
+}
+
 async fn run_typed(
     coordinator: &Coordinator,
     node: &NodeHandle,

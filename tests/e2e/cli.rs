@@ -603,6 +603,11 @@ fn reversed_the_coordinator_dials_listening_agents() {
 /// `skyward run --reverse ARGS -- true` against an EC2 endpoint nothing answers at: each
 /// refusal must come before any call.
 fn reverse_on_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
+    run_on_unreachable_aws(sandbox, &[&["--reverse"], args].concat())
+}
+
+/// `skyward run --provider aws ARGS -- true` against an EC2 endpoint nothing answers at.
+fn run_on_unreachable_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
     run(
         sandbox
             .skyward()
@@ -610,7 +615,7 @@ fn reverse_on_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
             .env("AWS_SECRET_ACCESS_KEY", "unused")
             .env("AWS_DEFAULT_REGION", "us-east-1")
             .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-            .args(["run", "--reverse", "--provider", "aws"])
+            .args(["run", "--provider", "aws"])
             .args(args)
             .args(["--", "true"]),
         LIMIT,
@@ -622,26 +627,8 @@ fn reverse_on_aws(sandbox: &Sandbox, args: &[&str]) -> skyward_tests::Finished {
 #[test]
 fn a_plain_http_agent_url_needs_the_binarys_digest() {
     let sandbox = Sandbox::new();
-    let on_aws = |args: &[&str]| {
-        run(
-            sandbox
-                .skyward()
-                .env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
-                .env("AWS_SECRET_ACCESS_KEY", "unused")
-                .env("AWS_DEFAULT_REGION", "us-east-1")
-                .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-                .args([
-                    "run",
-                    "--provider",
-                    "aws",
-                    "--agent-url",
-                    "http://198.51.100.7/agent",
-                ])
-                .args(args)
-                .args(["--", "true"]),
-            LIMIT,
-        )
-    };
+    let url = ["--agent-url", "http://198.51.100.7/agent"];
+    let on_aws = |args: &[&str]| run_on_unreachable_aws(&sandbox, &[&url[..], args].concat());
     let out = on_aws(&[]);
     assert_eq!(out.code, Some(2), "{out:?}");
     assert_eq!(out.stderr.trim().lines().count(), 1, "{}", out.stderr);
